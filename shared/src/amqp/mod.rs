@@ -1,0 +1,58 @@
+//! The AMQP side: topology (DESIGN §4), message headers, the confirmed
+//! publisher, and the connection helper. The consume loop lives in
+//! [`crate::runtime`].
+
+pub mod headers;
+pub mod publisher;
+pub mod topology;
+
+use lapin::{Connection, ConnectionProperties};
+
+pub use publisher::{PublishError, Publisher};
+pub use topology::Topology;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("RabbitMQ: {0}")]
+    Lapin(#[from] lapin::Error),
+    #[error("topology: {0}")]
+    Topology(String),
+}
+
+/// Opens a connection named after the process (shown by `rabbitmqctl
+/// list_connections` and in the management UI).
+///
+/// Recovery is done by [`crate::runtime`] rebuilding the connection, not by
+/// lapin's auto-recovery: a delivery taken on a lost channel can never be
+/// acked on a new one, and the runtime must know about it to stop work that
+/// would otherwise be acked into the void.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, props).await
+}
+
+/// Hides the password of an AMQP URL for messages.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_password() {
+        assert_eq!(
+            super::redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(super::redact_url("amqp://h/%2f"), "amqp://h/%2f");
+    }
+}

@@ -1,0 +1,74 @@
+//! What every worker binary does before and after its handler runs:
+//! arguments, configuration, telemetry, connections, signals, exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::runtime::{self, Handler, Services};
+
+/// The command line shared by the four workers.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct WorkerArgs {
+    /// The TOML configuration file (DESIGN §7).
+    #[arg(long, short, env = "HALOSYNC_CONFIG", default_value = crate::config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+}
+
+/// Runs one worker until SIGTERM/SIGINT; exit code 0 after a clean stop, 2
+/// for a configuration problem, 1 for anything else at start.
+pub async fn worker_main(service: &'static str, handler: Arc<dyn Handler>) -> ExitCode {
+    let args = WorkerArgs::parse();
+    let _telemetry = crate::telemetry::init(service);
+    let config = match Config::load(Some(&args.config)).and_then(|c| c.require_connections().map(|_| c)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "invalid configuration");
+            eprintln!("{service}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let services = match Services::connect(config).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("{service}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tracing::info!(family = %handler.family(), worker = %services.worker_id,
+        connections = services.halo.len(), prefix = %services.config.prefix, "worker starting");
+    runtime::run(services, handler, shutdown).await;
+    ExitCode::SUCCESS
+}
+
+/// Cancels `token` on the first SIGTERM or SIGINT.
+pub async fn stop_on_signal(token: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                    _ = int.recv() => tracing::info!("SIGINT: stopping"),
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    token.cancel();
+}

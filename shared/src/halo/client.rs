@@ -1,0 +1,287 @@
+//! One HaloPSA connection's REST client: shared token, shared rate budget,
+//! the reference's conventions (POST bodies are arrays, list envelopes or
+//! bare arrays, `pageinate`), and errors classified for the runtime.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::error::{message_from_body, HaloError, BODY_EXCERPT};
+use super::ratelimit::RateLimiter;
+use super::token::TokenProvider;
+use crate::config::ConnectionConfig;
+use crate::error::excerpt;
+
+/// Rows per page when listing (reference §2: libraries use 100–1000; the
+/// server maximum is UNCONFIRMED, so stay modest).
+pub const PAGE_SIZE: usize = 100;
+/// Never loop more than this many pages (guards endpoints that ignore
+/// `page_no` and return page 1 forever).
+const MAX_PAGES: usize = 1000;
+
+#[derive(Debug)]
+pub struct HaloClient {
+    conn: Arc<ConnectionConfig>,
+    http: reqwest::Client,
+    tokens: TokenProvider,
+    limiter: RateLimiter,
+}
+
+impl HaloClient {
+    pub fn new(
+        conn: Arc<ConnectionConfig>,
+        http: reqwest::Client,
+        tokens: TokenProvider,
+        limiter: RateLimiter,
+    ) -> HaloClient {
+        HaloClient {
+            conn,
+            http,
+            tokens,
+            limiter,
+        }
+    }
+
+    pub fn connection(&self) -> &ConnectionConfig {
+        &self.conn
+    }
+
+    pub fn tokens(&self) -> &TokenProvider {
+        &self.tokens
+    }
+
+    /// `GET {resource_server}{path}` with query parameters.
+    pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, HaloError> {
+        self.send(Method::GET, path, query, None).await
+    }
+
+    /// `POST {resource_server}{path}` with a JSON array body (HaloPSA takes
+    /// arrays on every POST, even for one record).
+    pub async fn post(&self, path: &str, records: Vec<Value>) -> Result<Value, HaloError> {
+        self.send(Method::POST, path, &[], Some(Value::Array(records)))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Value, HaloError> {
+        self.send(Method::DELETE, path, &[], None).await
+    }
+
+    /// Saves one record (create without `id`, update with it) and returns
+    /// the saved record. The response shape is UNCONFIRMED (object, array,
+    /// or envelope), so all three are accepted.
+    pub async fn save(&self, path: &str, record: Value) -> Result<Value, HaloError> {
+        let response = self.post(path, vec![record]).await?;
+        first_record(response).ok_or_else(|| {
+            HaloError::Unexpected("no saved record in the response".into(), path.to_string())
+        })
+    }
+
+    /// Every row of a list endpoint, paging with `pageinate=true` until
+    /// `record_count` rows are collected. Accepts the `{record_count, key}`
+    /// envelope or a bare array.
+    pub async fn list(
+        &self,
+        path: &str,
+        key: &str,
+        query: &[(&str, String)],
+    ) -> Result<Vec<Value>, HaloError> {
+        let mut rows = Vec::new();
+        for page in 1..=MAX_PAGES {
+            let mut q: Vec<(&str, String)> = query.to_vec();
+            q.push(("pageinate", "true".into()));
+            q.push(("page_size", PAGE_SIZE.to_string()));
+            q.push(("page_no", page.to_string()));
+            let body = self.get(path, &q).await?;
+            let (batch, total) = list_rows(body, key);
+            let got = batch.len();
+            // A page that repeats the previous one means paging is ignored.
+            if page > 1 && got > 0 && rows.len() >= got && rows[rows.len() - got..] == batch[..] {
+                break;
+            }
+            rows.extend(batch);
+            let done = match total {
+                Some(total) => rows.len() >= total,
+                None => got < PAGE_SIZE,
+            };
+            if done || got == 0 {
+                break;
+            }
+        }
+        Ok(rows)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Value>,
+    ) -> Result<Value, HaloError> {
+        let span = tracing::info_span!("halo.request", http.method = %method, path = %path, status = tracing::field::Empty);
+        async {
+            let mut refreshed = false;
+            loop {
+                let waited = self.limiter.acquire().await?;
+                if waited > Duration::from_millis(50) {
+                    tracing::debug!(waited_ms = waited.as_millis() as u64, "waited for the rate budget");
+                }
+                let token = self.tokens.get().await?;
+                let url = format!("{}{}", self.conn.resource_server, path);
+                let mut req = self
+                    .http
+                    .request(method.clone(), &url)
+                    .bearer_auth(&*token)
+                    .query(query);
+                if let Some(b) = &body {
+                    req = req.json(b);
+                }
+                let response = req
+                    .send()
+                    .await
+                    .map_err(|e| HaloError::Network(format!("{method} {path}: {}", e.without_url())))?;
+                let status = response.status().as_u16();
+                tracing::Span::current().record("status", status);
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let text = response
+                    .text()
+                    .await
+                    .map_err(|e| HaloError::Network(format!("{method} {path} body: {}", e.without_url())))?;
+                // An expired token shows up as 401, or as 400 "Token not
+                // found" (reference §1.3): refresh once and retry once.
+                let token_rejected =
+                    status == 401 || (status == 400 && text.contains("Token not found"));
+                if token_rejected && !refreshed {
+                    refreshed = true;
+                    self.tokens.invalidate(&token).await;
+                    continue;
+                }
+                return match status {
+                    200..=299 => {
+                        if text.trim().is_empty() {
+                            Ok(Value::Null)
+                        } else {
+                            serde_json::from_str(&text).map_err(|_| {
+                                HaloError::Unexpected(
+                                    format!("not JSON: {}", excerpt(&text, 200)),
+                                    path.to_string(),
+                                )
+                            })
+                        }
+                    }
+                    429 => Err(HaloError::RateLimited {
+                        retry_after,
+                        body: excerpt(&text, BODY_EXCERPT),
+                    }),
+                    _ => Err(HaloError::Status {
+                        method: method.to_string(),
+                        path: path.to_string(),
+                        status,
+                        message: explain_status(status, &text, token_rejected),
+                        body: excerpt(&text, BODY_EXCERPT),
+                    }),
+                };
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn explain_status(status: u16, body: &str, token_rejected: bool) -> String {
+    let halo = message_from_body(body);
+    match status {
+        _ if token_rejected => format!("{halo} (token rejected even after a refresh: check the application's scope and that it is active)"),
+        403 => format!("{halo} (permission denied: the application's Permissions tab or the login agent's role lacks this area)"),
+        _ => halo,
+    }
+}
+
+/// Rows and `record_count` of a list response: an envelope
+/// `{record_count, <key>: [...]}` or a bare array (reference §2).
+pub fn list_rows(body: Value, key: &str) -> (Vec<Value>, Option<usize>) {
+    match body {
+        Value::Array(rows) => (rows, None),
+        Value::Object(mut map) => {
+            let total = map
+                .get("record_count")
+                .and_then(Value::as_u64)
+                .map(|n| n as usize);
+            // The list key differs per endpoint and is UNCONFIRMED for some
+            // (ExternalLink): fall back to the one array in the envelope.
+            let rows = match map.remove(key) {
+                Some(Value::Array(rows)) => rows,
+                _ => map
+                    .into_iter()
+                    .find_map(|(_, v)| match v {
+                        Value::Array(rows) => Some(rows),
+                        _ => None,
+                    })
+                    .unwrap_or_default(),
+            };
+            (rows, total)
+        }
+        _ => (Vec::new(), Some(0)),
+    }
+}
+
+/// The first record of a POST response (object, array, or envelope).
+pub fn first_record(body: Value) -> Option<Value> {
+    match body {
+        Value::Array(rows) => rows.into_iter().next(),
+        Value::Object(map) => {
+            if map.contains_key("id") {
+                return Some(Value::Object(map));
+            }
+            map.into_iter()
+                .find_map(|(_, v)| match v {
+                    Value::Array(rows) => rows.into_iter().next(),
+                    _ => None,
+                })
+        }
+        _ => None,
+    }
+}
+
+/// A record's `id` as an integer (HaloPSA ids may be negative).
+pub fn record_id(record: &Value) -> Option<i64> {
+    match record.get("id")? {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn list_rows_reads_envelopes_and_bare_arrays() {
+        let (rows, total) = list_rows(json!({"record_count": 3, "clients": [{"id": 1}]}), "clients");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(total, Some(3));
+        let (rows, total) = list_rows(json!([{"id": 1}, {"id": 2}]), "links");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(total, None);
+    }
+
+    #[test]
+    fn first_record_accepts_every_shape() {
+        assert_eq!(record_id(&first_record(json!({"id": 5})).unwrap()), Some(5));
+        assert_eq!(record_id(&first_record(json!([{"id": -94}])).unwrap()), Some(-94));
+        assert_eq!(
+            record_id(&first_record(json!({"clients": [{"id": 7}]})).unwrap()),
+            Some(7)
+        );
+        assert_eq!(first_record(json!(null)), None);
+    }
+}

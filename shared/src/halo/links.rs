@@ -1,0 +1,244 @@
+//! Identity: which HaloPSA record a billing id maps to, and the version of
+//! the newest event applied to it (DESIGN §2.3).
+//!
+//! The map lives in Redis for speed and in HaloPSA itself as an
+//! `ExternalLink` (reference §3.9, §5), so that it can be rebuilt when Redis
+//! is empty:
+//!
+//! | ExternalLink field          | holds                                   |
+//! |-----------------------------|-----------------------------------------|
+//! | `third_party_id`            | the billing id (e.g. `acc_1001`)        |
+//! | `third_party_type`          | `halosync.<kind>` (e.g. `halosync.account`) |
+//! | `halo_id`, `table_id`       | the HaloPSA record and its table        |
+//! | `third_party_secondary_id`  | the applied event version (`s=17;t=…`)  |
+//!
+//! Keeping the version in HaloPSA costs one request per applied event, and
+//! buys ordering that survives a lost Redis: an older event can never
+//! overwrite a newer one, even with Redis flushed.
+//!
+//! UNCONFIRMED in the reference: the `table_id` values (taken from
+//! [PD-TABLE]), whether HaloPSA keeps links of a `third_party_type` it does
+//! not know, and whether the GET filters are honoured. Unknown query
+//! parameters are silently ignored by HaloPSA, so every row returned is
+//! checked here again, field by field.
+
+use serde_json::{json, Value};
+
+use super::client::record_id;
+use super::HaloClient;
+use crate::contract::Version;
+use crate::error::Failure;
+use crate::store::{Mapping, Store};
+
+/// A kind of HaloPSA record that halosync maps billing ids to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kind {
+    /// Short name, used in Redis keys.
+    pub name: &'static str,
+    /// `third_party_type` of its ExternalLinks.
+    pub third_party_type: &'static str,
+    /// HaloPSA's internal table id ([PD-TABLE], UNCONFIRMED for links).
+    pub table_id: i64,
+}
+
+/// Customer (`/Client`, table `Area` = 2) per billing account.
+pub const CUSTOMER: Kind = Kind {
+    name: "account",
+    third_party_type: "halosync.account",
+    table_id: 2,
+};
+
+/// One existing ExternalLink.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Link {
+    pub id: i64,
+    pub halo_id: i64,
+    pub version: Option<Version>,
+}
+
+/// The `new_external_link` object to send with a create, so the record and
+/// its link are saved together (atomically, in one request).
+pub fn new_link(kind: &Kind, billing_id: &str, version: &Version) -> Value {
+    json!({
+        "third_party_id": billing_id,
+        "third_party_type": kind.third_party_type,
+        "table_id": kind.table_id,
+        "third_party_secondary_id": version.encode(),
+    })
+}
+
+/// The links HaloPSA holds for `billing_id`, lowest HaloPSA id first.
+pub async fn find(halo: &HaloClient, kind: &Kind, billing_id: &str) -> Result<Vec<Link>, Failure> {
+    let rows = halo
+        .list(
+            "/ExternalLink",
+            "links",
+            &[
+                ("third_party_id", billing_id.to_string()),
+                ("third_party_type", kind.third_party_type.to_string()),
+            ],
+        )
+        .await?;
+    let mut links: Vec<Link> = rows
+        .iter()
+        .filter(|r| str_field(r, "third_party_id").as_deref() == Some(billing_id))
+        .filter(|r| str_field(r, "third_party_type").as_deref() == Some(kind.third_party_type))
+        .filter_map(|r| {
+            Some(Link {
+                id: record_id(r)?,
+                halo_id: int_field(r, "halo_id")?,
+                version: str_field(r, "third_party_secondary_id")
+                    .as_deref()
+                    .and_then(Version::decode),
+            })
+        })
+        .collect();
+    links.sort_by_key(|l| (l.halo_id, l.id));
+    Ok(links)
+}
+
+/// The links HaloPSA holds that point at one record.
+pub async fn find_by_record(halo: &HaloClient, kind: &Kind, halo_id: i64) -> Result<Vec<Value>, Failure> {
+    let rows = halo
+        .list(
+            "/ExternalLink",
+            "links",
+            &[
+                ("halo_id", halo_id.to_string()),
+                ("table_id", kind.table_id.to_string()),
+                ("third_party_type", kind.third_party_type.to_string()),
+            ],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|r| int_field(r, "halo_id") == Some(halo_id))
+        .filter(|r| str_field(r, "third_party_type").as_deref() == Some(kind.third_party_type))
+        .collect())
+}
+
+/// The mapping of `billing_id`: from Redis, else rebuilt from HaloPSA's
+/// links (and put back in Redis). `None` when HaloPSA has no record yet.
+pub async fn resolve(
+    store: &Store,
+    halo: &HaloClient,
+    kind: &Kind,
+    billing_id: &str,
+) -> Result<Option<Mapping>, Failure> {
+    let conn = &halo.connection().name;
+    if let Some(m) = store.mapping(conn, kind.name, billing_id).await? {
+        return Ok(Some(m));
+    }
+    let links = find(halo, kind, billing_id).await?;
+    let Some(first) = links.first() else {
+        return Ok(None);
+    };
+    let m = Mapping {
+        halo_id: first.halo_id,
+        link_id: Some(first.id),
+        version: first.version.as_ref().map(Version::encode),
+    };
+    store.set_mapping(conn, kind.name, billing_id, &m).await?;
+    Ok(Some(m))
+}
+
+/// Records in HaloPSA (the link) and then in Redis that `version` is now
+/// applied to the record of `mapping`.
+pub async fn record_version(
+    store: &Store,
+    halo: &HaloClient,
+    kind: &Kind,
+    billing_id: &str,
+    mapping: &mut Mapping,
+    version: &Version,
+) -> Result<(), Failure> {
+    let encoded = version.encode();
+    let body = match mapping.link_id {
+        Some(id) => json!({"id": id, "third_party_secondary_id": encoded}),
+        None => json!({
+            "halo_id": mapping.halo_id,
+            "table_id": kind.table_id,
+            "third_party_id": billing_id,
+            "third_party_type": kind.third_party_type,
+            "third_party_secondary_id": encoded,
+        }),
+    };
+    let saved = halo.save("/ExternalLink", body).await?;
+    if mapping.link_id.is_none() {
+        mapping.link_id = record_id(&saved);
+    }
+    mapping.version = Some(encoded);
+    store
+        .set_mapping(&halo.connection().name, kind.name, billing_id, mapping)
+        .await?;
+    Ok(())
+}
+
+/// After creating record `created` for `billing_id`, makes sure it is the
+/// only one. Two workers can both create a record when Redis (and with it
+/// the aggregate lock) was lost in between; all of them then agree that the
+/// record with the lowest HaloPSA id wins, and each loser deletes the
+/// duplicate it has just created (and its link) through `delete_record`.
+///
+/// Returns the winning mapping, and whether it is ours.
+pub async fn settle_after_create<F, Fut>(
+    store: &Store,
+    halo: &HaloClient,
+    kind: &Kind,
+    billing_id: &str,
+    created: i64,
+    delete_record: F,
+) -> Result<(Mapping, bool), Failure>
+where
+    F: FnOnce(i64) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Failure>>,
+{
+    let links = find(halo, kind, billing_id).await?;
+    let ours = links.iter().find(|l| l.halo_id == created).cloned();
+    let winner = links.first().cloned();
+    let (winner, won) = match (winner, ours) {
+        (Some(w), Some(o)) if w.halo_id != o.halo_id => {
+            tracing::warn!(billing_id, duplicate = o.halo_id, kept = w.halo_id,
+                "two workers created the same record; removing ours");
+            delete_record(o.halo_id).await?;
+            halo.delete(&format!("/ExternalLink/{}", o.id)).await?;
+            (w, false)
+        }
+        (Some(w), _) => (w, true),
+        // HaloPSA did not keep the link (UNCONFIRMED behaviour): the record
+        // is ours; record_version will write the link explicitly.
+        (None, _) => (
+            Link {
+                id: 0,
+                halo_id: created,
+                version: None,
+            },
+            true,
+        ),
+    };
+    let m = Mapping {
+        halo_id: winner.halo_id,
+        link_id: (winner.id != 0).then_some(winner.id),
+        version: winner.version.as_ref().map(Version::encode),
+    };
+    store
+        .set_mapping(&halo.connection().name, kind.name, billing_id, &m)
+        .await?;
+    Ok((m, won))
+}
+
+fn str_field(v: &Value, key: &str) -> Option<String> {
+    match v.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn int_field(v: &Value, key: &str) -> Option<i64> {
+    match v.get(key)? {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}

@@ -1,0 +1,50 @@
+//! The HaloPSA client: tokens ([`token`]), the shared rate budget
+//! ([`ratelimit`]), requests and their errors ([`client`], [`error`]), and
+//! the billing id → HaloPSA id links ([`links`]).
+
+pub mod client;
+pub mod error;
+pub mod links;
+pub mod ratelimit;
+pub mod token;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use client::{first_record, record_id, HaloClient};
+pub use error::HaloError;
+
+use crate::config::{ConnectionConfig, WorkerSettings};
+use crate::store::Keys;
+
+/// Builds the client of one connection, sharing `http` and `redis`.
+pub fn client_for(
+    conn: &ConnectionConfig,
+    http: reqwest::Client,
+    redis: redis::aio::ConnectionManager,
+    keys: &Keys,
+    worker: &WorkerSettings,
+) -> HaloClient {
+    let conn = Arc::new(conn.clone());
+    let tokens = token::TokenProvider::new(conn.clone(), http.clone(), redis.clone(), keys);
+    let limiter = ratelimit::RateLimiter::new(
+        redis,
+        keys.key(&conn.name, &["ratelimit"]),
+        &conn.name,
+        conn.requests_per_window,
+        conn.window,
+        Duration::from_millis(worker.rate_margin_ms),
+        Duration::from_millis(worker.rate_wait_max_ms),
+    );
+    HaloClient::new(conn, http, tokens, limiter)
+}
+
+/// The HTTP client every connection shares (rustls, timeouts).
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, HaloError> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(10).min(timeout))
+        .user_agent(concat!("halosync/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| HaloError::Network(format!("building the HTTP client: {e}")))
+}

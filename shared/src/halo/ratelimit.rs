@@ -1,0 +1,105 @@
+//! The distributed rate limiter: every process of every worker kind takes a
+//! slot from one Redis sliding-window log per connection before each
+//! HaloPSA request, so that together they stay under
+//! `requests_per_window` per `window_seconds` (reference §7.1).
+//!
+//! A sliding log (a sorted set of grant times, read with Redis' own clock)
+//! rather than a token bucket because HaloPSA's limit is itself a rolling
+//! window: a bucket allows bursts that a rolling window counts against us.
+//! The window is padded by `rate_margin_ms` so that requests granted at a
+//! window's edge still land inside HaloPSA's window after network delay.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use super::error::HaloError;
+
+/// Grants a slot (returns 0) or says how many ms until one frees.
+const TAKE_SLOT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local n = redis.call('ZCARD', KEYS[1])
+if n < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local wait = tonumber(oldest[2]) + window - now
+if wait < 1 then wait = 1 end
+return wait
+";
+
+#[derive(Clone)]
+pub struct RateLimiter {
+    redis: ConnectionManager,
+    key: String,
+    limit: u32,
+    window: Duration,
+    max_wait: Duration,
+    connection: String,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("key", &self.key)
+            .field("limit", &self.limit)
+            .field("window", &self.window)
+            .finish()
+    }
+}
+
+impl RateLimiter {
+    pub fn new(
+        redis: ConnectionManager,
+        key: String,
+        connection: &str,
+        limit: u32,
+        window: Duration,
+        margin: Duration,
+        max_wait: Duration,
+    ) -> RateLimiter {
+        RateLimiter {
+            redis,
+            key,
+            limit,
+            window: window + margin,
+            max_wait,
+            connection: connection.to_string(),
+        }
+    }
+
+    /// Waits for a slot. Returns how long it waited, or
+    /// `BudgetExhausted` when the next slot is further off than `max_wait`
+    /// (the message then waits in the broker's delay queues, not here).
+    pub async fn acquire(&self) -> Result<Duration, HaloError> {
+        let started = tokio::time::Instant::now();
+        let member = uuid::Uuid::new_v4().to_string();
+        let script = redis::Script::new(TAKE_SLOT);
+        let mut r = self.redis.clone();
+        loop {
+            let wait_ms: i64 = script
+                .key(&self.key)
+                .arg(self.limit)
+                .arg(self.window.as_millis() as u64)
+                .arg(&member)
+                .invoke_async(&mut r)
+                .await
+                .map_err(|e| HaloError::State(format!("rate limiter: {e}")))?;
+            if wait_ms <= 0 {
+                return Ok(started.elapsed());
+            }
+            let wait = Duration::from_millis(wait_ms as u64);
+            if started.elapsed() + wait > self.max_wait {
+                return Err(HaloError::BudgetExhausted(self.connection.clone()));
+            }
+            // Spread the wake-ups of many waiters a little.
+            let jitter = Duration::from_millis(rand::random_range(0..=20));
+            tokio::time::sleep(wait + jitter).await;
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! OAuth2 client-credentials tokens (reference §1), cached in Redis per
+//! connection and shared by every process, with a single-flight refresh:
+//! however many workers start together, one token request per connection.
+//!
+//! Lookup order: this process's memory, then Redis, then (holding the
+//! Redis refresh lock) the token endpoint. Tokens are refreshed
+//! `REFRESH_EARLY` before `expires_in` runs out. If Redis is down, each
+//! process mints its own token: slower, never wrong.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use super::error::{message_from_body, HaloError, BODY_EXCERPT};
+use crate::config::ConnectionConfig;
+use crate::error::excerpt;
+use crate::store::Keys;
+
+/// Refresh this long before HaloPSA's `expires_in` runs out (halocli uses
+/// 60 s, WYRE 120 s; reference §1.3).
+pub const REFRESH_EARLY: Duration = Duration::from_secs(60);
+/// How long one process may hold the refresh lock.
+const LOCK_TTL: Duration = Duration::from_secs(15);
+
+const DELETE_IF_SAME: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+#[derive(Clone)]
+struct Cached {
+    token: Arc<str>,
+    /// When this process should stop using it.
+    refresh_at: Instant,
+}
+
+/// The token source of one connection.
+pub struct TokenProvider {
+    conn: Arc<ConnectionConfig>,
+    http: reqwest::Client,
+    redis: ConnectionManager,
+    key: String,
+    lock_key: String,
+    local: Mutex<Option<Cached>>,
+    refreshes: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for TokenProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenProvider")
+            .field("connection", &self.conn.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenProvider {
+    pub fn new(
+        conn: Arc<ConnectionConfig>,
+        http: reqwest::Client,
+        redis: ConnectionManager,
+        keys: &Keys,
+    ) -> TokenProvider {
+        TokenProvider {
+            key: keys.key(&conn.name, &["token"]),
+            lock_key: keys.key(&conn.name, &["token", "lock"]),
+            conn,
+            http,
+            redis,
+            local: Mutex::new(None),
+            refreshes: Default::default(),
+        }
+    }
+
+    /// Token requests this process has made (for metrics and tests).
+    pub fn refreshes(&self) -> u64 {
+        self.refreshes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A valid bearer token.
+    pub async fn get(&self) -> Result<Arc<str>, HaloError> {
+        let mut local = self.local.lock().await;
+        if let Some(c) = local.as_ref() {
+            if Instant::now() < c.refresh_at {
+                return Ok(c.token.clone());
+            }
+        }
+        let fresh = self.shared().await?;
+        *local = Some(fresh.clone());
+        Ok(fresh.token)
+    }
+
+    /// Drops `token` (after a 401 or "Token not found") here and in Redis,
+    /// unless another process has already replaced it there.
+    pub async fn invalidate(&self, token: &str) {
+        {
+            let mut local = self.local.lock().await;
+            if local.as_ref().is_some_and(|c| &*c.token == token) {
+                *local = None;
+            }
+        }
+        let mut r = self.redis.clone();
+        let result: Result<i64, _> = redis::Script::new(DELETE_IF_SAME)
+            .key(&self.key)
+            .arg(token)
+            .invoke_async(&mut r)
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(connection = %self.conn.name, error = %e, "could not drop the token from redis");
+        }
+    }
+
+    /// From Redis, or minted under the single-flight lock.
+    async fn shared(&self) -> Result<Cached, HaloError> {
+        let mut r = self.redis.clone();
+        let deadline = Instant::now() + LOCK_TTL + Duration::from_secs(5);
+        let lock_token = uuid::Uuid::new_v4().to_string();
+        loop {
+            match self.cached_in_redis(&mut r).await {
+                Ok(Some(c)) => return Ok(c),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(connection = %self.conn.name, error = %e,
+                        "redis unavailable for the token cache; minting a token for this process only");
+                    return self.mint().await.map(|(c, _)| c);
+                }
+            }
+            let got: Result<Option<String>, _> = redis::cmd("SET")
+                .arg(&self.lock_key)
+                .arg(&lock_token)
+                .arg("NX")
+                .arg("PX")
+                .arg(LOCK_TTL.as_millis() as u64)
+                .query_async(&mut r)
+                .await;
+            match got {
+                Ok(Some(_)) => {
+                    // We hold the refresh: check once more (another process
+                    // may have stored a token between our GET and SET).
+                    if let Ok(Some(c)) = self.cached_in_redis(&mut r).await {
+                        self.unlock(&mut r, &lock_token).await;
+                        return Ok(c);
+                    }
+                    let minted = self.mint().await;
+                    if let Ok((c, ttl)) = &minted {
+                        let _: Result<(), _> = r
+                            .pset_ex(&self.key, &*c.token, ttl.as_millis().max(1) as u64)
+                            .await;
+                    }
+                    self.unlock(&mut r, &lock_token).await;
+                    return minted.map(|(c, _)| c);
+                }
+                Ok(None) => {
+                    if Instant::now() > deadline {
+                        return Err(HaloError::State(format!(
+                            "waited too long for another process to refresh the token of {}",
+                            self.conn.name
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(connection = %self.conn.name, error = %e,
+                        "redis unavailable for the token lock; minting a token for this process only");
+                    return self.mint().await.map(|(c, _)| c);
+                }
+            }
+        }
+    }
+
+    async fn unlock(&self, r: &mut ConnectionManager, lock_token: &str) {
+        let _: Result<i64, _> = redis::Script::new(DELETE_IF_SAME)
+            .key(&self.lock_key)
+            .arg(lock_token)
+            .invoke_async(r)
+            .await;
+    }
+
+    async fn cached_in_redis(&self, r: &mut ConnectionManager) -> Result<Option<Cached>, redis::RedisError> {
+        let (token, pttl): (Option<String>, i64) = redis::pipe()
+            .get(&self.key)
+            .pttl(&self.key)
+            .query_async(r)
+            .await?;
+        Ok(match token {
+            Some(t) if pttl > 0 => Some(Cached {
+                token: t.into(),
+                refresh_at: Instant::now() + Duration::from_millis(pttl as u64),
+            }),
+            _ => None,
+        })
+    }
+
+    /// One token request (reference §1.2): form body, scope always sent,
+    /// `?tenant=` only for hosted instances. Returns the token and how long
+    /// it may be used.
+    async fn mint(&self) -> Result<(Cached, Duration), HaloError> {
+        self.refreshes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", self.conn.client_id.as_str()),
+            ("client_secret", self.conn.client_secret.expose()),
+            ("scope", self.conn.scope.as_str()),
+        ];
+        let response = self
+            .http
+            .post(self.conn.token_url())
+            .form(&form)
+            .send()
+            .await
+            // reqwest errors may name the URL; ours carries the tenant but
+            // never the secret (it is in the body).
+            .map_err(|e| HaloError::Network(format!("token endpoint: {}", e.without_url())))?;
+        let status = response.status().as_u16();
+        let body = response
+            .text()
+            .await
+            .map_err(|e| HaloError::Network(format!("token endpoint body: {}", e.without_url())))?;
+        if !(200..300).contains(&status) {
+            return Err(HaloError::Token {
+                status,
+                message: explain_token_failure(status, &body, self.conn.tenant.is_some()),
+                body: excerpt(&body, BODY_EXCERPT),
+            });
+        }
+        let parsed: TokenResponse = serde_json::from_str(&body).map_err(|_| HaloError::Token {
+            status,
+            message: "token endpoint answered 2xx without a JSON access_token (is auth_server the Authorisation Server from HaloPSA's API Details?)".into(),
+            // The body may hold a token: never keep it.
+            body: String::new(),
+        })?;
+        // HaloPSA tokens live about an hour; always trust expires_in.
+        let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(3600));
+        let usable = lifetime
+            .checked_sub(REFRESH_EARLY)
+            .unwrap_or(lifetime / 2)
+            .max(Duration::from_secs(1));
+        tracing::info!(connection = %self.conn.name, expires_in = lifetime.as_secs(), "minted a HaloPSA token");
+        Ok((
+            Cached {
+                token: parsed.access_token.into(),
+                refresh_at: Instant::now() + usable,
+            },
+            usable,
+        ))
+    }
+}
+
+/// Turns a token-endpoint failure into advice (reference §1.3, §8).
+pub fn explain_token_failure(status: u16, body: &str, has_tenant: bool) -> String {
+    let halo = message_from_body(body);
+    if body.contains("invalid_client") {
+        return format!("{halo} — the client id or secret is wrong (the Client ID can change when the HaloPSA application is saved: copy the latest, and regenerate the secret if unsure)");
+    }
+    if status == 500 && (body.to_ascii_lowercase().contains("<html") || body.trim_start().starts_with('<')) {
+        if has_tenant {
+            return format!("{halo} — HaloPSA answered an HTML error page: the tenant may be wrong, the client id unknown, or the application has no agent to log in as");
+        }
+        return format!("{halo} — HaloPSA answered an HTML error page: a hosted (*.halopsa.com) instance needs `tenant` (from Configuration > Integrations > HaloPSA API); on-premise leaves it empty");
+    }
+    if status == 404 {
+        return format!("{halo} — no token endpoint there: auth_server must be the Authorisation Server from HaloPSA's API Details (it may be another host, e.g. https://auth.haloservicedesk.com)");
+    }
+    halo
+}

@@ -1,0 +1,28 @@
+//! The library every halosync binary uses.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`contract`] | the event envelope, families, versions, schema validation |
+//! | [`config`] | the TOML configuration and its checks |
+//! | [`error`] | failure classes (DESIGN §3) |
+//! | [`amqp`] | RabbitMQ topology, headers, the confirmed publisher |
+//! | [`runtime`] | the consume loop: validate, dedupe, lock, apply, settle |
+//! | [`halo`] | the HaloPSA client: tokens, rate budget, requests, links |
+//! | [`store`] | Redis: ledger, id map, versions, locks |
+//! | [`telemetry`] | JSON logs and OTLP traces |
+//! | [`boot`] | a worker binary's `main` |
+
+pub mod amqp;
+pub mod boot;
+pub mod config;
+pub mod contract;
+pub mod error;
+pub mod halo;
+pub mod runtime;
+pub mod store;
+pub mod telemetry;
+
+pub use config::Config;
+pub use contract::{Contract, Envelope, Family, Version};
+pub use error::{Failure, FailureClass};
+pub use runtime::{Handler, Outcome, Services};

@@ -1,0 +1,550 @@
+//! The worker runtime every worker binary runs: consume one family's work
+//! queue, validate, deduplicate, lock the aggregate, hand the event to the
+//! family's [`Handler`], and settle the message.
+//!
+//! Settling is where the guarantees live:
+//!
+//! * **ack** only after the handler returned, i.e. after its HaloPSA effect
+//!   is durable (or the event is a duplicate or superseded);
+//! * **retry**: a copy goes to the tier's delay queue with the attempt count
+//!   in `x-halosync-attempts`, and the original is acked only once the
+//!   broker confirmed the copy;
+//! * **dead-letter**: likewise, a copy with the `x-halosync-*` headers goes
+//!   to the family's dead queue, confirmed before the ack;
+//! * anything else (a failed publish, a panicking handler) **nacks with
+//!   requeue**, so the broker keeps the message; a message that keeps
+//!   killing workers is dead-lettered by the quorum queue's delivery limit.
+//!
+//! Connection loss ends the session; the loop reconnects with backoff.
+//! SIGTERM/SIGINT cancel the consumer, let in-flight messages finish (up to
+//! `shutdown_grace_secs`) and return.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{SecondsFormat, Utc};
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::amqp::headers::{self as h};
+use crate::amqp::{self, Publisher, Topology};
+use crate::config::Config;
+use crate::contract::{Contract, Envelope, Family};
+use crate::error::{excerpt, Failure, FailureClass, DEAD_CLASS_EXHAUSTED};
+use crate::halo::{self, HaloClient};
+use crate::store::{self, Keys, Store};
+
+/// What an applied event did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// HaloPSA now holds this event's state.
+    Applied,
+    /// A newer (or the same) version was already applied: nothing changed.
+    Superseded,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Superseded => "superseded",
+        }
+    }
+}
+
+/// One family's mapping logic. The runtime has already validated the
+/// event, checked the ledger and taken the aggregate's lock.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    fn family(&self) -> Family;
+    /// The aggregate key (DESIGN §1) the lock and ordering apply to.
+    fn aggregate(&self, event: &Envelope) -> Result<String, Failure>;
+    /// Brings HaloPSA to this event's state, idempotently.
+    async fn apply(&self, ctx: &Services, halo: &HaloClient, event: &Envelope) -> Result<Outcome, Failure>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("redis at {url}: {source}")]
+    Redis { url: String, source: redis::RedisError },
+    #[error("HaloPSA client: {0}")]
+    Halo(#[from] crate::halo::HaloError),
+    #[error("schemas: {0}")]
+    Schema(#[from] crate::contract::SchemaBuildError),
+}
+
+/// Everything a worker shares across messages.
+pub struct Services {
+    pub config: Arc<Config>,
+    pub contract: Contract,
+    pub store: Store,
+    pub topology: Topology,
+    pub halo: BTreeMap<String, Arc<HaloClient>>,
+    /// `host:pid`, written on dead letters.
+    pub worker_id: String,
+    /// True while connected and consuming (for `/readyz`).
+    pub ready: AtomicBool,
+}
+
+impl Services {
+    pub async fn connect(config: Config) -> Result<Services, RuntimeError> {
+        let redis = store::connect(&config.redis_url)
+            .await
+            .map_err(|source| RuntimeError::Redis {
+                url: config.redis_url.clone(),
+                source,
+            })?;
+        let keys = Keys::new(&config.prefix);
+        let http = halo::http_client(Duration::from_millis(config.worker.http_timeout_ms))?;
+        let halo = config
+            .connections
+            .values()
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    Arc::new(halo::client_for(c, http.clone(), redis.clone(), &keys, &config.worker)),
+                )
+            })
+            .collect();
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        Ok(Services {
+            store: Store::new(redis, keys, Duration::from_secs(config.worker.ledger_ttl_secs)),
+            topology: Topology::new(&config.prefix, &config.retry.delays_ms),
+            contract: Contract::new()?,
+            halo,
+            worker_id: format!("{host}:{}", std::process::id()),
+            ready: AtomicBool::new(false),
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// What to do with one delivery.
+#[derive(Debug)]
+enum Decision {
+    Ack(&'static str),
+    Retry(Failure),
+    Dead(Failure),
+    Requeue(String),
+}
+
+/// Runs until `shutdown` is cancelled; reconnects after the broker drops.
+pub async fn run(services: Arc<Services>, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(250);
+    while !shutdown.is_cancelled() {
+        let started = Instant::now();
+        match session(&services, &handler, &shutdown).await {
+            Ok(()) => {}
+            Err(e) => {
+                services.ready.store(false, Ordering::SeqCst);
+                tracing::warn!(error = %e, url = %amqp::redact_url(&services.config.amqp_url),
+                    retry_in_ms = backoff.as_millis() as u64, "broker session ended; reconnecting");
+            }
+        }
+        services.ready.store(false, Ordering::SeqCst);
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(250);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+    tracing::info!("worker stopped");
+}
+
+/// One connection's lifetime. `Ok` means a clean shutdown.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+    #[error(transparent)]
+    Topology(#[from] amqp::AmqpError),
+    #[error(transparent)]
+    Publish(#[from] amqp::PublishError),
+    #[error("the broker cancelled the consumer (was the queue deleted?)")]
+    Cancelled,
+}
+
+async fn session(
+    services: &Arc<Services>,
+    handler: &Arc<dyn Handler>,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let family = handler.family();
+    let name = format!("halosync-{family}:{}", services.worker_id);
+    let conn = amqp::connect(&services.config.amqp_url, &name).await?;
+    let channel = conn.create_channel().await?;
+    if let Err(e) = services.topology.declare(&channel).await {
+        let _ = conn.close(320, "topology failed".into()).await;
+        return Err(e.into());
+    }
+    let publisher = Publisher::on_channel(conn.create_channel().await?, services.topology.clone()).await?;
+    channel
+        .basic_qos(services.config.worker.prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("{name}:{}", uuid::Uuid::new_v4().simple());
+    let mut consumer = channel
+        .basic_consume(
+            services.topology.work_queue(family).into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    services.ready.store(true, Ordering::SeqCst);
+    tracing::info!(queue = %services.topology.work_queue(family), prefetch = services.config.worker.prefetch, "consuming");
+    let tracker = TaskTracker::new();
+    let lost = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break None,
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let services = services.clone();
+                    let handler = handler.clone();
+                    let publisher = publisher.clone();
+                    tracker.spawn(async move { settle(services, handler, publisher, delivery).await });
+                }
+                Some(Err(e)) => break Some(SessionError::Broker(e)),
+                None => break Some(SessionError::Cancelled),
+            }
+        }
+    };
+    services.ready.store(false, Ordering::SeqCst);
+    tracker.close();
+    if let Some(e) = lost {
+        // The channel is gone: deliveries in flight can no longer be acked
+        // and the broker will redeliver them. Let the tasks end on their own.
+        return Err(e);
+    }
+    // Clean shutdown: stop taking, finish what is in flight, close.
+    if let Err(e) = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await
+    {
+        tracing::warn!(error = %e, "cancelling the consumer failed");
+    }
+    let grace = Duration::from_secs(services.config.worker.shutdown_grace_secs);
+    tracing::info!(in_flight = tracker.len(), "shutting down: finishing in-flight messages");
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(in_flight = tracker.len(), "grace period over; unfinished messages return to the queue");
+    }
+    // Closing the channel returns prefetched, unstarted messages to the queue.
+    let _ = channel.close(200, "shutdown".into()).await;
+    let _ = conn.close(200, "shutdown".into()).await;
+    Ok(())
+}
+
+/// Processes one delivery and settles it (ack / retry / dead / requeue).
+async fn settle(services: Arc<Services>, handler: Arc<dyn Handler>, publisher: Publisher, delivery: Delivery) {
+    let headers = delivery.properties.headers().clone();
+    let attempts_before = h::get_i64(headers.as_ref(), h::ATTEMPTS).unwrap_or(0).max(0) as u32;
+    let span = tracing::info_span!(
+        "message",
+        event_id = tracing::field::Empty,
+        event_type = tracing::field::Empty,
+        connection = tracing::field::Empty,
+        aggregate = tracing::field::Empty,
+        attempt = attempts_before + 1,
+        family = %handler.family(),
+    );
+    crate::telemetry::continue_trace(
+        &span,
+        h::get_str(headers.as_ref(), h::TRACEPARENT),
+        h::get_str(headers.as_ref(), h::TRACESTATE),
+    );
+    async move {
+        let started = Instant::now();
+        // A panic inside the handler must not lose the message: it is
+        // caught here and the message is requeued (and, if it keeps
+        // happening, dead-lettered by the delivery limit as poison).
+        let work = {
+            let services = services.clone();
+            let handler = handler.clone();
+            let body = delivery.data.clone();
+            tokio::spawn(
+                async move { decide(&services, handler.as_ref(), &body).await }
+                    .instrument(tracing::Span::current()),
+            )
+        };
+        let (decision, event) = match work.await {
+            Ok(d) => d,
+            Err(e) => (Decision::Requeue(format!("handler panicked: {e}")), None),
+        };
+        let outcome = match &decision {
+            Decision::Ack(o) => o.to_string(),
+            Decision::Retry(_) => "retried".into(),
+            Decision::Dead(_) => "dead-lettered".into(),
+            Decision::Requeue(_) => "requeued".into(),
+        };
+        let settled = apply_decision(&services, handler.family(), &publisher, &delivery, attempts_before, event.as_ref(), decision).await;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match settled {
+            Ok(Some(f)) => tracing::warn!(outcome, duration_ms, class = %f.class, error = %f.message, halo_status = f.halo_status, "message settled"),
+            Ok(None) => tracing::info!(outcome, duration_ms, "message settled"),
+            Err(e) => tracing::error!(outcome, duration_ms, error = %e, "could not settle the message; the broker will redeliver it"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Validation, ledger, lock, handler: everything but settling.
+async fn decide(services: &Services, handler: &dyn Handler, body: &[u8]) -> (Decision, Option<Envelope>) {
+    let event = match services
+        .contract
+        .validate(body, services.config.worker.max_message_bytes)
+    {
+        Ok(e) => e,
+        Err(e) => return (Decision::Dead(e.into()), None),
+    };
+    let span = tracing::Span::current();
+    span.record("event_id", event.id.as_str());
+    span.record("event_type", event.event_type.as_str());
+    span.record("connection", event.connection.as_str());
+    let decision = decide_event(services, handler, &event).await;
+    (decision, Some(event))
+}
+
+async fn decide_event(services: &Services, handler: &dyn Handler, event: &Envelope) -> Decision {
+    let family = handler.family();
+    if event.family() != Some(family) {
+        return Decision::Dead(Failure::invalid(format!(
+            "type {} is not handled by the {family} worker (it was published to the wrong queue)",
+            event.event_type
+        )));
+    }
+    let Some(halo) = services.halo.get(&event.connection) else {
+        let known: Vec<&str> = services.halo.keys().map(String::as_str).collect();
+        return Decision::Dead(Failure::invalid(format!(
+            "unknown connection {:?}; configured connections: {}",
+            event.connection,
+            if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
+        )));
+    };
+    let aggregate = match handler.aggregate(event) {
+        Ok(a) => a,
+        Err(f) => return Decision::Dead(f),
+    };
+    tracing::Span::current().record("aggregate", aggregate.as_str());
+    match run_handler(services, handler, halo, event, &aggregate).await {
+        Ok(outcome) => Decision::Ack(outcome),
+        Err(f) if f.class.is_retried() => Decision::Retry(f),
+        Err(f) => Decision::Dead(f),
+    }
+}
+
+async fn run_handler(
+    services: &Services,
+    handler: &dyn Handler,
+    halo: &HaloClient,
+    event: &Envelope,
+    aggregate: &str,
+) -> Result<&'static str, Failure> {
+    let conn = &event.connection;
+    if services.store.processed(conn, &event.id).await?.is_some() {
+        return Ok("duplicate");
+    }
+    let w = &services.config.worker;
+    let lock = services
+        .store
+        .lock(
+            conn,
+            &format!("{}:{aggregate}", handler.family()),
+            Duration::from_millis(w.lock_ttl_ms),
+            Duration::from_millis(w.lock_wait_ms),
+        )
+        .await?;
+    let result = handler.apply(services, halo, event).await;
+    if let Err(e) = lock.release().await {
+        tracing::warn!(error = %e, "could not release the aggregate lock; it expires on its own");
+    }
+    let outcome = result?;
+    // The effect is durable in HaloPSA; the ledger only saves work on a
+    // redelivery, so failing to write it is not worth a retry.
+    if let Err(e) = services.store.mark_processed(conn, &event.id, outcome.as_str()).await {
+        tracing::warn!(error = %e, "could not record the event in the ledger");
+    }
+    Ok(outcome.as_str())
+}
+
+/// Settles the delivery. Returns the failure that was retried or
+/// dead-lettered, for the log line.
+async fn apply_decision(
+    services: &Services,
+    family: Family,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    attempts_before: u32,
+    event: Option<&Envelope>,
+    decision: Decision,
+) -> Result<Option<Failure>, lapin::Error> {
+    let retry = &services.config.retry;
+    let (failure, target, class_label, attempts) = match decision {
+        Decision::Ack(_) => {
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+            return Ok(None);
+        }
+        Decision::Requeue(reason) => {
+            tracing::error!(reason, "requeueing the message");
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await?;
+            return Ok(None);
+        }
+        Decision::Retry(f) => {
+            let attempts = if f.throttled { attempts_before } else { attempts_before + 1 };
+            let limit = match f.class {
+                FailureClass::Dependency => retry.dependency_max_attempts,
+                _ => retry.max_attempts,
+            };
+            if attempts >= limit && !f.throttled {
+                let label = match f.class {
+                    FailureClass::Dependency => FailureClass::Dependency.as_str(),
+                    _ => DEAD_CLASS_EXHAUSTED,
+                };
+                (f, services.topology.dead_queue(family), label, attempts)
+            } else {
+                let delay = retry_delay(retry, attempts.max(1), &f);
+                (f, services.topology.retry_queue(family, delay), "", attempts)
+            }
+        }
+        Decision::Dead(f) => {
+            let label = f.class.as_str();
+            (f, services.topology.dead_queue(family), label, attempts_before + 1)
+        }
+    };
+    let headers = failure_headers(services, family, delivery, event, &failure, class_label, attempts);
+    let properties = delivery
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    match publisher
+        .publish_to("", &target, &delivery.data, properties)
+        .await
+    {
+        Ok(()) => {
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+            Ok(Some(failure))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, queue = %target, "could not move the message; requeueing it");
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await?;
+            Ok(Some(failure))
+        }
+    }
+}
+
+/// The delay tier for the `attempts`-th failure: tiers grow with attempts;
+/// a 429 waits at least `Retry-After`, or `rate_limited_min_delay_ms`
+/// without one (DESIGN §3).
+pub fn retry_delay(retry: &crate::config::RetrySettings, attempts: u32, failure: &Failure) -> u64 {
+    let tiers = &retry.delays_ms;
+    let by_attempt = tiers[(attempts as usize - 1).min(tiers.len() - 1)];
+    let floor = match (failure.halo_status, failure.retry_after) {
+        (_, Some(d)) => d.as_millis() as u64,
+        (Some(429), None) => retry.rate_limited_min_delay_ms,
+        _ => 0,
+    };
+    let wanted = by_attempt.max(floor);
+    tiers
+        .iter()
+        .copied()
+        .find(|d| *d >= wanted)
+        .unwrap_or(tiers[tiers.len() - 1])
+}
+
+fn failure_headers(
+    services: &Services,
+    family: Family,
+    delivery: &Delivery,
+    event: Option<&Envelope>,
+    failure: &Failure,
+    class_label: &str,
+    attempts: u32,
+) -> FieldTable {
+    let old = delivery.properties.headers().as_ref();
+    let mut t = old.cloned().unwrap_or_default();
+    let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+    let class = if class_label.is_empty() { failure.class.as_str() } else { class_label };
+    h::set_str(&mut t, h::ERROR_CLASS, class);
+    h::set_str(&mut t, h::ERROR_MESSAGE, &excerpt(&failure.message, 2000));
+    match failure.halo_status {
+        Some(s) => h::set_i64(&mut t, h::HALO_STATUS, s as i64),
+        None => {
+            t = h::without(Some(&t), &[h::HALO_STATUS]);
+        }
+    }
+    match &failure.halo_body {
+        Some(b) => h::set_str(&mut t, h::HALO_BODY, b),
+        None => {
+            t = h::without(Some(&t), &[h::HALO_BODY]);
+        }
+    }
+    h::set_i64(&mut t, h::ATTEMPTS, attempts as i64);
+    if h::get_str(old, h::FIRST_FAILURE).is_none() {
+        h::set_str(&mut t, h::FIRST_FAILURE, &now);
+    }
+    h::set_str(&mut t, h::LAST_FAILURE, &now);
+    h::set_str(&mut t, h::WORKER, &format!("halosync-{family}@{}", services.worker_id));
+    h::set_str(&mut t, h::FAMILY, family.as_str());
+    if h::get_str(old, h::ORIGINAL_ROUTING_KEY).is_none() {
+        h::set_str(&mut t, h::ORIGINAL_ROUTING_KEY, delivery.routing_key.as_str());
+    }
+    if let Some(e) = event {
+        h::set_str(&mut t, h::CONNECTION, &e.connection);
+        h::set_str(&mut t, h::EVENT_ID, &e.id);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RetrySettings;
+
+    #[test]
+    fn delays_grow_and_honour_429() {
+        let r = RetrySettings {
+            delays_ms: vec![1000, 5000, 30_000, 120_000],
+            max_attempts: 5,
+            dependency_max_attempts: 10,
+            rate_limited_min_delay_ms: 30_000,
+        };
+        let t = Failure::transient("x");
+        assert_eq!(retry_delay(&r, 1, &t), 1000);
+        assert_eq!(retry_delay(&r, 2, &t), 5000);
+        assert_eq!(retry_delay(&r, 9, &t), 120_000);
+        let mut rl = Failure::transient("429");
+        rl.halo_status = Some(429);
+        assert_eq!(retry_delay(&r, 1, &rl), 30_000);
+        rl.retry_after = Some(Duration::from_secs(3));
+        assert_eq!(retry_delay(&r, 1, &rl), 5000);
+        rl.retry_after = Some(Duration::from_secs(3600));
+        assert_eq!(retry_delay(&r, 1, &rl), 120_000);
+    }
+}

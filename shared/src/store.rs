@@ -1,0 +1,243 @@
+//! Redis state shared by every worker process (DESIGN §5): the
+//! processed-event ledger, the billing id → HaloPSA id map with the applied
+//! version, and per-aggregate locks. The OAuth token cache and the rate
+//! limiter live beside the HaloPSA client (`halo::token`,
+//! `halo::ratelimit`) but use the same key scheme.
+//!
+//! Every key is `{prefix}halosync:{connection}:{kind}:{...}`. Redis is a
+//! cache and a coordinator, never the source of truth: everything here can
+//! be lost and rebuilt from HaloPSA (the ExternalLinks), at the cost of
+//! speed.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+
+use crate::contract::Version;
+use crate::error::Failure;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("aggregate {0} is busy (locked by another worker) — retried later")]
+    Busy(String),
+}
+
+impl From<StateError> for Failure {
+    fn from(e: StateError) -> Failure {
+        // Losing Redis costs speed, never correctness: retry later.
+        Failure::transient(e.to_string())
+    }
+}
+
+/// Connects a `ConnectionManager` (reconnects by itself after Redis drops).
+pub async fn connect(url: &str) -> Result<ConnectionManager, redis::RedisError> {
+    let client = redis::Client::open(url)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(2);
+    ConnectionManager::new_with_config(client, config).await
+}
+
+/// Builds the namespaced keys for one deployment prefix.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+    pub fn key(&self, connection: &str, parts: &[&str]) -> String {
+        let mut k = format!("{}halosync:{}", self.prefix, connection);
+        for p in parts {
+            k.push(':');
+            k.push_str(p);
+        }
+        k
+    }
+    /// The pattern matching every key of this prefix (for cleanup in tests).
+    pub fn pattern(&self) -> String {
+        format!("{}halosync:*", self.prefix)
+    }
+}
+
+/// What a billing id maps to in HaloPSA.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mapping {
+    /// The HaloPSA record id (may be negative for recurring invoices).
+    pub halo_id: i64,
+    /// The ExternalLink that records the mapping in HaloPSA.
+    pub link_id: Option<i64>,
+    /// The version of the newest event applied to this aggregate.
+    pub version: Option<String>,
+}
+
+impl Mapping {
+    pub fn version(&self) -> Option<Version> {
+        self.version.as_deref().and_then(Version::decode)
+    }
+}
+
+const RELEASE_LOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// The Redis side of idempotency and ordering.
+#[derive(Clone)]
+pub struct Store {
+    redis: ConnectionManager,
+    keys: Keys,
+    ledger_ttl: Duration,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("keys", &self.keys).finish()
+    }
+}
+
+impl Store {
+    pub fn new(redis: ConnectionManager, keys: Keys, ledger_ttl: Duration) -> Store {
+        Store {
+            redis,
+            keys,
+            ledger_ttl,
+        }
+    }
+
+    pub fn redis(&self) -> ConnectionManager {
+        self.redis.clone()
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The outcome recorded for an event id, if it was processed before.
+    pub async fn processed(&self, conn: &str, event_id: &str) -> Result<Option<String>, StateError> {
+        let mut r = self.redis.clone();
+        Ok(r.get(self.keys.key(conn, &["event", event_id])).await?)
+    }
+
+    /// Records that an event id was processed, with its outcome.
+    pub async fn mark_processed(
+        &self,
+        conn: &str,
+        event_id: &str,
+        outcome: &str,
+    ) -> Result<(), StateError> {
+        let mut r = self.redis.clone();
+        let _: () = r
+            .set_ex(
+                self.keys.key(conn, &["event", event_id]),
+                outcome,
+                self.ledger_ttl.as_secs().max(1),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn mapping(
+        &self,
+        conn: &str,
+        kind: &str,
+        billing_id: &str,
+    ) -> Result<Option<Mapping>, StateError> {
+        let mut r = self.redis.clone();
+        let raw: Option<String> = r.get(self.keys.key(conn, &["map", kind, billing_id])).await?;
+        // A value we cannot read is treated as absent: HaloPSA has the truth.
+        Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    pub async fn set_mapping(
+        &self,
+        conn: &str,
+        kind: &str,
+        billing_id: &str,
+        mapping: &Mapping,
+    ) -> Result<(), StateError> {
+        let mut r = self.redis.clone();
+        let value = serde_json::to_string(mapping).unwrap_or_default();
+        let _: () = r
+            .set(self.keys.key(conn, &["map", kind, billing_id]), value)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn forget_mapping(&self, conn: &str, kind: &str, billing_id: &str) -> Result<(), StateError> {
+        let mut r = self.redis.clone();
+        let _: () = r.del(self.keys.key(conn, &["map", kind, billing_id])).await?;
+        Ok(())
+    }
+
+    /// Takes the lock of one aggregate, waiting up to `wait` for it. The
+    /// lock expires after `ttl` so that a crashed holder cannot block it.
+    pub async fn lock(
+        &self,
+        conn: &str,
+        aggregate: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<AggregateLock, StateError> {
+        let key = self.keys.key(conn, &["lock", aggregate]);
+        let token = uuid::Uuid::new_v4().to_string();
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pause = Duration::from_millis(5);
+        let mut r = self.redis.clone();
+        loop {
+            let ok: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl.as_millis() as u64)
+                .query_async(&mut r)
+                .await?;
+            if ok.is_some() {
+                return Ok(AggregateLock {
+                    redis: self.redis.clone(),
+                    key,
+                    token,
+                });
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(StateError::Busy(aggregate.to_string()));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A held aggregate lock; call [`AggregateLock::release`] when done. If the
+/// process dies, the lock expires on its own.
+pub struct AggregateLock {
+    redis: ConnectionManager,
+    key: String,
+    token: String,
+}
+
+impl AggregateLock {
+    /// Releases the lock if it is still ours (it may have expired and been
+    /// taken by another worker, which must keep it).
+    pub async fn release(self) -> Result<(), StateError> {
+        let mut r = self.redis.clone();
+        let _: i64 = redis::Script::new(RELEASE_LOCK)
+            .key(&self.key)
+            .arg(&self.token)
+            .invoke_async(&mut r)
+            .await?;
+        Ok(())
+    }
+}

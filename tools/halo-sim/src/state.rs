@@ -1,0 +1,131 @@
+//! Shared simulator state: data, tokens, faults and counters behind one lock.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::store::{Data, Obj};
+use crate::{Faults, SimConfig};
+
+/// One issued access token.
+#[derive(Clone, Debug)]
+pub(crate) struct TokenInfo {
+    pub expires_at: Instant,
+    pub scope: String,
+    pub revoked: bool,
+}
+
+/// Request counters (reset by `POST /_sim/reset`).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Counters {
+    pub by_endpoint: BTreeMap<String, u64>,
+    pub by_status: BTreeMap<String, u64>,
+    pub token_requests: u64,
+    pub rate_limited: u64,
+    pub total_api: u64,
+    /// Arrival time of every `/api` request, for `max_requests_in_any_window`.
+    pub api_log: Vec<Instant>,
+}
+
+impl Counters {
+    pub(crate) fn record(&mut self, key: &str, status: u16) {
+        *self.by_endpoint.entry(key.to_string()).or_insert(0) += 1;
+        let class = format!("{}xx", status / 100);
+        *self.by_status.entry(class).or_insert(0) += 1;
+        if status == 429 {
+            self.rate_limited += 1;
+        }
+    }
+
+    pub(crate) fn to_json(&self) -> Value {
+        json!({
+            "by_endpoint": self.by_endpoint,
+            "by_status": self.by_status,
+            "token_requests": self.token_requests,
+            "rate_limited": self.rate_limited,
+            "total_api": self.total_api,
+        })
+    }
+
+    /// Largest number of `/api` arrivals inside any window of `window` length.
+    pub(crate) fn max_in_window(&self, window: Duration) -> u64 {
+        let log = &self.api_log;
+        let mut best = 0usize;
+        let mut start = 0usize;
+        for end in 0..log.len() {
+            while start < end && log[end].duration_since(log[start]) >= window {
+                start += 1;
+            }
+            best = best.max(end - start + 1);
+        }
+        u64::try_from(best).unwrap_or(u64::MAX)
+    }
+}
+
+/// Everything mutable.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub faults: Faults,
+    pub data: Data,
+    /// Items seeded through `insert_item`, `POST /_sim/items` or `--items`;
+    /// restored by a reset.
+    pub seed_items: BTreeMap<i64, Obj>,
+    pub tokens: HashMap<String, TokenInfo>,
+    pub counters: Counters,
+    /// Admitted (non-429) requests inside the current rate-limit window.
+    pub rate_window: VecDeque<Instant>,
+}
+
+/// State shared by the server task and the [`crate::SimHandle`].
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: SimConfig,
+    pub base_url: String,
+    inner: Mutex<Inner>,
+}
+
+impl Shared {
+    pub(crate) fn new(config: SimConfig, base_url: String) -> Shared {
+        let inner = Inner {
+            faults: config.faults.clone(),
+            data: Data::default(),
+            seed_items: BTreeMap::new(),
+            tokens: HashMap::new(),
+            counters: Counters::default(),
+            rate_window: VecDeque::new(),
+        };
+        Shared {
+            config,
+            base_url,
+            inner: Mutex::new(inner),
+        }
+    }
+
+    /// Locks the state; a poisoned lock is recovered (the data stays usable).
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The configured tenant, `None` for on-premise (also for "" / "Not set").
+    pub(crate) fn tenant(&self) -> Option<&str> {
+        self.config
+            .tenant
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("not set"))
+    }
+}
+
+impl Inner {
+    /// Clears data (items back to the seed catalogue), counters, the rate
+    /// window, and faults back to the start configuration. Issued tokens stay
+    /// valid so that running clients are not disturbed.
+    pub(crate) fn reset(&mut self, faults: Faults) {
+        self.faults = faults;
+        self.data = Data::new(&self.seed_items);
+        self.counters = Counters::default();
+        self.rate_window.clear();
+    }
+}

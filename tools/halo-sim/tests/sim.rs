@@ -1,0 +1,581 @@
+//! Integration tests: the simulator started in process, driven over HTTP.
+
+use halo_sim::{Faults, RateLimit, SimConfig, SimHandle};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+async fn start() -> SimHandle {
+    start_with(SimConfig::default()).await
+}
+
+async fn start_with(config: SimConfig) -> SimHandle {
+    match SimHandle::start(config).await {
+        Ok(s) => s,
+        Err(e) => panic!("start failed: {e}"),
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn mint(sim: &SimHandle, scope: Option<&str>, tenant: Option<&str>) -> reqwest::Response {
+    let mut form = vec![
+        ("grant_type", "client_credentials"),
+        ("client_id", "halosync-sim"),
+        ("client_secret", "sim-secret"),
+    ];
+    if let Some(s) = scope {
+        form.push(("scope", s));
+    }
+    let mut url = format!("{}/token", sim.auth_url());
+    if let Some(t) = tenant {
+        url.push_str(&format!("?tenant={t}"));
+    }
+    http().post(url).form(&form).send().await.unwrap()
+}
+
+async fn token(sim: &SimHandle, scope: &str) -> String {
+    let resp = mint(sim, Some(scope), None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_string()
+}
+
+async fn get(sim: &SimHandle, tok: &str, path: &str) -> (StatusCode, String) {
+    let resp = http()
+        .get(format!("{}{path}", sim.api_url()))
+        .bearer_auth(tok)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    (status, resp.text().await.unwrap())
+}
+
+async fn get_json(sim: &SimHandle, tok: &str, path: &str) -> Value {
+    let (status, text) = get(sim, tok, path).await;
+    assert_eq!(status, StatusCode::OK, "GET {path}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+async fn post(sim: &SimHandle, tok: &str, path: &str, body: Value) -> (StatusCode, Value) {
+    let resp = http()
+        .post(format!("{}{path}", sim.api_url()))
+        .bearer_auth(tok)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn post_ok(sim: &SimHandle, tok: &str, path: &str, body: Value) -> Value {
+    let (status, v) = post(sim, tok, path, body).await;
+    assert_eq!(status, StatusCode::OK, "POST {path}: {v}");
+    v
+}
+
+#[tokio::test]
+async fn token_success_and_invalid_client() {
+    let sim = start().await;
+    let resp = mint(&sim, Some("all"), None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 3600);
+    assert_eq!(body["scope"], "all");
+    assert!(body["access_token"].as_str().unwrap().len() >= 32);
+
+    let resp = http()
+        .post(format!("{}/token/", sim.auth_url()))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "halosync-sim"),
+            ("client_secret", "wrong"),
+            ("scope", "all"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_client");
+
+    let resp = http()
+        .post(format!("{}/token", sim.auth_url()))
+        .form(&[("grant_type", "password"), ("client_id", "halosync-sim")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "unsupported_grant_type");
+
+    assert_eq!(sim.token_requests(), 3);
+    assert_eq!(sim.counts().get("POST /auth/token"), Some(&3));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn tenant_required_when_hosted() {
+    let sim = start_with(SimConfig {
+        tenant: Some("acme".into()),
+        ..SimConfig::default()
+    })
+    .await;
+    let resp = mint(&sim, Some("all"), None).await;
+    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let ct = resp.headers()[reqwest::header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(ct.starts_with("text/html"), "{ct}");
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("Sorry, something went wrong"));
+    assert!(text.len() > 10_000);
+
+    assert_eq!(
+        mint(&sim, Some("all"), Some("other")).await.status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        mint(&sim, Some("all"), Some("acme")).await.status(),
+        StatusCode::OK
+    );
+    // Tenant in the form body is accepted too.
+    let resp = http()
+        .post(format!("{}/token", sim.auth_url()))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "halosync-sim"),
+            ("client_secret", "sim-secret"),
+            ("scope", "all"),
+            ("tenant", "acme"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let info: Value = http()
+        .get(format!("{}/authinfo", sim.api_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["auth_url"], sim.auth_url());
+    assert_eq!(info["tenant_id"], "acme");
+}
+
+#[tokio::test]
+async fn scopeless_token_gets_401_and_scopes_narrow() {
+    let sim = start().await;
+    let resp = mint(&sim, None, None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    let scopeless = body["access_token"].as_str().unwrap().to_string();
+    let (status, _) = get(&sim, &scopeless, "/Client").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let (status, text) = get(&sim, "nonsense", "/Client").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["error"],
+        "invalid_token"
+    );
+    let resp = http()
+        .get(format!("{}/Client", sim.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    let tok = token(&sim, "read:customers edit:items").await;
+    assert_eq!(get(&sim, &tok, "/Client").await.0, StatusCode::OK);
+    assert_eq!(get(&sim, &tok, "/Item").await.0, StatusCode::OK);
+    let (status, body) = post(&sim, &tok, "/Client", json!([{"name": "X"}])).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let text = body.as_str().unwrap();
+    assert!(
+        text.contains("permission") && text.contains("customers"),
+        "{text}"
+    );
+    let (status, _) = get(&sim, &tok, "/SoftwareLicence").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Agent-side deny list.
+    let all = token(&sim, "all").await;
+    sim.set_faults(Faults {
+        deny: vec!["customers:write".into()],
+        ..Faults::default()
+    });
+    assert_eq!(get(&sim, &all, "/client").await.0, StatusCode::OK);
+    assert_eq!(
+        post(&sim, &all, "/Client", json!([{"name": "X"}])).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        post(
+            &sim,
+            &all,
+            "/ExternalLink",
+            json!([{"halo_id": 1, "third_party_id": "a"}])
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[tokio::test]
+async fn count_default_50_and_paging_only_with_pageinate() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    let body: Vec<Value> = (0..60)
+        .map(|i| json!({"name": format!("Customer {i:02}")}))
+        .collect();
+    let saved = post_ok(&sim, &tok, "/Client", Value::Array(body)).await;
+    assert_eq!(saved.as_array().unwrap().len(), 60);
+
+    let list = get_json(&sim, &tok, "/Client").await;
+    assert_eq!(list["record_count"], 60);
+    assert_eq!(list["clients"].as_array().unwrap().len(), 50);
+
+    // page_size/page_no are ignored without pageinate=true.
+    let list = get_json(&sim, &tok, "/Client?page_size=10&page_no=2").await;
+    assert_eq!(list["clients"].as_array().unwrap().len(), 50);
+    assert_eq!(list["clients"][0]["name"], "Customer 00");
+
+    let list = get_json(&sim, &tok, "/Client?count=5").await;
+    assert_eq!(list["clients"].as_array().unwrap().len(), 5);
+
+    let list = get_json(&sim, &tok, "/Client?pageinate=true&page_size=25&page_no=3").await;
+    assert_eq!(list["record_count"], 60);
+    let rows = list["clients"].as_array().unwrap();
+    assert_eq!(rows.len(), 10);
+    assert_eq!(rows[0]["name"], "Customer 50");
+
+    // LIKE search, unknown params ignored.
+    let list = get_json(&sim, &tok, "/Client?search=customer 1&bogus=1").await;
+    assert_eq!(list["record_count"], 10);
+}
+
+#[tokio::test]
+async fn post_create_update_and_inactive_filter() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    let created = post_ok(
+        &sim,
+        &tok,
+        "/Client",
+        json!([{"name": "Acme", "website": "a.example"}]),
+    )
+    .await;
+    let id = created["id"].as_i64().unwrap();
+    assert_eq!(id, 1);
+    assert_eq!(created["inactive"], false);
+
+    let updated = post_ok(&sim, &tok, "/client", json!([{"id": id, "inactive": true}])).await;
+    assert_eq!(updated["name"], "Acme");
+    assert_eq!(updated["website"], "a.example");
+    assert_eq!(updated["inactive"], true);
+
+    let list = get_json(&sim, &tok, "/Client").await;
+    assert_eq!(list["record_count"], 0);
+    let list = get_json(&sim, &tok, "/Client?includeinactive=true").await;
+    assert_eq!(list["record_count"], 1);
+    assert_eq!(sim.clients().len(), 1);
+
+    // Bare object, unknown id, missing name.
+    let (status, _) = post(&sim, &tok, "/Client", json!({"name": "B"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = post(&sim, &tok, "/Client", json!([{"id": 99, "name": "B"}])).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["Message"].is_string());
+    let (status, _) = post(&sim, &tok, "/Client", json!([{"website": "x"}])).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    assert_eq!(get(&sim, &tok, "/Client/1").await.0, StatusCode::OK);
+    assert_eq!(get(&sim, &tok, "/Client/2").await.0, StatusCode::NOT_FOUND);
+    let resp = http()
+        .delete(format!("{}/Client/1", sim.api_url()))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.json::<Value>().await.unwrap()["id"], 1);
+    assert_eq!(get(&sim, &tok, "/Client/1").await.0, StatusCode::NOT_FOUND);
+    let counts = sim.counts();
+    assert_eq!(counts.get("GET /api/Client/{id}"), Some(&3));
+    assert_eq!(counts.get("DELETE /api/Client/{id}"), Some(&1));
+}
+
+#[tokio::test]
+async fn new_external_link_is_atomic() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    let created = post_ok(
+        &sim,
+        &tok,
+        "/Client",
+        json!([{"name": "Acme", "new_external_link": {"third_party_id": "acc_1", "third_party_type": "billing"}}]),
+    )
+    .await;
+    let id = created["id"].as_i64().unwrap();
+    assert!(created.get("new_external_link").is_none());
+    assert_eq!(created["external_links"][0]["third_party_id"], "acc_1");
+    assert_eq!(created["external_links"][0]["table_id"], 2);
+    let links = get_json(
+        &sim,
+        &tok,
+        "/ExternalLink?third_party_id=acc_1&third_party_type=billing",
+    )
+    .await;
+    let links = links.as_array().unwrap();
+    assert_eq!(links.len(), 1);
+    assert_eq!(links[0]["halo_id"], id);
+
+    // A batch where the second element fails saves nothing, links included.
+    sim.set_faults(Faults {
+        reject_names: vec!["Bad Co".into()],
+        ..Faults::default()
+    });
+    let (status, body) = post(
+        &sim,
+        &tok,
+        "/Client",
+        json!([
+            {"name": "Good Co", "new_external_link": {"third_party_id": "acc_2", "third_party_type": "billing"}},
+            {"name": "Bad Co", "new_external_link": {"third_party_id": "acc_3", "third_party_type": "billing"}}
+        ]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["Message"].as_str().unwrap().contains("[1]"), "{body}");
+    assert_eq!(sim.clients().len(), 1);
+    assert_eq!(sim.external_links().len(), 1);
+    let links = get_json(&sim, &tok, "/ExternalLink?third_party_id=acc_2").await;
+    assert_eq!(links.as_array().unwrap().len(), 0);
+
+    // Standalone ExternalLink CRUD.
+    let link = post_ok(
+        &sim,
+        &tok,
+        "/ExternalLink",
+        json!([{"halo_id": id, "table_id": 2, "third_party_id": "alt", "third_party_type": "other"}]),
+    )
+    .await;
+    let link_id = link["id"].as_i64().unwrap();
+    let client = get_json(&sim, &tok, &format!("/Client/{id}")).await;
+    assert_eq!(client["external_links"].as_array().unwrap().len(), 2);
+    let resp = http()
+        .delete(format!("{}/ExternalLink/{link_id}", sim.api_url()))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(sim.external_links().len(), 1);
+}
+
+#[tokio::test]
+async fn rate_limit_with_and_without_retry_after() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    sim.set_faults(Faults {
+        rate_limit: Some(RateLimit {
+            requests: 3,
+            window_secs: 60,
+            retry_after: true,
+        }),
+        ..Faults::default()
+    });
+    for _ in 0..3 {
+        assert_eq!(get(&sim, &tok, "/Client").await.0, StatusCode::OK);
+    }
+    let resp = http()
+        .get(format!("{}/Client", sim.api_url()))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["error"],
+        "Rate Limit Reached - 3 Requests per rolling 1 minute window"
+    );
+
+    sim.set_faults(Faults {
+        rate_limit: Some(RateLimit {
+            requests: 3,
+            window_secs: 60,
+            retry_after: false,
+        }),
+        ..Faults::default()
+    });
+    let resp = http()
+        .get(format!("{}/Client", sim.api_url()))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.headers().get("retry-after").is_none());
+    assert_eq!(sim.rate_limited(), 2);
+
+    // A one-second window frees up again.
+    sim.set_faults(Faults {
+        rate_limit: Some(RateLimit {
+            requests: 1,
+            window_secs: 1,
+            retry_after: true,
+        }),
+        ..Faults::default()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(1050)).await;
+    assert_eq!(get(&sim, &tok, "/Client").await.0, StatusCode::OK);
+    assert_eq!(
+        get(&sim, &tok, "/Client").await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[tokio::test]
+async fn expired_and_revoked_tokens() {
+    let sim = start_with(SimConfig {
+        token_lifetime_secs: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let tok = token(&sim, "all").await;
+    let (status, _) = get(&sim, &tok, "/Client").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    sim.set_faults(Faults {
+        expired_token_status: 400,
+        ..Faults::default()
+    });
+    let (status, text) = get(&sim, &tok, "/Client").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(text, "Token not found");
+
+    let sim2 = start().await;
+    let tok = token(&sim2, "all").await;
+    assert_eq!(get(&sim2, &tok, "/Client").await.0, StatusCode::OK);
+    sim2.revoke_tokens();
+    assert_eq!(
+        get(&sim2, &tok, "/Client").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let fresh = token(&sim2, "all").await;
+    assert_eq!(get(&sim2, &fresh, "/Client").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn fail_next_error_rate_and_sim_controls() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    let c = http();
+    let faults: Value = c
+        .post(format!("{}/_sim/faults", sim.base_url()))
+        .json(&json!({"fail_next": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(faults["fail_next"], 2);
+    assert_eq!(
+        get(&sim, &tok, "/Client").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        get(&sim, &tok, "/Client").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(get(&sim, &tok, "/Client").await.0, StatusCode::OK);
+
+    sim.set_faults(Faults {
+        error_rate: 1.0,
+        ..Faults::default()
+    });
+    let (status, text) = get(&sim, &tok, "/Client").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(text.contains("Simulated server error"));
+
+    let reqs: Value = c
+        .get(format!("{}/_sim/requests", sim.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reqs["by_endpoint"]["GET /api/Client"], 4);
+    assert_eq!(reqs["total_api"], 4);
+    assert_eq!(reqs["token_requests"], 1);
+
+    sim.set_faults(Faults::default());
+    post_ok(&sim, &tok, "/Client", json!([{"name": "x"}])).await;
+    let resp = c
+        .post(format!("{}/_sim/reset", sim.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(sim.clients().is_empty());
+    assert!(sim.counts().is_empty());
+    // The token survives a reset; faults are back to the start config.
+    assert_eq!(get(&sim, &tok, "/Client").await.0, StatusCode::OK);
+
+    let resp = c
+        .post(format!("{}/_sim/revoke-tokens", sim.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(get(&sim, &tok, "/Client").await.0, StatusCode::UNAUTHORIZED);
+
+    let state: Value = c
+        .get(format!("{}/_sim/state", sim.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(state["clients"].is_array());
+    assert_eq!(state, sim.state());
+}
+
+#[tokio::test]
+async fn max_requests_in_any_window() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    for _ in 0..5 {
+        get(&sim, &tok, "/Client").await;
+    }
+    assert_eq!(sim.max_requests_in_any_window(60), 5);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    for _ in 0..3 {
+        get(&sim, &tok, "/Client").await;
+    }
+    assert_eq!(sim.max_requests_in_any_window(60), 8);
+    assert_eq!(sim.max_requests_in_any_window(1), 5);
+}
