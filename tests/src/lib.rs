@@ -1,1 +1,506 @@
+//! The integration-test harness: a real RabbitMQ and Redis (they must be
+//! running; a test fails loudly when they are not), halo-sim in process,
+//! and the worker binaries as real child processes.
+//!
+//! Each [`TestEnv`] has its own name prefix (`t-xxxxxxxx.`) for exchanges,
+//! queues and Redis keys, so tests run in parallel on one broker and one
+//! Redis, and it deletes everything of its prefix when dropped.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use halo_sim::{SimConfig, SimHandle};
+use halosync_shared::amqp::{self, Publisher, Topology};
+use halosync_shared::contract::Family;
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions, ExchangeDeleteOptions, BasicAckOptions};
+use lapin::types::FieldTable;
+use serde_json::{json, Value};
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+pub const SECRET_ENV: &str = "HALOSYNC_TEST_SECRET";
+pub const CONNECTION: &str = "acme";
+
+/// Short retry tiers so that retries finish within a test.
+pub const TEST_DELAYS_MS: [u64; 3] = [200, 400, 800];
+
+/// Options for one test environment.
+#[derive(Clone, Debug)]
+pub struct EnvOptions {
+    pub sim: SimConfig,
+    /// Extra lines for the `[connections.acme]` table.
+    pub connection_extra: String,
+    /// Extra TOML appended at the end (e.g. `[worker]` settings).
+    pub extra: String,
+    pub max_attempts: u32,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        EnvOptions {
+            sim: SimConfig::default(),
+            connection_extra: String::new(),
+            extra: String::new(),
+            max_attempts: 4,
+        }
+    }
+}
+
+/// One isolated world: prefix, halo-sim, config file, worker processes.
+pub struct TestEnv {
+    pub prefix: String,
+    pub sim: SimHandle,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub topology: Topology,
+    pub publisher: Publisher,
+    secret: String,
+    workers: Vec<Worker>,
+    next_worker: usize,
+}
+
+/// A worker child process.
+pub struct Worker {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl TestEnv {
+    pub async fn new(name: &str) -> TestEnv {
+        TestEnv::with(name, EnvOptions::default()).await
+    }
+
+    pub async fn with(name: &str, opts: EnvOptions) -> TestEnv {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let prefix = format!("t-{}-{}.", name, &id[..8]);
+        let sim = SimHandle::start(opts.sim.clone())
+            .await
+            .expect("halo-sim must start");
+        let dir = std::env::temp_dir().join(format!("halosync-{}", prefix.trim_end_matches('.')));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config_path = dir.join("halosync.toml");
+        let delays = TEST_DELAYS_MS
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let tenant = opts
+            .sim
+            .tenant
+            .as_ref()
+            .map(|t| format!("tenant = \"{t}\"\n"))
+            .unwrap_or_default();
+        let config = format!(
+            r#"amqp_url = "{AMQP_URL}"
+redis_url = "{REDIS_URL}"
+prefix = "{prefix}"
+
+[retry]
+delays_ms = [{delays}]
+max_attempts = {max_attempts}
+dependency_max_attempts = 6
+rate_limited_min_delay_ms = 400
+
+[connections.{CONNECTION}]
+resource_server = "{api}"
+auth_server = "{auth}/"
+{tenant}client_id = "{client_id}"
+client_secret_env = "{SECRET_ENV}"
+{connection_extra}
+{extra}
+"#,
+            max_attempts = opts.max_attempts,
+            api = sim.api_url(),
+            auth = sim.auth_url(),
+            client_id = opts.sim.client_id,
+            connection_extra = opts.connection_extra,
+            extra = opts.extra,
+        );
+        std::fs::write(&config_path, config).expect("write config");
+        let topology = Topology::new(&prefix, &TEST_DELAYS_MS);
+        let publisher = Publisher::connect(AMQP_URL, &prefix, "tests")
+            .await
+            .unwrap_or_else(|e| panic!("RabbitMQ must be running at {AMQP_URL}: {e}"));
+        topology
+            .declare(publisher.channel())
+            .await
+            .expect("declare topology");
+        // Fail loudly if Redis is down.
+        let mut r = redis_conn().await;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut r)
+            .await
+            .unwrap_or_else(|e| panic!("Redis must be running at {REDIS_URL}: {e}"));
+        TestEnv {
+            prefix,
+            secret: opts.sim.client_secret.clone(),
+            sim,
+            dir,
+            config_path,
+            topology,
+            publisher,
+            workers: Vec::new(),
+            next_worker: 0,
+        }
+    }
+
+    /// Starts one worker binary (`halosync-account`, ...) as a child.
+    pub fn spawn_worker(&mut self, binary: &str) -> usize {
+        let log = self.dir.join(format!("{binary}-{}.log", self.next_worker));
+        self.next_worker += 1;
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(binary_path(binary))
+            .env("HALOSYNC_CONFIG", &self.config_path)
+            .env(SECRET_ENV, &self.secret)
+            .env("RUST_LOG", "info")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+        self.workers.push(Worker { child, log });
+        self.workers.len() - 1
+    }
+
+    pub fn worker(&mut self, index: usize) -> &mut Worker {
+        &mut self.workers[index]
+    }
+
+    /// SIGKILL: the process dies with whatever it has in flight.
+    pub fn kill_worker(&mut self, index: usize) {
+        let w = &mut self.workers[index];
+        let _ = w.child.kill();
+        let _ = w.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn stop_worker(&mut self, index: usize) -> std::process::ExitStatus {
+        let w = &mut self.workers[index];
+        let pid = w.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = w.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "worker {pid} did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The logs of every worker so far (for assertion messages).
+    pub fn logs(&self) -> String {
+        self.workers
+            .iter()
+            .map(|w| std::fs::read_to_string(&w.log).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Publishes one event (as a publisher would, confirmed).
+    pub async fn publish(&self, event: &Value) {
+        let body = serde_json::to_vec(event).expect("json");
+        let id = event["id"].as_str().unwrap_or("none");
+        let ty = event["type"].as_str().unwrap_or("none");
+        self.publisher
+            .publish_raw(id, ty, &body, FieldTable::default())
+            .await
+            .expect("publish confirmed");
+    }
+
+    /// Publishes a raw body with a routing key (to test invalid input).
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+        self.publisher
+            .publish_raw("raw", routing_key, body, FieldTable::default())
+            .await
+            .expect("publish confirmed");
+    }
+
+    /// Messages ready in a queue.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let ch = self.publisher.channel();
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
+        .unwrap_or_else(|e| panic!("queue {queue}: {e}"))
+    }
+
+    /// Takes (and acks) every message of a family's dead queue.
+    pub async fn take_dead(&self, family: Family) -> Vec<DeadLetter> {
+        let ch = self.publisher.channel();
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(self.topology.dead_queue(family).into(), BasicGetOptions::default())
+            .await
+            .expect("basic_get")
+        {
+            let headers = amqp::headers::to_json(m.delivery.properties.headers().as_ref());
+            out.push(DeadLetter {
+                headers,
+                body: String::from_utf8_lossy(&m.delivery.data).into_owned(),
+            });
+            m.delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
+        }
+        out
+    }
+
+    /// Polls `cond` until it holds, or panics with `what` and the logs.
+    pub async fn wait_for<F>(&self, what: &str, timeout: Duration, mut cond: F)
+    where
+        F: FnMut() -> bool,
+    {
+        let deadline = Instant::now() + timeout;
+        while !cond() {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for: {what}\nsim state: {}\nworker logs (tail):\n{}",
+                    self.sim.state(),
+                    tail(&self.logs(), 60)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until a queue is empty and stays empty for `quiet`.
+    pub async fn wait_drained(&self, family: Family, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut quiet_since: Option<Instant> = None;
+        loop {
+            let mut total = self.depth(&self.topology.work_queue(family)).await;
+            for d in TEST_DELAYS_MS {
+                total += self.depth(&self.topology.retry_queue(family, d)).await;
+            }
+            let unacked = self.unacked(&self.topology.work_queue(family));
+            if total == 0 && unacked == 0 {
+                let since = *quiet_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(300) {
+                    return;
+                }
+            } else {
+                quiet_since = None;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "queues of {family} not drained after {timeout:?} ({total} ready, {unacked} unacked)\nworker logs (tail):\n{}",
+                    tail(&self.logs(), 60)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Unacknowledged messages of a queue, read with rabbitmqctl.
+    pub fn unacked(&self, queue: &str) -> u64 {
+        let out = Command::new("rabbitmqctl")
+            .args(["list_queues", "-q", "--no-table-headers", "name", "messages_unacknowledged"])
+            .output()
+            .expect("rabbitmqctl must be on PATH");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                let name = it.next()?;
+                let n = it.next()?.parse::<u64>().ok()?;
+                (name == queue).then_some(n)
+            })
+            .sum()
+    }
+
+    /// Every Redis key of this environment.
+    pub async fn redis_keys(&self) -> Vec<String> {
+        let mut r = redis_conn().await;
+        redis::cmd("KEYS")
+            .arg(format!("{}halosync:*", self.prefix))
+            .query_async(&mut r)
+            .await
+            .expect("redis KEYS")
+    }
+
+    /// Deletes every Redis key of this environment ("Redis flushed").
+    pub async fn flush_redis(&self) {
+        let keys = self.redis_keys().await;
+        if keys.is_empty() {
+            return;
+        }
+        let mut r = redis_conn().await;
+        let _: i64 = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut r)
+            .await
+            .expect("redis DEL");
+    }
+
+    /// Closes every broker connection whose name contains `needle`.
+    pub fn close_broker_connections(&self, needle: &str) -> usize {
+        let out = Command::new("rabbitmqctl")
+            .args(["list_connections", "-q", "--no-table-headers", "pid", "client_properties"])
+            .output()
+            .expect("rabbitmqctl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut closed = 0;
+        for line in text.lines().filter(|l| l.contains(needle)) {
+            if let Some(pid) = line.split_whitespace().next() {
+                let status = Command::new("rabbitmqctl")
+                    .args(["close_connection", pid, "test: dropping the connection"])
+                    .status()
+                    .expect("rabbitmqctl close_connection");
+                if status.success() {
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+
+    /// Customers in the sim, excluding nothing.
+    pub fn clients(&self) -> Vec<Value> {
+        self.sim.clients()
+    }
+
+    /// Count of sim requests to one endpoint key, e.g. `POST /api/Client`.
+    pub fn count(&self, endpoint: &str) -> u64 {
+        self.sim.counts().get(endpoint).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.child.kill();
+            let _ = w.child.wait();
+        }
+        let prefix = self.prefix.clone();
+        let topology = self.topology.clone();
+        // Drop cannot await: clean up on a thread with its own runtime.
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(conn) = amqp::connect(AMQP_URL, "tests-cleanup").await {
+                    if let Ok(ch) = conn.create_channel().await {
+                        for q in topology.all_queues() {
+                            let _ = ch.queue_delete(q.into(), QueueDeleteOptions::default()).await;
+                        }
+                        for e in topology.exchanges() {
+                            let _ = ch.exchange_delete(e.into(), ExchangeDeleteOptions::default()).await;
+                        }
+                    }
+                    let _ = conn.close(200, "bye".into()).await;
+                }
+                if let Ok(client) = redis::Client::open(REDIS_URL) {
+                    if let Ok(mut r) = client.get_multiplexed_async_connection().await {
+                        let keys: Vec<String> = redis::cmd("KEYS")
+                            .arg(format!("{prefix}halosync:*"))
+                            .query_async(&mut r)
+                            .await
+                            .unwrap_or_default();
+                        if !keys.is_empty() {
+                            let _: Result<i64, _> = redis::cmd("DEL").arg(&keys).query_async(&mut r).await;
+                        }
+                    }
+                }
+            });
+        });
+        let _ = cleanup.join();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A dead letter taken from a dead queue.
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub headers: Value,
+    pub body: String,
+}
+
+impl DeadLetter {
+    pub fn header(&self, key: &str) -> String {
+        match &self.headers[key] {
+            Value::String(s) => s.clone(),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        }
+    }
+}
+
+pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(REDIS_URL)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("Redis must be running at {REDIS_URL}: {e}"))
+}
+
+/// The path of a workspace binary next to the running test's target dir.
+pub fn binary_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/test-xxxx -> target/debug
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (`make test` does)",
+        path.display()
+    );
+    path
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// An `account.*` event.
+pub fn account_event(id: &str, account_id: &str, name: &str, active: bool, sequence: u64) -> Value {
+    let ty = if active { "account.updated" } else { "account.deactivated" };
+    json!({
+        "id": id,
+        "type": if sequence == 1 { "account.created" } else { ty },
+        "schema_version": 1,
+        "connection": CONNECTION,
+        "occurred_at": "2026-11-22T10:15:00.123Z",
+        "sequence": sequence,
+        "data": {
+            "account_id": account_id,
+            "name": name,
+            "active": active,
+            "website": format!("https://{account_id}.example"),
+            "currency": "GBP"
+        }
+    })
+}
+
+/// The sim's customers linked to `account_id` (through ExternalLinks).
+pub fn customers_of(env: &TestEnv, account_id: &str) -> Vec<Value> {
+    let ids: Vec<i64> = env
+        .sim
+        .external_links()
+        .iter()
+        .filter(|l| l["third_party_id"] == account_id && l["third_party_type"] == "halosync.account")
+        .filter_map(|l| l["halo_id"].as_i64())
+        .collect();
+    env.clients()
+        .into_iter()
+        .filter(|c| c["id"].as_i64().is_some_and(|id| ids.contains(&id)))
+        .collect()
+}

@@ -46,8 +46,7 @@ struct Args {
         long,
         env = "HALO_SIM_CLIENT_SECRET",
         hide_env_values = true,
-        default_value = "sim-secret",
-        hide_default_value = true
+        default_value = "sim-secret"
     )]
     client_secret: String,
     /// Tenant required on token requests (omit for on-premise).
@@ -200,4 +199,24 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("shutting down");
     sim.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_items;
+
+    #[test]
+    fn inline_items() {
+        let items = parse_items("1234=Microsoft 365 Business Premium;7 = Backup").unwrap();
+        assert_eq!(
+            items,
+            vec![
+                (1234, "Microsoft 365 Business Premium".to_string()),
+                (7, "Backup".to_string())
+            ]
+        );
+        assert!(parse_items("nonsense-without-equals").is_err());
+        let json = parse_items(r#"[{"id": 3, "name": "X"}]"#).unwrap();
+        assert_eq!(json, vec![(3, "X".to_string())]);
+    }
 }

@@ -654,3 +654,66 @@ pub(crate) fn item_obj(name: &str) -> Obj {
     obj.insert("name".into(), json!(name));
     obj
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes() {
+        assert!(scope_grants("all", Area::Invoices, true));
+        assert!(scope_grants("read:customers", Area::Customers, false));
+        assert!(!scope_grants("read:customers", Area::Customers, true));
+        assert!(scope_grants("edit:customers", Area::Customers, false));
+        assert!(scope_grants(
+            "read:softwarelicensing",
+            Area::Software,
+            false
+        ));
+        assert!(scope_grants("x edit:software", Area::Software, true));
+        assert!(!scope_grants("admin edit:tickets", Area::Items, false));
+        assert!(!scope_grants("", Area::Items, false));
+    }
+
+    #[test]
+    fn deny_list() {
+        let deny = vec!["customers:write".to_string(), "read:items".to_string()];
+        assert!(denied(&deny, Area::Customers, true));
+        assert!(!denied(&deny, Area::Customers, false));
+        assert!(denied(&deny, Area::Items, false));
+        assert!(denied(&deny, Area::Items, true));
+        assert!(!denied(&deny, Area::Invoices, true));
+    }
+
+    #[test]
+    fn routes() {
+        let (key, t) = route(&Method::GET, &["client"]);
+        assert_eq!(key, "GET /api/Client");
+        assert!(matches!(t, Target::List(Kind::Client)));
+        let (key, t) = route(&Method::GET, &["RecurringInvoice", "-3"]);
+        assert_eq!(key, "GET /api/RecurringInvoice/{id}");
+        assert!(matches!(t, Target::Get(Kind::RecurringInvoice, -3)));
+        let (key, t) = route(&Method::POST, &["recurringinvoice", "UpdateLines"]);
+        assert_eq!(key, "POST /api/RecurringInvoice/updatelines");
+        assert!(matches!(t, Target::Lines(Kind::RecurringInvoice, true)));
+        let (key, t) = route(&Method::GET, &["Ticket", "5"]);
+        assert_eq!(key, "GET /api/Ticket/{id}");
+        assert!(matches!(t, Target::NotFound));
+    }
+
+    #[test]
+    fn faults_merge() {
+        let f = merge_faults(
+            &Faults::default(),
+            json!({"fail_next": 3, "rate_limit": {"requests": 2, "window_secs": 5}}),
+        )
+        .unwrap();
+        assert_eq!(f.fail_next, 3);
+        let rl = f.rate_limit.clone().unwrap();
+        assert_eq!((rl.requests, rl.window_secs, rl.retry_after), (2, 5, true));
+        let f = merge_faults(&f, json!({"rate_limit": null})).unwrap();
+        assert!(f.rate_limit.is_none());
+        assert_eq!(f.fail_next, 3);
+        assert!(merge_faults(&f, json!({"fail_next": "x"})).is_err());
+    }
+}

@@ -129,3 +129,30 @@ impl Inner {
         self.rate_window.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_in_window() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let c = Counters {
+            api_log: vec![
+                at(0),
+                at(100),
+                at(900),
+                at(1000),
+                at(1500),
+                at(1600),
+                at(1700),
+            ],
+            ..Counters::default()
+        };
+        assert_eq!(c.max_in_window(Duration::from_secs(1)), 5);
+        assert_eq!(c.max_in_window(Duration::from_secs(2)), 7);
+        assert_eq!(c.max_in_window(Duration::from_millis(150)), 2);
+        assert_eq!(Counters::default().max_in_window(Duration::from_secs(1)), 0);
+    }
+}

@@ -579,3 +579,283 @@ async fn max_requests_in_any_window() {
     assert_eq!(sim.max_requests_in_any_window(60), 8);
     assert_eq!(sim.max_requests_in_any_window(1), 5);
 }
+
+#[tokio::test]
+async fn items_and_licences() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    sim.insert_item(1234, "Microsoft 365 Business Premium");
+    let resp = http()
+        .post(format!("{}/_sim/items", sim.base_url()))
+        .json(&json!([{"id": 77, "name": "Backup"}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let items = get_json(&sim, &tok, "/item?search=premium").await;
+    assert_eq!(items["record_count"], 1);
+    assert_eq!(items["items"][0]["id"], 1234);
+    assert_eq!(get_json(&sim, &tok, "/Item/77").await["name"], "Backup");
+    let created = post_ok(
+        &sim,
+        &tok,
+        "/Item",
+        json!([{"name": "New", "new_external_link": {"third_party_id": "sku1"}}]),
+    )
+    .await;
+    assert_eq!(created["external_links"][0]["table_id"], 8);
+
+    let client = post_ok(&sim, &tok, "/Client", json!([{"name": "Acme"}])).await;
+    let cid = client["id"].as_i64().unwrap();
+    // client_id must exist, name required, count integer.
+    let (s, _) = post(
+        &sim,
+        &tok,
+        "/SoftwareLicence",
+        json!([{"client_id": 99, "name": "L"}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = post(&sim, &tok, "/SoftwareLicence", json!([{"client_id": cid}])).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, body) = post(
+        &sim,
+        &tok,
+        "/SoftwareLicence",
+        json!([{"client_id": cid, "name": "L", "count": 2.5}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    let lic = post_ok(
+        &sim,
+        &tok,
+        "/SoftwareLicence",
+        json!([{"client_id": cid, "name": "M365", "count": 3, "product_sku": "MS-365-BP",
+                "new_external_link": {"third_party_id": "sub_1", "third_party_type": "billing"}}]),
+    )
+    .await;
+    let lid = lic["id"].as_i64().unwrap();
+    assert_eq!(lic["is_active"], true);
+    assert_eq!(lic["external_links"][0]["table_id"], 0);
+    let list = get_json(&sim, &tok, &format!("/SoftwareLicence?client_id={cid}")).await;
+    assert_eq!(list["licences"].as_array().unwrap().len(), 1);
+    post_ok(
+        &sim,
+        &tok,
+        "/SoftwareLicence",
+        json!([{"id": lid, "is_active": false}]),
+    )
+    .await;
+    let list = get_json(&sim, &tok, "/SoftwareLicence").await;
+    assert_eq!(list["record_count"], 0);
+    let list = get_json(&sim, &tok, "/SoftwareLicence?includeinactive=true").await;
+    assert_eq!(list["record_count"], 1);
+    sim.update_record("SoftwareLicence", lid, json!({"name": "Renamed by MSP"}));
+    assert_eq!(sim.licences()[0]["name"], "Renamed by MSP");
+    assert_eq!(sim.licences()[0]["count"], 3);
+}
+
+#[tokio::test]
+async fn recurring_invoices_lines_and_updatelines() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    sim.insert_item(1234, "Microsoft 365 Business Premium");
+    let client = post_ok(&sim, &tok, "/Client", json!([{"name": "Acme"}])).await;
+    let cid = client["id"].as_i64().unwrap();
+
+    let (s, _) = post(&sim, &tok, "/RecurringInvoice", json!([{"reference": "x"}])).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let inv = post_ok(
+        &sim,
+        &tok,
+        "/RecurringInvoice",
+        json!([{"client_id": cid, "reference": "halosync",
+                "new_external_link": {"third_party_id": "acc_1", "third_party_type": "halosync-ri"},
+                "lines": [{"_itemid": 1234, "qty_order": 3.0, "unit_price": 22.0}]}]),
+    )
+    .await;
+    let ihid = inv["id"].as_i64().unwrap();
+    assert!(ihid < 0, "recurring invoice ids are negative: {ihid}");
+    assert_eq!(inv["external_links"][0]["table_id"], 995);
+    let line_id = inv["lines"][0]["id"].as_i64().unwrap();
+    assert!(line_id > 0);
+    assert_eq!(inv["lines"][0]["ihid"], ihid);
+
+    // Lines only with includelines / includedetails.
+    let list = get_json(&sim, &tok, &format!("/RecurringInvoice?client_id={cid}")).await;
+    assert_eq!(list["record_count"], 1);
+    assert!(list["invoices"][0].get("lines").is_none());
+    let list = get_json(&sim, &tok, "/RecurringInvoice?includelines=true").await;
+    assert_eq!(list["invoices"][0]["lines"].as_array().unwrap().len(), 1);
+    let one = get_json(&sim, &tok, &format!("/RecurringInvoice/{ihid}")).await;
+    assert!(one.get("lines").is_none());
+    let one = get_json(
+        &sim,
+        &tok,
+        &format!("/recurringinvoice/{ihid}?includedetails=true"),
+    )
+    .await;
+    assert_eq!(one["lines"].as_array().unwrap().len(), 1);
+
+    // Add lines: unknown ihid or item -> 400.
+    let (s, _) = post(
+        &sim,
+        &tok,
+        "/RecurringInvoice/Lines",
+        json!([{"ihid": -99, "_itemid": 1234}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = post(
+        &sim,
+        &tok,
+        "/RecurringInvoice/Lines",
+        json!([{"ihid": ihid, "_itemid": 5}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let added = post_ok(
+        &sim,
+        &tok,
+        "/RecurringInvoice/Lines",
+        json!([{"ihid": ihid, "_itemid": 1234, "item_shortdescription": "Usage: GB", "qty_order": 1.5}]),
+    )
+    .await;
+    let added = added.as_array().unwrap();
+    assert_eq!(added.len(), 1);
+    let usage_line = added[0]["id"].as_i64().unwrap();
+
+    // updatelines needs id AND ihid.
+    let (s, _) = post(
+        &sim,
+        &tok,
+        "/RecurringInvoice/updatelines",
+        json!([{"id": line_id, "qty_order": 5}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = post(
+        &sim,
+        &tok,
+        "/RecurringInvoice/updatelines",
+        json!([{"ihid": ihid, "qty_order": 5}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = post(
+        &sim,
+        &tok,
+        "/RecurringInvoice/updatelines",
+        json!([{"id": line_id, "ihid": -42, "qty_order": 5}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let updated = post_ok(
+        &sim,
+        &tok,
+        "/RecurringInvoice/updatelines",
+        json!([{"id": line_id, "ihid": ihid, "qty_order": 37, "unit_price": 119.0}]),
+    )
+    .await;
+    assert_eq!(updated[0]["qty_order"], 37);
+    assert_eq!(updated[0]["_itemid"], 1234);
+
+    // Atomic: a rejected description in element 1 saves nothing.
+    sim.set_faults(Faults {
+        reject_names: vec!["Bad line".into()],
+        ..Faults::default()
+    });
+    let (s, body) = post(
+        &sim,
+        &tok,
+        "/RecurringInvoice/updatelines",
+        json!([{"id": usage_line, "ihid": ihid, "qty_order": 9},
+               {"id": line_id, "ihid": ihid, "item_shortdescription": "Bad line"}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let msg = body["Message"].as_str().unwrap();
+    assert!(msg.contains("[1]") && msg.contains("Bad line"), "{msg}");
+    let ri = &sim.recurring_invoices()[0];
+    let usage = ri["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["id"] == usage_line)
+        .unwrap();
+    assert_eq!(usage["qty_order"], 1.5);
+
+    // MSP edits a line in the UI.
+    sim.update_record("RecurringInvoiceLine", line_id, json!({"unit_price": 99.0}));
+    let ri = &sim.recurring_invoices()[0];
+    assert_eq!(ri["lines"][0]["unit_price"], 99.0);
+    assert_eq!(
+        sim.counts().get("POST /api/RecurringInvoice/updatelines"),
+        Some(&5)
+    );
+}
+
+#[tokio::test]
+async fn invoices_with_lines() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    sim.insert_item(500, "Overage");
+    let client = post_ok(&sim, &tok, "/Client", json!([{"name": "Acme"}])).await;
+    let cid = client["id"].as_i64().unwrap();
+    let inv = post_ok(
+        &sim,
+        &tok,
+        "/Invoice",
+        json!([{"client_id": cid, "invoice_date": "2026-11-01", "reference": "overage",
+                "new_external_link": {"third_party_id": "sub_1:gb:2026-11", "third_party_type": "halosync-overage"},
+                "lines": [{"_itemid": 500, "qty_order": 12.5, "unit_price": 0.1,
+                           "item_shortdescription": "Overage GB"}]}]),
+    )
+    .await;
+    let id = inv["id"].as_i64().unwrap();
+    assert!(id > 0);
+    assert_eq!(inv["lines"][0]["qty_order"], 12.5);
+    let line_id = inv["lines"][0]["id"].as_i64().unwrap();
+    post_ok(
+        &sim,
+        &tok,
+        "/Invoice/updatelines",
+        json!([{"id": line_id, "ihid": id, "qty_order": 13.0}]),
+    )
+    .await;
+    let got = get_json(&sim, &tok, &format!("/Invoice/{id}?includedetails=true")).await;
+    assert_eq!(got["lines"][0]["qty_order"], 13.0);
+    let list = get_json(
+        &sim,
+        &tok,
+        &format!("/Invoice?client_id={cid}&includelines=true"),
+    )
+    .await;
+    assert_eq!(list["record_count"], 1);
+    assert_eq!(sim.invoices().len(), 1);
+    assert_eq!(
+        sim.invoices()[0]["external_links"][0]["third_party_id"],
+        "sub_1:gb:2026-11"
+    );
+
+    // Invoices scope narrowing.
+    let read_only = token(&sim, "read:invoices").await;
+    assert_eq!(get(&sim, &read_only, "/Invoice").await.0, StatusCode::OK);
+    let (s, _) = post(
+        &sim,
+        &read_only,
+        "/Invoice/updatelines",
+        json!([{"id": line_id, "ihid": id}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    let resp = http()
+        .delete(format!("{}/Invoice/{id}", sim.api_url()))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(sim.invoices().is_empty());
+}

@@ -1,0 +1,129 @@
+//! Billing account → HaloPSA `Client` record (reference §4.1). Pure, so
+//! that the field mapping and the MSP-data policy are tested on their own.
+
+use halosync_shared::config::ConnectionConfig;
+use halosync_shared::contract::AccountData;
+use serde_json::{json, Map, Value};
+
+/// The `/Client` body for this account's state.
+///
+/// * `inactive` is the negation of `active` (HaloPSA's flag is `inactive`);
+///   deactivation never deletes.
+/// * The name is written on create, and on update only when the
+///   connection's `overwrite_names` allows it (an MSP may rename the
+///   customer in HaloPSA).
+/// * Optional fields the event leaves out or sets to null are left as they
+///   are in HaloPSA rather than cleared: an MSP may have filled them in.
+pub fn client_record(data: &AccountData, id: Option<i64>, policy: &ConnectionConfig) -> Value {
+    let mut m = Map::new();
+    if let Some(id) = id {
+        m.insert("id".into(), json!(id));
+    }
+    if id.is_none() || policy.overwrite_names {
+        m.insert("name".into(), json!(data.name.trim()));
+    }
+    m.insert("inactive".into(), json!(!data.active));
+    let optional = [
+        ("website", &data.website),
+        ("tax_number", &data.tax_number),
+        ("default_currency_code", &data.currency),
+        ("notes", &data.notes),
+    ];
+    for (key, value) in optional {
+        if let Some(v) = value {
+            m.insert(key.into(), json!(v));
+        }
+    }
+    Value::Object(m)
+}
+
+/// Exact-name matches among `/Client` rows (HaloPSA's `search` is a LIKE
+/// match, so the rows it returns are filtered again here).
+pub fn exact_name_matches(rows: &[Value], name: &str) -> Vec<i64> {
+    let wanted = name.trim();
+    let mut ids: Vec<i64> = rows
+        .iter()
+        .filter(|r| r.get("name").and_then(Value::as_str).map(str::trim) == Some(wanted))
+        .filter_map(halosync_shared::halo::record_id)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halosync_shared::config::Secret;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    fn policy(overwrite_names: bool) -> ConnectionConfig {
+        ConnectionConfig {
+            name: "acme".into(),
+            resource_server: "http://x/api".into(),
+            auth_server: "http://x/auth".into(),
+            tenant: None,
+            client_id: "id".into(),
+            client_secret: Secret::new("s"),
+            scope: "all".into(),
+            requests_per_window: 300,
+            window: Duration::from_secs(300),
+            match_existing_by_name: false,
+            overwrite_prices: true,
+            overwrite_names,
+            items: BTreeMap::new(),
+        }
+    }
+
+    fn account(active: bool) -> AccountData {
+        AccountData {
+            account_id: "acc_1".into(),
+            name: " Contoso Ltd ".into(),
+            active,
+            website: Some("https://contoso.example".into()),
+            tax_number: None,
+            currency: Some("GBP".into()),
+            notes: None,
+        }
+    }
+
+    #[test]
+    fn create_carries_name_and_fields() {
+        let v = client_record(&account(true), None, &policy(false));
+        assert_eq!(v["name"], "Contoso Ltd");
+        assert_eq!(v["inactive"], false);
+        assert_eq!(v["website"], "https://contoso.example");
+        assert_eq!(v["default_currency_code"], "GBP");
+        assert!(v.get("id").is_none());
+        assert!(v.get("tax_number").is_none(), "absent fields are not cleared");
+    }
+
+    #[test]
+    fn deactivation_sets_inactive() {
+        let v = client_record(&account(false), Some(7), &policy(true));
+        assert_eq!(v["id"], 7);
+        assert_eq!(v["inactive"], true);
+    }
+
+    #[test]
+    fn update_respects_the_name_policy() {
+        assert!(client_record(&account(true), Some(7), &policy(false))
+            .get("name")
+            .is_none());
+        assert_eq!(
+            client_record(&account(true), Some(7), &policy(true))["name"],
+            "Contoso Ltd"
+        );
+    }
+
+    #[test]
+    fn only_exact_names_match() {
+        let rows = vec![
+            json!({"id": 3, "name": "Contoso Ltd"}),
+            json!({"id": 4, "name": "Contoso Ltd (old)"}),
+            json!({"id": 5, "name": "contoso ltd"}),
+        ];
+        assert_eq!(exact_name_matches(&rows, "Contoso Ltd"), vec![3]);
+    }
+}
