@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use halo_sim::{Faults, RateLimit, SimConfig};
 use halosync_shared::contract::Family;
-use halosync_tests::{account_event, customers_of, EnvOptions, TestEnv, CONNECTION};
+use halosync_tests::{
+    account_event, customers_of, EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
+};
 use serde_json::json;
 
 const WORKER: &str = "halosync-account";
@@ -22,8 +24,12 @@ async fn lifecycle_ordering_and_duplicates() {
     let mut env = TestEnv::new("acct-life").await;
     env.spawn_worker(WORKER);
 
-    env.publish(&account_event("e1", "acc_1", "Contoso Ltd", true, 1)).await;
-    env.wait_for("customer created", T, || customers_of(&env, "acc_1").len() == 1).await;
+    env.publish(&account_event("e1", "acc_1", "Contoso Ltd", true, 1))
+        .await;
+    env.wait_for("customer created", T, || {
+        customers_of(&env, "acc_1").len() == 1
+    })
+    .await;
     env.wait_drained(Family::Account, T).await;
     let c = one_customer(&env, "acc_1");
     assert_eq!(c["name"], "Contoso Ltd");
@@ -31,32 +37,55 @@ async fn lifecycle_ordering_and_duplicates() {
     assert_eq!(c["website"], "https://acc_1.example");
 
     // update
-    env.publish(&account_event("e2", "acc_1", "Contoso Group", true, 2)).await;
-    env.wait_for("renamed", T, || one_customer(&env, "acc_1")["name"] == "Contoso Group").await;
+    env.publish(&account_event("e2", "acc_1", "Contoso Group", true, 2))
+        .await;
+    env.wait_for("renamed", T, || {
+        one_customer(&env, "acc_1")["name"] == "Contoso Group"
+    })
+    .await;
     // deactivate: inactive, never deleted
-    env.publish(&account_event("e3", "acc_1", "Contoso Group", false, 3)).await;
-    env.wait_for("inactive", T, || one_customer(&env, "acc_1")["inactive"] == true).await;
+    env.publish(&account_event("e3", "acc_1", "Contoso Group", false, 3))
+        .await;
+    env.wait_for("inactive", T, || {
+        one_customer(&env, "acc_1")["inactive"] == true
+    })
+    .await;
     assert_eq!(env.count("DELETE /api/Client/{id}"), 0);
     // reactivate
-    env.publish(&account_event("e4", "acc_1", "Contoso Group", true, 4)).await;
-    env.wait_for("active again", T, || one_customer(&env, "acc_1")["inactive"] == false).await;
+    env.publish(&account_event("e4", "acc_1", "Contoso Group", true, 4))
+        .await;
+    env.wait_for("active again", T, || {
+        one_customer(&env, "acc_1")["inactive"] == false
+    })
+    .await;
     env.wait_drained(Family::Account, T).await;
 
     // an older sequence after a newer one changes nothing
     let posts = env.count("POST /api/Client");
-    env.publish(&account_event("e-old", "acc_1", "Stale Name", false, 2)).await;
+    env.publish(&account_event("e-old", "acc_1", "Stale Name", false, 2))
+        .await;
     env.wait_drained(Family::Account, T).await;
     let c = one_customer(&env, "acc_1");
     assert_eq!(c["name"], "Contoso Group");
     assert_eq!(c["inactive"], false);
-    assert_eq!(env.count("POST /api/Client"), posts, "a superseded event wrote to HaloPSA");
+    assert_eq!(
+        env.count("POST /api/Client"),
+        posts,
+        "a superseded event wrote to HaloPSA"
+    );
 
     // the same event id twice is applied once
-    env.publish(&account_event("e5", "acc_1", "Contoso Five", true, 5)).await;
-    env.publish(&account_event("e5", "acc_1", "Contoso Five", true, 5)).await;
+    env.publish(&account_event("e5", "acc_1", "Contoso Five", true, 5))
+        .await;
+    env.publish(&account_event("e5", "acc_1", "Contoso Five", true, 5))
+        .await;
     env.wait_drained(Family::Account, T).await;
     assert_eq!(one_customer(&env, "acc_1")["name"], "Contoso Five");
-    assert_eq!(env.count("POST /api/Client"), posts + 1, "the duplicate was applied twice");
+    assert_eq!(
+        env.count("POST /api/Client"),
+        posts + 1,
+        "the duplicate was applied twice"
+    );
     assert!(env.take_dead(Family::Account).await.is_empty());
     assert_eq!(env.clients().len(), 1);
 }
@@ -84,11 +113,18 @@ async fn two_workers_racing_create_one_customer_each() {
     for seq in 1..=4u64 {
         for a in 0..25 {
             let acc = format!("acc_{a}");
-            env.publish(&account_event(&format!("e-{a}-{seq}"), &acc, &format!("Customer {a} v{seq}"), true, seq))
-                .await;
+            env.publish(&account_event(
+                &format!("e-{a}-{seq}"),
+                &acc,
+                &format!("Customer {a} v{seq}"),
+                true,
+                seq,
+            ))
+            .await;
         }
     }
-    env.wait_drained(Family::Account, Duration::from_secs(60)).await;
+    env.wait_drained(Family::Account, Duration::from_secs(60))
+        .await;
     for a in 0..25 {
         let c = one_customer(&env, &format!("acc_{a}"));
         assert_eq!(c["name"], format!("Customer {a} v4"));
@@ -117,19 +153,34 @@ async fn redis_flushed_mid_stream_still_one_customer_each() {
     for seq in 1..=3u64 {
         for a in 0..30 {
             let acc = format!("acc_{a}");
-            env.publish(&account_event(&format!("e-{a}-{seq}"), &acc, &format!("Customer {a} v{seq}"), true, seq))
-                .await;
+            env.publish(&account_event(
+                &format!("e-{a}-{seq}"),
+                &acc,
+                &format!("Customer {a} v{seq}"),
+                true,
+                seq,
+            ))
+            .await;
         }
         env.flush_redis().await;
     }
     // And again once idle, then an out-of-order old event for every account:
     // ordering must hold without Redis (the version lives in HaloPSA).
-    env.wait_drained(Family::Account, Duration::from_secs(60)).await;
+    env.wait_drained(Family::Account, Duration::from_secs(60))
+        .await;
     env.flush_redis().await;
     for a in 0..30 {
-        env.publish(&account_event(&format!("late-{a}"), &format!("acc_{a}"), "Stale", false, 2)).await;
+        env.publish(&account_event(
+            &format!("late-{a}"),
+            &format!("acc_{a}"),
+            "Stale",
+            false,
+            2,
+        ))
+        .await;
     }
-    env.wait_drained(Family::Account, Duration::from_secs(60)).await;
+    env.wait_drained(Family::Account, Duration::from_secs(60))
+        .await;
     for a in 0..30 {
         let c = one_customer(&env, &format!("acc_{a}"));
         assert_eq!(c["name"], format!("Customer {a} v3"));
@@ -159,7 +210,14 @@ async fn tokens_expire_and_are_revoked_mid_stream() {
     .await;
     env.spawn_worker(WORKER);
     for i in 0..60 {
-        env.publish(&account_event(&format!("e{i}"), &format!("acc_{i}"), "C", true, 1)).await;
+        env.publish(&account_event(
+            &format!("e{i}"),
+            &format!("acc_{i}"),
+            "C",
+            true,
+            1,
+        ))
+        .await;
         if i == 20 {
             env.sim.revoke_tokens();
         }
@@ -167,9 +225,14 @@ async fn tokens_expire_and_are_revoked_mid_stream() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    env.wait_drained(Family::Account, Duration::from_secs(60)).await;
+    env.wait_drained(Family::Account, Duration::from_secs(60))
+        .await;
     assert_eq!(env.clients().len(), 60);
-    assert!(env.take_dead(Family::Account).await.is_empty(), "{}", env.logs());
+    assert!(
+        env.take_dead(Family::Account).await.is_empty(),
+        "{}",
+        env.logs()
+    );
     assert!(env.sim.token_requests() >= 2, "tokens were never refreshed");
 }
 
@@ -181,7 +244,14 @@ async fn eight_workers_starting_together_make_one_token_request() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for i in 0..40 {
-        env.publish(&account_event(&format!("e{i}"), &format!("acc_{i}"), "C", true, 1)).await;
+        env.publish(&account_event(
+            &format!("e{i}"),
+            &format!("acc_{i}"),
+            "C",
+            true,
+            1,
+        ))
+        .await;
     }
     env.wait_drained(Family::Account, T).await;
     assert_eq!(env.clients().len(), 40);
@@ -214,15 +284,32 @@ async fn fivexx_and_429_are_retried_then_applied() {
     .await;
     env.spawn_worker(WORKER);
     for i in 0..10 {
-        env.publish(&account_event(&format!("e{i}"), &format!("acc_{i}"), "C", true, 1)).await;
+        env.publish(&account_event(
+            &format!("e{i}"),
+            &format!("acc_{i}"),
+            "C",
+            true,
+            1,
+        ))
+        .await;
     }
-    env.wait_drained(Family::Account, Duration::from_secs(60)).await;
-    assert_eq!(env.clients().len(), 10, "{}", env.logs());
-    assert!(env.sim.rate_limited() > 0, "no 429 happened; the test proves nothing");
+    env.wait_for("all ten applied", Duration::from_secs(60), || {
+        env.clients().len() == 10
+    })
+    .await;
+    env.wait_drained(Family::Account, Duration::from_secs(60))
+        .await;
+    assert!(
+        env.sim.rate_limited() > 0,
+        "no 429 happened; the test proves nothing"
+    );
     assert!(env.count("POST /api/Client") >= 10);
     assert!(env.take_dead(Family::Account).await.is_empty());
     let logs = env.logs();
-    assert!(logs.contains("\"outcome\":\"retried\""), "nothing went through the delay queues");
+    assert!(
+        logs.contains("\"outcome\":\"retried\""),
+        "nothing went through the delay queues"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -243,7 +330,8 @@ async fn persistent_failure_is_dead_lettered_as_exhausted() {
     )
     .await;
     env.spawn_worker(WORKER);
-    env.publish(&account_event("e1", "acc_1", "C", true, 1)).await;
+    env.publish(&account_event("e1", "acc_1", "C", true, 1))
+        .await;
     let mut dead = Vec::new();
     for _ in 0..100 {
         dead.extend(env.take_dead(Family::Account).await);
@@ -257,14 +345,25 @@ async fn persistent_failure_is_dead_lettered_as_exhausted() {
     assert_eq!(d.header("x-halosync-error-class"), "exhausted");
     assert_eq!(d.header("x-halosync-attempts"), "3");
     assert_eq!(d.header("x-halosync-halo-status"), "500");
-    assert_eq!(d.header("x-halosync-original-routing-key"), "account.created");
+    assert_eq!(
+        d.header("x-halosync-original-routing-key"),
+        "account.created"
+    );
     assert_eq!(d.header("x-halosync-event-id"), "e1");
     assert_eq!(d.header("x-halosync-connection"), CONNECTION);
-    assert!(d.header("x-halosync-error-message").contains("Simulated server error"), "{d:?}");
-    assert!(d.header("x-halosync-halo-body").contains("Simulated server error"));
+    assert!(
+        d.header("x-halosync-error-message")
+            .contains("Simulated server error"),
+        "{d:?}"
+    );
+    assert!(d
+        .header("x-halosync-halo-body")
+        .contains("Simulated server error"));
     assert!(!d.header("x-halosync-first-failure-at").is_empty());
     assert!(!d.header("x-halosync-last-failure-at").is_empty());
-    assert!(d.header("x-halosync-worker").starts_with("halosync-account@"));
+    assert!(d
+        .header("x-halosync-worker")
+        .starts_with("halosync-account@"));
     assert!(d.body.contains("\"acc_1\""), "the body is kept as it was");
     assert!(env.clients().is_empty());
 }
@@ -277,7 +376,9 @@ async fn invalid_messages_are_dead_lettered_at_once_with_the_reason() {
     env.publish_raw("account.created", b"{not json").await;
     let mut missing_name = good.clone();
     missing_name["id"] = json!("no-name");
-    missing_name["data"].as_object_mut().map(|d| d.remove("name"));
+    missing_name["data"]
+        .as_object_mut()
+        .map(|d| d.remove("name"));
     env.publish(&missing_name).await;
     let mut unknown_type = good.clone();
     unknown_type["id"] = json!("unknown-type");
@@ -293,7 +394,8 @@ async fn invalid_messages_are_dead_lettered_at_once_with_the_reason() {
     env.publish(&big).await;
     env.publish(&good).await;
 
-    env.wait_for("good one applied", T, || env.clients().len() == 1).await;
+    env.wait_for("good one applied", T, || env.clients().len() == 1)
+        .await;
     let mut dead = Vec::new();
     for _ in 0..100 {
         dead.extend(env.take_dead(Family::Account).await);
@@ -339,32 +441,50 @@ async fn sigkill_with_messages_in_flight_loses_and_doubles_nothing() {
     .await;
     let first = env.spawn_worker(WORKER);
     for i in 0..120 {
-        env.publish(&account_event(&format!("e{i}"), &format!("acc_{i}"), &format!("C{i}"), true, 1)).await;
+        env.publish(&account_event(
+            &format!("e{i}"),
+            &format!("acc_{i}"),
+            &format!("C{i}"),
+            true,
+            1,
+        ))
+        .await;
     }
-    env.wait_for("some applied", T, || env.clients().len() >= 10).await;
+    env.wait_for("some applied", T, || env.clients().len() >= 10)
+        .await;
     env.kill_worker(first);
     let applied_before = env.clients().len();
-    assert!(applied_before < 120, "the worker finished before it was killed");
+    assert!(
+        applied_before < 120,
+        "the worker finished before it was killed"
+    );
     env.spawn_worker(WORKER);
-    env.wait_drained(Family::Account, Duration::from_secs(90)).await;
+    env.wait_drained(Family::Account, Duration::from_secs(90))
+        .await;
     for i in 0..120 {
-        assert_eq!(one_customer(&env, &format!("acc_{i}"))["name"], format!("C{i}"));
+        assert_eq!(
+            one_customer(&env, &format!("acc_{i}"))["name"],
+            format!("C{i}")
+        );
     }
     assert_eq!(env.clients().len(), 120);
-    assert!(env.take_dead(Family::Account).await.is_empty());
+    let dead = env.take_dead(Family::Account).await;
+    assert!(dead.is_empty(), "{dead:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_connection_dropped_worker_reconnects() {
     let mut env = TestEnv::new("acct-drop").await;
     env.spawn_worker(WORKER);
-    env.publish(&account_event("e1", "acc_1", "C1", true, 1)).await;
-    env.wait_for("first applied", T, || env.clients().len() == 1).await;
-    let needle = "halosync-account:";
+    env.publish(&account_event("e1", "acc_1", "C1", true, 1))
+        .await;
+    env.wait_for("first applied", T, || env.clients().len() == 1)
+        .await;
+    let needle = format!("halosync-account:{}", env.prefix);
     // the worker's connection carries its name; wait until it is listed
     let mut closed = 0;
     for _ in 0..20 {
-        closed = env.close_broker_connections(&format!("{needle}"));
+        closed = env.close_broker_connections(&needle);
         if closed > 0 {
             break;
         }
@@ -372,9 +492,19 @@ async fn broker_connection_dropped_worker_reconnects() {
     }
     assert!(closed > 0, "no worker connection found to close");
     for i in 2..=20 {
-        env.publish(&account_event(&format!("e{i}"), &format!("acc_{i}"), "C", true, 1)).await;
+        env.publish(&account_event(
+            &format!("e{i}"),
+            &format!("acc_{i}"),
+            "C",
+            true,
+            1,
+        ))
+        .await;
     }
-    env.wait_for("applied after reconnect", Duration::from_secs(40), || env.clients().len() == 20).await;
+    env.wait_for("applied after reconnect", Duration::from_secs(40), || {
+        env.clients().len() == 20
+    })
+    .await;
     assert!(env.logs().contains("reconnecting"), "{}", env.logs());
 }
 
@@ -396,9 +526,17 @@ async fn sigterm_finishes_in_flight_work_and_exits_zero() {
     .await;
     let w = env.spawn_worker(WORKER);
     for i in 0..60 {
-        env.publish(&account_event(&format!("e{i}"), &format!("acc_{i}"), "C", true, 1)).await;
+        env.publish(&account_event(
+            &format!("e{i}"),
+            &format!("acc_{i}"),
+            "C",
+            true,
+            1,
+        ))
+        .await;
     }
-    env.wait_for("some applied", T, || env.clients().len() >= 5).await;
+    env.wait_for("some applied", T, || env.clients().len() >= 5)
+        .await;
     let status = env.stop_worker(w);
     assert!(status.success(), "exit status {status:?}");
     // Whatever it started it finished: everything else is still queued.
@@ -415,7 +553,7 @@ async fn match_existing_by_name_adopts_one_and_refuses_ambiguity() {
     let mut env = TestEnv::with(
         "acct-match",
         EnvOptions {
-            connection_extra: "match_existing_by_name = true".into(),
+            connection_extra: format!("match_existing_by_name = true\n{GENEROUS_BUDGET}"),
             ..Default::default()
         },
     )
@@ -425,7 +563,12 @@ async fn match_existing_by_name_adopts_one_and_refuses_ambiguity() {
     let http = reqwest::Client::new();
     let token: serde_json::Value = http
         .post(format!("{}/token", env.sim.auth_url()))
-        .form(&[("grant_type", "client_credentials"), ("client_id", "halosync-sim"), ("client_secret", "sim-secret"), ("scope", "all")])
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "halosync-sim"),
+            ("client_secret", "sim-secret"),
+            ("scope", "all"),
+        ])
         .send()
         .await
         .unwrap()
@@ -443,8 +586,10 @@ async fn match_existing_by_name_adopts_one_and_refuses_ambiguity() {
             .unwrap();
         assert!(r.status().is_success());
     }
-    env.publish(&account_event("e1", "acc_1", "Contoso Ltd", true, 1)).await;
-    env.publish(&account_event("e2", "acc_2", "Twin Co", true, 1)).await;
+    env.publish(&account_event("e1", "acc_1", "Contoso Ltd", true, 1))
+        .await;
+    env.publish(&account_event("e2", "acc_2", "Twin Co", true, 1))
+        .await;
     env.wait_drained(Family::Account, T).await;
     let c = one_customer(&env, "acc_1");
     assert_eq!(c["id"], 1, "the existing customer was adopted");
@@ -452,5 +597,7 @@ async fn match_existing_by_name_adopts_one_and_refuses_ambiguity() {
     let dead = env.take_dead(Family::Account).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].header("x-halosync-error-class"), "unmapped");
-    assert!(dead[0].header("x-halosync-error-message").contains("2 HaloPSA customers are named exactly \"Twin Co\""));
+    assert!(dead[0]
+        .header("x-halosync-error-message")
+        .contains("2 HaloPSA customers are named exactly \"Twin Co\""));
 }

@@ -25,14 +25,15 @@ pub struct WorkerArgs {
 pub async fn worker_main(service: &'static str, handler: Arc<dyn Handler>) -> ExitCode {
     let args = WorkerArgs::parse();
     let _telemetry = crate::telemetry::init(service);
-    let config = match Config::load(Some(&args.config)).and_then(|c| c.require_connections().map(|_| c)) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "invalid configuration");
-            eprintln!("{service}: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let config =
+        match Config::load(Some(&args.config)).and_then(|c| c.require_connections().map(|_| c)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "invalid configuration");
+                eprintln!("{service}: {e}");
+                return ExitCode::from(2);
+            }
+        };
     let services = match Services::connect(config).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
@@ -54,7 +55,10 @@ pub async fn stop_on_signal(token: CancellationToken) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => tracing::info!("SIGTERM: stopping"),

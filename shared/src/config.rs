@@ -89,7 +89,8 @@ pub struct WorkerSettings {
     pub prefetch: u16,
     /// Bodies larger than this are dead-lettered as `invalid`.
     pub max_message_bytes: usize,
-    /// How long a per-aggregate lock is held at most (crash safety).
+    /// TTL of a per-aggregate lock; renewed while its holder works, so it
+    /// only bounds how long a crashed holder blocks the aggregate.
     pub lock_ttl_ms: u64,
     /// How long a message waits for its aggregate's lock before it is
     /// retried through the delay queues instead.
@@ -115,7 +116,7 @@ impl Default for WorkerSettings {
         WorkerSettings {
             prefetch: 32,
             max_message_bytes: 256 * 1024,
-            lock_ttl_ms: 60_000,
+            lock_ttl_ms: 10_000,
             lock_wait_ms: 5_000,
             ledger_ttl_secs: 7 * 24 * 3600,
             shutdown_grace_secs: 30,
@@ -287,7 +288,10 @@ impl Config {
                 "must start with redis://, rediss:// or unix://, e.g. \"redis://127.0.0.1:6379/0\"",
             ));
         }
-        let prefix = env.var("HALOSYNC_PREFIX").or(raw.prefix).unwrap_or_default();
+        let prefix = env
+            .var("HALOSYNC_PREFIX")
+            .or(raw.prefix)
+            .unwrap_or_default();
         if !prefix
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -347,7 +351,7 @@ fn validate_worker(w: &WorkerSettings) -> Result<(), ConfigError> {
     if w.lock_ttl_ms < 1000 {
         return Err(ConfigError::key(
             "worker.lock_ttl_ms",
-            "must be at least 1000 (default 60000)",
+            "must be at least 1000 (default 10000)",
         ));
     }
     if w.http_timeout_ms < 100 {
@@ -433,7 +437,11 @@ fn url_key(
     }
 }
 
-fn connection(name: &str, rc: RawConnection, env: &dyn Env) -> Result<ConnectionConfig, ConfigError> {
+fn connection(
+    name: &str,
+    rc: RawConnection,
+    env: &dyn Env,
+) -> Result<ConnectionConfig, ConfigError> {
     let key = |k: &str| format!("connections.{name}.{k}");
     if !name
         .chars()
@@ -605,7 +613,10 @@ client_secret_env = "ACME_SECRET"
         assert!(!a.match_existing_by_name);
         assert_eq!(a.items["MS-365-BP"], 1234);
         assert_eq!(a.client_secret.expose(), "s3cr3t");
-        assert_eq!(a.token_url(), "https://acme.halopsa.com/auth/token?tenant=acme");
+        assert_eq!(
+            a.token_url(),
+            "https://acme.halopsa.com/auth/token?tenant=acme"
+        );
         assert_eq!(a.resource_server, "https://acme.halopsa.com/api");
     }
 
@@ -678,14 +689,23 @@ client_secret_env = "ACME_SECRET"
     #[test]
     fn bad_numbers_are_refused() {
         let text = format!("{GOOD}\n[worker]\nprefetch = 0\n");
-        assert!(parse(&text).unwrap_err().to_string().contains("worker.prefetch"));
-        let text = GOOD.replace("[connections.acme.items]", "requests_per_window = 0\n[connections.acme.items]");
+        assert!(parse(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("worker.prefetch"));
+        let text = GOOD.replace(
+            "[connections.acme.items]",
+            "requests_per_window = 0\n[connections.acme.items]",
+        );
         assert!(parse(&text)
             .unwrap_err()
             .to_string()
             .contains("requests_per_window"));
         let text = format!("{GOOD}\n[retry]\ndelays_ms = [5000, 1000]\n");
-        assert!(parse(&text).unwrap_err().to_string().contains("retry.delays_ms"));
+        assert!(parse(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("retry.delays_ms"));
     }
 
     #[test]

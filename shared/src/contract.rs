@@ -24,7 +24,10 @@ pub const FAMILY_SCHEMAS: [(Family, &str); 4] = [
         Family::Subscription,
         include_str!("../../schemas/subscription.schema.json"),
     ),
-    (Family::Usage, include_str!("../../schemas/usage.schema.json")),
+    (
+        Family::Usage,
+        include_str!("../../schemas/usage.schema.json"),
+    ),
     (
         Family::Overage,
         include_str!("../../schemas/overage.schema.json"),
@@ -114,7 +117,9 @@ impl Version {
 
     /// A compact text form for Redis and HaloPSA: `s=17;t=2026-...Z`.
     pub fn encode(&self) -> String {
-        let t = self.occurred_at.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+        let t = self
+            .occurred_at
+            .to_rfc3339_opts(SecondsFormat::AutoSi, true);
         match self.sequence {
             Some(s) => format!("s={s};t={t}"),
             None => format!("t={t}"),
@@ -180,9 +185,8 @@ impl Envelope {
 
     /// Deserialises `data` into a family's typed payload.
     pub fn data_as<T: for<'de> Deserialize<'de>>(&self) -> Result<T, Failure> {
-        T::deserialize(&self.data).map_err(|e| {
-            Failure::invalid(format!("data does not fit {}: {e}", self.event_type))
-        })
+        T::deserialize(&self.data)
+            .map_err(|e| Failure::invalid(format!("data does not fit {}: {e}", self.event_type)))
     }
 }
 
@@ -308,7 +312,11 @@ fn describe_errors(validator: &jsonschema::Validator, value: &Value) -> Option<S
         .take(5)
         .map(|e| {
             let path = e.instance_path().to_string();
-            let path = if path.is_empty() { "/".to_string() } else { path };
+            let path = if path.is_empty() {
+                "/".to_string()
+            } else {
+                path
+            };
             crate::error::excerpt(&format!("{path}: {e}"), 300)
         })
         .collect();

@@ -28,7 +28,9 @@ use async_trait::async_trait;
 use chrono::{SecondsFormat, Utc};
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -68,7 +70,12 @@ pub trait Handler: Send + Sync + 'static {
     /// The aggregate key (DESIGN §1) the lock and ordering apply to.
     fn aggregate(&self, event: &Envelope) -> Result<String, Failure>;
     /// Brings HaloPSA to this event's state, idempotently.
-    async fn apply(&self, ctx: &Services, halo: &HaloClient, event: &Envelope) -> Result<Outcome, Failure>;
+    async fn apply(
+        &self,
+        ctx: &Services,
+        halo: &HaloClient,
+        event: &Envelope,
+    ) -> Result<Outcome, Failure>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +83,10 @@ pub enum RuntimeError {
     #[error("configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
     #[error("redis at {url}: {source}")]
-    Redis { url: String, source: redis::RedisError },
+    Redis {
+        url: String,
+        source: redis::RedisError,
+    },
     #[error("HaloPSA client: {0}")]
     Halo(#[from] crate::halo::HaloError),
     #[error("schemas: {0}")]
@@ -98,12 +108,13 @@ pub struct Services {
 
 impl Services {
     pub async fn connect(config: Config) -> Result<Services, RuntimeError> {
-        let redis = store::connect(&config.redis_url)
-            .await
-            .map_err(|source| RuntimeError::Redis {
-                url: config.redis_url.clone(),
-                source,
-            })?;
+        let redis =
+            store::connect(&config.redis_url)
+                .await
+                .map_err(|source| RuntimeError::Redis {
+                    url: config.redis_url.clone(),
+                    source,
+                })?;
         let keys = Keys::new(&config.prefix);
         let http = halo::http_client(Duration::from_millis(config.worker.http_timeout_ms))?;
         let halo = config
@@ -112,7 +123,14 @@ impl Services {
             .map(|c| {
                 (
                     c.name.clone(),
-                    Arc::new(halo::client_for(c, http.clone(), redis.clone(), &keys, &config.worker)),
+                    Arc::new(halo::client_for(
+                        c,
+                        http.clone(),
+                        redis.clone(),
+                        &keys,
+                        &config.worker,
+                        Duration::from_millis(config.retry.rate_limited_min_delay_ms),
+                    )),
                 )
             })
             .collect();
@@ -120,7 +138,11 @@ impl Services {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "unknown".into());
         Ok(Services {
-            store: Store::new(redis, keys, Duration::from_secs(config.worker.ledger_ttl_secs)),
+            store: Store::new(
+                redis,
+                keys,
+                Duration::from_secs(config.worker.ledger_ttl_secs),
+            ),
             topology: Topology::new(&config.prefix, &config.retry.delays_ms),
             contract: Contract::new()?,
             halo,
@@ -185,14 +207,18 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let family = handler.family();
-    let name = format!("halosync-{family}:{}", services.worker_id);
+    let name = format!(
+        "halosync-{family}:{}{}",
+        services.config.prefix, services.worker_id
+    );
     let conn = amqp::connect(&services.config.amqp_url, &name).await?;
     let channel = conn.create_channel().await?;
     if let Err(e) = services.topology.declare(&channel).await {
         let _ = conn.close(320, "topology failed".into()).await;
         return Err(e.into());
     }
-    let publisher = Publisher::on_channel(conn.create_channel().await?, services.topology.clone()).await?;
+    let publisher =
+        Publisher::on_channel(conn.create_channel().await?, services.topology.clone()).await?;
     channel
         .basic_qos(services.config.worker.prefetch, BasicQosOptions::default())
         .await?;
@@ -238,9 +264,15 @@ async fn session(
         tracing::warn!(error = %e, "cancelling the consumer failed");
     }
     let grace = Duration::from_secs(services.config.worker.shutdown_grace_secs);
-    tracing::info!(in_flight = tracker.len(), "shutting down: finishing in-flight messages");
+    tracing::info!(
+        in_flight = tracker.len(),
+        "shutting down: finishing in-flight messages"
+    );
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(in_flight = tracker.len(), "grace period over; unfinished messages return to the queue");
+        tracing::warn!(
+            in_flight = tracker.len(),
+            "grace period over; unfinished messages return to the queue"
+        );
     }
     // Closing the channel returns prefetched, unstarted messages to the queue.
     let _ = channel.close(200, "shutdown".into()).await;
@@ -249,9 +281,16 @@ async fn session(
 }
 
 /// Processes one delivery and settles it (ack / retry / dead / requeue).
-async fn settle(services: Arc<Services>, handler: Arc<dyn Handler>, publisher: Publisher, delivery: Delivery) {
+async fn settle(
+    services: Arc<Services>,
+    handler: Arc<dyn Handler>,
+    publisher: Publisher,
+    delivery: Delivery,
+) {
     let headers = delivery.properties.headers().clone();
-    let attempts_before = h::get_i64(headers.as_ref(), h::ATTEMPTS).unwrap_or(0).max(0) as u32;
+    let attempts_before = h::get_i64(headers.as_ref(), h::ATTEMPTS)
+        .unwrap_or(0)
+        .max(0) as u32;
     let span = tracing::info_span!(
         "message",
         event_id = tracing::field::Empty,
@@ -303,7 +342,11 @@ async fn settle(services: Arc<Services>, handler: Arc<dyn Handler>, publisher: P
 }
 
 /// Validation, ledger, lock, handler: everything but settling.
-async fn decide(services: &Services, handler: &dyn Handler, body: &[u8]) -> (Decision, Option<Envelope>) {
+async fn decide(
+    services: &Services,
+    handler: &dyn Handler,
+    body: &[u8],
+) -> (Decision, Option<Envelope>) {
     let event = match services
         .contract
         .validate(body, services.config.worker.max_message_bytes)
@@ -332,7 +375,11 @@ async fn decide_event(services: &Services, handler: &dyn Handler, event: &Envelo
         return Decision::Dead(Failure::invalid(format!(
             "unknown connection {:?}; configured connections: {}",
             event.connection,
-            if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
+            if known.is_empty() {
+                "(none)".to_string()
+            } else {
+                known.join(", ")
+            }
         )));
     };
     let aggregate = match handler.aggregate(event) {
@@ -375,7 +422,11 @@ async fn run_handler(
     let outcome = result?;
     // The effect is durable in HaloPSA; the ledger only saves work on a
     // redelivery, so failing to write it is not worth a retry.
-    if let Err(e) = services.store.mark_processed(conn, &event.id, outcome.as_str()).await {
+    if let Err(e) = services
+        .store
+        .mark_processed(conn, &event.id, outcome.as_str())
+        .await
+    {
         tracing::warn!(error = %e, "could not record the event in the ledger");
     }
     Ok(outcome.as_str())
@@ -410,7 +461,11 @@ async fn apply_decision(
             return Ok(None);
         }
         Decision::Retry(f) => {
-            let attempts = if f.throttled { attempts_before } else { attempts_before + 1 };
+            let attempts = if f.throttled {
+                attempts_before
+            } else {
+                attempts_before + 1
+            };
             let limit = match f.class {
                 FailureClass::Dependency => retry.dependency_max_attempts,
                 _ => retry.max_attempts,
@@ -423,15 +478,33 @@ async fn apply_decision(
                 (f, services.topology.dead_queue(family), label, attempts)
             } else {
                 let delay = retry_delay(retry, attempts.max(1), &f);
-                (f, services.topology.retry_queue(family, delay), "", attempts)
+                (
+                    f,
+                    services.topology.retry_queue(family, delay),
+                    "",
+                    attempts,
+                )
             }
         }
         Decision::Dead(f) => {
             let label = f.class.as_str();
-            (f, services.topology.dead_queue(family), label, attempts_before + 1)
+            (
+                f,
+                services.topology.dead_queue(family),
+                label,
+                attempts_before + 1,
+            )
         }
     };
-    let headers = failure_headers(services, family, delivery, event, &failure, class_label, attempts);
+    let headers = failure_headers(
+        services,
+        family,
+        delivery,
+        event,
+        &failure,
+        class_label,
+        attempts,
+    );
     let properties = delivery
         .properties
         .clone()
@@ -490,7 +563,11 @@ fn failure_headers(
     let old = delivery.properties.headers().as_ref();
     let mut t = old.cloned().unwrap_or_default();
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
-    let class = if class_label.is_empty() { failure.class.as_str() } else { class_label };
+    let class = if class_label.is_empty() {
+        failure.class.as_str()
+    } else {
+        class_label
+    };
     h::set_str(&mut t, h::ERROR_CLASS, class);
     h::set_str(&mut t, h::ERROR_MESSAGE, &excerpt(&failure.message, 2000));
     match failure.halo_status {
@@ -510,10 +587,18 @@ fn failure_headers(
         h::set_str(&mut t, h::FIRST_FAILURE, &now);
     }
     h::set_str(&mut t, h::LAST_FAILURE, &now);
-    h::set_str(&mut t, h::WORKER, &format!("halosync-{family}@{}", services.worker_id));
+    h::set_str(
+        &mut t,
+        h::WORKER,
+        &format!("halosync-{family}@{}", services.worker_id),
+    );
     h::set_str(&mut t, h::FAMILY, family.as_str());
     if h::get_str(old, h::ORIGINAL_ROUTING_KEY).is_none() {
-        h::set_str(&mut t, h::ORIGINAL_ROUTING_KEY, delivery.routing_key.as_str());
+        h::set_str(
+            &mut t,
+            h::ORIGINAL_ROUTING_KEY,
+            delivery.routing_key.as_str(),
+        );
     }
     if let Some(e) = event {
         h::set_str(&mut t, h::CONNECTION, &e.connection);

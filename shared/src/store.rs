@@ -29,7 +29,11 @@ pub enum StateError {
 impl From<StateError> for Failure {
     fn from(e: StateError) -> Failure {
         // Losing Redis costs speed, never correctness: retry later.
-        Failure::transient(e.to_string())
+        let mut f = Failure::transient(e.to_string());
+        // Waiting for another worker's lock is not a failed attempt: it ends
+        // when that worker finishes or its lock expires.
+        f.throttled = matches!(e, StateError::Busy(_));
+        f
     }
 }
 
@@ -86,6 +90,13 @@ impl Mapping {
     }
 }
 
+const RENEW_LOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
 const RELEASE_LOCK: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -125,7 +136,11 @@ impl Store {
     }
 
     /// The outcome recorded for an event id, if it was processed before.
-    pub async fn processed(&self, conn: &str, event_id: &str) -> Result<Option<String>, StateError> {
+    pub async fn processed(
+        &self,
+        conn: &str,
+        event_id: &str,
+    ) -> Result<Option<String>, StateError> {
         let mut r = self.redis.clone();
         Ok(r.get(self.keys.key(conn, &["event", event_id])).await?)
     }
@@ -155,7 +170,9 @@ impl Store {
         billing_id: &str,
     ) -> Result<Option<Mapping>, StateError> {
         let mut r = self.redis.clone();
-        let raw: Option<String> = r.get(self.keys.key(conn, &["map", kind, billing_id])).await?;
+        let raw: Option<String> = r
+            .get(self.keys.key(conn, &["map", kind, billing_id]))
+            .await?;
         // A value we cannot read is treated as absent: HaloPSA has the truth.
         Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
     }
@@ -175,9 +192,16 @@ impl Store {
         Ok(())
     }
 
-    pub async fn forget_mapping(&self, conn: &str, kind: &str, billing_id: &str) -> Result<(), StateError> {
+    pub async fn forget_mapping(
+        &self,
+        conn: &str,
+        kind: &str,
+        billing_id: &str,
+    ) -> Result<(), StateError> {
         let mut r = self.redis.clone();
-        let _: () = r.del(self.keys.key(conn, &["map", kind, billing_id])).await?;
+        let _: () = r
+            .del(self.keys.key(conn, &["map", kind, billing_id]))
+            .await?;
         Ok(())
     }
 
@@ -205,10 +229,13 @@ impl Store {
                 .query_async(&mut r)
                 .await?;
             if ok.is_some() {
+                let renewer =
+                    tokio::spawn(renew(self.redis.clone(), key.clone(), token.clone(), ttl));
                 return Ok(AggregateLock {
                     redis: self.redis.clone(),
                     key,
                     token,
+                    renewer,
                 });
             }
             if tokio::time::Instant::now() + pause > deadline {
@@ -220,18 +247,46 @@ impl Store {
     }
 }
 
+/// Keeps a held lock alive: its TTL is short (so that a crashed holder
+/// blocks its aggregate only briefly), and renewed every third of it while
+/// the holder works.
+async fn renew(redis: ConnectionManager, key: String, token: String, ttl: Duration) {
+    let mut r = redis;
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        let renewed: Result<i64, _> = redis::Script::new(RENEW_LOCK)
+            .key(&key)
+            .arg(&token)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut r)
+            .await;
+        if let Ok(0) = renewed {
+            tracing::warn!(lock = %key, "lost the aggregate lock (expired or Redis flushed)");
+            return;
+        }
+    }
+}
+
 /// A held aggregate lock; call [`AggregateLock::release`] when done. If the
-/// process dies, the lock expires on its own.
+/// process dies, the lock expires on its own after its TTL.
 pub struct AggregateLock {
     redis: ConnectionManager,
     key: String,
     token: String,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AggregateLock {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
 }
 
 impl AggregateLock {
     /// Releases the lock if it is still ours (it may have expired and been
     /// taken by another worker, which must keep it).
     pub async fn release(self) -> Result<(), StateError> {
+        self.renewer.abort();
         let mut r = self.redis.clone();
         let _: i64 = redis::Script::new(RELEASE_LOCK)
             .key(&self.key)

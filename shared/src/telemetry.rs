@@ -117,7 +117,11 @@ pub fn current_traceparent() -> Option<(String, Option<String>)> {
 }
 
 /// Makes `span` a child of the trace in `traceparent`/`tracestate`.
-pub fn continue_trace(span: &tracing::Span, traceparent: Option<String>, tracestate: Option<String>) {
+pub fn continue_trace(
+    span: &tracing::Span,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+) {
     let Some(tp) = traceparent else { return };
     let mut map = HashMap::from([("traceparent".to_string(), tp)]);
     if let Some(ts) = tracestate {

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use halo_sim::{SimConfig, SimHandle};
 use halosync_shared::amqp::{self, Publisher, Topology};
 use halosync_shared::contract::Family;
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions, ExchangeDeleteOptions, BasicAckOptions};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use serde_json::{json, Value};
 
@@ -24,6 +27,8 @@ pub const CONNECTION: &str = "acme";
 
 /// Short retry tiers so that retries finish within a test.
 pub const TEST_DELAYS_MS: [u64; 3] = [200, 400, 800];
+
+pub const GENEROUS_BUDGET: &str = "requests_per_window = 100000\nwindow_seconds = 300";
 
 /// Options for one test environment.
 #[derive(Clone, Debug)]
@@ -40,7 +45,8 @@ impl Default for EnvOptions {
     fn default() -> Self {
         EnvOptions {
             sim: SimConfig::default(),
-            connection_extra: String::new(),
+            // A generous budget unless a test is about the budget.
+            connection_extra: GENEROUS_BUDGET.into(),
             extra: String::new(),
             max_attempts: 4,
         }
@@ -186,7 +192,10 @@ client_secret_env = "{SECRET_ENV}"
             if let Ok(Some(status)) = w.child.try_wait() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "worker {pid} did not stop on SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "worker {pid} did not stop on SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -240,7 +249,10 @@ client_secret_env = "{SECRET_ENV}"
         let ch = self.publisher.channel();
         let mut out = Vec::new();
         while let Some(m) = ch
-            .basic_get(self.topology.dead_queue(family).into(), BasicGetOptions::default())
+            .basic_get(
+                self.topology.dead_queue(family).into(),
+                BasicGetOptions::default(),
+            )
             .await
             .expect("basic_get")
         {
@@ -307,7 +319,13 @@ client_secret_env = "{SECRET_ENV}"
     /// Unacknowledged messages of a queue, read with rabbitmqctl.
     pub fn unacked(&self, queue: &str) -> u64 {
         let out = Command::new("rabbitmqctl")
-            .args(["list_queues", "-q", "--no-table-headers", "name", "messages_unacknowledged"])
+            .args([
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "messages_unacknowledged",
+            ])
             .output()
             .expect("rabbitmqctl must be on PATH");
         String::from_utf8_lossy(&out.stdout)
@@ -348,7 +366,13 @@ client_secret_env = "{SECRET_ENV}"
     /// Closes every broker connection whose name contains `needle`.
     pub fn close_broker_connections(&self, needle: &str) -> usize {
         let out = Command::new("rabbitmqctl")
-            .args(["list_connections", "-q", "--no-table-headers", "pid", "client_properties"])
+            .args([
+                "list_connections",
+                "-q",
+                "--no-table-headers",
+                "pid",
+                "client_properties",
+            ])
             .output()
             .expect("rabbitmqctl");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -388,17 +412,24 @@ impl Drop for TestEnv {
         let topology = self.topology.clone();
         // Drop cannot await: clean up on a thread with its own runtime.
         let cleanup = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async move {
                 if let Ok(conn) = amqp::connect(AMQP_URL, "tests-cleanup").await {
                     if let Ok(ch) = conn.create_channel().await {
                         for q in topology.all_queues() {
-                            let _ = ch.queue_delete(q.into(), QueueDeleteOptions::default()).await;
+                            let _ = ch
+                                .queue_delete(q.into(), QueueDeleteOptions::default())
+                                .await;
                         }
                         for e in topology.exchanges() {
-                            let _ = ch.exchange_delete(e.into(), ExchangeDeleteOptions::default()).await;
+                            let _ = ch
+                                .exchange_delete(e.into(), ExchangeDeleteOptions::default())
+                                .await;
                         }
                     }
                     let _ = conn.close(200, "bye".into()).await;
@@ -411,7 +442,8 @@ impl Drop for TestEnv {
                             .await
                             .unwrap_or_default();
                         if !keys.is_empty() {
-                            let _: Result<i64, _> = redis::cmd("DEL").arg(&keys).query_async(&mut r).await;
+                            let _: Result<i64, _> =
+                                redis::cmd("DEL").arg(&keys).query_async(&mut r).await;
                         }
                     }
                 }
@@ -472,7 +504,11 @@ fn tail(text: &str, lines: usize) -> String {
 
 /// An `account.*` event.
 pub fn account_event(id: &str, account_id: &str, name: &str, active: bool, sequence: u64) -> Value {
-    let ty = if active { "account.updated" } else { "account.deactivated" };
+    let ty = if active {
+        "account.updated"
+    } else {
+        "account.deactivated"
+    };
     json!({
         "id": id,
         "type": if sequence == 1 { "account.created" } else { ty },
@@ -496,7 +532,9 @@ pub fn customers_of(env: &TestEnv, account_id: &str) -> Vec<Value> {
         .sim
         .external_links()
         .iter()
-        .filter(|l| l["third_party_id"] == account_id && l["third_party_type"] == "halosync.account")
+        .filter(|l| {
+            l["third_party_id"] == account_id && l["third_party_type"] == "halosync.account"
+        })
         .filter_map(|l| l["halo_id"].as_i64())
         .collect();
     env.clients()

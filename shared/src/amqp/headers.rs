@@ -117,7 +117,9 @@ fn value_to_json(v: &AMQPValue) -> serde_json::Value {
         AMQPValue::FieldArray(a) => J::Array(a.as_slice().iter().map(value_to_json).collect()),
         AMQPValue::FieldTable(t) => to_json(Some(t)),
         AMQPValue::Void => J::Null,
-        other => as_i64(other).map(|n| serde_json::json!(n)).unwrap_or(J::Null),
+        other => as_i64(other)
+            .map(|n| serde_json::json!(n))
+            .unwrap_or(J::Null),
     }
 }
 

@@ -44,6 +44,8 @@ pub enum PublishError {
     },
     #[error("cannot serialise the event: {0}")]
     Serialise(String),
+    #[error("{0}")]
+    Topology(String),
 }
 
 /// A channel in confirm mode.
@@ -57,23 +59,37 @@ pub struct Publisher {
 
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Publisher").field("topology", &self.topology).finish()
+        f.debug_struct("Publisher")
+            .field("topology", &self.topology)
+            .finish()
     }
 }
 
 impl Publisher {
     /// Connects, opens a confirm channel and declares the topology.
-    pub async fn connect(amqp_url: &str, prefix: &str, name: &str) -> Result<Publisher, PublishError> {
+    pub async fn connect(
+        amqp_url: &str,
+        prefix: &str,
+        name: &str,
+    ) -> Result<Publisher, PublishError> {
         let connection = super::connect(amqp_url, &format!("halosync-publisher:{name}")).await?;
         let channel = connection.create_channel().await?;
+        // Exchanges, work and dead queues; the retry tiers are the workers'.
         let topology = Topology::new(prefix, &[]);
+        topology
+            .declare(&channel)
+            .await
+            .map_err(|e| PublishError::Topology(e.to_string()))?;
         let mut p = Publisher::on_channel(channel, topology).await?;
         p._connection = Some(std::sync::Arc::new(connection));
         Ok(p)
     }
 
     /// Uses an existing channel (put into confirm mode here).
-    pub async fn on_channel(channel: Channel, topology: Topology) -> Result<Publisher, PublishError> {
+    pub async fn on_channel(
+        channel: Channel,
+        topology: Topology,
+    ) -> Result<Publisher, PublishError> {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
@@ -148,7 +164,11 @@ impl Publisher {
 }
 
 /// The AMQP properties of an event message (DESIGN §1).
-pub fn event_properties(event_id: &str, event_type: &str, mut headers: FieldTable) -> BasicProperties {
+pub fn event_properties(
+    event_id: &str,
+    event_type: &str,
+    mut headers: FieldTable,
+) -> BasicProperties {
     if !headers.contains_key(headers::TRACEPARENT) {
         if let Some((tp, ts)) = crate::telemetry::current_traceparent() {
             headers::set_str(&mut headers, headers::TRACEPARENT, &tp);

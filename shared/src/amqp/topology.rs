@@ -58,7 +58,12 @@ impl Topology {
         format!("{}halosync.{}.dead", self.prefix, family)
     }
     pub fn retry_queue(&self, family: Family, delay_ms: u64) -> String {
-        format!("{}halosync.{}.retry.{}", self.prefix, family, delay_label(delay_ms))
+        format!(
+            "{}halosync.{}.retry.{}",
+            self.prefix,
+            family,
+            delay_label(delay_ms)
+        )
     }
     pub fn delays_ms(&self) -> &[u64] {
         &self.delays_ms
@@ -120,7 +125,8 @@ impl Topology {
             )
             .await
             .map_err(wrap(self.events_exchange()))?;
-        self.queue(channel, &self.unrouted_queue(), quorum()).await?;
+        self.queue(channel, &self.unrouted_queue(), parked())
+            .await?;
         channel
             .queue_bind(
                 self.unrouted_queue().into(),
@@ -132,14 +138,21 @@ impl Topology {
             .await
             .map_err(wrap(format!("binding {}", self.unrouted_queue())))?;
         for family in Family::ALL {
-            self.queue(channel, &self.dead_queue(family), quorum()).await?;
+            self.queue(channel, &self.dead_queue(family), parked())
+                .await?;
             let work = self.work_queue(family);
             let mut args = dead_lettering("", &self.dead_queue(family));
-            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(DELIVERY_LIMIT),
+            );
             self.queue(channel, &work, args).await?;
             for delay in &self.delays_ms {
                 let mut args = dead_lettering("", &work);
-                args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(*delay as i64));
+                args.insert(
+                    "x-message-ttl".into(),
+                    AMQPValue::LongLongInt(*delay as i64),
+                );
                 self.queue(channel, &self.retry_queue(family, *delay), args)
                     .await?;
             }
@@ -157,7 +170,12 @@ impl Topology {
         Ok(())
     }
 
-    async fn queue(&self, channel: &Channel, name: &str, args: FieldTable) -> Result<(), AmqpError> {
+    async fn queue(
+        &self,
+        channel: &Channel,
+        name: &str,
+        args: FieldTable,
+    ) -> Result<(), AmqpError> {
         channel
             .queue_declare(
                 name.into(),
@@ -184,6 +202,20 @@ fn long_str(s: &str) -> AMQPValue {
 fn quorum() -> FieldTable {
     let mut t = FieldTable::default();
     t.insert("x-queue-type".into(), long_str("quorum"));
+    t
+}
+
+/// A queue where messages wait for an operator (dead letters, unrouted).
+/// Reading them (`halosync dlq list`) returns them to the queue, which
+/// quorum queues count as a delivery; RabbitMQ 4.0+ defaults the delivery
+/// limit to 20 and would then drop them, so the limit is set explicitly
+/// and very high (not -1: on 3.10, -1 drops a message on its first return).
+fn parked() -> FieldTable {
+    let mut t = quorum();
+    t.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(1_000_000_000),
+    );
     t
 }
 

@@ -28,6 +28,8 @@ pub struct HaloClient {
     http: reqwest::Client,
     tokens: TokenProvider,
     limiter: RateLimiter,
+    /// How long every process pauses after a 429 without `Retry-After`.
+    rate_limited_pause: Duration,
 }
 
 impl HaloClient {
@@ -36,12 +38,14 @@ impl HaloClient {
         http: reqwest::Client,
         tokens: TokenProvider,
         limiter: RateLimiter,
+        rate_limited_pause: Duration,
     ) -> HaloClient {
         HaloClient {
             conn,
             http,
             tokens,
             limiter,
+            rate_limited_pause,
         }
     }
 
@@ -126,7 +130,10 @@ impl HaloClient {
             loop {
                 let waited = self.limiter.acquire().await?;
                 if waited > Duration::from_millis(50) {
-                    tracing::debug!(waited_ms = waited.as_millis() as u64, "waited for the rate budget");
+                    tracing::debug!(
+                        waited_ms = waited.as_millis() as u64,
+                        "waited for the rate budget"
+                    );
                 }
                 let token = self.tokens.get().await?;
                 let url = format!("{}{}", self.conn.resource_server, path);
@@ -138,10 +145,9 @@ impl HaloClient {
                 if let Some(b) = &body {
                     req = req.json(b);
                 }
-                let response = req
-                    .send()
-                    .await
-                    .map_err(|e| HaloError::Network(format!("{method} {path}: {}", e.without_url())))?;
+                let response = req.send().await.map_err(|e| {
+                    HaloError::Network(format!("{method} {path}: {}", e.without_url()))
+                })?;
                 let status = response.status().as_u16();
                 tracing::Span::current().record("status", status);
                 let retry_after = response
@@ -150,10 +156,9 @@ impl HaloClient {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
-                let text = response
-                    .text()
-                    .await
-                    .map_err(|e| HaloError::Network(format!("{method} {path} body: {}", e.without_url())))?;
+                let text = response.text().await.map_err(|e| {
+                    HaloError::Network(format!("{method} {path} body: {}", e.without_url()))
+                })?;
                 // An expired token shows up as 401, or as 400 "Token not
                 // found" (reference §1.3): refresh once and retry once.
                 let token_rejected =
@@ -176,10 +181,15 @@ impl HaloClient {
                             })
                         }
                     }
-                    429 => Err(HaloError::RateLimited {
-                        retry_after,
-                        body: excerpt(&text, BODY_EXCERPT),
-                    }),
+                    429 => {
+                        self.limiter
+                            .cool_down(retry_after.unwrap_or(self.rate_limited_pause))
+                            .await;
+                        Err(HaloError::RateLimited {
+                            retry_after,
+                            body: excerpt(&text, BODY_EXCERPT),
+                        })
+                    }
                     _ => Err(HaloError::Status {
                         method: method.to_string(),
                         path: path.to_string(),
@@ -240,11 +250,10 @@ pub fn first_record(body: Value) -> Option<Value> {
             if map.contains_key("id") {
                 return Some(Value::Object(map));
             }
-            map.into_iter()
-                .find_map(|(_, v)| match v {
-                    Value::Array(rows) => rows.into_iter().next(),
-                    _ => None,
-                })
+            map.into_iter().find_map(|(_, v)| match v {
+                Value::Array(rows) => rows.into_iter().next(),
+                _ => None,
+            })
         }
         _ => None,
     }
@@ -266,7 +275,10 @@ mod tests {
 
     #[test]
     fn list_rows_reads_envelopes_and_bare_arrays() {
-        let (rows, total) = list_rows(json!({"record_count": 3, "clients": [{"id": 1}]}), "clients");
+        let (rows, total) = list_rows(
+            json!({"record_count": 3, "clients": [{"id": 1}]}),
+            "clients",
+        );
         assert_eq!(rows.len(), 1);
         assert_eq!(total, Some(3));
         let (rows, total) = list_rows(json!([{"id": 1}, {"id": 2}]), "links");
@@ -277,7 +289,10 @@ mod tests {
     #[test]
     fn first_record_accepts_every_shape() {
         assert_eq!(record_id(&first_record(json!({"id": 5})).unwrap()), Some(5));
-        assert_eq!(record_id(&first_record(json!([{"id": -94}])).unwrap()), Some(-94));
+        assert_eq!(
+            record_id(&first_record(json!([{"id": -94}])).unwrap()),
+            Some(-94)
+        );
         assert_eq!(
             record_id(&first_record(json!({"clients": [{"id": 7}]})).unwrap()),
             Some(7)

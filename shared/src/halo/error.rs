@@ -203,7 +203,9 @@ mod tests {
         );
         assert_eq!(message_from_body("Token not found"), "Token not found");
         assert_eq!(
-            message_from_body("<html><head><title>Sorry, something went wrong</title></head></html>"),
+            message_from_body(
+                "<html><head><title>Sorry, something went wrong</title></head></html>"
+            ),
             "HTML page: Sorry, something went wrong"
         );
         assert_eq!(message_from_body("  "), "(empty body)");

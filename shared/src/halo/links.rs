@@ -98,7 +98,11 @@ pub async fn find(halo: &HaloClient, kind: &Kind, billing_id: &str) -> Result<Ve
 }
 
 /// The links HaloPSA holds that point at one record.
-pub async fn find_by_record(halo: &HaloClient, kind: &Kind, halo_id: i64) -> Result<Vec<Value>, Failure> {
+pub async fn find_by_record(
+    halo: &HaloClient,
+    kind: &Kind,
+    halo_id: i64,
+) -> Result<Vec<Value>, Failure> {
     let rows = halo
         .list(
             "/ExternalLink",
@@ -198,8 +202,12 @@ where
     let winner = links.first().cloned();
     let (winner, won) = match (winner, ours) {
         (Some(w), Some(o)) if w.halo_id != o.halo_id => {
-            tracing::warn!(billing_id, duplicate = o.halo_id, kept = w.halo_id,
-                "two workers created the same record; removing ours");
+            tracing::warn!(
+                billing_id,
+                duplicate = o.halo_id,
+                kept = w.halo_id,
+                "two workers created the same record; removing ours"
+            );
             delete_record(o.halo_id).await?;
             halo.delete(&format!("/ExternalLink/{}", o.id)).await?;
             (w, false)

@@ -24,6 +24,7 @@ pub fn client_for(
     redis: redis::aio::ConnectionManager,
     keys: &Keys,
     worker: &WorkerSettings,
+    rate_limited_pause: Duration,
 ) -> HaloClient {
     let conn = Arc::new(conn.clone());
     let tokens = token::TokenProvider::new(conn.clone(), http.clone(), redis.clone(), keys);
@@ -36,7 +37,7 @@ pub fn client_for(
         Duration::from_millis(worker.rate_margin_ms),
         Duration::from_millis(worker.rate_wait_max_ms),
     );
-    HaloClient::new(conn, http, tokens, limiter)
+    HaloClient::new(conn, http, tokens, limiter, rate_limited_pause)
 }
 
 /// The HTTP client every connection shares (rustls, timeouts).

@@ -17,6 +17,8 @@ use super::error::HaloError;
 
 /// Grants a slot (returns 0) or says how many ms until one frees.
 const TAKE_SLOT: &str = r"
+local cool = redis.call('PTTL', KEYS[2])
+if cool > 0 then return cool end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[2])
@@ -37,6 +39,9 @@ return wait
 pub struct RateLimiter {
     redis: ConnectionManager,
     key: String,
+    /// Set after HaloPSA answered 429: no process sends anything to this
+    /// connection until it expires.
+    cooldown_key: String,
     limit: u32,
     window: Duration,
     max_wait: Duration,
@@ -65,6 +70,7 @@ impl RateLimiter {
     ) -> RateLimiter {
         RateLimiter {
             redis,
+            cooldown_key: format!("{key}:cooldown"),
             key,
             limit,
             window: window + margin,
@@ -84,6 +90,7 @@ impl RateLimiter {
         loop {
             let wait_ms: i64 = script
                 .key(&self.key)
+                .key(&self.cooldown_key)
                 .arg(self.limit)
                 .arg(self.window.as_millis() as u64)
                 .arg(&member)
@@ -100,6 +107,26 @@ impl RateLimiter {
             // Spread the wake-ups of many waiters a little.
             let jitter = Duration::from_millis(rand::random_range(0..=20));
             tokio::time::sleep(wait + jitter).await;
+        }
+    }
+
+    /// HaloPSA answered 429 although we kept to the budget (another
+    /// integration shares it, or the budget is set too high): every process
+    /// pauses this connection for `pause`, instead of each message finding
+    /// out on its own.
+    pub async fn cool_down(&self, pause: Duration) {
+        let mut r = self.redis.clone();
+        let ms = pause.as_millis().max(1) as u64;
+        // Only ever lengthen a pause already set.
+        let result: Result<i64, _> = redis::Script::new(
+            "if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '429', 'PX', ARGV[1]) end return 0",
+        )
+        .key(&self.cooldown_key)
+        .arg(ms)
+        .invoke_async(&mut r)
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not share the 429 pause through redis");
         }
     }
 }

@@ -188,7 +188,10 @@ impl TokenProvider {
             .await;
     }
 
-    async fn cached_in_redis(&self, r: &mut ConnectionManager) -> Result<Option<Cached>, redis::RedisError> {
+    async fn cached_in_redis(
+        &self,
+        r: &mut ConnectionManager,
+    ) -> Result<Option<Cached>, redis::RedisError> {
         let (token, pttl): (Option<String>, i64) = redis::pipe()
             .get(&self.key)
             .pttl(&self.key)
@@ -265,7 +268,9 @@ pub fn explain_token_failure(status: u16, body: &str, has_tenant: bool) -> Strin
     if body.contains("invalid_client") {
         return format!("{halo} — the client id or secret is wrong (the Client ID can change when the HaloPSA application is saved: copy the latest, and regenerate the secret if unsure)");
     }
-    if status == 500 && (body.to_ascii_lowercase().contains("<html") || body.trim_start().starts_with('<')) {
+    if status == 500
+        && (body.to_ascii_lowercase().contains("<html") || body.trim_start().starts_with('<'))
+    {
         if has_tenant {
             return format!("{halo} — HaloPSA answered an HTML error page: the tenant may be wrong, the client id unknown, or the application has no agent to log in as");
         }

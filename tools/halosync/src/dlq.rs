@@ -92,10 +92,10 @@ impl Scan {
     fn total(&self) -> u64 {
         self.totals.values().map(|n| u64::from(*n)).sum()
     }
-    /// `7 dead letters in t.halosync.account.dead`, or `... in the account,
-    /// subscription, usage and overage dead queues`.
+    /// `7 in t.halosync.account.dead`, or `7 in the account, subscription,
+    /// usage and overage dead queues`.
     fn where_(&self) -> String {
-        let total = plural(self.total(), "dead letter");
+        let total = self.total();
         if self.totals.len() == 1 {
             let q = self.totals.keys().next().cloned().unwrap_or_default();
             return format!("{total} in {q}");
@@ -394,14 +394,14 @@ pub async fn list(
             .iter()
             .map(|g| {
                 let families: Vec<&str> = g.families.iter().map(|f| f.as_str()).collect();
-                let sample = format!(
-                    "{}: {}",
-                    g.sample_event_id.as_deref().unwrap_or("(no id)"),
-                    g.sample_message
-                );
+                let id = g.sample_event_id.as_deref().unwrap_or("(no id)");
+                let sample = match by {
+                    GroupBy::Class => format!("{id}: {}", g.sample_message),
+                    GroupBy::Error => id.to_string(),
+                };
                 let mut row = vec![g.count.to_string(), g.class.clone()];
                 if by == GroupBy::Error {
-                    row.push(one_line(g.error.as_deref().unwrap_or(""), 60));
+                    row.push(one_line(g.error.as_deref().unwrap_or(""), 90));
                 }
                 row.extend([
                     families.join(","),
@@ -416,11 +416,15 @@ pub async fn list(
         if by == GroupBy::Error {
             header.push("ERROR");
         }
-        header.extend(["FAMILIES", "FIRST FAILURE", "LAST FAILURE", "SAMPLE"]);
+        header.extend(["FAMILIES", "FIRST FAILURE", "LAST FAILURE"]);
+        header.push(match by {
+            GroupBy::Class => "SAMPLE",
+            GroupBy::Error => "SAMPLE EVENT",
+        });
         print!("{}", table::render(&header, &rows, &[0]));
         println!();
         println!(
-            "{} in {} ({}); the queues are unchanged.",
+            "{} in {}, of {}; the queues are unchanged.",
             plural(owned.len() as u64, "dead letter"),
             plural(groups.len() as u64, "group"),
             scan.where_()
@@ -438,7 +442,7 @@ pub async fn list(
         return Ok(ExitCode::SUCCESS);
     }
     if letters.is_empty() {
-        println!("No dead letters match ({}).", scan.where_());
+        println!("No dead letters match (of {}).", scan.where_());
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<Vec<String>> = letters
@@ -477,7 +481,7 @@ pub async fn list(
     );
     println!();
     println!(
-        "{} listed ({}); the queues are unchanged.",
+        "{} listed, of {}; the queues are unchanged.",
         plural(letters.len() as u64, "dead letter"),
         scan.where_()
     );
@@ -504,9 +508,10 @@ pub async fn show(
     let scan = result?;
     warn_unsettled(&scan);
     let letters: Vec<&DeadLetter> = scan.done.iter().map(|d| &d.letter).collect();
+    warn_delivery_counts(&letters, &config.prefix);
     if letters.is_empty() {
         anyhow::bail!(
-            "no dead letter with event id {event_id:?} ({}); `halosync dlq list` shows what is there",
+            "no dead letter with event id {event_id:?} (there are {}); `halosync dlq list` shows what is there",
             scan.where_()
         );
     }
@@ -777,12 +782,12 @@ fn report_changes(
         );
     } else if scan.done.is_empty() {
         println!(
-            "No dead letters match ({}); nothing was {past}.",
+            "No dead letters match (of {}); nothing was {past}.",
             scan.where_()
         );
     } else {
         println!(
-            "{} {}{breakdown}; {} left in the dead queues read.",
+            "{} {}{breakdown}; {} left in the dead queues.",
             capitalise(past),
             plural(scan.removed as u64, "dead letter"),
             scan.total().saturating_sub(scan.removed as u64)

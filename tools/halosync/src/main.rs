@@ -255,6 +255,11 @@ struct CheckArgs {
 }
 
 fn main() -> ExitCode {
+    // An empty HALOSYNC_CONFIG means "not set" (clap would refuse it). This
+    // runs before any thread exists.
+    if std::env::var_os("HALOSYNC_CONFIG").is_some_and(|v| v.is_empty()) {
+        std::env::remove_var("HALOSYNC_CONFIG");
+    }
     let cli = Cli::parse();
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()

@@ -5,9 +5,9 @@
 //!   built-in defaults apply (plus `AMQP_URL`, `REDIS_URL`,
 //!   `HALOSYNC_PREFIX`), so `halosync status` works on a fresh machine;
 //! * commands that never talk to HaloPSA (publish, dlq, topology, status)
-//!   do not need `[connections]`: if a connection is misconfigured (say its
-//!   secret's environment variable is not set here), they warn and go on
-//!   without it;
+//!   do not need `[connections]`: if a connection cannot be loaded (say its
+//!   secret's environment variable is not set in this shell), they go on
+//!   without it (`halosync check` is where connections are reported);
 //! * `check --connection NAME` reads only that connection, so that another
 //!   connection's missing secret does not stop the test of this one.
 
@@ -74,13 +74,12 @@ pub fn load(explicit: Option<&Path>, need: Need) -> anyhow::Result<Loaded> {
     }
     match Config::from_toml(&text, &origin, &ProcessEnv) {
         Ok(config) => Ok(Loaded { config, text }),
-        Err(ConfigError::Key { key, message })
+        Err(ConfigError::Key { key, .. })
             if need == Need::NoConnections && key.starts_with("connections") =>
         {
-            eprintln!(
-                "warning: ignoring [connections] of {}: `{key}` {message} (this command does not use them; `halosync check` does)",
-                origin.display()
-            );
+            // This command never talks to HaloPSA: a connection that cannot
+            // be loaded here (say its secret is not in this shell) does not
+            // matter; `halosync check` reports it.
             let stripped = without_connections(&text)?;
             let config = Config::from_toml(&stripped, &origin, &ProcessEnv)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;

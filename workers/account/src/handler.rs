@@ -23,7 +23,12 @@ impl Handler for AccountHandler {
         Ok(event.data_as::<AccountData>()?.account_id)
     }
 
-    async fn apply(&self, svc: &Services, halo: &HaloClient, event: &Envelope) -> Result<Outcome, Failure> {
+    async fn apply(
+        &self,
+        svc: &Services,
+        halo: &HaloClient,
+        event: &Envelope,
+    ) -> Result<Outcome, Failure> {
         let data: AccountData = event.data_as()?;
         let version = event.version()?;
         let store = &svc.store;
@@ -73,7 +78,15 @@ async fn update(
         }
         return Err(e.into());
     }
-    links::record_version(&svc.store, halo, &CUSTOMER, &data.account_id, &mut mapping, version).await?;
+    links::record_version(
+        &svc.store,
+        halo,
+        &CUSTOMER,
+        &data.account_id,
+        &mut mapping,
+        version,
+    )
+    .await?;
     Ok(Outcome::Applied)
 }
 
@@ -101,7 +114,11 @@ async fn adopt_or_create(
                 let taken: Vec<String> = links::find_by_record(halo, &CUSTOMER, id)
                     .await?
                     .iter()
-                    .filter_map(|l| l.get("third_party_id").and_then(|v| v.as_str()).map(String::from))
+                    .filter_map(|l| {
+                        l.get("third_party_id")
+                            .and_then(|v| v.as_str())
+                            .map(String::from)
+                    })
                     .filter(|other| other != &data.account_id)
                     .collect();
                 if !taken.is_empty() {
@@ -112,7 +129,10 @@ async fn adopt_or_create(
                         data.account_id
                     )));
                 }
-                tracing::info!(halo_id = id, "adopting the existing customer with the same name");
+                tracing::info!(
+                    halo_id = id,
+                    "adopting the existing customer with the same name"
+                );
                 return Ok(Created::Adopted(Mapping {
                     halo_id: id,
                     link_id: None,
@@ -134,18 +154,36 @@ async fn adopt_or_create(
     let saved = halo.save("/Client", body).await?;
     let created = record_id(&saved)
         .ok_or_else(|| Failure::transient("HaloPSA saved the customer but returned no id"))?;
-    let (mut mapping, won) = links::settle_after_create(&svc.store, halo, &CUSTOMER, &data.account_id, created, |dup| async move {
-        // Deleting is allowed here only because this record is the
-        // duplicate we created moments ago: it holds no MSP data.
-        halo.delete(&format!("/Client/{dup}")).await.map(|_| ()).map_err(Failure::from)
-    })
+    let (mut mapping, won) = links::settle_after_create(
+        &svc.store,
+        halo,
+        &CUSTOMER,
+        &data.account_id,
+        created,
+        |dup| async move {
+            // Deleting is allowed here only because this record is the
+            // duplicate we created moments ago: it holds no MSP data.
+            halo.delete(&format!("/Client/{dup}"))
+                .await
+                .map(|_| ())
+                .map_err(Failure::from)
+        },
+    )
     .await?;
     if !won {
         return Ok(Created::Theirs(mapping));
     }
     if mapping.version.is_none() {
         // HaloPSA did not keep the version on the link: write it now.
-        links::record_version(&svc.store, halo, &CUSTOMER, &data.account_id, &mut mapping, version).await?;
+        links::record_version(
+            &svc.store,
+            halo,
+            &CUSTOMER,
+            &data.account_id,
+            &mut mapping,
+            version,
+        )
+        .await?;
     }
     tracing::info!(halo_id = created, "created the customer");
     Ok(Created::Ours)

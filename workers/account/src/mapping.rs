@@ -96,7 +96,10 @@ mod tests {
         assert_eq!(v["website"], "https://contoso.example");
         assert_eq!(v["default_currency_code"], "GBP");
         assert!(v.get("id").is_none());
-        assert!(v.get("tax_number").is_none(), "absent fields are not cleared");
+        assert!(
+            v.get("tax_number").is_none(),
+            "absent fields are not cleared"
+        );
     }
 
     #[test]
