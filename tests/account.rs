@@ -601,3 +601,28 @@ async fn match_existing_by_name_adopts_one_and_refuses_ambiguity() {
         .header("x-halosync-error-message")
         .contains("2 HaloPSA customers are named exactly \"Twin Co\""));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn customer_deleted_in_halopsa_is_recreated_not_dead_lettered() {
+    let mut env = TestEnv::new("acct-stale").await;
+    env.spawn_worker(WORKER);
+    env.publish(&account_event("e1", "acc_1", "Contoso", true, 1))
+        .await;
+    env.wait_for("created", T, || env.clients().len() == 1).await;
+    env.wait_drained(Family::Account, T).await;
+    // The HaloPSA side loses everything (a deleted customer, or a fresh
+    // instance), while Redis still maps acc_1 to the old id.
+    let reset = reqwest::Client::new()
+        .post(format!("{}/_sim/reset", env.sim.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert!(reset.status().is_success());
+    assert!(env.clients().is_empty());
+    env.publish(&account_event("e2", "acc_1", "Contoso Two", true, 2))
+        .await;
+    env.wait_for("recreated", T, || env.clients().len() == 1).await;
+    env.wait_drained(Family::Account, T).await;
+    assert_eq!(one_customer(&env, "acc_1")["name"], "Contoso Two");
+    assert!(env.take_dead(Family::Account).await.is_empty());
+}

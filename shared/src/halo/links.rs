@@ -235,6 +235,25 @@ where
     Ok((m, won))
 }
 
+/// After HaloPSA refused an update of `halo_id` (400/404): drops the cached
+/// mapping and tells whether it was stale, i.e. HaloPSA no longer links
+/// `billing_id` to that record (deleted in HaloPSA, or Redis holds ids of
+/// another HaloPSA instance). A stale mapping is retried afresh; otherwise
+/// the refusal is genuine and goes to the dead letters.
+pub async fn drop_if_stale(
+    store: &Store,
+    halo: &HaloClient,
+    kind: &Kind,
+    billing_id: &str,
+    halo_id: i64,
+) -> Result<bool, Failure> {
+    store
+        .forget_mapping(&halo.connection().name, kind.name, billing_id)
+        .await?;
+    let links = find(halo, kind, billing_id).await?;
+    Ok(!links.iter().any(|l| l.halo_id == halo_id))
+}
+
 fn str_field(v: &Value, key: &str) -> Option<String> {
     match v.get(key)? {
         Value::String(s) => Some(s.clone()),

@@ -68,13 +68,20 @@ async fn update(
     }
     let body = client_record(data, Some(mapping.halo_id), halo.connection());
     if let Err(e) = halo.save("/Client", body).await {
-        if e.status() == Some(404) || e.status() == Some(400) {
-            // The mapped customer may have been deleted in HaloPSA: forget
-            // the cached id so the next attempt re-reads the links.
-            let _ = svc
-                .store
-                .forget_mapping(&halo.connection().name, CUSTOMER.name, &data.account_id)
-                .await;
+        if matches!(e.status(), Some(400 | 404))
+            && links::drop_if_stale(
+                &svc.store,
+                halo,
+                &CUSTOMER,
+                &data.account_id,
+                mapping.halo_id,
+            )
+            .await?
+        {
+            return Err(Failure::transient(format!(
+                "customer {} mapped to account {} is gone from HaloPSA; the stale mapping was dropped and the event is retried afresh",
+                mapping.halo_id, data.account_id
+            )));
         }
         return Err(e.into());
     }

@@ -1,0 +1,44 @@
+# halosync — the two commands a newcomer needs: `make run` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: all build run test lint fmt unit services bench release clean
+
+all: build
+
+## Build every binary (debug).
+build:
+	$(CARGO) build --workspace --bins
+
+## Build, declare the topology, start halo-sim and the workers against the
+## local RabbitMQ and Redis, publish schemas/examples/valid, print the
+## resulting HaloPSA customers. Ctrl-C stops everything cleanly.
+run: build
+	bash deploy/local/run.sh
+
+## Everything CI checks: formatting, lints, unit and integration tests
+## (the integration tests need RabbitMQ and Redis running locally).
+test: services build lint
+	$(CARGO) test --workspace --no-fail-fast
+
+## Fails loudly (never skips) when RabbitMQ or Redis is not running.
+services:
+	@bash deploy/local/check-services.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Throughput and memory figures (release build); not part of `make test`.
+bench: services
+	$(CARGO) build --release --workspace --bins
+	./target/release/halosync-bench
+
+release:
+	$(CARGO) build --release --workspace --bins
+
+clean:
+	$(CARGO) clean
