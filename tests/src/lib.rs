@@ -483,12 +483,15 @@ pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
 pub fn binary_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/debug/deps/test-xxxx -> target/debug
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
-    let path = dir.join(name);
+    // A test runs from target/<profile>/deps, a harness binary (the
+    // benchmark) from target/<profile>: look in both.
+    let here = exe.parent().expect("exe dir").to_path_buf();
+    let path = [Some(here.clone()), here.parent().map(Path::to_path_buf)]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| here.join(name));
     assert!(
         path.exists(),
         "{} is not built: run `cargo build --workspace --bins` first (`make test` does)",
