@@ -608,7 +608,8 @@ async fn customer_deleted_in_halopsa_is_recreated_not_dead_lettered() {
     env.spawn_worker(WORKER);
     env.publish(&account_event("e1", "acc_1", "Contoso", true, 1))
         .await;
-    env.wait_for("created", T, || env.clients().len() == 1).await;
+    env.wait_for("created", T, || env.clients().len() == 1)
+        .await;
     env.wait_drained(Family::Account, T).await;
     // The HaloPSA side loses everything (a deleted customer, or a fresh
     // instance), while Redis still maps acc_1 to the old id.
@@ -621,7 +622,8 @@ async fn customer_deleted_in_halopsa_is_recreated_not_dead_lettered() {
     assert!(env.clients().is_empty());
     env.publish(&account_event("e2", "acc_1", "Contoso Two", true, 2))
         .await;
-    env.wait_for("recreated", T, || env.clients().len() == 1).await;
+    env.wait_for("recreated", T, || env.clients().len() == 1)
+        .await;
     env.wait_drained(Family::Account, T).await;
     assert_eq!(one_customer(&env, "acc_1")["name"], "Contoso Two");
     assert!(env.take_dead(Family::Account).await.is_empty());

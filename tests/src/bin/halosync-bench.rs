@@ -57,7 +57,11 @@ async fn main() {
         }
     }
     if scenarios.is_empty() {
-        scenarios = vec!["raw".into(), "account-create".into(), "account-update".into()];
+        scenarios = vec![
+            "raw".into(),
+            "account-create".into(),
+            "account-update".into(),
+        ];
     }
     let mut rows = Vec::new();
     for s in &scenarios {
