@@ -628,3 +628,64 @@ async fn customer_deleted_in_halopsa_is_recreated_not_dead_lettered() {
     assert_eq!(one_customer(&env, "acc_1")["name"], "Contoso Two");
     assert!(env.take_dead(Family::Account).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_serves_metrics_health_and_readiness() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut env = TestEnv::with(
+        "acct-metrics",
+        EnvOptions {
+            extra: format!("[worker]\nhealth_port = {port}\n"),
+            ..Default::default()
+        },
+    )
+    .await;
+    env.spawn_worker(WORKER);
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+    let mut ready = false;
+    for _ in 0..100 {
+        if let Ok(r) = http.get(url("/readyz")).send().await {
+            if r.status().is_success() {
+                ready = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "/readyz never became ready: {}", env.logs());
+    let health = http.get(url("/healthz")).send().await.unwrap();
+    assert!(health.status().is_success());
+    env.publish(&account_event("e1", "acc_1", "C", true, 1)).await;
+    env.publish_raw("account.created", b"nope").await;
+    env.wait_for("applied", T, || env.clients().len() == 1).await;
+    env.wait_drained(Family::Account, T).await;
+    let text = http.get(url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for needle in [
+        "halosync_messages_total{family=\"account\",outcome=\"applied\"} 1",
+        "halosync_dead_letters_total{family=\"account\",class=\"invalid\"} 1",
+        "halosync_halo_requests_total{connection=\"acme\",method=\"POST\",endpoint=\"/Client\",status=\"200\"} 1",
+        "halosync_token_requests_total{connection=\"acme\",status=\"200\"} 1",
+        "halosync_processing_seconds_bucket",
+        "halosync_rate_wait_seconds_bucket",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    assert!(!text.contains("acc_1"), "an account id became a label");
+    // Readiness follows the broker connection.
+    env.close_broker_connections(&format!("halosync-account:{}", env.prefix));
+    let mut saw_unready = false;
+    for _ in 0..50 {
+        let r = http.get(url("/readyz")).send().await.unwrap();
+        if r.status().as_u16() == 503 {
+            saw_unready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_unready, "/readyz stayed ready without a broker connection");
+}

@@ -42,6 +42,11 @@ pub async fn worker_main(service: &'static str, handler: Arc<dyn Handler>) -> Ex
             return ExitCode::from(1);
         }
     };
+    let recorder = crate::health::install_recorder();
+    let port = services.config.worker.health_port;
+    if port != 0 {
+        tokio::spawn(crate::health::serve(port, services.clone(), recorder));
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     tracing::info!(family = %handler.family(), worker = %services.worker_id,

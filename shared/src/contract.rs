@@ -343,6 +343,39 @@ pub struct AccountData {
     pub notes: Option<String>,
 }
 
+/// `data` of `subscription.*` events (DESIGN §1). Money stays the decimal
+/// string of the contract; workers convert it where HaloPSA wants numbers.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct SubscriptionData {
+    pub subscription_id: String,
+    pub account_id: String,
+    pub product: Product,
+    /// Seats: an integer >= 0.
+    pub quantity: u64,
+    /// Decimal string, e.g. `"22.00"`.
+    pub unit_price: String,
+    #[serde(default)]
+    pub unit_cost: Option<String>,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// `monthly` or `annual`.
+    pub billing_cycle: String,
+    /// `YYYY-MM-DD`.
+    pub start_date: String,
+    #[serde(default)]
+    pub end_date: Option<String>,
+    /// `active`, `suspended` or `cancelled`.
+    pub status: String,
+}
+
+/// The product of a subscription; `sku` is looked up in the connection's
+/// item mapping.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct Product {
+    pub sku: String,
+    pub name: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@
 //! | [`halo`] | the HaloPSA client: tokens, rate budget, requests, links |
 //! | [`store`] | Redis: ledger, id map, versions, locks |
 //! | [`telemetry`] | JSON logs and OTLP traces |
+//! | [`health`] | `/metrics`, `/healthz`, `/readyz` |
 //! | [`boot`] | a worker binary's `main` |
 
 pub mod amqp;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod contract;
 pub mod error;
 pub mod halo;
+pub mod health;
 pub mod runtime;
 pub mod store;
 pub mod telemetry;

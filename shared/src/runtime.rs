@@ -330,7 +330,16 @@ async fn settle(
             Decision::Requeue(_) => "requeued".into(),
         };
         let settled = apply_decision(&services, handler.family(), &publisher, &delivery, attempts_before, event.as_ref(), decision).await;
-        let duration_ms = started.elapsed().as_millis() as u64;
+        let elapsed = started.elapsed();
+        let duration_ms = elapsed.as_millis() as u64;
+        let family = handler.family().as_str();
+        metrics::counter!("halosync_messages_total", "family" => family, "outcome" => outcome.clone()).increment(1);
+        metrics::histogram!("halosync_processing_seconds", "family" => family).record(elapsed.as_secs_f64());
+        if let Ok(Some(f)) = &settled {
+            if outcome == "dead-lettered" {
+                metrics::counter!("halosync_dead_letters_total", "family" => family, "class" => f.class.as_str()).increment(1);
+            }
+        }
         match settled {
             Ok(Some(f)) => tracing::warn!(outcome, duration_ms, class = %f.class, error = %f.message, halo_status = f.halo_status, "message settled"),
             Ok(None) => tracing::info!(outcome, duration_ms, "message settled"),

@@ -129,6 +129,8 @@ impl HaloClient {
             let mut refreshed = false;
             loop {
                 let waited = self.limiter.acquire().await?;
+                metrics::histogram!("halosync_rate_wait_seconds", "connection" => self.conn.name.clone())
+                    .record(waited.as_secs_f64());
                 if waited > Duration::from_millis(50) {
                     tracing::debug!(
                         waited_ms = waited.as_millis() as u64,
@@ -145,10 +147,21 @@ impl HaloClient {
                 if let Some(b) = &body {
                     req = req.json(b);
                 }
-                let response = req.send().await.map_err(|e| {
-                    HaloError::Network(format!("{method} {path}: {}", e.without_url()))
-                })?;
+                let endpoint = crate::health::endpoint_label(path);
+                let response = match req.send().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        metrics::counter!("halosync_halo_requests_total", "connection" => self.conn.name.clone(),
+                            "method" => method.to_string(), "endpoint" => endpoint, "status" => "error").increment(1);
+                        return Err(HaloError::Network(format!("{method} {path}: {}", e.without_url())));
+                    }
+                };
                 let status = response.status().as_u16();
+                metrics::counter!("halosync_halo_requests_total", "connection" => self.conn.name.clone(),
+                    "method" => method.to_string(), "endpoint" => endpoint, "status" => status.to_string()).increment(1);
+                if status == 429 {
+                    metrics::counter!("halosync_halo_rate_limited_total", "connection" => self.conn.name.clone()).increment(1);
+                }
                 tracing::Span::current().record("status", status);
                 let retry_after = response
                     .headers()

@@ -22,6 +22,8 @@
 //! parameters are silently ignored by HaloPSA, so every row returned is
 //! checked here again, field by field.
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
 use super::client::record_id;
@@ -46,6 +48,26 @@ pub const CUSTOMER: Kind = Kind {
     name: "account",
     third_party_type: "halosync.account",
     table_id: 2,
+};
+
+/// Software licence (`/SoftwareLicence`) per billing subscription. The
+/// reference gives no table id for licences ([PD-TABLE] has none): 0, "no
+/// table", is UNCONFIRMED. The link carries the applied version; the
+/// licence itself also carries [`marker`] in a field of its own (see the
+/// subscription worker), so that it is found again even without the link.
+pub const SUBSCRIPTION: Kind = Kind {
+    name: "subscription",
+    third_party_type: "halosync.subscription",
+    table_id: 0,
+};
+
+/// halosync's recurring invoice (`/RecurringInvoice`, table `InvoiceHeader`
+/// = 995) per billing account: the one the subscription (and usage) lines
+/// go on. Its ids may be negative: see [`resolve_or_create`].
+pub const RECURRING_INVOICE: Kind = Kind {
+    name: "recurring_invoice",
+    third_party_type: "halosync.recurring_invoice",
+    table_id: 995,
 };
 
 /// One existing ExternalLink.
@@ -252,6 +274,164 @@ pub async fn drop_if_stale(
         .await?;
     let links = find(halo, kind, billing_id).await?;
     Ok(!links.iter().any(|l| l.halo_id == halo_id))
+}
+
+/// The text halosync writes into a HaloPSA record's own field to say which
+/// billing aggregate it belongs to, e.g. `halosync.subscription:sub_1`.
+/// Qualified by kind so that records of different kinds sharing one field
+/// (subscription and usage lines on one invoice) never match each other.
+/// Matched exactly, never as a prefix.
+pub fn marker(kind: &Kind, billing_id: &str) -> String {
+    format!("{}:{billing_id}", kind.third_party_type)
+}
+
+/// A `new_external_link` without a version, for records that are
+/// containers rather than aggregates (a customer's recurring invoice).
+pub fn new_plain_link(kind: &Kind, billing_id: &str) -> Value {
+    json!({
+        "third_party_id": billing_id,
+        "third_party_type": kind.third_party_type,
+        "table_id": kind.table_id,
+    })
+}
+
+/// The customer of `account_id`, or a `dependency` failure while the
+/// account is not in HaloPSA yet (retried through the delay tiers, and
+/// applied as soon as the account worker has created the customer).
+pub async fn require_customer(
+    store: &Store,
+    halo: &HaloClient,
+    account_id: &str,
+) -> Result<Mapping, Failure> {
+    resolve(store, halo, &CUSTOMER, account_id)
+        .await?
+        .ok_or_else(|| {
+            Failure::dependency(format!(
+                "account {account_id} is not in HaloPSA yet (no customer linked to it); retried until the account event has been applied"
+            ))
+        })
+}
+
+/// Like [`find`], but earliest-created link first (by the link's own id).
+///
+/// [`settle_after_create`]'s "lowest HaloPSA id wins" assumes that ids grow
+/// with creation. Recurring-invoice ids may be negative (reference §3.4),
+/// and count *down* in halo-sim, so there the later duplicate would have the
+/// lower id and win after the earlier creator had already gone on as the
+/// winner. A record created with `new_external_link` gets its link in the
+/// same save, so the link ids give the creation order whatever the sign of
+/// the record ids.
+pub async fn find_by_creation(
+    halo: &HaloClient,
+    kind: &Kind,
+    billing_id: &str,
+) -> Result<Vec<Link>, Failure> {
+    let mut links = find(halo, kind, billing_id).await?;
+    links.sort_by_key(|l| l.id);
+    Ok(links)
+}
+
+/// The record of `billing_id`, created once if HaloPSA has none: for
+/// records that several aggregates share (a customer's recurring invoice is
+/// needed by every subscription of the customer, each under its own
+/// aggregate lock).
+///
+/// * Redis hit: no request, no lock.
+/// * Otherwise, under the lock `{kind.name}:{billing_id}`: the links are
+///   read; with none, `create` saves the record (with
+///   [`new_plain_link`] as `new_external_link`) and returns its id.
+/// * If the lock was lost (Redis flushed) and two workers created one each,
+///   the earliest link wins ([`find_by_creation`]) and the loser removes
+///   its own duplicate through `delete_record`, and its link.
+/// * If HaloPSA did not keep the link (UNCONFIRMED), it is written here.
+#[allow(clippy::too_many_arguments)]
+pub async fn resolve_or_create<C, CFut, D, DFut>(
+    store: &Store,
+    halo: &HaloClient,
+    kind: &Kind,
+    billing_id: &str,
+    lock_ttl: Duration,
+    lock_wait: Duration,
+    create: C,
+    delete_record: D,
+) -> Result<Mapping, Failure>
+where
+    C: FnOnce() -> CFut,
+    CFut: std::future::Future<Output = Result<i64, Failure>>,
+    D: FnOnce(i64) -> DFut,
+    DFut: std::future::Future<Output = Result<(), Failure>>,
+{
+    let conn = &halo.connection().name;
+    if let Some(m) = store.mapping(conn, kind.name, billing_id).await? {
+        return Ok(m);
+    }
+    let lock = store
+        .lock(
+            conn,
+            &format!("{}:{billing_id}", kind.name),
+            lock_ttl,
+            lock_wait,
+        )
+        .await?;
+    let result = async {
+        // Another worker may have finished while we waited for the lock.
+        if let Some(m) = store.mapping(conn, kind.name, billing_id).await? {
+            return Ok(m);
+        }
+        let link = match find_by_creation(halo, kind, billing_id).await?.first() {
+            Some(first) => first.clone(),
+            None => {
+                let created = create().await?;
+                let links = find_by_creation(halo, kind, billing_id).await?;
+                let ours = links.iter().find(|l| l.halo_id == created).cloned();
+                match (links.first().cloned(), ours) {
+                    (Some(first), Some(ours)) if first.id != ours.id => {
+                        tracing::warn!(
+                            billing_id,
+                            duplicate = ours.halo_id,
+                            kept = first.halo_id,
+                            kind = kind.name,
+                            "two workers created the same record; removing ours"
+                        );
+                        delete_record(ours.halo_id).await?;
+                        halo.delete(&format!("/ExternalLink/{}", ours.id)).await?;
+                        first
+                    }
+                    (Some(first), _) => first,
+                    (None, _) => {
+                        let saved = halo
+                            .save(
+                                "/ExternalLink",
+                                json!({
+                                    "halo_id": created,
+                                    "table_id": kind.table_id,
+                                    "third_party_id": billing_id,
+                                    "third_party_type": kind.third_party_type,
+                                }),
+                            )
+                            .await?;
+                        Link {
+                            id: record_id(&saved).unwrap_or(0),
+                            halo_id: created,
+                            version: None,
+                        }
+                    }
+                }
+            }
+        };
+        let m = Mapping {
+            halo_id: link.halo_id,
+            link_id: (link.id != 0).then_some(link.id),
+            version: None,
+        };
+        store.set_mapping(conn, kind.name, billing_id, &m).await?;
+        Ok(m)
+    }
+    .await;
+    if let Err(e) = lock.release().await {
+        tracing::warn!(error = %e, "could not release a lock; it expires on its own");
+    }
+    result
 }
 
 fn str_field(v: &Value, key: &str) -> Option<String> {

@@ -228,6 +228,9 @@ impl TokenProvider {
             // never the secret (it is in the body).
             .map_err(|e| HaloError::Network(format!("token endpoint: {}", e.without_url())))?;
         let status = response.status().as_u16();
+        metrics::counter!("halosync_token_requests_total", "connection" => self.conn.name.clone(),
+            "status" => status.to_string())
+        .increment(1);
         let body = response
             .text()
             .await

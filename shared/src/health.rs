@@ -1,0 +1,126 @@
+//! A worker's HTTP side: `/metrics` (Prometheus text), `/healthz` (the
+//! process is alive) and `/readyz` (connected to the broker and Redis, and
+//! consuming), on `worker.health_port` (0 disables it).
+//!
+//! Metrics go through the `metrics` facade (recorded where they happen:
+//! the runtime, the HaloPSA client, the token provider, the rate limiter);
+//! this module installs the Prometheus recorder and serves it. Labels are
+//! bounded: family, outcome, class, connection (configured), endpoint (a
+//! path template with ids replaced by `{id}`) and HTTP status; never an
+//! event, account or subscription id.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::runtime::Services;
+
+/// Installs the global Prometheus recorder (once per process).
+pub fn install_recorder() -> Option<PrometheusHandle> {
+    let buckets = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    let batch = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), &batch))
+        .and_then(|b| b.install_recorder())
+        .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+        .ok()
+}
+
+#[derive(Clone)]
+struct AppState {
+    services: Arc<Services>,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// Serves the endpoints until the process ends.
+pub async fn serve(port: u16, services: Arc<Services>, metrics: Option<PrometheusHandle>) {
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(AppState { services, metrics });
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "health server stopped");
+            }
+        }
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "cannot bind the health port (worker.health_port)")
+        }
+    }
+}
+
+async fn render_metrics(State(s): State<AppState>) -> (StatusCode, String) {
+    match &s.metrics {
+        Some(h) => (StatusCode::OK, h.render()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed\n".into(),
+        ),
+    }
+}
+
+async fn ready(State(s): State<AppState>) -> (StatusCode, String) {
+    if !s.services.ready.load(Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not consuming (broker connection down or starting)\n".into(),
+        );
+    }
+    let mut r = s.services.store.redis();
+    let ping: Result<String, _> = redis::cmd("PING").query_async(&mut r).await;
+    match ping {
+        Ok(_) => (StatusCode::OK, "ready\n".into()),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("redis unavailable: {e}\n"),
+        ),
+    }
+}
+
+/// `/Client/12` → `/Client/{id}` (bounded label values).
+pub fn endpoint_label(path: &str) -> String {
+    path.split('/')
+        .map(|seg| {
+            if !seg.is_empty()
+                && seg
+                    .trim_start_matches('-')
+                    .chars()
+                    .all(|c| c.is_ascii_digit())
+            {
+                "{id}"
+            } else {
+                seg
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn endpoint_labels_hide_ids() {
+        assert_eq!(super::endpoint_label("/Client/12"), "/Client/{id}");
+        assert_eq!(
+            super::endpoint_label("/RecurringInvoice/-94"),
+            "/RecurringInvoice/{id}"
+        );
+        assert_eq!(
+            super::endpoint_label("/RecurringInvoice/updatelines"),
+            "/RecurringInvoice/updatelines"
+        );
+    }
+}
