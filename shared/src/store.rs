@@ -136,6 +136,7 @@ impl Store {
     }
 
     /// The outcome recorded for an event id, if it was processed before.
+    #[tracing::instrument(name = "redis.processed", skip_all, level = "info")]
     pub async fn processed(
         &self,
         conn: &str,
@@ -146,6 +147,7 @@ impl Store {
     }
 
     /// Records that an event id was processed, with its outcome.
+    #[tracing::instrument(name = "redis.mark_processed", skip_all, level = "info")]
     pub async fn mark_processed(
         &self,
         conn: &str,
@@ -163,6 +165,7 @@ impl Store {
         Ok(())
     }
 
+    #[tracing::instrument(name = "redis.mapping", skip_all, level = "info")]
     pub async fn mapping(
         &self,
         conn: &str,
@@ -177,6 +180,7 @@ impl Store {
         Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
     }
 
+    #[tracing::instrument(name = "redis.set_mapping", skip_all, level = "info")]
     pub async fn set_mapping(
         &self,
         conn: &str,
@@ -192,6 +196,7 @@ impl Store {
         Ok(())
     }
 
+    #[tracing::instrument(name = "redis.forget_mapping", skip_all, level = "info")]
     pub async fn forget_mapping(
         &self,
         conn: &str,
@@ -207,6 +212,7 @@ impl Store {
 
     /// Takes the lock of one aggregate, waiting up to `wait` for it. The
     /// lock expires after `ttl` so that a crashed holder cannot block it.
+    #[tracing::instrument(name = "redis.lock", skip_all, level = "info")]
     pub async fn lock(
         &self,
         conn: &str,
@@ -285,6 +291,7 @@ impl Drop for AggregateLock {
 impl AggregateLock {
     /// Releases the lock if it is still ours (it may have expired and been
     /// taken by another worker, which must keep it).
+    #[tracing::instrument(name = "redis.unlock", skip_all, level = "info")]
     pub async fn release(self) -> Result<(), StateError> {
         self.renewer.abort();
         let mut r = self.redis.clone();

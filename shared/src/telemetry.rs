@@ -16,6 +16,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 
 /// Flushes pending spans when dropped (keep it alive in `main`).
 pub struct TelemetryGuard {
@@ -57,6 +58,27 @@ pub fn init(service: &str) -> TelemetryGuard {
     if let Err(e) = result {
         eprintln!("telemetry: a subscriber was already installed: {e}");
     }
+    TelemetryGuard { provider }
+}
+
+/// For the operator's tool: OTLP traces when configured, and logs on
+/// stderr only when `RUST_LOG` is set (stdout is the command's output).
+pub fn init_cli(service: &str) -> TelemetryGuard {
+    let provider = otlp_provider(service);
+    let fmt = std::env::var_os("RUST_LOG").map(|_| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(EnvFilter::from_default_env())
+    });
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(service.to_string()))
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+    });
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init();
     TelemetryGuard { provider }
 }
 

@@ -153,6 +153,11 @@ client_secret_env = "{SECRET_ENV}"
 
     /// Starts one worker binary (`halosync-account`, ...) as a child.
     pub fn spawn_worker(&mut self, binary: &str) -> usize {
+        self.spawn_worker_with(binary, &[])
+    }
+
+    /// Starts a worker with extra environment variables.
+    pub fn spawn_worker_with(&mut self, binary: &str, env: &[(&str, &str)]) -> usize {
         let log = self.dir.join(format!("{binary}-{}.log", self.next_worker));
         self.next_worker += 1;
         let out = std::fs::File::create(&log).expect("log file");
@@ -162,6 +167,7 @@ client_secret_env = "{SECRET_ENV}"
             .env(SECRET_ENV, &self.secret)
             .env("RUST_LOG", "info")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -544,4 +550,67 @@ pub fn customers_of(env: &TestEnv, account_id: &str) -> Vec<Value> {
         .into_iter()
         .filter(|c| c["id"].as_i64().is_some_and(|id| ids.contains(&id)))
         .collect()
+}
+
+/// A `subscription.*` event: product `MS-365-BP` ("Microsoft 365 Business
+/// Premium") at `"22.00"` (cost `"18.70"`), GBP, monthly from 2026-11-01.
+/// Sequence 1 is a `subscription.created`, status `cancelled` a
+/// `subscription.cancelled`, anything else a `subscription.updated`. Tests
+/// change other fields on the returned value.
+pub fn subscription_event(
+    id: &str,
+    subscription_id: &str,
+    account_id: &str,
+    quantity: u64,
+    status: &str,
+    sequence: u64,
+) -> Value {
+    let ty = match (sequence, status) {
+        (_, "cancelled") => "subscription.cancelled",
+        (1, _) => "subscription.created",
+        _ => "subscription.updated",
+    };
+    json!({
+        "id": id,
+        "type": ty,
+        "schema_version": 1,
+        "connection": CONNECTION,
+        "occurred_at": "2026-11-22T10:15:00.123Z",
+        "sequence": sequence,
+        "data": {
+            "subscription_id": subscription_id,
+            "account_id": account_id,
+            "product": {"sku": "MS-365-BP", "name": "Microsoft 365 Business Premium"},
+            "quantity": quantity,
+            "unit_price": "22.00",
+            "unit_cost": "18.70",
+            "currency": "GBP",
+            "billing_cycle": "monthly",
+            "start_date": "2026-11-01",
+            "end_date": null,
+            "status": status
+        }
+    })
+}
+
+impl TestEnv {
+    /// Runs the operator's tool (`halosync ARGS...`) on this environment's
+    /// configuration; returns whether it succeeded, and its output.
+    pub fn run_halosync(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(binary_path("halosync"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .env(SECRET_ENV, &self.secret)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run halosync: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
 }

@@ -261,12 +261,9 @@ fn main() -> ExitCode {
         std::env::remove_var("HALOSYNC_CONFIG");
     }
     let cli = Cli::parse();
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .try_init();
-    }
+    // Traces (when OTEL_EXPORTER_OTLP_ENDPOINT is set) and, with RUST_LOG,
+    // logs on stderr; stdout stays the command's own output.
+    let _telemetry = halosync_shared::telemetry::init_cli("halosync");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

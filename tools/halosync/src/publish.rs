@@ -12,6 +12,7 @@ use std::fmt;
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tracing::Instrument;
 
 use anyhow::Context;
 use halosync_shared::amqp::{publisher::PublishError, Publisher, Topology};
@@ -361,6 +362,10 @@ async fn publish_all(
     let mut published = 0;
     let mut failed = Vec::new();
     for v in valid {
+        // Each event starts a trace; its `traceparent` header lets the
+        // worker's spans continue it (exported when OTEL_EXPORTER_OTLP_ENDPOINT
+        // is set).
+        let span = tracing::info_span!("publish", event_id = %v.event.id, event_type = %v.event.event_type);
         match publisher
             .publish_raw(
                 &v.event.id,
@@ -368,6 +373,7 @@ async fn publish_all(
                 v.raw.as_bytes(),
                 FieldTable::default(),
             )
+            .instrument(span)
             .await
         {
             Ok(()) => published += 1,
