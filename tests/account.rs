@@ -92,20 +92,7 @@ async fn lifecycle_ordering_and_duplicates() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_workers_racing_create_one_customer_each() {
-    let mut env = TestEnv::with(
-        "acct-race",
-        EnvOptions {
-            sim: SimConfig {
-                faults: Faults {
-                    latency_ms: 5,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut env = TestEnv::with("acct-race", EnvOptions::latency(5)).await;
     env.spawn_worker(WORKER);
     env.spawn_worker(WORKER);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -134,20 +121,7 @@ async fn two_workers_racing_create_one_customer_each() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_flushed_mid_stream_still_one_customer_each() {
-    let mut env = TestEnv::with(
-        "acct-flush",
-        EnvOptions {
-            sim: SimConfig {
-                faults: Faults {
-                    latency_ms: 3,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut env = TestEnv::with("acct-flush", EnvOptions::latency(3)).await;
     env.spawn_worker(WORKER);
     env.spawn_worker(WORKER);
     for seq in 1..=3u64 {
@@ -425,20 +399,7 @@ async fn invalid_messages_are_dead_lettered_at_once_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_with_messages_in_flight_loses_and_doubles_nothing() {
-    let mut env = TestEnv::with(
-        "acct-kill",
-        EnvOptions {
-            sim: SimConfig {
-                faults: Faults {
-                    latency_ms: 40,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut env = TestEnv::with("acct-kill", EnvOptions::latency(40)).await;
     let first = env.spawn_worker(WORKER);
     for i in 0..120 {
         env.publish(&account_event(
@@ -510,20 +471,7 @@ async fn broker_connection_dropped_worker_reconnects() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_finishes_in_flight_work_and_exits_zero() {
-    let mut env = TestEnv::with(
-        "acct-term",
-        EnvOptions {
-            sim: SimConfig {
-                faults: Faults {
-                    latency_ms: 30,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut env = TestEnv::with("acct-term", EnvOptions::latency(30)).await;
     let w = env.spawn_worker(WORKER);
     for i in 0..60 {
         env.publish(&account_event(
@@ -660,11 +608,20 @@ async fn worker_serves_metrics_health_and_readiness() {
     assert!(ready, "/readyz never became ready: {}", env.logs());
     let health = http.get(url("/healthz")).send().await.unwrap();
     assert!(health.status().is_success());
-    env.publish(&account_event("e1", "acc_1", "C", true, 1)).await;
+    env.publish(&account_event("e1", "acc_1", "C", true, 1))
+        .await;
     env.publish_raw("account.created", b"nope").await;
-    env.wait_for("applied", T, || env.clients().len() == 1).await;
+    env.wait_for("applied", T, || env.clients().len() == 1)
+        .await;
     env.wait_drained(Family::Account, T).await;
-    let text = http.get(url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = http
+        .get(url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for needle in [
         "halosync_messages_total{family=\"account\",outcome=\"applied\"} 1",
         "halosync_dead_letters_total{family=\"account\",class=\"invalid\"} 1",
@@ -687,5 +644,8 @@ async fn worker_serves_metrics_health_and_readiness() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(saw_unready, "/readyz stayed ready without a broker connection");
+    assert!(
+        saw_unready,
+        "/readyz stayed ready without a broker connection"
+    );
 }

@@ -53,6 +53,27 @@ impl Default for EnvOptions {
     }
 }
 
+impl EnvOptions {
+    /// Default options with halo-sim started under these faults.
+    pub fn faults(faults: halo_sim::Faults) -> EnvOptions {
+        EnvOptions {
+            sim: SimConfig {
+                faults,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Default options with a fixed latency on every HaloPSA request.
+    pub fn latency(ms: u64) -> EnvOptions {
+        EnvOptions::faults(halo_sim::Faults {
+            latency_ms: ms,
+            ..Default::default()
+        })
+    }
+}
+
 /// One isolated world: prefix, halo-sim, config file, worker processes.
 pub struct TestEnv {
     pub prefix: String,
