@@ -649,3 +649,55 @@ async fn worker_serves_metrics_health_and_readiness() {
         "/readyz stayed ready without a broker connection"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn four_workers_together_stay_within_a_tight_shared_budget() {
+    // 12 requests per 2 s for all processes together; HaloPSA (the sim)
+    // would answer 429 past 12 in its own 2 s window.
+    let mut env = TestEnv::with(
+        "acct-budget",
+        EnvOptions {
+            sim: SimConfig {
+                faults: Faults {
+                    rate_limit: Some(RateLimit {
+                        requests: 12,
+                        window_secs: 2,
+                        retry_after: true,
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            connection_extra: "requests_per_window = 12\nwindow_seconds = 2".into(),
+            extra: "[worker]\nrate_margin_ms = 300\n".into(),
+            max_attempts: 20,
+        },
+    )
+    .await;
+    for _ in 0..4 {
+        env.spawn_worker(WORKER);
+    }
+    for i in 0..16 {
+        env.publish(&account_event(
+            &format!("e{i}"),
+            &format!("acc_{i}"),
+            "C",
+            true,
+            1,
+        ))
+        .await;
+    }
+    env.wait_for("all applied", Duration::from_secs(90), || {
+        env.clients().len() == 16
+    })
+    .await;
+    env.wait_drained(Family::Account, Duration::from_secs(60))
+        .await;
+    let max = env.sim.max_requests_in_any_window(2);
+    assert!(
+        max <= 12,
+        "{max} requests reached HaloPSA within 2 s (budget 12)"
+    );
+    assert_eq!(env.sim.rate_limited(), 0, "HaloPSA answered 429");
+    assert!(env.take_dead(Family::Account).await.is_empty());
+}

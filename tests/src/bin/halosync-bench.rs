@@ -50,7 +50,7 @@ async fn main() {
                     .unwrap_or_else(|| usage("--events needs a number, e.g. --events 5000"))
             }
             "-h" | "--help" => usage(""),
-            s if ["raw", "account-create", "account-update"].contains(&s) => {
+            s if ["raw", "account-create", "account-update", "scale"].contains(&s) => {
                 scenarios.push(s.to_string())
             }
             other => usage(&format!("unknown scenario {other:?}")),
@@ -61,17 +61,22 @@ async fn main() {
             "raw".into(),
             "account-create".into(),
             "account-update".into(),
+            "scale".into(),
         ];
     }
     let mut rows = Vec::new();
     for s in &scenarios {
         eprintln!("running {s} with {events} events...");
-        let row = match s.as_str() {
-            "raw" => raw(events).await,
-            "account-create" => account(events, false).await,
-            _ => account(events, true).await,
-        };
-        rows.push(row);
+        match s.as_str() {
+            "raw" => rows.push(raw(events).await),
+            "account-create" => rows.push(account(events, false).await),
+            "account-update" => rows.push(account(events, true).await),
+            _ => {
+                for workers in [1, 2, 4] {
+                    rows.push(scale(events.min(2000), workers).await);
+                }
+            }
+        }
     }
     let raw_rate = rows.iter().find(|r| r.scenario == "raw").map(Row::rate);
     println!();
@@ -110,7 +115,7 @@ fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("halosync-bench: {problem}");
     }
-    eprintln!("usage: halosync-bench [--events N] [raw] [account-create] [account-update]");
+    eprintln!("usage: halosync-bench [--events N] [raw] [account-create] [account-update] [scale]");
     std::process::exit(if problem.is_empty() { 0 } else { 2 })
 }
 
@@ -272,6 +277,60 @@ async fn account(n: usize, updates: bool) -> Row {
         } else {
             "one new customer per event; prefetch 32".into()
         },
+    }
+}
+
+/// Issue "running at scale": 1, 2 and 4 `halosync-account` processes
+/// against halo-sim with 20 ms latency on every request and a generous
+/// budget. Also checks that no event was applied twice.
+async fn scale(n: usize, workers: usize) -> Row {
+    let mut env = TestEnv::with("bench-scale", EnvOptions::latency(20)).await;
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            json_body(&account_event(
+                &format!("e{i}"),
+                &format!("acc_{i}"),
+                "Scale",
+                true,
+                1,
+            ))
+        })
+        .collect();
+    publish_events(&env, bodies).await;
+    let mut pids = Vec::new();
+    for _ in 0..workers {
+        let w = env.spawn_worker("halosync-account");
+        pids.push(w);
+    }
+    let queue = env.topology.work_queue(Family::Account);
+    while env.depth(&queue).await as usize == n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    env.wait_for("all applied", Duration::from_secs(1800), || {
+        env.sim.clients().len() >= n
+    })
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    env.wait_drained(Family::Account, Duration::from_secs(60))
+        .await;
+    let creates = env.count("POST /api/Client");
+    let clients = env.sim.clients().len();
+    let requests = env.sim.counts().values().sum::<u64>();
+    let rss = pids
+        .iter()
+        .filter_map(|w| peak_rss_kib(env.worker(*w).child.id()))
+        .max();
+    Row {
+        scenario: format!("scale-{workers}"),
+        events: n,
+        seconds,
+        requests: Some(requests),
+        peak_rss_kib: rss,
+        note: format!(
+            "{workers} process(es), 20 ms HaloPSA latency; {clients} customers from {creates} creates{}",
+            if clients == n && creates as usize == n { " (none twice)" } else { " (DUPLICATES!)" }
+        ),
     }
 }
 
