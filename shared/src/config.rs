@@ -109,6 +109,11 @@ pub struct WorkerSettings {
     pub http_timeout_ms: u64,
     /// Port for /metrics, /healthz and /readyz; 0 disables the endpoint.
     pub health_port: u16,
+    /// Batching workers (usage, overage): most messages in one batch.
+    pub batch_max: u16,
+    /// Batching workers: how long a batch waits for more messages after
+    /// its first one.
+    pub batch_wait_ms: u64,
 }
 
 impl Default for WorkerSettings {
@@ -124,6 +129,8 @@ impl Default for WorkerSettings {
             rate_margin_ms: 1_000,
             http_timeout_ms: 30_000,
             health_port: 0,
+            batch_max: 200,
+            batch_wait_ms: 200,
         }
     }
 }

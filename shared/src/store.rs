@@ -165,6 +165,49 @@ impl Store {
         Ok(())
     }
 
+    /// Which of `event_ids` were processed before (one round trip).
+    #[tracing::instrument(name = "redis.processed_many", skip_all, level = "info")]
+    pub async fn processed_many(
+        &self,
+        conn: &str,
+        event_ids: &[String],
+    ) -> Result<Vec<bool>, StateError> {
+        if event_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = event_ids
+            .iter()
+            .map(|id| self.keys.key(conn, &["event", id]))
+            .collect();
+        let mut r = self.redis.clone();
+        let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut r).await?;
+        Ok(values.into_iter().map(|v| v.is_some()).collect())
+    }
+
+    /// Records several processed events (one round trip).
+    #[tracing::instrument(name = "redis.mark_processed_many", skip_all, level = "info")]
+    pub async fn mark_processed_many(
+        &self,
+        conn: &str,
+        done: &[(String, &str)],
+    ) -> Result<(), StateError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (id, outcome) in done {
+            pipe.set_ex(
+                self.keys.key(conn, &["event", id]),
+                *outcome,
+                self.ledger_ttl.as_secs().max(1),
+            )
+            .ignore();
+        }
+        let mut r = self.redis.clone();
+        let _: () = pipe.query_async(&mut r).await?;
+        Ok(())
+    }
+
     #[tracing::instrument(name = "redis.mapping", skip_all, level = "info")]
     pub async fn mapping(
         &self,

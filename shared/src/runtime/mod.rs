@@ -44,6 +44,8 @@ use crate::error::{excerpt, Failure, FailureClass, DEAD_CLASS_EXHAUSTED};
 use crate::halo::{self, HaloClient};
 use crate::store::{self, Keys, Store};
 
+mod batch;
+
 /// What an applied event did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -76,6 +78,29 @@ pub trait Handler: Send + Sync + 'static {
         halo: &HaloClient,
         event: &Envelope,
     ) -> Result<Outcome, Failure>;
+
+    /// Whether the runtime hands this handler batches (usage, overage):
+    /// what the broker has ready, bounded by `worker.batch_max` and
+    /// `worker.batch_wait_ms`, with only the newest event per aggregate.
+    fn batching(&self) -> bool {
+        false
+    }
+
+    /// Applies several events of one connection, each of a different
+    /// aggregate, whose locks the runtime holds. Returns one result per
+    /// event, in order. The default applies them one by one.
+    async fn apply_batch(
+        &self,
+        ctx: &Services,
+        halo: &HaloClient,
+        events: &[Envelope],
+    ) -> Vec<Result<Outcome, Failure>> {
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            out.push(self.apply(ctx, halo, e).await);
+        }
+        out
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,8 +244,16 @@ async fn session(
     }
     let publisher =
         Publisher::on_channel(conn.create_channel().await?, services.topology.clone()).await?;
+    // A batching worker needs room for a whole batch, and the next one
+    // filling while the first is written.
+    let w = &services.config.worker;
+    let prefetch = if handler.batching() {
+        w.prefetch.max(w.batch_max.saturating_mul(2))
+    } else {
+        w.prefetch
+    };
     channel
-        .basic_qos(services.config.worker.prefetch, BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     let tag = format!("{name}:{}", uuid::Uuid::new_v4().simple());
     let mut consumer = channel
@@ -232,12 +265,34 @@ async fn session(
         )
         .await?;
     services.ready.store(true, Ordering::SeqCst);
-    tracing::info!(queue = %services.topology.work_queue(family), prefetch = services.config.worker.prefetch, "consuming");
+    tracing::info!(queue = %services.topology.work_queue(family), prefetch, "consuming");
     let tracker = TaskTracker::new();
+    let batching = handler.batching();
+    let w = &services.config.worker;
+    let batch_max = usize::from(w.batch_max.max(1));
+    let batch_wait = Duration::from_millis(w.batch_wait_ms);
+    let mut batch: Vec<Delivery> = Vec::new();
+    let mut batch_deadline = tokio::time::Instant::now();
     let lost = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break None,
+            _ = tokio::time::sleep_until(batch_deadline), if !batch.is_empty() => {
+                let (services, handler, publisher) = (services.clone(), handler.clone(), publisher.clone());
+                let taken = std::mem::take(&mut batch);
+                tracker.spawn(async move { batch::settle_batch(services, handler, publisher, taken).await });
+            }
             next = consumer.next() => match next {
+                Some(Ok(delivery)) if batching => {
+                    if batch.is_empty() {
+                        batch_deadline = tokio::time::Instant::now() + batch_wait;
+                    }
+                    batch.push(delivery);
+                    if batch.len() >= batch_max {
+                        let (services, handler, publisher) = (services.clone(), handler.clone(), publisher.clone());
+                        let taken = std::mem::take(&mut batch);
+                        tracker.spawn(async move { batch::settle_batch(services, handler, publisher, taken).await });
+                    }
+                }
                 Some(Ok(delivery)) => {
                     let services = services.clone();
                     let handler = handler.clone();
@@ -250,6 +305,13 @@ async fn session(
         }
     };
     services.ready.store(false, Ordering::SeqCst);
+    if lost.is_none() && !batch.is_empty() {
+        // Shutting down: the collected batch is in flight; finish it.
+        let (services, handler, publisher) = (services.clone(), handler.clone(), publisher.clone());
+        let taken = std::mem::take(&mut batch);
+        tracker
+            .spawn(async move { batch::settle_batch(services, handler, publisher, taken).await });
+    }
     tracker.close();
     if let Some(e) = lost {
         // The channel is gone: deliveries in flight can no longer be acked
@@ -280,17 +342,9 @@ async fn session(
     Ok(())
 }
 
-/// Processes one delivery and settles it (ack / retry / dead / requeue).
-async fn settle(
-    services: Arc<Services>,
-    handler: Arc<dyn Handler>,
-    publisher: Publisher,
-    delivery: Delivery,
-) {
-    let headers = delivery.properties.headers().clone();
-    let attempts_before = h::get_i64(headers.as_ref(), h::ATTEMPTS)
-        .unwrap_or(0)
-        .max(0) as u32;
+/// The `message` span of one delivery, continuing the publisher's trace.
+fn message_span(family: Family, delivery: &Delivery, attempts_before: u32) -> tracing::Span {
+    let headers = delivery.properties.headers().as_ref();
     let span = tracing::info_span!(
         "message",
         event_id = tracing::field::Empty,
@@ -298,13 +352,32 @@ async fn settle(
         connection = tracing::field::Empty,
         aggregate = tracing::field::Empty,
         attempt = attempts_before + 1,
-        family = %handler.family(),
+        family = %family,
     );
     crate::telemetry::continue_trace(
         &span,
-        h::get_str(headers.as_ref(), h::TRACEPARENT),
-        h::get_str(headers.as_ref(), h::TRACESTATE),
+        h::get_str(headers, h::TRACEPARENT),
+        h::get_str(headers, h::TRACESTATE),
     );
+    span
+}
+
+/// Failed attempts so far, from `x-halosync-attempts`.
+fn attempts_of(delivery: &Delivery) -> u32 {
+    h::get_i64(delivery.properties.headers().as_ref(), h::ATTEMPTS)
+        .unwrap_or(0)
+        .max(0) as u32
+}
+
+/// Processes one delivery and settles it (ack / retry / dead / requeue).
+async fn settle(
+    services: Arc<Services>,
+    handler: Arc<dyn Handler>,
+    publisher: Publisher,
+    delivery: Delivery,
+) {
+    let attempts_before = attempts_of(&delivery);
+    let span = message_span(handler.family(), &delivery, attempts_before);
     async move {
         let started = Instant::now();
         // A panic inside the handler must not lose the message: it is
@@ -323,31 +396,72 @@ async fn settle(
             Ok(d) => d,
             Err(e) => (Decision::Requeue(format!("handler panicked: {e}")), None),
         };
-        let outcome = match &decision {
-            Decision::Ack(o) => o.to_string(),
-            Decision::Retry(_) => "retried".into(),
-            Decision::Dead(_) => "dead-lettered".into(),
-            Decision::Requeue(_) => "requeued".into(),
-        };
-        let settled = apply_decision(&services, handler.family(), &publisher, &delivery, attempts_before, event.as_ref(), decision).await;
-        let elapsed = started.elapsed();
-        let duration_ms = elapsed.as_millis() as u64;
-        let family = handler.family().as_str();
-        metrics::counter!("halosync_messages_total", "family" => family, "outcome" => outcome.clone()).increment(1);
-        metrics::histogram!("halosync_processing_seconds", "family" => family).record(elapsed.as_secs_f64());
-        if let Ok(Some(f)) = &settled {
-            if outcome == "dead-lettered" {
-                metrics::counter!("halosync_dead_letters_total", "family" => family, "class" => f.class.as_str()).increment(1);
-            }
-        }
-        match settled {
-            Ok(Some(f)) => tracing::warn!(outcome, duration_ms, class = %f.class, error = %f.message, halo_status = f.halo_status, "message settled"),
-            Ok(None) => tracing::info!(outcome, duration_ms, "message settled"),
-            Err(e) => tracing::error!(outcome, duration_ms, error = %e, "could not settle the message; the broker will redeliver it"),
-        }
+        finish(
+            &services,
+            handler.family(),
+            &publisher,
+            &delivery,
+            attempts_before,
+            event.as_ref(),
+            decision,
+            started,
+        )
+        .await;
     }
     .instrument(span)
     .await
+}
+
+/// Settles one delivery and records its outcome: one log line (in the
+/// message's span) and the metrics.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    services: &Services,
+    family: Family,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    attempts_before: u32,
+    event: Option<&Envelope>,
+    decision: Decision,
+    started: Instant,
+) {
+    let outcome = match &decision {
+        Decision::Ack(o) => o.to_string(),
+        Decision::Retry(_) => "retried".into(),
+        Decision::Dead(_) => "dead-lettered".into(),
+        Decision::Requeue(_) => "requeued".into(),
+    };
+    let settled = apply_decision(
+        services,
+        family,
+        publisher,
+        delivery,
+        attempts_before,
+        event,
+        decision,
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let duration_ms = elapsed.as_millis() as u64;
+    let family = family.as_str();
+    metrics::counter!("halosync_messages_total", "family" => family, "outcome" => outcome.clone())
+        .increment(1);
+    metrics::histogram!("halosync_processing_seconds", "family" => family)
+        .record(elapsed.as_secs_f64());
+    if let Ok(Some(f)) = &settled {
+        if outcome == "dead-lettered" {
+            metrics::counter!("halosync_dead_letters_total", "family" => family, "class" => f.class.as_str()).increment(1);
+        }
+    }
+    match settled {
+        Ok(Some(f)) => {
+            tracing::warn!(outcome, duration_ms, class = %f.class, error = %f.message, halo_status = f.halo_status, "message settled")
+        }
+        Ok(None) => tracing::info!(outcome, duration_ms, "message settled"),
+        Err(e) => {
+            tracing::error!(outcome, duration_ms, error = %e, "could not settle the message; the broker will redeliver it")
+        }
+    }
 }
 
 /// Validation, ledger, lock, handler: everything but settling.
@@ -363,25 +477,55 @@ async fn decide(
         Ok(e) => e,
         Err(e) => return (Decision::Dead(e.into()), None),
     };
+    record_event(&event);
+    let decision = match check(services, handler, &event) {
+        Ok((halo, aggregate)) => {
+            match run_handler(services, handler, halo, &event, &aggregate).await {
+                Ok(outcome) => Decision::Ack(outcome),
+                Err(f) if f.class.is_retried() => Decision::Retry(f),
+                Err(f) => Decision::Dead(f),
+            }
+        }
+        Err(f) => Decision::Dead(f),
+    };
+    (decision, Some(event))
+}
+
+/// The decision for a handler's result.
+fn apply_decision_outcome(result: Result<Outcome, Failure>) -> Decision {
+    match result {
+        Ok(outcome) => Decision::Ack(outcome.as_str()),
+        Err(f) if f.class.is_retried() => Decision::Retry(f),
+        Err(f) => Decision::Dead(f),
+    }
+}
+
+/// Puts the event's fields on the current (message) span.
+fn record_event(event: &Envelope) {
     let span = tracing::Span::current();
     span.record("event_id", event.id.as_str());
     span.record("event_type", event.event_type.as_str());
     span.record("connection", event.connection.as_str());
-    let decision = decide_event(services, handler, &event).await;
-    (decision, Some(event))
 }
 
-async fn decide_event(services: &Services, handler: &dyn Handler, event: &Envelope) -> Decision {
+/// The checks every valid event passes before its handler: right family,
+/// a configured connection, an aggregate key. Returns the connection's
+/// client and the aggregate.
+fn check<'a>(
+    services: &'a Services,
+    handler: &dyn Handler,
+    event: &Envelope,
+) -> Result<(&'a Arc<HaloClient>, String), Failure> {
     let family = handler.family();
     if event.family() != Some(family) {
-        return Decision::Dead(Failure::invalid(format!(
+        return Err(Failure::invalid(format!(
             "type {} is not handled by the {family} worker (it was published to the wrong queue)",
             event.event_type
         )));
     }
     let Some(halo) = services.halo.get(&event.connection) else {
         let known: Vec<&str> = services.halo.keys().map(String::as_str).collect();
-        return Decision::Dead(Failure::invalid(format!(
+        return Err(Failure::invalid(format!(
             "unknown connection {:?}; configured connections: {}",
             event.connection,
             if known.is_empty() {
@@ -391,16 +535,9 @@ async fn decide_event(services: &Services, handler: &dyn Handler, event: &Envelo
             }
         )));
     };
-    let aggregate = match handler.aggregate(event) {
-        Ok(a) => a,
-        Err(f) => return Decision::Dead(f),
-    };
+    let aggregate = handler.aggregate(event)?;
     tracing::Span::current().record("aggregate", aggregate.as_str());
-    match run_handler(services, handler, halo, event, &aggregate).await {
-        Ok(outcome) => Decision::Ack(outcome),
-        Err(f) if f.class.is_retried() => Decision::Retry(f),
-        Err(f) => Decision::Dead(f),
-    }
+    Ok((halo, aggregate))
 }
 
 async fn run_handler(

@@ -1,0 +1,253 @@
+//! Coalescing for batching handlers (usage, overage): the consume loop
+//! hands over what the broker had ready (at most `worker.batch_max`, or
+//! what arrived within `worker.batch_wait_ms` of the first message); here
+//! each message is validated and deduplicated, only the newest event per
+//! aggregate goes to the handler (the others are acked as superseded: the
+//! newest carries the full state), and every message is settled with the
+//! same guarantees as one at a time — acked only after its effect is
+//! written, or after its retry or dead-letter copy is confirmed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::message::Delivery;
+use tracing::Instrument;
+
+use super::{
+    apply_decision_outcome, attempts_of, check, finish, message_span, record_event, Decision,
+    Handler, Services,
+};
+use crate::amqp::Publisher;
+use crate::contract::{Envelope, Version};
+use crate::error::Failure;
+use crate::halo::HaloClient;
+
+struct Item {
+    delivery: Delivery,
+    attempts_before: u32,
+    span: tracing::Span,
+    event: Option<Envelope>,
+    decision: Option<Decision>,
+}
+
+/// Processes and settles one batch of deliveries.
+pub(super) async fn settle_batch(
+    services: Arc<Services>,
+    handler: Arc<dyn Handler>,
+    publisher: Publisher,
+    deliveries: Vec<Delivery>,
+) {
+    let started = Instant::now();
+    let family = handler.family();
+    metrics::histogram!("halosync_batch_size", "family" => family.as_str())
+        .record(deliveries.len() as f64);
+    let mut items: Vec<Item> = deliveries
+        .into_iter()
+        .map(|delivery| {
+            let attempts_before = attempts_of(&delivery);
+            let span = message_span(family, &delivery, attempts_before);
+            Item {
+                delivery,
+                attempts_before,
+                span,
+                event: None,
+                decision: None,
+            }
+        })
+        .collect();
+
+    // 1. Validate and check; group the rest by connection and aggregate,
+    //    keeping the newest version of each aggregate.
+    // (connection, aggregate) -> (index of the newest item, its version)
+    let mut newest: HashMap<(String, String), (usize, Version)> = HashMap::new();
+    for i in 0..items.len() {
+        let item = &mut items[i];
+        let _g = item.span.enter();
+        let event = match services.contract.validate(
+            &item.delivery.data,
+            services.config.worker.max_message_bytes,
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                item.decision = Some(Decision::Dead(e.into()));
+                continue;
+            }
+        };
+        record_event(&event);
+        let checked = check(&services, handler.as_ref(), &event)
+            .and_then(|(_, aggregate)| event.version().map(|v| (aggregate, v)));
+        let (aggregate, version) = match checked {
+            Ok(x) => x,
+            Err(f) => {
+                item.event = Some(event);
+                item.decision = Some(Decision::Dead(f));
+                continue;
+            }
+        };
+        let key = (event.connection.clone(), aggregate);
+        item.event = Some(event);
+        drop(_g);
+        match newest.get(&key) {
+            Some((_, v)) if version.is_superseded_by(v) => {
+                items[i].decision = Some(Decision::Ack("superseded"));
+            }
+            Some((j, _)) => {
+                items[*j].decision = Some(Decision::Ack("superseded"));
+                newest.insert(key, (i, version));
+            }
+            None => {
+                newest.insert(key, (i, version));
+            }
+        }
+    }
+
+    // 2. Per connection: ledger, locks, one apply_batch.
+    let mut by_conn: HashMap<String, Vec<(usize, String)>> = HashMap::new();
+    for ((conn, aggregate), (i, _)) in newest {
+        by_conn.entry(conn).or_default().push((i, aggregate));
+    }
+    for (conn, mut members) in by_conn {
+        members.sort_by_key(|(i, _)| *i);
+        let Some(halo) = services.halo.get(&conn).cloned() else {
+            continue;
+        };
+        run_connection(&services, &handler, halo, &conn, &mut items, members).await;
+    }
+
+    // 3. Settle every message in its own span.
+    for item in items {
+        let decision = item
+            .decision
+            .unwrap_or_else(|| Decision::Requeue("not decided (bug)".into()));
+        finish(
+            &services,
+            family,
+            &publisher,
+            &item.delivery,
+            item.attempts_before,
+            item.event.as_ref(),
+            decision,
+            started,
+        )
+        .instrument(item.span)
+        .await;
+    }
+}
+
+async fn run_connection(
+    services: &Arc<Services>,
+    handler: &Arc<dyn Handler>,
+    halo: Arc<HaloClient>,
+    conn: &str,
+    items: &mut [Item],
+    members: Vec<(usize, String)>,
+) {
+    let family = handler.family();
+    let w = &services.config.worker;
+    // Ledger: ids already processed are duplicates.
+    let ids: Vec<String> = members
+        .iter()
+        .map(|(i, _)| {
+            items[*i]
+                .event
+                .as_ref()
+                .map(|e| e.id.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    match services.store.processed_many(conn, &ids).await {
+        Ok(seen) => {
+            for ((i, _), seen) in members.iter().zip(seen) {
+                if seen {
+                    items[*i].decision = Some(Decision::Ack("duplicate"));
+                }
+            }
+        }
+        Err(e) => {
+            let f: Failure = e.into();
+            for (i, _) in &members {
+                items[*i].decision = Some(Decision::Retry(f.clone()));
+            }
+            return;
+        }
+    }
+    // Locks: an aggregate another worker holds is retried later (without
+    // using up an attempt); a batch never waits long for one.
+    let mut locks = Vec::new();
+    let mut work: Vec<usize> = Vec::new();
+    for (i, aggregate) in &members {
+        if items[*i].decision.is_some() {
+            continue;
+        }
+        let lock = services
+            .store
+            .lock(
+                conn,
+                &format!("{family}:{aggregate}"),
+                Duration::from_millis(w.lock_ttl_ms),
+                Duration::from_millis(w.lock_wait_ms.min(200)),
+            )
+            .await;
+        match lock {
+            Ok(l) => {
+                locks.push(l);
+                work.push(*i);
+            }
+            Err(e) => items[*i].decision = Some(Decision::Retry(e.into())),
+        }
+    }
+    if !work.is_empty() {
+        let events: Vec<Envelope> = work
+            .iter()
+            .filter_map(|i| items[*i].event.clone())
+            .collect();
+        let span = tracing::info_span!("batch", connection = conn, size = events.len());
+        let task = {
+            let services = services.clone();
+            let handler = handler.clone();
+            let halo = halo.clone();
+            tokio::spawn(
+                async move { handler.apply_batch(&services, &halo, &events).await }
+                    .instrument(span),
+            )
+        };
+        match task.await {
+            Ok(results) if results.len() == work.len() => {
+                let mut done = Vec::new();
+                for (i, result) in work.iter().zip(results) {
+                    let decision = apply_decision_outcome(result);
+                    if let Decision::Ack(outcome) = &decision {
+                        if let Some(e) = &items[*i].event {
+                            done.push((e.id.clone(), *outcome));
+                        }
+                    }
+                    items[*i].decision = Some(decision);
+                }
+                if let Err(e) = services.store.mark_processed_many(conn, &done).await {
+                    tracing::warn!(error = %e, "could not record the batch in the ledger");
+                }
+            }
+            Ok(results) => {
+                let msg = format!(
+                    "handler returned {} results for {} events (bug)",
+                    results.len(),
+                    work.len()
+                );
+                for i in &work {
+                    items[*i].decision = Some(Decision::Requeue(msg.clone()));
+                }
+            }
+            Err(e) => {
+                for i in &work {
+                    items[*i].decision = Some(Decision::Requeue(format!("handler panicked: {e}")));
+                }
+            }
+        }
+    }
+    for l in locks {
+        if let Err(e) = l.release().await {
+            tracing::warn!(error = %e, "could not release an aggregate lock; it expires on its own");
+        }
+    }
+}
