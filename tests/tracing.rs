@@ -97,8 +97,14 @@ async fn publish_to_worker_to_halopsa_is_one_trace_even_across_a_retry() {
     let file = env.dir.join("events.jsonl");
     std::fs::write(
         &file,
-        serde_json::to_string(&account_event("evt_trace_1", "acc_1", "Traced Ltd", true, 1))
-            .unwrap(),
+        serde_json::to_string(&account_event(
+            "evt_trace_1",
+            "acc_1",
+            "Traced Ltd",
+            true,
+            1,
+        ))
+        .unwrap(),
     )
     .unwrap();
     let out = Command::new(binary_path("halosync"))
@@ -135,9 +141,16 @@ async fn publish_to_worker_to_halopsa_is_one_trace_even_across_a_retry() {
     assert!(publish.parent.is_empty(), "publish starts the trace");
     assert!(publish.service.contains("halosync"), "{publish:?}");
     let messages: Vec<&Span> = all.iter().filter(|s| s.name == "message").collect();
-    assert_eq!(messages.len(), 2, "one attempt failed, the retry succeeded: {all:#?}");
+    assert_eq!(
+        messages.len(),
+        2,
+        "one attempt failed, the retry succeeded: {all:#?}"
+    );
     for m in &messages {
-        assert_eq!(m.trace_id, publish.trace_id, "the worker continues the trace");
+        assert_eq!(
+            m.trace_id, publish.trace_id,
+            "the worker continues the trace"
+        );
         assert_eq!(m.parent, publish.span_id, "message is a child of publish");
         assert!(m.service.contains("halosync-account"), "{m:?}");
     }
