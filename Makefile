@@ -18,7 +18,7 @@ run: build
 
 ## Everything CI checks: formatting, lints, unit and integration tests
 ## (the integration tests need RabbitMQ and Redis running locally).
-test: services build lint
+test: services build lint check-deploy
 	$(CARGO) test --workspace --no-fail-fast
 
 ## Fails loudly (never skips) when RabbitMQ or Redis is not running.
@@ -34,11 +34,22 @@ fmt:
 
 ## Throughput and memory figures (release build); not part of `make test`.
 bench: services
-	$(CARGO) build --release --workspace --bins
+	$(RELEASE_BUILD)
 	./target/release/halosync-bench
 
+## The release build: the same command the Dockerfile runs.
 release:
-	$(CARGO) build --release --workspace --bins
+	$(RELEASE_BUILD)
 
 clean:
 	$(CARGO) clean
+
+## Deployment files (Dockerfile, deploy/): Kubernetes manifests against the
+## Kubernetes schemas, KEDA resources, the Compose file against the Compose
+## specification, RabbitMQ definitions against the workers' topology, and the
+## Dockerfile against RELEASE_BUILD and the workspace's binaries. Starts no
+## container; the first run creates .venv-deploy (pinned PyPI packages).
+RELEASE_BUILD = cargo build --release --locked --workspace --bins
+.PHONY: check-deploy
+check-deploy:
+	RELEASE_BUILD='$(RELEASE_BUILD)' CARGO='$(CARGO)' bash deploy/checks/check-deploy.sh

@@ -420,6 +420,10 @@ async fn sigkill_with_messages_in_flight_loses_and_doubles_nothing() {
         "the worker finished before it was killed"
     );
     env.spawn_worker(WORKER);
+    env.wait_for("all 120 applied", Duration::from_secs(90), || {
+        env.clients().len() >= 120
+    })
+    .await;
     env.wait_drained(Family::Account, Duration::from_secs(90))
         .await;
     for i in 0..120 {

@@ -327,7 +327,9 @@ client_secret_env = "{SECRET_ENV}"
             let unacked = self.unacked(&self.topology.work_queue(family));
             if total == 0 && unacked == 0 {
                 let since = *quiet_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > Duration::from_millis(300) {
+                // Longer than the longest test tier, so that a message moving
+                // between a delay queue and the work queue is not missed.
+                if since.elapsed() > Duration::from_millis(1000) {
                     return;
                 }
             } else {

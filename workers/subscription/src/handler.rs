@@ -1,0 +1,357 @@
+//! The subscription worker's [`Handler`]: one Software Licence per
+//! subscription under the account's customer, and one line per
+//! subscription on the customer's halosync recurring invoice
+//! ([`crate::invoice`]).
+//!
+//! Order of work for one event (the runtime holds the aggregate lock
+//! `subscription:<subscription_id>` throughout):
+//!
+//! 1. The sku's item mapping: missing → `unmapped` at once, before any
+//!    HaloPSA request. Then the money and quantity (`invalid` if unusable).
+//! 2. The account's customer: missing → `dependency` (retried through the
+//!    delay tiers; applied as soon as the account worker created it).
+//! 3. The licence: Redis, else the `halosync.subscription` ExternalLink,
+//!    else the customer's licences matched on the marker in
+//!    [`LICENCE_ID_FIELD`]. An event not newer than the version on the
+//!    link changes nothing. Update, or create.
+//! 4. The line ([`crate::invoice::sync_line`]).
+//! 5. The version on the link (created here, after the licence: the
+//!    reference does not list `new_external_link` for licences), then Redis.
+//!
+//! Each write sets absolute values, so a crash anywhere before step 5 is
+//! repaired by the redelivery; the version is written last so that it never
+//! claims more than HaloPSA holds.
+//!
+//! Steady state (Redis warm): three HaloPSA requests per event, the licence
+//! POST, the `updatelines` POST and the link's version POST.
+
+use async_trait::async_trait;
+use halosync_shared::config::ConnectionConfig;
+use halosync_shared::contract::{Envelope, Family, SubscriptionData, Version};
+use halosync_shared::halo::links::{self, CUSTOMER, SUBSCRIPTION};
+use halosync_shared::halo::{record_id, HaloClient};
+use halosync_shared::runtime::{Handler, Outcome, Services};
+use halosync_shared::store::Mapping;
+use halosync_shared::Failure;
+
+use crate::fence::Fence;
+use crate::invoice;
+use crate::mapping::{licence_record, licences_carrying, Terms, LICENCE_ID_FIELD};
+
+pub struct SubscriptionHandler;
+
+#[async_trait]
+impl Handler for SubscriptionHandler {
+    fn family(&self) -> Family {
+        Family::Subscription
+    }
+
+    fn aggregate(&self, event: &Envelope) -> Result<String, Failure> {
+        Ok(event.data_as::<SubscriptionData>()?.subscription_id)
+    }
+
+    async fn apply(
+        &self,
+        svc: &Services,
+        halo: &HaloClient,
+        event: &Envelope,
+    ) -> Result<Outcome, Failure> {
+        let data: SubscriptionData = event.data_as()?;
+        let version = event.version()?;
+        let item_id = item_for(halo.connection(), &data.product.sku)?;
+        let terms = Terms::of(&data)?;
+        let fence = Fence::take(svc, &event.connection, &data.subscription_id).await?;
+        let customer = links::require_customer(&svc.store, halo, &data.account_id).await?;
+        let marker = links::marker(&SUBSCRIPTION, &data.subscription_id);
+        let cx = Ctx {
+            svc,
+            halo,
+            data: &data,
+            terms: &terms,
+            customer_id: customer.halo_id,
+            item_id,
+            marker: &marker,
+            fence: &fence,
+        };
+        let (mut mapping, new_licence) = match cx.find_licence().await? {
+            Some(m) => {
+                if m.version()
+                    .is_some_and(|applied| version.is_superseded_by(&applied))
+                {
+                    return Ok(Outcome::Superseded);
+                }
+                cx.update_licence(&m).await?;
+                (m, false)
+            }
+            None => (cx.create_licence().await?, true),
+        };
+        invoice::sync_line(&cx, new_licence).await?;
+        cx.record_version(&mut mapping, &version).await?;
+        Ok(Outcome::Applied)
+    }
+}
+
+/// The HaloPSA item of a sku, from the connection's `[items]` map.
+fn item_for(conn: &ConnectionConfig, sku: &str) -> Result<i64, Failure> {
+    conn.items.get(sku).copied().ok_or_else(|| {
+        let name = &conn.name;
+        Failure::unmapped(format!(
+            "no HaloPSA item mapping for sku {sku:?} on connection {name}: add \"{sku}\" = <item id> under [connections.{name}.items] and replay"
+        ))
+    })
+}
+
+/// One event being applied: what every step needs.
+pub(crate) struct Ctx<'a> {
+    pub svc: &'a Services,
+    pub halo: &'a HaloClient,
+    pub data: &'a SubscriptionData,
+    pub terms: &'a Terms,
+    /// The HaloPSA customer of the subscription's account.
+    pub customer_id: i64,
+    /// The HaloPSA item of the subscription's sku.
+    pub item_id: i64,
+    /// `halosync.subscription:<subscription_id>`, in the records' own fields.
+    pub marker: &'a str,
+    pub fence: &'a Fence,
+}
+
+impl Ctx<'_> {
+    fn sub_id(&self) -> &str {
+        &self.data.subscription_id
+    }
+
+    /// Called before each write of the event's state (not before removing
+    /// a duplicate we created): see [`crate::fence`].
+    pub async fn still_ours(&self) -> Result<(), Failure> {
+        self.fence.check(self.svc).await
+    }
+
+    /// The licence of this subscription: Redis or the ExternalLink (with the
+    /// applied version), else the customer's licences carrying the marker
+    /// (no version: a licence whose link was never written, after a crash
+    /// between the two requests).
+    async fn find_licence(&self) -> Result<Option<Mapping>, Failure> {
+        if let Some(m) =
+            links::resolve(&self.svc.store, self.halo, &SUBSCRIPTION, self.sub_id()).await?
+        {
+            return Ok(Some(m));
+        }
+        let found = self.licences_with_marker().await?;
+        Ok(found.first().map(|&id| {
+            tracing::info!(
+                halo_id = id,
+                field = LICENCE_ID_FIELD,
+                "found the licence by its own field; its link is missing and will be written"
+            );
+            Mapping {
+                halo_id: id,
+                link_id: None,
+                version: None,
+            }
+        }))
+    }
+
+    /// The customer's licences (inactive ones too) carrying the marker,
+    /// lowest id first. `thirdparty_client_id` has no GET filter, so the
+    /// match is made here.
+    async fn licences_with_marker(&self) -> Result<Vec<i64>, Failure> {
+        let rows = self
+            .halo
+            .list(
+                "/SoftwareLicence",
+                "licences",
+                &[
+                    ("client_id", self.customer_id.to_string()),
+                    ("includeinactive", "true".into()),
+                ],
+            )
+            .await?;
+        Ok(licences_carrying(&rows, self.marker))
+    }
+
+    async fn update_licence(&self, m: &Mapping) -> Result<(), Failure> {
+        let body = licence_record(
+            self.data,
+            self.terms,
+            self.customer_id,
+            Some(m.halo_id),
+            self.marker,
+            self.halo.connection(),
+        );
+        self.still_ours().await?;
+        let Err(e) = self.halo.save("/SoftwareLicence", body).await else {
+            return Ok(());
+        };
+        if matches!(e.status(), Some(400 | 404))
+            && m.link_id.is_some()
+            && links::drop_if_stale(
+                &self.svc.store,
+                self.halo,
+                &SUBSCRIPTION,
+                self.sub_id(),
+                m.halo_id,
+            )
+            .await?
+        {
+            return Err(Failure::transient(format!(
+                "licence {} mapped to subscription {} is gone from HaloPSA; the stale mapping was dropped and the event is retried afresh",
+                m.halo_id,
+                self.sub_id()
+            )));
+        }
+        Err(e.into())
+    }
+
+    /// Creates the licence, then makes sure it is the only one carrying the
+    /// marker. Two workers can both create one when the aggregate lock was
+    /// lost (Redis flushed); the lowest id wins and the loser deletes the
+    /// licence it created moments before: the only DELETE of a licence
+    /// halosync ever makes (it holds no MSP data yet). Licences are
+    /// otherwise made inactive, never deleted. The loser's event is then
+    /// retried against the winner.
+    async fn create_licence(&self) -> Result<Mapping, Failure> {
+        let body = licence_record(
+            self.data,
+            self.terms,
+            self.customer_id,
+            None,
+            self.marker,
+            self.halo.connection(),
+        );
+        self.still_ours().await?;
+        let saved = match self.halo.save("/SoftwareLicence", body).await {
+            Ok(saved) => saved,
+            Err(e) if matches!(e.status(), Some(400 | 404)) => {
+                // A customer that is gone from HaloPSA (while Redis still
+                // maps the account to it) is a missing dependency, not a
+                // refusal of the licence.
+                let account = &self.data.account_id;
+                if links::drop_if_stale(
+                    &self.svc.store,
+                    self.halo,
+                    &CUSTOMER,
+                    account,
+                    self.customer_id,
+                )
+                .await?
+                {
+                    return Err(Failure::dependency(format!(
+                        "customer {} of account {account} is gone from HaloPSA; retried until the account is applied again",
+                        self.customer_id
+                    )));
+                }
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let created = record_id(&saved)
+            .ok_or_else(|| Failure::transient("HaloPSA saved the licence but returned no id"))?;
+        let found = self.licences_with_marker().await?;
+        match found.first() {
+            None => tracing::warn!(
+                halo_id = created,
+                field = LICENCE_ID_FIELD,
+                "the new licence is not listed with its subscription marker: HaloPSA did not keep the field, so only the ExternalLink can find it again"
+            ),
+            Some(&kept) if kept != created => {
+                tracing::warn!(
+                    duplicate = created,
+                    kept,
+                    "two workers created a licence for the same subscription; removing ours"
+                );
+                self.halo
+                    .delete(&format!("/SoftwareLicence/{created}"))
+                    .await?;
+                let mut f = Failure::transient(format!(
+                    "another worker created licence {kept} for subscription {} at the same time; ours ({created}) was removed and the event is retried against theirs",
+                    self.sub_id()
+                ));
+                // Like waiting for a lock: not a failed attempt.
+                f.throttled = true;
+                return Err(f);
+            }
+            Some(_) => {}
+        }
+        tracing::info!(halo_id = created, "created the licence");
+        Ok(Mapping {
+            halo_id: created,
+            link_id: None,
+            version: None,
+        })
+    }
+
+    /// Writes `version` on the link (creating the link if the licence has
+    /// none yet), then in Redis. A link created here is not atomic with the
+    /// licence, so two workers without the aggregate lock could each write
+    /// one: the earliest is kept, ours removed, so that the version lives in
+    /// one place.
+    async fn record_version(
+        &self,
+        mapping: &mut Mapping,
+        version: &Version,
+    ) -> Result<(), Failure> {
+        let store = &self.svc.store;
+        let wrote_link = mapping.link_id.is_none();
+        self.still_ours().await?;
+        links::record_version(
+            store,
+            self.halo,
+            &SUBSCRIPTION,
+            self.sub_id(),
+            mapping,
+            version,
+        )
+        .await?;
+        if !wrote_link {
+            return Ok(());
+        }
+        let Some(ours) = mapping.link_id else {
+            return Ok(());
+        };
+        let found = links::find(self.halo, &SUBSCRIPTION, self.sub_id()).await?;
+        let Some(earliest) = found
+            .iter()
+            .filter(|l| l.halo_id == mapping.halo_id)
+            .min_by_key(|l| l.id)
+            .cloned()
+        else {
+            return Ok(());
+        };
+        if earliest.id == ours {
+            return Ok(());
+        }
+        tracing::warn!(
+            duplicate = ours,
+            kept = earliest.id,
+            "two workers linked the same licence; removing our link"
+        );
+        self.halo.delete(&format!("/ExternalLink/{ours}")).await?;
+        mapping.link_id = Some(earliest.id);
+        match earliest.version {
+            Some(theirs) if version.is_superseded_by(&theirs) => {
+                mapping.version = Some(theirs.encode());
+                store
+                    .set_mapping(
+                        &self.halo.connection().name,
+                        SUBSCRIPTION.name,
+                        self.sub_id(),
+                        mapping,
+                    )
+                    .await?;
+                Ok(())
+            }
+            _ => {
+                links::record_version(
+                    store,
+                    self.halo,
+                    &SUBSCRIPTION,
+                    self.sub_id(),
+                    mapping,
+                    version,
+                )
+                .await
+            }
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! Billing subscription → HaloPSA bodies: the Software Licence (reference
+//! §4.3), the recurring-invoice header (§4.4) and its line (§4.5). Pure, so
+//! that the field mapping and the MSP-data policy are tested on their own.
+//!
+//! # Where the subscription id lives in HaloPSA
+//!
+//! Besides the ExternalLink (`halosync.subscription`, which also holds the
+//! applied version), each record carries [`links::marker`]
+//! (`halosync.subscription:<subscription_id>`) in a field of its own, written
+//! in the same request that creates the record. That is what makes the
+//! record findable when both Redis and the link are missing (a crash between
+//! creating the licence and writing its link), and what lets two workers
+//! that both created one agree on a single survivor.
+//!
+//! * Licence: [`LICENCE_ID_FIELD`] = `thirdparty_client_id`. Of the
+//!   Licence_List fields the reference lists (§4.3), the third-party
+//!   identifiers are `thirdparty_client_id`, `product_sku`,
+//!   `vendor_product_sku`, `snowid`, `parent_id` and `tenant_id`.
+//!   `product_sku` carries the sku; `vendor_product_sku` is the vendor's
+//!   product code; `parent_id` is an integer; `snowid` belongs to HaloPSA's
+//!   ServiceNow integration; `tenant_id` is the only one with a GET filter
+//!   but it is the Microsoft tenant of the customer that HaloPSA's own CSP
+//!   integration matches licences on, so writing a subscription id there
+//!   could confuse that integration. `thirdparty_client_id` is a free
+//!   string that "the third party" (here halosync, which created the
+//!   record) owns, and the reference's §5 names it for exactly this use. It
+//!   has no GET filter, so the licences of the customer are listed
+//!   (`client_id`, `includeinactive=true`, paged) and matched here.
+//!   UNCONFIRMED: that HaloPSA keeps the field and returns it in lists.
+//! * Line: [`LINE_ID_FIELD`] = `item_internal_reference`: a free string
+//!   on the line that, unlike the descriptions, is not printed on the
+//!   customer's invoice. UNCONFIRMED: whether HaloPSA refills it from the
+//!   item's internal reference when it is sent explicitly.
+//!
+//! [`links::marker`]: halosync_shared::halo::links::marker
+
+use halosync_shared::config::ConnectionConfig;
+use halosync_shared::contract::SubscriptionData;
+use halosync_shared::halo::record_id;
+use halosync_shared::Failure;
+use serde_json::{json, Map, Value};
+
+/// The licence field that carries the subscription's marker.
+pub const LICENCE_ID_FIELD: &str = "thirdparty_client_id";
+/// The recurring-invoice line field that carries the subscription's marker.
+pub const LINE_ID_FIELD: &str = "item_internal_reference";
+
+/// What the event's data becomes, checked before any HaloPSA request so
+/// that a bad value never leaves a half-applied event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Terms {
+    /// `count` (an integer in HaloPSA) and `qty_order`.
+    pub quantity: i64,
+    pub unit_price: f64,
+    pub unit_cost: Option<f64>,
+    /// `status == active`; suspended and cancelled are inactive.
+    pub active: bool,
+}
+
+impl Terms {
+    pub fn of(data: &SubscriptionData) -> Result<Terms, Failure> {
+        let quantity = i64::try_from(data.quantity)
+            .map_err(|_| Failure::invalid(format!("quantity {} is too large", data.quantity)))?;
+        Ok(Terms {
+            quantity,
+            unit_price: money("unit_price", &data.unit_price)?,
+            unit_cost: data
+                .unit_cost
+                .as_deref()
+                .map(|c| money("unit_cost", c))
+                .transpose()?,
+            active: data.status == "active",
+        })
+    }
+}
+
+/// A decimal string as the double HaloPSA stores (`price`, `unit_price`).
+fn money(field: &str, text: &str) -> Result<f64, Failure> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| Failure::invalid(format!("{field} {text:?} is not a decimal number")))
+}
+
+/// A contract date (`YYYY-MM-DD`) as a HaloPSA date-time. Sent without a
+/// zone, like the dates HaloPSA itself returns, so that a calendar day is
+/// not shifted by the tenant's time zone (how HaloPSA reads zoned input
+/// dates is UNCONFIRMED, reference §2).
+pub fn halo_date(date: &str) -> String {
+    format!("{date}T00:00:00")
+}
+
+/// The `/SoftwareLicence` body for this subscription's state.
+///
+/// * `count` = quantity; `is_active` = status is `active` (suspended and
+///   cancelled licences are made inactive, never deleted); `status`,
+///   `billing_cycle`, `product_sku` and the dates follow the event.
+/// * `name` is written on create, and on update only when the connection's
+///   `overwrite_names` allows it.
+/// * `price` and `purchase_price` are written on create, and on update only
+///   when `overwrite_prices` allows it (an MSP may set its own prices).
+/// * An absent `end_date` or `unit_cost` leaves HaloPSA's value alone.
+pub fn licence_record(
+    data: &SubscriptionData,
+    terms: &Terms,
+    client_id: i64,
+    id: Option<i64>,
+    marker: &str,
+    policy: &ConnectionConfig,
+) -> Value {
+    let creating = id.is_none();
+    let mut m = Map::new();
+    if let Some(id) = id {
+        m.insert("id".into(), json!(id));
+    }
+    m.insert("client_id".into(), json!(client_id));
+    if creating || policy.overwrite_names {
+        m.insert("name".into(), json!(data.product.name.trim()));
+    }
+    m.insert("count".into(), json!(terms.quantity));
+    m.insert("start_date".into(), json!(halo_date(&data.start_date)));
+    if let Some(end) = &data.end_date {
+        m.insert("end_date".into(), json!(halo_date(end)));
+    }
+    m.insert("billing_cycle".into(), json!(data.billing_cycle));
+    m.insert("status".into(), json!(data.status));
+    m.insert("is_active".into(), json!(terms.active));
+    m.insert("product_sku".into(), json!(data.product.sku));
+    if creating || policy.overwrite_prices {
+        m.insert("price".into(), json!(terms.unit_price));
+        if let Some(cost) = terms.unit_cost {
+            m.insert("purchase_price".into(), json!(cost));
+        }
+    }
+    m.insert(LICENCE_ID_FIELD.into(), json!(marker));
+    Value::Object(m)
+}
+
+/// The header of a customer's halosync recurring invoice. The minimum
+/// payload HaloPSA needs is UNCONFIRMED (reference §4.4); schedule fields
+/// are left to the MSP's defaults.
+pub fn recurring_invoice_record(client_id: i64, account_id: &str) -> Value {
+    json!({
+        "client_id": client_id,
+        "reference": format!("halosync {account_id}"),
+        "notes_1": "Managed by halosync: one line per billing subscription, kept in step with the billing platform. Lines are made inactive, never removed.",
+    })
+}
+
+/// A new line for `POST /RecurringInvoice/Lines`. Prices and description
+/// are always set on create.
+pub fn new_line(
+    data: &SubscriptionData,
+    terms: &Terms,
+    ihid: i64,
+    item_id: i64,
+    marker: &str,
+) -> Value {
+    let mut m = line_common(data, terms, ihid, item_id, marker);
+    m.insert(
+        "item_shortdescription".into(),
+        json!(data.product.name.trim()),
+    );
+    m.insert("unit_price".into(), json!(terms.unit_price));
+    if let Some(cost) = terms.unit_cost {
+        m.insert("unit_cost".into(), json!(cost));
+    }
+    Value::Object(m)
+}
+
+/// An existing line's update for `POST /RecurringInvoice/updatelines`:
+/// quantity, item, dates and `isinactive` always; prices only with
+/// `overwrite_prices`, the description only with `overwrite_names`.
+pub fn line_update(
+    data: &SubscriptionData,
+    terms: &Terms,
+    ihid: i64,
+    line_id: i64,
+    item_id: i64,
+    marker: &str,
+    policy: &ConnectionConfig,
+) -> Value {
+    let mut m = line_common(data, terms, ihid, item_id, marker);
+    m.insert("id".into(), json!(line_id));
+    if policy.overwrite_names {
+        m.insert(
+            "item_shortdescription".into(),
+            json!(data.product.name.trim()),
+        );
+    }
+    if policy.overwrite_prices {
+        m.insert("unit_price".into(), json!(terms.unit_price));
+        if let Some(cost) = terms.unit_cost {
+            m.insert("unit_cost".into(), json!(cost));
+        }
+    }
+    Value::Object(m)
+}
+
+fn line_common(
+    data: &SubscriptionData,
+    terms: &Terms,
+    ihid: i64,
+    item_id: i64,
+    marker: &str,
+) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("ihid".into(), json!(ihid));
+    m.insert("_itemid".into(), json!(item_id));
+    m.insert("qty_order".into(), json!(terms.quantity as f64));
+    m.insert("isinactive".into(), json!(!terms.active));
+    m.insert("startdate".into(), json!(halo_date(&data.start_date)));
+    if let Some(end) = &data.end_date {
+        m.insert("enddate".into(), json!(halo_date(end)));
+    }
+    m.insert(LINE_ID_FIELD.into(), json!(marker));
+    m
+}
+
+/// Retires a duplicate line: HaloPSA has no documented line delete (and
+/// halo-sim none at all), so it is made inactive with quantity 0 and its
+/// marker is changed so that it no longer matches the subscription.
+pub fn retired_line(ihid: i64, line_id: i64, kept: i64, marker: &str) -> Value {
+    json!({
+        "id": line_id,
+        "ihid": ihid,
+        "qty_order": 0.0,
+        "isinactive": true,
+        LINE_ID_FIELD: format!("{marker} (duplicate of line {kept}, retired)"),
+    })
+}
+
+/// Ids of the licences carrying `marker`, lowest first.
+pub fn licences_carrying(rows: &[Value], marker: &str) -> Vec<i64> {
+    ids_carrying(rows.iter(), LICENCE_ID_FIELD, marker)
+}
+
+/// Ids of the lines of a recurring-invoice header carrying `marker`,
+/// lowest first.
+pub fn lines_carrying(header: &Value, marker: &str) -> Vec<i64> {
+    let lines = header
+        .get("lines")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    ids_carrying(lines.iter(), LINE_ID_FIELD, marker)
+}
+
+fn ids_carrying<'a>(rows: impl Iterator<Item = &'a Value>, field: &str, marker: &str) -> Vec<i64> {
+    let mut ids: Vec<i64> = rows
+        .filter(|r| r.get(field).and_then(Value::as_str).map(str::trim) == Some(marker))
+        .filter_map(record_id)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halosync_shared::config::Secret;
+    use halosync_shared::contract::Product;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    fn policy(overwrite_prices: bool, overwrite_names: bool) -> ConnectionConfig {
+        ConnectionConfig {
+            name: "acme".into(),
+            resource_server: "http://x/api".into(),
+            auth_server: "http://x/auth".into(),
+            tenant: None,
+            client_id: "id".into(),
+            client_secret: Secret::new("s"),
+            scope: "all".into(),
+            requests_per_window: 300,
+            window: Duration::from_secs(300),
+            match_existing_by_name: false,
+            overwrite_prices,
+            overwrite_names,
+            items: BTreeMap::new(),
+        }
+    }
+
+    fn sub(status: &str) -> SubscriptionData {
+        SubscriptionData {
+            subscription_id: "sub_1".into(),
+            account_id: "acc_1".into(),
+            product: Product {
+                sku: "MS-365-BP".into(),
+                name: " Microsoft 365 Business Premium ".into(),
+            },
+            quantity: 25,
+            unit_price: "22.00".into(),
+            unit_cost: Some("18.70".into()),
+            currency: "GBP".into(),
+            billing_cycle: "monthly".into(),
+            start_date: "2026-11-01".into(),
+            end_date: None,
+            status: status.into(),
+        }
+    }
+
+    const MARK: &str = "halosync.subscription:sub_1";
+
+    #[test]
+    fn terms_parse_money_and_status() {
+        let t = Terms::of(&sub("active")).unwrap();
+        assert_eq!(t.quantity, 25);
+        assert_eq!(t.unit_price, 22.0);
+        assert_eq!(t.unit_cost, Some(18.7));
+        assert!(t.active);
+        assert!(!Terms::of(&sub("suspended")).unwrap().active);
+        assert!(!Terms::of(&sub("cancelled")).unwrap().active);
+        let mut bad = sub("active");
+        bad.unit_price = "twelve".into();
+        assert_eq!(
+            Terms::of(&bad).unwrap_err().class,
+            halosync_shared::FailureClass::Invalid
+        );
+    }
+
+    #[test]
+    fn licence_create_carries_everything() {
+        let d = sub("active");
+        let v = licence_record(
+            &d,
+            &Terms::of(&d).unwrap(),
+            7,
+            None,
+            MARK,
+            &policy(false, false),
+        );
+        assert!(v.get("id").is_none());
+        assert_eq!(v["client_id"], 7);
+        assert_eq!(v["name"], "Microsoft 365 Business Premium");
+        assert_eq!(v["count"], 25);
+        assert!(v["count"].is_i64(), "count is an integer in HaloPSA");
+        assert_eq!(v["start_date"], "2026-11-01T00:00:00");
+        assert!(v.get("end_date").is_none());
+        assert_eq!(v["billing_cycle"], "monthly");
+        assert_eq!(v["status"], "active");
+        assert_eq!(v["is_active"], true);
+        assert_eq!(v["product_sku"], "MS-365-BP");
+        assert_eq!(v["price"], 22.0);
+        assert_eq!(v["purchase_price"], 18.7);
+        assert_eq!(v[LICENCE_ID_FIELD], MARK);
+    }
+
+    #[test]
+    fn licence_update_respects_the_policies() {
+        let mut d = sub("suspended");
+        d.end_date = Some("2027-10-31".into());
+        let t = Terms::of(&d).unwrap();
+        let kept = licence_record(&d, &t, 7, Some(3), MARK, &policy(false, false));
+        assert_eq!(kept["id"], 3);
+        assert_eq!(kept["is_active"], false);
+        assert_eq!(kept["status"], "suspended");
+        assert_eq!(kept["end_date"], "2027-10-31T00:00:00");
+        assert!(kept.get("price").is_none());
+        assert!(kept.get("purchase_price").is_none());
+        assert!(kept.get("name").is_none());
+        let over = licence_record(&d, &t, 7, Some(3), MARK, &policy(true, true));
+        assert_eq!(over["price"], 22.0);
+        assert_eq!(over["name"], "Microsoft 365 Business Premium");
+    }
+
+    #[test]
+    fn lines_follow_the_policies() {
+        let d = sub("cancelled");
+        let t = Terms::of(&d).unwrap();
+        let new = new_line(&d, &t, -4, 1001, MARK);
+        assert_eq!(new["ihid"], -4);
+        assert_eq!(new["_itemid"], 1001);
+        assert_eq!(new["qty_order"], 25.0);
+        assert_eq!(new["unit_price"], 22.0);
+        assert_eq!(new["unit_cost"], 18.7);
+        assert_eq!(new["isinactive"], true);
+        assert_eq!(
+            new["item_shortdescription"],
+            "Microsoft 365 Business Premium"
+        );
+        assert_eq!(new[LINE_ID_FIELD], MARK);
+        let upd = line_update(&d, &t, -4, 9, 1001, MARK, &policy(false, false));
+        assert_eq!(upd["id"], 9);
+        assert_eq!(upd["ihid"], -4);
+        assert!(upd.get("unit_price").is_none());
+        assert!(upd.get("item_shortdescription").is_none());
+        let upd = line_update(&d, &t, -4, 9, 1001, MARK, &policy(true, false));
+        assert_eq!(upd["unit_price"], 22.0);
+    }
+
+    #[test]
+    fn markers_match_exactly() {
+        let rows = vec![
+            json!({"id": 5, LICENCE_ID_FIELD: MARK}),
+            json!({"id": 2, LICENCE_ID_FIELD: MARK}),
+            json!({"id": 3, LICENCE_ID_FIELD: "halosync.subscription:sub_10"}),
+            json!({"id": 4}),
+        ];
+        assert_eq!(licences_carrying(&rows, MARK), vec![2, 5]);
+        let header = json!({"id": -1, "lines": [
+            {"id": 8, LINE_ID_FIELD: MARK},
+            {"id": 6, LINE_ID_FIELD: format!("{MARK} (duplicate of line 5, retired)")},
+            {"id": 7, LINE_ID_FIELD: MARK},
+        ]});
+        assert_eq!(lines_carrying(&header, MARK), vec![7, 8]);
+        let retired = retired_line(-1, 8, 7, MARK);
+        assert_eq!(retired["isinactive"], true);
+        assert_eq!(retired["qty_order"], 0.0);
+        assert_ne!(retired[LINE_ID_FIELD], MARK);
+        assert!(lines_carrying(&json!({}), MARK).is_empty());
+    }
+}
