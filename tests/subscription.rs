@@ -522,6 +522,31 @@ async fn unmapped_sku_is_dead_lettered_at_once_naming_the_sku_and_halopsa_is_unt
         })
     })
     .await;
+    env.wait_drained(Family::Subscription, T).await;
+    assert_eq!(
+        env.depth(&dead_queue).await,
+        0,
+        "the replayed dead letter is gone"
+    );
+    assert_eq!(
+        env.count("POST /api/SoftwareLicence"),
+        1,
+        "applied exactly once"
+    );
+
+    // Replaying the same event again (republished, and a second replay
+    // that finds nothing) changes nothing in HaloPSA.
+    let before = api_requests(&env);
+    let (ok, out) = env.run_halosync(&["dlq", "replay", "--class", "unmapped"]);
+    assert!(ok, "{out}");
+    env.publish(&e).await;
+    env.wait_drained(Family::Subscription, T).await;
+    assert_eq!(
+        delta(&api_requests(&env), &before),
+        BTreeMap::new(),
+        "HaloPSA changed"
+    );
+    one_each(&env, "sub_1");
 }
 
 #[tokio::test(flavor = "multi_thread")]
