@@ -262,19 +262,25 @@ enum LineMode {
     Update,
 }
 
+/// One table of records. A persistent map, so that the copy every POST
+/// takes to stay atomic (see [`Data::post`]) costs O(1), not a copy of the
+/// whole table: with thousands of records a `BTreeMap` clone per request
+/// made the simulator, not the worker under test, the bottleneck.
+type Table = imbl::OrdMap<i64, Obj>;
+
 /// All simulated HaloPSA records.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Data {
-    clients: BTreeMap<i64, Obj>,
-    links: BTreeMap<i64, Obj>,
-    items: BTreeMap<i64, Obj>,
-    licences: BTreeMap<i64, Obj>,
-    recurring: BTreeMap<i64, Obj>,
-    invoices: BTreeMap<i64, Obj>,
-    recurring_lines: BTreeMap<i64, Obj>,
-    invoice_lines: BTreeMap<i64, Obj>,
+    clients: Table,
+    links: Table,
+    items: Table,
+    licences: Table,
+    recurring: Table,
+    invoices: Table,
+    recurring_lines: Table,
+    invoice_lines: Table,
     /// Links created through `new_external_link`: link id -> owning record.
-    link_owner: BTreeMap<i64, (Kind, i64)>,
+    link_owner: imbl::OrdMap<i64, (Kind, i64)>,
     next_client: i64,
     next_link: i64,
     next_item: i64,
@@ -285,7 +291,7 @@ pub(crate) struct Data {
 }
 
 /// Allocates the next free id, counting up (or down when `step` is -1).
-fn alloc(counter: &mut i64, table: &BTreeMap<i64, Obj>, step: i64) -> i64 {
+fn alloc(counter: &mut i64, table: &Table, step: i64) -> i64 {
     if *counter == 0 {
         *counter = step;
     }
@@ -300,12 +306,12 @@ fn alloc(counter: &mut i64, table: &BTreeMap<i64, Obj>, step: i64) -> i64 {
 impl Data {
     pub(crate) fn new(items: &BTreeMap<i64, Obj>) -> Data {
         Data {
-            items: items.clone(),
+            items: items.iter().map(|(k, v)| (*k, v.clone())).collect(),
             ..Data::default()
         }
     }
 
-    fn table(&self, kind: Kind) -> &BTreeMap<i64, Obj> {
+    fn table(&self, kind: Kind) -> &Table {
         match kind {
             Kind::Client => &self.clients,
             Kind::ExternalLink => &self.links,
@@ -316,7 +322,7 @@ impl Data {
         }
     }
 
-    fn table_mut(&mut self, kind: Kind) -> &mut BTreeMap<i64, Obj> {
+    fn table_mut(&mut self, kind: Kind) -> &mut Table {
         match kind {
             Kind::Client => &mut self.clients,
             Kind::ExternalLink => &mut self.links,
@@ -327,7 +333,7 @@ impl Data {
         }
     }
 
-    fn lines(&self, kind: Kind) -> &BTreeMap<i64, Obj> {
+    fn lines(&self, kind: Kind) -> &Table {
         if kind == Kind::Invoice {
             &self.invoice_lines
         } else {
@@ -335,7 +341,7 @@ impl Data {
         }
     }
 
-    fn lines_mut(&mut self, kind: Kind) -> &mut BTreeMap<i64, Obj> {
+    fn lines_mut(&mut self, kind: Kind) -> &mut Table {
         if kind == Kind::Invoice {
             &mut self.invoice_lines
         } else {
@@ -385,7 +391,7 @@ impl Data {
     fn links_of(&self, kind: Kind, id: i64) -> Vec<Value> {
         self.links
             .iter()
-            .filter(|(link_id, link)| match self.link_owner.get(link_id) {
+            .filter(|(link_id, link)| match self.link_owner.get(*link_id) {
                 Some(owner) => *owner == (kind, id),
                 None => {
                     link.get("halo_id").and_then(as_i64_loose) == Some(id)
@@ -604,8 +610,13 @@ impl Data {
             return Err(ApiError::not_found(kind, id));
         }
         if kind.has_lines() {
-            self.lines_mut(kind)
-                .retain(|_, l| l.get("ihid").and_then(as_i64_loose) != Some(id));
+            let kept: Table = self
+                .lines(kind)
+                .iter()
+                .filter(|(_, l)| l.get("ihid").and_then(as_i64_loose) != Some(id))
+                .map(|(k, l)| (*k, l.clone()))
+                .collect();
+            *self.lines_mut(kind) = kept;
         }
         if kind == Kind::ExternalLink {
             self.link_owner.remove(&id);
