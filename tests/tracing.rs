@@ -175,3 +175,84 @@ async fn publish_to_worker_to_halopsa_is_one_trace_even_across_a_retry() {
     assert!(under_message("halo.request") >= 3, "{all:#?}");
     assert!(under_message("redis.") >= 3, "{all:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_dead_letter_keeps_its_trace() {
+    let (endpoint, spans) = collector().await;
+    let mut env = TestEnv::with(
+        "trace-replay",
+        EnvOptions::faults(Faults {
+            deny: vec!["customers:write".into()],
+            ..Default::default()
+        }),
+    )
+    .await;
+    let w = env.spawn_worker_with(
+        "halosync-account",
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
+    );
+    let file = env.dir.join("events.jsonl");
+    std::fs::write(
+        &file,
+        serde_json::to_string(&account_event(
+            "evt_trace_2",
+            "acc_2",
+            "Replayed Ltd",
+            true,
+            1,
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let publish = Command::new(binary_path("halosync"))
+        .arg("publish")
+        .arg(&file)
+        .env("HALOSYNC_CONFIG", &env.config_path)
+        .env(SECRET_ENV, "sim-secret")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .output()
+        .expect("run halosync publish");
+    assert!(publish.status.success());
+    let dead = env.topology.dead_queue(Family::Account);
+    for _ in 0..100 {
+        if env.depth(&dead).await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(env.depth(&dead).await, 1, "{}", env.logs());
+    // The operator fixes the permission and replays.
+    env.sim.set_faults(Faults::default());
+    let (ok, out) = env.run_halosync(&["dlq", "replay", "--class", "rejected"]);
+    assert!(ok, "{out}");
+    env.wait_for("applied after replay", Duration::from_secs(30), || {
+        env.clients().len() == 1
+    })
+    .await;
+    assert!(env.stop_worker(w).success());
+    env.wait_for("spans exported", Duration::from_secs(15), || {
+        spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.name == "message")
+            .count()
+            >= 2
+    })
+    .await;
+    let all = spans.lock().unwrap().clone();
+    let root = all.iter().find(|s| s.name == "publish").unwrap();
+    let messages: Vec<&Span> = all.iter().filter(|s| s.name == "message").collect();
+    assert_eq!(
+        messages.len(),
+        2,
+        "the rejected attempt and the replayed one"
+    );
+    for m in messages {
+        assert_eq!(
+            m.trace_id, root.trace_id,
+            "the replay continues the publisher's trace"
+        );
+        assert_eq!(m.parent, root.span_id);
+    }
+}
