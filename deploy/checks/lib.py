@@ -27,7 +27,7 @@ NOT_SHIPPED = {"halosync-bench"}
 # the deployment files already run them. Each is reported as a note, not an
 # error, until its crate exists; then it is checked like every other binary.
 # Remove a name from here once its crate has landed.
-PENDING = {"halosync-usage", "halosync-overage"}
+PENDING: set[str] = set()
 
 # The health endpoint port the deployments use (worker.health_port).
 HEALTH_PORT = 9090

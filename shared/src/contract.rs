@@ -368,6 +368,43 @@ pub struct SubscriptionData {
     pub status: String,
 }
 
+/// `data` of `usage.reported` events: the cumulative quantity of one
+/// metric of one subscription for one period (not a delta).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct UsageData {
+    pub subscription_id: String,
+    pub account_id: String,
+    pub metric: String,
+    /// `YYYY-MM-DD`.
+    pub period_start: String,
+    /// `YYYY-MM-DD`.
+    pub period_end: String,
+    pub quantity: f64,
+    #[serde(default)]
+    pub unit: Option<String>,
+}
+
+/// `data` of `overage.detected` events: the usage of one metric of one
+/// subscription beyond its quota for one period. Money stays the decimal
+/// string of the contract.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct OverageData {
+    pub subscription_id: String,
+    pub account_id: String,
+    pub metric: String,
+    /// `YYYY-MM-DD`.
+    pub period_start: String,
+    /// `YYYY-MM-DD`.
+    pub period_end: String,
+    pub included_quantity: f64,
+    pub used_quantity: f64,
+    pub overage_quantity: f64,
+    /// Decimal string, e.g. `"0.10"`.
+    pub unit_price: String,
+    /// ISO 4217 code.
+    pub currency: String,
+}
+
 /// The product of a subscription; `sku` is looked up in the connection's
 /// item mapping.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]

@@ -70,6 +70,26 @@ pub const RECURRING_INVOICE: Kind = Kind {
     table_id: 995,
 };
 
+/// A usage line (subscription and metric) on the customer's recurring
+/// invoice. Never linked with an ExternalLink: only its [`marker`]
+/// (`halosync.usage:<subscription_id>:<metric>`) is written, on the line
+/// itself (see the usage worker).
+pub const USAGE: Kind = Kind {
+    name: "usage",
+    third_party_type: "halosync.usage",
+    table_id: 0,
+};
+
+/// halosync's one-off invoice (`/Invoice`) per (billing account, period):
+/// the one the overage charges of that period go on. `third_party_id` is
+/// `<account_id>:<period_start>`. Table `InvoiceHeader` = 995 (as for
+/// recurring invoices; UNCONFIRMED for links).
+pub const OVERAGE_INVOICE: Kind = Kind {
+    name: "overage_invoice",
+    third_party_type: "halosync.overage_invoice",
+    table_id: 995,
+};
+
 /// One existing ExternalLink.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Link {

@@ -4,7 +4,7 @@
 //! measured, never asserted.
 //!
 //! `halosync-bench [--events N] [SCENARIO...]`, scenarios: `raw`,
-//! `account-create`, `account-update` (default: all).
+//! `account-create`, `account-update`, `scale`, `usage` (default: all).
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,9 @@ use futures::StreamExt;
 use halo_sim::{Faults, SimConfig};
 use halosync_shared::amqp::publisher::event_properties;
 use halosync_shared::contract::Family;
-use halosync_tests::{account_event, EnvOptions, TestEnv, AMQP_URL};
+use halosync_tests::{
+    account_event, subscription_event, EnvOptions, TestEnv, AMQP_URL, CONNECTION, GENEROUS_BUDGET,
+};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -50,7 +52,7 @@ async fn main() {
                     .unwrap_or_else(|| usage("--events needs a number, e.g. --events 5000"))
             }
             "-h" | "--help" => usage(""),
-            s if ["raw", "account-create", "account-update", "scale"].contains(&s) => {
+            s if ["raw", "account-create", "account-update", "scale", "usage"].contains(&s) => {
                 scenarios.push(s.to_string())
             }
             other => usage(&format!("unknown scenario {other:?}")),
@@ -62,6 +64,7 @@ async fn main() {
             "account-create".into(),
             "account-update".into(),
             "scale".into(),
+            "usage".into(),
         ];
     }
     let mut rows = Vec::new();
@@ -71,6 +74,7 @@ async fn main() {
             "raw" => rows.push(raw(events).await),
             "account-create" => rows.push(account(events, false).await),
             "account-update" => rows.push(account(events, true).await),
+            "usage" => rows.extend(usage_bench(events).await),
             _ => {
                 for workers in [1, 2, 4] {
                     rows.push(scale(events.min(2000), workers).await);
@@ -115,7 +119,7 @@ fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("halosync-bench: {problem}");
     }
-    eprintln!("usage: halosync-bench [--events N] [raw] [account-create] [account-update] [scale]");
+    eprintln!("usage: halosync-bench [--events N] [raw] [account-create] [account-update] [scale] [usage]");
     std::process::exit(if problem.is_empty() { 0 } else { 2 })
 }
 
@@ -332,6 +336,243 @@ async fn scale(n: usize, workers: usize) -> Row {
             if clients == n && creates as usize == n { " (none twice)" } else { " (DUPLICATES!)" }
         ),
     }
+}
+
+/// The usage scenarios on one environment: 2,000 subscriptions of 100
+/// customers (20 each), seeded through `halosync-account` and four
+/// `halosync-subscription` (not measured). Then:
+///
+/// * (b, c, e) `n` usage events (rounds of one cumulative report per
+///   subscription, shuffled within the round) through one `halosync-usage`
+///   with a cold usage cache: events/s, HaloPSA requests/event, peak RSS;
+/// * (d) `n / 4` more events through a fresh `halosync-usage` under a
+///   budget of 5 requests per second, with halo-sim limiting to 5/1 s:
+///   events/s and the number of 429s.
+async fn usage_bench(n: usize) -> Vec<Row> {
+    const ACCOUNTS: usize = 100;
+    const SUBS: usize = 2000;
+    const ITEM: i64 = 1001;
+    let mut env = TestEnv::with(
+        "bench-usage",
+        EnvOptions {
+            connection_extra: format!(
+                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n"
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
+    let sub_of = |i: usize| (format!("acc_{}", i % ACCOUNTS), format!("sub_{i}"));
+    // Seed (not measured).
+    let seeders: Vec<usize> = std::iter::once(env.spawn_worker("halosync-account"))
+        .chain((0..4).map(|_| env.spawn_worker("halosync-subscription")))
+        .collect();
+    let accounts: Vec<Vec<u8>> = (0..ACCOUNTS)
+        .map(|a| {
+            json_body(&account_event(
+                &format!("a{a}"),
+                &format!("acc_{a}"),
+                "Usage",
+                true,
+                1,
+            ))
+        })
+        .collect();
+    publish_keyed(&env, "account.created", accounts).await;
+    env.wait_for("customers", Duration::from_secs(300), || {
+        env.sim.clients().len() == ACCOUNTS
+    })
+    .await;
+    let subs: Vec<Vec<u8>> = (0..SUBS)
+        .map(|i| {
+            let (acc, sub) = sub_of(i);
+            json_body(&subscription_event(
+                &format!("s{i}"),
+                &sub,
+                &acc,
+                5,
+                "active",
+                1,
+            ))
+        })
+        .collect();
+    publish_keyed(&env, "subscription.created", subs).await;
+    env.wait_for("subscriptions", Duration::from_secs(900), || {
+        env.sim.licences().len() == SUBS
+    })
+    .await;
+    env.wait_drained(Family::Subscription, Duration::from_secs(300))
+        .await;
+    for w in seeders {
+        env.stop_worker(w);
+    }
+
+    let usage = |i: usize, round: usize, tag: &str| {
+        let (acc, sub) = sub_of(i);
+        json_body(&serde_json::json!({
+            "id": format!("u{tag}-{i}-{round}"),
+            "type": "usage.reported",
+            "schema_version": 1,
+            "connection": CONNECTION,
+            "occurred_at": "2026-11-22T10:15:00.123Z",
+            "sequence": round,
+            "data": {
+                "subscription_id": sub,
+                "account_id": acc,
+                "metric": "storage_gb",
+                "period_start": "2026-11-01",
+                "period_end": "2026-11-30",
+                "quantity": round as f64,
+            }
+        }))
+    };
+    // Rounds of one report per subscription, shuffled within the round.
+    let rounds = |n: usize, first_round: usize, tag: &str| {
+        let mut out = Vec::with_capacity(n);
+        let mut seed = 7u64;
+        let mut round = first_round;
+        while out.len() < n {
+            let mut order: Vec<usize> = (0..SUBS).collect();
+            for k in (1..order.len()).rev() {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                order.swap(k, (seed >> 33) as usize % (k + 1));
+            }
+            for i in order.into_iter().take(n - out.len()) {
+                out.push(usage(i, round, tag));
+            }
+            round += 1;
+        }
+        (out, round - 1)
+    };
+    let usage_lines_at = |env: &TestEnv, qty: f64| {
+        env.sim
+            .recurring_invoices()
+            .iter()
+            .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
+            .filter(|l| {
+                l["item_internal_reference"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("halosync.usage:"))
+                    && l["qty_order"].as_f64() == Some(qty)
+            })
+            .count()
+    };
+
+    // (b, c, e)
+    let (bodies, last) = rounds(n, 1, "b");
+    let full_rounds = n / SUBS;
+    let counts_before = env.sim.counts();
+    let before = counts_before.values().sum::<u64>();
+    publish_keyed(&env, "usage.reported", bodies).await;
+    let w = env.spawn_worker("halosync-usage");
+    let pid = env.worker(w).child.id();
+    let queue = env.topology.work_queue(Family::Usage);
+    while env.depth(&queue).await as usize == n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    let expect = if n.is_multiple_of(SUBS) {
+        SUBS
+    } else {
+        n % SUBS
+    };
+    env.wait_for("usage applied", Duration::from_secs(1800), || {
+        usage_lines_at(&env, last as f64) == expect
+    })
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let rss = peak_rss_kib(pid);
+    env.wait_drained(Family::Usage, Duration::from_secs(120))
+        .await;
+    let requests = env.sim.counts().values().sum::<u64>() - before;
+    for (endpoint, c) in env.sim.counts() {
+        let diff = c - counts_before.get(&endpoint).copied().unwrap_or(0);
+        if diff > 0 {
+            eprintln!("usage: {diff:6} {endpoint}");
+        }
+    }
+    let dead = env.take_dead(Family::Usage).await.len();
+    env.stop_worker(w);
+    let mut rows = vec![Row {
+        scenario: "usage".into(),
+        events: n,
+        seconds,
+        requests: Some(requests),
+        peak_rss_kib: rss,
+        note: format!(
+            "{SUBS} subscriptions x 1 metric, {ACCOUNTS} customers, {full_rounds} rounds shuffled; cold usage cache; defaults batch_max 200 / batch_wait_ms 200; {requests} requests; {dead} dead"
+        ),
+    }];
+
+    // (d) budget of 5 requests per second, warm cache.
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    std::fs::write(
+        &env.config_path,
+        text.replace(
+            GENEROUS_BUDGET,
+            "requests_per_window = 5\nwindow_seconds = 1",
+        ),
+    )
+    .expect("config");
+    env.sim.set_faults(Faults {
+        rate_limit: Some(halo_sim::RateLimit {
+            requests: 5,
+            window_secs: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let m = (n / 4).max(1);
+    let (bodies, last) = rounds(m, last + 1, "d");
+    let limited_before = env.sim.rate_limited();
+    let before = env.sim.counts().values().sum::<u64>();
+    publish_keyed(&env, "usage.reported", bodies).await;
+    let w = env.spawn_worker("halosync-usage");
+    let pid = env.worker(w).child.id();
+    while env.depth(&queue).await as usize == m {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    let expect = if m.is_multiple_of(SUBS) {
+        SUBS
+    } else {
+        m % SUBS
+    };
+    env.wait_for(
+        "usage applied under budget",
+        Duration::from_secs(1800),
+        || usage_lines_at(&env, last as f64) == expect,
+    )
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let rss = peak_rss_kib(pid);
+    env.wait_drained(Family::Usage, Duration::from_secs(120))
+        .await;
+    let requests = env.sim.counts().values().sum::<u64>() - before;
+    let limited = env.sim.rate_limited() - limited_before;
+    env.stop_worker(w);
+    rows.push(Row {
+        scenario: "usage-budget-5/s".into(),
+        events: m,
+        seconds,
+        requests: Some(requests),
+        peak_rss_kib: rss,
+        note: format!("budget 5 req/1 s, halo-sim limit 5/1 s; warm cache; {limited} HTTP 429"),
+    });
+    rows
+}
+
+async fn publish_keyed(env: &TestEnv, key: &str, bodies: Vec<Vec<u8>>) {
+    publish_pipelined(
+        env.publisher.channel(),
+        &env.topology.events_exchange(),
+        key,
+        bodies,
+    )
+    .await;
 }
 
 fn json_body(v: &Value) -> Vec<u8> {

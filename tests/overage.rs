@@ -1,0 +1,580 @@
+//! Overage sync end to end: RabbitMQ and Redis for real, halo-sim in
+//! process, `halosync-overage` (and `halosync-account`, which creates the
+//! customers) as child processes.
+//!
+//! A charge is found in the sim the way the worker finds it without Redis:
+//! the line of a one-off invoice whose `item_internal_reference` holds
+//! `halosync.overage:<subscription>:<metric>:<period_start>`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use halo_sim::{Faults, SimConfig};
+use halosync_shared::contract::Family;
+use halosync_tests::{
+    account_event, customers_of, EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
+};
+use serde_json::{json, Value};
+
+const WORKER: &str = "halosync-overage";
+const ACCOUNTS: &str = "halosync-account";
+const T: Duration = Duration::from_secs(30);
+const ITEM: i64 = 1001;
+const P1: (&str, &str) = ("2026-10-01", "2026-10-31");
+const P2: (&str, &str) = ("2026-11-01", "2026-11-30");
+
+fn marker(sub: &str, metric: &str, start: &str) -> String {
+    format!("halosync.overage:{sub}:{metric}:{start}")
+}
+
+fn description(metric: &str, period: (&str, &str), overage: f64) -> String {
+    format!(
+        "{metric} overage {} to {}: {overage} over 100 included",
+        period.0, period.1
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn overage_event(
+    id: &str,
+    sub: &str,
+    account: &str,
+    metric: &str,
+    period: (&str, &str),
+    overage: f64,
+    price: &str,
+    sequence: u64,
+) -> Value {
+    json!({
+        "id": id,
+        "type": "overage.detected",
+        "schema_version": 1,
+        "connection": CONNECTION,
+        "occurred_at": "2026-11-23T10:00:00Z",
+        "sequence": sequence,
+        "data": {
+            "subscription_id": sub,
+            "account_id": account,
+            "metric": metric,
+            "period_start": period.0,
+            "period_end": period.1,
+            "included_quantity": 100,
+            "used_quantity": 100.0 + overage,
+            "overage_quantity": overage,
+            "unit_price": price,
+            "currency": "EUR"
+        }
+    })
+}
+
+/// An environment mapping `overage:<metric>` for the metrics used here.
+async fn env_with(name: &str, faults: Faults, extra: &str) -> TestEnv {
+    let env = TestEnv::with(
+        name,
+        EnvOptions {
+            sim: SimConfig {
+                faults,
+                ..Default::default()
+            },
+            connection_extra: format!(
+                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"overage:storage_gb\" = {ITEM}\n\"overage:api_calls\" = {ITEM}\n"
+            ),
+            extra: extra.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sim.insert_item(ITEM, "Overage");
+    env
+}
+
+async fn seed_accounts(env: &TestEnv, accounts: &[&str]) {
+    for (i, a) in accounts.iter().enumerate() {
+        env.publish(&account_event(
+            &format!("acc-e{i}"),
+            a,
+            &format!("Customer {a}"),
+            true,
+            1,
+        ))
+        .await;
+    }
+    env.wait_for("customers created", T, || {
+        accounts.iter().all(|a| customers_of(env, a).len() == 1)
+    })
+    .await;
+}
+
+fn all_lines(env: &TestEnv) -> Vec<Value> {
+    env.sim
+        .invoices()
+        .into_iter()
+        .flat_map(|h| {
+            let ihid = h["id"].clone();
+            h["lines"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |mut l| {
+                    l["_header"] = ihid.clone();
+                    l
+                })
+        })
+        .collect()
+}
+
+fn lines_of(env: &TestEnv, sub: &str, metric: &str, start: &str) -> Vec<Value> {
+    let m = marker(sub, metric, start);
+    all_lines(env)
+        .into_iter()
+        .filter(|l| l["item_internal_reference"] == m.as_str())
+        .collect()
+}
+
+/// The one line of an aggregate holding `qty`, if there is exactly one.
+fn holds(env: &TestEnv, sub: &str, metric: &str, start: &str, qty: f64) -> bool {
+    let lines = lines_of(env, sub, metric, start);
+    lines.len() == 1 && lines[0]["qty_order"].as_f64() == Some(qty)
+}
+
+fn api_requests(env: &TestEnv) -> BTreeMap<String, u64> {
+    env.sim
+        .counts()
+        .into_iter()
+        .filter(|(k, _)| k.contains(" /api/"))
+        .collect()
+}
+
+fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_charge_per_subscription_metric_period_updated_in_place_none_for_zero() {
+    let mut env = env_with("ovg-life", Faults::default(), "").await;
+    env.spawn_worker(ACCOUNTS);
+    env.spawn_worker(WORKER);
+    seed_accounts(&env, &["acc_1"]).await;
+    let customer = customers_of(&env, "acc_1")[0]["id"].as_i64().unwrap();
+
+    // First charge: a line on a new one-off invoice of the customer.
+    env.publish(&overage_event(
+        "o1",
+        "sub_1",
+        "acc_1",
+        "storage_gb",
+        P1,
+        10.0,
+        "0.25",
+        1,
+    ))
+    .await;
+    env.wait_for("first charge", T, || {
+        holds(&env, "sub_1", "storage_gb", P1.0, 10.0)
+    })
+    .await;
+    let line = lines_of(&env, "sub_1", "storage_gb", P1.0).remove(0);
+    assert_eq!(line["unit_price"].as_f64(), Some(0.25));
+    assert_eq!(line["startdate"], P1.0);
+    assert_eq!(line["enddate"], P1.1);
+    assert_eq!(line["_itemid"], ITEM);
+    assert_eq!(line["isinactive"], false);
+    assert_eq!(
+        line["item_shortdescription"],
+        description("storage_gb", P1, 10.0)
+    );
+    let invoices = env.sim.invoices();
+    assert_eq!(invoices.len(), 1, "{invoices:#?}");
+    assert_eq!(invoices[0]["client_id"], customer);
+    let line_id = line["id"].clone();
+
+    // A newer version updates the same line; an older one changes nothing.
+    env.publish(&overage_event(
+        "o2",
+        "sub_1",
+        "acc_1",
+        "storage_gb",
+        P1,
+        25.0,
+        "0.30",
+        2,
+    ))
+    .await;
+    env.wait_for("updated in place", T, || {
+        holds(&env, "sub_1", "storage_gb", P1.0, 25.0)
+    })
+    .await;
+    env.publish(&overage_event(
+        "o-old",
+        "sub_1",
+        "acc_1",
+        "storage_gb",
+        P1,
+        99.0,
+        "0.25",
+        1,
+    ))
+    .await;
+    env.wait_drained(Family::Overage, T).await;
+    let lines = lines_of(&env, "sub_1", "storage_gb", P1.0);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["id"], line_id);
+    assert_eq!(lines[0]["qty_order"].as_f64(), Some(25.0));
+    assert_eq!(lines[0]["unit_price"].as_f64(), Some(0.30));
+
+    // Another metric of the same period: a second line on the same invoice.
+    // Another period: its own invoice.
+    env.publish(&overage_event(
+        "o3",
+        "sub_1",
+        "acc_1",
+        "api_calls",
+        P1,
+        5.0,
+        "0.01",
+        1,
+    ))
+    .await;
+    env.publish(&overage_event(
+        "o4",
+        "sub_1",
+        "acc_1",
+        "storage_gb",
+        P2,
+        7.0,
+        "0.25",
+        1,
+    ))
+    .await;
+    env.wait_for("other metric and period", T, || {
+        holds(&env, "sub_1", "api_calls", P1.0, 5.0)
+            && holds(&env, "sub_1", "storage_gb", P2.0, 7.0)
+    })
+    .await;
+    let a = lines_of(&env, "sub_1", "api_calls", P1.0).remove(0);
+    assert_eq!(a["_header"], lines[0]["_header"]);
+    assert_eq!(env.sim.invoices().len(), 2);
+
+    // Zero overage: no charge (and no invoice) where there was none ...
+    env.publish(&overage_event(
+        "z1",
+        "sub_2",
+        "acc_1",
+        "storage_gb",
+        P1,
+        0.0,
+        "0.25",
+        2,
+    ))
+    .await;
+    // ... and an earlier charge zeroed and made inactive, never a second line.
+    env.publish(&overage_event(
+        "z2",
+        "sub_1",
+        "acc_1",
+        "storage_gb",
+        P1,
+        0.0,
+        "0.30",
+        3,
+    ))
+    .await;
+    env.wait_drained(Family::Overage, T).await;
+    // An older non-zero version arriving after the zero one is superseded.
+    env.publish(&overage_event(
+        "z1-old",
+        "sub_2",
+        "acc_1",
+        "storage_gb",
+        P1,
+        9.0,
+        "0.25",
+        1,
+    ))
+    .await;
+    env.wait_drained(Family::Overage, T).await;
+    assert!(lines_of(&env, "sub_2", "storage_gb", P1.0).is_empty());
+    let zeroed = lines_of(&env, "sub_1", "storage_gb", P1.0);
+    assert_eq!(zeroed.len(), 1, "{zeroed:#?}");
+    assert_eq!(zeroed[0]["id"], line_id);
+    assert_eq!(zeroed[0]["qty_order"].as_f64(), Some(0.0));
+    assert_eq!(zeroed[0]["isinactive"], true);
+    assert_eq!(env.sim.invoices().len(), 2);
+    assert_eq!(all_lines(&env).len(), 3);
+
+    // With Redis lost, a redelivered old event still changes nothing: the
+    // version is on the line.
+    env.flush_redis().await;
+    env.publish(&overage_event(
+        "o-old2",
+        "sub_1",
+        "acc_1",
+        "storage_gb",
+        P1,
+        50.0,
+        "0.25",
+        2,
+    ))
+    .await;
+    env.wait_drained(Family::Overage, T).await;
+    let after = lines_of(&env, "sub_1", "storage_gb", P1.0);
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0]["qty_order"].as_f64(), Some(0.0));
+    assert!(env.take_dead(Family::Overage).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_with_one_rejected_line_applies_the_others_and_dead_letters_that_one() {
+    let bad = description("storage_gb", P1, 13.0);
+    let mut env = env_with(
+        "ovg-reject",
+        Faults {
+            reject_names: vec![bad.clone()],
+            ..Default::default()
+        },
+        "[worker]\nbatch_max = 100\nbatch_wait_ms = 500\n",
+    )
+    .await;
+    env.spawn_worker(ACCOUNTS);
+    seed_accounts(&env, &["acc_1"]).await;
+    // Queued before the worker starts, so they arrive as one batch.
+    let quantities = [11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0];
+    for (i, q) in quantities.iter().enumerate() {
+        env.publish(&overage_event(
+            &format!("r{i}"),
+            &format!("sub_{i}"),
+            "acc_1",
+            "storage_gb",
+            P1,
+            *q,
+            "0.25",
+            1,
+        ))
+        .await;
+    }
+    env.spawn_worker(WORKER);
+    env.wait_drained(Family::Overage, T).await;
+    for (i, q) in quantities.iter().enumerate() {
+        let sub = format!("sub_{i}");
+        if *q == 13.0 {
+            assert!(lines_of(&env, &sub, "storage_gb", P1.0).is_empty());
+        } else {
+            assert!(
+                holds(&env, &sub, "storage_gb", P1.0, *q),
+                "{sub}: {:#?}",
+                lines_of(&env, &sub, "storage_gb", P1.0)
+            );
+        }
+    }
+    assert_eq!(env.sim.invoices().len(), 1);
+    let dead = env.take_dead(Family::Overage).await;
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0].header("x-halosync-error-class"), "rejected");
+    assert!(dead[0].header("x-halosync-event-id") == "r2", "{dead:#?}");
+    let msg = dead[0].header("x-halosync-error-message");
+    assert!(msg.contains("rejected by validation"), "{msg}");
+    assert_eq!(dead[0].header("x-halosync-halo-status"), "400");
+    // The array of 8 was split in halves down to the refused line:
+    // 1 + 2·log2(8) requests (8 → 4+4 → 2+2 → 1+1), not one per line after
+    // the first failure.
+    let adds = env.count("POST /api/Invoice/Lines");
+    assert_eq!(adds, 7, "{adds} add requests for 8 lines");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing() {
+    let mut env = env_with(
+        "ovg-kill",
+        Faults {
+            latency_ms: 150,
+            ..Default::default()
+        },
+        "[worker]\nbatch_max = 100\nbatch_wait_ms = 300\n",
+    )
+    .await;
+    env.spawn_worker(ACCOUNTS);
+    let accounts = ["acc_1", "acc_2", "acc_3", "acc_4"];
+    seed_accounts(&env, &accounts).await;
+    let mut expected = Vec::new();
+    for (a, acc) in accounts.iter().enumerate() {
+        for s in 0..6 {
+            let sub = format!("sub_{a}_{s}");
+            let q = (a * 10 + s + 1) as f64;
+            env.publish(&overage_event(
+                &format!("k-{sub}"),
+                &sub,
+                acc,
+                "storage_gb",
+                P1,
+                q,
+                "0.25",
+                1,
+            ))
+            .await;
+            expected.push((sub, q));
+        }
+    }
+    let w = env.spawn_worker(WORKER);
+    // Kill it after its first lines were written, before it has finished.
+    env.wait_for("first lines written", T, || {
+        env.count("POST /api/Invoice/Lines") >= 1
+    })
+    .await;
+    env.kill_worker(w);
+    let written_before = all_lines(&env).len();
+    assert!(
+        written_before < expected.len(),
+        "the worker finished before it was killed"
+    );
+    env.spawn_worker(WORKER);
+    env.wait_drained(Family::Overage, T).await;
+    for (sub, q) in &expected {
+        assert!(
+            holds(&env, sub, "storage_gb", P1.0, *q),
+            "{sub}: {:#?}",
+            lines_of(&env, sub, "storage_gb", P1.0)
+        );
+    }
+    assert_eq!(all_lines(&env).len(), expected.len());
+    assert_eq!(env.sim.invoices().len(), accounts.len());
+    assert!(env.take_dead(Family::Overage).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn steady_state_updates_a_batch_in_one_request() {
+    let mut env = env_with(
+        "ovg-steady",
+        Faults::default(),
+        "[worker]\nbatch_max = 100\nbatch_wait_ms = 300\n",
+    )
+    .await;
+    env.spawn_worker(ACCOUNTS);
+    seed_accounts(&env, &["acc_1"]).await;
+    let n = 20;
+    publish_all(&env, n, 1).await;
+    let w = env.spawn_worker(WORKER);
+    env.wait_drained(Family::Overage, T).await;
+    // Queue the second versions while no worker runs: one batch.
+    env.stop_worker(w);
+    publish_all(&env, n, 2).await;
+    let before = api_requests(&env);
+    env.spawn_worker(WORKER);
+    env.wait_drained(Family::Overage, T).await;
+    let used = delta(&api_requests(&env), &before);
+    for s in 0..n {
+        assert!(holds(
+            &env,
+            &format!("sub_{s}"),
+            "storage_gb",
+            P1.0,
+            (s + 2) as f64
+        ));
+    }
+    assert_eq!(all_lines(&env).len(), n);
+    let total: u64 = used.values().sum();
+    eprintln!("steady state: {total} requests for {n} events: {used:?}");
+    assert_eq!(
+        used.get("POST /api/Invoice/updatelines").copied(),
+        Some(1),
+        "{used:?}"
+    );
+    assert!(total <= 1, "{used:?}");
+}
+
+async fn publish_all(env: &TestEnv, n: usize, version: u64) {
+    for s in 0..n {
+        env.publish(&overage_event(
+            &format!("s{s}-v{version}"),
+            &format!("sub_{s}"),
+            "acc_1",
+            "storage_gb",
+            P1,
+            (s as u64 + version) as f64,
+            "0.25",
+            version,
+        ))
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_item_follows_the_subscriptions_sku_when_the_metric_has_no_mapping() {
+    const SKU_ITEM: i64 = 1002;
+    const METRIC_ITEM: i64 = 1003;
+    let mut env = TestEnv::with(
+        "ovg-sku",
+        EnvOptions {
+            connection_extra: format!(
+                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {SKU_ITEM}\n\"MS-365-BP:bandwidth\" = {METRIC_ITEM}\n"
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sim
+        .insert_item(SKU_ITEM, "Microsoft 365 Business Premium");
+    env.sim.insert_item(METRIC_ITEM, "Bandwidth overage");
+    env.spawn_worker(ACCOUNTS);
+    env.spawn_worker("halosync-subscription");
+    env.spawn_worker(WORKER);
+    seed_accounts(&env, &["acc_1"]).await;
+    env.publish(&halosync_tests::subscription_event(
+        "s1", "sub_1", "acc_1", 5, "active", 1,
+    ))
+    .await;
+    env.wait_drained(Family::Subscription, T).await;
+    // `<sku>:<metric>` first, then `<sku>`.
+    env.publish(&overage_event(
+        "b1",
+        "sub_1",
+        "acc_1",
+        "bandwidth",
+        P1,
+        3.0,
+        "1.50",
+        1,
+    ))
+    .await;
+    env.publish(&overage_event(
+        "c1", "sub_1", "acc_1", "calls", P1, 4.0, "0.10", 1,
+    ))
+    .await;
+    // A subscription HaloPSA does not have yet: dependency, retried, then
+    // dead-lettered as such.
+    env.publish(&overage_event(
+        "m1",
+        "sub_missing",
+        "acc_1",
+        "calls",
+        P1,
+        4.0,
+        "0.10",
+        1,
+    ))
+    .await;
+    env.wait_drained(Family::Overage, T).await;
+    let b = lines_of(&env, "sub_1", "bandwidth", P1.0);
+    assert_eq!(b.len(), 1, "{b:#?}");
+    assert_eq!(b[0]["_itemid"], METRIC_ITEM);
+    let c = lines_of(&env, "sub_1", "calls", P1.0);
+    assert_eq!(c.len(), 1, "{c:#?}");
+    assert_eq!(c[0]["_itemid"], SKU_ITEM);
+    assert!(lines_of(&env, "sub_missing", "calls", P1.0).is_empty());
+    // Its retries may outlast the drain check: wait for its dead letter.
+    let deadline = std::time::Instant::now() + T;
+    let mut dead = Vec::new();
+    while dead.is_empty() && std::time::Instant::now() < deadline {
+        dead = env.take_dead(Family::Overage).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0].header("x-halosync-error-class"), "dependency");
+    assert!(dead[0]
+        .header("x-halosync-error-message")
+        .contains("sub_missing"));
+}

@@ -1,0 +1,608 @@
+//! The overage worker's [`Handler`]: one charge per (subscription, metric,
+//! period), as a line on the customer's one-off invoice of that period.
+//!
+//! The runtime batches (`batching() -> true`): it validates, dedupes, keeps
+//! the newest event per aggregate `"{subscription_id}:{metric}:{period_start}"`,
+//! holds those aggregates' locks and settles every message from the result
+//! returned here for it. A batch of one connection is applied as:
+//!
+//! 1. Per event, without HaloPSA requests in steady state: the item
+//!    ([`item_for`]), the price, the customer (`links::require_customer`,
+//!    missing → `dependency`), the invoice of (account, period)
+//!    ([`invoice_for`], created once under the lock
+//!    `overage_invoice:<account_id>:<period_start>`; a zero overage never
+//!    creates it), and the line cached in Redis
+//!    (`…:overage_line:<aggregate>` = `{ihid, line, version}`; an event not
+//!    newer than the cached version is `Superseded` before any request).
+//! 2. Per invoice: the events without a cache entry are looked up on one
+//!    `GET /Invoice/{id}?includedetails=true` (marker in
+//!    `item_internal_reference`, applied version in
+//!    `item_external_reference`). An event not newer than the version on
+//!    its line (or in the cache) is `Superseded`.
+//! 3. Per invoice: the new lines in `POST /Invoice/Lines` arrays, the
+//!    updates in `POST /Invoice/updatelines` arrays, at most
+//!    [`CHUNK`] lines each. A 400/422 answer to an array of several lines is
+//!    split in halves until the refused line is alone: it alone is
+//!    dead-lettered (`rejected`, with HaloPSA's message); the others are
+//!    applied. Any other failure of a request fails the events of that
+//!    request only (transient ones are retried).
+//! 4. Redis cache written after each successful write.
+//!
+//! Crash safety: every write sets absolute values and carries its own
+//! version, so a worker killed anywhere leaves either no line (redelivery
+//! adds it) or the line with the event's version (redelivery finds it by
+//! its marker on the GET, sees the version and acks as superseded) —
+//! nothing lost, nothing doubled.
+//!
+//! Steady state (Redis warm, lines known): one `updatelines` request per
+//! invoice per batch, i.e. 1/N requests per event for a batch of N.
+//!
+//! Not handled: two lines carrying the same marker (only possible when two
+//! workers added one each without the aggregate lock, after Redis was
+//! lost): the lowest id is updated, the other is logged, not retired.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use halosync_shared::contract::{Envelope, Family, OverageData, Version};
+use halosync_shared::halo::links::{self, OVERAGE_INVOICE, SUBSCRIPTION};
+use halosync_shared::halo::{first_record, record_id, HaloClient};
+use halosync_shared::runtime::{Handler, Outcome, Services};
+use halosync_shared::store::StateError;
+use halosync_shared::Failure;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::mapping;
+
+/// Most lines in one `Lines` / `updatelines` request.
+pub const CHUNK: usize = 100;
+
+pub struct OverageHandler;
+
+#[async_trait]
+impl Handler for OverageHandler {
+    fn family(&self) -> Family {
+        Family::Overage
+    }
+
+    fn aggregate(&self, event: &Envelope) -> Result<String, Failure> {
+        Ok(mapping::aggregate(&event.data_as::<OverageData>()?))
+    }
+
+    fn batching(&self) -> bool {
+        true
+    }
+
+    async fn apply(
+        &self,
+        svc: &Services,
+        halo: &HaloClient,
+        event: &Envelope,
+    ) -> Result<Outcome, Failure> {
+        self.apply_batch(svc, halo, std::slice::from_ref(event))
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(Failure::transient("no result (bug)")))
+    }
+
+    async fn apply_batch(
+        &self,
+        svc: &Services,
+        halo: &HaloClient,
+        events: &[Envelope],
+    ) -> Vec<Result<Outcome, Failure>> {
+        let mut results: Vec<Option<Result<Outcome, Failure>>> = vec![None; events.len()];
+        let mut invoices: HashMap<String, i64> = HashMap::new();
+        let mut by_invoice: BTreeMap<i64, Vec<Plan>> = BTreeMap::new();
+        for (idx, e) in events.iter().enumerate() {
+            match prepare(svc, halo, e, idx, &mut invoices).await {
+                Ok(Prepared::Done(o)) => results[idx] = Some(Ok(o)),
+                Ok(Prepared::Plan(p)) => by_invoice.entry(p.ihid).or_default().push(*p),
+                Err(f) => results[idx] = Some(Err(f)),
+            }
+        }
+        for (ihid, plans) in by_invoice {
+            for (idx, r) in apply_invoice(svc, halo, ihid, plans).await {
+                results[idx] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Failure::transient("event not decided (bug)"))))
+            .collect()
+    }
+}
+
+/// One event ready to be written.
+struct Plan {
+    idx: usize,
+    data: OverageData,
+    version: Version,
+    price: f64,
+    item_id: i64,
+    ihid: i64,
+    cached: Option<Cached>,
+}
+
+enum Prepared {
+    Done(Outcome),
+    Plan(Box<Plan>),
+}
+
+/// An aggregate's charge as cached in Redis. `line: None` records a zero
+/// overage applied while no line existed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Cached {
+    ihid: i64,
+    line: Option<i64>,
+    version: String,
+}
+
+async fn prepare(
+    svc: &Services,
+    halo: &HaloClient,
+    event: &Envelope,
+    idx: usize,
+    invoices: &mut HashMap<String, i64>,
+) -> Result<Prepared, Failure> {
+    let data: OverageData = event.data_as()?;
+    let version = event.version()?;
+    // The cache holds only applied versions (whatever invoice they went
+    // to): an event not newer changes nothing, without any request.
+    let cached = cached(svc, halo, &data).await?;
+    if let Some(c) = &cached {
+        if Version::decode(&c.version).is_some_and(|applied| version.is_superseded_by(&applied)) {
+            return Ok(Prepared::Done(Outcome::Superseded));
+        }
+    }
+    let price = mapping::unit_price(&data)?;
+    let item_id = item_for(svc, halo, &data).await?;
+    let customer = links::require_customer(&svc.store, halo, &data.account_id).await?;
+    let ihid = if data.overage_quantity <= 0.0 {
+        // A zero overage never creates the invoice: without one there is
+        // no line to zero either. Its version is kept in Redis only
+        // (`ihid` 0), so that an older non-zero event arriving later is
+        // superseded while Redis holds it.
+        let billing_id = mapping::invoice_billing_id(&data);
+        match invoices.get(&billing_id) {
+            Some(id) => *id,
+            None => match links::resolve(&svc.store, halo, &OVERAGE_INVOICE, &billing_id).await? {
+                Some(m) => m.halo_id,
+                None => {
+                    write_cache(svc, halo, &data, 0, None, &version).await?;
+                    return Ok(Prepared::Done(Outcome::Applied));
+                }
+            },
+        }
+    } else {
+        invoice_for(svc, halo, customer.halo_id, &data, invoices).await?
+    };
+    let cached = cached.filter(|c| c.ihid == ihid);
+    Ok(Prepared::Plan(Box::new(Plan {
+        idx,
+        data,
+        version,
+        price,
+        item_id,
+        ihid,
+        cached,
+    })))
+}
+
+/// The HaloPSA item of the charge, from the connection's `[items]` map:
+/// `overage:<metric>` (no request needed), else the subscription's sku
+/// (from its licence: `product_sku`, cached in Redis) as `<sku>:<metric>`,
+/// then `<sku>`. A subscription not in HaloPSA yet is a `dependency`; no
+/// key mapped is `unmapped`, naming the keys tried.
+async fn item_for(svc: &Services, halo: &HaloClient, d: &OverageData) -> Result<i64, Failure> {
+    let conn = halo.connection();
+    let direct = mapping::direct_key(d);
+    if let Some(id) = conn.items.get(&direct) {
+        return Ok(*id);
+    }
+    let sku = subscription_sku(svc, halo, d).await?;
+    let keys = mapping::sku_keys(&sku, d);
+    for k in &keys {
+        if let Some(id) = conn.items.get(k) {
+            return Ok(*id);
+        }
+    }
+    let mut tried = vec![direct];
+    tried.extend(keys);
+    Err(mapping::unmapped(conn, &tried))
+}
+
+async fn subscription_sku(
+    svc: &Services,
+    halo: &HaloClient,
+    d: &OverageData,
+) -> Result<String, Failure> {
+    let key = svc
+        .store
+        .keys()
+        .key(&halo.connection().name, &["subsku", &d.subscription_id]);
+    let mut r = svc.store.redis();
+    let hit: Option<String> = r.get(&key).await.map_err(StateError::from)?;
+    if let Some(sku) = hit {
+        return Ok(sku);
+    }
+    let not_yet = || {
+        Failure::dependency(format!(
+            "subscription {} is not in HaloPSA yet (no licence linked to it), so its sku (for the item mapping) is unknown; retried until the subscription event has been applied, or map \"overage:{}\"",
+            d.subscription_id, d.metric
+        ))
+    };
+    let m = links::resolve(&svc.store, halo, &SUBSCRIPTION, &d.subscription_id)
+        .await?
+        .ok_or_else(not_yet)?;
+    let licence = halo
+        .get(&format!("/SoftwareLicence/{}", m.halo_id), &[])
+        .await?;
+    let sku = first_record(licence)
+        .and_then(|l| {
+            l.get("product_sku")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .filter(|s| !s.is_empty())
+        .ok_or_else(not_yet)?;
+    let _: () = r.set(&key, &sku).await.map_err(StateError::from)?;
+    Ok(sku)
+}
+
+/// The one-off invoice of (account, period), created once.
+async fn invoice_for(
+    svc: &Services,
+    halo: &HaloClient,
+    client_id: i64,
+    d: &OverageData,
+    memo: &mut HashMap<String, i64>,
+) -> Result<i64, Failure> {
+    let billing_id = mapping::invoice_billing_id(d);
+    if let Some(id) = memo.get(&billing_id) {
+        return Ok(*id);
+    }
+    let w = &svc.config.worker;
+    let m = links::resolve_or_create(
+        &svc.store,
+        halo,
+        &OVERAGE_INVOICE,
+        &billing_id,
+        Duration::from_millis(w.lock_ttl_ms),
+        Duration::from_millis(w.lock_wait_ms),
+        || async {
+            let mut body = mapping::invoice_record(client_id, d);
+            body["new_external_link"] = links::new_plain_link(&OVERAGE_INVOICE, &billing_id);
+            let saved = halo.save("/Invoice", body).await?;
+            let id = record_id(&saved).ok_or_else(|| {
+                Failure::transient("HaloPSA saved the overage invoice but returned no id")
+            })?;
+            tracing::info!(
+                halo_id = id,
+                customer = client_id,
+                "created the one-off overage invoice"
+            );
+            Ok(id)
+        },
+        |dup| async move {
+            // Our own duplicate header, created moments ago, with no lines.
+            halo.delete(&format!("/Invoice/{dup}"))
+                .await
+                .map(|_| ())
+                .map_err(Failure::from)
+        },
+    )
+    .await?;
+    memo.insert(billing_id, m.halo_id);
+    Ok(m.halo_id)
+}
+
+fn cache_key(svc: &Services, halo: &HaloClient, d: &OverageData) -> String {
+    svc.store.keys().key(
+        &halo.connection().name,
+        &["overage_line", &mapping::aggregate(d)],
+    )
+}
+
+async fn cached(
+    svc: &Services,
+    halo: &HaloClient,
+    d: &OverageData,
+) -> Result<Option<Cached>, Failure> {
+    let mut r = svc.store.redis();
+    let raw: Option<String> = r
+        .get(cache_key(svc, halo, d))
+        .await
+        .map_err(StateError::from)?;
+    // A value we cannot read is treated as absent: HaloPSA has the truth.
+    Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
+}
+
+async fn remember(
+    svc: &Services,
+    halo: &HaloClient,
+    p: &Plan,
+    line: Option<i64>,
+) -> Result<(), Failure> {
+    write_cache(svc, halo, &p.data, p.ihid, line, &p.version).await
+}
+
+async fn write_cache(
+    svc: &Services,
+    halo: &HaloClient,
+    d: &OverageData,
+    ihid: i64,
+    line: Option<i64>,
+    version: &Version,
+) -> Result<(), Failure> {
+    let value = serde_json::to_string(&Cached {
+        ihid,
+        line,
+        version: version.encode(),
+    })
+    .unwrap_or_default();
+    let mut r = svc.store.redis();
+    let _: () = r
+        .set(cache_key(svc, halo, d), value)
+        .await
+        .map_err(StateError::from)?;
+    Ok(())
+}
+
+async fn forget(svc: &Services, halo: &HaloClient, d: &OverageData) -> Result<(), Failure> {
+    let mut r = svc.store.redis();
+    let _: () = r
+        .del(cache_key(svc, halo, d))
+        .await
+        .map_err(StateError::from)?;
+    Ok(())
+}
+
+/// What to write for one event.
+enum Op {
+    Add,
+    Update {
+        line: i64,
+        from_cache: bool,
+    },
+    /// Zero overage and no line: nothing to write.
+    Nothing,
+}
+
+/// Applies the plans of one invoice; returns `(event index, result)`.
+async fn apply_invoice(
+    svc: &Services,
+    halo: &HaloClient,
+    ihid: i64,
+    plans: Vec<Plan>,
+) -> Vec<(usize, Result<Outcome, Failure>)> {
+    let mut out = Vec::new();
+    // Events the cache cannot place need the header's lines.
+    let header = if plans.iter().any(|p| p.cached.is_none()) {
+        match read_header(svc, halo, ihid, &plans[0].data).await {
+            Ok(h) => Some(h),
+            Err(f) => {
+                return plans.into_iter().map(|p| (p.idx, Err(f.clone()))).collect();
+            }
+        }
+    } else {
+        None
+    };
+    let mut work: Vec<(Plan, Op)> = Vec::new();
+    for p in plans {
+        let zero = p.data.overage_quantity <= 0.0;
+        let op = match (&p.cached, &header) {
+            (Some(Cached { line: Some(l), .. }), _) => Op::Update {
+                line: *l,
+                from_cache: true,
+            },
+            (Some(Cached { line: None, .. }), _) if zero => Op::Nothing,
+            (Some(Cached { line: None, .. }), _) => Op::Add,
+            (None, Some(h)) => {
+                let found = mapping::lines_carrying(h, &mapping::marker(&p.data));
+                if found.len() > 1 {
+                    tracing::warn!(
+                        ihid,
+                        lines = ?found.iter().map(|f| f.0).collect::<Vec<_>>(),
+                        "more than one line carries this overage; the lowest is kept up to date"
+                    );
+                }
+                match found.first() {
+                    Some((line, Some(applied))) if p.version.is_superseded_by(applied) => {
+                        let r = write_cache(svc, halo, &p.data, p.ihid, Some(*line), applied).await;
+                        out.push((p.idx, r.map(|_| Outcome::Superseded)));
+                        continue;
+                    }
+                    Some((line, _)) => Op::Update {
+                        line: *line,
+                        from_cache: false,
+                    },
+                    None if zero => Op::Nothing,
+                    None => Op::Add,
+                }
+            }
+            (None, None) => Op::Add, // not reached: header read above
+        };
+        work.push((p, op));
+    }
+
+    let mut adds: Vec<(usize, Value)> = Vec::new();
+    let mut updates: Vec<(usize, Value)> = Vec::new();
+    for (k, (p, op)) in work.iter().enumerate() {
+        match op {
+            Op::Add => adds.push((
+                k,
+                mapping::line(&p.data, p.price, ihid, None, p.item_id, &p.version),
+            )),
+            Op::Update { line, .. } => updates.push((
+                k,
+                mapping::line(&p.data, p.price, ihid, Some(*line), p.item_id, &p.version),
+            )),
+            Op::Nothing => {}
+        }
+    }
+    let mut written: HashMap<usize, Result<Option<i64>, Failure>> = HashMap::new();
+    for (k, r) in write_lines(halo, "/Invoice/Lines", adds).await {
+        written.insert(k, r.map(|saved| record_id(&saved)));
+    }
+    for (k, r) in write_lines(halo, "/Invoice/updatelines", updates).await {
+        written.insert(k, r.map(|_| None));
+    }
+    // Adds whose id the answer did not give are found on the header.
+    let missing_ids = work
+        .iter()
+        .enumerate()
+        .any(|(k, (_, op))| matches!(op, Op::Add) && matches!(written.get(&k), Some(Ok(None))));
+    let reread = if missing_ids {
+        read_header(svc, halo, ihid, &work[0].0.data).await.ok()
+    } else {
+        None
+    };
+
+    for (k, (p, op)) in work.into_iter().enumerate() {
+        let r = match op {
+            Op::Nothing => remember(svc, halo, &p, None)
+                .await
+                .map(|_| Outcome::Applied),
+            Op::Add => match written.remove(&k) {
+                Some(Ok(id)) => {
+                    let id = id.or_else(|| {
+                        reread.as_ref().and_then(|h| {
+                            mapping::lines_carrying(h, &mapping::marker(&p.data))
+                                .first()
+                                .map(|f| f.0)
+                        })
+                    });
+                    // Without the id, no cache: the next event reads the header.
+                    match id {
+                        Some(id) => remember(svc, halo, &p, Some(id)).await,
+                        None => forget(svc, halo, &p.data).await,
+                    }
+                    .map(|_| Outcome::Applied)
+                }
+                Some(Err(f)) => Err(f),
+                None => Err(Failure::transient("line not written (bug)")),
+            },
+            Op::Update { line, from_cache } => match written.remove(&k) {
+                Some(Ok(_)) => remember(svc, halo, &p, Some(line))
+                    .await
+                    .map(|_| Outcome::Applied),
+                Some(Err(f))
+                    if from_cache && f.class == halosync_shared::FailureClass::Rejected =>
+                {
+                    // The cached line may be gone (deleted in HaloPSA, or
+                    // Redis holding another instance's ids): retry afresh
+                    // from the header; a genuine refusal is then final.
+                    match forget(svc, halo, &p.data).await {
+                        Ok(()) => Err(Failure::transient(format!(
+                            "the cached line {line} of invoice {ihid} was refused ({}); the cache was dropped and the event is retried from the invoice's lines",
+                            f.message
+                        ))),
+                        Err(e) => Err(e),
+                    }
+                }
+                Some(Err(f)) => Err(f),
+                None => Err(Failure::transient("line not written (bug)")),
+            },
+        };
+        out.push((p.idx, r));
+    }
+    out
+}
+
+/// `GET /Invoice/{ihid}?includedetails=true`. A header gone from HaloPSA
+/// has its mapping dropped and the events are retried afresh.
+async fn read_header(
+    svc: &Services,
+    halo: &HaloClient,
+    ihid: i64,
+    d: &OverageData,
+) -> Result<Value, Failure> {
+    match halo
+        .get(
+            &format!("/Invoice/{ihid}"),
+            &[("includedetails", "true".into())],
+        )
+        .await
+    {
+        Ok(body) => first_record(body)
+            .ok_or_else(|| Failure::transient(format!("HaloPSA returned no invoice {ihid}"))),
+        Err(e) if matches!(e.status(), Some(400 | 404)) => {
+            let billing_id = mapping::invoice_billing_id(d);
+            if links::drop_if_stale(&svc.store, halo, &OVERAGE_INVOICE, &billing_id, ihid).await? {
+                return Err(Failure::transient(format!(
+                    "overage invoice {ihid} of {billing_id} is gone from HaloPSA; the stale mapping was dropped and the events are retried afresh"
+                )));
+            }
+            Err(e.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Posts `lines` to `path` in arrays of at most [`CHUNK`]; an array
+/// refused with 400/422 is split in halves until the refused line is alone.
+/// Returns each line's saved record (`Null` when the answer did not give
+/// one per line) or its failure.
+async fn write_lines(
+    halo: &HaloClient,
+    path: &str,
+    lines: Vec<(usize, Value)>,
+) -> Vec<(usize, Result<Value, Failure>)> {
+    let mut out = Vec::with_capacity(lines.len());
+    let mut stack: Vec<Vec<(usize, Value)>> = Vec::new();
+    let mut rest = lines;
+    while !rest.is_empty() {
+        let tail = rest.split_off(rest.len().min(CHUNK));
+        stack.push(rest);
+        rest = tail;
+    }
+    stack.reverse();
+    while let Some(chunk) = stack.pop() {
+        let bodies: Vec<Value> = chunk.iter().map(|(_, v)| v.clone()).collect();
+        match halo.post(path, bodies).await {
+            Ok(answer) => {
+                let saved = match answer {
+                    Value::Array(a) => a,
+                    Value::Object(_) => vec![answer],
+                    _ => Vec::new(),
+                };
+                let aligned = saved.len() == chunk.len();
+                for (n, (k, _)) in chunk.into_iter().enumerate() {
+                    let v = if aligned {
+                        saved[n].clone()
+                    } else {
+                        Value::Null
+                    };
+                    out.push((k, Ok(v)));
+                }
+            }
+            Err(e) if matches!(e.status(), Some(400 | 422)) && chunk.len() > 1 => {
+                tracing::info!(
+                    path,
+                    lines = chunk.len(),
+                    error = %e,
+                    "HaloPSA refused an array of lines; splitting it to find the refused one"
+                );
+                let mut first = chunk;
+                let second = first.split_off(first.len() / 2);
+                // Pushed in reverse, so the first half is tried first.
+                stack.push(second);
+                stack.push(first);
+            }
+            Err(e) => {
+                let f = Failure::from(e);
+                if chunk.len() == 1 && f.class == halosync_shared::FailureClass::Rejected {
+                    tracing::warn!(path, error = %f, "HaloPSA refused the line");
+                }
+                for (k, _) in chunk {
+                    out.push((k, Err(f.clone())));
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,231 @@
+//! What an overage event becomes in HaloPSA: the one-off invoice header and
+//! the charge line (reference §3.5, §4.5). Pure functions, unit-tested.
+//!
+//! * **Marker**: [`LINE_ID_FIELD`] (`item_internal_reference`) holds
+//!   `halosync.overage:<subscription_id>:<metric>:<period_start>`, matched
+//!   exactly on `GET /Invoice/{id}?includedetails=true`.
+//! * **Applied version**: [`LINE_VERSION_FIELD`] (`item_external_reference`)
+//!   holds the encoded version of the event the line shows, written in the
+//!   same request as the line's state, so ordering survives a lost Redis
+//!   without a per-event ExternalLink write. UNCONFIRMED: that HaloPSA keeps
+//!   free text in `item_external_reference` (§4.5 lists the field, not its
+//!   semantics; halo-sim stores it verbatim).
+//! * **Price**: the event's `unit_price`, always (not subject to
+//!   `overwrite_prices`): the overage charge is computed by the billing
+//!   platform; an MSP who wants another price changes it there.
+//! * **Zero overage**: no line is created; an existing line (an earlier,
+//!   non-zero version) gets `qty_order` 0 and `isinactive: true`. A zero
+//!   overage of a period without an invoice creates none; its version is
+//!   then kept in Redis only (so after a Redis loss an older non-zero event
+//!   arriving late would add the line: accepted, as the billing platform
+//!   publishes newer state after it anyway). Lines are
+//!   never deleted (HaloPSA documents no line delete; invoice data is the
+//!   MSP's).
+
+use halosync_shared::config::ConnectionConfig;
+use halosync_shared::contract::{OverageData, Version};
+use halosync_shared::Failure;
+use serde_json::{json, Value};
+
+/// The invoice-line field that carries the aggregate's marker.
+pub const LINE_ID_FIELD: &str = "item_internal_reference";
+/// The invoice-line field that carries the applied event version.
+pub const LINE_VERSION_FIELD: &str = "item_external_reference";
+/// Prefix of the marker (kind-qualified, like `links::marker`).
+pub const MARKER_PREFIX: &str = "halosync.overage";
+
+/// `"{subscription_id}:{metric}:{period_start}"` (DESIGN §1).
+pub fn aggregate(d: &OverageData) -> String {
+    format!("{}:{}:{}", d.subscription_id, d.metric, d.period_start)
+}
+
+pub fn marker(d: &OverageData) -> String {
+    format!("{MARKER_PREFIX}:{}", aggregate(d))
+}
+
+/// `third_party_id` of the one-off invoice of (account, period).
+pub fn invoice_billing_id(d: &OverageData) -> String {
+    format!("{}:{}", d.account_id, d.period_start)
+}
+
+/// What the customer reads on the line.
+pub fn description(d: &OverageData) -> String {
+    format!(
+        "{} overage {} to {}: {} over {} included",
+        d.metric,
+        d.period_start,
+        d.period_end,
+        num(d.overage_quantity),
+        num(d.included_quantity)
+    )
+}
+
+fn num(x: f64) -> String {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{}", x as i64)
+    } else {
+        format!("{x}")
+    }
+}
+
+/// The event's decimal `unit_price` as HaloPSA's double.
+pub fn unit_price(d: &OverageData) -> Result<f64, Failure> {
+    d.unit_price
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|p| p.is_finite())
+        .ok_or_else(|| {
+            Failure::invalid(format!(
+                "unit_price {:?} is not a decimal number",
+                d.unit_price
+            ))
+        })
+}
+
+/// Item-map keys tried without any HaloPSA request: `overage:<metric>`.
+pub fn direct_key(d: &OverageData) -> String {
+    format!("overage:{}", d.metric)
+}
+
+/// Item-map keys tried once the subscription's sku is known:
+/// `<sku>:<metric>`, then `<sku>`.
+pub fn sku_keys(sku: &str, d: &OverageData) -> [String; 2] {
+    [format!("{sku}:{}", d.metric), sku.to_string()]
+}
+
+pub fn unmapped(conn: &ConnectionConfig, tried: &[String]) -> Failure {
+    let name = &conn.name;
+    Failure::unmapped(format!(
+        "no HaloPSA item mapping for this overage on connection {name}: tried {tried:?}; add one of them under [connections.{name}.items] and replay"
+    ))
+}
+
+/// The one-off invoice header of (customer, period), created on first need.
+pub fn invoice_record(client_id: i64, d: &OverageData) -> Value {
+    json!({
+        "client_id": client_id,
+        "invoice_date": d.period_end,
+        "reference": format!("halosync overage {} to {}", d.period_start, d.period_end),
+        "notes": format!(
+            "Managed by halosync: overage charges of account {} for {} to {}. Lines are updated by the billing platform's events.",
+            d.account_id, d.period_start, d.period_end
+        ),
+    })
+}
+
+/// The full state of the charge line (for add and update alike).
+pub fn line(
+    d: &OverageData,
+    price: f64,
+    ihid: i64,
+    line_id: Option<i64>,
+    item_id: i64,
+    version: &Version,
+) -> Value {
+    let zero = d.overage_quantity <= 0.0;
+    let mut v = json!({
+        "ihid": ihid,
+        "_itemid": item_id,
+        "item_shortdescription": description(d),
+        "qty_order": if zero { 0.0 } else { d.overage_quantity },
+        "unit_price": price,
+        "startdate": d.period_start,
+        "enddate": d.period_end,
+        "isinactive": zero,
+        LINE_ID_FIELD: marker(d),
+        LINE_VERSION_FIELD: version.encode(),
+    });
+    if let Some(id) = line_id {
+        v["id"] = json!(id);
+    }
+    v
+}
+
+/// The lines of a header (`lines` of `GET /Invoice/{id}?includedetails`),
+/// whatever the key, carrying `marker`: `(line id, applied version)`,
+/// lowest id first.
+pub fn lines_carrying(header: &Value, marker: &str) -> Vec<(i64, Option<Version>)> {
+    let rows = ["lines", "invoice_lines", "details"]
+        .iter()
+        .find_map(|k| header.get(*k).and_then(Value::as_array))
+        .cloned()
+        .unwrap_or_default();
+    let mut out: Vec<(i64, Option<Version>)> = rows
+        .iter()
+        .filter(|l| l.get(LINE_ID_FIELD).and_then(Value::as_str) == Some(marker))
+        .filter_map(|l| {
+            let id = halosync_shared::halo::record_id(l)?;
+            let v = l
+                .get(LINE_VERSION_FIELD)
+                .and_then(Value::as_str)
+                .and_then(Version::decode);
+            Some((id, v))
+        })
+        .collect();
+    out.sort_by_key(|(id, _)| *id);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(q: f64) -> OverageData {
+        OverageData {
+            subscription_id: "sub_1".into(),
+            account_id: "acc_1".into(),
+            metric: "storage_gb".into(),
+            period_start: "2026-11-01".into(),
+            period_end: "2026-11-30".into(),
+            included_quantity: 100.0,
+            used_quantity: 100.0 + q,
+            overage_quantity: q,
+            unit_price: "0.25".into(),
+            currency: "EUR".into(),
+        }
+    }
+
+    #[test]
+    fn line_carries_period_marker_and_version() {
+        let v = Version::decode("s=3;t=2026-11-23T10:00:00Z").unwrap();
+        let l = line(&data(12.5), 0.25, 7, Some(9), 1001, &v);
+        assert_eq!(l["qty_order"], 12.5);
+        assert_eq!(l["id"], 9);
+        assert_eq!(l["startdate"], "2026-11-01");
+        assert_eq!(l["enddate"], "2026-11-30");
+        assert_eq!(l["isinactive"], false);
+        assert_eq!(
+            l[LINE_ID_FIELD],
+            "halosync.overage:sub_1:storage_gb:2026-11-01"
+        );
+        assert_eq!(l[LINE_VERSION_FIELD], v.encode());
+        assert_eq!(
+            l["item_shortdescription"],
+            "storage_gb overage 2026-11-01 to 2026-11-30: 12.5 over 100 included"
+        );
+        let z = line(&data(0.0), 0.25, 7, Some(9), 1001, &v);
+        assert_eq!(z["qty_order"], 0.0);
+        assert_eq!(z["isinactive"], true);
+    }
+
+    #[test]
+    fn finds_lines_by_exact_marker() {
+        let h = json!({"lines": [
+            {"id": 5, LINE_ID_FIELD: "halosync.overage:sub_1:storage_gb:2026-11-01", LINE_VERSION_FIELD: "s=2;t=2026-11-23T10:00:00Z"},
+            {"id": 3, LINE_ID_FIELD: "halosync.overage:sub_1:storage_gb:2026-11-01x"},
+        ]});
+        let found = lines_carrying(&h, "halosync.overage:sub_1:storage_gb:2026-11-01");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, 5);
+        assert_eq!(found[0].1.as_ref().unwrap().sequence, Some(2));
+    }
+
+    #[test]
+    fn price_must_be_decimal() {
+        let mut d = data(1.0);
+        assert_eq!(unit_price(&d).unwrap(), 0.25);
+        d.unit_price = "abc".into();
+        assert!(unit_price(&d).is_err());
+    }
+}

@@ -1,0 +1,885 @@
+//! `usage.reported` → the usage line of (subscription, metric) on the
+//! customer's halosync recurring invoice, in batches (DESIGN §3, reference
+//! §3.4, §4.5).
+//!
+//! The runtime hands over what the broker had ready for one connection,
+//! with only the newest event per aggregate (`<subscription_id>:<metric>`)
+//! and those aggregates' locks held. Per batch:
+//!
+//! 1. **Customer and invoice**, once per account: `links::require_customer`
+//!    (`dependency` while the account is not in HaloPSA), then the
+//!    recurring invoice through `links::resolve_or_create` under the same
+//!    lock (`recurring_invoice:<account_id>`) and with the same header body
+//!    as the subscription worker, which puts its lines on the same invoice.
+//! 2. **Sku and product name** of the subscription (usage events carry
+//!    neither): Redis `…:usage_sku:<subscription_id>`, else the
+//!    subscription's licence (`halosync.subscription` mapping → licence id)
+//!    looked up in one `GET /SoftwareLicence?client_id=…` list per customer;
+//!    every licence of that list carrying a subscription marker is cached
+//!    then, so the customer's other subscriptions need no list later. A
+//!    subscription not in HaloPSA yet is a `dependency`. The sku of a
+//!    subscription is assumed never to change (a changed product is a new
+//!    subscription); the cache never expires.
+//! 3. **Item**: `"<sku>:<metric>"` in `[items]`, else the sku, else
+//!    `unmapped` naming both keys.
+//! 4. **Line and applied state**: Redis `…:usage_line:<subscription_id>:<metric>`
+//!    = `{ihid, line, applied, pending}`. On a miss, the header is read once
+//!    per invoice per batch (`GET /RecurringInvoice/{id}?includedetails=true`),
+//!    the line found by its marker, with the applied state kept on the line
+//!    itself (see `mapping`); every usage line of that header is then cached
+//!    (`SET NX`: never over an entry another worker just wrote) and the
+//!    header marked `…:usage_scanned:<ihid>`. A miss on a scanned header
+//!    means "no line yet" and needs no GET: every line is added with a
+//!    `pending` entry written *before* `POST /RecurringInvoice/Lines`, so a
+//!    worker killed between the POST and the cache write leaves a pending
+//!    entry, and the replay reads the header instead of adding a second
+//!    line. An event whose (period, version) is not newer than the applied
+//!    one is `Superseded`.
+//! 5. **Writes**: updates in arrays of ≤ 100 lines per
+//!    `POST /RecurringInvoice/updatelines` (lines of several invoices share
+//!    a request), new lines in arrays of ≤ 100 per
+//!    `POST /RecurringInvoice/Lines`; quantity and applied version travel
+//!    in the same request. A 400 for an array splits it in halves, again
+//!    and again, until the one line HaloPSA refuses is isolated: that event
+//!    is `rejected` with HaloPSA's message, the others are applied. Any
+//!    other error fails the events of that array with its class (retried).
+//!
+//! Steady state (Redis warm): no GET at all, one request per 100 changed
+//! lines. Cold: one header GET and at most one licence list per customer.
+//!
+//! New lines are matched to HaloPSA's answer by position (HaloPSA answers
+//! an array with the saved lines in order; UNCONFIRMED for real HaloPSA).
+//!
+//! Not handled (documented limits): duplicate usage lines added by two
+//! workers that lost their Redis locks at the same time (the lowest line id
+//! is used from then on; the other stays); no fencing of the aggregate lock
+//! during the write (a Redis loss mid-batch could let an older write land
+//! after a newer one until the next event of that aggregate).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use halosync_shared::contract::{Envelope, Family, UsageData};
+use halosync_shared::halo::links::{self, RECURRING_INVOICE, SUBSCRIPTION, USAGE};
+use halosync_shared::halo::{first_record, record_id, HaloClient};
+use halosync_shared::runtime::{Handler, Outcome, Services};
+use halosync_shared::store::StateError;
+use halosync_shared::Failure;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::mapping::{item_for, line_update, new_line, usage_lines, Applied, CHUNK};
+
+/// The licence field the subscription worker writes its marker into.
+const LICENCE_ID_FIELD: &str = "thirdparty_client_id";
+
+/// `cold` serialises the lookups of concurrent batches of this process
+/// (the runtime writes one batch while the next fills): the second batch
+/// waits for the first one's header reads and licence lists, then finds
+/// their results in Redis instead of reading the same headers again.
+#[derive(Default)]
+pub struct UsageHandler {
+    cold: tokio::sync::Mutex<()>,
+}
+
+#[async_trait]
+impl Handler for UsageHandler {
+    fn family(&self) -> Family {
+        Family::Usage
+    }
+
+    /// `<subscription_id>:<metric>`: one line per subscription and metric,
+    /// whatever the period (a newer period replaces the older one).
+    fn aggregate(&self, event: &Envelope) -> Result<String, Failure> {
+        let d: UsageData = event.data_as()?;
+        Ok(format!("{}:{}", d.subscription_id, d.metric))
+    }
+
+    fn batching(&self) -> bool {
+        true
+    }
+
+    async fn apply(
+        &self,
+        svc: &Services,
+        halo: &HaloClient,
+        event: &Envelope,
+    ) -> Result<Outcome, Failure> {
+        self.apply_batch(svc, halo, std::slice::from_ref(event))
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(Failure::transient("no result (bug)")))
+    }
+
+    async fn apply_batch(
+        &self,
+        svc: &Services,
+        halo: &HaloClient,
+        events: &[Envelope],
+    ) -> Vec<Result<Outcome, Failure>> {
+        Batch::new(svc, halo, events).run(&self.cold).await
+    }
+}
+
+/// One event on its way through the batch.
+struct Work {
+    data: UsageData,
+    state: Applied,
+    marker: String,
+    ihid: i64,
+    customer: i64,
+    product: String,
+    item: i64,
+    line: Option<i64>,
+}
+
+/// The cached sku of a subscription.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Product {
+    sku: String,
+    name: String,
+}
+
+/// The cached usage line of an aggregate.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CachedLine {
+    ihid: i64,
+    line: i64,
+    applied: String,
+    /// Written just before `POST /RecurringInvoice/Lines`: the line may
+    /// exist without its id being known (a worker killed mid-request), so
+    /// the header must be read before adding again.
+    #[serde(default)]
+    pending: bool,
+}
+
+struct Batch<'a> {
+    svc: &'a Services,
+    halo: &'a HaloClient,
+    results: Vec<Option<Result<Outcome, Failure>>>,
+    work: Vec<Option<Work>>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(svc: &'a Services, halo: &'a HaloClient, events: &[Envelope]) -> Batch<'a> {
+        let mut results = Vec::with_capacity(events.len());
+        let mut work = Vec::with_capacity(events.len());
+        for e in events {
+            let parsed = e.data_as::<UsageData>().and_then(|data| {
+                let version = e.version()?;
+                if !data.quantity.is_finite() || data.quantity < 0.0 {
+                    return Err(Failure::invalid(format!(
+                        "quantity {} is not a number >= 0",
+                        data.quantity
+                    )));
+                }
+                Ok((data, version))
+            });
+            match parsed {
+                Ok((data, version)) => {
+                    results.push(None);
+                    let marker =
+                        links::marker(&USAGE, &format!("{}:{}", data.subscription_id, data.metric));
+                    work.push(Some(Work {
+                        state: Applied {
+                            period_start: data.period_start.clone(),
+                            version,
+                        },
+                        data,
+                        marker,
+                        ihid: 0,
+                        customer: 0,
+                        product: String::new(),
+                        item: 0,
+                        line: None,
+                    }));
+                }
+                Err(f) => {
+                    results.push(Some(Err(f)));
+                    work.push(None);
+                }
+            }
+        }
+        Batch {
+            svc,
+            halo,
+            results,
+            work,
+        }
+    }
+
+    fn fail(&mut self, i: usize, f: Failure) {
+        self.results[i] = Some(Err(f));
+        self.work[i] = None;
+    }
+
+    fn live(&self) -> Vec<usize> {
+        (0..self.work.len())
+            .filter(|i| self.work[*i].is_some())
+            .collect()
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        self.svc
+            .store
+            .keys()
+            .key(&self.halo.connection().name, parts)
+    }
+
+    async fn run(mut self, cold: &tokio::sync::Mutex<()>) -> Vec<Result<Outcome, Failure>> {
+        self.invoices().await;
+        // Each lookup runs first from Redis only; HaloPSA is read (under
+        // `cold`) only for what Redis did not have.
+        let mut guard = None;
+        if self.products(false).await {
+            guard = Some(cold.lock().await);
+            self.products(true).await;
+        }
+        if self.lines(false).await {
+            if guard.is_none() {
+                guard = Some(cold.lock().await);
+            }
+            self.lines(true).await;
+        }
+        drop(guard);
+        self.write().await;
+        self.results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Failure::transient("event not decided (bug)"))))
+            .collect()
+    }
+
+    /// Step 1: customer and recurring invoice, once per account.
+    async fn invoices(&mut self) {
+        let mut by_account: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for i in self.live() {
+            let w = self.work[i].as_ref().expect("live");
+            by_account
+                .entry(w.data.account_id.clone())
+                .or_default()
+                .push(i);
+        }
+        for (account, members) in by_account {
+            match self.invoice_of(&account).await {
+                Ok((customer, ihid)) => {
+                    for i in members {
+                        let w = self.work[i].as_mut().expect("live");
+                        w.customer = customer;
+                        w.ihid = ihid;
+                    }
+                }
+                Err(f) => {
+                    for i in members {
+                        self.fail(i, f.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    async fn invoice_of(&self, account_id: &str) -> Result<(i64, i64), Failure> {
+        let store = &self.svc.store;
+        let halo = self.halo;
+        let customer = links::require_customer(store, halo, account_id)
+            .await?
+            .halo_id;
+        let w = &self.svc.config.worker;
+        let mapping = links::resolve_or_create(
+            store,
+            halo,
+            &RECURRING_INVOICE,
+            account_id,
+            Duration::from_millis(w.lock_ttl_ms),
+            Duration::from_millis(w.lock_wait_ms),
+            || async {
+                // The same header as the subscription worker creates.
+                let mut body = json!({
+                    "client_id": customer,
+                    "reference": format!("halosync {account_id}"),
+                    "notes_1": "Managed by halosync: one line per billing subscription, kept in step with the billing platform. Lines are made inactive, never removed.",
+                });
+                body["new_external_link"] = links::new_plain_link(&RECURRING_INVOICE, account_id);
+                let saved = halo.save("/RecurringInvoice", body).await?;
+                let id = record_id(&saved).ok_or_else(|| {
+                    Failure::transient("HaloPSA saved the recurring invoice but returned no id")
+                })?;
+                tracing::info!(halo_id = id, customer, "created the customer's halosync recurring invoice");
+                Ok(id)
+            },
+            |dup| async move {
+                halo.delete(&format!("/RecurringInvoice/{dup}"))
+                    .await
+                    .map(|_| ())
+                    .map_err(Failure::from)
+            },
+        )
+        .await?;
+        Ok((customer, mapping.halo_id))
+    }
+
+    /// Steps 2 and 3: sku and product name of each subscription, and the
+    /// item of each event (which needs the sku).
+    /// Returns whether HaloPSA must be read (only when `read` is false).
+    async fn products(&mut self, read: bool) -> bool {
+        let live: Vec<usize> = self
+            .live()
+            .into_iter()
+            .filter(|i| self.work[*i].as_ref().is_some_and(|w| w.item == 0))
+            .collect();
+        let mut need = false;
+        let subs: Vec<String> = {
+            let mut s: Vec<String> = live
+                .iter()
+                .map(|i| {
+                    self.work[*i]
+                        .as_ref()
+                        .expect("live")
+                        .data
+                        .subscription_id
+                        .clone()
+                })
+                .collect();
+            s.sort();
+            s.dedup();
+            s
+        };
+        if subs.is_empty() {
+            return false;
+        }
+        let keys: Vec<String> = subs.iter().map(|s| self.key(&["usage_sku", s])).collect();
+        let mut known: HashMap<String, Result<Product, Failure>> = HashMap::new();
+        let mut r = self.svc.store.redis();
+        let cached: Result<Vec<Option<String>>, _> = r.mget(&keys).await;
+        let cached = match cached {
+            Ok(c) => c,
+            Err(e) => {
+                let f: Failure = StateError::from(e).into();
+                for i in live {
+                    self.fail(i, f.clone());
+                }
+                return false;
+            }
+        };
+        // Misses, by customer: subscription -> licence id.
+        let mut missing: BTreeMap<i64, Vec<(String, i64)>> = BTreeMap::new();
+        let customer_of: HashMap<String, i64> = live
+            .iter()
+            .map(|i| {
+                let w = self.work[*i].as_ref().expect("live");
+                (w.data.subscription_id.clone(), w.customer)
+            })
+            .collect();
+        for (sub, raw) in subs.iter().zip(cached) {
+            if let Some(p) = raw.and_then(|s| serde_json::from_str::<Product>(&s).ok()) {
+                known.insert(sub.clone(), Ok(p));
+                continue;
+            }
+            if !read {
+                need = true;
+                continue;
+            }
+            match links::resolve(&self.svc.store, self.halo, &SUBSCRIPTION, sub).await {
+                Ok(Some(m)) => missing
+                    .entry(customer_of[sub])
+                    .or_default()
+                    .push((sub.clone(), m.halo_id)),
+                Ok(None) => {
+                    known.insert(
+                        sub.clone(),
+                        Err(Failure::dependency(format!(
+                            "subscription {sub} is not in HaloPSA yet (no licence linked to it); retried until the subscription event has been applied"
+                        ))),
+                    );
+                }
+                Err(f) => {
+                    known.insert(sub.clone(), Err(f));
+                }
+            }
+        }
+        for (customer, wanted) in missing {
+            let rows = self
+                .halo
+                .list(
+                    "/SoftwareLicence",
+                    "licences",
+                    &[
+                        ("client_id", customer.to_string()),
+                        ("includeinactive", "true".into()),
+                    ],
+                )
+                .await;
+            match rows {
+                Ok(rows) => {
+                    self.cache_products(&rows).await;
+                    for (sub, licence) in wanted {
+                        let found = rows.iter().find(|r| record_id(r) == Some(licence));
+                        let product = found.and_then(|r| {
+                            let sku = r.get("product_sku")?.as_str()?.trim().to_string();
+                            let name = r
+                                .get("name")
+                                .and_then(Value::as_str)
+                                .unwrap_or(&sku)
+                                .to_string();
+                            (!sku.is_empty()).then_some(Product { sku, name })
+                        });
+                        let v = match product {
+                            Some(p) => Ok(p),
+                            None => Err(Failure::dependency(format!(
+                                "licence {licence} of subscription {sub} is not listed for customer {customer} with a product_sku; retried"
+                            ))),
+                        };
+                        known.insert(sub, v);
+                    }
+                }
+                Err(e) => {
+                    let f = Failure::from(e);
+                    for (sub, _) in wanted {
+                        known.insert(sub, Err(f.clone()));
+                    }
+                }
+            }
+        }
+        for i in live {
+            let sub = self.work[i]
+                .as_ref()
+                .expect("live")
+                .data
+                .subscription_id
+                .clone();
+            match known.get(&sub) {
+                Some(Ok(p)) => {
+                    let w = self.work[i].as_mut().expect("live");
+                    w.product = p.name.clone();
+                    // The sku is only needed for the item.
+                    w.item = match item_for(self.halo.connection(), &p.sku, &w.data.metric) {
+                        Ok(item) => item,
+                        Err(f) => {
+                            self.fail(i, f);
+                            continue;
+                        }
+                    };
+                }
+                Some(Err(f)) => {
+                    let f = f.clone();
+                    self.fail(i, f);
+                }
+                None if read => self.fail(i, Failure::transient("no product (bug)")),
+                None => {}
+            }
+        }
+        need
+    }
+
+    /// Step 4: the line and its applied state; superseded events stop here.
+    /// Returns whether HaloPSA must be read (only when `read` is false).
+    async fn lines(&mut self, read: bool) -> bool {
+        let live: Vec<usize> = self
+            .live()
+            .into_iter()
+            .filter(|i| self.work[*i].as_ref().is_some_and(|w| w.line.is_none()))
+            .collect();
+        if live.is_empty() {
+            return false;
+        }
+        let keys: Vec<String> = live
+            .iter()
+            .map(|i| {
+                let w = self.work[*i].as_ref().expect("live");
+                self.key(&["usage_line", &w.data.subscription_id, &w.data.metric])
+            })
+            .collect();
+        let mut r = self.svc.store.redis();
+        let cached: Vec<Option<String>> = match r.mget(&keys).await {
+            Ok(c) => c,
+            Err(e) => {
+                let f: Failure = StateError::from(e).into();
+                for i in live {
+                    self.fail(i, f.clone());
+                }
+                return false;
+            }
+        };
+        let mut by_header: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+        let mut pending_ihids: HashSet<i64> = HashSet::new();
+        for (&i, raw) in live.iter().zip(cached) {
+            let ihid = self.work[i].as_ref().expect("live").ihid;
+            match raw
+                .and_then(|s| serde_json::from_str::<CachedLine>(&s).ok())
+                .filter(|c| c.ihid == ihid)
+            {
+                Some(c) if !c.pending => {
+                    let applied = Applied::decode(&c.applied);
+                    self.settle_line(i, c.line, applied);
+                }
+                Some(_) => {
+                    pending_ihids.insert(ihid);
+                    by_header.entry(ihid).or_default().push(i);
+                }
+                None => by_header.entry(ihid).or_default().push(i),
+            }
+        }
+        // A header scanned before has every usage line of it in the cache
+        // (or a pending entry): an aggregate missing there has no line yet.
+        let ihids: Vec<i64> = by_header
+            .keys()
+            .copied()
+            .filter(|h| !pending_ihids.contains(h))
+            .collect();
+        if !ihids.is_empty() {
+            let keys: Vec<String> = ihids
+                .iter()
+                .map(|h| self.key(&["usage_scanned", &h.to_string()]))
+                .collect();
+            match r.mget::<_, Vec<Option<String>>>(&keys).await {
+                Ok(scanned) => {
+                    for (h, seen) in ihids.iter().zip(scanned) {
+                        if seen.is_some() {
+                            by_header.remove(h);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the scanned headers; reading them")
+                }
+            }
+        }
+        if !read {
+            return !by_header.is_empty();
+        }
+        for (ihid, members) in by_header {
+            match self.read_header(ihid, &members).await {
+                Ok(header) => {
+                    let found = usage_lines(&header);
+                    self.remember_header(ihid, &found).await;
+                    for i in members {
+                        let marker = self.work[i].as_ref().expect("live").marker.clone();
+                        // No line yet: a new one is added.
+                        if let Some((_, line, applied)) =
+                            found.iter().find(|(m, _, _)| *m == marker)
+                        {
+                            self.settle_line(i, *line, applied.clone());
+                        }
+                    }
+                }
+                Err(f) => {
+                    for i in members {
+                        self.fail(i, f.clone());
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// After reading header `ihid`: caches every usage line on it (only
+    /// where the aggregate has no entry: another worker holding that
+    /// aggregate's lock may have just cached a newer state), then marks
+    /// the header as scanned. The lowest line id per marker is kept.
+    async fn remember_header(&self, ihid: i64, found: &[(String, i64, Option<Applied>)]) {
+        let prefix = format!("{}:", USAGE.third_party_type);
+        let mut pipe = redis::pipe();
+        let mut seen = HashSet::new();
+        for (marker, line, applied) in found {
+            let Some(aggregate) = marker.strip_prefix(&prefix) else {
+                continue;
+            };
+            if !seen.insert(aggregate) {
+                continue;
+            }
+            let value = serde_json::to_string(&CachedLine {
+                ihid,
+                line: *line,
+                applied: applied.as_ref().map(Applied::encode).unwrap_or_default(),
+                pending: false,
+            })
+            .unwrap_or_default();
+            pipe.cmd("SET")
+                .arg(self.key(&["usage_line", aggregate]))
+                .arg(value)
+                .arg("NX")
+                .ignore();
+        }
+        pipe.set(self.key(&["usage_scanned", &ihid.to_string()]), "1")
+            .ignore();
+        let mut r = self.svc.store.redis();
+        let res: Result<(), _> = pipe.query_async(&mut r).await;
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "could not cache the header's usage lines");
+        }
+    }
+
+    fn settle_line(&mut self, i: usize, line: i64, applied: Option<Applied>) {
+        let w = self.work[i].as_mut().expect("live");
+        w.line = Some(line);
+        if let Some(a) = applied {
+            if w.state.is_superseded_by(&a) {
+                self.results[i] = Some(Ok(Outcome::Superseded));
+                self.work[i] = None;
+            }
+        }
+    }
+
+    /// Caches the sku and name of every licence of a customer listing that
+    /// carries a subscription marker, so that the customer's other
+    /// subscriptions need no listing in later batches.
+    async fn cache_products(&self, rows: &[Value]) {
+        let prefix = format!("{}:", SUBSCRIPTION.third_party_type);
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for row in rows {
+            let Some(sub) = row
+                .get(LICENCE_ID_FIELD)
+                .and_then(Value::as_str)
+                .and_then(|m| m.trim().strip_prefix(&prefix))
+            else {
+                continue;
+            };
+            let Some(sku) = row.get("product_sku").and_then(Value::as_str) else {
+                continue;
+            };
+            if sku.trim().is_empty() {
+                continue;
+            }
+            let p = Product {
+                sku: sku.trim().to_string(),
+                name: row
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or(sku)
+                    .to_string(),
+            };
+            pipe.set(
+                self.key(&["usage_sku", sub]),
+                serde_json::to_string(&p).unwrap_or_default(),
+            )
+            .ignore();
+            any = true;
+        }
+        if any {
+            let mut r = self.svc.store.redis();
+            let res: Result<(), _> = pipe.query_async(&mut r).await;
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "could not cache the subscriptions' skus");
+            }
+        }
+    }
+
+    /// `GET /RecurringInvoice/{ihid}?includedetails=true`; a header gone
+    /// from HaloPSA has its mapping dropped, and the events are retried.
+    async fn read_header(&self, ihid: i64, members: &[usize]) -> Result<Value, Failure> {
+        let path = format!("/RecurringInvoice/{ihid}");
+        match self
+            .halo
+            .get(&path, &[("includedetails", "true".into())])
+            .await
+        {
+            Ok(body) => first_record(body).ok_or_else(|| {
+                Failure::transient(format!("HaloPSA returned no recurring invoice {ihid}"))
+            }),
+            Err(e) if matches!(e.status(), Some(400 | 404)) => {
+                let account = members
+                    .first()
+                    .and_then(|i| self.work[*i].as_ref())
+                    .map(|w| w.data.account_id.clone())
+                    .unwrap_or_default();
+                if links::drop_if_stale(
+                    &self.svc.store,
+                    self.halo,
+                    &RECURRING_INVOICE,
+                    &account,
+                    ihid,
+                )
+                .await?
+                {
+                    return Err(Failure::transient(format!(
+                        "recurring invoice {ihid} of account {account} is gone from HaloPSA; the stale mapping was dropped and the event is retried afresh"
+                    )));
+                }
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Step 5: the writes, in arrays, split on a refusal.
+    async fn write(&mut self) {
+        let mut updates = Vec::new();
+        let mut adds: Vec<(usize, Value)> = Vec::new();
+        for i in self.live() {
+            let w = self.work[i].as_ref().expect("live");
+            match w.line {
+                Some(line) => updates.push((
+                    i,
+                    line_update(
+                        &w.data, &w.product, &w.state, w.ihid, line, w.item, &w.marker,
+                    ),
+                )),
+                None => adds.push((
+                    i,
+                    new_line(&w.data, &w.product, &w.state, w.ihid, w.item, &w.marker),
+                )),
+            }
+        }
+        let mut done: Vec<(usize, i64)> = Vec::new();
+        for chunk in updates.chunks(CHUNK) {
+            for (i, result) in post_split(self.halo, "/RecurringInvoice/updatelines", chunk).await {
+                match result {
+                    Ok(_) => {
+                        let line = self.work[i].as_ref().and_then(|w| w.line).unwrap_or(0);
+                        done.push((i, line));
+                    }
+                    Err(f) => {
+                        if f.halo_status == Some(400) {
+                            // A stale cached line id is found again on replay.
+                            self.forget(i).await;
+                        }
+                        self.fail(i, f);
+                    }
+                }
+            }
+        }
+        if !adds.is_empty() {
+            // Intent first: a worker killed between the POST and the cache
+            // write leaves a pending entry, so the replay reads the header
+            // (and finds the line by its marker) instead of adding again.
+            let mut pipe = redis::pipe();
+            for (i, _) in &adds {
+                if let Some(w) = self.work[*i].as_ref() {
+                    let value = serde_json::to_string(&CachedLine {
+                        ihid: w.ihid,
+                        line: 0,
+                        applied: String::new(),
+                        pending: true,
+                    })
+                    .unwrap_or_default();
+                    pipe.set(
+                        self.key(&["usage_line", &w.data.subscription_id, &w.data.metric]),
+                        value,
+                    )
+                    .ignore();
+                }
+            }
+            let mut r = self.svc.store.redis();
+            let res: Result<(), _> = pipe.query_async(&mut r).await;
+            if let Err(e) = res {
+                let f: Failure = StateError::from(e).into();
+                for (i, _) in std::mem::take(&mut adds) {
+                    self.fail(i, f.clone());
+                }
+            }
+        }
+        for chunk in adds.chunks(CHUNK) {
+            for (i, result) in post_split(self.halo, "/RecurringInvoice/Lines", chunk).await {
+                match result {
+                    Ok(saved) => match saved.as_ref().and_then(record_id) {
+                        Some(line) => {
+                            tracing::info!(line, marker = %self.work[i].as_ref().map(|w| w.marker.as_str()).unwrap_or(""), "added a usage line");
+                            done.push((i, line));
+                        }
+                        None => self.fail(
+                            i,
+                            Failure::transient("HaloPSA saved the line but returned no id"),
+                        ),
+                    },
+                    Err(f) => self.fail(i, f),
+                }
+            }
+        }
+        // Cache what is now on the lines, in one round trip.
+        let mut pipe = redis::pipe();
+        for (i, line) in &done {
+            let Some(w) = self.work[*i].as_ref() else {
+                continue;
+            };
+            let value = serde_json::to_string(&CachedLine {
+                ihid: w.ihid,
+                line: *line,
+                applied: w.state.encode(),
+                pending: false,
+            })
+            .unwrap_or_default();
+            pipe.set(
+                self.key(&["usage_line", &w.data.subscription_id, &w.data.metric]),
+                value,
+            )
+            .ignore();
+        }
+        if !done.is_empty() {
+            let mut r = self.svc.store.redis();
+            let res: Result<(), _> = pipe.query_async(&mut r).await;
+            if let Err(e) = res {
+                // HaloPSA has the truth; the next event reads the header.
+                tracing::warn!(error = %e, "could not cache the usage lines");
+            }
+        }
+        for (i, _) in done {
+            self.results[i] = Some(Ok(Outcome::Applied));
+            self.work[i] = None;
+        }
+    }
+
+    async fn forget(&self, i: usize) {
+        if let Some(w) = self.work[i].as_ref() {
+            let mut r = self.svc.store.redis();
+            let res: Result<(), _> = redis::pipe()
+                .del(self.key(&["usage_line", &w.data.subscription_id, &w.data.metric]))
+                .ignore()
+                .del(self.key(&["usage_scanned", &w.ihid.to_string()]))
+                .ignore()
+                .query_async(&mut r)
+                .await;
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "could not drop a cached usage line");
+            }
+        }
+    }
+}
+
+/// POSTs `items` as one array; on a 400, splits it in halves and retries
+/// each, until the refused line is alone. Returns one result per item: the
+/// saved line HaloPSA returned for it (if any), or the failure.
+async fn post_split(
+    halo: &HaloClient,
+    path: &str,
+    items: &[(usize, Value)],
+) -> Vec<(usize, Result<Option<Value>, Failure>)> {
+    let mut out = Vec::with_capacity(items.len());
+    let mut stack: Vec<&[(usize, Value)]> = vec![items];
+    while let Some(part) = stack.pop() {
+        if part.is_empty() {
+            continue;
+        }
+        let bodies: Vec<Value> = part.iter().map(|(_, b)| b.clone()).collect();
+        match halo.post(path, bodies).await {
+            Ok(resp) => {
+                let rows = match resp {
+                    Value::Array(a) => a,
+                    Value::Null => Vec::new(),
+                    other => vec![other],
+                };
+                for (k, (i, _)) in part.iter().enumerate() {
+                    out.push((*i, Ok(rows.get(k).cloned())));
+                }
+            }
+            Err(e) if e.status() == Some(400) && part.len() > 1 => {
+                tracing::info!(
+                    lines = part.len(),
+                    error = %e,
+                    "HaloPSA refused an array of lines; splitting it to isolate the refused one"
+                );
+                let (a, b) = part.split_at(part.len() / 2);
+                stack.push(b);
+                stack.push(a);
+            }
+            Err(e) => {
+                let f = Failure::from(e);
+                for (i, _) in part {
+                    out.push((*i, Err(f.clone())));
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,237 @@
+//! Usage event → recurring-invoice line bodies, and the applied version
+//! kept on the line. Pure, so that it is tested on its own.
+//!
+//! # Fields on the line (reference §4.5)
+//!
+//! * [`LINE_ID_FIELD`] = `item_internal_reference` carries the marker
+//!   `halosync.usage:<subscription_id>:<metric>` (the same field the
+//!   subscription worker uses for `halosync.subscription:<id>`; the kinds
+//!   differ, so the markers never match each other).
+//! * [`APPLIED_FIELD`] = `item_external_reference` carries the applied
+//!   period and event version, `p=<period_start>;s=<sequence>;t=<occurred_at>`,
+//!   written in the same `updatelines` request as the quantity. That makes
+//!   the version durable without an ExternalLink write per event.
+//!   UNCONFIRMED: that HaloPSA keeps a free string in
+//!   `item_external_reference` and returns it with `includedetails=true`.
+//!
+//! # Which event wins
+//!
+//! The applied state is compared as (period_start, event version): a newer
+//! period always replaces an older one, whatever the versions; within one
+//! period the contract's version rule (sequence, else occurred_at) decides.
+//! The runtime's newest-per-aggregate within one batch compares event
+//! versions only (the aggregate is `<subscription_id>:<metric>`), so inside
+//! one batch a publisher's sequence (or occurred_at) is assumed to grow
+//! with the period — as it does for a metering system that reports periods
+//! in order.
+
+use std::cmp::Ordering;
+
+use halosync_shared::config::ConnectionConfig;
+use halosync_shared::contract::{UsageData, Version};
+use halosync_shared::halo::record_id;
+use halosync_shared::Failure;
+use serde_json::{json, Map, Value};
+
+/// The line field that carries the usage marker.
+pub const LINE_ID_FIELD: &str = "item_internal_reference";
+/// The line field that carries the applied period and version.
+pub const APPLIED_FIELD: &str = "item_external_reference";
+/// Lines per `POST /RecurringInvoice/Lines` or `/updatelines` request.
+pub const CHUNK: usize = 100;
+
+/// The applied state of a usage line: its period and event version.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Applied {
+    pub period_start: String,
+    pub version: Version,
+}
+
+impl Applied {
+    pub fn encode(&self) -> String {
+        format!("p={};{}", self.period_start, self.version.encode())
+    }
+
+    pub fn decode(text: &str) -> Option<Applied> {
+        let rest = text.trim().strip_prefix("p=")?;
+        let (period, version) = rest.split_once(';')?;
+        Some(Applied {
+            period_start: period.to_string(),
+            version: Version::decode(version)?,
+        })
+    }
+
+    /// Period first (`YYYY-MM-DD` sorts as text), then the event version.
+    pub fn compare(&self, other: &Applied) -> Ordering {
+        self.period_start
+            .cmp(&other.period_start)
+            .then_with(|| self.version.compare(&other.version))
+    }
+
+    /// True when an event with state `self` changes nothing because
+    /// `applied` is already on the line.
+    pub fn is_superseded_by(&self, applied: &Applied) -> bool {
+        self.compare(applied) != Ordering::Greater
+    }
+}
+
+/// The HaloPSA item of a usage line: `"<sku>:<metric>"` in the
+/// connection's `[items]` map, else the sku.
+pub fn item_for(conn: &ConnectionConfig, sku: &str, metric: &str) -> Result<i64, Failure> {
+    let specific = format!("{sku}:{metric}");
+    conn.items
+        .get(&specific)
+        .or_else(|| conn.items.get(sku))
+        .copied()
+        .ok_or_else(|| {
+            let name = &conn.name;
+            Failure::unmapped(format!(
+                "no HaloPSA item mapping for {specific:?} nor for sku {sku:?} on connection {name}: add \"{specific}\" = <item id> (or \"{sku}\") under [connections.{name}.items] and replay"
+            ))
+        })
+}
+
+/// The line's description: `<product> — <metric> (<start> to <end>)`.
+pub fn description(product: &str, data: &UsageData) -> String {
+    format!(
+        "{} — {} ({} to {})",
+        product.trim(),
+        data.metric,
+        data.period_start,
+        data.period_end
+    )
+}
+
+fn halo_date(date: &str) -> String {
+    format!("{date}T00:00:00")
+}
+
+/// The fields written on every add and update. The unit price comes from
+/// the item (set by HaloPSA on add) and is never sent.
+fn common(
+    data: &UsageData,
+    product: &str,
+    applied: &Applied,
+    ihid: i64,
+    item_id: i64,
+    marker: &str,
+) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("ihid".into(), json!(ihid));
+    m.insert("_itemid".into(), json!(item_id));
+    m.insert("qty_order".into(), json!(data.quantity));
+    m.insert(
+        "item_shortdescription".into(),
+        json!(description(product, data)),
+    );
+    m.insert("startdate".into(), json!(halo_date(&data.period_start)));
+    m.insert("enddate".into(), json!(halo_date(&data.period_end)));
+    m.insert(LINE_ID_FIELD.into(), json!(marker));
+    m.insert(APPLIED_FIELD.into(), json!(applied.encode()));
+    m
+}
+
+/// A new line for `POST /RecurringInvoice/Lines`.
+pub fn new_line(
+    data: &UsageData,
+    product: &str,
+    applied: &Applied,
+    ihid: i64,
+    item_id: i64,
+    marker: &str,
+) -> Value {
+    let mut m = common(data, product, applied, ihid, item_id, marker);
+    m.insert("isinactive".into(), json!(false));
+    Value::Object(m)
+}
+
+/// An update of line `line_id` for `POST /RecurringInvoice/updatelines`.
+pub fn line_update(
+    data: &UsageData,
+    product: &str,
+    applied: &Applied,
+    ihid: i64,
+    line_id: i64,
+    item_id: i64,
+    marker: &str,
+) -> Value {
+    let mut m = common(data, product, applied, ihid, item_id, marker);
+    m.insert("id".into(), json!(line_id));
+    Value::Object(m)
+}
+
+/// The usage lines of a header: marker → (lowest line id, applied state).
+pub fn usage_lines(header: &Value) -> Vec<(String, i64, Option<Applied>)> {
+    let lines = header
+        .get("lines")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut out: Vec<(String, i64, Option<Applied>)> = lines
+        .iter()
+        .filter_map(|l| {
+            let marker = l.get(LINE_ID_FIELD)?.as_str()?.trim().to_string();
+            let id = record_id(l)?;
+            let applied = l
+                .get(APPLIED_FIELD)
+                .and_then(Value::as_str)
+                .and_then(Applied::decode);
+            Some((marker, id, applied))
+        })
+        .collect();
+    out.sort_by_key(|(_, id, _)| *id);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(seq: u64) -> Version {
+        Version::decode(&format!("s={seq};t=2026-11-22T10:00:00Z")).unwrap()
+    }
+
+    #[test]
+    fn applied_round_trips() {
+        let a = Applied {
+            period_start: "2026-11-01".into(),
+            version: v(7),
+        };
+        assert_eq!(Applied::decode(&a.encode()), Some(a.clone()));
+        assert_eq!(Applied::decode("garbage"), None);
+    }
+
+    #[test]
+    fn a_newer_period_wins_whatever_the_version() {
+        let old = Applied {
+            period_start: "2026-10-01".into(),
+            version: v(99),
+        };
+        let new = Applied {
+            period_start: "2026-11-01".into(),
+            version: v(1),
+        };
+        assert!(old.is_superseded_by(&new));
+        assert!(!new.is_superseded_by(&old));
+        let same_newer = Applied {
+            period_start: "2026-11-01".into(),
+            version: v(2),
+        };
+        assert!(!same_newer.is_superseded_by(&new));
+        assert!(new.is_superseded_by(&new));
+    }
+
+    #[test]
+    fn usage_lines_are_found_by_marker() {
+        let h = json!({"lines": [
+            {"id": 9, LINE_ID_FIELD: "halosync.usage:s1:gb", APPLIED_FIELD: "p=2026-11-01;s=3;t=2026-11-22T10:00:00Z"},
+            {"id": 4, LINE_ID_FIELD: "halosync.subscription:s1"},
+            {"id": 5}
+        ]});
+        let found = usage_lines(&h);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].1, 4);
+        assert_eq!(found[1].0, "halosync.usage:s1:gb");
+        assert_eq!(found[1].2.as_ref().unwrap().version.sequence, Some(3));
+    }
+}
