@@ -21,7 +21,7 @@
 //!    its line (or in the cache) is `Superseded`.
 //! 3. Per invoice: the new lines in `POST /Invoice/Lines` arrays, the
 //!    updates in `POST /Invoice/updatelines` arrays, at most
-//!    [`CHUNK`] lines each. A 400/422 answer to an array of several lines is
+//!    `LINES_PER_REQUEST` lines each (`HaloClient::post_lines`). A 400/422 answer to an array of several lines is
 //!    split in halves until the refused line is alone: it alone is
 //!    dead-lettered (`rejected`, with HaloPSA's message); the others are
 //!    applied. Any other failure of a request fails the events of that
@@ -56,9 +56,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::mapping;
-
-/// Most lines in one `Lines` / `updatelines` request.
-pub const CHUNK: usize = 100;
 
 pub struct OverageHandler;
 
@@ -445,10 +442,10 @@ async fn apply_invoice(
         }
     }
     let mut written: HashMap<usize, Result<Option<i64>, Failure>> = HashMap::new();
-    for (k, r) in write_lines(halo, "/Invoice/Lines", adds).await {
-        written.insert(k, r.map(|saved| record_id(&saved)));
+    for (k, r) in halo.post_lines("/Invoice/Lines", adds).await {
+        written.insert(k, r.map(|saved| saved.as_ref().and_then(record_id)));
     }
-    for (k, r) in write_lines(halo, "/Invoice/updatelines", updates).await {
+    for (k, r) in halo.post_lines("/Invoice/updatelines", updates).await {
         written.insert(k, r.map(|_| None));
     }
     // Adds whose id the answer did not give are found on the header.
@@ -541,68 +538,4 @@ async fn read_header(
         }
         Err(e) => Err(e.into()),
     }
-}
-
-/// Posts `lines` to `path` in arrays of at most [`CHUNK`]; an array
-/// refused with 400/422 is split in halves until the refused line is alone.
-/// Returns each line's saved record (`Null` when the answer did not give
-/// one per line) or its failure.
-async fn write_lines(
-    halo: &HaloClient,
-    path: &str,
-    lines: Vec<(usize, Value)>,
-) -> Vec<(usize, Result<Value, Failure>)> {
-    let mut out = Vec::with_capacity(lines.len());
-    let mut stack: Vec<Vec<(usize, Value)>> = Vec::new();
-    let mut rest = lines;
-    while !rest.is_empty() {
-        let tail = rest.split_off(rest.len().min(CHUNK));
-        stack.push(rest);
-        rest = tail;
-    }
-    stack.reverse();
-    while let Some(chunk) = stack.pop() {
-        let bodies: Vec<Value> = chunk.iter().map(|(_, v)| v.clone()).collect();
-        match halo.post(path, bodies).await {
-            Ok(answer) => {
-                let saved = match answer {
-                    Value::Array(a) => a,
-                    Value::Object(_) => vec![answer],
-                    _ => Vec::new(),
-                };
-                let aligned = saved.len() == chunk.len();
-                for (n, (k, _)) in chunk.into_iter().enumerate() {
-                    let v = if aligned {
-                        saved[n].clone()
-                    } else {
-                        Value::Null
-                    };
-                    out.push((k, Ok(v)));
-                }
-            }
-            Err(e) if matches!(e.status(), Some(400 | 422)) && chunk.len() > 1 => {
-                tracing::info!(
-                    path,
-                    lines = chunk.len(),
-                    error = %e,
-                    "HaloPSA refused an array of lines; splitting it to find the refused one"
-                );
-                let mut first = chunk;
-                let second = first.split_off(first.len() / 2);
-                // Pushed in reverse, so the first half is tried first.
-                stack.push(second);
-                stack.push(first);
-            }
-            Err(e) => {
-                let f = Failure::from(e);
-                if chunk.len() == 1 && f.class == halosync_shared::FailureClass::Rejected {
-                    tracing::warn!(path, error = %f, "HaloPSA refused the line");
-                }
-                for (k, _) in chunk {
-                    out.push((k, Err(f.clone())));
-                }
-            }
-        }
-    }
-    out
 }

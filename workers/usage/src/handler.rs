@@ -70,7 +70,7 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::mapping::{item_for, line_update, new_line, usage_lines, Applied, CHUNK};
+use crate::mapping::{item_for, line_update, new_line, usage_lines, Applied};
 
 /// The licence field the subscription worker writes its marker into.
 const LICENCE_ID_FIELD: &str = "thirdparty_client_id";
@@ -723,20 +723,22 @@ impl<'a> Batch<'a> {
             }
         }
         let mut done: Vec<(usize, i64)> = Vec::new();
-        for chunk in updates.chunks(CHUNK) {
-            for (i, result) in post_split(self.halo, "/RecurringInvoice/updatelines", chunk).await {
-                match result {
-                    Ok(_) => {
-                        let line = self.work[i].as_ref().and_then(|w| w.line).unwrap_or(0);
-                        done.push((i, line));
+        for (i, result) in self
+            .halo
+            .post_lines("/RecurringInvoice/updatelines", updates)
+            .await
+        {
+            match result {
+                Ok(_) => {
+                    let line = self.work[i].as_ref().and_then(|w| w.line).unwrap_or(0);
+                    done.push((i, line));
+                }
+                Err(f) => {
+                    if f.halo_status == Some(400) {
+                        // A stale cached line id is found again on replay.
+                        self.forget(i).await;
                     }
-                    Err(f) => {
-                        if f.halo_status == Some(400) {
-                            // A stale cached line id is found again on replay.
-                            self.forget(i).await;
-                        }
-                        self.fail(i, f);
-                    }
+                    self.fail(i, f);
                 }
             }
         }
@@ -770,21 +772,19 @@ impl<'a> Batch<'a> {
                 }
             }
         }
-        for chunk in adds.chunks(CHUNK) {
-            for (i, result) in post_split(self.halo, "/RecurringInvoice/Lines", chunk).await {
-                match result {
-                    Ok(saved) => match saved.as_ref().and_then(record_id) {
-                        Some(line) => {
-                            tracing::info!(line, marker = %self.work[i].as_ref().map(|w| w.marker.as_str()).unwrap_or(""), "added a usage line");
-                            done.push((i, line));
-                        }
-                        None => self.fail(
-                            i,
-                            Failure::transient("HaloPSA saved the line but returned no id"),
-                        ),
-                    },
-                    Err(f) => self.fail(i, f),
-                }
+        for (i, result) in self.halo.post_lines("/RecurringInvoice/Lines", adds).await {
+            match result {
+                Ok(saved) => match saved.as_ref().and_then(record_id) {
+                    Some(line) => {
+                        tracing::info!(line, marker = %self.work[i].as_ref().map(|w| w.marker.as_str()).unwrap_or(""), "added a usage line");
+                        done.push((i, line));
+                    }
+                    None => self.fail(
+                        i,
+                        Failure::transient("HaloPSA saved the line but returned no id"),
+                    ),
+                },
+                Err(f) => self.fail(i, f),
             }
         }
         // Cache what is now on the lines, in one round trip.
@@ -835,51 +835,4 @@ impl<'a> Batch<'a> {
             }
         }
     }
-}
-
-/// POSTs `items` as one array; on a 400, splits it in halves and retries
-/// each, until the refused line is alone. Returns one result per item: the
-/// saved line HaloPSA returned for it (if any), or the failure.
-async fn post_split(
-    halo: &HaloClient,
-    path: &str,
-    items: &[(usize, Value)],
-) -> Vec<(usize, Result<Option<Value>, Failure>)> {
-    let mut out = Vec::with_capacity(items.len());
-    let mut stack: Vec<&[(usize, Value)]> = vec![items];
-    while let Some(part) = stack.pop() {
-        if part.is_empty() {
-            continue;
-        }
-        let bodies: Vec<Value> = part.iter().map(|(_, b)| b.clone()).collect();
-        match halo.post(path, bodies).await {
-            Ok(resp) => {
-                let rows = match resp {
-                    Value::Array(a) => a,
-                    Value::Null => Vec::new(),
-                    other => vec![other],
-                };
-                for (k, (i, _)) in part.iter().enumerate() {
-                    out.push((*i, Ok(rows.get(k).cloned())));
-                }
-            }
-            Err(e) if e.status() == Some(400) && part.len() > 1 => {
-                tracing::info!(
-                    lines = part.len(),
-                    error = %e,
-                    "HaloPSA refused an array of lines; splitting it to isolate the refused one"
-                );
-                let (a, b) = part.split_at(part.len() / 2);
-                stack.push(b);
-                stack.push(a);
-            }
-            Err(e) => {
-                let f = Failure::from(e);
-                for (i, _) in part {
-                    out.push((*i, Err(f.clone())));
-                }
-            }
-        }
-    }
-    out
 }

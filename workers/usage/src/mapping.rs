@@ -37,9 +37,6 @@ use serde_json::{json, Map, Value};
 pub const LINE_ID_FIELD: &str = "item_internal_reference";
 /// The line field that carries the applied period and version.
 pub const APPLIED_FIELD: &str = "item_external_reference";
-/// Lines per `POST /RecurringInvoice/Lines` or `/updatelines` request.
-pub const CHUNK: usize = 100;
-
 /// The applied state of a usage line: its period and event version.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Applied {
