@@ -45,7 +45,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use halosync_shared::contract::{Envelope, Family, OverageData, Version};
+use halosync_shared::contract::{Envelope, Family, OverageData, Product, Version};
 use halosync_shared::halo::links::{self, OVERAGE_INVOICE, SUBSCRIPTION};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
@@ -191,7 +191,7 @@ async fn prepare(
 
 /// The HaloPSA item of the charge, from the connection's `[items]` map:
 /// `overage:<metric>` (no request needed), else the subscription's sku
-/// (from its licence: `product_sku`, cached in Redis) as `<sku>:<metric>`,
+/// (from its licence: `product_sku`, cached in Redis under `links::PRODUCT_CACHE`, shared with the usage worker) as `<sku>:<metric>`,
 /// then `<sku>`. A subscription not in HaloPSA yet is a `dependency`; no
 /// key mapped is `unmapped`, naming the keys tried.
 async fn item_for(svc: &Services, halo: &HaloClient, d: &OverageData) -> Result<i64, Failure> {
@@ -217,14 +217,14 @@ async fn subscription_sku(
     halo: &HaloClient,
     d: &OverageData,
 ) -> Result<String, Failure> {
-    let key = svc
-        .store
-        .keys()
-        .key(&halo.connection().name, &["subsku", &d.subscription_id]);
+    let key = svc.store.keys().key(
+        &halo.connection().name,
+        &[links::PRODUCT_CACHE, &d.subscription_id],
+    );
     let mut r = svc.store.redis();
     let hit: Option<String> = r.get(&key).await.map_err(StateError::from)?;
-    if let Some(sku) = hit {
-        return Ok(sku);
+    if let Some(p) = hit.and_then(|s| serde_json::from_str::<Product>(&s).ok()) {
+        return Ok(p.sku);
     }
     let not_yet = || {
         Failure::dependency(format!(
@@ -238,16 +238,26 @@ async fn subscription_sku(
     let licence = halo
         .get(&format!("/SoftwareLicence/{}", m.halo_id), &[])
         .await?;
-    let sku = first_record(licence)
+    let product = first_record(licence)
         .and_then(|l| {
-            l.get("product_sku")
+            let sku = l
+                .get("product_sku")
+                .and_then(Value::as_str)?
+                .trim()
+                .to_string();
+            let name = l
+                .get("name")
                 .and_then(Value::as_str)
-                .map(String::from)
+                .unwrap_or(&sku)
+                .to_string();
+            (!sku.is_empty()).then_some(Product { sku, name })
         })
-        .filter(|s| !s.is_empty())
         .ok_or_else(not_yet)?;
-    let _: () = r.set(&key, &sku).await.map_err(StateError::from)?;
-    Ok(sku)
+    let _: () = r
+        .set(&key, serde_json::to_string(&product).unwrap_or_default())
+        .await
+        .map_err(StateError::from)?;
+    Ok(product.sku)
 }
 
 /// The one-off invoice of (account, period), created once.

@@ -12,7 +12,7 @@
 //!    lock (`recurring_invoice:<account_id>`) and with the same header body
 //!    as the subscription worker, which puts its lines on the same invoice.
 //! 2. **Sku and product name** of the subscription (usage events carry
-//!    neither): Redis `…:usage_sku:<subscription_id>`, else the
+//!    neither): Redis `…:subproduct:<subscription_id>` (shared with the overage worker), else the
 //!    subscription's licence (`halosync.subscription` mapping → licence id)
 //!    looked up in one `GET /SoftwareLicence?client_id=…` list per customer;
 //!    every licence of that list carrying a subscription marker is cached
@@ -60,7 +60,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use halosync_shared::contract::{Envelope, Family, UsageData};
+use halosync_shared::contract::{Envelope, Family, Product, UsageData};
 use halosync_shared::halo::links::{self, RECURRING_INVOICE, SUBSCRIPTION, USAGE};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
@@ -133,13 +133,6 @@ struct Work {
     product: String,
     item: i64,
     line: Option<i64>,
-}
-
-/// The cached sku of a subscription.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Product {
-    sku: String,
-    name: String,
 }
 
 /// The cached usage line of an aggregate.
@@ -348,7 +341,10 @@ impl<'a> Batch<'a> {
         if subs.is_empty() {
             return false;
         }
-        let keys: Vec<String> = subs.iter().map(|s| self.key(&["usage_sku", s])).collect();
+        let keys: Vec<String> = subs
+            .iter()
+            .map(|s| self.key(&[links::PRODUCT_CACHE, s]))
+            .collect();
         let mut known: HashMap<String, Result<Product, Failure>> = HashMap::new();
         let mut r = self.svc.store.redis();
         let cached: Result<Vec<Option<String>>, _> = r.mget(&keys).await;
@@ -651,7 +647,7 @@ impl<'a> Batch<'a> {
                     .to_string(),
             };
             pipe.set(
-                self.key(&["usage_sku", sub]),
+                self.key(&[links::PRODUCT_CACHE, sub]),
                 serde_json::to_string(&p).unwrap_or_default(),
             )
             .ignore();
