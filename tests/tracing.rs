@@ -71,6 +71,24 @@ async fn collector() -> (String, Spans) {
     (format!("http://{addr}"), spans)
 }
 
+/// Runs `halosync publish` on one event with traces exported to `endpoint`.
+fn publish_traced(
+    env: &TestEnv,
+    event: &serde_json::Value,
+    endpoint: &str,
+) -> std::process::Output {
+    let file = env.dir.join("events.jsonl");
+    std::fs::write(&file, serde_json::to_string(event).unwrap()).unwrap();
+    Command::new(binary_path("halosync"))
+        .arg("publish")
+        .arg(&file)
+        .env("HALOSYNC_CONFIG", &env.config_path)
+        .env(SECRET_ENV, "sim-secret")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .output()
+        .expect("run halosync publish")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn publish_to_worker_to_halopsa_is_one_trace_even_across_a_retry() {
     let (endpoint, spans) = collector().await;
@@ -94,27 +112,11 @@ async fn publish_to_worker_to_halopsa_is_one_trace_even_across_a_retry() {
         "halosync-account",
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
     );
-    let file = env.dir.join("events.jsonl");
-    std::fs::write(
-        &file,
-        serde_json::to_string(&account_event(
-            "evt_trace_1",
-            "acc_1",
-            "Traced Ltd",
-            true,
-            1,
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    let out = Command::new(binary_path("halosync"))
-        .arg("publish")
-        .arg(&file)
-        .env("HALOSYNC_CONFIG", &env.config_path)
-        .env(SECRET_ENV, "sim-secret")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-        .output()
-        .expect("run halosync publish");
+    let out = publish_traced(
+        &env,
+        &account_event("evt_trace_1", "acc_1", "Traced Ltd", true, 1),
+        &endpoint,
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -191,27 +193,11 @@ async fn a_replayed_dead_letter_keeps_its_trace() {
         "halosync-account",
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
     );
-    let file = env.dir.join("events.jsonl");
-    std::fs::write(
-        &file,
-        serde_json::to_string(&account_event(
-            "evt_trace_2",
-            "acc_2",
-            "Replayed Ltd",
-            true,
-            1,
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    let publish = Command::new(binary_path("halosync"))
-        .arg("publish")
-        .arg(&file)
-        .env("HALOSYNC_CONFIG", &env.config_path)
-        .env(SECRET_ENV, "sim-secret")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-        .output()
-        .expect("run halosync publish");
+    let publish = publish_traced(
+        &env,
+        &account_event("evt_trace_2", "acc_2", "Replayed Ltd", true, 1),
+        &endpoint,
+    );
     assert!(publish.status.success());
     let dead = env.topology.dead_queue(Family::Account);
     for _ in 0..100 {
