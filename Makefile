@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build run test lint fmt unit services bench release clean
+.PHONY: all build run test lint fmt unit services packages bench release clean
 
 all: build
 
@@ -18,8 +18,12 @@ run: build
 
 ## Everything CI checks: formatting, lints, unit and integration tests
 ## (the integration tests need RabbitMQ and Redis running locally).
-test: services build lint check-deploy
+test: packages services build lint check-deploy
 	$(CARGO) test --workspace --no-fail-fast
+
+## Installs the Debian packages the tests need (deploy/local/debian-packages.txt).
+packages:
+	@bash deploy/local/install-packages.sh
 
 ## Fails loudly (never skips) when RabbitMQ or Redis is not running.
 services:
