@@ -673,7 +673,7 @@ async fn four_workers_together_stay_within_a_tight_shared_budget() {
                 ..Default::default()
             },
             connection_extra: "requests_per_window = 12\nwindow_seconds = 2".into(),
-            extra: "[worker]\nrate_margin_ms = 300\n".into(),
+            extra: "[worker]\nrate_margin = \"300ms\"\n".into(),
             max_attempts: 20,
         },
     )

@@ -82,7 +82,7 @@ async fn batches_keep_the_newest_per_aggregate_and_settle_every_message() {
     let env = TestEnv::with(
         "batch",
         EnvOptions {
-            extra: "[worker]\nbatch_max = 100\nbatch_wait_ms = 300\n".into(),
+            extra: "[worker]\nbatch_max = 100\nbatch_wait = \"300ms\"\n".into(),
             ..Default::default()
         },
     )
@@ -112,9 +112,15 @@ async fn batches_keep_the_newest_per_aggregate_and_settle_every_message() {
 
     let text = std::fs::read_to_string(&env.config_path).unwrap();
     let config = Config::from_toml(&text, Path::new("test"), &SecretEnv).unwrap();
-    let services = Arc::new(Services::connect(config).await.unwrap());
-    let recorder = Arc::new(Recorder::default());
     let shutdown = CancellationToken::new();
+    let health = Arc::new(halosync_shared::outage::Health::new());
+    let services = Arc::new(
+        Services::connect(config, health, &shutdown)
+            .await
+            .unwrap()
+            .expect("not shut down"),
+    );
+    let recorder = Arc::new(Recorder::default());
     let worker = tokio::spawn(runtime::run(services, recorder.clone(), shutdown.clone()));
 
     env.wait_drained(Family::Account, Duration::from_secs(30))

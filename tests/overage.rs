@@ -337,7 +337,7 @@ async fn a_batch_with_one_rejected_line_applies_the_others_and_dead_letters_that
             reject_names: vec![bad.clone()],
             ..Default::default()
         },
-        "[worker]\nbatch_max = 100\nbatch_wait_ms = 500\n",
+        "[worker]\nbatch_max = 100\nbatch_wait = \"500ms\"\n",
     )
     .await;
     env.spawn_worker(ACCOUNTS);
@@ -394,7 +394,7 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing() {
             latency_ms: 150,
             ..Default::default()
         },
-        "[worker]\nbatch_max = 100\nbatch_wait_ms = 300\n",
+        "[worker]\nbatch_max = 100\nbatch_wait = \"300ms\"\n",
     )
     .await;
     env.spawn_worker(ACCOUNTS);
@@ -450,7 +450,7 @@ async fn steady_state_updates_a_batch_in_one_request() {
     let mut env = env_with(
         "ovg-steady",
         Faults::default(),
-        "[worker]\nbatch_max = 100\nbatch_wait_ms = 300\n",
+        "[worker]\nbatch_max = 100\nbatch_wait = \"300ms\"\n",
     )
     .await;
     env.spawn_worker(ACCOUNTS);

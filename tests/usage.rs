@@ -176,7 +176,7 @@ async fn shuffled_cumulative_quantities_with_duplicates_converge_to_the_newest()
         options(
             GENEROUS_BUDGET,
             Faults::default(),
-            "[worker]\nbatch_max = 50\nbatch_wait_ms = 100\n",
+            "[worker]\nbatch_max = 50\nbatch_wait = \"100ms\"\n",
         ),
     )
     .await;
@@ -287,7 +287,7 @@ async fn one_refused_line_is_dead_lettered_and_the_others_applied() {
                 reject_names: vec![bad.clone()],
                 ..Default::default()
             },
-            "[worker]\nbatch_max = 100\nbatch_wait_ms = 500\n",
+            "[worker]\nbatch_max = 100\nbatch_wait = \"500ms\"\n",
         ),
     )
     .await;
@@ -343,7 +343,7 @@ async fn two_usage_workers_and_one_overage_worker_never_exceed_the_shared_budget
         options(
             &budget,
             Faults::default(),
-            "[worker]\nbatch_max = 20\nbatch_wait_ms = 100\n",
+            "[worker]\nbatch_max = 20\nbatch_wait = \"100ms\"\n",
         ),
     )
     .await;
@@ -431,7 +431,7 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing() {
         options(
             GENEROUS_BUDGET,
             Faults::default(),
-            "[worker]\nbatch_max = 10\nbatch_wait_ms = 50\n",
+            "[worker]\nbatch_max = 10\nbatch_wait = \"50ms\"\n",
         ),
     )
     .await;

@@ -10,7 +10,7 @@ that it reproduces `make run` with the files of this repository:
   repository's Dockerfile and run binaries the image holds;
 * RabbitMQ (management) and Redis have healthchecks and the halosync
   services wait for them (`condition: service_healthy`);
-* workers: graceful stop longer than worker.shutdown_grace_secs, healthcheck
+* workers: graceful stop longer than worker.shutdown_grace, healthcheck
   on /readyz at worker.health_port, traces to the collector's OTLP/HTTP port;
 * deploy/compose/halosync.toml: valid TOML; hosts are compose services;
   the broker user and password are the ones rabbitmq-users.json creates;
@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
-from lib import (DEPLOY, HEALTH_PORT, ROOT, Report, check_config_against_definitions, load_toml,
+from lib import (DEPLOY, HEALTH_PORT, ROOT, Report, check_config_against_definitions, duration_seconds, load_toml,
                  shipped_binaries, workers)
 
 COMPOSE = DEPLOY / "compose.yaml"
@@ -142,7 +142,7 @@ def main() -> None:
     cfg_host = "compose/halosync.toml"
     cfg = load_toml((DEPLOY / cfg_host).read_text(), f"deploy/{cfg_host}", report) or {}
     check_config_against_definitions(cfg, f"deploy/{cfg_host}", report)
-    grace = cfg.get("worker", {}).get("shutdown_grace_secs", 30)
+    grace = duration_seconds(cfg.get("worker", {}), "shutdown_grace", "shutdown_grace", 1, 30)
     port = cfg.get("worker", {}).get("health_port", 0)
     amqp = urlparse(cfg.get("amqp_url", ""))
     report.check(amqp.hostname in services, f"amqp_url host {amqp.hostname} is not a compose service")
@@ -193,7 +193,7 @@ def main() -> None:
                      f"service {w}: OTEL_EXPORTER_OTLP_ENDPOINT must be http://otel-collector:4318 (OTLP/HTTP)")
         sg = seconds(s.get("stop_grace_period", "10s"))
         report.check(sg > grace, f"service {w}: stop_grace_period {s.get('stop_grace_period', '10s (default)')} "
-                                 f"must exceed worker.shutdown_grace_secs {grace}")
+                                 f"must exceed worker.shutdown_grace {grace}")
         hc = " ".join(as_list(s.get("healthcheck", {}).get("test")))
         report.check(f"/{port}" in hc and "/readyz" in hc, f"service {w}: healthcheck must GET /readyz on port {port}")
     extra = sorted(n for n, s in halosync_services.items()
@@ -230,7 +230,7 @@ def main() -> None:
               f"{', '.join(want_workers)}; halosync services build ../Dockerfile and run binaries it ships")
     report.ok(f"deploy/{cfg_host}: TOML, hosts are services, broker login = rabbitmq-users.json, halo-sim "
               f"credentials, health_port {HEALTH_PORT}, prefix/retry tiers = definitions.json")
-    report.ok(f"workers: stop_grace_period > shutdown_grace_secs ({grace}s), /readyz healthcheck, "
+    report.ok(f"workers: stop_grace_period > shutdown_grace ({grace}s), /readyz healthcheck, "
               "OTLP to otel-collector:4318, scraped by the collector; setup = topology + publish")
     report.finish()
 

@@ -11,7 +11,7 @@ check-deploy.sh runs `kubernetes-validate --strict` on every manifest
 * the cross-references no schema can check: one Deployment, PDB and
   ScaledObject per worker binary of the workspace; probes on /healthz and
   /readyz at worker.health_port; terminationGracePeriodSeconds above
-  worker.shutdown_grace_secs; non-root, read-only root filesystem; requests
+  worker.shutdown_grace; non-root, read-only root filesystem; requests
   and limits; KEDA on the worker's own queue; every ConfigMap, Secret and
   key referenced exists; halosync.toml's client_secret_file names a key of
   the mounted Secret; prefix and retry tiers match definitions.json;
@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 import jsonschema
 import yaml
 
-from lib import (DEPLOY, HEALTH_PORT, Report, check_config_against_definitions, family,
+from lib import (DEPLOY, HEALTH_PORT, Report, check_config_against_definitions, duration_seconds, family,
                  load_toml, load_yaml_docs, rel, shipped_binaries, workers)
 
 K8S = DEPLOY / "k8s"
@@ -200,7 +200,7 @@ def main() -> None:
                                  "is not set from a Secret")
         worker_cfg = (cfg or {}).get("worker", {})
         port = worker_cfg.get("health_port", 0)
-        grace = worker_cfg.get("shutdown_grace_secs", 30)
+        grace = duration_seconds(worker_cfg, "shutdown_grace", "shutdown_grace", 1, 30)
 
         # probes on the health port
         ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
@@ -227,7 +227,7 @@ def main() -> None:
         # graceful termination
         tg = pod.get("terminationGracePeriodSeconds", 30)
         report.check(tg > grace, f"{ctx}: terminationGracePeriodSeconds {tg} must exceed "
-                                 f"worker.shutdown_grace_secs {grace} (else SIGKILL cuts in-flight messages)")
+                                 f"worker.shutdown_grace {grace} (else SIGKILL cuts in-flight messages)")
 
         # security
         psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
@@ -288,7 +288,7 @@ def main() -> None:
         extra = sorted(n for k, n in docs if k == kind and n not in want_workers)
         report.check(not extra, f"{kind} {extra} for no worker of the workspace")
     report.ok(f"per worker ({', '.join(want_workers)}): Deployment (command, probes /healthz + /readyz on "
-              f"{HEALTH_PORT}, grace > shutdown_grace_secs, non-root, read-only root, requests/limits, "
+              f"{HEALTH_PORT}, grace > shutdown_grace, non-root, read-only root, requests/limits, "
               "Prometheus annotations, Secret/ConfigMap refs), PodDisruptionBudget, KEDA ScaledObject on its queue")
     report.finish()
 

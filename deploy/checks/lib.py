@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -160,6 +161,31 @@ def definitions_retry_tiers() -> dict[str, list[int]]:
     return {k: sorted(v) for k, v in tiers.items()}
 
 
+_UNITS = {"ms": 0.001, "s": 1, "sec": 1, "secs": 1, "m": 60, "min": 60, "mins": 60,
+          "h": 3600, "hr": 3600, "hrs": 3600, "d": 86400, "day": 86400, "days": 86400}
+
+
+def duration_seconds(section: dict, key: str, old_key: str, old_unit: float, default: float) -> float:
+    """A config duration as the workers read it: `key = "30s"` (humantime),
+    else the deprecated integer `old_key` (in `old_unit` seconds), else the
+    default."""
+    if key in section:
+        total = 0.0
+        for num_, unit in re.findall(r"(\d+)\s*([a-z]+)", str(section[key])):
+            total += int(num_) * _UNITS.get(unit, float("nan"))
+        return total
+    if old_key in section:
+        return section[old_key] * old_unit
+    return default
+
+
+def retry_delays_ms(cfg: dict) -> list:
+    retry = cfg.get("retry", {})
+    if "delays" in retry:
+        return [round(duration_seconds({"d": d}, "d", "", 0, 0) * 1000) for d in retry["delays"]]
+    return retry.get("delays_ms", [1000, 5000, 30000, 120000, 600000])
+
+
 def check_config_against_definitions(cfg: dict, origin: str, report: Report) -> None:
     """A halosync.toml that runs against a broker set up from
     deploy/rabbitmq/definitions.json must use its prefix and retry tiers."""
@@ -169,11 +195,11 @@ def check_config_against_definitions(cfg: dict, origin: str, report: Report) -> 
         f"{origin}: prefix is {prefix!r}, but deploy/rabbitmq/definitions.json declares the unprefixed topology; "
         "use prefix = \"\" or regenerate the definitions for that prefix",
     )
-    delays = cfg.get("retry", {}).get("delays_ms", [1000, 5000, 30000, 120000, 600000])
+    delays = retry_delays_ms(cfg)
     for queue, ttls in sorted(definitions_retry_tiers().items()):
         report.check(
             sorted(set(delays)) == ttls,
-            f"{origin}: retry.delays_ms {delays} but deploy/rabbitmq/definitions.json has retry tiers {ttls} for {queue}; "
+            f"{origin}: retry.delays {delays} (ms) but deploy/rabbitmq/definitions.json has retry tiers {ttls} for {queue}; "
             "the workers would declare other delay queues than the definitions",
         )
     health = cfg.get("worker", {}).get("health_port", 0)

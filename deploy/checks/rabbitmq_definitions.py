@@ -5,7 +5,7 @@ The workers (and `halosync topology`) declare their topology at start
 exists with other arguments makes that declaration fail with
 PRECONDITION_FAILED, so the definitions file must hold the very same
 exchanges, queues, arguments and bindings, for the default configuration:
-prefix "", vhost "/", retry tiers `retry.delays_ms` = 1s 5s 30s 2m 10m.
+prefix "", vhost "/", retry tiers `retry.delays` = 1s 5s 30s 2m 10m.
 
 EXPECTED below mirrors topology.rs by hand. So that a change there cannot go
 unnoticed, the check also reads the literals of topology.rs, contract.rs
@@ -103,7 +103,7 @@ def check_sources(report: Report) -> None:
     fams = re.findall(r'Family::\w+ => "(\w+)",', contract)
     fam_order = list(dict.fromkeys(fams))
     report.check(fam_order == FAMILIES, f"contract.rs families are {fam_order}, expected {FAMILIES}: {hint}")
-    m = re.search(r"delays_ms: vec!\[([\d_, ]+)\]", config)
+    m = re.search(r"DEFAULT_RETRY_DELAYS_MS: \[u64; \d+\] = \[([\d_, ]+)\]", config)
     got = [num(x) for x in m.group(1).split(",")] if m else None
     report.check(got == DELAYS_MS, f"config.rs default retry.delays_ms is {got}, expected {DELAYS_MS}: {hint}")
     report.ok("topology.rs / contract.rs / config.rs still declare what this check expects "

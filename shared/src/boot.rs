@@ -3,12 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::outage::Health;
 use crate::runtime::{self, Handler, Services};
 
 /// The command line shared by the four workers.
@@ -22,6 +23,12 @@ pub struct WorkerArgs {
 
 /// Runs one worker until SIGTERM/SIGINT; exit code 0 after a clean stop, 2
 /// for a configuration problem, 1 for anything else at start.
+///
+/// The worker does not need RabbitMQ, Redis or HaloPSA to be up when it
+/// starts: it serves `/healthz` and a not-ready `/readyz` at once, waits for
+/// each with backoff (one log line a minute) and starts consuming when they
+/// are there. SIGHUP, or a change of the config file, reloads the config
+/// ([`crate::reload`]).
 pub async fn worker_main(service: &'static str, handler: Arc<dyn Handler>) -> ExitCode {
     let args = WorkerArgs::parse();
     let _telemetry = crate::telemetry::init(service);
@@ -34,23 +41,41 @@ pub async fn worker_main(service: &'static str, handler: Arc<dyn Handler>) -> Ex
                 return ExitCode::from(2);
             }
         };
-    let services = match Services::connect(config).await {
-        Ok(s) => Arc::new(s),
+    for w in &config.warnings {
+        tracing::warn!(warning = %w, "deprecated configuration");
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let health = Arc::new(Health::new());
+    let slot = Arc::new(OnceLock::new());
+    let recorder = crate::health::install_recorder();
+    let port = config.worker.health_port;
+    if port != 0 {
+        tokio::spawn(crate::health::serve(
+            port,
+            health.clone(),
+            slot.clone(),
+            recorder,
+        ));
+    }
+    let services = match Services::connect(config, health, &shutdown).await {
+        Ok(Some(s)) => Arc::new(s),
+        Ok(None) => return ExitCode::SUCCESS, // stopped while waiting
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             eprintln!("{service}: {e}");
             return ExitCode::from(1);
         }
     };
-    let recorder = crate::health::install_recorder();
-    let port = services.config.worker.health_port;
-    if port != 0 {
-        tokio::spawn(crate::health::serve(port, services.clone(), recorder));
-    }
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let _ = slot.set(services.clone());
+    tokio::spawn(crate::reload::watch(
+        args.config.clone(),
+        services.clone(),
+        shutdown.clone(),
+    ));
+    let config = services.config();
     tracing::info!(family = %handler.family(), worker = %services.worker_id,
-        connections = services.halo.len(), prefix = %services.config.prefix, "worker starting");
+        connections = config.connections.len(), prefix = %config.prefix, "worker starting");
     runtime::run(services, handler, shutdown).await;
     ExitCode::SUCCESS
 }

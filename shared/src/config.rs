@@ -17,6 +17,9 @@ use serde::Deserialize;
 pub const DEFAULT_CONFIG_PATH: &str = "halosync.toml";
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+/// The default retry tiers (deploy/rabbitmq/definitions.json declares the
+/// same delay queues; `make check-deploy` compares them).
+pub const DEFAULT_RETRY_DELAYS_MS: [u64; 5] = [1_000, 5_000, 30_000, 120_000, 600_000];
 
 /// A configuration problem, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -41,20 +44,33 @@ impl ConfigError {
     }
 }
 
-/// A secret value: printed as `***` by `Debug` and `Display`, so that it can
-/// never reach a log line, an error or a panic message by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+/// A secret value (client secret, password): kept in a
+/// [`secrecy::SecretString`], which zeroes it on drop and has no `Display`
+/// of its own; this wrapper prints `***` for `Debug` and `Display`, so that
+/// it can never reach a log line, an error or a panic message by accident,
+/// and keeps the one door out, [`Secret::expose`], easy to grep for.
+#[derive(Clone)]
+pub struct Secret(secrecy::SecretString);
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
+        Secret(secrecy::SecretString::from(value.into()))
     }
-    /// The secret itself; call only where it is sent to HaloPSA.
+    /// The secret itself; call only where it is sent to its service.
     pub fn expose(&self) -> &str {
-        &self.0
+        use secrecy::ExposeSecret;
+        self.0.expose_secret()
     }
 }
+
+/// Compares the secrets (a reload must notice a rotated one) without
+/// exposing them anywhere else.
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+impl Eq for Secret {}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -78,11 +94,16 @@ pub struct Config {
     pub worker: WorkerSettings,
     pub retry: RetrySettings,
     pub connections: BTreeMap<String, ConnectionConfig>,
+    /// What the file said that still works but should change (deprecated
+    /// keys); binaries log each once at start and on every reload.
+    pub warnings: Vec<String>,
 }
 
 /// How a worker consumes. All keys live under `[worker]` and are optional.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// Durations are written as `"10s"`, `"250ms"`, `"5m"` (humantime); the
+/// older `*_ms` / `*_secs` integer keys still read, with a deprecation
+/// warning (see [`Config::warnings`]).
+#[derive(Clone, Debug, PartialEq)]
 pub struct WorkerSettings {
     /// Unacked messages the broker hands one worker at once; they are
     /// processed concurrently.
@@ -91,29 +112,29 @@ pub struct WorkerSettings {
     pub max_message_bytes: usize,
     /// TTL of a per-aggregate lock; renewed while its holder works, so it
     /// only bounds how long a crashed holder blocks the aggregate.
-    pub lock_ttl_ms: u64,
+    pub lock_ttl: Duration,
     /// How long a message waits for its aggregate's lock before it is
     /// retried through the delay queues instead.
-    pub lock_wait_ms: u64,
+    pub lock_wait: Duration,
     /// How long the processed-event ledger remembers an event id.
-    pub ledger_ttl_secs: u64,
+    pub ledger_ttl: Duration,
     /// On SIGTERM, how long in-flight messages may take to finish.
-    pub shutdown_grace_secs: u64,
+    pub shutdown_grace: Duration,
     /// The longest a request waits in-process for the shared rate budget;
     /// beyond that the message goes back to the broker's delay queues.
-    pub rate_wait_max_ms: u64,
+    pub rate_wait_max: Duration,
     /// Added to the rate window so that requests granted at a window's edge
     /// still arrive inside HaloPSA's own window (network latency).
-    pub rate_margin_ms: u64,
+    pub rate_margin: Duration,
     /// HTTP timeout for one HaloPSA request.
-    pub http_timeout_ms: u64,
+    pub http_timeout: Duration,
     /// Port for /metrics, /healthz and /readyz; 0 disables the endpoint.
     pub health_port: u16,
     /// Batching workers (usage, overage): most messages in one batch.
     pub batch_max: u16,
     /// Batching workers: how long a batch waits for more messages after
     /// its first one.
-    pub batch_wait_ms: u64,
+    pub batch_wait: Duration,
 }
 
 impl Default for WorkerSettings {
@@ -121,16 +142,16 @@ impl Default for WorkerSettings {
         WorkerSettings {
             prefetch: 32,
             max_message_bytes: 256 * 1024,
-            lock_ttl_ms: 10_000,
-            lock_wait_ms: 5_000,
-            ledger_ttl_secs: 7 * 24 * 3600,
-            shutdown_grace_secs: 30,
-            rate_wait_max_ms: 10_000,
-            rate_margin_ms: 1_000,
-            http_timeout_ms: 30_000,
+            lock_ttl: Duration::from_secs(10),
+            lock_wait: Duration::from_secs(5),
+            ledger_ttl: Duration::from_secs(7 * 24 * 3600),
+            shutdown_grace: Duration::from_secs(30),
+            rate_wait_max: Duration::from_secs(10),
+            rate_margin: Duration::from_secs(1),
+            http_timeout: Duration::from_secs(30),
             health_port: 0,
             batch_max: 200,
-            batch_wait_ms: 200,
+            batch_wait: Duration::from_millis(200),
         }
     }
 }
@@ -138,33 +159,266 @@ impl Default for WorkerSettings {
 /// Retry tiers (DESIGN §3). Each delay becomes one TTL delay queue per work
 /// queue, named after its delay, so changing the tiers adds queues instead
 /// of clashing with the old ones.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RetrySettings {
     /// Delay before attempt 2, 3, ...; attempts past the list use the last.
-    pub delays_ms: Vec<u64>,
+    pub delays: Vec<Duration>,
     /// Attempts (including the first) before a transient failure is
     /// dead-lettered as `exhausted`.
     pub max_attempts: u32,
     /// Attempts before a `dependency` failure is dead-lettered.
     pub dependency_max_attempts: u32,
     /// A 429 without `Retry-After` waits at least this long.
-    pub rate_limited_min_delay_ms: u64,
+    pub rate_limited_min_delay: Duration,
+}
+
+impl RetrySettings {
+    /// The tiers in milliseconds: the delay queues are named after them.
+    pub fn delays_ms(&self) -> Vec<u64> {
+        self.delays.iter().map(|d| d.as_millis() as u64).collect()
+    }
 }
 
 impl Default for RetrySettings {
     fn default() -> Self {
         RetrySettings {
-            delays_ms: vec![1_000, 5_000, 30_000, 120_000, 600_000],
+            delays: DEFAULT_RETRY_DELAYS_MS
+                .into_iter()
+                .map(Duration::from_millis)
+                .collect(),
             max_attempts: 8,
             dependency_max_attempts: 24,
-            rate_limited_min_delay_ms: 30_000,
+            rate_limited_min_delay: Duration::from_secs(30),
         }
     }
 }
 
+/// `[worker]` as written: every key optional, durations in the new
+/// (`"10s"`) or the deprecated integer form.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    prefetch: Option<u16>,
+    max_message_bytes: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    lock_ttl: Option<Duration>,
+    lock_ttl_ms: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    lock_wait: Option<Duration>,
+    lock_wait_ms: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    ledger_ttl: Option<Duration>,
+    ledger_ttl_secs: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_grace: Option<Duration>,
+    shutdown_grace_secs: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    rate_wait_max: Option<Duration>,
+    rate_wait_max_ms: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    rate_margin: Option<Duration>,
+    rate_margin_ms: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    http_timeout: Option<Duration>,
+    http_timeout_ms: Option<u64>,
+    health_port: Option<u16>,
+    batch_max: Option<u16>,
+    #[serde(default, with = "humantime_serde")]
+    batch_wait: Option<Duration>,
+    batch_wait_ms: Option<u64>,
+}
+
+/// `[retry]` as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    #[serde(default)]
+    delays: Option<Vec<HumanDuration>>,
+    delays_ms: Option<Vec<u64>>,
+    max_attempts: Option<u32>,
+    dependency_max_attempts: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    rate_limited_min_delay: Option<Duration>,
+    rate_limited_min_delay_ms: Option<u64>,
+}
+
+/// One `"5s"` in a list (humantime_serde handles single values and
+/// options; a list needs the wrapper).
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct HumanDuration(#[serde(with = "humantime_serde")] Duration);
+
+/// The unit of a deprecated integer duration key.
+#[derive(Clone, Copy)]
+enum Unit {
+    Millis,
+    Secs,
+}
+
+/// Picks a duration from its new key or its deprecated integer key.
+fn duration_key(
+    section: &str,
+    new: (&str, Option<Duration>),
+    old: (&str, Option<u64>, Unit),
+    default: Duration,
+    warnings: &mut Vec<String>,
+) -> Result<Duration, ConfigError> {
+    let (new_key, new_value) = new;
+    let (old_key, old_value, unit) = old;
+    match (new_value, old_value) {
+        (Some(_), Some(_)) => Err(ConfigError::key(
+            format!("{section}.{old_key}"),
+            format!(
+                "give either {section}.{new_key} or the deprecated {section}.{old_key}, not both"
+            ),
+        )),
+        (Some(d), None) => Ok(d),
+        (None, Some(n)) => {
+            let d = match unit {
+                Unit::Millis => Duration::from_millis(n),
+                Unit::Secs => Duration::from_secs(n),
+            };
+            warnings.push(format!(
+                "config key `{section}.{old_key}` is deprecated; write {section}.{new_key} = \"{}\" instead",
+                humantime::format_duration(d)
+            ));
+            Ok(d)
+        }
+        (None, None) => Ok(default),
+    }
+}
+
+fn worker_settings(
+    raw: RawWorker,
+    warnings: &mut Vec<String>,
+) -> Result<WorkerSettings, ConfigError> {
+    let d = WorkerSettings::default();
+    let w = &mut *warnings;
+    let mut pick = |new: &str, nv, old: &str, ov, unit, def| {
+        duration_key("worker", (new, nv), (old, ov, unit), def, w)
+    };
+    let settings = WorkerSettings {
+        prefetch: raw.prefetch.unwrap_or(d.prefetch),
+        max_message_bytes: raw.max_message_bytes.unwrap_or(d.max_message_bytes),
+        lock_ttl: pick(
+            "lock_ttl",
+            raw.lock_ttl,
+            "lock_ttl_ms",
+            raw.lock_ttl_ms,
+            Unit::Millis,
+            d.lock_ttl,
+        )?,
+        lock_wait: pick(
+            "lock_wait",
+            raw.lock_wait,
+            "lock_wait_ms",
+            raw.lock_wait_ms,
+            Unit::Millis,
+            d.lock_wait,
+        )?,
+        ledger_ttl: pick(
+            "ledger_ttl",
+            raw.ledger_ttl,
+            "ledger_ttl_secs",
+            raw.ledger_ttl_secs,
+            Unit::Secs,
+            d.ledger_ttl,
+        )?,
+        shutdown_grace: pick(
+            "shutdown_grace",
+            raw.shutdown_grace,
+            "shutdown_grace_secs",
+            raw.shutdown_grace_secs,
+            Unit::Secs,
+            d.shutdown_grace,
+        )?,
+        rate_wait_max: pick(
+            "rate_wait_max",
+            raw.rate_wait_max,
+            "rate_wait_max_ms",
+            raw.rate_wait_max_ms,
+            Unit::Millis,
+            d.rate_wait_max,
+        )?,
+        rate_margin: pick(
+            "rate_margin",
+            raw.rate_margin,
+            "rate_margin_ms",
+            raw.rate_margin_ms,
+            Unit::Millis,
+            d.rate_margin,
+        )?,
+        http_timeout: pick(
+            "http_timeout",
+            raw.http_timeout,
+            "http_timeout_ms",
+            raw.http_timeout_ms,
+            Unit::Millis,
+            d.http_timeout,
+        )?,
+        health_port: raw.health_port.unwrap_or(d.health_port),
+        batch_max: raw.batch_max.unwrap_or(d.batch_max),
+        batch_wait: pick(
+            "batch_wait",
+            raw.batch_wait,
+            "batch_wait_ms",
+            raw.batch_wait_ms,
+            Unit::Millis,
+            d.batch_wait,
+        )?,
+    };
+    validate_worker(&settings)?;
+    Ok(settings)
+}
+
+fn retry_settings(raw: RawRetry, warnings: &mut Vec<String>) -> Result<RetrySettings, ConfigError> {
+    let d = RetrySettings::default();
+    let delays = match (raw.delays, raw.delays_ms) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::key(
+                "retry.delays_ms",
+                "give either retry.delays or the deprecated retry.delays_ms, not both",
+            ))
+        }
+        (Some(v), None) => v.into_iter().map(|h| h.0).collect(),
+        (None, Some(v)) => {
+            let delays: Vec<Duration> = v.into_iter().map(Duration::from_millis).collect();
+            let shown: Vec<String> = delays
+                .iter()
+                .map(|d| format!("\"{}\"", humantime::format_duration(*d)))
+                .collect();
+            warnings.push(format!(
+                "config key `retry.delays_ms` is deprecated; write retry.delays = [{}] instead",
+                shown.join(", ")
+            ));
+            delays
+        }
+        (None, None) => d.delays,
+    };
+    let settings = RetrySettings {
+        delays,
+        max_attempts: raw.max_attempts.unwrap_or(d.max_attempts),
+        dependency_max_attempts: raw
+            .dependency_max_attempts
+            .unwrap_or(d.dependency_max_attempts),
+        rate_limited_min_delay: duration_key(
+            "retry",
+            ("rate_limited_min_delay", raw.rate_limited_min_delay),
+            (
+                "rate_limited_min_delay_ms",
+                raw.rate_limited_min_delay_ms,
+                Unit::Millis,
+            ),
+            d.rate_limited_min_delay,
+            warnings,
+        )?,
+    };
+    validate_retry(&settings)?;
+    Ok(settings)
+}
+
 /// One HaloPSA instance (DESIGN §6).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ConnectionConfig {
     pub name: String,
     /// `https://x.halopsa.com/api`, without a trailing slash.
@@ -186,6 +440,16 @@ pub struct ConnectionConfig {
 }
 
 impl ConnectionConfig {
+    /// Whether a token minted for `self` is still good for `other`: the
+    /// same application, secret, tenant, authorisation server and scope.
+    pub fn same_credentials(&self, other: &ConnectionConfig) -> bool {
+        self.auth_server == other.auth_server
+            && self.tenant == other.tenant
+            && self.client_id == other.client_id
+            && self.client_secret == other.client_secret
+            && self.scope == other.scope
+    }
+
     /// The token endpoint: the authorisation server (trailing slash or not)
     /// plus `/token`, with `?tenant=` only for hosted instances.
     pub fn token_url(&self) -> String {
@@ -207,9 +471,9 @@ struct RawConfig {
     redis_url: Option<String>,
     prefix: Option<String>,
     #[serde(default)]
-    worker: WorkerSettings,
+    worker: RawWorker,
     #[serde(default)]
-    retry: RetrySettings,
+    retry: RawRetry,
     #[serde(default)]
     connections: BTreeMap<String, RawConnection>,
 }
@@ -228,6 +492,9 @@ struct RawConnection {
     scope: Option<String>,
     requests_per_window: Option<u32>,
     window_seconds: Option<u64>,
+    /// The same as `window_seconds`, human-readable (`"5m"`).
+    #[serde(default, with = "humantime_serde")]
+    window: Option<Duration>,
     match_existing_by_name: Option<bool>,
     overwrite_prices: Option<bool>,
     overwrite_names: Option<bool>,
@@ -308,8 +575,9 @@ impl Config {
                 "may only hold letters, digits, '-', '_' and '.', e.g. \"test-42.\"",
             ));
         }
-        validate_worker(&raw.worker)?;
-        validate_retry(&raw.retry)?;
+        let mut warnings = Vec::new();
+        let worker = worker_settings(raw.worker, &mut warnings)?;
+        let retry = retry_settings(raw.retry, &mut warnings)?;
         let mut connections = BTreeMap::new();
         for (name, rc) in raw.connections {
             let conn = connection(&name, rc, env)?;
@@ -319,9 +587,10 @@ impl Config {
             amqp_url,
             redis_url,
             prefix,
-            worker: raw.worker,
-            retry: raw.retry,
+            worker,
+            retry,
             connections,
+            warnings,
         })
     }
 
@@ -355,37 +624,43 @@ fn validate_worker(w: &WorkerSettings) -> Result<(), ConfigError> {
             "must be at least 1024 (default 262144)",
         ));
     }
-    if w.lock_ttl_ms < 1000 {
+    if w.lock_ttl < Duration::from_secs(1) {
         return Err(ConfigError::key(
-            "worker.lock_ttl_ms",
-            "must be at least 1000 (default 10000)",
+            "worker.lock_ttl",
+            "must be at least \"1s\" (default \"10s\")",
         ));
     }
-    if w.http_timeout_ms < 100 {
+    if w.http_timeout < Duration::from_millis(100) {
         return Err(ConfigError::key(
-            "worker.http_timeout_ms",
-            "must be at least 100 (default 30000)",
+            "worker.http_timeout",
+            "must be at least \"100ms\" (default \"30s\")",
+        ));
+    }
+    if w.ledger_ttl < Duration::from_secs(1) {
+        return Err(ConfigError::key(
+            "worker.ledger_ttl",
+            "must be at least \"1s\" (default \"7days\")",
         ));
     }
     Ok(())
 }
 
 fn validate_retry(r: &RetrySettings) -> Result<(), ConfigError> {
-    if r.delays_ms.is_empty() {
+    if r.delays.is_empty() {
         return Err(ConfigError::key(
-            "retry.delays_ms",
-            "needs at least one delay, e.g. [1000, 5000, 30000, 120000, 600000]",
+            "retry.delays",
+            "needs at least one delay, e.g. [\"1s\", \"5s\", \"30s\", \"2m\", \"10m\"]",
         ));
     }
-    if r.delays_ms.contains(&0) {
+    if r.delays.iter().any(|d| d.as_millis() == 0) {
         return Err(ConfigError::key(
-            "retry.delays_ms",
-            "delays must be above 0 milliseconds",
+            "retry.delays",
+            "delays must be at least \"1ms\"",
         ));
     }
-    if r.delays_ms.windows(2).any(|w| w[0] > w[1]) {
+    if r.delays.windows(2).any(|w| w[0] > w[1]) {
         return Err(ConfigError::key(
-            "retry.delays_ms",
+            "retry.delays",
             "delays must grow (or stay equal) from one tier to the next",
         ));
     }
@@ -543,11 +818,23 @@ fn connection(
             "must be at least 1 (hosted HaloPSA allows about 300 per 5 minutes)",
         ));
     }
-    let window_seconds = rc.window_seconds.unwrap_or(300);
-    if window_seconds == 0 {
+    // `window_seconds` is the contract's key (DESIGN §6), so it is not
+    // deprecated; `window = "5m"` says the same in the human form.
+    let window = match (rc.window, rc.window_seconds) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::key(
+                key("window"),
+                "give either window or window_seconds, not both",
+            ))
+        }
+        (Some(d), None) => d,
+        (None, Some(s)) => Duration::from_secs(s),
+        (None, None) => Duration::from_secs(300),
+    };
+    if window < Duration::from_secs(1) {
         return Err(ConfigError::key(
             key("window_seconds"),
-            "must be at least 1 (default 300)",
+            "must be at least 1 second (default 300, i.e. \"5m\")",
         ));
     }
     for (sku, id) in &rc.items {
@@ -567,7 +854,7 @@ fn connection(
         client_secret,
         scope: scope.trim().to_string(),
         requests_per_window,
-        window: Duration::from_secs(window_seconds),
+        window,
         match_existing_by_name: rc.match_existing_by_name.unwrap_or(false),
         overwrite_prices: rc.overwrite_prices.unwrap_or(true),
         overwrite_names: rc.overwrite_names.unwrap_or(true),
@@ -708,11 +995,66 @@ client_secret_env = "ACME_SECRET"
             .unwrap_err()
             .to_string()
             .contains("requests_per_window"));
-        let text = format!("{GOOD}\n[retry]\ndelays_ms = [5000, 1000]\n");
+        let text = format!("{GOOD}\n[retry]\ndelays = [\"5s\", \"1s\"]\n");
         assert!(parse(&text)
             .unwrap_err()
             .to_string()
-            .contains("retry.delays_ms"));
+            .contains("retry.delays"));
+    }
+
+    #[test]
+    fn durations_read_in_human_form() {
+        let text = format!(
+            "{GOOD}\n[worker]\nlock_ttl = \"15s\"\nbatch_wait = \"250ms\"\nledger_ttl = \"2days\"\n[retry]\ndelays = [\"1s\", \"1m\"]\nrate_limited_min_delay = \"45s\"\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.worker.lock_ttl, Duration::from_secs(15));
+        assert_eq!(c.worker.batch_wait, Duration::from_millis(250));
+        assert_eq!(c.worker.ledger_ttl, Duration::from_secs(2 * 86400));
+        assert_eq!(c.worker.http_timeout, Duration::from_secs(30));
+        assert_eq!(c.retry.delays_ms(), vec![1000, 60_000]);
+        assert_eq!(c.retry.rate_limited_min_delay, Duration::from_secs(45));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn deprecated_integer_keys_still_read_with_a_warning() {
+        let text = format!(
+            "{GOOD}\n[worker]\nlock_ttl_ms = 15000\nshutdown_grace_secs = 5\n[retry]\ndelays_ms = [1000, 60000]\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.worker.lock_ttl, Duration::from_secs(15));
+        assert_eq!(c.worker.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(c.retry.delays_ms(), vec![1000, 60_000]);
+        assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("worker.lock_ttl = \"15s\""),
+            "{:?}",
+            c.warnings
+        );
+        assert!(
+            c.warnings[2].contains("retry.delays = [\"1s\", \"1m\"]"),
+            "{:?}",
+            c.warnings
+        );
+    }
+
+    #[test]
+    fn a_bad_duration_names_the_key_and_both_forms_are_refused() {
+        let msg = parse(&format!("{GOOD}\n[worker]\nlock_ttl = \"ten seconds\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("lock_ttl"), "{msg}");
+        let msg = parse(&format!(
+            "{GOOD}\n[worker]\nlock_ttl = \"10s\"\nlock_ttl_ms = 10000\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("not both"), "{msg}");
+        let msg = parse(&format!("{GOOD}\n[worker]\nlock_ttl = \"10ms\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("worker.lock_ttl"), "{msg}");
     }
 
     #[test]

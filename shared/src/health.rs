@@ -10,8 +10,7 @@
 //! event, account or subscription id.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -19,6 +18,7 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::outage::Health;
 use crate::runtime::Services;
 
 /// Installs the global Prometheus recorder (once per process).
@@ -37,17 +37,31 @@ pub fn install_recorder() -> Option<PrometheusHandle> {
 
 #[derive(Clone)]
 struct AppState {
-    services: Arc<Services>,
+    health: Arc<Health>,
+    /// Set once Redis has been reached (the worker serves `/readyz` from the
+    /// start, saying what it waits for).
+    services: Arc<OnceLock<Arc<Services>>>,
     metrics: Option<PrometheusHandle>,
 }
 
-/// Serves the endpoints until the process ends.
-pub async fn serve(port: u16, services: Arc<Services>, metrics: Option<PrometheusHandle>) {
+/// Serves the endpoints until the process ends. `services` is filled in
+/// once the worker has connected; until then `/readyz` says what it waits
+/// for.
+pub async fn serve(
+    port: u16,
+    health: Arc<Health>,
+    services: Arc<OnceLock<Arc<Services>>>,
+    metrics: Option<PrometheusHandle>,
+) {
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(AppState { services, metrics });
+        .with_state(AppState {
+            health,
+            services,
+            metrics,
+        });
     let addr = SocketAddr::from(([0, 0, 0, 0], port));
     match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => {
@@ -73,19 +87,25 @@ async fn render_metrics(State(s): State<AppState>) -> (StatusCode, String) {
 }
 
 async fn ready(State(s): State<AppState>) -> (StatusCode, String) {
-    if !s.services.ready.load(Ordering::SeqCst) {
+    if let Some(why) = s.health.not_ready() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not consuming (broker connection down or starting)\n".into(),
+            format!("not ready: {why}\n"),
         );
     }
-    let mut r = s.services.store.redis();
+    let Some(services) = s.services.get() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting\n".into(),
+        );
+    };
+    let mut r = services.store.redis();
     let ping: Result<String, _> = redis::cmd("PING").query_async(&mut r).await;
     match ping {
         Ok(_) => (StatusCode::OK, "ready\n".into()),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("redis unavailable: {e}\n"),
+            format!("not ready: redis unavailable: {e}\n"),
         ),
     }
 }

@@ -11,6 +11,8 @@
 //! | [`store`] | Redis: ledger, id map, versions, locks |
 //! | [`telemetry`] | JSON logs and OTLP traces |
 //! | [`health`] | `/metrics`, `/healthz`, `/readyz` |
+//! | [`outage`] | dependencies down: waiting, readiness, one log line a minute |
+//! | [`reload`] | re-reading the config file on SIGHUP or when it changes |
 //! | [`boot`] | a worker binary's `main` |
 
 pub mod amqp;
@@ -20,6 +22,8 @@ pub mod contract;
 pub mod error;
 pub mod halo;
 pub mod health;
+pub mod outage;
+pub mod reload;
 pub mod runtime;
 pub mod store;
 pub mod telemetry;

@@ -109,7 +109,7 @@ impl TestEnv {
         let config_path = dir.join("halosync.toml");
         let delays = TEST_DELAYS_MS
             .iter()
-            .map(u64::to_string)
+            .map(|ms| format!("\"{ms}ms\""))
             .collect::<Vec<_>>()
             .join(", ");
         let tenant = opts
@@ -124,10 +124,10 @@ redis_url = "{REDIS_URL}"
 prefix = "{prefix}"
 
 [retry]
-delays_ms = [{delays}]
+delays = [{delays}]
 max_attempts = {max_attempts}
 dependency_max_attempts = 6
-rate_limited_min_delay_ms = 400
+rate_limited_min_delay = "400ms"
 
 [connections.{CONNECTION}]
 resource_server = "{api}"
@@ -253,6 +253,37 @@ client_secret_env = "{SECRET_ENV}"
             .publish_raw("raw", routing_key, body, FieldTable::default())
             .await
             .expect("publish confirmed");
+    }
+
+    /// The client secret halo-sim accepts.
+    pub fn sim_secret(&self) -> String {
+        self.secret.clone()
+    }
+
+    /// Opens a new publishing connection (after the broker was restarted
+    /// under the test).
+    pub async fn reconnect_publisher(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Publisher::connect(AMQP_URL, &self.prefix, "tests").await {
+                Ok(p) => {
+                    self.publisher = p;
+                    return;
+                }
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "cannot reconnect to RabbitMQ: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+    }
+
+    /// Messages waiting in a family's dead queue.
+    pub async fn dead_count(&self, family: Family) -> u32 {
+        self.depth(&self.topology.dead_queue(family)).await
     }
 
     /// Messages ready in a queue.
@@ -529,7 +560,8 @@ pub fn binary_path(name: &str) -> PathBuf {
     path
 }
 
-fn tail(text: &str, lines: usize) -> String {
+/// The last `lines` lines of `text` (for assertion messages).
+pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
@@ -636,4 +668,83 @@ impl TestEnv {
         );
         (out.status.success(), text)
     }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// A Redis server of a test's own (never the shared one), for tests that
+/// stop, restart or flush Redis. Killed when dropped.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    /// A port for a Redis that is not started yet.
+    pub fn unstarted() -> PrivateRedis {
+        PrivateRedis {
+            port: free_port(),
+            child: None,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts `redis-server` on the port (empty, nothing kept on disk) and
+    /// waits until it answers. Fails loudly when Debian's redis-server is
+    /// not installed.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "private redis already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server (is Debian's redis-server installed?): {e}")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "private redis-server did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server: everything it held is gone, as after a crash.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The status and body of `GET http://127.0.0.1:PORT/PATH` (a worker's
+/// health endpoint); `None` when nothing answers.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.text().await.unwrap_or_default()))
 }

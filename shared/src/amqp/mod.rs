@@ -31,17 +31,19 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     Connection::connect(url, props).await
 }
 
-/// Hides the password of an AMQP URL for messages.
+/// Hides the password of a broker or Redis URL for messages (parsed with
+/// the `url` crate, so `@` or `:` inside a password cannot fool it). A URL
+/// that does not parse is not echoed at all: it might be mostly password.
 pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split(':').next().unwrap_or("");
-                format!("{scheme}://{user}:***@{host}")
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                // Only fails for URLs that cannot have a password at all.
+                let _ = u.set_password(Some("***"));
             }
-            None => url.to_string(),
-        },
-        None => url.to_string(),
+            u.to_string()
+        }
+        Err(_) => "<unparseable URL>".to_string(),
     }
 }
 
@@ -54,5 +56,14 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(super::redact_url("amqp://h/%2f"), "amqp://h/%2f");
+        assert_eq!(
+            super::redact_url("rediss://user:p@ss:w0rd@cache.example:6380/0"),
+            "rediss://user:***@cache.example:6380/0"
+        );
+        assert_eq!(
+            super::redact_url("redis://:hunter2@h:6379"),
+            "redis://:***@h:6379"
+        );
+        assert!(!super::redact_url("amqp://u:pw@[bad").contains("pw"));
     }
 }

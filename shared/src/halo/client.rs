@@ -14,6 +14,7 @@ use super::ratelimit::RateLimiter;
 use super::token::TokenProvider;
 use crate::config::ConnectionConfig;
 use crate::error::{excerpt, Failure};
+use crate::outage::{Health, Report};
 
 /// Rows per page when listing (reference §2: libraries use 100–1000; the
 /// server maximum is UNCONFIRMED, so stay modest).
@@ -32,6 +33,9 @@ pub struct HaloClient {
     limiter: RateLimiter,
     /// How long every process pauses after a 429 without `Retry-After`.
     rate_limited_pause: Duration,
+    /// Where an outage of this connection is reported (`/readyz`, one log
+    /// line a minute); none in the operator's tool.
+    health: Option<Arc<Health>>,
 }
 
 impl HaloClient {
@@ -48,6 +52,33 @@ impl HaloClient {
             tokens,
             limiter,
             rate_limited_pause,
+            health: None,
+        }
+    }
+
+    /// Reports this connection's outages to `health`.
+    pub fn with_health(mut self, health: Arc<Health>) -> HaloClient {
+        self.health = Some(health);
+        self
+    }
+
+    /// Books one request's fate in the outage tracker: a network error or
+    /// a 5xx is a failure to reach HaloPSA; any other answer means it is up.
+    fn note_reachability(&self, failure: Option<&str>) {
+        let Some(h) = &self.health else { return };
+        let service = format!("halopsa:{}", self.conn.name);
+        match failure {
+            Some(error) => {
+                if let Report::Log { down_for, attempts } = h.failed(&service, error) {
+                    tracing::warn!(connection = %self.conn.name, error, down_for_s = down_for.as_secs(), attempts,
+                        "HaloPSA unreachable or failing; events are retried through the delay queues");
+                }
+            }
+            None => {
+                if let Some(d) = h.recovered(&service) {
+                    tracing::info!(connection = %self.conn.name, down_for_s = d.as_secs(), "HaloPSA reachable again");
+                }
+            }
         }
     }
 
@@ -199,7 +230,15 @@ impl HaloClient {
                         "waited for the rate budget"
                     );
                 }
-                let token = self.tokens.get().await?;
+                let token = match self.tokens.get().await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        if matches!(e, HaloError::Network(_)) {
+                            self.note_reachability(Some(&e.to_string()));
+                        }
+                        return Err(e);
+                    }
+                };
                 let url = format!("{}{}", self.conn.resource_server, path);
                 let mut req = self
                     .http
@@ -215,10 +254,13 @@ impl HaloClient {
                     Err(e) => {
                         metrics::counter!("halosync_halo_requests_total", "connection" => self.conn.name.clone(),
                             "method" => method.to_string(), "endpoint" => endpoint, "status" => "error").increment(1);
-                        return Err(HaloError::Network(format!("{method} {path}: {}", e.without_url())));
+                        let e = HaloError::Network(format!("{method} {path}: {}", e.without_url()));
+                        self.note_reachability(Some(&e.to_string()));
+                        return Err(e);
                     }
                 };
                 let status = response.status().as_u16();
+                self.note_reachability((status >= 500).then(|| format!("{method} {path} answered {status}")).as_deref());
                 metrics::counter!("halosync_halo_requests_total", "connection" => self.conn.name.clone(),
                     "method" => method.to_string(), "endpoint" => endpoint, "status" => status.to_string()).increment(1);
                 if status == 429 {
@@ -229,8 +271,7 @@ impl HaloClient {
                     .headers()
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
+                    .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
                 let text = response.text().await.map_err(|e| {
                     HaloError::Network(format!("{method} {path} body: {}", e.without_url()))
                 })?;
@@ -373,5 +414,43 @@ mod tests {
             Some(7)
         );
         assert_eq!(first_record(json!(null)), None);
+    }
+}
+
+/// `Retry-After` in either of its RFC 9110 forms: delay-seconds (`120`) or
+/// an HTTP-date (`Wed, 21 Oct 2026 07:28:00 GMT`, parsed by `httpdate`); a
+/// date in the past means "now" (zero). Anything else is ignored, and the
+/// caller falls back to its minimum 429 pause.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::*;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn reads_seconds_and_http_dates() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_445_412_480); // Wed, 21 Oct 2015 07:28:00 GMT
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", SystemTime::now()), None);
+        assert_eq!(parse_retry_after("-5", SystemTime::now()), None);
     }
 }

@@ -34,8 +34,8 @@ pub fn client_for(
         &conn.name,
         conn.requests_per_window,
         conn.window,
-        Duration::from_millis(worker.rate_margin_ms),
-        Duration::from_millis(worker.rate_wait_max_ms),
+        worker.rate_margin,
+        worker.rate_wait_max,
     );
     HaloClient::new(conn, http, tokens, limiter, rate_limited_pause)
 }

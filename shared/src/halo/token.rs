@@ -102,6 +102,20 @@ impl TokenProvider {
         Ok(fresh.token)
     }
 
+    /// Drops the cached token here and in Redis whatever it is: the
+    /// connection's credentials were changed (a reloaded config with a
+    /// rotated secret), so a token minted with the old ones must not be
+    /// used again. Every worker that reloads does this once; the next
+    /// request mints one token under the single-flight lock.
+    pub async fn forget(&self) {
+        *self.local.lock().await = None;
+        let mut r = self.redis.clone();
+        let result: Result<i64, _> = redis::cmd("DEL").arg(&self.key).query_async(&mut r).await;
+        if let Err(e) = result {
+            tracing::warn!(connection = %self.conn.name, error = %e, "could not drop the token from redis");
+        }
+    }
+
     /// Drops `token` (after a 401 or "Token not found") here and in Redis,
     /// unless another process has already replaced it there.
     pub async fn invalidate(&self, token: &str) {

@@ -66,7 +66,7 @@ pub(super) async fn settle_batch(
         let _g = item.span.enter();
         let event = match services.contract.validate(
             &item.delivery.data,
-            services.config.worker.max_message_bytes,
+            services.config().worker.max_message_bytes,
         ) {
             Ok(e) => e,
             Err(e) => {
@@ -109,7 +109,7 @@ pub(super) async fn settle_batch(
     }
     for (conn, mut members) in by_conn {
         members.sort_by_key(|(i, _)| *i);
-        let Some(halo) = services.halo.get(&conn).cloned() else {
+        let Some(halo) = services.halo(&conn) else {
             continue;
         };
         run_connection(&services, &handler, halo, &conn, &mut items, members).await;
@@ -144,7 +144,8 @@ async fn run_connection(
     members: Vec<(usize, String)>,
 ) {
     let family = handler.family();
-    let w = &services.config.worker;
+    let config = services.config();
+    let w = &config.worker;
     // Ledger: ids already processed are duplicates.
     let ids: Vec<String> = members
         .iter()
@@ -185,8 +186,8 @@ async fn run_connection(
             .lock(
                 conn,
                 &format!("{family}:{aggregate}"),
-                Duration::from_millis(w.lock_ttl_ms),
-                Duration::from_millis(w.lock_wait_ms.min(200)),
+                w.lock_ttl,
+                w.lock_wait.min(Duration::from_millis(200)),
             )
             .await;
         match lock {

@@ -17,10 +17,10 @@
 //!
 //! Connection loss ends the session; the loop reconnects with backoff.
 //! SIGTERM/SIGINT cancel the consumer, let in-flight messages finish (up to
-//! `shutdown_grace_secs`) and return.
+//! `shutdown_grace`) and return.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,10 +38,14 @@ use tracing::Instrument;
 
 use crate::amqp::headers::{self as h};
 use crate::amqp::{self, Publisher, Topology};
-use crate::config::Config;
+use arc_swap::ArcSwap;
+use redis::aio::ConnectionManager;
+
+use crate::config::{Config, ConnectionConfig};
 use crate::contract::{Contract, Envelope, Family};
 use crate::error::{excerpt, Failure, FailureClass, DEAD_CLASS_EXHAUSTED};
 use crate::halo::{self, HaloClient};
+use crate::outage::{Backoff, Health, Report};
 use crate::store::{self, Keys, Store};
 
 mod batch;
@@ -119,62 +123,181 @@ pub enum RuntimeError {
 }
 
 /// Everything a worker shares across messages.
+///
+/// The configuration and the HaloPSA clients sit behind [`ArcSwap`]s so
+/// that a reloaded config file ([`Services::reload`]) takes effect for the
+/// next message while in-flight ones finish with what they started with.
 pub struct Services {
-    pub config: Arc<Config>,
+    config: ArcSwap<Config>,
     pub contract: Contract,
     pub store: Store,
     pub topology: Topology,
-    pub halo: BTreeMap<String, Arc<HaloClient>>,
+    halo: ArcSwap<BTreeMap<String, Arc<HaloClient>>>,
     /// `host:pid`, written on dead letters.
     pub worker_id: String,
-    /// True while connected and consuming (for `/readyz`).
-    pub ready: AtomicBool,
+    /// Outages and readiness (for `/readyz` and the wait loops).
+    pub health: Arc<Health>,
+    http: reqwest::Client,
+    redis: ConnectionManager,
+    keys: Keys,
+}
+
+/// What [`Services::reload`] changed, for its log line.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+    /// Connections whose credentials changed: their cached token was dropped.
+    pub tokens_dropped: Vec<String>,
+    /// Keys that changed but only take effect after a restart.
+    pub needs_restart: Vec<&'static str>,
 }
 
 impl Services {
-    pub async fn connect(config: Config) -> Result<Services, RuntimeError> {
-        let redis =
-            store::connect(&config.redis_url)
-                .await
-                .map_err(|source| RuntimeError::Redis {
-                    url: config.redis_url.clone(),
-                    source,
-                })?;
+    /// Connects to Redis, waiting (with backoff, not ready, one log line a
+    /// minute) while it is unreachable. `None` if `shutdown` came first.
+    pub async fn connect(
+        config: Config,
+        health: Arc<Health>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Services>, RuntimeError> {
+        let mut backoff = Backoff::default();
+        let redis = loop {
+            match store::connect(&config.redis_url).await {
+                Ok(r) => {
+                    if let Some(d) = health.recovered("redis") {
+                        tracing::info!(down_for_s = d.as_secs(), "redis reachable again");
+                    }
+                    break r;
+                }
+                Err(e) => {
+                    let url = amqp::redact_url(&config.redis_url);
+                    if let Report::Log { down_for, attempts } =
+                        health.failed("redis", &e.to_string())
+                    {
+                        tracing::warn!(url = %url, error = %e, down_for_s = down_for.as_secs(), attempts,
+                            "redis unreachable; waiting for it (not ready meanwhile)");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        };
         let keys = Keys::new(&config.prefix);
-        let http = halo::http_client(Duration::from_millis(config.worker.http_timeout_ms))?;
-        let halo = config
-            .connections
-            .values()
-            .map(|c| {
-                (
-                    c.name.clone(),
-                    Arc::new(halo::client_for(
-                        c,
-                        http.clone(),
-                        redis.clone(),
-                        &keys,
-                        &config.worker,
-                        Duration::from_millis(config.retry.rate_limited_min_delay_ms),
-                    )),
-                )
-            })
-            .collect();
+        let http = halo::http_client(config.worker.http_timeout)?;
         let host = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "unknown".into());
-        Ok(Services {
-            store: Store::new(
-                redis,
-                keys,
-                Duration::from_secs(config.worker.ledger_ttl_secs),
-            ),
-            topology: Topology::new(&config.prefix, &config.retry.delays_ms),
+        let services = Services {
+            store: Store::new(redis.clone(), keys.clone(), config.worker.ledger_ttl),
+            topology: Topology::new(&config.prefix, &config.retry.delays_ms()),
             contract: Contract::new()?,
-            halo,
+            halo: ArcSwap::from_pointee(BTreeMap::new()),
             worker_id: format!("{host}:{}", std::process::id()),
-            ready: AtomicBool::new(false),
-            config: Arc::new(config),
-        })
+            health,
+            http,
+            redis,
+            keys,
+            config: ArcSwap::from_pointee(config.clone()),
+        };
+        let clients = config
+            .connections
+            .values()
+            .map(|c| (c.name.clone(), services.client_for(&config, c)))
+            .collect();
+        services.halo.store(Arc::new(clients));
+        Ok(Some(services))
+    }
+
+    fn client_for(&self, config: &Config, c: &ConnectionConfig) -> Arc<HaloClient> {
+        Arc::new(
+            halo::client_for(
+                c,
+                self.http.clone(),
+                self.redis.clone(),
+                &self.keys,
+                &config.worker,
+                config.retry.rate_limited_min_delay,
+            )
+            .with_health(self.health.clone()),
+        )
+    }
+
+    /// The configuration in force now (a reload replaces it).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// The HaloPSA client of a configured connection.
+    pub fn halo(&self, connection: &str) -> Option<Arc<HaloClient>> {
+        self.halo.load().get(connection).cloned()
+    }
+
+    /// The configured connections' names.
+    pub fn connection_names(&self) -> Vec<String> {
+        self.halo.load().keys().cloned().collect()
+    }
+
+    /// Applies a new, already validated configuration: connections added,
+    /// changed (new credentials, item mappings, policies, budget) or
+    /// removed take effect for the next message, without disturbing the
+    /// ones in flight (they keep the client they started with). A
+    /// connection whose credentials changed gets its cached token dropped.
+    /// What only a restart can change (broker and Redis URLs, prefix, retry
+    /// tiers, `[worker]`) is kept as it was and named in the summary.
+    pub async fn reload(&self, new: Config) -> ReloadSummary {
+        let old = self.config();
+        let mut summary = ReloadSummary::default();
+        let mut effective = new.clone();
+        for (key, differs) in [
+            ("amqp_url", old.amqp_url != new.amqp_url),
+            ("redis_url", old.redis_url != new.redis_url),
+            ("prefix", old.prefix != new.prefix),
+            ("retry", old.retry != new.retry),
+            ("worker", old.worker != new.worker),
+        ] {
+            if differs {
+                summary.needs_restart.push(key);
+            }
+        }
+        effective.amqp_url = old.amqp_url.clone();
+        effective.redis_url = old.redis_url.clone();
+        effective.prefix = old.prefix.clone();
+        effective.retry = old.retry.clone();
+        effective.worker = old.worker.clone();
+
+        let current = self.halo.load_full();
+        let mut clients = BTreeMap::new();
+        for (name, conn) in &effective.connections {
+            match current.get(name) {
+                Some(client) if client.connection() == conn => {
+                    clients.insert(name.clone(), client.clone());
+                }
+                Some(client) => {
+                    if !client.connection().same_credentials(conn) {
+                        client.tokens().forget().await;
+                        summary.tokens_dropped.push(name.clone());
+                    }
+                    summary.changed.push(name.clone());
+                    clients.insert(name.clone(), self.client_for(&effective, conn));
+                }
+                None => {
+                    summary.added.push(name.clone());
+                    clients.insert(name.clone(), self.client_for(&effective, conn));
+                }
+            }
+        }
+        summary.removed = current
+            .keys()
+            .filter(|n| !effective.connections.contains_key(*n))
+            .cloned()
+            .collect();
+        self.config.store(Arc::new(effective));
+        self.halo.store(Arc::new(clients));
+        summary
     }
 }
 
@@ -187,28 +310,30 @@ enum Decision {
     Requeue(String),
 }
 
-/// Runs until `shutdown` is cancelled; reconnects after the broker drops.
+/// Runs until `shutdown` is cancelled; reconnects after the broker drops
+/// or while it is down (backoff to 10 s, one log line a minute, not ready).
 pub async fn run(services: Arc<Services>, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         let started = Instant::now();
-        match session(&services, &handler, &shutdown).await {
-            Ok(()) => {}
-            Err(e) => {
-                services.ready.store(false, Ordering::SeqCst);
-                tracing::warn!(error = %e, url = %amqp::redact_url(&services.config.amqp_url),
-                    retry_in_ms = backoff.as_millis() as u64, "broker session ended; reconnecting");
+        let result = session(&services, &handler, &shutdown).await;
+        services.health.consuming.store(false, Ordering::SeqCst);
+        if let Err(e) = result {
+            let url = amqp::redact_url(&services.config().amqp_url);
+            if let Report::Log { down_for, attempts } =
+                services.health.failed("rabbitmq", &e.to_string())
+            {
+                tracing::warn!(error = %e, url = %url, down_for_s = down_for.as_secs(), attempts,
+                    "broker unreachable or session lost; reconnecting (not ready meanwhile)");
             }
         }
-        services.ready.store(false, Ordering::SeqCst);
         if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(250);
+            backoff.reset();
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
     tracing::info!("worker stopped");
 }
@@ -232,11 +357,9 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let family = handler.family();
-    let name = format!(
-        "halosync-{family}:{}{}",
-        services.config.prefix, services.worker_id
-    );
-    let conn = amqp::connect(&services.config.amqp_url, &name).await?;
+    let config = services.config();
+    let name = format!("halosync-{family}:{}{}", config.prefix, services.worker_id);
+    let conn = amqp::connect(&config.amqp_url, &name).await?;
     let channel = conn.create_channel().await?;
     if let Err(e) = services.topology.declare(&channel).await {
         let _ = conn.close(320, "topology failed".into()).await;
@@ -246,7 +369,7 @@ async fn session(
         Publisher::on_channel(conn.create_channel().await?, services.topology.clone()).await?;
     // A batching worker needs room for a whole batch, and the next one
     // filling while the first is written.
-    let w = &services.config.worker;
+    let w = &config.worker;
     let prefetch = if handler.batching() {
         w.prefetch.max(w.batch_max.saturating_mul(2))
     } else {
@@ -264,13 +387,15 @@ async fn session(
             FieldTable::default(),
         )
         .await?;
-    services.ready.store(true, Ordering::SeqCst);
+    services.health.consuming.store(true, Ordering::SeqCst);
+    if let Some(d) = services.health.recovered("rabbitmq") {
+        tracing::info!(down_for_s = d.as_secs(), "broker reachable again");
+    }
     tracing::info!(queue = %services.topology.work_queue(family), prefetch, "consuming");
     let tracker = TaskTracker::new();
     let batching = handler.batching();
-    let w = &services.config.worker;
     let batch_max = usize::from(w.batch_max.max(1));
-    let batch_wait = Duration::from_millis(w.batch_wait_ms);
+    let batch_wait = w.batch_wait;
     let mut batch: Vec<Delivery> = Vec::new();
     let mut batch_deadline = tokio::time::Instant::now();
     let lost = loop {
@@ -304,7 +429,7 @@ async fn session(
             }
         }
     };
-    services.ready.store(false, Ordering::SeqCst);
+    services.health.consuming.store(false, Ordering::SeqCst);
     if lost.is_none() && !batch.is_empty() {
         // Shutting down: the collected batch is in flight; finish it.
         let (services, handler, publisher) = (services.clone(), handler.clone(), publisher.clone());
@@ -325,7 +450,7 @@ async fn session(
     {
         tracing::warn!(error = %e, "cancelling the consumer failed");
     }
-    let grace = Duration::from_secs(services.config.worker.shutdown_grace_secs);
+    let grace = config.worker.shutdown_grace;
     tracing::info!(
         in_flight = tracker.len(),
         "shutting down: finishing in-flight messages"
@@ -472,7 +597,7 @@ async fn decide(
 ) -> (Decision, Option<Envelope>) {
     let event = match services
         .contract
-        .validate(body, services.config.worker.max_message_bytes)
+        .validate(body, services.config().worker.max_message_bytes)
     {
         Ok(e) => e,
         Err(e) => return (Decision::Dead(e.into()), None),
@@ -480,7 +605,7 @@ async fn decide(
     record_event(&event);
     let decision = match check(services, handler, &event) {
         Ok((halo, aggregate)) => {
-            match run_handler(services, handler, halo, &event, &aggregate).await {
+            match run_handler(services, handler, &halo, &event, &aggregate).await {
                 Ok(outcome) => Decision::Ack(outcome),
                 Err(f) if f.class.is_retried() => Decision::Retry(f),
                 Err(f) => Decision::Dead(f),
@@ -511,11 +636,11 @@ fn record_event(event: &Envelope) {
 /// The checks every valid event passes before its handler: right family,
 /// a configured connection, an aggregate key. Returns the connection's
 /// client and the aggregate.
-fn check<'a>(
-    services: &'a Services,
+fn check(
+    services: &Services,
     handler: &dyn Handler,
     event: &Envelope,
-) -> Result<(&'a Arc<HaloClient>, String), Failure> {
+) -> Result<(Arc<HaloClient>, String), Failure> {
     let family = handler.family();
     if event.family() != Some(family) {
         return Err(Failure::invalid(format!(
@@ -523,8 +648,8 @@ fn check<'a>(
             event.event_type
         )));
     }
-    let Some(halo) = services.halo.get(&event.connection) else {
-        let known: Vec<&str> = services.halo.keys().map(String::as_str).collect();
+    let Some(halo) = services.halo(&event.connection) else {
+        let known = services.connection_names();
         return Err(Failure::invalid(format!(
             "unknown connection {:?}; configured connections: {}",
             event.connection,
@@ -551,14 +676,15 @@ async fn run_handler(
     if services.store.processed(conn, &event.id).await?.is_some() {
         return Ok("duplicate");
     }
-    let w = &services.config.worker;
+    let config = services.config();
+    let w = &config.worker;
     let lock = services
         .store
         .lock(
             conn,
             &format!("{}:{aggregate}", handler.family()),
-            Duration::from_millis(w.lock_ttl_ms),
-            Duration::from_millis(w.lock_wait_ms),
+            w.lock_ttl,
+            w.lock_wait,
         )
         .await?;
     let result = handler.apply(services, halo, event).await;
@@ -589,7 +715,8 @@ async fn apply_decision(
     event: Option<&Envelope>,
     decision: Decision,
 ) -> Result<Option<Failure>, lapin::Error> {
-    let retry = &services.config.retry;
+    let config = services.config();
+    let retry = &config.retry;
     let (failure, target, class_label, attempts) = match decision {
         Decision::Ack(_) => {
             delivery.acker.ack(BasicAckOptions::default()).await?;
@@ -679,14 +806,14 @@ async fn apply_decision(
 }
 
 /// The delay tier for the `attempts`-th failure: tiers grow with attempts;
-/// a 429 waits at least `Retry-After`, or `rate_limited_min_delay_ms`
+/// a 429 waits at least `Retry-After`, or `rate_limited_min_delay`
 /// without one (DESIGN §3).
 pub fn retry_delay(retry: &crate::config::RetrySettings, attempts: u32, failure: &Failure) -> u64 {
-    let tiers = &retry.delays_ms;
+    let tiers = retry.delays_ms();
     let by_attempt = tiers[(attempts as usize - 1).min(tiers.len() - 1)];
     let floor = match (failure.halo_status, failure.retry_after) {
         (_, Some(d)) => d.as_millis() as u64,
-        (Some(429), None) => retry.rate_limited_min_delay_ms,
+        (Some(429), None) => retry.rate_limited_min_delay.as_millis() as u64,
         _ => 0,
     };
     let wanted = by_attempt.max(floor);
@@ -761,10 +888,13 @@ mod tests {
     #[test]
     fn delays_grow_and_honour_429() {
         let r = RetrySettings {
-            delays_ms: vec![1000, 5000, 30_000, 120_000],
+            delays: [1000, 5000, 30_000, 120_000]
+                .into_iter()
+                .map(Duration::from_millis)
+                .collect(),
             max_attempts: 5,
             dependency_max_attempts: 10,
-            rate_limited_min_delay_ms: 30_000,
+            rate_limited_min_delay: Duration::from_secs(30),
         };
         let t = Failure::transient("x");
         assert_eq!(retry_delay(&r, 1, &t), 1000);

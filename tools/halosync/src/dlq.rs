@@ -326,7 +326,7 @@ async fn settle(delivery: &Delivery, letter: DeadLetter, mode: &Mode<'_>) -> Don
 }
 
 fn topology(config: &Config) -> Topology {
-    Topology::new(&config.prefix, &config.retry.delays_ms)
+    Topology::new(&config.prefix, &config.retry.delays_ms())
 }
 
 fn warn_unsettled(scan: &Scan) {

@@ -347,7 +347,7 @@ async fn publish_all(
     conn: &lapin::Connection,
     valid: &[Valid],
 ) -> anyhow::Result<(usize, Vec<Failed>, Option<String>)> {
-    let topology = Topology::new(&config.prefix, &config.retry.delays_ms);
+    let topology = Topology::new(&config.prefix, &config.retry.delays_ms());
     let channel = conn
         .create_channel()
         .await

@@ -21,7 +21,7 @@ use crate::table::{self, plural};
 
 /// `halosync topology`
 pub async fn topology(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let topo = Topology::new(&config.prefix, &config.retry.delays_ms);
+    let topo = Topology::new(&config.prefix, &config.retry.delays_ms());
     let conn = broker::connect(config, "topology").await?;
     let result = async {
         let channel = conn
@@ -91,7 +91,7 @@ pub struct FamilyStatus {
 
 /// `halosync status`
 pub async fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let topo = Topology::new(&config.prefix, &config.retry.delays_ms);
+    let topo = Topology::new(&config.prefix, &config.retry.delays_ms());
     let conn = broker::connect(config, "status").await?;
     let result: anyhow::Result<(BTreeMap<Family, FamilyStatus>, QueueStatus)> = async {
         let mut families = BTreeMap::new();

@@ -42,7 +42,6 @@
 //! lost): the lowest id is updated, the other is logged, not retired.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use halosync_shared::contract::{Envelope, Family, OverageData, Product, Version};
@@ -272,14 +271,15 @@ async fn invoice_for(
     if let Some(id) = memo.get(&billing_id) {
         return Ok(*id);
     }
-    let w = &svc.config.worker;
+    let config = svc.config();
+    let w = &config.worker;
     let m = links::resolve_or_create(
         &svc.store,
         halo,
         &OVERAGE_INVOICE,
         &billing_id,
-        Duration::from_millis(w.lock_ttl_ms),
-        Duration::from_millis(w.lock_wait_ms),
+        w.lock_ttl,
+        w.lock_wait,
         || async {
             let mut body = mapping::invoice_record(client_id, d);
             body["new_external_link"] = links::new_plain_link(&OVERAGE_INVOICE, &billing_id);

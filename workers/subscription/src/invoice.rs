@@ -21,8 +21,6 @@
 //!   retired: inactive, quantity 0, marker changed so it no longer matches
 //!   ([`retired_line`]), with a warning in the log.
 
-use std::time::Duration;
-
 use halosync_shared::halo::links::{self, RECURRING_INVOICE};
 use halosync_shared::halo::{first_record, record_id, HaloError};
 use halosync_shared::store::StateError;
@@ -75,7 +73,8 @@ pub(crate) async fn sync_line(cx: &Ctx<'_>, new_licence: bool) -> Result<(), Fai
 
 /// The id of the customer's halosync recurring invoice, created once.
 async fn recurring_invoice(cx: &Ctx<'_>) -> Result<i64, Failure> {
-    let w = &cx.svc.config.worker;
+    let config = cx.svc.config();
+    let w = &config.worker;
     let account_id = cx.data.account_id.as_str();
     let halo = cx.halo;
     let mapping = links::resolve_or_create(
@@ -83,8 +82,8 @@ async fn recurring_invoice(cx: &Ctx<'_>) -> Result<i64, Failure> {
         halo,
         &RECURRING_INVOICE,
         account_id,
-        Duration::from_millis(w.lock_ttl_ms),
-        Duration::from_millis(w.lock_wait_ms),
+        w.lock_ttl,
+        w.lock_wait,
         || async {
             let mut body = recurring_invoice_record(cx.customer_id, account_id);
             body["new_external_link"] = links::new_plain_link(&RECURRING_INVOICE, account_id);

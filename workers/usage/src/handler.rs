@@ -57,7 +57,6 @@
 //! after a newer one until the next event of that aggregate).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use halosync_shared::contract::{Envelope, Family, Product, UsageData};
@@ -278,14 +277,15 @@ impl<'a> Batch<'a> {
         let customer = links::require_customer(store, halo, account_id)
             .await?
             .halo_id;
-        let w = &self.svc.config.worker;
+        let config = self.svc.config();
+        let w = &config.worker;
         let mapping = links::resolve_or_create(
             store,
             halo,
             &RECURRING_INVOICE,
             account_id,
-            Duration::from_millis(w.lock_ttl_ms),
-            Duration::from_millis(w.lock_wait_ms),
+            w.lock_ttl,
+            w.lock_wait,
             || async {
                 // The same header as the subscription worker creates.
                 let mut body = json!({
