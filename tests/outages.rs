@@ -102,6 +102,77 @@ async fn a_worker_started_with_redis_down_waits_then_becomes_ready_and_processes
     assert_eq!(env.stop_worker(w).code(), Some(0));
 }
 
+/// Forwards `127.0.0.1:port` to the real broker, from the moment it is
+/// called: before that, the port refuses connections like a broker that
+/// is down.
+async fn start_broker_front(port: u16) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind the broker front");
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_started_with_the_broker_down_waits_then_consumes() {
+    let _serial = SERIAL.lock().await;
+    let broker_port = free_port();
+    let health = free_port();
+    let mut env = TestEnv::with(
+        "brokerdown",
+        EnvOptions {
+            extra: format!("[worker]\nhealth_port = {health}\n"),
+            ..Default::default()
+        },
+    )
+    .await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{broker_port}/%2f");
+    let w = env.spawn_worker_with("halosync-account", &[("AMQP_URL", &url)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((503, body)) = http_get(health, "/readyz").await {
+            if body.contains("rabbitmq unreachable") {
+                assert!(!body.contains("guest:guest"), "no password in /readyz: {body}");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no not-ready /readyz naming rabbitmq:\n{}", env.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..5 {
+        env.publish(&account_event(&format!("e{i}"), &format!("acc_{i}"), &format!("Customer {i}"), true, 1))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(env.worker(w).child.try_wait().expect("wait").is_none(), "{}", env.logs());
+    assert_eq!(env.clients().len(), 0);
+
+    let front = start_broker_front(broker_port).await;
+    env.wait_for("5 customers once the broker is reachable", Duration::from_secs(60), || {
+        env.clients().len() == 5
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(health, "/readyz").await.map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "never became ready:\n{}", env.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = env.logs();
+    let lines = logs.matches("broker unreachable or session lost").count();
+    assert!((1..=2).contains(&lines), "one log line a minute while waiting, got {lines}:\n{logs}");
+    assert!(!logs.contains("guest:guest"), "no password in the logs");
+    assert!(logs.contains("broker reachable again"), "{logs}");
+    assert_eq!(env.stop_worker(w).code(), Some(0));
+    front.abort();
+}
+
 fn rabbitmqctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl")
         .args(args)
