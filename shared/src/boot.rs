@@ -43,6 +43,7 @@ pub async fn worker_main(service: &'static str, handler: Arc<dyn Handler>) -> Ex
         }
     };
     let recorder = crate::health::install_recorder();
+    crate::health::register_zeroes(handler.family().as_str(), services.halo.keys().cloned());
     let port = services.config.worker.health_port;
     if port != 0 {
         tokio::spawn(crate::health::serve(port, services.clone(), recorder));

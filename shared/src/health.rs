@@ -63,6 +63,10 @@ pub async fn serve(port: u16, services: Arc<Services>, metrics: Option<Prometheu
 }
 
 async fn render_metrics(State(s): State<AppState>) -> (StatusCode, String) {
+    // `halosync_ready` is what `/readyz` answers, measured at scrape time
+    // so that it is never stale (alert "a worker not ready").
+    let ready = readiness(&s.services).await.is_ok();
+    metrics::gauge!("halosync_ready").set(if ready { 1.0 } else { 0.0 });
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (
@@ -73,20 +77,46 @@ async fn render_metrics(State(s): State<AppState>) -> (StatusCode, String) {
 }
 
 async fn ready(State(s): State<AppState>) -> (StatusCode, String) {
-    if !s.services.ready.load(Ordering::SeqCst) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not consuming (broker connection down or starting)\n".into(),
-        );
+    match readiness(&s.services).await {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
-    let mut r = s.services.store.redis();
+}
+
+/// Consuming and Redis answering, or why not.
+async fn readiness(services: &Services) -> Result<(), String> {
+    if !services.ready.load(Ordering::SeqCst) {
+        return Err("not consuming (broker connection down or starting)\n".into());
+    }
+    let mut r = services.store.redis();
     let ping: Result<String, _> = redis::cmd("PING").query_async(&mut r).await;
-    match ping {
-        Ok(_) => (StatusCode::OK, "ready\n".into()),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("redis unavailable: {e}\n"),
-        ),
+    ping.map(|_| ())
+        .map_err(|e| format!("redis unavailable: {e}\n"))
+}
+
+/// Registers at zero the counters that alerts compare over time, so that
+/// the first dead letter or the first applied event is an increase
+/// Prometheus sees (a counter born at 1 shows no `increase()`), and so
+/// that "nothing applied" is a zero rather than a missing series.
+pub fn register_zeroes(family: &str, connections: impl IntoIterator<Item = String>) {
+    let family = family.to_string();
+    for outcome in [
+        "applied",
+        "superseded",
+        "duplicate",
+        "retried",
+        "dead-lettered",
+    ] {
+        metrics::counter!("halosync_messages_total", "family" => family.clone(), "outcome" => outcome)
+            .absolute(0);
+    }
+    for class in crate::error::DEAD_LETTER_CLASSES {
+        metrics::counter!("halosync_dead_letters_total", "family" => family.clone(), "class" => class)
+            .absolute(0);
+    }
+    for connection in connections {
+        metrics::counter!("halosync_halo_rate_limited_total", "connection" => connection)
+            .absolute(0);
     }
 }
 

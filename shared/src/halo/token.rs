@@ -226,7 +226,14 @@ impl TokenProvider {
             .await
             // reqwest errors may name the URL; ours carries the tenant but
             // never the secret (it is in the body).
-            .map_err(|e| HaloError::Network(format!("token endpoint: {}", e.without_url())))?;
+            .map_err(|e| {
+                // No HTTP status: counted as "error" so that alerts on
+                // failing token requests see network failures too.
+                metrics::counter!("halosync_token_requests_total", "connection" => self.conn.name.clone(),
+                    "status" => "error")
+                .increment(1);
+                HaloError::Network(format!("token endpoint: {}", e.without_url()))
+            })?;
         let status = response.status().as_u16();
         metrics::counter!("halosync_token_requests_total", "connection" => self.conn.name.clone(),
             "status" => status.to_string())
