@@ -57,3 +57,12 @@ RELEASE_BUILD = cargo build --release --locked --workspace --bins
 .PHONY: check-deploy
 check-deploy:
 	RELEASE_BUILD='$(RELEASE_BUILD)' CARGO='$(CARGO)' bash deploy/checks/check-deploy.sh
+
+## Longer fuzzing of everything that reads outside input (shared/tests/fuzz):
+## FUZZ_CASES cases per property (make test runs 256). Debug build on
+## purpose: overflow checks stay on, so an arithmetic overflow is a panic.
+## A failure is shrunk and saved in shared/tests/fuzz/*.regressions.
+FUZZ_CASES ?= 10000
+.PHONY: fuzz
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p halosync-shared --test fuzz -- --test-threads=2

@@ -13,6 +13,12 @@
 #      (deploy/checks/rabbitmq_definitions.py).
 #   5. Dockerfile: builds with RELEASE_BUILD, ships the workspace's binaries
 #      (deploy/checks/dockerfile.py).
+#   6. Monitoring (deploy/monitoring/): promtool check rules and config,
+#      promtool test rules (alerts.test.yaml); the dashboard's structure,
+#      its queries through promtool's parser, every metric name against the
+#      workers' sources and the rabbitmq_prometheus names
+#      (deploy/checks/monitoring.py). promtool is Debian's `prometheus`
+#      package (deploy/local/debian-packages.txt).
 #
 # The validators live in .venv-deploy (created on first run from
 # deploy/checks/requirements.txt, pinned; re-created when that file
@@ -96,10 +102,21 @@ step "OpenTelemetry collector config" "$VENV/bin/python" deploy/checks/otel.py
 step "RabbitMQ definitions vs shared/src/amqp/topology.rs" "$VENV/bin/python" deploy/checks/rabbitmq_definitions.py
 step "Dockerfile vs RELEASE_BUILD and the workspace's binaries" "$VENV/bin/python" deploy/checks/dockerfile.py
 
+promtool_checks() {
+  if ! command -v promtool >/dev/null; then
+    echo "  FAILED: promtool not found: install Debian's prometheus package (make packages, or apt-get install prometheus)"
+    return 1
+  fi
+  (cd deploy/monitoring && promtool check rules alerts.yaml && promtool check config prometheus.yaml \
+    && promtool test rules alerts.test.yaml)
+}
+step "Monitoring: promtool check rules/config, promtool test rules" promtool_checks
+step "Monitoring: dashboard, queries, metric names" "$VENV/bin/python" deploy/checks/monitoring.py
+
 echo
 if [ ${#failed[@]} -ne 0 ]; then
   echo "check-deploy: FAILED: ${#failed[@]} step(s):"
   printf '  - %s\n' "${failed[@]}"
   exit 1
 fi
-echo "check-deploy: all 7 steps passed."
+echo "check-deploy: all 9 steps passed."

@@ -73,6 +73,7 @@ pub async fn worker_main(service: &'static str, handler: Arc<dyn Handler>) -> Ex
         services.clone(),
         shutdown.clone(),
     ));
+    crate::health::register_zeroes(handler.family().as_str(), services.connection_names());
     let config = services.config();
     tracing::info!(family = %handler.family(), worker = %services.worker_id,
         connections = config.connections.len(), prefix = %config.prefix, "worker starting");

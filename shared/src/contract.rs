@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::fmt;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -126,6 +126,9 @@ impl Version {
         }
     }
 
+    /// The inverse of [`Version::encode`]; `None` for anything else,
+    /// including a time outside the years 1–9999 in UTC (which `encode`
+    /// could not write back).
     pub fn decode(text: &str) -> Option<Version> {
         let mut sequence = None;
         let mut occurred_at = None;
@@ -136,11 +139,20 @@ impl Version {
                 occurred_at = Some(DateTime::parse_from_rfc3339(t).ok()?.with_timezone(&Utc));
             }
         }
+        let occurred_at = occurred_at.filter(encodable)?;
         Some(Version {
             sequence,
-            occurred_at: occurred_at?,
+            occurred_at,
         })
     }
+}
+
+/// Whether `encode` writes a time that `decode` reads back: RFC 3339 has
+/// four-digit years, so `0000-01-01T00:00:00+23:59` (year -1 in UTC) or
+/// `9999-12-31T23:59:59-01:00` (year 10000) would be stored as a version
+/// nothing can read (found by shared/tests/fuzz).
+fn encodable(t: &DateTime<Utc>) -> bool {
+    (1..=9999).contains(&t.year())
 }
 
 impl fmt::Display for Version {
@@ -177,6 +189,12 @@ impl Envelope {
                 ))
             })?
             .with_timezone(&Utc);
+        if !encodable(&occurred_at) {
+            return Err(Failure::invalid(format!(
+                "occurred_at {:?} falls outside the years 0001-9999 in UTC; send the time of the change, e.g. \"2026-11-22T10:15:00Z\"",
+                self.occurred_at
+            )));
+        }
         Ok(Version {
             sequence: self.sequence,
             occurred_at,
@@ -436,6 +454,28 @@ mod tests {
         out.sort();
         assert!(!out.is_empty(), "no examples in {}", dir.display());
         out
+    }
+
+    #[test]
+    fn versions_that_cannot_be_stored_are_refused() {
+        // Year -1 and year 10000 in UTC: encode would write what decode
+        // cannot read.
+        for at in ["0000-01-01T00:00:00+23:59", "9999-12-31T23:59:59-01:00"] {
+            let env = Envelope {
+                id: "e".into(),
+                event_type: "account.created".into(),
+                schema_version: 1,
+                connection: "acme".into(),
+                occurred_at: at.into(),
+                sequence: Some(17),
+                data: serde_json::json!({}),
+            };
+            let err = env.version().expect_err(at);
+            assert_eq!(err.class, crate::error::FailureClass::Invalid);
+            assert_eq!(Version::decode(&format!("s=17;t={at}")), None);
+        }
+        let edge = Version::decode("t=0001-01-01T00:00:00Z").expect("year 1");
+        assert_eq!(Version::decode(&edge.encode()), Some(edge));
     }
 
     #[test]

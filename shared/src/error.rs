@@ -59,6 +59,16 @@ impl fmt::Display for FailureClass {
 /// dead letters are read back as `poison` by the operator's tool.
 pub const DEAD_CLASS_EXHAUSTED: &str = "exhausted";
 pub const DEAD_CLASS_POISON: &str = "poison";
+/// Every class a worker files a dead letter under (`poison` is the
+/// broker's, never a worker's): the `class` label values of
+/// `halosync_dead_letters_total`.
+pub const DEAD_LETTER_CLASSES: [&str; 5] = [
+    "invalid",
+    "unmapped",
+    "rejected",
+    DEAD_CLASS_EXHAUSTED,
+    "dependency",
+];
 
 /// One failed attempt at a message, ready to be retried or dead-lettered.
 #[derive(Clone, Debug, PartialEq)]

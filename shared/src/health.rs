@@ -77,6 +77,10 @@ pub async fn serve(
 }
 
 async fn render_metrics(State(s): State<AppState>) -> (StatusCode, String) {
+    // `halosync_ready` is what `/readyz` answers, measured at scrape time
+    // so that it is never stale (alert "a worker not ready").
+    let ready = readiness(&s).await.is_ok();
+    metrics::gauge!("halosync_ready").set(if ready { 1.0 } else { 0.0 });
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (
@@ -87,26 +91,49 @@ async fn render_metrics(State(s): State<AppState>) -> (StatusCode, String) {
 }
 
 async fn ready(State(s): State<AppState>) -> (StatusCode, String) {
+    match readiness(&s).await {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+    }
+}
+
+/// Consuming, no dependency down, and Redis answering; or why not.
+async fn readiness(s: &AppState) -> Result<(), String> {
     if let Some(why) = s.health.not_ready() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
-        );
+        return Err(why);
     }
     let Some(services) = s.services.get() else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: starting\n".into(),
-        );
+        return Err("starting".into());
     };
     let mut r = services.store.redis();
     let ping: Result<String, _> = redis::cmd("PING").query_async(&mut r).await;
-    match ping {
-        Ok(_) => (StatusCode::OK, "ready\n".into()),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: redis unavailable: {e}\n"),
-        ),
+    ping.map(|_| ())
+        .map_err(|e| format!("redis unavailable: {e}"))
+}
+
+/// Registers at zero the counters that alerts compare over time, so that
+/// the first dead letter or the first applied event is an increase
+/// Prometheus sees (a counter born at 1 shows no `increase()`), and so
+/// that "nothing applied" is a zero rather than a missing series.
+pub fn register_zeroes(family: &str, connections: impl IntoIterator<Item = String>) {
+    let family = family.to_string();
+    for outcome in [
+        "applied",
+        "superseded",
+        "duplicate",
+        "retried",
+        "dead-lettered",
+    ] {
+        metrics::counter!("halosync_messages_total", "family" => family.clone(), "outcome" => outcome)
+            .absolute(0);
+    }
+    for class in crate::error::DEAD_LETTER_CLASSES {
+        metrics::counter!("halosync_dead_letters_total", "family" => family.clone(), "class" => class)
+            .absolute(0);
+    }
+    for connection in connections {
+        metrics::counter!("halosync_halo_rate_limited_total", "connection" => connection)
+            .absolute(0);
     }
 }
 

@@ -249,6 +249,7 @@ impl HaloClient {
                     req = req.json(b);
                 }
                 let endpoint = crate::health::endpoint_label(path);
+                let sent = std::time::Instant::now();
                 let response = match req.send().await {
                     Ok(r) => r,
                     Err(e) => {
@@ -262,7 +263,7 @@ impl HaloClient {
                 let status = response.status().as_u16();
                 self.note_reachability((status >= 500).then(|| format!("{method} {path} answered {status}")).as_deref());
                 metrics::counter!("halosync_halo_requests_total", "connection" => self.conn.name.clone(),
-                    "method" => method.to_string(), "endpoint" => endpoint, "status" => status.to_string()).increment(1);
+                    "method" => method.to_string(), "endpoint" => endpoint.clone(), "status" => status.to_string()).increment(1);
                 if status == 429 {
                     metrics::counter!("halosync_halo_rate_limited_total", "connection" => self.conn.name.clone()).increment(1);
                 }
@@ -275,6 +276,11 @@ impl HaloClient {
                 let text = response.text().await.map_err(|e| {
                     HaloError::Network(format!("{method} {path} body: {}", e.without_url()))
                 })?;
+                // HaloPSA's latency: request sent to body read (not the
+                // wait for the rate budget, which has its own histogram).
+                metrics::histogram!("halosync_halo_request_seconds", "connection" => self.conn.name.clone(),
+                    "method" => method.to_string(), "endpoint" => endpoint)
+                .record(sent.elapsed().as_secs_f64());
                 // An expired token shows up as 401, or as 400 "Token not
                 // found" (reference §1.3): refresh once and retry once.
                 let token_rejected =

@@ -15,7 +15,9 @@ use redis::aio::ConnectionManager;
 
 use super::error::HaloError;
 
-/// Grants a slot (returns 0) or says how many ms until one frees.
+/// Grants a slot (returns minus the slots now used, so always < 0) or says
+/// how many ms until one frees (> 0). The used count feeds
+/// `halosync_budget_used_ratio` at no extra Redis round trip.
 const TAKE_SLOT: &str = r"
 local cool = redis.call('PTTL', KEYS[2])
 if cool > 0 then return cool end
@@ -27,7 +29,7 @@ local n = redis.call('ZCARD', KEYS[1])
 if n < tonumber(ARGV[1]) then
   redis.call('ZADD', KEYS[1], now, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], window)
-  return 0
+  return -(n + 1)
 end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local wait = tonumber(oldest[2]) + window - now
@@ -98,8 +100,11 @@ impl RateLimiter {
                 .await
                 .map_err(|e| HaloError::State(format!("rate limiter: {e}")))?;
             if wait_ms <= 0 {
+                self.record_use(wait_ms.unsigned_abs());
                 return Ok(started.elapsed());
             }
+            // Full (or paused after a 429): the budget is all used.
+            self.record_use(u64::from(self.limit));
             let wait = Duration::from_millis(wait_ms as u64);
             if started.elapsed() + wait > self.max_wait {
                 return Err(HaloError::BudgetExhausted(self.connection.clone()));
@@ -108,6 +113,15 @@ impl RateLimiter {
             let jitter = Duration::from_millis(rand::random_range(0..=20));
             tokio::time::sleep(wait + jitter).await;
         }
+    }
+
+    /// `halosync_budget_used_ratio{connection}`: the share of the window's
+    /// budget taken, as this process last saw it (every process reports
+    /// the shared figure; dashboards take the max per connection).
+    fn record_use(&self, used: u64) {
+        let ratio = used as f64 / f64::from(self.limit.max(1));
+        metrics::gauge!("halosync_budget_used_ratio", "connection" => self.connection.clone())
+            .set(ratio);
     }
 
     /// HaloPSA answered 429 although we kept to the budget (another

@@ -240,7 +240,14 @@ impl TokenProvider {
             .await
             // reqwest errors may name the URL; ours carries the tenant but
             // never the secret (it is in the body).
-            .map_err(|e| HaloError::Network(format!("token endpoint: {}", e.without_url())))?;
+            .map_err(|e| {
+                // No HTTP status: counted as "error" so that alerts on
+                // failing token requests see network failures too.
+                metrics::counter!("halosync_token_requests_total", "connection" => self.conn.name.clone(),
+                    "status" => "error")
+                .increment(1);
+                HaloError::Network(format!("token endpoint: {}", e.without_url()))
+            })?;
         let status = response.status().as_u16();
         metrics::counter!("halosync_token_requests_total", "connection" => self.conn.name.clone(),
             "status" => status.to_string())
@@ -249,34 +256,76 @@ impl TokenProvider {
             .text()
             .await
             .map_err(|e| HaloError::Network(format!("token endpoint body: {}", e.without_url())))?;
-        if !(200..300).contains(&status) {
-            return Err(HaloError::Token {
-                status,
-                message: explain_token_failure(status, &body, self.conn.tenant.is_some()),
-                body: excerpt(&body, BODY_EXCERPT),
-            });
-        }
-        let parsed: TokenResponse = serde_json::from_str(&body).map_err(|_| HaloError::Token {
-            status,
-            message: "token endpoint answered 2xx without a JSON access_token (is auth_server the Authorisation Server from HaloPSA's API Details?)".into(),
-            // The body may hold a token: never keep it.
-            body: String::new(),
-        })?;
-        // HaloPSA tokens live about an hour; always trust expires_in.
-        let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(3600));
-        let usable = lifetime
-            .checked_sub(REFRESH_EARLY)
-            .unwrap_or(lifetime / 2)
-            .max(Duration::from_secs(1));
-        tracing::info!(connection = %self.conn.name, expires_in = lifetime.as_secs(), "minted a HaloPSA token");
+        let minted = read_token_response(status, &body, self.conn.tenant.is_some())?;
+        tracing::info!(connection = %self.conn.name, expires_in = minted.lifetime.as_secs(), "minted a HaloPSA token");
         Ok((
             Cached {
-                token: parsed.access_token.into(),
-                refresh_at: Instant::now() + usable,
+                token: minted.access_token.into(),
+                refresh_at: Instant::now() + minted.usable,
             },
-            usable,
+            minted.usable,
         ))
     }
+}
+
+/// The longest a token is used, whatever `expires_in` says. HaloPSA's
+/// tokens live about an hour; an absurd `expires_in` (up to u64::MAX
+/// seconds) once overflowed `Instant::now() + usable` and panicked the
+/// worker (found while writing shared/tests/fuzz.rs, which covers it).
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// A token from the token endpoint and how long to use it.
+pub struct MintedToken {
+    pub access_token: String,
+    /// `expires_in` (default 3600 s), at most [`MAX_TOKEN_LIFETIME`].
+    pub lifetime: Duration,
+    /// `lifetime` less [`REFRESH_EARLY`] (half of it when shorter), at
+    /// least 1 s.
+    pub usable: Duration,
+}
+
+impl std::fmt::Debug for MintedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MintedToken")
+            .field("access_token", &"***")
+            .field("lifetime", &self.lifetime)
+            .field("usable", &self.usable)
+            .finish()
+    }
+}
+
+/// What the token endpoint's answer means (reference §1.2, §1.3): the
+/// token, or a `HaloError::Token` with advice. A body that may hold a
+/// token is never kept in the error.
+pub fn read_token_response(
+    status: u16,
+    body: &str,
+    has_tenant: bool,
+) -> Result<MintedToken, HaloError> {
+    if !(200..300).contains(&status) {
+        return Err(HaloError::Token {
+            status,
+            message: explain_token_failure(status, body, has_tenant),
+            body: excerpt(body, BODY_EXCERPT),
+        });
+    }
+    let parsed: TokenResponse = serde_json::from_str(body).map_err(|_| HaloError::Token {
+        status,
+        message: "token endpoint answered 2xx without a JSON access_token (is auth_server the Authorisation Server from HaloPSA's API Details?)".into(),
+        // The body may hold a token: never keep it.
+        body: String::new(),
+    })?;
+    // Trust expires_in, within reason.
+    let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(3600)).min(MAX_TOKEN_LIFETIME);
+    let usable = lifetime
+        .checked_sub(REFRESH_EARLY)
+        .unwrap_or(lifetime / 2)
+        .max(Duration::from_secs(1));
+    Ok(MintedToken {
+        access_token: parsed.access_token,
+        lifetime,
+        usable,
+    })
 }
 
 /// Turns a token-endpoint failure into advice (reference §1.3, §8).
@@ -297,4 +346,37 @@ pub fn explain_token_failure(status: u16, body: &str, has_tenant: bool) -> Strin
         return format!("{halo} — no token endpoint there: auth_server must be the Authorisation Server from HaloPSA's API Details (it may be another host, e.g. https://auth.haloservicedesk.com)");
     }
     halo
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absurd_expires_in_is_capped_instead_of_overflowing_the_clock() {
+        let body = r#"{"access_token":"t0k3n","expires_in":18446744073709551615}"#;
+        let minted = read_token_response(200, body, true).expect("a token");
+        assert_eq!(minted.lifetime, MAX_TOKEN_LIFETIME);
+        // This addition panicked before the cap.
+        let _ = Instant::now() + minted.usable;
+        assert!(!format!("{minted:?}").contains("t0k3n"));
+    }
+
+    #[test]
+    fn expires_in_sets_the_refresh_time() {
+        let minted = read_token_response(200, r#"{"access_token":"a","expires_in":3600}"#, false)
+            .expect("a token");
+        assert_eq!(minted.usable, Duration::from_secs(3540));
+        let short = read_token_response(200, r#"{"access_token":"a","expires_in":0}"#, false)
+            .expect("a token");
+        assert_eq!(short.usable, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_2xx_body_that_is_not_a_token_is_not_kept() {
+        match read_token_response(200, r#"{"token":"secret-ish"}"#, false) {
+            Err(HaloError::Token { body, .. }) => assert!(body.is_empty()),
+            other => panic!("expected a token error, got {other:?}"),
+        }
+    }
 }

@@ -575,7 +575,14 @@ async fn finish(
         .record(elapsed.as_secs_f64());
     if let Ok(Some(f)) = &settled {
         if outcome == "dead-lettered" {
-            metrics::counter!("halosync_dead_letters_total", "family" => family, "class" => f.class.as_str()).increment(1);
+            // The class the dead letter is filed under (a transient
+            // failure out of attempts is `exhausted`, as in its header).
+            let class = match f.class {
+                FailureClass::Transient => DEAD_CLASS_EXHAUSTED,
+                c => c.as_str(),
+            };
+            metrics::counter!("halosync_dead_letters_total", "family" => family, "class" => class)
+                .increment(1);
         }
     }
     match settled {
