@@ -12,6 +12,7 @@
 //! | [`telemetry`] | JSON logs and OTLP traces |
 //! | [`health`] | `/metrics`, `/healthz`, `/readyz` |
 //! | [`boot`] | a worker binary's `main` |
+//! | [`tls`] | TLS and credentials for Redis and RabbitMQ, handshake probes |
 
 pub mod amqp;
 pub mod boot;
@@ -23,6 +24,7 @@ pub mod health;
 pub mod runtime;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 pub use config::Config;
 pub use contract::{Contract, Envelope, Family, Version};

@@ -107,11 +107,9 @@ pub trait Handler: Send + Sync + 'static {
 pub enum RuntimeError {
     #[error("configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
-    #[error("redis at {url}: {source}")]
-    Redis {
-        url: String,
-        source: redis::RedisError,
-    },
+    /// Names Redis, the URL without its password, and what to change.
+    #[error("{0}")]
+    Redis(#[from] crate::tls::ConnectError),
     #[error("HaloPSA client: {0}")]
     Halo(#[from] crate::halo::HaloError),
     #[error("schemas: {0}")]
@@ -133,13 +131,7 @@ pub struct Services {
 
 impl Services {
     pub async fn connect(config: Config) -> Result<Services, RuntimeError> {
-        let redis =
-            store::connect(&config.redis_url)
-                .await
-                .map_err(|source| RuntimeError::Redis {
-                    url: config.redis_url.clone(),
-                    source,
-                })?;
+        let redis = store::connect_with(&config.redis_url, &config.redis_access).await?;
         let keys = Keys::new(&config.prefix);
         let http = halo::http_client(Duration::from_millis(config.worker.http_timeout_ms))?;
         let halo = config
@@ -236,7 +228,12 @@ async fn session(
         "halosync-{family}:{}{}",
         services.config.prefix, services.worker_id
     );
-    let conn = amqp::connect(&services.config.amqp_url, &name).await?;
+    let conn = amqp::connect_with(
+        &services.config.amqp_url,
+        &services.config.amqp_access,
+        &name,
+    )
+    .await?;
     let channel = conn.create_channel().await?;
     if let Err(e) = services.topology.declare(&channel).await {
         let _ = conn.close(320, "topology failed".into()).await;
