@@ -968,4 +968,126 @@ client_secret_env = "ACME_SECRET"
         let c = parse(GOOD).unwrap();
         assert!(!format!("{c:?}").contains("s3cr3t"));
     }
+
+    // ---- TLS and credentials of Redis and RabbitMQ ----
+
+    fn tls_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("halosync-cfg-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn ca_pem(dir: &Path) -> PathBuf {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, cert.pem()).unwrap();
+        path
+    }
+
+    fn tls_env(pairs: &[(&'static str, &'static str)]) -> MapEnv {
+        let mut m = HashMap::from([("ACME_SECRET", "s3cr3t")]);
+        m.extend(pairs.iter().copied());
+        MapEnv(m)
+    }
+
+    #[test]
+    fn redis_tls_keys_resolve_and_never_print_the_password() {
+        let dir = tls_dir("redis-ok");
+        let ca = ca_pem(&dir);
+        let text = format!(
+            "redis_url = \"rediss://cache.example:6380/0\"\nredis_ca_file = \"{}\"\nredis_username = \"halosync\"\nredis_password_env = \"REDIS_PW\"\n{GOOD}",
+            ca.display()
+        );
+        let c = Config::from_toml(&text, Path::new("t"), &tls_env(&[("REDIS_PW", "hunter2")])).unwrap();
+        assert_eq!(c.redis_access.ca_file.as_deref(), Some(ca.as_path()));
+        assert_eq!(c.redis_access.username.as_deref(), Some("halosync"));
+        assert_eq!(c.redis_access.password.as_ref().map(Secret::expose), Some("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ca_file_env_overrides_win() {
+        let dir = tls_dir("env");
+        let ca = ca_pem(&dir);
+        let path: &'static str = Box::leak(ca.display().to_string().into_boxed_str());
+        let text = format!("redis_url = \"rediss://h:6380/0\"\namqp_url = \"amqps://u:p@h:5671/%2f\"\n{GOOD}");
+        let e = tls_env(&[("REDIS_CA_FILE", path), ("AMQP_CA_FILE", path)]);
+        let c = Config::from_toml(&text, Path::new("t"), &e).unwrap();
+        assert_eq!(c.redis_access.ca_file.as_deref(), Some(ca.as_path()));
+        assert_eq!(c.amqp_access.ca_file.as_deref(), Some(ca.as_path()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tls_config_errors_name_the_key() {
+        let dir = tls_dir("errors");
+        let ca = ca_pem(&dir);
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello\n").unwrap();
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                format!("redis_url = \"rediss://h:6380/0\"\nredis_ca_file = \"{}\"", dir.join("missing.pem").display()),
+                "redis_ca_file",
+                "missing.pem",
+            ),
+            (
+                format!("redis_url = \"rediss://h:6380/0\"\nredis_ca_file = \"{}\"", not_pem.display()),
+                "redis_ca_file",
+                "BEGIN CERTIFICATE",
+            ),
+            (
+                format!("redis_url = \"redis://h:6379/0\"\nredis_ca_file = \"{}\"", ca.display()),
+                "redis_ca_file",
+                "rediss://",
+            ),
+            (
+                "redis_url = \"rediss://h:6380/0\"\nredis_password_env = \"NOPE_PW\"".to_string(),
+                "redis_password_env",
+                "NOPE_PW",
+            ),
+            (
+                "redis_url = \"rediss://:inline@h:6380/0\"\nredis_password_env = \"REDIS_PW\"".to_string(),
+                "redis_password_env",
+                "already holds a password",
+            ),
+            (
+                format!("redis_url = \"rediss://h:6380/0\"\nredis_password_env = \"REDIS_PW\"\nredis_password_file = \"{}\"", ca.display()),
+                "redis_password_env",
+                "not both",
+            ),
+            (
+                format!("amqp_url = \"amqp://h:5672/%2f\"\namqp_ca_file = \"{}\"", ca.display()),
+                "amqp_ca_file",
+                "amqps://",
+            ),
+            (
+                format!("amqp_url = \"amqps://h:5671/%2f\"\namqp_client_cert_file = \"{}\"", ca.display()),
+                "amqp_client_key_file",
+                "is missing",
+            ),
+            (
+                format!("amqp_url = \"amqps://h:5671/%2f\"\namqp_client_cert_file = \"{0}\"\namqp_client_key_file = \"{0}\"", ca.display()),
+                "amqp_client_key_file",
+                "private key",
+            ),
+            (
+                "amqp_url = \"amqps://h:5671/%2f\"\namqp_password_file = \"/nonexistent/pw\"".to_string(),
+                "amqp_password_file",
+                "/nonexistent/pw",
+            ),
+        ];
+        for (top, key, hint) in cases {
+            let text = format!("{top}\n{GOOD}");
+            let e = tls_env(&[("REDIS_PW", "hunter2")]);
+            let msg = Config::from_toml(&text, Path::new("t"), &e).unwrap_err().to_string();
+            assert!(msg.contains(&format!("`{key}`")), "{top}: {msg}");
+            assert!(msg.contains(hint), "{top}: {msg}");
+            assert!(!msg.contains("hunter2") && !msg.contains("inline"), "{top}: {msg}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
