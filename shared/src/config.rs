@@ -1001,10 +1001,14 @@ client_secret_env = "ACME_SECRET"
             "redis_url = \"rediss://cache.example:6380/0\"\nredis_ca_file = \"{}\"\nredis_username = \"halosync\"\nredis_password_env = \"REDIS_PW\"\n{GOOD}",
             ca.display()
         );
-        let c = Config::from_toml(&text, Path::new("t"), &tls_env(&[("REDIS_PW", "hunter2")])).unwrap();
+        let c =
+            Config::from_toml(&text, Path::new("t"), &tls_env(&[("REDIS_PW", "hunter2")])).unwrap();
         assert_eq!(c.redis_access.ca_file.as_deref(), Some(ca.as_path()));
         assert_eq!(c.redis_access.username.as_deref(), Some("halosync"));
-        assert_eq!(c.redis_access.password.as_ref().map(Secret::expose), Some("hunter2"));
+        assert_eq!(
+            c.redis_access.password.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
         assert!(!format!("{c:?}").contains("hunter2"));
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1014,7 +1018,9 @@ client_secret_env = "ACME_SECRET"
         let dir = tls_dir("env");
         let ca = ca_pem(&dir);
         let path: &'static str = Box::leak(ca.display().to_string().into_boxed_str());
-        let text = format!("redis_url = \"rediss://h:6380/0\"\namqp_url = \"amqps://u:p@h:5671/%2f\"\n{GOOD}");
+        let text = format!(
+            "redis_url = \"rediss://h:6380/0\"\namqp_url = \"amqps://u:p@h:5671/%2f\"\n{GOOD}"
+        );
         let e = tls_env(&[("REDIS_CA_FILE", path), ("AMQP_CA_FILE", path)]);
         let c = Config::from_toml(&text, Path::new("t"), &e).unwrap();
         assert_eq!(c.redis_access.ca_file.as_deref(), Some(ca.as_path()));
@@ -1083,10 +1089,15 @@ client_secret_env = "ACME_SECRET"
         for (top, key, hint) in cases {
             let text = format!("{top}\n{GOOD}");
             let e = tls_env(&[("REDIS_PW", "hunter2")]);
-            let msg = Config::from_toml(&text, Path::new("t"), &e).unwrap_err().to_string();
+            let msg = Config::from_toml(&text, Path::new("t"), &e)
+                .unwrap_err()
+                .to_string();
             assert!(msg.contains(&format!("`{key}`")), "{top}: {msg}");
             assert!(msg.contains(hint), "{top}: {msg}");
-            assert!(!msg.contains("hunter2") && !msg.contains("inline"), "{top}: {msg}");
+            assert!(
+                !msg.contains("hunter2") && !msg.contains("inline"),
+                "{top}: {msg}"
+            );
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

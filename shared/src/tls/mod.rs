@@ -128,9 +128,8 @@ pub fn ensure_crypto_provider() {
 
 /// The URL with every password hidden, for messages and logs:
 /// `scheme://user:***@host/...`, and `password=`/`pass=` query values as
-/// `***`. Handles `rediss://:pw@host`, passwords holding `@` or `:`, and
-/// text that is not a URL at all (then returned unchanged only if it has
-/// no `@`; otherwise everything before the last `@` is hidden).
+/// `***`. Handles `rediss://:pw@host`, passwords holding `@`, `:` or `/`,
+/// and `user:password@host` without a scheme.
 pub fn redact_url(url: &str) -> String {
     let (scheme, rest) = match url.split_once("://") {
         Some((s, r)) => (Some(s), r),
@@ -155,12 +154,15 @@ pub fn redact_url(url: &str) -> String {
     let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') || scheme.is_none() {
+            if userinfo.contains(':') {
                 format!("{user}:***@{host}")
-            } else {
-                // `redis://secret@host`: redis takes a lone userinfo as a
-                // password, so it is hidden too.
+            } else if scheme.is_none() {
+                // Not a URL: no telling what stands before the '@'.
                 format!("***@{host}")
+            } else {
+                // A lone userinfo is the user name, as the URL standard,
+                // redis and lapin read it: shown, since it helps with ACLs.
+                format!("{userinfo}@{host}")
             }
         }
         None => authority.to_string(),
@@ -225,10 +227,6 @@ mod tests {
                 "rediss://halosync:hunter2@cache.example:6380/0",
                 "rediss://halosync:***@cache.example:6380/0",
             ),
-            (
-                "redis://hunter2@cache.example:6379",
-                "redis://***@cache.example:6379",
-            ),
             ("rediss://u:hun@ter2@h:6380/0", "rediss://u:***@h:6380/0"),
             ("rediss://u:hun:ter2@h:6380/0", "rediss://u:***@h:6380/0"),
             ("rediss://u:hun/ter2@h:6380/0", "rediss://u:***@h:6380/0"),
@@ -237,6 +235,7 @@ mod tests {
                 "redis://h:6379/0?password=***&protocol=resp3",
             ),
             ("u:hunter2@h", "u:***@h"),
+            ("hunter2@h", "***@h"),
         ];
         for (url, want) in cases {
             let got = redact_url(url);
@@ -255,6 +254,7 @@ mod tests {
             "rediss://cache.example:6380/0",
             "unix:///run/redis.sock",
             "https://acme.halopsa.com/api",
+            "rediss://halosync@cache.example:6380/0",
         ] {
             assert_eq!(redact_url(url), url);
         }
