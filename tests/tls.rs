@@ -4,13 +4,14 @@
 //! child processes with the CA files, client certificate and credentials
 //! in their config; `halosync check` reports each service's handshake.
 
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use halosync_shared::tls::RedisAccess;
 use halosync_tests::tls::{Pki, TlsProxy, TlsRedis};
-use halosync_tests::{account_event, binary_path, customers_of, EnvOptions, TestEnv};
+use halosync_tests::{account_event, binary_path, customers_of, TestEnv};
 
 const WORKER: &str = "halosync-account";
 const T: Duration = Duration::from_secs(30);
@@ -47,22 +48,38 @@ impl Tls {
         format!("amqps://guest@127.0.0.1:{}/%2f", self.proxy.port)
     }
 
-    /// Options for a worker using both TLS services, trusting `redis_ca` /
-    /// `amqp_ca`, with the Redis password from the env var `REDIS_PW`.
-    fn options(&self, redis_ca: &std::path::Path, amqp_ca: &std::path::Path) -> EnvOptions {
-        EnvOptions {
-            amqp_url: Some(self.amqps_url()),
-            redis_url: Some(self.redis.url(REDIS_USER)),
-            top_extra: format!(
-                "redis_ca_file = \"{}\"\nredis_password_env = \"REDIS_PW\"\namqp_ca_file = \"{}\"\namqp_client_cert_file = \"{}\"\namqp_client_key_file = \"{}\"\namqp_password_env = \"AMQP_PW\"\n",
-                redis_ca.display(),
-                amqp_ca.display(),
-                self.pki.client_cert.display(),
-                self.pki.client_key.display(),
-            ),
-            ..Default::default()
+    /// Points `env`'s config at both TLS services, trusting `redis_ca` /
+    /// `amqp_ca`, with the client certificate and the passwords from the
+    /// env vars `REDIS_PW` / `AMQP_PW` (the harness itself keeps publishing
+    /// to the shared broker directly).
+    fn retarget(&self, env: &TestEnv, redis_ca: &Path, amqp_ca: &Path) {
+        let top = format!(
+            "redis_ca_file = \"{}\"\nredis_password_env = \"REDIS_PW\"\namqp_ca_file = \"{}\"\namqp_client_cert_file = \"{}\"\namqp_client_key_file = \"{}\"\namqp_password_env = \"AMQP_PW\"\n",
+            redis_ca.display(),
+            amqp_ca.display(),
+            self.pki.client_cert.display(),
+            self.pki.client_key.display(),
+        );
+        rewrite_config(env, &self.amqps_url(), &self.redis.url(REDIS_USER), &top);
+    }
+}
+
+/// Replaces the `amqp_url` and `redis_url` lines of the harness's config
+/// and adds top-level keys after them (before any table).
+fn rewrite_config(env: &TestEnv, amqp_url: &str, redis_url: &str, top: &str) {
+    let text = std::fs::read_to_string(&env.config_path).expect("read config");
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with("amqp_url =") {
+            out.push_str(&format!("amqp_url = \"{amqp_url}\"\n"));
+        } else if line.starts_with("redis_url =") {
+            out.push_str(&format!("redis_url = \"{redis_url}\"\n{top}"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
         }
     }
+    std::fs::write(&env.config_path, out).expect("write config");
 }
 
 impl Drop for Tls {
@@ -92,7 +109,8 @@ async fn wait_for_log(env: &TestEnv, needles: &[&str], timeout: Duration) -> Str
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_applies_events_over_tls_redis_and_tls_rabbitmq() {
     let tls = Tls::start("ok", true).await;
-    let mut env = TestEnv::with("tls-ok", tls.options(&tls.pki.ca, &tls.pki.ca)).await;
+    let mut env = TestEnv::new("tls-ok").await;
+    tls.retarget(&env, &tls.pki.ca, &tls.pki.ca);
     env.spawn_worker_with(WORKER, &SECRETS);
     env.publish(&account_event("tls-e1", "acc_tls", "Fabrikam TLS", true, 1))
         .await;
@@ -145,18 +163,15 @@ async fn the_redis_password_can_come_from_a_file() {
     let tls = Tls::start("pwfile", false).await;
     let pw = tls.dir.join("redis-password");
     std::fs::write(&pw, format!("{REDIS_PASSWORD}\n")).expect("password file");
-    let mut opts = tls.options(&tls.pki.ca, &tls.pki.ca);
-    opts.top_extra = format!(
+    let mut env = TestEnv::new("tls-pwfile").await;
+    let top = format!(
         "redis_ca_file = \"{}\"\nredis_password_file = \"{}\"\namqp_ca_file = \"{}\"\n",
         tls.pki.ca.display(),
         pw.display(),
         tls.pki.ca.display()
     );
-    opts.amqp_url = Some(format!(
-        "amqps://guest:guest@127.0.0.1:{}/%2f",
-        tls.proxy.port
-    ));
-    let mut env = TestEnv::with("tls-pwfile", opts).await;
+    let amqps = format!("amqps://guest:guest@127.0.0.1:{}/%2f", tls.proxy.port);
+    rewrite_config(&env, &amqps, &tls.redis.url(REDIS_USER), &top);
     env.spawn_worker(WORKER);
     env.publish(&account_event(
         "tls-f1",
@@ -176,7 +191,8 @@ async fn the_redis_password_can_come_from_a_file() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_redis_ca_is_named_with_the_fix() {
     let tls = Tls::start("badredis", true).await;
-    let mut env = TestEnv::with("tls-badr", tls.options(&tls.pki.other_ca, &tls.pki.ca)).await;
+    let mut env = TestEnv::new("tls-badr").await;
+    tls.retarget(&env, &tls.pki.other_ca, &tls.pki.ca);
     let w = env.spawn_worker_with(WORKER, &SECRETS);
     let deadline = Instant::now() + T;
     let status = loop {
@@ -207,7 +223,8 @@ async fn a_wrong_redis_ca_is_named_with_the_fix() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_rabbitmq_ca_is_named_with_the_fix() {
     let tls = Tls::start("badamqp", true).await;
-    let mut env = TestEnv::with("tls-bada", tls.options(&tls.pki.ca, &tls.pki.other_ca)).await;
+    let mut env = TestEnv::new("tls-bada").await;
+    tls.retarget(&env, &tls.pki.ca, &tls.pki.other_ca);
     env.spawn_worker_with(WORKER, &SECRETS);
     let other = tls.pki.other_ca.display().to_string();
     let logs = wait_for_log(
@@ -248,9 +265,9 @@ fn check(config: &std::path::Path, secret: &str) -> (i32, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn halosync_check_shows_the_tls_handshake_of_each_service() {
     let tls = Tls::start("check", true).await;
-    let opts = tls.options(&tls.pki.ca, &tls.pki.ca);
-    let secret = opts.sim.client_secret.clone();
-    let env = TestEnv::with("tls-check", opts).await;
+    let secret = halo_sim::SimConfig::default().client_secret;
+    let env = TestEnv::new("tls-check").await;
+    tls.retarget(&env, &tls.pki.ca, &tls.pki.ca);
     let (code, text) = check(&env.config_path, &secret);
     assert_eq!(code, 0, "{text}");
     for needle in [

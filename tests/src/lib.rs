@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// TLS fixtures: private PKI, TLS-only redis-server, TLS front of RabbitMQ.
 pub mod tls;
 
 use halo_sim::{SimConfig, SimHandle};
@@ -41,14 +42,6 @@ pub struct EnvOptions {
     /// Extra TOML appended at the end (e.g. `[worker]` settings).
     pub extra: String,
     pub max_attempts: u32,
-    /// The workers' `amqp_url` instead of the shared broker's (e.g. a TLS
-    /// front); the harness itself still publishes to [`AMQP_URL`].
-    pub amqp_url: Option<String>,
-    /// The workers' `redis_url` instead of [`REDIS_URL`] (e.g. a private
-    /// TLS-only redis-server).
-    pub redis_url: Option<String>,
-    /// Top-level TOML lines (before any table), e.g. `redis_ca_file = ...`.
-    pub top_extra: String,
 }
 
 impl Default for EnvOptions {
@@ -59,9 +52,6 @@ impl Default for EnvOptions {
             connection_extra: GENEROUS_BUDGET.into(),
             extra: String::new(),
             max_attempts: 4,
-            amqp_url: None,
-            redis_url: None,
-            top_extra: String::new(),
         }
     }
 }
@@ -132,10 +122,9 @@ impl TestEnv {
             .map(|t| format!("tenant = \"{t}\"\n"))
             .unwrap_or_default();
         let config = format!(
-            r#"amqp_url = "{amqp_url}"
-redis_url = "{redis_url}"
+            r#"amqp_url = "{AMQP_URL}"
+redis_url = "{REDIS_URL}"
 prefix = "{prefix}"
-{top_extra}
 
 [retry]
 delays_ms = [{delays}]
@@ -152,9 +141,6 @@ client_secret_env = "{SECRET_ENV}"
 {extra}
 "#,
             max_attempts = opts.max_attempts,
-            amqp_url = opts.amqp_url.as_deref().unwrap_or(AMQP_URL),
-            redis_url = opts.redis_url.as_deref().unwrap_or(REDIS_URL),
-            top_extra = opts.top_extra,
             api = sim.api_url(),
             auth = sim.auth_url(),
             client_id = opts.sim.client_id,
