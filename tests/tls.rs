@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use halosync_shared::tls::RedisAccess;
-use halosync_tests::tls::{Pki, TlsProxy, TlsRedis};
+use halosync_tests::tls::{Pki, TlsProxy, TlsRedis, P12_PASSWORD};
 use halosync_tests::{account_event, binary_path, customers_of, TestEnv};
 
 const WORKER: &str = "halosync-account";
@@ -65,7 +65,8 @@ impl Tls {
 }
 
 /// Replaces the `amqp_url` and `redis_url` lines of the harness's config
-/// and adds top-level keys after them (before any table).
+/// and the other top-level `redis_*` / `amqp_*` keys by `top` (so it can
+/// be called again on the same file).
 fn rewrite_config(env: &TestEnv, amqp_url: &str, redis_url: &str, top: &str) {
     let text = std::fs::read_to_string(&env.config_path).expect("read config");
     let mut out = String::new();
@@ -74,6 +75,8 @@ fn rewrite_config(env: &TestEnv, amqp_url: &str, redis_url: &str, top: &str) {
             out.push_str(&format!("amqp_url = \"{amqp_url}\"\n"));
         } else if line.starts_with("redis_url =") {
             out.push_str(&format!("redis_url = \"{redis_url}\"\n{top}"));
+        } else if line.starts_with("redis_") || line.starts_with("amqp_") {
+            // a previous call's top-level key: replaced by `top`
         } else {
             out.push_str(line);
             out.push('\n');
@@ -244,11 +247,16 @@ async fn a_wrong_rabbitmq_ca_is_named_with_the_fix() {
 
 /// Runs `halosync check` on a config file.
 fn check(config: &std::path::Path, secret: &str) -> (i32, String) {
+    check_env(config, secret, &[])
+}
+
+fn check_env(config: &std::path::Path, secret: &str, env: &[(&str, &str)]) -> (i32, String) {
     let out = Command::new(binary_path("halosync"))
         .args(["check", "--connection", halosync_tests::CONNECTION])
         .env("HALOSYNC_CONFIG", config)
         .env(halosync_tests::SECRET_ENV, secret)
         .envs(SECRETS)
+        .envs(env.iter().copied())
         .env_remove("AMQP_URL")
         .env_remove("REDIS_URL")
         .env_remove("HALOSYNC_PREFIX")
@@ -296,4 +304,36 @@ async fn halosync_check_shows_the_tls_handshake_of_each_service() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pkcs12_client_certificate_works_and_a_missing_one_is_explained() {
+    let tls = Tls::start("p12", true).await;
+    let secret = halo_sim::SimConfig::default().client_secret;
+    let env = TestEnv::new("tls-p12").await;
+    let ca = tls.pki.ca.display();
+    let top = format!(
+        "redis_ca_file = \"{ca}\"\nredis_password_env = \"REDIS_PW\"\namqp_ca_file = \"{ca}\"\namqp_client_pkcs12_file = \"{}\"\namqp_client_pkcs12_password_env = \"P12_PW\"\n",
+        tls.pki.client_p12.display()
+    );
+    let amqps = format!("amqps://guest:guest@127.0.0.1:{}/%2f", tls.proxy.port);
+    rewrite_config(&env, &amqps, &tls.redis.url(REDIS_USER), &top);
+    let (code, text) = check_env(&env.config_path, &secret, &[("P12_PW", P12_PASSWORD)]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("✔ RabbitMQ: TLS 1.3"), "{text}");
+    assert!(text.contains("client certificate presented"), "{text}");
+    assert!(!text.contains(P12_PASSWORD), "{text}");
+    // A wrong PKCS#12 password stops at the config, naming the key.
+    let (code, text) = check_env(&env.config_path, &secret, &[("P12_PW", "nope")]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("amqp_client_pkcs12_file"), "{text}");
+    // No client certificate for a broker that requires one.
+    let top = format!(
+        "redis_ca_file = \"{ca}\"\nredis_password_env = \"REDIS_PW\"\namqp_ca_file = \"{ca}\"\n"
+    );
+    rewrite_config(&env, &amqps, &tls.redis.url(REDIS_USER), &top);
+    let (code, text) = check(&env.config_path, &secret);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("✘ RabbitMQ"), "{text}");
+    assert!(text.contains("amqp_client_cert_file"), "{text}");
 }

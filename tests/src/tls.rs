@@ -19,6 +19,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+/// The password of [`Pki::client_p12`].
+pub const P12_PASSWORD: &str = "p12-pw-93hd";
+
 /// A CA, a server certificate it signed (for `127.0.0.1` and `localhost`),
 /// a client certificate it signed, and a second, unrelated CA.
 pub struct Pki {
@@ -28,6 +31,8 @@ pub struct Pki {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// The client certificate and key as PKCS#12, password [`P12_PASSWORD`].
+    pub client_p12: PathBuf,
     /// A CA that signed nothing here: trusting it must fail the handshake.
     pub other_ca: PathBuf,
 }
@@ -71,6 +76,19 @@ impl Pki {
         client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let client_cert = client.signed_by(&client_key, &issuer).expect("sign client");
         let (_, _, other_pem) = ca("unrelated CA");
+        let mut p12 = p12_keystore::KeyStore::new();
+        let chain = p12_keystore::PrivateKeyChain::new(
+            client_key.serialize_der(),
+            *b"halosync",
+            [p12_keystore::Certificate::from_der(client_cert.der()).expect("client cert der")],
+        );
+        p12.add_entry(
+            "client",
+            p12_keystore::KeyStoreEntry::PrivateKeyChain(chain),
+        );
+        let p12_der = p12.writer(P12_PASSWORD).write().expect("write PKCS#12");
+        let client_p12 = dir.join("client.p12");
+        std::fs::write(&client_p12, p12_der).expect("write client.p12");
         Pki {
             dir: dir.to_path_buf(),
             ca: write("ca.pem", &ca_pem),
@@ -78,6 +96,7 @@ impl Pki {
             server_key: write("server.key", &server_key.serialize_pem()),
             client_cert: write("client.pem", &client_cert.pem()),
             client_key: write("client.key", &client_key.serialize_pem()),
+            client_p12,
             other_ca: write("other-ca.pem", &other_pem),
         }
     }

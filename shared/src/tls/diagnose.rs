@@ -256,9 +256,13 @@ pub fn diagnose(
             "nothing accepts connections there: is {service} running? Set {url_key} (or its environment variable) to its address{}",
             if tls { "" } else { ", and use the TLS scheme if it only listens for TLS" }
         ),
+        Problem::Timeout if tls => format!(
+            "no answer in time: check the host and port in {url_key} and the firewall; a server that does not speak TLS on this port stays silent like this too (then use its TLS port, or {})",
+            plain_scheme(service)
+        ),
         Problem::Timeout => format!(
-            "no answer in time: check the host and port in {url_key}, the firewall{}",
-            if tls { "" } else { ", and whether the server only speaks TLS (then use the TLS scheme)" }
+            "no answer in time: check the host and port in {url_key}, the firewall, and whether the server only speaks TLS (then use {})",
+            tls_scheme(service)
         ),
         Problem::File | Problem::Url => format!("fix {url_key} or the TLS keys in halosync.toml"),
         Problem::Other if !tls => format!(
