@@ -154,6 +154,28 @@ async fn a_worker_applies_events_over_tls_redis_and_tls_rabbitmq() {
         .unwrap_or_else(|e| panic!("{e}"));
     let refused: Result<String, _> = redis::cmd("PING").query_async(&mut r).await;
     assert!(refused.is_err(), "default user is disabled: {refused:?}");
+    // A wrong ACL password is refused at connect, explained.
+    let wrong = RedisAccess {
+        ca_file: Some(tls.pki.ca.clone()),
+        username: None,
+        password: Some(halosync_shared::config::Secret::new("not-the-password")),
+    };
+    let err = match halosync_shared::store::connect_with(&tls.redis.url(REDIS_USER), &wrong).await {
+        Ok(_) => panic!("a wrong password must be refused"),
+        Err(e) => e,
+    };
+    assert_eq!(
+        err.problem,
+        halosync_shared::tls::Problem::Authentication,
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("Redis at rediss://halosync@127.0.0.1:"),
+        "{msg}"
+    );
+    assert!(msg.contains("redis_password_env"), "{msg}");
+    assert!(!msg.contains("not-the-password"), "{msg}");
     let logs = env.logs();
     assert!(
         !logs.contains(REDIS_PASSWORD),
