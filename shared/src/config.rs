@@ -97,6 +97,12 @@ pub struct Config {
     /// What the file said that still works but should change (deprecated
     /// keys); binaries log each once at start and on every reload.
     pub warnings: Vec<String>,
+    /// Redis TLS trust and ACL credentials (`redis_ca_file`, `redis_username`,
+    /// `redis_password_env` / `_file`); see [`crate::tls`].
+    pub redis_access: crate::tls::RedisAccess,
+    /// RabbitMQ TLS trust, client certificate and credentials
+    /// (`amqp_ca_file`, `amqp_client_*`, `amqp_username`, `amqp_password_*`).
+    pub amqp_access: crate::tls::AmqpAccess,
 }
 
 /// How a worker consumes. All keys live under `[worker]` and are optional.
@@ -476,6 +482,20 @@ struct RawConfig {
     retry: RawRetry,
     #[serde(default)]
     connections: BTreeMap<String, RawConnection>,
+    // TLS and credentials of Redis and RabbitMQ (resolved by `AccessKeys`).
+    redis_ca_file: Option<PathBuf>,
+    redis_username: Option<String>,
+    redis_password_env: Option<String>,
+    redis_password_file: Option<PathBuf>,
+    amqp_ca_file: Option<PathBuf>,
+    amqp_client_cert_file: Option<PathBuf>,
+    amqp_client_key_file: Option<PathBuf>,
+    amqp_client_pkcs12_file: Option<PathBuf>,
+    amqp_client_pkcs12_password_env: Option<String>,
+    amqp_client_pkcs12_password_file: Option<PathBuf>,
+    amqp_username: Option<String>,
+    amqp_password_env: Option<String>,
+    amqp_password_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -539,6 +559,7 @@ impl Config {
             path: origin.to_path_buf(),
             message: e.to_string(),
         })?;
+        let access_keys = AccessKeys::from_raw(&raw, env);
         let amqp_url = env
             .var("AMQP_URL")
             .or(raw.amqp_url)
@@ -583,6 +604,8 @@ impl Config {
             let conn = connection(&name, rc, env)?;
             connections.insert(name, conn);
         }
+        let redis_access = access_keys.redis(&redis_url, env)?;
+        let amqp_access = access_keys.amqp(&amqp_url, env)?;
         Ok(Config {
             amqp_url,
             redis_url,
@@ -591,6 +614,8 @@ impl Config {
             retry,
             connections,
             warnings,
+            redis_access,
+            amqp_access,
         })
     }
 
@@ -862,6 +887,227 @@ fn connection(
     })
 }
 
+/// The TLS and credential keys of Redis and RabbitMQ, as written (CA files
+/// after their `REDIS_CA_FILE` / `AMQP_CA_FILE` overrides), resolved into
+/// [`crate::tls::RedisAccess`] and [`crate::tls::AmqpAccess`] once the URLs
+/// are known. The files are read here once, so that a wrong path or a file
+/// without a certificate stops the binary with the key named.
+struct AccessKeys {
+    redis_ca_file: Option<PathBuf>,
+    redis_username: Option<String>,
+    redis_password_env: Option<String>,
+    redis_password_file: Option<PathBuf>,
+    amqp_ca_file: Option<PathBuf>,
+    amqp_client_cert_file: Option<PathBuf>,
+    amqp_client_key_file: Option<PathBuf>,
+    amqp_client_pkcs12_file: Option<PathBuf>,
+    amqp_client_pkcs12_password_env: Option<String>,
+    amqp_client_pkcs12_password_file: Option<PathBuf>,
+    amqp_username: Option<String>,
+    amqp_password_env: Option<String>,
+    amqp_password_file: Option<PathBuf>,
+}
+
+impl AccessKeys {
+    fn from_raw(raw: &RawConfig, env: &dyn Env) -> AccessKeys {
+        let env_path = |var: &str| {
+            env.var(var)
+                .filter(|v| !v.trim().is_empty())
+                .map(PathBuf::from)
+        };
+        AccessKeys {
+            redis_ca_file: env_path("REDIS_CA_FILE").or_else(|| raw.redis_ca_file.clone()),
+            redis_username: raw.redis_username.clone(),
+            redis_password_env: raw.redis_password_env.clone(),
+            redis_password_file: raw.redis_password_file.clone(),
+            amqp_ca_file: env_path("AMQP_CA_FILE").or_else(|| raw.amqp_ca_file.clone()),
+            amqp_client_cert_file: raw.amqp_client_cert_file.clone(),
+            amqp_client_key_file: raw.amqp_client_key_file.clone(),
+            amqp_client_pkcs12_file: raw.amqp_client_pkcs12_file.clone(),
+            amqp_client_pkcs12_password_env: raw.amqp_client_pkcs12_password_env.clone(),
+            amqp_client_pkcs12_password_file: raw.amqp_client_pkcs12_password_file.clone(),
+            amqp_username: raw.amqp_username.clone(),
+            amqp_password_env: raw.amqp_password_env.clone(),
+            amqp_password_file: raw.amqp_password_file.clone(),
+        }
+    }
+
+    fn redis(&self, url: &str, env: &dyn Env) -> Result<crate::tls::RedisAccess, ConfigError> {
+        use crate::tls::{files, Service};
+        use redis::IntoConnectionInfo;
+        let info = url.into_connection_info().map_err(|e| {
+            ConfigError::key(
+                "redis_url",
+                format!(
+                    "{} cannot be parsed ({e}); write e.g. \"rediss://cache.example.com:6380/0\"",
+                    crate::tls::redact_url(url)
+                ),
+            )
+        })?;
+        if let Some(ca) = &self.redis_ca_file {
+            if !url.starts_with("rediss://") {
+                return Err(ConfigError::key(
+                    "redis_ca_file",
+                    format!("is set, but redis_url {} does not use TLS; write redis_url = \"rediss://HOST:PORT/0\" or remove redis_ca_file", crate::tls::redact_url(url)),
+                ));
+            }
+            files::read_ca(Service::Redis, "redis_ca_file", ca)
+                .map_err(|e| ConfigError::key("redis_ca_file", e.problem_with_path()))?;
+        }
+        let password = secret_from(
+            "redis_password_env",
+            "redis_password_file",
+            self.redis_password_env.as_deref(),
+            self.redis_password_file.as_deref(),
+            env,
+            "the Redis password",
+        )?;
+        if password.is_some() && info.redis_settings().password().is_some() {
+            return Err(ConfigError::key(
+                "redis_password_env",
+                "redis_url already holds a password; keep it in one place: remove it from redis_url (rediss://USER@HOST:PORT/0) or drop redis_password_env / redis_password_file",
+            ));
+        }
+        let username = self.redis_username.as_ref().map(|u| u.trim().to_string());
+        if username.as_deref() == Some("") {
+            return Err(ConfigError::key("redis_username", "is empty; write the ACL user's name or remove the key (then the user in redis_url, else `default`, is used)"));
+        }
+        Ok(crate::tls::RedisAccess {
+            ca_file: self.redis_ca_file.clone(),
+            username,
+            password,
+        })
+    }
+
+    fn amqp(&self, url: &str, env: &dyn Env) -> Result<crate::tls::AmqpAccess, ConfigError> {
+        use crate::tls::{files, ClientIdentity, Service};
+        let tls = url.starts_with("amqps://");
+        let needs_tls = |key: &str| {
+            ConfigError::key(
+                key,
+                format!("is set, but amqp_url {} does not use TLS; write amqp_url = \"amqps://USER@HOST:5671/%2f\" or remove {key}", crate::tls::redact_url(url)),
+            )
+        };
+        if let Some(ca) = &self.amqp_ca_file {
+            if !tls {
+                return Err(needs_tls("amqp_ca_file"));
+            }
+            files::read_ca(Service::Broker, "amqp_ca_file", ca)
+                .map_err(|e| ConfigError::key("amqp_ca_file", e.problem_with_path()))?;
+        }
+        let pkcs12_password = secret_from(
+            "amqp_client_pkcs12_password_env",
+            "amqp_client_pkcs12_password_file",
+            self.amqp_client_pkcs12_password_env.as_deref(),
+            self.amqp_client_pkcs12_password_file.as_deref(),
+            env,
+            "the PKCS#12 password",
+        )?;
+        let identity = match (
+            &self.amqp_client_cert_file,
+            &self.amqp_client_key_file,
+            &self.amqp_client_pkcs12_file,
+        ) {
+            (None, None, None) => None,
+            (Some(_), Some(_), Some(_)) | (Some(_), None, Some(_)) | (None, Some(_), Some(_)) => {
+                return Err(ConfigError::key(
+                    "amqp_client_pkcs12_file",
+                    "give the client certificate either as amqp_client_cert_file + amqp_client_key_file (PEM) or as amqp_client_pkcs12_file, not both",
+                ))
+            }
+            (Some(_), None, None) => {
+                return Err(ConfigError::key("amqp_client_key_file", "is missing: amqp_client_cert_file needs the PEM private key beside it, e.g. amqp_client_key_file = \"/run/secrets/amqp-client.key\""))
+            }
+            (None, Some(_), None) => {
+                return Err(ConfigError::key("amqp_client_cert_file", "is missing: amqp_client_key_file needs the PEM certificate beside it, e.g. amqp_client_cert_file = \"/etc/halosync/amqp-client.pem\""))
+            }
+            (Some(cert), Some(key), None) => Some(ClientIdentity::Pem {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+            }),
+            (None, None, Some(file)) => Some(ClientIdentity::Pkcs12 {
+                file: file.clone(),
+                password: pkcs12_password.clone().unwrap_or_else(|| Secret::new("")),
+            }),
+        };
+        if pkcs12_password.is_some() && self.amqp_client_pkcs12_file.is_none() {
+            return Err(ConfigError::key("amqp_client_pkcs12_file", "is missing: a PKCS#12 password is configured, but no amqp_client_pkcs12_file to open with it"));
+        }
+        if let Some(id) = &identity {
+            if !tls {
+                return Err(needs_tls(files::identity_keys(id).0));
+            }
+            files::read_identity(Service::Broker, id)
+                .map_err(|e| ConfigError::key(e.key, e.problem_with_path()))?;
+        }
+        let password = secret_from(
+            "amqp_password_env",
+            "amqp_password_file",
+            self.amqp_password_env.as_deref(),
+            self.amqp_password_file.as_deref(),
+            env,
+            "the RabbitMQ password",
+        )?;
+        Ok(crate::tls::AmqpAccess {
+            ca_file: self.amqp_ca_file.clone(),
+            identity,
+            username: self
+                .amqp_username
+                .as_ref()
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty()),
+            password,
+        })
+    }
+}
+
+/// A secret named by `<x>_env` or `<x>_file` (at most one of them), as
+/// client secrets are: never from the file's own text.
+fn secret_from(
+    env_key: &str,
+    file_key: &str,
+    var: Option<&str>,
+    file: Option<&Path>,
+    env: &dyn Env,
+    what: &str,
+) -> Result<Option<Secret>, ConfigError> {
+    match (var, file) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(ConfigError::key(
+            env_key,
+            format!("give either {env_key} or {file_key}, not both"),
+        )),
+        (Some(var), None) => {
+            let value = env
+                .var(var)
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default();
+            if value.is_empty() {
+                return Err(ConfigError::key(
+                    env_key,
+                    format!(
+                        "environment variable {var} is not set or empty; export it with {what}"
+                    ),
+                ));
+            }
+            Ok(Some(Secret::new(value)))
+        }
+        (None, Some(path)) => {
+            let value = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::key(file_key, format!("cannot read {}: {e}", path.display()))
+            })?;
+            let value = value.trim().to_string();
+            if value.is_empty() {
+                return Err(ConfigError::key(
+                    file_key,
+                    format!("{} is empty; it must hold {what}", path.display()),
+                ));
+            }
+            Ok(Some(Secret::new(value)))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1063,5 +1309,138 @@ client_secret_env = "ACME_SECRET"
         assert_eq!(format!("{s} {s:?}"), "*** Secret(***)");
         let c = parse(GOOD).unwrap();
         assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+
+    // ---- TLS and credentials of Redis and RabbitMQ ----
+
+    fn tls_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("halosync-cfg-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn ca_pem(dir: &Path) -> PathBuf {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, cert.pem()).unwrap();
+        path
+    }
+
+    fn tls_env(pairs: &[(&'static str, &'static str)]) -> MapEnv {
+        let mut m = HashMap::from([("ACME_SECRET", "s3cr3t")]);
+        m.extend(pairs.iter().copied());
+        MapEnv(m)
+    }
+
+    #[test]
+    fn redis_tls_keys_resolve_and_never_print_the_password() {
+        let dir = tls_dir("redis-ok");
+        let ca = ca_pem(&dir);
+        let text = format!(
+            "redis_url = \"rediss://cache.example:6380/0\"\nredis_ca_file = \"{}\"\nredis_username = \"halosync\"\nredis_password_env = \"REDIS_PW\"\n{GOOD}",
+            ca.display()
+        );
+        let c =
+            Config::from_toml(&text, Path::new("t"), &tls_env(&[("REDIS_PW", "hunter2")])).unwrap();
+        assert_eq!(c.redis_access.ca_file.as_deref(), Some(ca.as_path()));
+        assert_eq!(c.redis_access.username.as_deref(), Some("halosync"));
+        assert_eq!(
+            c.redis_access.password.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ca_file_env_overrides_win() {
+        let dir = tls_dir("env");
+        let ca = ca_pem(&dir);
+        let path: &'static str = Box::leak(ca.display().to_string().into_boxed_str());
+        let text = format!(
+            "redis_url = \"rediss://h:6380/0\"\namqp_url = \"amqps://u:p@h:5671/%2f\"\n{GOOD}"
+        );
+        let e = tls_env(&[("REDIS_CA_FILE", path), ("AMQP_CA_FILE", path)]);
+        let c = Config::from_toml(&text, Path::new("t"), &e).unwrap();
+        assert_eq!(c.redis_access.ca_file.as_deref(), Some(ca.as_path()));
+        assert_eq!(c.amqp_access.ca_file.as_deref(), Some(ca.as_path()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tls_config_errors_name_the_key() {
+        let dir = tls_dir("errors");
+        let ca = ca_pem(&dir);
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello\n").unwrap();
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                format!("redis_url = \"rediss://h:6380/0\"\nredis_ca_file = \"{}\"", dir.join("missing.pem").display()),
+                "redis_ca_file",
+                "missing.pem",
+            ),
+            (
+                format!("redis_url = \"rediss://h:6380/0\"\nredis_ca_file = \"{}\"", not_pem.display()),
+                "redis_ca_file",
+                "BEGIN CERTIFICATE",
+            ),
+            (
+                format!("redis_url = \"redis://h:6379/0\"\nredis_ca_file = \"{}\"", ca.display()),
+                "redis_ca_file",
+                "rediss://",
+            ),
+            (
+                "redis_url = \"rediss://h:6380/0\"\nredis_password_env = \"NOPE_PW\"".to_string(),
+                "redis_password_env",
+                "NOPE_PW",
+            ),
+            (
+                "redis_url = \"rediss://:inline@h:6380/0\"\nredis_password_env = \"REDIS_PW\"".to_string(),
+                "redis_password_env",
+                "already holds a password",
+            ),
+            (
+                format!("redis_url = \"rediss://h:6380/0\"\nredis_password_env = \"REDIS_PW\"\nredis_password_file = \"{}\"", ca.display()),
+                "redis_password_env",
+                "not both",
+            ),
+            (
+                format!("amqp_url = \"amqp://h:5672/%2f\"\namqp_ca_file = \"{}\"", ca.display()),
+                "amqp_ca_file",
+                "amqps://",
+            ),
+            (
+                format!("amqp_url = \"amqps://h:5671/%2f\"\namqp_client_cert_file = \"{}\"", ca.display()),
+                "amqp_client_key_file",
+                "is missing",
+            ),
+            (
+                format!("amqp_url = \"amqps://h:5671/%2f\"\namqp_client_cert_file = \"{0}\"\namqp_client_key_file = \"{0}\"", ca.display()),
+                "amqp_client_key_file",
+                "private key",
+            ),
+            (
+                "amqp_url = \"amqps://h:5671/%2f\"\namqp_password_file = \"/nonexistent/pw\"".to_string(),
+                "amqp_password_file",
+                "/nonexistent/pw",
+            ),
+        ];
+        for (top, key, hint) in cases {
+            let text = format!("{top}\n{GOOD}");
+            let e = tls_env(&[("REDIS_PW", "hunter2")]);
+            let msg = Config::from_toml(&text, Path::new("t"), &e)
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(&format!("`{key}`")), "{top}: {msg}");
+            assert!(msg.contains(hint), "{top}: {msg}");
+            assert!(
+                !msg.contains("hunter2") && !msg.contains("inline"),
+                "{top}: {msg}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -14,6 +14,7 @@
 //! | [`outage`] | dependencies down: waiting, readiness, one log line a minute |
 //! | [`reload`] | re-reading the config file on SIGHUP or when it changes |
 //! | [`boot`] | a worker binary's `main` |
+//! | [`tls`] | TLS and credentials for Redis and RabbitMQ, handshake probes |
 
 pub mod amqp;
 pub mod boot;
@@ -27,6 +28,7 @@ pub mod reload;
 pub mod runtime;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 pub use config::Config;
 pub use contract::{Contract, Envelope, Family, Version};

@@ -37,14 +37,41 @@ impl From<StateError> for Failure {
     }
 }
 
-/// Connects a `ConnectionManager` (reconnects by itself after Redis drops).
+/// Connects a `ConnectionManager` (reconnects by itself after Redis drops)
+/// to a URL alone: `rediss://` trusts the system store. Configured binaries
+/// use [`connect_with`].
 pub async fn connect(url: &str) -> Result<ConnectionManager, redis::RedisError> {
     let client = redis::Client::open(url)?;
-    let config = redis::aio::ConnectionManagerConfig::new()
+    ConnectionManager::new_with_config(client, manager_config()).await
+}
+
+/// Connects with the configuration's Redis access: `rediss://` with
+/// `redis_ca_file`, the ACL user and password. A failure names Redis, the
+/// URL without its password and what to change.
+pub async fn connect_with(
+    url: &str,
+    access: &crate::tls::RedisAccess,
+) -> Result<ConnectionManager, crate::tls::ConnectError> {
+    let client = crate::tls::clients::redis_client(url, access)?;
+    let is_tls = crate::tls::clients::redis_is_tls(url);
+    ConnectionManager::new_with_config(client, manager_config())
+        .await
+        .map_err(|e| {
+            crate::tls::diagnose::diagnose(
+                crate::tls::Service::Redis,
+                url,
+                is_tls,
+                access.ca_file.as_deref(),
+                &e,
+            )
+        })
+}
+
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(5)))
-        .set_number_of_retries(2);
-    ConnectionManager::new_with_config(client, config).await
+        .set_number_of_retries(2)
 }
 
 /// Builds the namespaced keys for one deployment prefix.

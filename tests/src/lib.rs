@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// TLS fixtures: private PKI, TLS-only redis-server, TLS front of RabbitMQ.
+pub mod tls;
+
 use halo_sim::{SimConfig, SimHandle};
 use halosync_shared::amqp::{self, Publisher, Topology};
 use halosync_shared::contract::Family;

@@ -17,6 +17,9 @@ pub enum AmqpError {
     Lapin(#[from] lapin::Error),
     #[error("topology: {0}")]
     Topology(String),
+    /// Connecting failed; the message names RabbitMQ and what to change.
+    #[error("{0}")]
+    Connect(#[from] crate::tls::ConnectError),
 }
 
 /// Opens a connection named after the process (shown by `rabbitmqctl
@@ -26,25 +29,31 @@ pub enum AmqpError {
 /// lapin's auto-recovery: a delivery taken on a lost channel can never be
 /// acked on a new one, and the runtime must know about it to stop work that
 /// would otherwise be acked into the void.
+///
+/// This takes a URL alone (`amqps://` trusts the system store); configured
+/// binaries use [`connect_with`], which applies `amqp_ca_file`, the client
+/// certificate and the credentials from the configuration.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(url, props).await
 }
 
-/// Hides the password of a broker or Redis URL for messages (parsed with
-/// the `url` crate, so `@` or `:` inside a password cannot fool it). A URL
-/// that does not parse is not echoed at all: it might be mostly password.
+/// [`connect`] with the configuration's TLS and credentials
+/// ([`crate::tls::AmqpAccess`]). A failure says that RabbitMQ failed, at
+/// which URL (password hidden), and what to change.
+pub async fn connect_with(
+    url: &str,
+    access: &crate::tls::AmqpAccess,
+    name: &str,
+) -> Result<Connection, AmqpError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Ok(crate::tls::clients::amqp_connect(url, access, props).await?)
+}
+
+/// Hides the password of a broker or Redis URL for messages (see
+/// [`crate::tls::redact_url`]).
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                // Only fails for URLs that cannot have a password at all.
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparseable URL>".to_string(),
-    }
+    crate::tls::redact_url(url)
 }
 
 #[cfg(test)]

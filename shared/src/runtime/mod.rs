@@ -111,11 +111,9 @@ pub trait Handler: Send + Sync + 'static {
 pub enum RuntimeError {
     #[error("configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
-    #[error("redis at {url}: {source}")]
-    Redis {
-        url: String,
-        source: redis::RedisError,
-    },
+    /// Names Redis, the URL without its password, and what to change.
+    #[error("{0}")]
+    Redis(#[from] crate::tls::ConnectError),
     #[error("HaloPSA client: {0}")]
     Halo(#[from] crate::halo::HaloError),
     #[error("schemas: {0}")]
@@ -164,13 +162,17 @@ impl Services {
     ) -> Result<Option<Services>, RuntimeError> {
         let mut backoff = Backoff::default();
         let redis = loop {
-            match store::connect(&config.redis_url).await {
+            match store::connect_with(&config.redis_url, &config.redis_access).await {
                 Ok(r) => {
                     if let Some(d) = health.recovered("redis") {
                         tracing::info!(down_for_s = d.as_secs(), "redis reachable again");
                     }
                     break r;
                 }
+                // A refused or silent port is an outage: wait for it. A
+                // wrong CA, certificate or password is a configuration
+                // mistake that waiting cannot fix: stop with the explanation.
+                Err(e) if !e.is_outage() => return Err(e.into()),
                 Err(e) => {
                     let url = amqp::redact_url(&config.redis_url);
                     if let Report::Log { down_for, attempts } =
@@ -255,6 +257,8 @@ impl Services {
         for (key, differs) in [
             ("amqp_url", old.amqp_url != new.amqp_url),
             ("redis_url", old.redis_url != new.redis_url),
+            ("amqp TLS and credentials", old.amqp_access != new.amqp_access),
+            ("redis TLS and credentials", old.redis_access != new.redis_access),
             ("prefix", old.prefix != new.prefix),
             ("retry", old.retry != new.retry),
             ("worker", old.worker != new.worker),
@@ -265,6 +269,8 @@ impl Services {
         }
         effective.amqp_url = old.amqp_url.clone();
         effective.redis_url = old.redis_url.clone();
+        effective.amqp_access = old.amqp_access.clone();
+        effective.redis_access = old.redis_access.clone();
         effective.prefix = old.prefix.clone();
         effective.retry = old.retry.clone();
         effective.worker = old.worker.clone();
@@ -359,7 +365,7 @@ async fn session(
     let family = handler.family();
     let config = services.config();
     let name = format!("halosync-{family}:{}{}", config.prefix, services.worker_id);
-    let conn = amqp::connect(&config.amqp_url, &name).await?;
+    let conn = amqp::connect_with(&config.amqp_url, &config.amqp_access, &name).await?;
     let channel = conn.create_channel().await?;
     if let Err(e) = services.topology.declare(&channel).await {
         let _ = conn.close(320, "topology failed".into()).await;

@@ -5,23 +5,23 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use halosync_shared::amqp::{self, redact_url};
+use halosync_shared::amqp;
 use halosync_shared::Config;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 
 /// Opens a connection named `halosync-cli:<what>` (visible in
-/// `rabbitmqctl list_connections`).
+/// `rabbitmqctl list_connections`), with the configured TLS and
+/// credentials; the error names RabbitMQ and says what to fix.
 pub async fn connect(config: &Config, what: &str) -> anyhow::Result<Connection> {
-    amqp::connect(&config.amqp_url, &format!("halosync-cli:{what}"))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to RabbitMQ at {}: is it running? Set AMQP_URL (or amqp_url in halosync.toml) to the broker's URL",
-                redact_url(&config.amqp_url)
-            )
-        })
+    amqp::connect_with(
+        &config.amqp_url,
+        &config.amqp_access,
+        &format!("halosync-cli:{what}"),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot connect: {e}"))
 }
 
 /// Closes the connection politely (the broker then logs no "client

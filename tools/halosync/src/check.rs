@@ -159,7 +159,9 @@ pub async fn run(
             checks: vec![*item],
         },
         Ok((conn, text)) => {
-            let checks = run_checks(&conn, &text).await;
+            let mut checks = run_checks(&conn, &text).await;
+            // The TLS handshake and login of RabbitMQ, Redis and HaloPSA.
+            checks.extend(crate::tls_check::items(config_path, &conn).await);
             Report {
                 connection: Some(conn.name.clone()),
                 ok: checks.iter().all(|c| c.ok == Some(true)),

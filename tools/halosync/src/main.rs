@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `publish` | validate JSON events against `schemas/`, publish them with confirms | [`publish`] |
 //! | `dlq list / show / replay / purge` | dead letters, grouped, replayed, purged | [`dlq`], [`dead`] |
-//! | `check` | HaloPSA connection test: token, then each permission the workers need | [`check`] |
+//! | `check` | HaloPSA connection test: token, then each permission the workers need; the TLS handshake and login of RabbitMQ, Redis and HaloPSA | [`check`], [`tls_check`] |
 //! | `topology` | declare every exchange and queue (idempotent) | [`status`] |
 //! | `status` | queue depths, consumers, retry tiers, dead letters, unrouted | [`status`] |
 //!
@@ -20,6 +20,7 @@ mod publish;
 mod settings;
 mod status;
 mod table;
+mod tls_check;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -97,8 +98,10 @@ Examples:
     #[command(after_help = "\
 Mints a token directly (not from the Redis cache), then makes one harmless GET per
 area the workers use (customers, items, software licences, recurring invoices,
-invoices, external links) and explains each failure with HaloPSA's own text.
-Exit code 0 only if everything the workers need works.
+invoices, external links) and explains each failure with HaloPSA's own text. Then
+reports the TLS handshake of RabbitMQ, Redis and HaloPSA (protocol version, what the
+certificate was verified against, or \"not TLS\") and logs in to RabbitMQ and Redis as
+the workers do. Exit code 0 only if everything the workers need works.
 
 Examples:
   halosync check --connection acme

@@ -1039,7 +1039,8 @@ async fn check_is_all_green_with_the_right_settings() {
     let out = s.check("right-secret", true).await;
     let report = json_out(&out);
     assert_eq!(report["ok"], true);
-    assert_eq!(report["checks"].as_array().map(Vec::len), Some(8));
+    // 8 HaloPSA checks, then RabbitMQ, Redis and HaloPSA transport (tls_check).
+    assert_eq!(report["checks"].as_array().map(Vec::len), Some(11));
     assert!(
         !stdout(&out).contains("access_token"),
         "the token is never printed"
