@@ -103,7 +103,9 @@ pub fn message_from_body(body: &str) -> String {
         return "(empty body)".to_string();
     }
     if let Ok(v) = serde_json::from_str::<Value>(trimmed) {
-        if let Some(m) = json_message(&v) {
+        // A blank message (`""`, `{"Message":""}`) says nothing: the raw
+        // body does (found by shared/tests/fuzz).
+        if let Some(m) = json_message(&v).filter(|m| !m.trim().is_empty()) {
             return excerpt(&m, 500);
         }
         return excerpt(trimmed, 500);
@@ -209,6 +211,11 @@ mod tests {
             "HTML page: Sorry, something went wrong"
         );
         assert_eq!(message_from_body("  "), "(empty body)");
+        assert_eq!(message_from_body(r#""""#), r#""""#);
+        assert_eq!(
+            message_from_body(r#"{"Message":" ","id":3}"#),
+            r#"{"Message":" ","id":3}"#
+        );
     }
 
     #[test]
