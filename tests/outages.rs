@@ -139,34 +139,60 @@ async fn a_worker_started_with_the_broker_down_waits_then_consumes() {
     loop {
         if let Some((503, body)) = http_get(health, "/readyz").await {
             if body.contains("rabbitmq unreachable") {
-                assert!(!body.contains("guest:guest"), "no password in /readyz: {body}");
+                assert!(
+                    !body.contains("guest:guest"),
+                    "no password in /readyz: {body}"
+                );
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "no not-ready /readyz naming rabbitmq:\n{}", env.logs());
+        assert!(
+            Instant::now() < deadline,
+            "no not-ready /readyz naming rabbitmq:\n{}",
+            env.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for i in 0..5 {
-        env.publish(&account_event(&format!("e{i}"), &format!("acc_{i}"), &format!("Customer {i}"), true, 1))
-            .await;
+        env.publish(&account_event(
+            &format!("e{i}"),
+            &format!("acc_{i}"),
+            &format!("Customer {i}"),
+            true,
+            1,
+        ))
+        .await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(env.worker(w).child.try_wait().expect("wait").is_none(), "{}", env.logs());
+    assert!(
+        env.worker(w).child.try_wait().expect("wait").is_none(),
+        "{}",
+        env.logs()
+    );
     assert_eq!(env.clients().len(), 0);
 
     let front = start_broker_front(broker_port).await;
-    env.wait_for("5 customers once the broker is reachable", Duration::from_secs(60), || {
-        env.clients().len() == 5
-    })
+    env.wait_for(
+        "5 customers once the broker is reachable",
+        Duration::from_secs(60),
+        || env.clients().len() == 5,
+    )
     .await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while http_get(health, "/readyz").await.map(|r| r.0) != Some(200) {
-        assert!(Instant::now() < deadline, "never became ready:\n{}", env.logs());
+        assert!(
+            Instant::now() < deadline,
+            "never became ready:\n{}",
+            env.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let logs = env.logs();
     let lines = logs.matches("broker unreachable or session lost").count();
-    assert!((1..=2).contains(&lines), "one log line a minute while waiting, got {lines}:\n{logs}");
+    assert!(
+        (1..=2).contains(&lines),
+        "one log line a minute while waiting, got {lines}:\n{logs}"
+    );
     assert!(!logs.contains("guest:guest"), "no password in the logs");
     assert!(logs.contains("broker reachable again"), "{logs}");
     assert_eq!(env.stop_worker(w).code(), Some(0));
@@ -279,14 +305,14 @@ async fn broker_restart_redis_restart_and_a_halopsa_outage_under_load_lose_and_d
     redis.stop();
     tokio::time::sleep(Duration::from_secs(1)).await;
     redis.start();
-    // HaloPSA answers 500 to everything for longer than the retry horizon
+    // HaloPSA answers 503 to everything for longer than the retry horizon
     // (tiers 200/400/800 ms, 3 attempts).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut faults = sim.faults();
-    faults.error_rate = 1.0;
+    faults.fail_next = u64::MAX / 2;
     sim.set_faults(faults.clone());
     tokio::time::sleep(Duration::from_secs(6)).await;
-    faults.error_rate = 0.0;
+    faults.fail_next = 0;
     sim.set_faults(faults);
     stream.await.expect("publishing task");
     let outage_over = started.elapsed();

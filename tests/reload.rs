@@ -29,14 +29,6 @@ fn sighup(env: &mut TestEnv, worker: usize) {
     assert!(status.success());
 }
 
-/// Writes the config the way a ConfigMap update or an editor does: a new
-/// file renamed over the old one.
-fn replace_file(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).expect("write config");
-    std::fs::rename(&tmp, path).expect("rename config");
-}
-
 async fn wait_log(env: &TestEnv, needle: &str, at_least: usize) {
     env.wait_for(
         &format!("{at_least} log lines with {needle:?}"),
@@ -52,8 +44,56 @@ fn teams_subscription(id: &str, sub: &str, account: &str, seq: u64) -> Value {
     e
 }
 
+/// Lays the config out as a Kubernetes ConfigMap volume does:
+/// `conf/halosync.toml -> ..data/halosync.toml`, `..data -> data-N`, so
+/// that an update is one atomic swap of `..data` (which the workers'
+/// watcher sees), while an edit inside `data-N` is not seen until SIGHUP.
+struct ConfigMapDir {
+    root: std::path::PathBuf,
+    generation: u32,
+}
+
+impl ConfigMapDir {
+    fn new(base: &Path, text: &str) -> ConfigMapDir {
+        let root = base.join("configmap");
+        std::fs::create_dir_all(root.join("conf")).expect("conf dir");
+        let mut d = ConfigMapDir {
+            root,
+            generation: 0,
+        };
+        d.publish(text);
+        std::os::unix::fs::symlink("..data/halosync.toml", d.path()).expect("symlink");
+        d
+    }
+
+    /// What the workers are given as HALOSYNC_CONFIG.
+    fn path(&self) -> std::path::PathBuf {
+        self.root.join("conf/halosync.toml")
+    }
+
+    /// A new generation, swapped in atomically (what the kubelet does).
+    fn publish(&mut self, text: &str) {
+        self.generation += 1;
+        let data = self.root.join(format!("data-{}", self.generation));
+        std::fs::create_dir_all(&data).expect("data dir");
+        std::fs::write(data.join("halosync.toml"), text).expect("write");
+        let tmp = self.root.join("conf/..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format!("../data-{}", self.generation), &tmp).expect("symlink");
+        std::fs::rename(&tmp, self.root.join("conf/..data")).expect("swap ..data");
+    }
+
+    /// Edits the current generation in place: no event in `conf/`.
+    fn edit_in_place(&self, text: &str) {
+        let file = self
+            .root
+            .join(format!("data-{}/halosync.toml", self.generation));
+        std::fs::write(file, text).expect("edit");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_changed_file_adds_a_connection_and_an_item_mapping_and_sighup_refuses_an_invalid_one() {
+async fn sighup_adds_a_connection_and_an_item_mapping_and_an_invalid_update_is_refused() {
     let health = free_port();
     let mut env = TestEnv::with(
         "reload",
@@ -69,18 +109,20 @@ async fn a_changed_file_adds_a_connection_and_an_item_mapping_and_sighup_refuses
     env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
     env.sim
         .insert_item(TEAMS_ITEM, "Microsoft Teams Essentials");
-    let account = env.spawn_worker("halosync-account");
-    let subscription = env.spawn_worker("halosync-subscription");
+    let original = std::fs::read_to_string(&env.config_path).expect("config");
+    let mut configmap = ConfigMapDir::new(&env.dir, &original);
+    let config = configmap.path().display().to_string();
+    let account = env.spawn_worker_with("halosync-account", &[("HALOSYNC_CONFIG", &config)]);
+    let subscription =
+        env.spawn_worker_with("halosync-subscription", &[("HALOSYNC_CONFIG", &config)]);
 
     env.publish(&account_event("a1", "acc_1", "Acme Ltd", true, 1))
         .await;
     env.publish(&teams_subscription("s1", "sub_1", "acc_1", 1))
         .await;
-    env.wait_for(
-        "the unmapped sku dead-lettered",
-        Duration::from_secs(30),
-        || !env.sim.clients().is_empty(),
-    )
+    env.wait_for("the customer", Duration::from_secs(30), || {
+        !env.sim.clients().is_empty()
+    })
     .await;
     env.wait_drained(Family::Subscription, Duration::from_secs(30))
         .await;
@@ -100,7 +142,6 @@ async fn a_changed_file_adds_a_connection_and_an_item_mapping_and_sighup_refuses
     .expect("second halo-sim");
     let secret_file = env.dir.join("globex.secret");
     std::fs::write(&secret_file, "globex-secret\n").expect("secret file");
-    let original = std::fs::read_to_string(&env.config_path).expect("config");
     let with_mapping = original.replace(
         &format!("\"MS-365-BP\" = {ITEM}\n"),
         &format!("\"MS-365-BP\" = {ITEM}\n\"MS-TEAMS\" = {TEAMS_ITEM}\n"),
@@ -113,10 +154,25 @@ async fn a_changed_file_adds_a_connection_and_an_item_mapping_and_sighup_refuses
         secret_file.display()
     );
 
-    // 1. The file changes on disk: both workers reload on their own.
-    replace_file(&env.config_path, &grown);
+    // 1. The file is edited where the watcher does not look; nothing
+    // happens until SIGHUP, then both workers reload.
+    configmap.edit_in_place(&grown);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        env.logs().matches("config reloaded").count(),
+        0,
+        "not before SIGHUP"
+    );
+    sighup(&mut env, account);
+    sighup(&mut env, subscription);
     wait_log(&env, "config reloaded", 2).await;
     let logs = env.logs();
+    assert_eq!(
+        logs.matches("\"trigger\":\"Sighup\"").count(),
+        2,
+        "{}",
+        tail(&logs, 20)
+    );
     assert!(
         logs.contains("\"added\":\"[\\\"globex\\\"]\""),
         "{}",
@@ -151,22 +207,30 @@ async fn a_changed_file_adds_a_connection_and_an_item_mapping_and_sighup_refuses
     })
     .await;
 
-    // 2. An invalid file, then SIGHUP: refused with the start's message,
-    // the running configuration stays and work goes on.
+    // 2. An invalid update, swapped in as a ConfigMap update is: the
+    // watcher reloads on its own and refuses it with the start's message.
     let invalid = grown.replace(
         GENEROUS_BUDGET,
         "requests_per_window = 0\nwindow_seconds = 300",
     );
-    replace_file(&env.config_path, &invalid);
-    sighup(&mut env, account);
-    sighup(&mut env, subscription);
+    configmap.publish(&invalid);
     wait_log(&env, "config reload refused", 2).await;
     let logs = env.logs();
+    assert_eq!(
+        logs.matches("\"trigger\":\"FileChanged\"").count(),
+        2,
+        "{}",
+        tail(&logs, 20)
+    );
     assert!(
         logs.contains("requests_per_window") && logs.contains("must be at least 1"),
         "the refusal names the key as a start would:\n{}",
         tail(&logs, 20)
     );
+    // 3. SIGHUP with the invalid file: refused again; work goes on.
+    sighup(&mut env, account);
+    sighup(&mut env, subscription);
+    wait_log(&env, "config reload refused", 4).await;
     let mut e = account_event("g2", "gacc_2", "Globex Two", true, 1);
     e["connection"] = json!("globex");
     env.publish(&e).await;
@@ -184,7 +248,7 @@ async fn a_changed_file_adds_a_connection_and_an_item_mapping_and_sighup_refuses
             .await
             .map(|r| r.1)
             .unwrap_or_default();
-        if metrics.contains("halosync_config_reloads_total{result=\"refused\"}") {
+        if metrics.contains("halosync_config_reloads_total{result=\"refused\"} 2") {
             assert!(metrics.contains("halosync_config_reload_ok 0"), "{metrics}");
             break;
         }

@@ -93,7 +93,10 @@ async fn render_metrics(State(s): State<AppState>) -> (StatusCode, String) {
 async fn ready(State(s): State<AppState>) -> (StatusCode, String) {
     match readiness(&s).await {
         Ok(()) => (StatusCode::OK, "ready\n".into()),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 

@@ -257,8 +257,14 @@ impl Services {
         for (key, differs) in [
             ("amqp_url", old.amqp_url != new.amqp_url),
             ("redis_url", old.redis_url != new.redis_url),
-            ("amqp TLS and credentials", old.amqp_access != new.amqp_access),
-            ("redis TLS and credentials", old.redis_access != new.redis_access),
+            (
+                "amqp TLS and credentials",
+                old.amqp_access != new.amqp_access,
+            ),
+            (
+                "redis TLS and credentials",
+                old.redis_access != new.redis_access,
+            ),
             ("prefix", old.prefix != new.prefix),
             ("retry", old.retry != new.retry),
             ("worker", old.worker != new.worker),

@@ -60,7 +60,10 @@ impl ConnectError {
     /// or an unexplained I/O failure. A wrong CA, host name, certificate,
     /// password, URL or file is a configuration mistake instead.
     pub fn is_outage(&self) -> bool {
-        matches!(self.problem, Problem::Refused | Problem::Timeout | Problem::Other)
+        matches!(
+            self.problem,
+            Problem::Refused | Problem::Timeout | Problem::Other
+        )
     }
 
     pub fn new(
