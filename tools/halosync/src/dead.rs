@@ -95,8 +95,8 @@ impl Since {
     }
 }
 
-/// Parses `30m`, `1h`, `2d`, `1h30m`, `45s`, `1w`, an RFC 3339 time or a
-/// `YYYY-MM-DD` date (midnight UTC).
+/// Parses a duration (`30m`, `1h`, `2d`, `1h30m`, `45s`, `1w`, by
+/// `humantime`), an RFC 3339 time or a `YYYY-MM-DD` date (midnight UTC).
 pub fn parse_since(text: &str) -> Result<Since, String> {
     let s = text.trim();
     let bad = || {
@@ -111,32 +111,11 @@ pub fn parse_since(text: &str) -> Result<Since, String> {
         let t = d.and_hms_opt(0, 0, 0).ok_or_else(bad)?;
         return Ok(Since::At(Utc.from_utc_datetime(&t)));
     }
-    if s.is_empty() {
-        return Err(bad());
-    }
-    let mut total = 0i64;
-    let mut digits = String::new();
-    for c in s.chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let n: i64 = digits.parse().map_err(|_| bad())?;
-        digits.clear();
-        let unit = match c.to_ascii_lowercase() {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            'w' => 7 * 86_400,
-            _ => return Err(bad()),
-        };
-        total = n
-            .checked_mul(unit)
-            .and_then(|x| total.checked_add(x))
-            .ok_or_else(bad)?;
-    }
-    if !digits.is_empty() {
+    // humantime reads `30m`, `1h30m`, `2d`, `1w`, `90s` (and spelled-out
+    // units); a bare number has no unit and is refused.
+    let d = humantime::parse_duration(s).map_err(|_| bad())?;
+    let total = i64::try_from(d.as_secs()).map_err(|_| bad())?;
+    if chrono::Duration::try_seconds(total).is_none() {
         return Err(bad());
     }
     Ok(Since::Ago(chrono::Duration::seconds(total), s.to_string()))
