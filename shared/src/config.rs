@@ -78,6 +78,9 @@ pub struct Config {
     pub worker: WorkerSettings,
     pub retry: RetrySettings,
     pub connections: BTreeMap<String, ConnectionConfig>,
+    /// The `[console]` table as written, for `halosync console` to parse
+    /// (users, audit file); the workers ignore it.
+    pub console: Option<toml::Table>,
 }
 
 /// How a worker consumes. All keys live under `[worker]` and are optional.
@@ -212,6 +215,7 @@ struct RawConfig {
     retry: RetrySettings,
     #[serde(default)]
     connections: BTreeMap<String, RawConnection>,
+    console: Option<toml::Table>,
 }
 
 #[derive(Deserialize)]
@@ -322,6 +326,7 @@ impl Config {
             worker: raw.worker,
             retry: raw.retry,
             connections,
+            console: raw.console,
         })
     }
 

@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -44,7 +45,30 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Warn above this `x-delivery-count` (RabbitMQ 4.0–4.2 default limit: 20).
 pub const DELIVERY_COUNT_WARNING: i64 = 15;
 
-/// What to do with each matching dead letter.
+/// What to do with each matching dead letter: the one description of a
+/// dead-letter run that `halosync dlq` and the console both hand to [`run`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Read,
+    Replay { dry_run: bool },
+    Purge { dry_run: bool },
+}
+
+/// Live counters of a run, so that the console can show progress while a
+/// replay of thousands of dead letters goes on server-side; `cancel` stops
+/// it before the next dead letter (the rest stays untouched).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Dead letters in the queues read so far, when each was counted.
+    pub total: AtomicU64,
+    pub fetched: AtomicUsize,
+    pub matched: AtomicUsize,
+    pub removed: AtomicUsize,
+    pub failed: AtomicUsize,
+    pub cancel: AtomicBool,
+}
+
+/// What to do with each matching dead letter, with what it needs.
 enum Mode<'a> {
     Read,
     Replay {
@@ -59,37 +83,37 @@ enum Mode<'a> {
 
 /// What happened to one matching dead letter.
 #[derive(Clone, Debug, Serialize)]
-struct Done {
+pub struct Done {
     #[serde(flatten)]
-    letter: DeadLetter,
+    pub letter: DeadLetter,
     /// `listed`, `would replay`, `replayed`, `would purge`, `purged`,
     /// `failed`.
-    outcome: String,
+    pub outcome: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    replayed_to: Option<String>,
+    pub replayed_to: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    problem: Option<String>,
+    pub problem: Option<String>,
 }
 
 /// The result of going through the dead queues.
-struct Scan {
-    done: Vec<Done>,
+pub struct Scan {
+    pub done: Vec<Done>,
     /// Ready dead letters per queue when the scan started.
-    totals: BTreeMap<String, u32>,
+    pub totals: BTreeMap<String, u32>,
     /// How many were fetched (read) in all.
-    fetched: usize,
+    pub fetched: usize,
     /// Removed from the dead queues (replayed or purged).
-    removed: usize,
+    pub removed: usize,
     /// A fatal problem that stopped the scan early (the rest is untouched).
-    stopped: Option<String>,
+    pub stopped: Option<String>,
     /// Queues whose returned messages were not back in time.
-    unsettled: Vec<String>,
+    pub unsettled: Vec<String>,
     /// Families whose dead queue was read.
-    families: Vec<Family>,
+    pub families: Vec<Family>,
 }
 
 impl Scan {
-    fn total(&self) -> u64 {
+    pub fn total(&self) -> u64 {
         self.totals.values().map(|n| u64::from(*n)).sum()
     }
     /// `7 in t.halosync.account.dead`, or `7 in the account, subscription,
@@ -109,11 +133,56 @@ impl Scan {
     }
 }
 
+/// Goes through the dead queues the filter names and applies `action` to
+/// each matching dead letter: the single code path of `halosync dlq list |
+/// show | replay | purge` and of the console's pages and jobs.
+pub async fn run(
+    config: &Config,
+    filter: &Filter,
+    action: Action,
+    progress: &Progress,
+) -> anyhow::Result<Scan> {
+    let topo = topology(config);
+    let what = match action {
+        Action::Read => "dlq-list",
+        Action::Replay { .. } => "dlq-replay",
+        Action::Purge { .. } => "dlq-purge",
+    };
+    let conn = broker::connect(config, what).await?;
+    let result = async {
+        match action {
+            Action::Read => scan(&conn, &topo, filter, &Mode::Read, progress).await,
+            Action::Purge { dry_run } => {
+                scan(&conn, &topo, filter, &Mode::Purge { dry_run }, progress).await
+            }
+            Action::Replay { dry_run } => {
+                let channel = conn
+                    .create_channel()
+                    .await
+                    .context("opening the publishing channel")?;
+                let publisher = Publisher::on_channel(channel, topo.clone())
+                    .await
+                    .context("putting the publishing channel in confirm mode")?;
+                let mode = Mode::Replay {
+                    publisher: &publisher,
+                    exchange: topo.events_exchange(),
+                    dry_run,
+                };
+                scan(&conn, &topo, filter, &mode, progress).await
+            }
+        }
+    }
+    .await;
+    broker::close(&conn).await;
+    result
+}
+
 async fn scan(
     conn: &Connection,
     topology: &Topology,
     filter: &Filter,
     mode: &Mode<'_>,
+    progress: &Progress,
 ) -> anyhow::Result<Scan> {
     let mut out = Scan {
         done: Vec::new(),
@@ -139,6 +208,7 @@ async fn scan(
             mode,
             &mut remaining,
             &mut out,
+            progress,
         )
         .await?;
         // Closing the channel returns every message still held, in order.
@@ -165,6 +235,7 @@ async fn scan_queue(
     mode: &Mode<'_>,
     remaining: &mut Option<usize>,
     out: &mut Scan,
+    progress: &Progress,
 ) -> anyhow::Result<(u32, u32)> {
     let channel = conn
         .create_channel()
@@ -182,11 +253,18 @@ async fn scan_queue(
         Err(e) => return Err(e).with_context(|| format!("counting {queue}")),
     };
     out.totals.insert(queue.to_string(), initial);
+    progress
+        .total
+        .fetch_add(u64::from(initial), Ordering::Relaxed);
     let mut held: Vec<Delivery> = Vec::new();
     let mut removed = 0u32;
     let result: anyhow::Result<()> = async {
         for position in 1..=initial as usize {
             if *remaining == Some(0) || out.stopped.is_some() {
+                break;
+            }
+            if progress.cancel.load(Ordering::Relaxed) {
+                out.stopped = Some(format!("{FATAL}cancelled by the operator"));
                 break;
             }
             let Some(got) = channel
@@ -198,6 +276,7 @@ async fn scan_queue(
             };
             let delivery = got.delivery;
             out.fetched += 1;
+            progress.fetched.fetch_add(1, Ordering::Relaxed);
             let letter = DeadLetter::read(
                 family,
                 queue,
@@ -214,10 +293,15 @@ async fn scan_queue(
                 if let Some(n) = remaining.as_mut() {
                     *n -= 1;
                 }
+                progress.matched.fetch_add(1, Ordering::Relaxed);
                 let done = settle(&delivery, letter, mode).await;
                 if matches!(done.outcome.as_str(), "replayed" | "purged") {
                     removed += 1;
                     out.removed += 1;
+                    progress.removed.fetch_add(1, Ordering::Relaxed);
+                }
+                if done.outcome == "failed" {
+                    progress.failed.fetch_add(1, Ordering::Relaxed);
                 }
                 if done.outcome == "failed" && done.problem.as_deref().is_some_and(is_fatal) {
                     out.stopped = done.problem.clone();
@@ -238,6 +322,11 @@ async fn scan_queue(
 }
 
 const FATAL: &str = "stopped: ";
+
+/// A problem without its internal "stopped: " marker, for people.
+pub fn problem_text(problem: &str) -> &str {
+    problem.trim_start_matches(FATAL)
+}
 
 fn is_fatal(problem: &str) -> bool {
     problem.starts_with(FATAL)
@@ -364,10 +453,7 @@ pub async fn list(
 ) -> anyhow::Result<ExitCode> {
     let now = Utc::now();
     let filter = Filter::new(args, now);
-    let conn = broker::connect(config, "dlq-list").await?;
-    let result = scan(&conn, &topology(config), &filter, &Mode::Read).await;
-    broker::close(&conn).await;
-    let scan = result?;
+    let scan = run(config, &filter, Action::Read, &Progress::default()).await?;
     warn_unsettled(&scan);
     let letters: Vec<&DeadLetter> = scan.done.iter().map(|d| &d.letter).collect();
     warn_delivery_counts(&letters, &config.prefix);
@@ -502,10 +588,7 @@ pub async fn show(
         ..Default::default()
     };
     let filter = Filter::new(&args, Utc::now());
-    let conn = broker::connect(config, "dlq-show").await?;
-    let result = scan(&conn, &topology(config), &filter, &Mode::Read).await;
-    broker::close(&conn).await;
-    let scan = result?;
+    let scan = run(config, &filter, Action::Read, &Progress::default()).await?;
     warn_unsettled(&scan);
     let letters: Vec<&DeadLetter> = scan.done.iter().map(|d| &d.letter).collect();
     warn_delivery_counts(&letters, &config.prefix);
@@ -609,26 +692,13 @@ pub async fn replay(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let filter = Filter::new(args, Utc::now());
-    let topo = topology(config);
-    let conn = broker::connect(config, "dlq-replay").await?;
-    let result = async {
-        let channel = conn
-            .create_channel()
-            .await
-            .context("opening the publishing channel")?;
-        let publisher = Publisher::on_channel(channel, topo.clone())
-            .await
-            .context("putting the publishing channel in confirm mode")?;
-        let mode = Mode::Replay {
-            publisher: &publisher,
-            exchange: topo.events_exchange(),
-            dry_run,
-        };
-        scan(&conn, &topo, &filter, &mode).await
-    }
-    .await;
-    broker::close(&conn).await;
-    let scan = result?;
+    let scan = run(
+        config,
+        &filter,
+        Action::Replay { dry_run },
+        &Progress::default(),
+    )
+    .await?;
     warn_unsettled(&scan);
     report_changes(&scan, &filter, dry_run, json, "replay", "replayed")
 }
@@ -643,16 +713,13 @@ pub async fn purge(
 ) -> anyhow::Result<ExitCode> {
     let filter = Filter::new(args, Utc::now());
     let really = yes && !dry_run;
-    let conn = broker::connect(config, "dlq-purge").await?;
-    let result = scan(
-        &conn,
-        &topology(config),
+    let scan = run(
+        config,
         &filter,
-        &Mode::Purge { dry_run: !really },
+        Action::Purge { dry_run: !really },
+        &Progress::default(),
     )
-    .await;
-    broker::close(&conn).await;
-    let scan = result?;
+    .await?;
     warn_unsettled(&scan);
     if !yes && !dry_run {
         let n = scan.done.len();

@@ -189,6 +189,10 @@ pub struct FilterArgs {
     /// Only this event id (header, message_id or envelope id).
     #[arg(long, value_delimiter = ',', value_name = "ID")]
     pub event_id: Vec<String>,
+    /// Only this failure group: the error message with numbers folded to `#`,
+    /// as `dlq list --group-by error` prints it.
+    #[arg(long, value_name = "TEXT")]
+    pub error: Option<String>,
     /// Only dead letters whose last failure is this recent: a duration (30m,
     /// 1h, 2d, 1h30m) or an RFC 3339 time (2026-11-22T10:00:00Z).
     #[arg(long, value_name = "WHEN", value_parser = parse_since)]
