@@ -346,7 +346,11 @@ impl DeadLetter {
 
     /// The error message with numbers folded: the key of its failure group.
     pub fn folded_error(&self) -> String {
-        fold_numbers(self.error_message.as_deref().unwrap_or("(no error message)"))
+        fold_numbers(
+            self.error_message
+                .as_deref()
+                .unwrap_or("(no error message)"),
+        )
     }
 
     /// The message to show: the worker's message, with HaloPSA's own text

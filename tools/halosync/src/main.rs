@@ -7,6 +7,7 @@
 //! | `check` | HaloPSA connection test: token, then each permission the workers need | [`check`] |
 //! | `topology` | declare every exchange and queue (idempotent) | [`status`] |
 //! | `status` | queue depths, consumers, retry tiers, dead letters, unrouted | [`status`] |
+//! | `console` | the operator's web console (sign-in, roles, audit) | [`console`] |
 //!
 //! Exit codes: 0 success, 1 the command ran and something failed (an
 //! invalid event, a nacked publish, a failed check, a refused purge), 2 a
@@ -14,6 +15,7 @@
 
 mod broker;
 mod check;
+mod console;
 mod dead;
 mod dlq;
 mod publish;
@@ -116,6 +118,32 @@ Examples:
   halosync status
   halosync status --json | jq '.families.account.dead'")]
     Status,
+    /// Serve the operator's web console (sign-in required, roles, audit trail).
+    #[command(after_help = "\
+Users, roles and the audit file come from the [console] table of halosync.toml:
+
+  [console]
+  audit_file = \"/var/lib/halosync/audit.jsonl\"
+  [console.users.alice]
+  role = \"operator\"                      # or \"viewer\"
+  password_hash_env = \"HALOSYNC_CONSOLE_ALICE\"
+
+Examples:
+  halosync console                                  http://127.0.0.1:8088/
+  halosync console --listen 0.0.0.0:8088            in a container
+  halosync console --hash-password                  read a password on stdin, print its argon2 hash")]
+    Console(ConsoleArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConsoleArgs {
+    /// Address to listen on [default: console.listen, else 127.0.0.1:8088].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Read a password from standard input and print its argon2 hash (for
+    /// password_hash_env / password_hash_file), then exit.
+    #[arg(long)]
+    hash_password: bool,
 }
 
 #[derive(Debug, Args)]
@@ -320,6 +348,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topology => {
             let loaded = settings::load(config_path, settings::Need::NoConnections)?;
             status::topology(&loaded.config, json).await
+        }
+        Command::Console(a) => {
+            if a.hash_password {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).map_err(|e| {
+                    anyhow::anyhow!("reading the password from standard input: {e}")
+                })?;
+                let password = line.trim_end_matches(['\r', '\n']);
+                if password.is_empty() {
+                    anyhow::bail!("no password on standard input; type it, or e.g. `printf %s 'the password' | halosync console --hash-password`");
+                }
+                println!("{}", console::settings::hash_password(password)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            console::serve(config_path, a.listen.as_deref()).await
         }
         Command::Status => {
             let loaded = settings::load(config_path, settings::Need::NoConnections)?;
