@@ -66,7 +66,7 @@ fn report_view(r: &Report) -> Markup {
                     @let class = match c.ok { Some(true) => "ok", Some(false) => "bad", None => "skip" };
                     li class=(class) data-check=(c.check) {
                         span.mark { (match c.ok { Some(true) => "✔", Some(false) => "✘", None => "·" }) }
-                        (c.summary)
+                        " " (c.summary)
                         @if let Some(m) = &c.halo_message { div.halo { "HaloPSA: " (m) } }
                         @if c.ok == Some(false) { @if let Some(a) = &c.advice { div.fix { b { "Fix: " } (a) } } }
                         @for n in &c.notes { div.muted { (n) } }
