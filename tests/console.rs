@@ -122,7 +122,11 @@ impl Console {
             if let Ok(Some(status)) = c.child.try_wait() {
                 panic!("the console exited ({status}):\n{}", c.logs());
             }
-            assert!(Instant::now() < deadline, "the console did not start:\n{}", c.logs());
+            assert!(
+                Instant::now() < deadline,
+                "the console did not start:\n{}",
+                c.logs()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         c
@@ -269,7 +273,12 @@ impl Browser {
     }
 
     async fn path(&self) -> String {
-        self.c().current_url().await.expect("url").path().to_string()
+        self.c()
+            .current_url()
+            .await
+            .expect("url")
+            .path()
+            .to_string()
     }
 
     async fn sign_in(&self, console: &Console, who: (&str, &str)) {
@@ -277,7 +286,8 @@ impl Browser {
         self.fill("#user", who.0).await;
         self.fill("#password", who.1).await;
         self.click("#sign-in").await;
-        self.wait_text("header", who.0, Duration::from_secs(30)).await;
+        self.wait_text("header", who.0, Duration::from_secs(30))
+            .await;
     }
 
     /// Waits until the element's text contains `needle`.
@@ -368,7 +378,10 @@ async fn put_dead(env: &TestEnv, family: Family, letters: &[(String, &str, Strin
         confirms.push(c);
     }
     for c in confirms {
-        assert!(c.await.expect("confirm").is_ack(), "broker nacked a dead letter");
+        assert!(
+            c.await.expect("confirm").is_ack(),
+            "broker nacked a dead letter"
+        );
     }
 }
 
@@ -410,7 +423,11 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
     put_dead(
         &env,
         Family::Account,
-        &[("evt_auth_1".into(), "rejected", "HaloPSA refused the customer".into())],
+        &[(
+            "evt_auth_1".into(),
+            "rejected",
+            "HaloPSA refused the customer".into(),
+        )],
     )
     .await;
     let console = Console::start(&env, "", &[]).await;
@@ -423,16 +440,27 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
     b.fill("#user", ALICE.0).await;
     b.fill("#password", "not-the-password").await;
     b.click("#sign-in").await;
-    let err = b.wait_text("#login-error", "Wrong", Duration::from_secs(30)).await;
+    let err = b
+        .wait_text("#login-error", "Wrong", Duration::from_secs(30))
+        .await;
     assert!(err.contains("Wrong user name or password"), "{err}");
     b.shot("02-sign-in-refused").await;
 
     // A viewer sees the dead letters but no replay or purge button.
     b.sign_in(&console, VICTOR).await;
     b.goto(&console.at("/dead")).await;
-    b.wait_text("#letters", "evt_auth_1", Duration::from_secs(30)).await;
-    assert_eq!(b.count("button[value=replay]").await, 0, "a viewer sees no replay button");
-    assert_eq!(b.count("button[value=purge]").await, 0, "a viewer sees no purge button");
+    b.wait_text("#letters", "evt_auth_1", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        b.count("button[value=replay]").await,
+        0,
+        "a viewer sees no replay button"
+    );
+    assert_eq!(
+        b.count("button[value=purge]").await,
+        0,
+        "a viewer sees no purge button"
+    );
     assert_eq!(b.count("#test-acme").await, 0);
     b.shot("03-viewer-dead-letters").await;
 
@@ -440,7 +468,11 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
     let (viewer, csrf) = http_session(&console, VICTOR).await;
     let r = viewer
         .post(console.at("/dead/action"))
-        .form(&[("csrf", csrf.as_str()), ("action", "replay"), ("event_id", "evt_auth_1")])
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("action", "replay"),
+            ("event_id", "evt_auth_1"),
+        ])
         .send()
         .await
         .expect("post");
@@ -448,7 +480,13 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
     assert!(r.text().await.unwrap_or_default().contains("viewer"));
     let r = viewer
         .post(console.at("/dead/run"))
-        .form(&[("csrf", csrf.as_str()), ("action", "purge"), ("event_id", "evt_auth_1"), ("expected", "1"), ("confirm_word", "purge")])
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("action", "purge"),
+            ("event_id", "evt_auth_1"),
+            ("expected", "1"),
+            ("confirm_word", "purge"),
+        ])
         .send()
         .await
         .expect("post");
@@ -466,21 +504,36 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
     assert!(r.text().await.unwrap_or_default().contains("CSRF"));
     let r = op
         .post(console.at("/dead/action"))
-        .form(&[("csrf", "0".repeat(64).as_str()), ("action", "replay"), ("event_id", "evt_auth_1")])
+        .form(&[
+            ("csrf", "0".repeat(64).as_str()),
+            ("action", "replay"),
+            ("event_id", "evt_auth_1"),
+        ])
         .send()
         .await
         .expect("post");
     assert_eq!(r.status(), 403, "a wrong token is no token");
     let r = op
         .post(console.at("/dead/action"))
-        .form(&[("csrf", csrf.as_str()), ("action", "replay"), ("event_id", "evt_auth_1")])
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("action", "replay"),
+            ("event_id", "evt_auth_1"),
+        ])
         .send()
         .await
         .expect("post");
     assert_eq!(r.status(), 200);
-    assert!(r.text().await.unwrap_or_default().contains("Replay 1 dead letters?"));
+    assert!(r
+        .text()
+        .await
+        .unwrap_or_default()
+        .contains("Replay 1 dead letters?"));
     // Nothing moved: the dead letter is still there.
-    assert_eq!(env.depth(&env.topology.dead_queue(Family::Account)).await, 1);
+    assert_eq!(
+        env.depth(&env.topology.dead_queue(Family::Account)).await,
+        1
+    );
 
     // Not signed in at all: 401 for a state-changing request.
     let anon = reqwest::Client::builder()
@@ -489,7 +542,11 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
         .expect("client");
     let r = anon
         .post(console.at("/dead/run"))
-        .form(&[("action", "purge"), ("expected", "1"), ("confirm_word", "purge")])
+        .form(&[
+            ("action", "purge"),
+            ("expected", "1"),
+            ("confirm_word", "purge"),
+        ])
         .send()
         .await
         .expect("post");
@@ -512,7 +569,11 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
             .expect("post");
         statuses.push(r.status().as_u16());
     }
-    assert_eq!(statuses, [401, 401, 401, 401, 401, 429, 429], "{statuses:?}");
+    assert_eq!(
+        statuses,
+        [401, 401, 401, 401, 401, 429, 429],
+        "{statuses:?}"
+    );
 
     let r = guesser
         .post(console.at("/login"))
@@ -549,7 +610,10 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
     // Sign-ins are in the audit trail.
     b.goto(&console.at("/audit")).await;
     let audit = b.text("#audit").await;
-    assert!(audit.contains("sign-in") && audit.contains(VICTOR.0), "{audit}");
+    assert!(
+        audit.contains("sign-in") && audit.contains(VICTOR.0),
+        "{audit}"
+    );
     b.shot("04-audit").await;
     drop(console);
 }
@@ -611,32 +675,56 @@ client_secret_env = "{SECRET_ENV}"
     b.sign_in(&console, ALICE).await;
     b.goto(&console.at("/connections")).await;
     let page = b.body().await;
-    assert!(page.contains(WRONG_SECRET_ENV), "shows where the secret comes from");
+    assert!(
+        page.contains(WRONG_SECRET_ENV),
+        "shows where the secret comes from"
+    );
     assert!(!page.contains("not-the-secret"), "never the secret itself");
     assert!(!page.contains(&SimConfig::default().client_secret));
     b.shot("01-list").await;
 
     b.click("#test-acme").await;
-    let r = b.wait_text("#conn-acme #report", "checks", Duration::from_secs(60)).await;
+    let r = b
+        .wait_text("#conn-acme #report", "checks", Duration::from_secs(60))
+        .await;
     assert!(r.contains("all checks passed"), "{r}");
     b.shot("02-acme-ok").await;
 
     b.click("#test-wrongsecret").await;
-    let r = b.wait_text("#conn-wrongsecret #report", "failed", Duration::from_secs(60)).await;
+    let r = b
+        .wait_text(
+            "#conn-wrongsecret #report",
+            "failed",
+            Duration::from_secs(60),
+        )
+        .await;
     assert!(r.contains("✘ token: 401 invalid_client"), "{r}");
-    assert!(r.contains("Fix:") && r.contains("the client id or secret is wrong"), "{r}");
-    assert!(r.contains(WRONG_SECRET_ENV), "names where the secret comes from: {r}");
+    assert!(
+        r.contains("Fix:") && r.contains("the client id or secret is wrong"),
+        "{r}"
+    );
+    assert!(
+        r.contains(WRONG_SECRET_ENV),
+        "names where the secret comes from: {r}"
+    );
     b.shot("03-wrong-secret").await;
 
     b.click("#test-notenant").await;
-    let r = b.wait_text("#conn-notenant #report", "failed", Duration::from_secs(60)).await;
+    let r = b
+        .wait_text("#conn-notenant #report", "failed", Duration::from_secs(60))
+        .await;
     assert!(r.contains("✘ token: 500 HTML error page"), "{r}");
     assert!(r.contains("tenant"), "{r}");
-    assert!(r.contains("try tenant = \"acme\""), "the fix names the tenant: {r}");
+    assert!(
+        r.contains("try tenant = \"acme\""),
+        "the fix names the tenant: {r}"
+    );
     b.shot("04-missing-tenant").await;
 
     b.click("#test-noperm").await;
-    let r = b.wait_text("#conn-noperm #report", "failed", Duration::from_secs(60)).await;
+    let r = b
+        .wait_text("#conn-noperm #report", "failed", Duration::from_secs(60))
+        .await;
     assert!(r.contains("✘ items: 403 You do not have permission"), "{r}");
     assert!(r.contains("Feature Access: Products (Items)"), "{r}");
     assert!(r.contains("✔ customers"), "{r}");
@@ -646,7 +734,10 @@ client_secret_env = "{SECRET_ENV}"
     b.goto(&console.at("/audit?action=test")).await;
     let audit = b.text("#audit").await;
     for name in ["acme", "wrongsecret", "notenant", "noperm"] {
-        assert!(audit.contains(&format!("connection {name}")), "{name}: {audit}");
+        assert!(
+            audit.contains(&format!("connection {name}")),
+            "{name}: {audit}"
+        );
     }
     assert!(audit.contains(ALICE.0));
     b.shot("06-audit").await;
@@ -663,27 +754,43 @@ async fn replaying_a_group_of_5000_dead_letters_runs_server_side_with_progress()
             (
                 format!("evt_bulk_{i:05}"),
                 "unmapped",
-                format!("no HaloPSA item mapping for sku \"SKU-{}\" (connection acme)", i % 7),
+                format!(
+                    "no HaloPSA item mapping for sku \"SKU-{}\" (connection acme)",
+                    i % 7
+                ),
             )
         })
         .collect();
     put_dead(&env, Family::Subscription, &letters).await;
     // And one dead letter of another cause, which the group replay leaves alone.
-    put_dead(&env, Family::Account, &[("evt_other".into(), "rejected", "HaloPSA said no".into())]).await;
+    put_dead(
+        &env,
+        Family::Account,
+        &[("evt_other".into(), "rejected", "HaloPSA said no".into())],
+    )
+    .await;
     let console = Console::start(&env, "", &[]).await;
     let b = Browser::start("bulk").await;
     b.sign_in(&console, ALICE).await;
     b.goto(&console.at("/dead")).await;
-    let groups = b.wait_text("#groups", "5000", Duration::from_secs(120)).await;
-    assert!(groups.contains("no HaloPSA item mapping for sku \"SKU-#\""), "numbers are folded: {groups}");
+    let groups = b
+        .wait_text("#groups", "5000", Duration::from_secs(120))
+        .await;
+    assert!(
+        groups.contains("no HaloPSA item mapping for sku \"SKU-#\""),
+        "numbers are folded: {groups}"
+    );
     b.shot("01-groups").await;
     // The group's replay button (the biggest group comes first).
     b.click("#groups tr.group button[value=replay]").await;
-    let n = b.wait_text("#affected", "5000", Duration::from_secs(120)).await;
+    let n = b
+        .wait_text("#affected", "5000", Duration::from_secs(120))
+        .await;
     assert_eq!(n, "5000");
     b.shot("02-confirm").await;
     assert_eq!(
-        env.depth(&env.topology.dead_queue(Family::Subscription)).await,
+        env.depth(&env.topology.dead_queue(Family::Subscription))
+            .await,
         N as u32,
         "asking changes nothing"
     );
@@ -706,7 +813,10 @@ async fn replaying_a_group_of_5000_dead_letters_runs_server_side_with_progress()
         if state.contains("done") || state.contains("failed") {
             break;
         }
-        assert!(Instant::now() < deadline, "the job did not end; seen {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the job did not end; seen {seen:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
@@ -718,13 +828,28 @@ async fn replaying_a_group_of_5000_dead_letters_runs_server_side_with_progress()
     assert_eq!(b.text("#job-removed").await, N.to_string());
     assert_eq!(b.text("#job-failed").await, "0");
     b.shot("04-done").await;
-    assert_eq!(env.depth(&env.topology.dead_queue(Family::Subscription)).await, 0);
-    assert_eq!(env.depth(&env.topology.work_queue(Family::Subscription)).await, N as u32);
-    assert_eq!(env.depth(&env.topology.dead_queue(Family::Account)).await, 1, "the other group stays");
+    assert_eq!(
+        env.depth(&env.topology.dead_queue(Family::Subscription))
+            .await,
+        0
+    );
+    assert_eq!(
+        env.depth(&env.topology.work_queue(Family::Subscription))
+            .await,
+        N as u32
+    );
+    assert_eq!(
+        env.depth(&env.topology.dead_queue(Family::Account)).await,
+        1,
+        "the other group stays"
+    );
     // Who did it, how many, with the event ids.
     b.goto(&console.at("/audit?action=replay")).await;
     let audit = b.text("#audit").await;
-    assert!(audit.contains(ALICE.0) && audit.contains("5000") && audit.contains("evt_bulk_"), "{audit}");
+    assert!(
+        audit.contains(ALICE.0) && audit.contains("5000") && audit.contains("evt_bulk_"),
+        "{audit}"
+    );
     b.shot("05-audit").await;
     let file = std::fs::read_to_string(env.dir.join("audit/audit.jsonl")).expect("audit file");
     let done = file
@@ -743,8 +868,14 @@ async fn overview_numbers_equal_the_broker_and_halo_sim_after_a_run_with_failure
     let mut env = TestEnv::new("con-over").await;
     env.spawn_worker("halosync-account");
     for i in 0..6 {
-        env.publish(&account_event(&format!("evt_ok_{i}"), &format!("acc_{i}"), &format!("Customer {i}"), true, 1))
-            .await;
+        env.publish(&account_event(
+            &format!("evt_ok_{i}"),
+            &format!("acc_{i}"),
+            &format!("Customer {i}"),
+            true,
+            1,
+        ))
+        .await;
     }
     // Failures: an unknown connection and a schema violation are dead-lettered at once.
     let mut bad = account_event("evt_bad_conn", "acc_x", "X", true, 1);
@@ -753,7 +884,8 @@ async fn overview_numbers_equal_the_broker_and_halo_sim_after_a_run_with_failure
     let mut bad = account_event("evt_bad_schema", "acc_y", "Y", true, 1);
     bad["data"]["active"] = json!("yes");
     env.publish(&bad).await;
-    env.wait_drained(Family::Account, Duration::from_secs(60)).await;
+    env.wait_drained(Family::Account, Duration::from_secs(60))
+        .await;
     let dead = env.depth(&env.topology.dead_queue(Family::Account)).await;
     assert_eq!(dead, 2);
     let console = Console::start(&env, "", &[]).await;
@@ -761,20 +893,48 @@ async fn overview_numbers_equal_the_broker_and_halo_sim_after_a_run_with_failure
     b.sign_in(&console, VICTOR).await;
     b.goto(&console.at("/")).await;
     assert_eq!(b.text("#total-dead").await, dead.to_string());
-    assert_eq!(b.text("#family-account td:nth-child(4)").await, dead.to_string());
+    assert_eq!(
+        b.text("#family-account td:nth-child(4)").await,
+        dead.to_string()
+    );
     assert_eq!(b.text("#family-account td:nth-child(2)").await, "0");
-    assert_eq!(b.text("#family-account td:nth-child(5)").await, "1", "one account worker consumes");
+    assert_eq!(
+        b.text("#family-account td:nth-child(5)").await,
+        "1",
+        "one account worker consumes"
+    );
     // The budget used is what halo-sim counted (every API request of the run).
     let api_requests = env.sim.max_requests_in_any_window(300);
     assert!(api_requests > 0);
     let used = b.text("#conn-acme td:nth-child(5)").await;
-    assert!(used.starts_with(&format!("{api_requests} / ")), "{used} vs {api_requests}");
-    assert!(b.text("#conn-acme td:nth-child(6)").await.contains("valid until"));
+    assert!(
+        used.starts_with(&format!("{api_requests} / ")),
+        "{used} vs {api_requests}"
+    );
+    assert!(b
+        .text("#conn-acme td:nth-child(6)")
+        .await
+        .contains("valid until"));
     b.shot("01-overview").await;
     // Live: a new dead letter shows up without a reload.
-    put_dead(&env, Family::Usage, &[("evt_live".into(), "invalid", "late".into())]).await;
-    b.wait_text("#total-dead", &(dead + 1).to_string(), Duration::from_secs(20)).await;
-    b.wait_text("#family-usage td:nth-child(4)", "1", Duration::from_secs(20)).await;
+    put_dead(
+        &env,
+        Family::Usage,
+        &[("evt_live".into(), "invalid", "late".into())],
+    )
+    .await;
+    b.wait_text(
+        "#total-dead",
+        &(dead + 1).to_string(),
+        Duration::from_secs(20),
+    )
+    .await;
+    b.wait_text(
+        "#family-usage td:nth-child(4)",
+        "1",
+        Duration::from_secs(20),
+    )
+    .await;
     b.shot("02-overview-live").await;
     assert_eq!(env.clients().len(), 6);
     drop(console);

@@ -27,7 +27,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
-use halosync_shared::amqp::{publisher::PublishError, Publisher, Topology};
+use halosync_shared::amqp::publisher::{Pending, PublishError};
+use halosync_shared::amqp::{Publisher, Topology};
 use halosync_shared::{Config, Family};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicQosOptions};
@@ -258,6 +259,7 @@ async fn scan_queue(
         .fetch_add(u64::from(initial), Ordering::Relaxed);
     let mut held: Vec<Delivery> = Vec::new();
     let mut removed = 0u32;
+    let mut in_flight: Vec<InFlight> = Vec::new();
     let result: anyhow::Result<()> = async {
         for position in 1..=initial as usize {
             if *remaining == Some(0) || out.stopped.is_some() {
@@ -294,25 +296,25 @@ async fn scan_queue(
                     *n -= 1;
                 }
                 progress.matched.fetch_add(1, Ordering::Relaxed);
-                let done = settle(&delivery, letter, mode).await;
-                if matches!(done.outcome.as_str(), "replayed" | "purged") {
-                    removed += 1;
-                    out.removed += 1;
-                    progress.removed.fetch_add(1, Ordering::Relaxed);
+                match settle(&delivery, letter, mode).await {
+                    Settled::Now(done) => record(done, out, progress, &mut removed),
+                    Settled::Later(f) => {
+                        in_flight.push(f);
+                        if in_flight.len() >= REPLAY_WINDOW {
+                            flush(&mut in_flight, out, progress, &mut removed).await;
+                        }
+                    }
                 }
-                if done.outcome == "failed" {
-                    progress.failed.fetch_add(1, Ordering::Relaxed);
-                }
-                if done.outcome == "failed" && done.problem.as_deref().is_some_and(is_fatal) {
-                    out.stopped = done.problem.clone();
-                }
-                out.done.push(done);
             }
             held.push(delivery);
         }
+        flush(&mut in_flight, out, progress, &mut removed).await;
         Ok(())
     }
     .await;
+    // On an error above, republished ones still get their confirm (and are
+    // removed) before the rest goes back.
+    flush(&mut in_flight, out, progress, &mut removed).await;
     // Return whatever is still unacknowledged, in order; also on error.
     let _ = channel
         .close(200, "halosync dlq: returning dead letters".into())
@@ -323,6 +325,74 @@ async fn scan_queue(
 
 const FATAL: &str = "stopped: ";
 
+/// Republishes in flight at once: their confirms are awaited together,
+/// instead of one broker round trip (and quorum-queue disk sync) each.
+const REPLAY_WINDOW: usize = 128;
+
+/// A dead letter republished, waiting for the broker's confirm before it
+/// is removed from the dead queue.
+struct InFlight {
+    acker: lapin::Acker,
+    letter: DeadLetter,
+    target: String,
+    pending: Pending,
+}
+
+enum Settled {
+    Now(Done),
+    Later(InFlight),
+}
+
+fn record(done: Done, out: &mut Scan, progress: &Progress, removed: &mut u32) {
+    if matches!(done.outcome.as_str(), "replayed" | "purged") {
+        *removed += 1;
+        out.removed += 1;
+        progress.removed.fetch_add(1, Ordering::Relaxed);
+    }
+    if done.outcome == "failed" {
+        progress.failed.fetch_add(1, Ordering::Relaxed);
+        if done.problem.as_deref().is_some_and(is_fatal) && out.stopped.is_none() {
+            out.stopped = done.problem.clone();
+        }
+    }
+    out.done.push(done);
+}
+
+/// Awaits the confirms in order; each confirmed one is then removed.
+async fn flush(
+    in_flight: &mut Vec<InFlight>,
+    out: &mut Scan,
+    progress: &Progress,
+    removed: &mut u32,
+) {
+    for f in in_flight.drain(..) {
+        let done = |letter, outcome: &str, problem: Option<String>| Done {
+            letter,
+            outcome: outcome.to_string(),
+            replayed_to: Some(f.target.clone()),
+            problem,
+        };
+        let d = match f.pending.confirmed().await {
+            Ok(()) => match f.acker.ack(BasicAckOptions::default()).await {
+                Ok(_) => done(f.letter, "replayed", None),
+                Err(e) => done(f.letter, "failed", Some(format!(
+                    "{FATAL}republished, but could not remove it from the dead queue ({e}); it may be replayed twice, which the workers absorb (same event id)"
+                ))),
+            },
+            Err(e) => {
+                let fatal = matches!(e, PublishError::Broker(_));
+                let problem = format!(
+                    "{}republish to {} failed: {e}; it stays in the dead queue",
+                    if fatal { FATAL } else { "" },
+                    f.target
+                );
+                done(f.letter, "failed", Some(problem))
+            }
+        };
+        record(d, out, progress, removed);
+    }
+}
+
 /// A problem without its internal "stopped: " marker, for people.
 pub fn problem_text(problem: &str) -> &str {
     problem.trim_start_matches(FATAL)
@@ -332,15 +402,27 @@ fn is_fatal(problem: &str) -> bool {
     problem.starts_with(FATAL)
 }
 
-/// Applies the mode to one matching, held dead letter.
-async fn settle(delivery: &Delivery, letter: DeadLetter, mode: &Mode<'_>) -> Done {
+/// Applies the mode to one matching, held dead letter; a republish is left
+/// in flight (its confirm is awaited with others, in [`flush`]).
+async fn settle(delivery: &Delivery, letter: DeadLetter, mode: &Mode<'_>) -> Settled {
+    Settled::Now(match settle_now(delivery, letter, mode).await {
+        Ok(done) => done,
+        Err(f) => return Settled::Later(f),
+    })
+}
+
+async fn settle_now(
+    delivery: &Delivery,
+    letter: DeadLetter,
+    mode: &Mode<'_>,
+) -> Result<Done, InFlight> {
     let done = |letter, outcome: &str| Done {
         letter,
         outcome: outcome.to_string(),
         replayed_to: None,
         problem: None,
     };
-    match mode {
+    Ok(match mode {
         Mode::Read => done(letter, "listed"),
         Mode::Purge { dry_run: true } => done(letter, "would purge"),
         Mode::Purge { dry_run: false } => {
@@ -358,19 +440,19 @@ async fn settle(delivery: &Delivery, letter: DeadLetter, mode: &Mode<'_>) -> Don
             dry_run,
         } => {
             let Some(routing_key) = letter.original_routing_key.clone() else {
-                return Done {
+                return Ok(Done {
                     problem: Some(
                         "no routing key: it has neither x-halosync-original-routing-key, a `type` property nor an envelope `type`; left in the dead queue".into(),
                     ),
                     ..done(letter, "failed")
-                };
+                });
             };
             let target = format!("{exchange} [{routing_key}]");
             if *dry_run {
-                return Done {
+                return Ok(Done {
                     replayed_to: Some(target),
                     ..done(letter, "would replay")
-                };
+                });
             }
             let mut props = delivery
                 .properties
@@ -383,22 +465,17 @@ async fn settle(delivery: &Delivery, letter: DeadLetter, mode: &Mode<'_>) -> Don
                 }
             }
             match publisher
-                .publish_to(exchange, &routing_key, &delivery.data, props)
+                .start_publish(exchange, &routing_key, &delivery.data, props)
                 .await
             {
-                Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
-                    Ok(_) => Done {
-                        replayed_to: Some(target),
-                        ..done(letter, "replayed")
-                    },
-                    Err(e) => Done {
-                        replayed_to: Some(target),
-                        problem: Some(format!(
-                            "{FATAL}republished, but could not remove it from the dead queue ({e}); it may be replayed twice, which the workers absorb (same event id)"
-                        )),
-                        ..done(letter, "failed")
-                    },
-                },
+                Ok(pending) => {
+                    return Err(InFlight {
+                        acker: delivery.acker.clone(),
+                        letter,
+                        target,
+                        pending,
+                    })
+                }
                 Err(e) => {
                     let fatal = matches!(e, PublishError::Broker(_));
                     Done {
@@ -411,7 +488,7 @@ async fn settle(delivery: &Delivery, letter: DeadLetter, mode: &Mode<'_>) -> Don
                 }
             }
         }
-    }
+    })
 }
 
 fn topology(config: &Config) -> Topology {

@@ -59,6 +59,9 @@ pub struct App {
     pub audit: AuditLog,
     pub jobs: jobs::Jobs,
     pub redis: redis::aio::ConnectionManager,
+    /// Verified against when the user name is unknown, so that the answer
+    /// takes as long as for a known one (no user-name probing by timing).
+    pub dummy_hash: String,
 }
 
 pub type Shared = Arc<App>;
@@ -91,6 +94,7 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<&str>) -> anyhow::
         audit,
         jobs: jobs::Jobs::default(),
         redis,
+        dummy_hash: settings::hash_password(&auth::random_token())?,
         settings,
     });
     let listener = tokio::net::TcpListener::bind(app.settings.listen)
@@ -113,12 +117,27 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<&str>) -> anyhow::
         listener,
         router(app).into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
+    .with_graceful_shutdown(shutdown_signal())
     .await
     .context("serving the console")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C or SIGTERM (`make run`, Kubernetes, compose all send SIGTERM).
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("console stopping");
 }
 
 pub fn router(app: Shared) -> Router {
@@ -349,9 +368,7 @@ async fn login(
     let hash = found
         .as_ref()
         .map(|u| u.password_hash.clone())
-        .unwrap_or_else(|| {
-            "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0nbk7FJgxCTJ9KCO9Ok9vEO6QqNNfC+wGWmG6fmvYDM".to_string()
-        });
+        .unwrap_or_else(|| app.dummy_hash.clone());
     let ok = tokio::task::spawn_blocking(move || settings::verify_password(&password, &hash))
         .await
         .unwrap_or(false);

@@ -163,7 +163,7 @@ pub async fn page(State(app): State<Shared>, headers: HeaderMap) -> Response {
             table #families {
                 thead { tr { th { "Family" } th.num { "Ready" } th.num { "In retry" } th.num { "Dead" } th.num { "Consumers" } } }
                 tbody {
-                    @for (f, r) in &o.families {
+                    @for (f, r) in halosync_shared::Family::ALL.iter().filter_map(|f| o.families.get(f.as_str()).map(|r| (f.as_str(), r))) {
                         tr id={"family-" (f)} {
                             td { b { (f) } }
                             td.num data-live={"families." (f) ".ready"} { (r.ready) }
