@@ -51,7 +51,12 @@ pub async fn worker_main(service: &'static str, handler: Arc<dyn Handler>) -> Ex
     tokio::spawn(stop_on_signal(shutdown.clone()));
     tracing::info!(family = %handler.family(), worker = %services.worker_id,
         connections = services.halo.len(), prefix = %services.config.prefix, "worker starting");
-    runtime::run(services, handler, shutdown).await;
+    runtime::run(services.clone(), handler, shutdown).await;
+    // The last messages' activity records are still buffered.
+    services
+        .activity
+        .close(std::time::Duration::from_secs(5))
+        .await;
     ExitCode::SUCCESS
 }
 

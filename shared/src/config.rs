@@ -117,6 +117,9 @@ pub struct WorkerSettings {
     /// Batching workers: how long a batch waits for more messages after
     /// its first one.
     pub batch_wait_ms: u64,
+    /// Record one activity record per settled message to the activity
+    /// stream (`crate::activity`); `false` turns it off (to measure its cost).
+    pub activity: bool,
 }
 
 impl Default for WorkerSettings {
@@ -134,6 +137,7 @@ impl Default for WorkerSettings {
             health_port: 0,
             batch_max: 200,
             batch_wait_ms: 200,
+            activity: true,
         }
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
+//! | [`activity`] | the activity log: recorder (workers) and reader (console, CLI) |
 //! | [`contract`] | the event envelope, families, versions, schema validation |
 //! | [`config`] | the TOML configuration and its checks |
 //! | [`error`] | failure classes (DESIGN §3) |
@@ -13,6 +14,7 @@
 //! | [`health`] | `/metrics`, `/healthz`, `/readyz` |
 //! | [`boot`] | a worker binary's `main` |
 
+pub mod activity;
 pub mod amqp;
 pub mod boot;
 pub mod config;

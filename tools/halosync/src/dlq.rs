@@ -521,6 +521,16 @@ On those versions lift the limit with: rabbitmqctl set_policy --apply-to quorum_
     }
 }
 
+/// The dead letters matching `args`, read without disturbing them (they
+/// stay in place and in order), for callers other than `dlq list`: the
+/// console and `halosync mappings unmapped`.
+pub async fn read(config: &Config, args: &FilterArgs) -> anyhow::Result<Vec<DeadLetter>> {
+    let filter = Filter::new(args, Utc::now());
+    let scan = run(config, &filter, Action::Read, &Progress::default()).await?;
+    warn_unsettled(&scan);
+    Ok(scan.done.into_iter().map(|d| d.letter).collect())
+}
+
 /// `halosync dlq list`
 pub async fn list(
     config: &Config,
