@@ -62,6 +62,17 @@ pub struct App {
     /// Verified against when the user name is unknown, so that the answer
     /// takes as long as for a known one (no user-name probing by timing).
     pub dummy_hash: String,
+    /// The activity stream, read into memory (None: it could not be read,
+    /// and `activity_error` says why).
+    pub activity: Option<halosync_shared::activity::ActivityLog>,
+    pub activity_error: Option<String>,
+    /// Unmapped skus per connection, and when they were read.
+    pub unmapped_cache: std::sync::Mutex<
+        Option<(
+            std::time::Instant,
+            std::collections::BTreeMap<String, usize>,
+        )>,
+    >,
 }
 
 pub type Shared = Arc<App>;
@@ -83,9 +94,35 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<&str>) -> anyhow::
                 halosync_shared::amqp::redact_url(&loaded.config.redis_url)
             )
         })?;
-    // Fail at start, not on the first page, when the broker is unreachable.
+    // Fail at start, not on the first page, when the broker is unreachable;
+    // declare the activity stream (as `halosync topology` does) so that the
+    // log can be read before any worker ran.
     let conn = crate::broker::connect(&loaded.config, "console").await?;
+    let queue = halosync_shared::amqp::Topology::new(&loaded.config.prefix, &[]).activity_queue();
+    let declared = match conn.create_channel().await {
+        Ok(ch) => halosync_shared::activity::declare_stream(&ch, &queue).await,
+        Err(e) => Err(e),
+    };
     crate::broker::close(&conn).await;
+    let (activity, activity_error) = match declared {
+        Err(e) => (
+            None,
+            Some(format!("cannot declare the activity stream {queue}: {e}")),
+        ),
+        Ok(()) => match halosync_shared::activity::ActivityLog::connect(
+            &loaded.config.amqp_url,
+            &loaded.config.prefix,
+            halosync_shared::activity::DEFAULT_MAX_RECORDS,
+        )
+        .await
+        {
+            Ok(log) => (Some(log), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+    };
+    if let Some(e) = &activity_error {
+        tracing::warn!(error = %e, "activity log unavailable");
+    }
     let app = Arc::new(App {
         config: loaded.config,
         config_path: config_path.map(Path::to_path_buf),
@@ -95,6 +132,9 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<&str>) -> anyhow::
         jobs: jobs::Jobs::default(),
         redis,
         dummy_hash: settings::hash_password(&auth::random_token())?,
+        activity,
+        activity_error,
+        unmapped_cache: std::sync::Mutex::new(None),
         settings,
     });
     let listener = tokio::net::TcpListener::bind(app.settings.listen)
