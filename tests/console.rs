@@ -16,7 +16,10 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use halo_sim::{Faults, SimConfig, SimHandle};
 use halosync_shared::amqp::headers as h;
 use halosync_shared::Family;
-use halosync_tests::{account_event, binary_path, EnvOptions, TestEnv, SECRET_ENV};
+use halosync_tests::{
+    account_event, binary_path, customers_of, subscription_event, EnvOptions, TestEnv, CONNECTION,
+    GENEROUS_BUDGET, SECRET_ENV,
+};
 use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
@@ -81,10 +84,12 @@ impl Console {
     /// and starts the console on it.
     async fn start(env: &TestEnv, extra: &str, vars: &[(&str, &str)]) -> Console {
         let mut config = std::fs::read_to_string(&env.config_path).expect("config");
-        config.push_str(&format!(
+        if !config.contains("\n[console]\n") {
+            config.push_str(&format!(
             "{extra}\n[console]\naudit_file = \"audit/audit.jsonl\"\nlogin_attempts = 5\n[console.users.{}]\nrole = \"operator\"\npassword_hash_env = \"H_ALICE\"\n[console.users.{}]\nrole = \"viewer\"\npassword_hash_env = \"H_VICTOR\"\n",
             ALICE.0, VICTOR.0
         ));
+        }
         std::fs::write(&env.config_path, config).expect("write config");
         let port = free_port();
         let log = env.dir.join("console.log");
@@ -937,5 +942,287 @@ async fn overview_numbers_equal_the_broker_and_halo_sim_after_a_run_with_failure
     .await;
     b.shot("02-overview-live").await;
     assert_eq!(env.clients().len(), 6);
+    drop(console);
+}
+
+/// A Redis of this test's own (so that FLUSHALL is allowed), on a free port.
+struct PrivateRedis {
+    child: Child,
+    url: String,
+}
+
+impl PrivateRedis {
+    async fn start() -> PrivateRedis {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (Debian package redis-server)");
+        let url = format!("redis://127.0.0.1:{port}/0");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(c) = redis::Client::open(url.as_str()) {
+                if let Ok(mut r) = c.get_multiplexed_async_connection().await {
+                    let pong: Result<String, _> = redis::cmd("PING").query_async(&mut r).await;
+                    if pong.is_ok() {
+                        break;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "private redis-server on {port} did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        PrivateRedis { child, url }
+    }
+
+    async fn flushall(&self) {
+        let c = redis::Client::open(self.url.as_str()).expect("redis url");
+        let mut r = c.get_multiplexed_async_connection().await.expect("redis");
+        let _: () = redis::cmd("FLUSHALL")
+            .query_async(&mut r)
+            .await
+            .expect("FLUSHALL");
+        let n: i64 = redis::cmd("DBSIZE")
+            .query_async(&mut r)
+            .await
+            .expect("DBSIZE");
+        assert_eq!(n, 0);
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Points the env's config (workers and console) at another Redis.
+fn use_redis(env: &TestEnv, url: &str) {
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("redis_url") {
+                format!("redis_url = \"{url}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&env.config_path, text + "\n").expect("config");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn activity_page_searches_pages_exports_and_survives_flushall() {
+    let redis = PrivateRedis::start().await;
+    let mut env = TestEnv::new("con-act").await;
+    use_redis(&env, &redis.url);
+    env.spawn_worker("halosync-account");
+    for i in 0..60 {
+        env.publish(&account_event(
+            &format!("evt_a_{i:02}"),
+            &format!("acc_{i}"),
+            &format!("Customer {i}"),
+            true,
+            1,
+        ))
+        .await;
+    }
+    let mut bad = account_event("evt_a_bad", "acc_bad", "Bad", true, 1);
+    bad["data"]["active"] = json!("yes");
+    env.publish(&bad).await;
+    env.wait_drained(Family::Account, Duration::from_secs(90))
+        .await;
+    let console = Console::start(&env, "", &[]).await;
+    let b = Browser::start("activity").await;
+    b.sign_in(&console, VICTOR).await;
+    b.goto(&console.at("/activity")).await;
+    b.wait_text("#activity-total", "61 matching", Duration::from_secs(30))
+        .await;
+    assert_eq!(b.count("#activity tbody tr").await, 50, "50 per page");
+    assert_eq!(b.text("#page-of").await, "page 1 of 2");
+    b.shot("01-all").await;
+    b.click("#older").await;
+    b.wait_text("#page-of", "page 2 of 2", Duration::from_secs(10))
+        .await;
+    assert_eq!(b.count("#activity tbody tr").await, 11);
+    // Filters live in the URL: typed in the form, kept by the address.
+    b.goto(&console.at("/activity")).await;
+    b.fill("input[name=event_id]", "evt_a_4").await;
+    b.click("form.filters button[type=submit]").await;
+    b.wait_text("#activity-total", "10 matching", Duration::from_secs(10))
+        .await; // evt_a_40 ..= evt_a_49 (ids are zero-padded)
+    let url = b.c().current_url().await.expect("url");
+    assert!(url.as_str().contains("event_id=evt_a_4"), "{url}");
+    b.goto(&console.at("/activity?outcome=dead-lettered")).await;
+    let t = b
+        .wait_text("#activity", "evt_a_bad", Duration::from_secs(10))
+        .await;
+    assert!(t.contains("dead-lettered") && t.contains("invalid"), "{t}");
+    assert_eq!(b.text("#activity-total").await, "1 matching");
+    b.shot("02-dead-lettered").await;
+    // CSV of everything matching (both pages).
+    let (http, _) = http_session(&console, VICTOR).await;
+    let csv = http
+        .get(console.at("/activity.csv?outcome=applied"))
+        .send()
+        .await
+        .expect("csv");
+    assert_eq!(csv.status(), 200);
+    assert!(csv.headers()["content-type"]
+        .to_str()
+        .unwrap_or("")
+        .starts_with("text/csv"));
+    let text = csv.text().await.expect("csv body");
+    assert_eq!(
+        text.lines().count(),
+        1 + 60,
+        "header + 60 applied: {}",
+        &text[..text.len().min(400)]
+    );
+    // FLUSHALL on Redis, console restarted: the log is in the broker's stream.
+    drop(b);
+    drop(console);
+    redis.flushall().await;
+    let console = Console::start(&env, "", &[]).await;
+    let b = Browser::start("activity-after-flushall").await;
+    b.sign_in(&console, VICTOR).await;
+    b.goto(&console.at("/activity")).await;
+    b.wait_text("#activity-total", "61 matching", Duration::from_secs(30))
+        .await;
+    b.shot("03-after-flushall").await;
+    env.kill_worker(0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unmapped_sku_is_mapped_on_the_page_replayed_and_applied_exactly_once() {
+    const ITEM: i64 = 2001;
+    let mut env = TestEnv::with(
+        "con-map",
+        EnvOptions {
+            connection_extra: format!(
+                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = 2010\n"
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sim.insert_item(ITEM, "Acme Backup 1 TB");
+    env.sim.insert_item(2002, "Acme Backup 5 TB");
+    env.sim.insert_item(2003, "Storage add-on");
+    env.sim.insert_item(2010, "Microsoft 365 Business Premium");
+    env.spawn_worker("halosync-account");
+    env.spawn_worker("halosync-subscription");
+    env.publish(&account_event("acc-e1", "acc_1", "Contoso Ltd", true, 1))
+        .await;
+    env.wait_for("customer", Duration::from_secs(30), || {
+        customers_of(&env, "acc_1").len() == 1
+    })
+    .await;
+    let mut e = subscription_event("s1", "sub_1", "acc_1", 5, "active", 1);
+    e["data"]["product"] = json!({"sku": "ACME-BACKUP-1TB", "name": "Backup 1 TB"});
+    env.publish(&e).await;
+    let dead = env.topology.dead_queue(Family::Subscription);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.depth(&dead).await == 0 {
+        assert!(Instant::now() < deadline, "{}", env.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let marker = "halosync.subscription:sub_1";
+    let licences = |env: &TestEnv| {
+        env.sim
+            .licences()
+            .into_iter()
+            .filter(|l| l["thirdparty_client_id"] == marker)
+            .count()
+    };
+    assert_eq!(licences(&env), 0);
+
+    let console = Console::start(&env, "", &[]).await;
+    let b = Browser::start("mappings").await;
+    b.sign_in(&console, ALICE).await;
+    b.goto(&console.at("/mappings")).await;
+    let t = b
+        .wait_text("#unmapped", "ACME-BACKUP-1TB", Duration::from_secs(30))
+        .await;
+    assert!(t.contains("subscription"), "{t}");
+    b.shot("01-unmapped").await;
+    // Search HaloPSA's items by name, pick one.
+    b.fill("#item-search", "Backup").await;
+    b.click("#search-items").await;
+    let items = b
+        .wait_text("#items", "Acme Backup 1 TB", Duration::from_secs(30))
+        .await;
+    assert!(
+        !items.contains("Storage add-on"),
+        "only the matching items: {items}"
+    );
+    b.shot("02-search").await;
+    b.c()
+        .find(Locator::Css(
+            "tr[data-sku='ACME-BACKUP-1TB'] select.item-choice",
+        ))
+        .await
+        .expect("item choice")
+        .select_by_value(&ITEM.to_string())
+        .await
+        .expect("choose the item");
+    b.click("tr[data-sku='ACME-BACKUP-1TB'] button[type=submit]")
+        .await;
+    let msg = b
+        .wait_text("#mapped", "Mapped", Duration::from_secs(30))
+        .await;
+    assert!(
+        msg.contains("ACME-BACKUP-1TB") && msg.contains("2001"),
+        "{msg}"
+    );
+    assert_eq!(b.text("#waiting").await, "1");
+    b.shot("03-mapped").await;
+    // Replay that sku's dead letters: confirm, then the job.
+    b.click("#replay-sku").await;
+    assert_eq!(
+        b.wait_text("#affected", "1", Duration::from_secs(30)).await,
+        "1"
+    );
+    b.click("#go").await;
+    b.wait_text("#job-state", "done", Duration::from_secs(60))
+        .await;
+    b.shot("04-replayed").await;
+    env.wait_for("licence written", Duration::from_secs(30), || {
+        licences(&env) == 1
+    })
+    .await;
+    env.wait_drained(Family::Subscription, Duration::from_secs(30))
+        .await;
+    assert_eq!(licences(&env), 1, "applied exactly once");
+    assert_eq!(env.depth(&dead).await, 0);
+    // Who did it.
+    b.goto(&console.at("/audit")).await;
+    let audit = b.text("#audit").await;
+    assert!(
+        audit.contains("mapping") && audit.contains("ACME-BACKUP-1TB → item 2001"),
+        "{audit}"
+    );
+    assert!(
+        audit.contains("replay") && audit.contains("s1") && audit.contains(ALICE.0),
+        "{audit}"
+    );
+    b.shot("05-audit").await;
     drop(console);
 }
