@@ -44,7 +44,7 @@ fn target_dir() -> PathBuf {
     exe.ancestors()
         .find(|p| p.file_name().is_some_and(|n| n == "target"))
         .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir())
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 fn screenshot_dir() -> PathBuf {

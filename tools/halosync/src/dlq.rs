@@ -228,6 +228,7 @@ async fn scan(
 }
 
 /// One dead queue. Returns (messages held, messages removed).
+#[allow(clippy::too_many_arguments)] // the scan's state, passed down as is
 async fn scan_queue(
     conn: &Connection,
     queue: &str,

@@ -93,7 +93,7 @@ fn view(app: &Shared, who: &SignedIn, result: Option<(&str, &Report)>) -> Markup
                     div.row {
                         h2 style="margin:0;flex:1" { (name) }
                         @if who.is_operator() {
-                            form.inline method="post" action="/connections/test" {
+                            form.inline method="post" action={"/connections/test#conn-" (name)} {
                                 (layout::csrf(who))
                                 input type="hidden" name="connection" value=(name);
                                 button.btn type="submit" id={"test-" (name)} { "Test" }

@@ -520,11 +520,11 @@ pub async fn run(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> 
         Ok(a) => a,
         Err(e) => return problem(StatusCode::BAD_REQUEST, Some(&who), "Bad filter", &e),
     };
+    let target = q.describe(&Filter::new(&args, Utc::now()));
     // Never more than was confirmed, even if more dead letters arrived since.
     args.limit = Some(expected);
     let filter = Filter::new(&args, Utc::now());
     let verb = if purge { "purge" } else { "replay" };
-    let target = q.describe(&filter);
     if let Err(r) = super::record(
         &app,
         &who,

@@ -114,7 +114,7 @@ impl Jobs {
             .lock()
             .map(|j| j.values().cloned().collect())
             .unwrap_or_default();
-        v.sort_by(|a, b| b.started.cmp(&a.started));
+        v.sort_by_key(|j| std::cmp::Reverse(j.started));
         v
     }
     pub fn running(&self) -> Option<Arc<Job>> {
@@ -286,13 +286,10 @@ pub async fn page(
         );
     };
     let s = job.snapshot();
-    let pct = if s.expected > 0 {
-        (100 * s.removed / s.expected).min(100)
-    } else if s.finished {
-        100
-    } else {
-        0
-    };
+    let pct = (100 * s.removed)
+        .checked_div(s.expected)
+        .map(|p| p.min(100))
+        .unwrap_or(if s.finished { 100 } else { 0 });
     let body = html! {
         h1 { "Job " code { (job.id) } }
         p.sub { (job.verb()) " of " (job.target) ", started by " (job.user) " " (layout::when(Some(&job.started))) }

@@ -60,6 +60,7 @@ input[type=text],input[type=password],input[type=search],select{font:inherit;pad
 .login{max-width:380px;margin:80px auto}.login h1{margin-bottom:16px}
 .login label{display:block;margin-bottom:12px;font-size:13px;color:var(--muted)}.login input{width:100%;margin-top:4px}
 .pager{display:flex;gap:8px;align-items:center;margin-top:12px}
+table.settings th{width:230px;text-transform:none;font-size:12.5px;letter-spacing:0}table.settings td,table.settings th{padding:5px 10px}
 .muted{color:var(--muted)}.right{text-align:right}.row{display:flex;gap:10px;align-items:center;flex-wrap:wrap}
 "#;
 

@@ -234,6 +234,9 @@ pub fn problem(status: StatusCode, who: Option<&SignedIn>, title: &str, message:
 }
 
 /// The signed-in user of a page request, or a redirect to the sign-in form.
+// The rejection is axum's own Response, returned as is by every handler;
+// boxing it would only add noise at each call.
+#[allow(clippy::result_large_err)]
 pub fn viewer(app: &App, headers: &HeaderMap, here: &str) -> Result<SignedIn, Response> {
     app.auth.signed_in(headers).ok_or_else(|| {
         let next = serde_urlencoded::to_string([("next", here)]).unwrap_or_default();
@@ -243,6 +246,7 @@ pub fn viewer(app: &App, headers: &HeaderMap, here: &str) -> Result<SignedIn, Re
 
 /// A state-changing request: signed in (401), the session's CSRF token
 /// (403) and the operator role (403), in that order.
+#[allow(clippy::result_large_err)]
 pub fn operator(app: &App, headers: &HeaderMap, form: &Form) -> Result<SignedIn, Response> {
     let Some(who) = app.auth.signed_in(headers) else {
         return Err(problem(
@@ -299,7 +303,9 @@ impl Form {
 }
 
 /// Records an audit entry; an entry that cannot be written is an error
-/// the caller must not ignore (the action is then not done).
+/// the caller must not ignore (the action is then not done). The
+/// arguments are the entry's fields, named at each call site.
+#[allow(clippy::too_many_arguments)]
 pub async fn record(
     app: &App,
     who: &SignedIn,
