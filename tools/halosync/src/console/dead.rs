@@ -19,6 +19,10 @@ use crate::dead::{self, parse_since, DeadLetter, FamilyArg, Filter, CLASSES};
 use crate::dlq::{self, Action, Progress};
 use crate::{FilterArgs, GroupBy};
 
+/// How long a page waits for another listing to finish with the dead
+/// queues before saying that a job holds them.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Most dead letters listed on one page (the groups count them all).
 const SHOWN: usize = 200;
 
@@ -187,7 +191,7 @@ pub async fn list(
     };
     let filter = Filter::new(&args, Utc::now());
     // A job holds the dead queues: do not wait for it, say so.
-    let Ok(guard) = app.jobs.dead_lock.try_lock() else {
+    let Some(guard) = app.jobs.lock_dead(LOCK_WAIT).await else {
         let running = app.jobs.running();
         let body = html! {
             h1 { "Dead letters" }
@@ -306,7 +310,7 @@ pub async fn show(
         Err(e) => return problem(StatusCode::BAD_REQUEST, Some(&who), "Bad filter", &e),
     };
     let filter = Filter::new(&args, Utc::now());
-    let Ok(guard) = app.jobs.dead_lock.try_lock() else {
+    let Some(guard) = app.jobs.lock_dead(LOCK_WAIT).await else {
         return problem(StatusCode::SERVICE_UNAVAILABLE, Some(&who), "A job is running", "A replay or purge is going through the dead queues; open this page again when it ends (see Jobs).");
     };
     let scan = dlq::run(&app.config, &filter, Action::Read, &Progress::default()).await;
@@ -432,7 +436,7 @@ pub async fn confirm(State(app): State<Shared>, headers: HeaderMap, body: Bytes)
         Err(e) => return problem(StatusCode::BAD_REQUEST, Some(&who), "Bad filter", &e),
     };
     let filter = Filter::new(&args, Utc::now());
-    let Ok(guard) = app.jobs.dead_lock.try_lock() else {
+    let Some(guard) = app.jobs.lock_dead(LOCK_WAIT).await else {
         return problem(StatusCode::CONFLICT, Some(&who), "A job is running", "Another replay or purge is going through the dead queues; wait until it ends (see Jobs), then try again.");
     };
     let scan = dlq::run(&app.config, &filter, dry(action), &Progress::default()).await;

@@ -105,6 +105,12 @@ pub struct Jobs {
 }
 
 impl Jobs {
+    /// The dead-queue lock, waiting up to `wait` for whoever holds it (a
+    /// listing takes seconds; a job can take minutes: then `None`).
+    pub async fn lock_dead(&self, wait: Duration) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        tokio::time::timeout(wait, self.dead_lock.lock()).await.ok()
+    }
+
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {
         self.jobs.lock().ok()?.get(id).cloned()
     }

@@ -23,6 +23,8 @@ use crate::mappings::{self, UnmappedSku};
 /// The overview's unmapped count is re-read at most this often (reading
 /// the dead queues is not free, and a job may be holding them).
 const UNMAPPED_REFRESH: Duration = Duration::from_secs(15);
+/// Above this many dead letters the overview does not re-read them.
+const UNMAPPED_SCAN_MAX: usize = 1000;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct MappingsQuery {
@@ -31,8 +33,8 @@ pub struct MappingsQuery {
 }
 
 /// The unmapped skus, unless a job holds the dead queues (`None`).
-async fn unmapped(app: &Shared) -> Option<anyhow::Result<Vec<UnmappedSku>>> {
-    let guard = app.jobs.dead_lock.try_lock().ok()?;
+async fn unmapped(app: &Shared, wait: Duration) -> Option<anyhow::Result<Vec<UnmappedSku>>> {
+    let guard = app.jobs.lock_dead(wait).await?;
     let r = mappings::unmapped_skus(&app.config, None).await;
     drop(guard);
     if let Ok(list) = &r {
@@ -56,7 +58,19 @@ pub async fn fill_overview(app: &Shared, o: &mut Overview) {
         .filter(|(at, _)| at.elapsed() < UNMAPPED_REFRESH);
     let per = match fresh {
         Some((_, per)) => Some(per),
-        None => match unmapped(app).await {
+        // Counting means reading every dead letter: live, only while that
+        // is cheap; above, the figures of the last Item mappings page.
+        None if o.total.dead as usize > UNMAPPED_SCAN_MAX => {
+            o.problems.push(format!(
+                "unmapped skus: not re-counted live above {UNMAPPED_SCAN_MAX} dead letters; the Item mappings page counts them"
+            ));
+            app.unmapped_cache
+                .lock()
+                .ok()
+                .and_then(|c| c.clone())
+                .map(|(_, p)| p)
+        }
+        None => match unmapped(app, Duration::ZERO).await {
             Some(Ok(_)) => app
                 .unmapped_cache
                 .lock()
@@ -123,7 +137,7 @@ pub async fn page(
         .filter(|c| names.contains(c))
         .or_else(|| names.first().cloned());
     let search = q.search.clone().unwrap_or_default();
-    let unmapped = unmapped(&app).await;
+    let unmapped = unmapped(&app, Duration::from_secs(20)).await;
     let mut items = Vec::new();
     let mut rows = Vec::new();
     let mut problems = Vec::new();
@@ -259,7 +273,7 @@ pub async fn set(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> 
         }
     };
     // The dead letters that waited for this key, to replay at once.
-    let waiting: Vec<UnmappedSku> = match unmapped(&app).await {
+    let waiting: Vec<UnmappedSku> = match unmapped(&app, Duration::from_secs(20)).await {
         Some(Ok(list)) => list
             .into_iter()
             .filter(|u| u.connection == connection && u.keys.iter().any(|k| k == key.trim()))
