@@ -50,7 +50,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 halosync \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
-      --home-dir /nonexistent --shell /usr/sbin/nologin halosync
+      --home-dir /nonexistent --shell /usr/sbin/nologin halosync \
+ && install -d -o 10001 -g 10001 -m 0750 /var/lib/halosync
+# /var/lib/halosync: the console's audit trail (console.audit_file); a
+# volume mounted there takes this owner, so the non-root user can write it.
 
 COPY --from=builder /out/bin/ /usr/local/bin/
 # `halosync publish /app/schemas/examples/valid` (compose's setup service)
@@ -60,8 +63,8 @@ COPY schemas/ /app/schemas/
 WORKDIR /app
 ENV HALOSYNC_CONFIG=/etc/halosync/halosync.toml \
     RUST_LOG=info
-# worker.health_port: /metrics, /healthz, /readyz
-EXPOSE 9090
+# worker.health_port: /metrics, /healthz, /readyz; 8088: halosync console
+EXPOSE 9090 8088
 USER 10001:10001
 CMD ["halosync", "--help"]
 

@@ -477,7 +477,7 @@ async fn account_that_never_arrives_is_dead_lettered_as_dependency_ready_for_rep
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn unmapped_sku_is_dead_lettered_at_once_naming_the_sku_and_halopsa_is_untouched() {
+async fn unmapped_sku_is_dead_lettered_at_once_naming_the_sku_and_halopsa_is_only_read() {
     let mut env = env_with("sub-unmapped", "", 0).await;
     let worker = env.spawn_worker(WORKER);
     let mut e = subscription_event("s1", "sub_1", "acc_1", 5, "active", 1);
@@ -499,11 +499,17 @@ async fn unmapped_sku_is_dead_lettered_at_once_naming_the_sku_and_halopsa_is_unt
     assert!(msg.contains("\"ACME-BACKUP-1TB\""), "{msg}");
     assert!(msg.contains(CONNECTION), "{msg}");
     assert!(
-        msg.contains("[connections.acme.items]"),
+        msg.contains("[connections.acme.items]") && msg.contains("halosync mappings set"),
         "says what to add: {msg}"
     );
-    assert_eq!(api_requests(&env), BTreeMap::new(), "HaloPSA was touched");
-    assert_eq!(env.sim.token_requests(), 0);
+    // The only request: the item mappings stored in HaloPSA (halo::items),
+    // which hold none for this sku; nothing was written.
+    assert_eq!(
+        api_requests(&env),
+        BTreeMap::from([("GET /api/ExternalLink".to_string(), 1)]),
+        "HaloPSA was touched beyond the mapping lookup"
+    );
+    assert_eq!(env.sim.token_requests(), 1);
 
     // The operator adds the mapping, restarts the worker and replays.
     let config = std::fs::read_to_string(&env.config_path).unwrap();

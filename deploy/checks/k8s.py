@@ -15,7 +15,12 @@ check-deploy.sh runs `kubernetes-validate --strict` on every manifest
   and limits; KEDA on the worker's own queue; every ConfigMap, Secret and
   key referenced exists; halosync.toml's client_secret_file names a key of
   the mounted Secret; prefix and retry tiers match definitions.json;
-  kustomization.yaml lists every manifest.
+  kustomization.yaml lists every manifest;
+* the console (console.yaml): one replica, Recreate, `halosync console
+  --listen 0.0.0.0:PORT`, probes on /healthz at that port, a Service whose
+  selector and targetPort reach it, console.audit_file on a mounted
+  PersistentVolumeClaim that exists, each user's password_hash_file a key
+  of a mounted Secret, non-root and read-only like the workers.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ CRD_SCHEMAS = {
 }
 # Built-in kinds used here, validated by kubernetes-validate.
 BUILTIN = {("v1", "Namespace"), ("v1", "ConfigMap"), ("v1", "Secret"),
-           ("apps/v1", "Deployment"), ("policy/v1", "PodDisruptionBudget")}
+           ("apps/v1", "Deployment"), ("policy/v1", "PodDisruptionBudget"),
+           ("v1", "Service"), ("v1", "PersistentVolumeClaim")}
+CONSOLE = "halosync-console"
 NAMESPACE = "halosync"
 
 
@@ -114,7 +121,7 @@ def main() -> None:
         return (get("ConfigMap", name, ctx) or {}).get("data", {})
 
     # --- every Deployment is a worker of the workspace, and vice versa
-    deployments = sorted(n for k, n in docs if k == "Deployment")
+    deployments = sorted(n for k, n in docs if k == "Deployment" and n != CONSOLE)
     report.check(deployments == want_workers,
                  f"Deployments {deployments} != the workspace's workers {want_workers}")
 
@@ -279,6 +286,8 @@ def main() -> None:
                     params = {r["parameter"] for r in ta["spec"].get("secretTargetRef", [])}
                     report.check("host" in params, f"TriggerAuthentication {an}: must provide `host`")
 
+    check_console(docs, get, secret_keys, cm_data, report)
+
     for cm, cfg in configs_seen.items():
         if cfg is not None:
             check_config_against_definitions(cfg, f"ConfigMap {cm} halosync.toml", report)
@@ -291,6 +300,77 @@ def main() -> None:
               f"{HEALTH_PORT}, grace > shutdown_grace, non-root, read-only root, requests/limits, "
               "Prometheus annotations, Secret/ConfigMap refs), PodDisruptionBudget, KEDA ScaledObject on its queue")
     report.finish()
+
+
+def check_console(docs, get, secret_keys, cm_data, report: Report) -> None:
+    ctx = f"Deployment {CONSOLE}"
+    dep = docs.get(("Deployment", CONSOLE))
+    if not report.check(dep, f"no Deployment {CONSOLE} (console.yaml)"):
+        return
+    spec = dep["spec"]
+    report.check(spec.get("replicas") == 1, f"{ctx}: replicas must be 1 (sessions live in the process)")
+    report.check(spec.get("strategy", {}).get("type") == "Recreate",
+                 f"{ctx}: strategy must be Recreate (one pod holds the ReadWriteOnce audit volume)")
+    tpl = spec["template"]
+    labels = tpl["metadata"].get("labels", {})
+    sel = spec["selector"].get("matchLabels", {})
+    report.check(sel and all(labels.get(k) == v for k, v in sel.items()),
+                 f"{ctx}: selector {sel} does not match the pod labels {labels}")
+    pod = tpl["spec"]
+    c = pod["containers"][0]
+    cmd = c.get("command", [])
+    report.check(cmd[:2] == ["halosync", "console"] and "--listen" in cmd,
+                 f"{ctx}: command {cmd} must be halosync console --listen 0.0.0.0:PORT")
+    listen = cmd[cmd.index("--listen") + 1] if "--listen" in cmd and cmd.index("--listen") + 1 < len(cmd) else ""
+    report.check(listen.startswith("0.0.0.0:"), f"{ctx}: --listen {listen!r} must be 0.0.0.0:PORT (reachable from the Service)")
+    port = int(listen.rsplit(":", 1)[-1]) if listen.rsplit(":", 1)[-1].isdigit() else None
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    report.check(port in ports.values(), f"{ctx}: no containerPort {port} (the --listen port)")
+    for kind in ("livenessProbe", "readinessProbe"):
+        hg = (c.get(kind) or {}).get("httpGet", {})
+        report.check(hg.get("path") == "/healthz" and ports.get(hg.get("port"), hg.get("port")) == port,
+                     f"{ctx}: {kind} must GET /healthz on {port}")
+    psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
+    report.check(psc.get("runAsNonRoot") is True and psc.get("runAsUser", 0) != 0, f"{ctx}: must run as non-root")
+    report.check(csc.get("readOnlyRootFilesystem") is True, f"{ctx}: readOnlyRootFilesystem must be true")
+    env = {e["name"]: "(secret)" for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+    for var in ("AMQP_URL", "REDIS_URL"):
+        report.check(env.get(var) == "(secret)", f"{ctx}: {var} must come from a Secret")
+    # The Service reaches the pod.
+    svc = get("Service", CONSOLE, ctx) or {}
+    ssel = svc.get("spec", {}).get("selector", {})
+    report.check(ssel and all(labels.get(k) == v for k, v in ssel.items()),
+                 f"Service {CONSOLE}: selector {ssel} does not select the console's pods")
+    for sp in svc.get("spec", {}).get("ports", []):
+        tp = sp.get("targetPort", sp.get("port"))
+        report.check(ports.get(tp, tp) == port, f"Service {CONSOLE}: targetPort {tp} is not the console's port {port}")
+    # Volumes: the config, the audit file on a PVC, the users' hash files.
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"].rstrip("/"): vols.get(m["name"], {}) for m in c.get("volumeMounts", [])}
+    cfg_vol = mounts.get("/etc/halosync", {})
+    text = cm_data(cfg_vol.get("configMap", {}).get("name", ""), ctx).get("halosync.toml") if cfg_vol else None
+    if not report.check(text, f"{ctx}: no halosync.toml ConfigMap mounted at /etc/halosync"):
+        return
+    cfg = load_toml(text, f"{ctx} halosync.toml", report) or {}
+    console = cfg.get("console", {})
+    if not report.check(console.get("users"), f"{ctx}: halosync.toml has no [console.users.NAME]: nobody could sign in"):
+        return
+    audit = PurePosixPath(console.get("audit_file", "halosync-audit.jsonl"))
+    av = mounts.get(str(audit.parent), {})
+    if report.check("persistentVolumeClaim" in av,
+                    f"{ctx}: console.audit_file {audit} is not on a mounted PersistentVolumeClaim (it would be lost on restart)"):
+        get("PersistentVolumeClaim", av["persistentVolumeClaim"]["claimName"], ctx)
+    secret_files = set()
+    for mp, vol in mounts.items():
+        if "secret" in vol:
+            secret_files |= {f"{mp}/{k}" for k in secret_keys(vol["secret"]["secretName"], ctx)}
+    for name, u in console["users"].items():
+        report.check(u.get("role") in ("viewer", "operator"), f"{ctx}: console.users.{name}.role must be viewer or operator")
+        f = u.get("password_hash_file")
+        report.check(f in secret_files, f"{ctx}: console.users.{name}.password_hash_file = {f} is not a key of a "
+                                        f"mounted Secret (mounted: {sorted(secret_files)})")
+    report.ok(f"{CONSOLE}: one replica (Recreate), halosync console on {port}, /healthz probes, Service, audit file "
+              f"on a PersistentVolumeClaim, {len(console['users'])} user(s) with hashes from a mounted Secret")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ FAMILIES = ["account", "subscription", "usage", "overage"]  # contract.rs Family
 DELAYS_MS = [1000, 5000, 30000, 120000, 600000]  # config.rs RetrySettings::default
 DELIVERY_LIMIT = 10  # topology.rs DELIVERY_LIMIT (work queues)
 PARKED_DELIVERY_LIMIT = 1_000_000_000  # topology.rs parked() (dead letters, unrouted)
+ACTIVITY_MAX_AGE = "30D"  # activity.rs MAX_AGE (the activity stream)
 PREFIX = ""
 VHOST = "/"
 
@@ -66,6 +67,8 @@ def expected() -> tuple[dict, dict, set]:
                 "x-message-ttl": d,
             }
         bindings.add((f"{p}halosync.events", work, f"{fam}.*"))
+    # The activity log (shared/src/activity.rs): a stream, kept 30 days.
+    queues[f"{p}halosync.activity"] = {"x-queue-type": "stream", "x-max-age": ACTIVITY_MAX_AGE}
     return exchanges, queues, bindings
 
 
@@ -100,6 +103,17 @@ def check_sources(report: Report) -> None:
                    "ExchangeKind::Fanout", "ExchangeKind::Topic", 'dead_lettering("", &work)',
                    'dead_lettering("", &self.dead_queue(family))'):
         report.check(needle in topo, f"topology.rs no longer contains {needle}: {hint}")
+    activity = (ROOT / "shared/src/activity.rs").read_text(encoding="utf-8")
+    report.check('"{}halosync.activity"' in topo and "activity::declare_stream" in topo,
+                 f"topology.rs no longer declares the activity stream {{}}halosync.activity: {hint}")
+    m = re.search(r'pub const MAX_AGE: &str = "([^"]+)";', activity)
+    report.check(m and m.group(1) == ACTIVITY_MAX_AGE,
+                 f"activity.rs MAX_AGE is no longer {ACTIVITY_MAX_AGE!r}: {hint}")
+    m = re.search(r"pub fn stream_arguments\(\).*?\n}\n", activity, re.S)
+    body = m.group(0) if m else ""
+    akeys = set(re.findall(r'insert\(\s*"([a-z-]+)"', body))
+    report.check(akeys == {"x-queue-type", "x-max-age"} and '"stream"' in body,
+                 f"activity.rs stream_arguments sets {sorted(akeys)}, this check knows x-queue-type=stream, x-max-age: {hint}")
     fams = re.findall(r'Family::\w+ => "(\w+)",', contract)
     fam_order = list(dict.fromkeys(fams))
     report.check(fam_order == FAMILIES, f"contract.rs families are {fam_order}, expected {FAMILIES}: {hint}")

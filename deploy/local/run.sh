@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: halo-sim + every worker binary against the local RabbitMQ and
-# Redis, the example events published, the resulting customers printed.
+# Redis, the example events published, the resulting customers printed,
+# then the operator's console on http://127.0.0.1:8088/ (user demo).
 # Ctrl-C stops everything (SIGTERM to each process, which finishes its
 # in-flight messages and exits 0).
 set -euo pipefail
@@ -67,6 +68,20 @@ echo "HaloPSA customers (halo-sim):"
 curl -s "http://127.0.0.1:$PORT/_sim/state" | python3 deploy/local/show-halo.py
 echo
 "$BIN/halosync" status || true
+
+# The operator's web console, with a demo user (the hash is made here, so
+# no password hash is kept in the repository).
+CONSOLE_ADDR=${HALOSYNC_CONSOLE_ADDR:-127.0.0.1:8088}
+HALOSYNC_CONSOLE_DEMO=$(printf %s demo | "$BIN/halosync" console --hash-password)
+export HALOSYNC_CONSOLE_DEMO
+RUST_LOG=$WORKER_LOG "$BIN/halosync" console --listen "$CONSOLE_ADDR" >"$LOGS/console.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 50); do
+  grep -q "listening on" "$LOGS/console.log" 2>/dev/null && break
+  sleep 0.1
+done
+echo
+echo "Console: http://$CONSOLE_ADDR/  (user demo, password demo; log $LOGS/console.log)"
 echo
 echo "Running. Try: $BIN/halosync dlq list --group-by class   (with HALOSYNC_CONFIG=$HALOSYNC_CONFIG)"
 echo "Press Ctrl-C to stop."

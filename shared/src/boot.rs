@@ -77,7 +77,12 @@ pub async fn worker_main(service: &'static str, handler: Arc<dyn Handler>) -> Ex
     let config = services.config();
     tracing::info!(family = %handler.family(), worker = %services.worker_id,
         connections = config.connections.len(), prefix = %config.prefix, "worker starting");
-    runtime::run(services, handler, shutdown).await;
+    runtime::run(services.clone(), handler, shutdown).await;
+    // The last messages' activity records are still buffered.
+    services
+        .activity
+        .close(std::time::Duration::from_secs(5))
+        .await;
     ExitCode::SUCCESS
 }
 

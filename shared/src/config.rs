@@ -103,6 +103,9 @@ pub struct Config {
     /// RabbitMQ TLS trust, client certificate and credentials
     /// (`amqp_ca_file`, `amqp_client_*`, `amqp_username`, `amqp_password_*`).
     pub amqp_access: crate::tls::AmqpAccess,
+    /// The `[console]` table as written, for `halosync console` to parse
+    /// (users, audit file); the workers ignore it.
+    pub console: Option<toml::Table>,
 }
 
 /// How a worker consumes. All keys live under `[worker]` and are optional.
@@ -141,6 +144,9 @@ pub struct WorkerSettings {
     /// Batching workers: how long a batch waits for more messages after
     /// its first one.
     pub batch_wait: Duration,
+    /// Record one activity record per settled message to the activity
+    /// stream (`crate::activity`); `false` turns it off (to measure its cost).
+    pub activity: bool,
 }
 
 impl Default for WorkerSettings {
@@ -158,6 +164,7 @@ impl Default for WorkerSettings {
             health_port: 0,
             batch_max: 200,
             batch_wait: Duration::from_millis(200),
+            activity: true,
         }
     }
 }
@@ -232,6 +239,7 @@ struct RawWorker {
     #[serde(default, with = "humantime_serde")]
     batch_wait: Option<Duration>,
     batch_wait_ms: Option<u64>,
+    activity: Option<bool>,
 }
 
 /// `[retry]` as written.
@@ -372,6 +380,7 @@ fn worker_settings(
             Unit::Millis,
             d.batch_wait,
         )?,
+        activity: raw.activity.unwrap_or(d.activity),
     };
     validate_worker(&settings)?;
     Ok(settings)
@@ -496,6 +505,7 @@ struct RawConfig {
     amqp_username: Option<String>,
     amqp_password_env: Option<String>,
     amqp_password_file: Option<PathBuf>,
+    console: Option<toml::Table>,
 }
 
 #[derive(Deserialize)]
@@ -616,6 +626,7 @@ impl Config {
             warnings,
             redis_access,
             amqp_access,
+            console: raw.console,
         })
     }
 

@@ -2,6 +2,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
+//! | [`activity`] | the activity log: recorder (workers) and reader (console, CLI) |
 //! | [`contract`] | the event envelope, families, versions, schema validation |
 //! | [`config`] | the TOML configuration and its checks |
 //! | [`error`] | failure classes (DESIGN §3) |
@@ -16,6 +17,7 @@
 //! | [`boot`] | a worker binary's `main` |
 //! | [`tls`] | TLS and credentials for Redis and RabbitMQ, handshake probes |
 
+pub mod activity;
 pub mod amqp;
 pub mod boot;
 pub mod config;

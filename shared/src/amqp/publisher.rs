@@ -21,7 +21,7 @@
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
 use super::headers;
 use super::topology::Topology;
@@ -134,6 +134,23 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
+        self.start_publish(exchange, routing_key, body, properties)
+            .await?
+            .confirmed()
+            .await
+    }
+
+    /// Sends a publish without waiting for its confirm, so that many can be
+    /// in flight (a replay of thousands of dead letters would otherwise
+    /// wait one broker round trip and disk sync per message); await
+    /// [`Pending::confirmed`] before treating it as published.
+    pub async fn start_publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Pending, PublishError> {
         let confirm = self
             .channel
             .basic_publish(
@@ -146,8 +163,27 @@ impl Publisher {
                 body,
                 properties,
             )
-            .await?
             .await?;
+        Ok(Pending {
+            confirm,
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+        })
+    }
+}
+
+/// A publish sent, its confirm not yet awaited.
+pub struct Pending {
+    confirm: PublisherConfirm,
+    exchange: String,
+    routing_key: String,
+}
+
+impl Pending {
+    /// Waits for the broker's confirm; a nack or a return is an error.
+    pub async fn confirmed(self) -> Result<(), PublishError> {
+        let (exchange, routing_key) = (self.exchange.as_str(), self.routing_key.as_str());
+        let confirm = self.confirm.await?;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(PublishError::Returned {

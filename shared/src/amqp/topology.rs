@@ -9,7 +9,9 @@
 //!                {p}halosync.unrouted (queue)
 //! ```
 //!
-//! Everything is a durable quorum queue. Delay queues are named after their
+//! Everything is a durable quorum queue, except the activity log
+//! `{p}halosync.activity`, a stream with a 30-day max-age
+//! ([`crate::activity`]). Delay queues are named after their
 //! delay, so that changing the retry tiers adds queues rather than clashing
 //! with the arguments of existing ones. Retry and dead-letter copies are
 //! published by the worker to the default exchange, addressed by queue name.
@@ -65,6 +67,10 @@ impl Topology {
             delay_label(delay_ms)
         )
     }
+    /// The activity log: a stream queue (see [`crate::activity`]).
+    pub fn activity_queue(&self) -> String {
+        format!("{}halosync.activity", self.prefix)
+    }
     pub fn delays_ms(&self) -> &[u64] {
         &self.delays_ms
     }
@@ -82,6 +88,7 @@ impl Topology {
             .flat_map(|f| self.family_queues(*f))
             .collect();
         q.push(self.unrouted_queue());
+        q.push(self.activity_queue());
         q
     }
     pub fn exchanges(&self) -> Vec<String> {
@@ -167,6 +174,9 @@ impl Topology {
                 .await
                 .map_err(wrap(format!("binding {work}")))?;
         }
+        crate::activity::declare_stream(channel, &self.activity_queue())
+            .await
+            .map_err(wrap(self.activity_queue()))?;
         Ok(())
     }
 
@@ -258,7 +268,8 @@ mod tests {
             "t1.halosync.account.retry.500ms"
         );
         assert_eq!(t.family_queues(Family::Account).len(), 6);
-        assert_eq!(t.all_queues().len(), 25);
+        assert_eq!(t.all_queues().len(), 26);
+        assert_eq!(t.activity_queue(), "t1.halosync.activity");
         assert_eq!(delay_label(120_000), "2m");
         assert_eq!(delay_label(3_600_000), "1h");
     }

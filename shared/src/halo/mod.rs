@@ -1,9 +1,11 @@
 //! The HaloPSA client: tokens ([`token`]), the shared rate budget
 //! ([`ratelimit`]), requests and their errors ([`client`], [`error`]), and
-//! the billing id → HaloPSA id links ([`links`]).
+//! the billing id → HaloPSA id links ([`links`]), and the item mappings
+//! ([`items`]).
 
 pub mod client;
 pub mod error;
+pub mod items;
 pub mod links;
 pub mod ratelimit;
 pub mod token;

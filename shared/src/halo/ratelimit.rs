@@ -124,6 +124,23 @@ impl RateLimiter {
             .set(ratio);
     }
 
+    /// How much of the budget the current window has used, and how long
+    /// a 429 pause still holds (for the console's overview), read with
+    /// Redis' own clock as [`acquire`](Self::acquire) does.
+    pub async fn usage(&self) -> Result<(u32, u32, Duration), HaloError> {
+        let mut r = self.redis.clone();
+        let (used, cool): (u32, i64) = redis::Script::new(
+            "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) return {redis.call('ZCOUNT', KEYS[1], now - tonumber(ARGV[1]), '+inf'), redis.call('PTTL', KEYS[2])}",
+        )
+        .key(&self.key)
+        .key(&self.cooldown_key)
+        .arg(self.window.as_millis() as u64)
+        .invoke_async(&mut r)
+        .await
+        .map_err(|e| HaloError::State(format!("rate limiter: {e}")))?;
+        Ok((used, self.limit, Duration::from_millis(cool.max(0) as u64)))
+    }
+
     /// HaloPSA answered 429 although we kept to the budget (another
     /// integration shares it, or the budget is set too high): every process
     /// pauses this connection for `pause`, instead of each message finding

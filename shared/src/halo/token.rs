@@ -202,6 +202,16 @@ impl TokenProvider {
             .await;
     }
 
+    /// How long the shared (Redis) token stays valid, if there is one: for
+    /// the console's overview; never the token itself.
+    pub async fn valid_for(&self) -> Result<Option<Duration>, redis::RedisError> {
+        let mut r = self.redis.clone();
+        Ok(self
+            .cached_in_redis(&mut r)
+            .await?
+            .map(|c| c.refresh_at.saturating_duration_since(Instant::now())))
+    }
+
     async fn cached_in_redis(
         &self,
         r: &mut ConnectionManager,

@@ -120,6 +120,7 @@ pub(super) async fn settle_batch(
         let decision = item
             .decision
             .unwrap_or_else(|| Decision::Requeue("not decided (bug)".into()));
+        let aggregate = item.event.as_ref().and_then(|e| handler.aggregate(e).ok());
         finish(
             &services,
             family,
@@ -127,6 +128,7 @@ pub(super) async fn settle_batch(
             &item.delivery,
             item.attempts_before,
             item.event.as_ref(),
+            aggregate.as_deref(),
             decision,
             started,
         )

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::activity::{ActivityRecord, ActivityRecorder};
 use crate::amqp::headers::{self as h};
 use crate::amqp::{self, Publisher, Topology};
 use arc_swap::ArcSwap;
@@ -135,6 +136,8 @@ pub struct Services {
     pub worker_id: String,
     /// Outages and readiness (for `/readyz` and the wait loops).
     pub health: Arc<Health>,
+    /// One record per settled message to the activity stream (never blocks).
+    pub activity: ActivityRecorder,
     http: reqwest::Client,
     redis: ConnectionManager,
     keys: Keys,
@@ -193,13 +196,25 @@ impl Services {
         let host = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "unknown".into());
+        let worker_id = format!("{host}:{}", std::process::id());
+        let topology = Topology::new(&config.prefix, &config.retry.delays_ms());
+        let activity = if config.worker.activity {
+            ActivityRecorder::start(
+                &config.amqp_url,
+                topology.activity_queue(),
+                &format!("{}{worker_id}", config.prefix),
+            )
+        } else {
+            ActivityRecorder::disabled()
+        };
         let services = Services {
             store: Store::new(redis.clone(), keys.clone(), config.worker.ledger_ttl),
-            topology: Topology::new(&config.prefix, &config.retry.delays_ms()),
+            topology,
             contract: Contract::new()?,
             halo: ArcSwap::from_pointee(BTreeMap::new()),
-            worker_id: format!("{host}:{}", std::process::id()),
+            worker_id,
             health,
+            activity,
             http,
             redis,
             keys,
@@ -533,6 +548,7 @@ async fn settle(
             Ok(d) => d,
             Err(e) => (Decision::Requeue(format!("handler panicked: {e}")), None),
         };
+        let aggregate = event.as_ref().and_then(|e| handler.aggregate(e).ok());
         finish(
             &services,
             handler.family(),
@@ -540,6 +556,7 @@ async fn settle(
             &delivery,
             attempts_before,
             event.as_ref(),
+            aggregate.as_deref(),
             decision,
             started,
         )
@@ -550,7 +567,7 @@ async fn settle(
 }
 
 /// Settles one delivery and records its outcome: one log line (in the
-/// message's span) and the metrics.
+/// message's span), the metrics, and one activity record.
 #[allow(clippy::too_many_arguments)]
 async fn finish(
     services: &Services,
@@ -559,14 +576,19 @@ async fn finish(
     delivery: &Delivery,
     attempts_before: u32,
     event: Option<&Envelope>,
+    aggregate: Option<&str>,
     decision: Decision,
     started: Instant,
 ) {
-    let outcome = match &decision {
-        Decision::Ack(o) => o.to_string(),
-        Decision::Retry(_) => "retried".into(),
-        Decision::Dead(_) => "dead-lettered".into(),
-        Decision::Requeue(_) => "requeued".into(),
+    let decided = match &decision {
+        Decision::Ack(o) => *o,
+        Decision::Retry(_) => "retried",
+        Decision::Dead(_) => "dead-lettered",
+        Decision::Requeue(_) => "requeued",
+    };
+    let requeue_reason = match &decision {
+        Decision::Requeue(r) => Some(r.clone()),
+        _ => None,
     };
     let settled = apply_decision(
         services,
@@ -578,34 +600,76 @@ async fn finish(
         decision,
     )
     .await;
+    // What really happened: a retry past its last attempt is dead-lettered
+    // (as `exhausted` or `dependency`), a copy that could not be published
+    // leaves the message requeued.
+    let (outcome, class): (&'static str, Option<&'static str>) = match &settled {
+        Ok(Some((_, Moved::Dead(label)))) => ("dead-lettered", Some(*label)),
+        Ok(Some((f, Moved::Retried))) => ("retried", Some(f.class.as_str())),
+        Ok(Some((f, Moved::Requeued))) => ("requeued", Some(f.class.as_str())),
+        Ok(None) => (decided, None),
+        Err(_) => ("requeued", None),
+    };
     let elapsed = started.elapsed();
     let duration_ms = elapsed.as_millis() as u64;
     let family = family.as_str();
-    metrics::counter!("halosync_messages_total", "family" => family, "outcome" => outcome.clone())
+    metrics::counter!("halosync_messages_total", "family" => family, "outcome" => outcome)
         .increment(1);
     metrics::histogram!("halosync_processing_seconds", "family" => family)
         .record(elapsed.as_secs_f64());
-    if let Ok(Some(f)) = &settled {
-        if outcome == "dead-lettered" {
-            // The class the dead letter is filed under (a transient
-            // failure out of attempts is `exhausted`, as in its header).
-            let class = match f.class {
-                FailureClass::Transient => DEAD_CLASS_EXHAUSTED,
-                c => c.as_str(),
-            };
-            metrics::counter!("halosync_dead_letters_total", "family" => family, "class" => class)
-                .increment(1);
-        }
+    if let (Ok(Some(_)), "dead-lettered", Some(label)) = (&settled, outcome, class) {
+        metrics::counter!("halosync_dead_letters_total", "family" => family, "class" => label)
+            .increment(1);
     }
+    let mut record = ActivityRecord {
+        time: Utc::now(),
+        connection: event.map(|e| e.connection.clone()).unwrap_or_default(),
+        family: family.to_string(),
+        event_id: event.map(|e| e.id.clone()).unwrap_or_else(|| {
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_string())
+                .unwrap_or_default()
+        }),
+        event_type: event.map(|e| e.event_type.clone()).unwrap_or_default(),
+        aggregate: aggregate.unwrap_or_default().to_string(),
+        outcome: outcome.to_string(),
+        class: class.map(str::to_string),
+        message: None,
+        halo_status: None,
+        attempts: attempts_before + 1,
+        worker: format!("halosync-{family}@{}", services.worker_id),
+    };
+    match &settled {
+        Ok(Some((f, _))) => {
+            record.message = Some(excerpt(&f.message, crate::activity::MESSAGE_EXCERPT));
+            record.halo_status = f.halo_status;
+        }
+        Ok(None) => record.message = requeue_reason,
+        Err(e) => record.message = Some(excerpt(&e.to_string(), crate::activity::MESSAGE_EXCERPT)),
+    }
+    services.activity.record(record);
     match settled {
-        Ok(Some(f)) => {
-            tracing::warn!(outcome, duration_ms, class = %f.class, error = %f.message, halo_status = f.halo_status, "message settled")
+        Ok(Some((f, _))) => {
+            tracing::warn!(outcome, duration_ms, class = class.unwrap_or(f.class.as_str()), error = %f.message, halo_status = f.halo_status, "message settled")
         }
         Ok(None) => tracing::info!(outcome, duration_ms, "message settled"),
         Err(e) => {
             tracing::error!(outcome, duration_ms, error = %e, "could not settle the message; the broker will redeliver it")
         }
     }
+}
+
+/// Where a failed message went.
+enum Moved {
+    /// To a delay queue.
+    Retried,
+    /// To the dead queue, filed under this class.
+    Dead(&'static str),
+    /// Nowhere: its copy could not be published, so it was requeued.
+    Requeued,
 }
 
 /// Validation, ledger, lock, handler: everything but settling.
@@ -724,7 +788,7 @@ async fn run_handler(
 }
 
 /// Settles the delivery. Returns the failure that was retried or
-/// dead-lettered, for the log line.
+/// dead-lettered and where the message went, for the log line.
 async fn apply_decision(
     services: &Services,
     family: Family,
@@ -733,7 +797,7 @@ async fn apply_decision(
     attempts_before: u32,
     event: Option<&Envelope>,
     decision: Decision,
-) -> Result<Option<Failure>, lapin::Error> {
+) -> Result<Option<(Failure, Moved)>, lapin::Error> {
     let config = services.config();
     let retry = &config.retry;
     let (failure, target, class_label, attempts) = match decision {
@@ -808,7 +872,12 @@ async fn apply_decision(
     {
         Ok(()) => {
             delivery.acker.ack(BasicAckOptions::default()).await?;
-            Ok(Some(failure))
+            let moved = if class_label.is_empty() {
+                Moved::Retried
+            } else {
+                Moved::Dead(class_label)
+            };
+            Ok(Some((failure, moved)))
         }
         Err(e) => {
             tracing::error!(error = %e, queue = %target, "could not move the message; requeueing it");
@@ -819,7 +888,7 @@ async fn apply_decision(
                     ..Default::default()
                 })
                 .await?;
-            Ok(Some(failure))
+            Ok(Some((failure, Moved::Requeued)))
         }
     }
 }

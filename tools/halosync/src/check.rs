@@ -139,11 +139,12 @@ impl Item {
     }
 }
 
-#[derive(Debug, Serialize)]
-struct Report {
-    connection: Option<String>,
-    ok: bool,
-    checks: Vec<Item>,
+/// The whole checklist of one connection.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub connection: Option<String>,
+    pub ok: bool,
+    pub checks: Vec<Item>,
 }
 
 /// `halosync check`
@@ -152,7 +153,23 @@ pub async fn run(
     name: Option<&str>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let report = match prepare(config_path, name) {
+    let report = report(config_path, name).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs every step of the check for one connection: the single code path
+/// of `halosync check` and of the console's "Test" button.
+pub async fn report(config_path: Option<&Path>, name: Option<&str>) -> Report {
+    match prepare(config_path, name) {
         Err(item) => Report {
             connection: name.map(str::to_string),
             ok: false,
@@ -168,17 +185,7 @@ pub async fn run(
                 checks,
             }
         }
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_report(&report);
     }
-    Ok(if report.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }
 
 /// Loads the config and picks the connection; a failure is the `config`

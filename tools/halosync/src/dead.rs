@@ -323,6 +323,15 @@ impl DeadLetter {
         self.connection.clone().into_iter().chain(env)
     }
 
+    /// The error message with numbers folded: the key of its failure group.
+    pub fn folded_error(&self) -> String {
+        fold_numbers(
+            self.error_message
+                .as_deref()
+                .unwrap_or("(no error message)"),
+        )
+    }
+
     /// The message to show: the worker's message, with HaloPSA's own text
     /// when the worker's message does not already hold it.
     pub fn reason(&self) -> String {
@@ -347,6 +356,8 @@ pub struct Filter {
     pub classes: Vec<String>,
     pub connections: Vec<String>,
     pub event_ids: Vec<String>,
+    /// The folded error message of one failure group.
+    pub error: Option<String>,
     pub since: Option<DateTime<Utc>>,
     pub limit: Option<usize>,
     /// The arguments, to print back in advice.
@@ -360,6 +371,7 @@ impl Filter {
             classes: args.class.clone(),
             connections: args.connection.clone(),
             event_ids: args.event_id.clone(),
+            error: args.error.as_deref().map(fold_numbers),
             since: args.since.as_ref().map(|s| s.cutoff(now)),
             limit: args.limit,
             args: args.clone(),
@@ -384,6 +396,11 @@ impl Filter {
         {
             return false;
         }
+        if let Some(error) = &self.error {
+            if &d.folded_error() != error {
+                return false;
+            }
+        }
         if let Some(cutoff) = self.since {
             match d.last_failure_at {
                 Some(t) if t >= cutoff => {}
@@ -398,6 +415,7 @@ impl Filter {
             && self.classes.is_empty()
             && self.connections.is_empty()
             && self.event_ids.is_empty()
+            && self.error.is_none()
             && self.since.is_none()
             && self.limit.is_none()
     }
@@ -417,6 +435,9 @@ impl Filter {
         multi("--class", &self.classes);
         multi("--connection", &self.connections);
         multi("--event-id", &self.event_ids);
+        if let Some(e) = &self.error {
+            out.push(format!("--error {}", shell_word(e)));
+        }
         if let Some(s) = &self.args.since {
             out.push(format!("--since {}", shell_word(&s.as_arg())));
         }
@@ -467,9 +488,7 @@ pub fn group(letters: &[DeadLetter], by: GroupBy) -> Vec<Group> {
     for d in letters {
         let error = match by {
             GroupBy::Class => None,
-            GroupBy::Error => Some(fold_numbers(
-                d.error_message.as_deref().unwrap_or("(no error message)"),
-            )),
+            GroupBy::Error => Some(d.folded_error()),
         };
         let g = groups
             .entry((d.class.clone(), error.clone()))

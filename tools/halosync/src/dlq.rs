@@ -22,11 +22,13 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
-use halosync_shared::amqp::{publisher::PublishError, Publisher, Topology};
+use halosync_shared::amqp::publisher::{Pending, PublishError};
+use halosync_shared::amqp::{Publisher, Topology};
 use halosync_shared::{Config, Family};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicQosOptions};
@@ -44,7 +46,30 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Warn above this `x-delivery-count` (RabbitMQ 4.0–4.2 default limit: 20).
 pub const DELIVERY_COUNT_WARNING: i64 = 15;
 
-/// What to do with each matching dead letter.
+/// What to do with each matching dead letter: the one description of a
+/// dead-letter run that `halosync dlq` and the console both hand to [`run`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Read,
+    Replay { dry_run: bool },
+    Purge { dry_run: bool },
+}
+
+/// Live counters of a run, so that the console can show progress while a
+/// replay of thousands of dead letters goes on server-side; `cancel` stops
+/// it before the next dead letter (the rest stays untouched).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Dead letters in the queues read so far, when each was counted.
+    pub total: AtomicU64,
+    pub fetched: AtomicUsize,
+    pub matched: AtomicUsize,
+    pub removed: AtomicUsize,
+    pub failed: AtomicUsize,
+    pub cancel: AtomicBool,
+}
+
+/// What to do with each matching dead letter, with what it needs.
 enum Mode<'a> {
     Read,
     Replay {
@@ -59,37 +84,37 @@ enum Mode<'a> {
 
 /// What happened to one matching dead letter.
 #[derive(Clone, Debug, Serialize)]
-struct Done {
+pub struct Done {
     #[serde(flatten)]
-    letter: DeadLetter,
+    pub letter: DeadLetter,
     /// `listed`, `would replay`, `replayed`, `would purge`, `purged`,
     /// `failed`.
-    outcome: String,
+    pub outcome: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    replayed_to: Option<String>,
+    pub replayed_to: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    problem: Option<String>,
+    pub problem: Option<String>,
 }
 
 /// The result of going through the dead queues.
-struct Scan {
-    done: Vec<Done>,
+pub struct Scan {
+    pub done: Vec<Done>,
     /// Ready dead letters per queue when the scan started.
-    totals: BTreeMap<String, u32>,
+    pub totals: BTreeMap<String, u32>,
     /// How many were fetched (read) in all.
-    fetched: usize,
+    pub fetched: usize,
     /// Removed from the dead queues (replayed or purged).
-    removed: usize,
+    pub removed: usize,
     /// A fatal problem that stopped the scan early (the rest is untouched).
-    stopped: Option<String>,
+    pub stopped: Option<String>,
     /// Queues whose returned messages were not back in time.
-    unsettled: Vec<String>,
+    pub unsettled: Vec<String>,
     /// Families whose dead queue was read.
-    families: Vec<Family>,
+    pub families: Vec<Family>,
 }
 
 impl Scan {
-    fn total(&self) -> u64 {
+    pub fn total(&self) -> u64 {
         self.totals.values().map(|n| u64::from(*n)).sum()
     }
     /// `7 in t.halosync.account.dead`, or `7 in the account, subscription,
@@ -109,11 +134,56 @@ impl Scan {
     }
 }
 
+/// Goes through the dead queues the filter names and applies `action` to
+/// each matching dead letter: the single code path of `halosync dlq list |
+/// show | replay | purge` and of the console's pages and jobs.
+pub async fn run(
+    config: &Config,
+    filter: &Filter,
+    action: Action,
+    progress: &Progress,
+) -> anyhow::Result<Scan> {
+    let topo = topology(config);
+    let what = match action {
+        Action::Read => "dlq-list",
+        Action::Replay { .. } => "dlq-replay",
+        Action::Purge { .. } => "dlq-purge",
+    };
+    let conn = broker::connect(config, what).await?;
+    let result = async {
+        match action {
+            Action::Read => scan(&conn, &topo, filter, &Mode::Read, progress).await,
+            Action::Purge { dry_run } => {
+                scan(&conn, &topo, filter, &Mode::Purge { dry_run }, progress).await
+            }
+            Action::Replay { dry_run } => {
+                let channel = conn
+                    .create_channel()
+                    .await
+                    .context("opening the publishing channel")?;
+                let publisher = Publisher::on_channel(channel, topo.clone())
+                    .await
+                    .context("putting the publishing channel in confirm mode")?;
+                let mode = Mode::Replay {
+                    publisher: &publisher,
+                    exchange: topo.events_exchange(),
+                    dry_run,
+                };
+                scan(&conn, &topo, filter, &mode, progress).await
+            }
+        }
+    }
+    .await;
+    broker::close(&conn).await;
+    result
+}
+
 async fn scan(
     conn: &Connection,
     topology: &Topology,
     filter: &Filter,
     mode: &Mode<'_>,
+    progress: &Progress,
 ) -> anyhow::Result<Scan> {
     let mut out = Scan {
         done: Vec::new(),
@@ -139,6 +209,7 @@ async fn scan(
             mode,
             &mut remaining,
             &mut out,
+            progress,
         )
         .await?;
         // Closing the channel returns every message still held, in order.
@@ -157,6 +228,7 @@ async fn scan(
 }
 
 /// One dead queue. Returns (messages held, messages removed).
+#[allow(clippy::too_many_arguments)] // the scan's state, passed down as is
 async fn scan_queue(
     conn: &Connection,
     queue: &str,
@@ -165,6 +237,7 @@ async fn scan_queue(
     mode: &Mode<'_>,
     remaining: &mut Option<usize>,
     out: &mut Scan,
+    progress: &Progress,
 ) -> anyhow::Result<(u32, u32)> {
     let channel = conn
         .create_channel()
@@ -182,11 +255,19 @@ async fn scan_queue(
         Err(e) => return Err(e).with_context(|| format!("counting {queue}")),
     };
     out.totals.insert(queue.to_string(), initial);
+    progress
+        .total
+        .fetch_add(u64::from(initial), Ordering::Relaxed);
     let mut held: Vec<Delivery> = Vec::new();
     let mut removed = 0u32;
+    let mut in_flight: Vec<InFlight> = Vec::new();
     let result: anyhow::Result<()> = async {
         for position in 1..=initial as usize {
             if *remaining == Some(0) || out.stopped.is_some() {
+                break;
+            }
+            if progress.cancel.load(Ordering::Relaxed) {
+                out.stopped = Some(format!("{FATAL}cancelled by the operator"));
                 break;
             }
             let Some(got) = channel
@@ -198,6 +279,7 @@ async fn scan_queue(
             };
             let delivery = got.delivery;
             out.fetched += 1;
+            progress.fetched.fetch_add(1, Ordering::Relaxed);
             let letter = DeadLetter::read(
                 family,
                 queue,
@@ -214,21 +296,26 @@ async fn scan_queue(
                 if let Some(n) = remaining.as_mut() {
                     *n -= 1;
                 }
-                let done = settle(&delivery, letter, mode).await;
-                if matches!(done.outcome.as_str(), "replayed" | "purged") {
-                    removed += 1;
-                    out.removed += 1;
+                progress.matched.fetch_add(1, Ordering::Relaxed);
+                match settle(&delivery, letter, mode).await {
+                    Settled::Now(done) => record(done, out, progress, &mut removed),
+                    Settled::Later(f) => {
+                        in_flight.push(f);
+                        if in_flight.len() >= REPLAY_WINDOW {
+                            flush(&mut in_flight, out, progress, &mut removed).await;
+                        }
+                    }
                 }
-                if done.outcome == "failed" && done.problem.as_deref().is_some_and(is_fatal) {
-                    out.stopped = done.problem.clone();
-                }
-                out.done.push(done);
             }
             held.push(delivery);
         }
+        flush(&mut in_flight, out, progress, &mut removed).await;
         Ok(())
     }
     .await;
+    // On an error above, republished ones still get their confirm (and are
+    // removed) before the rest goes back.
+    flush(&mut in_flight, out, progress, &mut removed).await;
     // Return whatever is still unacknowledged, in order; also on error.
     let _ = channel
         .close(200, "halosync dlq: returning dead letters".into())
@@ -239,19 +326,104 @@ async fn scan_queue(
 
 const FATAL: &str = "stopped: ";
 
+/// Republishes in flight at once: their confirms are awaited together,
+/// instead of one broker round trip (and quorum-queue disk sync) each.
+const REPLAY_WINDOW: usize = 128;
+
+/// A dead letter republished, waiting for the broker's confirm before it
+/// is removed from the dead queue.
+struct InFlight {
+    acker: lapin::Acker,
+    letter: DeadLetter,
+    target: String,
+    pending: Pending,
+}
+
+enum Settled {
+    Now(Done),
+    Later(InFlight),
+}
+
+fn record(done: Done, out: &mut Scan, progress: &Progress, removed: &mut u32) {
+    if matches!(done.outcome.as_str(), "replayed" | "purged") {
+        *removed += 1;
+        out.removed += 1;
+        progress.removed.fetch_add(1, Ordering::Relaxed);
+    }
+    if done.outcome == "failed" {
+        progress.failed.fetch_add(1, Ordering::Relaxed);
+        if done.problem.as_deref().is_some_and(is_fatal) && out.stopped.is_none() {
+            out.stopped = done.problem.clone();
+        }
+    }
+    out.done.push(done);
+}
+
+/// Awaits the confirms in order; each confirmed one is then removed.
+async fn flush(
+    in_flight: &mut Vec<InFlight>,
+    out: &mut Scan,
+    progress: &Progress,
+    removed: &mut u32,
+) {
+    for f in in_flight.drain(..) {
+        let done = |letter, outcome: &str, problem: Option<String>| Done {
+            letter,
+            outcome: outcome.to_string(),
+            replayed_to: Some(f.target.clone()),
+            problem,
+        };
+        let d = match f.pending.confirmed().await {
+            Ok(()) => match f.acker.ack(BasicAckOptions::default()).await {
+                Ok(_) => done(f.letter, "replayed", None),
+                Err(e) => done(f.letter, "failed", Some(format!(
+                    "{FATAL}republished, but could not remove it from the dead queue ({e}); it may be replayed twice, which the workers absorb (same event id)"
+                ))),
+            },
+            Err(e) => {
+                let fatal = matches!(e, PublishError::Broker(_));
+                let problem = format!(
+                    "{}republish to {} failed: {e}; it stays in the dead queue",
+                    if fatal { FATAL } else { "" },
+                    f.target
+                );
+                done(f.letter, "failed", Some(problem))
+            }
+        };
+        record(d, out, progress, removed);
+    }
+}
+
+/// A problem without its internal "stopped: " marker, for people.
+pub fn problem_text(problem: &str) -> &str {
+    problem.trim_start_matches(FATAL)
+}
+
 fn is_fatal(problem: &str) -> bool {
     problem.starts_with(FATAL)
 }
 
-/// Applies the mode to one matching, held dead letter.
-async fn settle(delivery: &Delivery, letter: DeadLetter, mode: &Mode<'_>) -> Done {
+/// Applies the mode to one matching, held dead letter; a republish is left
+/// in flight (its confirm is awaited with others, in [`flush`]).
+async fn settle(delivery: &Delivery, letter: DeadLetter, mode: &Mode<'_>) -> Settled {
+    Settled::Now(match settle_now(delivery, letter, mode).await {
+        Ok(done) => done,
+        Err(f) => return Settled::Later(f),
+    })
+}
+
+async fn settle_now(
+    delivery: &Delivery,
+    letter: DeadLetter,
+    mode: &Mode<'_>,
+) -> Result<Done, InFlight> {
     let done = |letter, outcome: &str| Done {
         letter,
         outcome: outcome.to_string(),
         replayed_to: None,
         problem: None,
     };
-    match mode {
+    Ok(match mode {
         Mode::Read => done(letter, "listed"),
         Mode::Purge { dry_run: true } => done(letter, "would purge"),
         Mode::Purge { dry_run: false } => {
@@ -269,19 +441,19 @@ async fn settle(delivery: &Delivery, letter: DeadLetter, mode: &Mode<'_>) -> Don
             dry_run,
         } => {
             let Some(routing_key) = letter.original_routing_key.clone() else {
-                return Done {
+                return Ok(Done {
                     problem: Some(
                         "no routing key: it has neither x-halosync-original-routing-key, a `type` property nor an envelope `type`; left in the dead queue".into(),
                     ),
                     ..done(letter, "failed")
-                };
+                });
             };
             let target = format!("{exchange} [{routing_key}]");
             if *dry_run {
-                return Done {
+                return Ok(Done {
                     replayed_to: Some(target),
                     ..done(letter, "would replay")
-                };
+                });
             }
             let mut props = delivery
                 .properties
@@ -294,22 +466,17 @@ async fn settle(delivery: &Delivery, letter: DeadLetter, mode: &Mode<'_>) -> Don
                 }
             }
             match publisher
-                .publish_to(exchange, &routing_key, &delivery.data, props)
+                .start_publish(exchange, &routing_key, &delivery.data, props)
                 .await
             {
-                Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
-                    Ok(_) => Done {
-                        replayed_to: Some(target),
-                        ..done(letter, "replayed")
-                    },
-                    Err(e) => Done {
-                        replayed_to: Some(target),
-                        problem: Some(format!(
-                            "{FATAL}republished, but could not remove it from the dead queue ({e}); it may be replayed twice, which the workers absorb (same event id)"
-                        )),
-                        ..done(letter, "failed")
-                    },
-                },
+                Ok(pending) => {
+                    return Err(InFlight {
+                        acker: delivery.acker.clone(),
+                        letter,
+                        target,
+                        pending,
+                    })
+                }
                 Err(e) => {
                     let fatal = matches!(e, PublishError::Broker(_));
                     Done {
@@ -322,7 +489,7 @@ async fn settle(delivery: &Delivery, letter: DeadLetter, mode: &Mode<'_>) -> Don
                 }
             }
         }
-    }
+    })
 }
 
 fn topology(config: &Config) -> Topology {
@@ -355,6 +522,16 @@ On those versions lift the limit with: rabbitmqctl set_policy --apply-to quorum_
     }
 }
 
+/// The dead letters matching `args`, read without disturbing them (they
+/// stay in place and in order), for callers other than `dlq list`: the
+/// console and `halosync mappings unmapped`.
+pub async fn read(config: &Config, args: &FilterArgs) -> anyhow::Result<Vec<DeadLetter>> {
+    let filter = Filter::new(args, Utc::now());
+    let scan = run(config, &filter, Action::Read, &Progress::default()).await?;
+    warn_unsettled(&scan);
+    Ok(scan.done.into_iter().map(|d| d.letter).collect())
+}
+
 /// `halosync dlq list`
 pub async fn list(
     config: &Config,
@@ -364,10 +541,7 @@ pub async fn list(
 ) -> anyhow::Result<ExitCode> {
     let now = Utc::now();
     let filter = Filter::new(args, now);
-    let conn = broker::connect(config, "dlq-list").await?;
-    let result = scan(&conn, &topology(config), &filter, &Mode::Read).await;
-    broker::close(&conn).await;
-    let scan = result?;
+    let scan = run(config, &filter, Action::Read, &Progress::default()).await?;
     warn_unsettled(&scan);
     let letters: Vec<&DeadLetter> = scan.done.iter().map(|d| &d.letter).collect();
     warn_delivery_counts(&letters, &config.prefix);
@@ -502,10 +676,7 @@ pub async fn show(
         ..Default::default()
     };
     let filter = Filter::new(&args, Utc::now());
-    let conn = broker::connect(config, "dlq-show").await?;
-    let result = scan(&conn, &topology(config), &filter, &Mode::Read).await;
-    broker::close(&conn).await;
-    let scan = result?;
+    let scan = run(config, &filter, Action::Read, &Progress::default()).await?;
     warn_unsettled(&scan);
     let letters: Vec<&DeadLetter> = scan.done.iter().map(|d| &d.letter).collect();
     warn_delivery_counts(&letters, &config.prefix);
@@ -609,26 +780,13 @@ pub async fn replay(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let filter = Filter::new(args, Utc::now());
-    let topo = topology(config);
-    let conn = broker::connect(config, "dlq-replay").await?;
-    let result = async {
-        let channel = conn
-            .create_channel()
-            .await
-            .context("opening the publishing channel")?;
-        let publisher = Publisher::on_channel(channel, topo.clone())
-            .await
-            .context("putting the publishing channel in confirm mode")?;
-        let mode = Mode::Replay {
-            publisher: &publisher,
-            exchange: topo.events_exchange(),
-            dry_run,
-        };
-        scan(&conn, &topo, &filter, &mode).await
-    }
-    .await;
-    broker::close(&conn).await;
-    let scan = result?;
+    let scan = run(
+        config,
+        &filter,
+        Action::Replay { dry_run },
+        &Progress::default(),
+    )
+    .await?;
     warn_unsettled(&scan);
     report_changes(&scan, &filter, dry_run, json, "replay", "replayed")
 }
@@ -643,16 +801,13 @@ pub async fn purge(
 ) -> anyhow::Result<ExitCode> {
     let filter = Filter::new(args, Utc::now());
     let really = yes && !dry_run;
-    let conn = broker::connect(config, "dlq-purge").await?;
-    let result = scan(
-        &conn,
-        &topology(config),
+    let scan = run(
+        config,
         &filter,
-        &Mode::Purge { dry_run: !really },
+        Action::Purge { dry_run: !really },
+        &Progress::default(),
     )
-    .await;
-    broker::close(&conn).await;
-    let scan = result?;
+    .await?;
     warn_unsettled(&scan);
     if !yes && !dry_run {
         let n = scan.done.len();

@@ -7,15 +7,21 @@
 //! | `check` | HaloPSA connection test: token, then each permission the workers need; the TLS handshake and login of RabbitMQ, Redis and HaloPSA | [`check`], [`tls_check`] |
 //! | `topology` | declare every exchange and queue (idempotent) | [`status`] |
 //! | `status` | queue depths, consumers, retry tiers, dead letters, unrouted | [`status`] |
+//! | `console` | the operator's web console (sign-in, roles, audit) | [`console`] |
+//! | `activity` | every settled message of the last 30 days, searched and paged | [`activity`] |
+//! | `mappings list / set / unmapped`, `items` | item mappings stored in HaloPSA; HaloPSA's items | [`mappings`] |
 //!
 //! Exit codes: 0 success, 1 the command ran and something failed (an
 //! invalid event, a nacked publish, a failed check, a refused purge), 2 a
 //! bad command line (clap).
 
+mod activity;
 mod broker;
 mod check;
+mod console;
 mod dead;
 mod dlq;
+mod mappings;
 mod publish;
 mod settings;
 mod status;
@@ -119,6 +125,167 @@ Examples:
   halosync status
   halosync status --json | jq '.families.account.dead'")]
     Status,
+    /// The activity log: every settled message of the last 30 days.
+    #[command(after_help = "\
+Reads the activity stream (halosync.activity) and shows the newest records first,
+50 per page. Filters combine; --event-id and --aggregate match a part of the id.
+--csv writes every matching record (all pages) as CSV; --json prints the page.
+
+Examples:
+  halosync activity
+  halosync activity --connection acme --outcome dead-lettered --since 24h
+  halosync activity --event-id evt_01JD3V6Q8Y
+  halosync activity --aggregate sub_42 --family subscription
+  halosync activity --since 2026-11-20 --until 2026-11-21 --csv > activity.csv
+  halosync activity --page 2 --per-page 100 --json")]
+    Activity(ActivityArgs),
+    /// Item mappings (sku -> HaloPSA item) stored in HaloPSA: list, set, unmapped.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  halosync mappings unmapped                                 skus waiting in the dead letters
+  halosync items --connection acme --search \"business premium\"
+  halosync mappings set --connection acme --sku MS-365-BP --item 1001 --replay
+  halosync mappings list --connection acme"
+    )]
+    Mappings(MappingsCommand),
+    /// HaloPSA's items (from /Item), to choose a mapping from.
+    #[command(after_help = "\
+Examples:
+  halosync items --connection acme
+  halosync items --connection acme --search premium
+  halosync items --connection acme --json")]
+    Items(ItemsArgs),
+    /// Serve the operator's web console (sign-in required, roles, audit trail).
+    #[command(after_help = "\
+Users, roles and the audit file come from the [console] table of halosync.toml:
+
+  [console]
+  audit_file = \"/var/lib/halosync/audit.jsonl\"
+  [console.users.alice]
+  role = \"operator\"                      # or \"viewer\"
+  password_hash_env = \"HALOSYNC_CONSOLE_ALICE\"
+
+Examples:
+  halosync console                                  http://127.0.0.1:8088/
+  halosync console --listen 0.0.0.0:8088            in a container
+  halosync console --hash-password                  read a password on stdin, print its argon2 hash")]
+    Console(ConsoleArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConsoleArgs {
+    /// Address to listen on [default: console.listen, else 127.0.0.1:8088].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Read a password from standard input and print its argon2 hash (for
+    /// password_hash_env / password_hash_file), then exit.
+    #[arg(long)]
+    hash_password: bool,
+}
+
+#[derive(Debug, Args)]
+struct ActivityArgs {
+    /// Only this connection.
+    #[arg(long, value_name = "NAME")]
+    connection: Option<String>,
+    /// Only event ids containing this.
+    #[arg(long, value_name = "ID")]
+    event_id: Option<String>,
+    /// Only aggregates containing this (e.g. sub_42, acc_7).
+    #[arg(long, value_name = "KEY")]
+    aggregate: Option<String>,
+    /// Only this outcome.
+    #[arg(long, value_name = "OUTCOME",
+          value_parser = clap::builder::PossibleValuesParser::new(halosync_shared::activity::OUTCOMES))]
+    outcome: Option<String>,
+    /// Only this family.
+    #[arg(long, value_enum, value_name = "FAMILY")]
+    family: Option<FamilyArg>,
+    /// Only records this recent: a duration (30m, 24h, 7d) or a time (RFC 3339, or YYYY-MM-DD).
+    #[arg(long, value_name = "WHEN", value_parser = parse_since)]
+    since: Option<Since>,
+    /// Only records before this: a duration back from now (1h) or a time.
+    #[arg(long, value_name = "WHEN", value_parser = parse_since)]
+    until: Option<Since>,
+    /// Page to show (1 = newest).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    page: u32,
+    /// Records per page (1 to 1000).
+    #[arg(long, value_name = "N", default_value_t = activity::DEFAULT_PER_PAGE as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    per_page: u32,
+    /// Write every matching record as CSV instead of a table.
+    #[arg(long, conflicts_with = "json")]
+    csv: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum MappingsCommand {
+    /// The mappings in force: the config's [items] and those stored in HaloPSA.
+    #[command(after_help = "\
+Examples:
+  halosync mappings list --connection acme
+  halosync mappings list --connection acme --json")]
+    List(ConnectionArg),
+    /// Map a sku (or sku:metric, overage:metric) to a HaloPSA item, stored in HaloPSA.
+    #[command(after_help = "\
+Checks that the item exists, stores the mapping as an ExternalLink on the item
+(replacing the sku's previous mapping, if any), and tells which dead letters wait
+for it; --replay replays those at once. Every worker sees the mapping from its
+next message on, without a restart. The config's [items] keeps precedence.
+
+Examples:
+  halosync mappings set --connection acme --sku MS-365-BP --item 1001
+  halosync mappings set --connection acme --sku MS-365-BP:storage_gb --item 1002 --replay")]
+    Set(SetArgs),
+    /// Skus dead-lettered as `unmapped`, grouped, with the keys the workers tried.
+    #[command(after_help = "\
+Examples:
+  halosync mappings unmapped
+  halosync mappings unmapped --connection acme --json")]
+    Unmapped(OptionalConnectionArg),
+}
+
+#[derive(Debug, Args)]
+struct ConnectionArg {
+    /// The connection, as in [connections.NAME] (may be left out when only one is configured).
+    #[arg(long, value_name = "NAME")]
+    connection: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct OptionalConnectionArg {
+    /// Only this connection's dead letters.
+    #[arg(long, value_name = "NAME")]
+    connection: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct SetArgs {
+    /// The connection, as in [connections.NAME] (may be left out when only one is configured).
+    #[arg(long, value_name = "NAME")]
+    connection: Option<String>,
+    /// The product sku as in the events (data.product.sku), or sku:metric, or overage:metric.
+    #[arg(long, value_name = "SKU")]
+    sku: String,
+    /// The HaloPSA item id (see `halosync items`).
+    #[arg(long, value_name = "ID")]
+    item: i64,
+    /// Replay the sku's unmapped dead letters right after mapping it.
+    #[arg(long)]
+    replay: bool,
+}
+
+#[derive(Debug, Args)]
+struct ItemsArgs {
+    /// The connection, as in [connections.NAME] (may be left out when only one is configured).
+    #[arg(long, value_name = "NAME")]
+    connection: Option<String>,
+    /// Only items whose name contains this (case-insensitive).
+    #[arg(long, value_name = "TEXT")]
+    search: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +359,10 @@ pub struct FilterArgs {
     /// Only this event id (header, message_id or envelope id).
     #[arg(long, value_delimiter = ',', value_name = "ID")]
     pub event_id: Vec<String>,
+    /// Only this failure group: the error message with numbers folded to `#`,
+    /// as `dlq list --group-by error` prints it.
+    #[arg(long, value_name = "TEXT")]
+    pub error: Option<String>,
     /// Only dead letters whose last failure is this recent: a duration (30m,
     /// 1h, 2d, 1h30m) or an RFC 3339 time (2026-11-22T10:00:00Z).
     #[arg(long, value_name = "WHEN", value_parser = parse_since)]
@@ -320,11 +491,95 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let loaded = settings::load(config_path, settings::Need::NoConnections)?;
             status::topology(&loaded.config, json).await
         }
+        Command::Console(a) => {
+            if a.hash_password {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).map_err(|e| {
+                    anyhow::anyhow!("reading the password from standard input: {e}")
+                })?;
+                let password = line.trim_end_matches(['\r', '\n']);
+                if password.is_empty() {
+                    anyhow::bail!("no password on standard input; type it, or e.g. `printf %s 'the password' | halosync console --hash-password`");
+                }
+                println!("{}", console::settings::hash_password(password)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            console::serve(config_path, a.listen.as_deref()).await
+        }
         Command::Status => {
             let loaded = settings::load(config_path, settings::Need::NoConnections)?;
             status::status(&loaded.config, json).await
         }
+        Command::Activity(a) => {
+            let loaded = settings::load(config_path, settings::Need::NoConnections)?;
+            let options = activity::Options {
+                connection: a.connection,
+                event_id: a.event_id,
+                aggregate: a.aggregate,
+                outcome: a.outcome,
+                family: a
+                    .family
+                    .map(|f| halosync_shared::Family::from(f).as_str().to_string()),
+                since: a.since,
+                until: a.until,
+                page: a.page as usize,
+                per_page: a.per_page as usize,
+                csv: a.csv,
+                json,
+            };
+            activity::run(&loaded.config, &options).await
+        }
+        Command::Mappings(cmd) => match cmd {
+            MappingsCommand::List(a) => {
+                let (config, name) = with_connection(config_path, a.connection.as_deref())?;
+                mappings::cli_list(&config, &name, json).await
+            }
+            MappingsCommand::Set(a) => {
+                let (config, name) = with_connection(config_path, a.connection.as_deref())?;
+                mappings::cli_set(&config, &name, &a.sku, a.item, a.replay, json).await
+            }
+            MappingsCommand::Unmapped(a) => {
+                let loaded = settings::load(config_path, settings::Need::NoConnections)?;
+                mappings::cli_unmapped(&loaded.config, a.connection.as_deref(), json).await
+            }
+        },
+        Command::Items(a) => {
+            let (config, name) = with_connection(config_path, a.connection.as_deref())?;
+            mappings::cli_items(&config, &name, a.search.as_deref(), json).await
+        }
     }
+}
+
+/// The config with the connection named, or with the only one configured.
+fn with_connection(
+    config_path: Option<&std::path::Path>,
+    name: Option<&str>,
+) -> anyhow::Result<(halosync_shared::Config, String)> {
+    let (_, text) = settings::read(config_path)?;
+    let names = settings::connection_names(&text);
+    let name = match (name, names.as_slice()) {
+        (Some(n), _) if names.iter().any(|c| c == n) => n.to_string(),
+        (Some(n), []) => anyhow::bail!(
+            "no connection {n:?} is configured: add a [connections.{n}] table to halosync.toml, or point --config / HALOSYNC_CONFIG at yours"
+        ),
+        (Some(n), some) => anyhow::bail!(
+            "no connection {n:?} is configured; configured: {}; use e.g. --connection {}",
+            some.join(", "),
+            some[0]
+        ),
+        (None, [only]) => only.clone(),
+        (None, []) => anyhow::bail!(
+            "no HaloPSA connection is configured: add a [connections.NAME] table to halosync.toml and pass --connection NAME, or point --config / HALOSYNC_CONFIG at yours"
+        ),
+        (None, many) => anyhow::bail!(
+            "{} connections are configured ({}); say which with e.g. --connection {}",
+            many.len(),
+            many.join(", "),
+            many[0]
+        ),
+    };
+    let loaded = settings::load(config_path, settings::Need::Connection(name.clone()))?;
+    Ok((loaded.config, name))
 }
 
 #[cfg(test)]

@@ -89,8 +89,12 @@ pub struct FamilyStatus {
     pub dead: QueueStatus,
 }
 
-/// `halosync status`
-pub async fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+/// Every queue's counts: per family, and the unrouted queue.
+pub type Counts = (BTreeMap<Family, FamilyStatus>, QueueStatus);
+
+/// Counts every queue: the single code path of `halosync status` and of the
+/// console's overview.
+pub async fn collect(config: &Config) -> anyhow::Result<Counts> {
     let topo = Topology::new(&config.prefix, &config.retry.delays_ms());
     let conn = broker::connect(config, "status").await?;
     let result: anyhow::Result<(BTreeMap<Family, FamilyStatus>, QueueStatus)> = async {
@@ -114,7 +118,13 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     }
     .await;
     broker::close(&conn).await;
-    let (families, unrouted) = result?;
+    result
+}
+
+/// `halosync status`
+pub async fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let topo = Topology::new(&config.prefix, &config.retry.delays_ms());
+    let (families, unrouted) = collect(config).await?;
     let missing: Vec<&str> = families
         .values()
         .flat_map(|f| {

@@ -45,6 +45,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
 use halosync_shared::contract::{Envelope, Family, OverageData, Product, Version};
+use halosync_shared::halo::items;
 use halosync_shared::halo::links::{self, OVERAGE_INVOICE, SUBSCRIPTION};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
@@ -188,27 +189,39 @@ async fn prepare(
     })))
 }
 
-/// The HaloPSA item of the charge, from the connection's `[items]` map:
-/// `overage:<metric>` (no request needed), else the subscription's sku
+/// The HaloPSA item of the charge, from the connection's `[items]` map
+/// (then, in the same key order, the mappings stored in HaloPSA:
+/// `halo::items`): `overage:<metric>` (no request needed), else the subscription's sku
 /// (from its licence: `product_sku`, cached in Redis under `links::PRODUCT_CACHE`, shared with the usage worker) as `<sku>:<metric>`,
 /// then `<sku>`. A subscription not in HaloPSA yet is a `dependency`; no
 /// key mapped is `unmapped`, naming the keys tried.
 async fn item_for(svc: &Services, halo: &HaloClient, d: &OverageData) -> Result<i64, Failure> {
     let conn = halo.connection();
     let direct = mapping::direct_key(d);
+    // In the config, `overage:<metric>` needs no request at all.
     if let Some(id) = conn.items.get(&direct) {
         return Ok(*id);
     }
-    let sku = subscription_sku(svc, halo, d).await?;
-    let keys = mapping::sku_keys(&sku, d);
-    for k in &keys {
-        if let Some(id) = conn.items.get(k) {
-            return Ok(*id);
+    let sku = match subscription_sku(svc, halo, d).await {
+        Ok(sku) => sku,
+        Err(f) => {
+            // Without the sku, only `overage:<metric>` can still be found
+            // (among the mappings stored in HaloPSA).
+            let direct_only = [direct.clone()];
+            if let Some((_, id)) =
+                items::resolve_chain(halo, &svc.store, conn, &direct_only).await?
+            {
+                return Ok(id);
+            }
+            return Err(f);
         }
-    }
+    };
     let mut tried = vec![direct];
-    tried.extend(keys);
-    Err(mapping::unmapped(conn, &tried))
+    tried.extend(mapping::sku_keys(&sku, d));
+    match items::resolve_chain(halo, &svc.store, conn, &tried).await? {
+        Some((_, id)) => Ok(id),
+        None => Err(mapping::unmapped(conn, &tried)),
+    }
 }
 
 async fn subscription_sku(

@@ -95,10 +95,7 @@ pub fn sku_keys(sku: &str, d: &OverageData) -> [String; 2] {
 }
 
 pub fn unmapped(conn: &ConnectionConfig, tried: &[String]) -> Failure {
-    let name = &conn.name;
-    Failure::unmapped(format!(
-        "no HaloPSA item mapping for this overage on connection {name}: tried {tried:?}; add one of them under [connections.{name}.items] and replay"
-    ))
+    halosync_shared::halo::items::unmapped(conn, "this overage", tried)
 }
 
 /// The one-off invoice header of (customer, period), created on first need.

@@ -26,8 +26,8 @@
 //! POST, the `updatelines` POST and the link's version POST.
 
 use async_trait::async_trait;
-use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{Envelope, Family, SubscriptionData, Version};
+use halosync_shared::halo::items;
 use halosync_shared::halo::links::{self, CUSTOMER, SUBSCRIPTION};
 use halosync_shared::halo::{record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
@@ -58,7 +58,7 @@ impl Handler for SubscriptionHandler {
     ) -> Result<Outcome, Failure> {
         let data: SubscriptionData = event.data_as()?;
         let version = event.version()?;
-        let item_id = item_for(halo.connection(), &data.product.sku)?;
+        let item_id = item_for(svc, halo, &data.product.sku).await?;
         let terms = Terms::of(&data)?;
         let fence = Fence::take(svc, &event.connection, &data.subscription_id).await?;
         let customer = links::require_customer(&svc.store, halo, &data.account_id).await?;
@@ -91,14 +91,13 @@ impl Handler for SubscriptionHandler {
     }
 }
 
-/// The HaloPSA item of a sku, from the connection's `[items]` map.
-fn item_for(conn: &ConnectionConfig, sku: &str) -> Result<i64, Failure> {
-    conn.items.get(sku).copied().ok_or_else(|| {
-        let name = &conn.name;
-        Failure::unmapped(format!(
-            "no HaloPSA item mapping for sku {sku:?} on connection {name}: add \"{sku}\" = <item id> under [connections.{name}.items] and replay"
-        ))
-    })
+/// The HaloPSA item of a sku: the connection's `[items]` map, else the
+/// mapping stored in HaloPSA (`halo::items`).
+async fn item_for(svc: &Services, halo: &HaloClient, sku: &str) -> Result<i64, Failure> {
+    let conn = halo.connection();
+    items::resolve(halo, &svc.store, conn, sku)
+        .await?
+        .ok_or_else(|| items::unmapped(conn, &format!("sku {sku:?}"), &[sku.to_string()]))
 }
 
 /// One event being applied: what every step needs.

@@ -60,6 +60,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use async_trait::async_trait;
 use halosync_shared::contract::{Envelope, Family, Product, UsageData};
+use halosync_shared::halo::items;
 use halosync_shared::halo::links::{self, RECURRING_INVOICE, SUBSCRIPTION, USAGE};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
@@ -69,7 +70,7 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::mapping::{item_for, line_update, new_line, usage_lines, Applied};
+use crate::mapping::{item_keys, line_update, new_line, usage_lines, Applied};
 
 /// The licence field the subscription worker writes its marker into.
 const LICENCE_ID_FIELD: &str = "thirdparty_client_id";
@@ -449,13 +450,19 @@ impl<'a> Batch<'a> {
                     let w = self.work[i].as_mut().expect("live");
                     w.product = p.name.clone();
                     // The sku is only needed for the item.
-                    w.item = match item_for(self.halo.connection(), &p.sku, &w.data.metric) {
-                        Ok(item) => item,
-                        Err(f) => {
-                            self.fail(i, f);
-                            continue;
+                    let (sku, metric) = (p.sku.clone(), w.data.metric.clone());
+                    let conn = self.halo.connection();
+                    let keys = item_keys(&sku, &metric);
+                    let found = items::resolve_chain(self.halo, &self.svc.store, conn, &keys).await;
+                    match found {
+                        Ok(Some((_, item))) => {
+                            if let Some(w) = self.work[i].as_mut() {
+                                w.item = item;
+                            }
                         }
-                    };
+                        Ok(None) => self.fail(i, crate::mapping::unmapped(conn, &sku, &metric)),
+                        Err(f) => self.fail(i, f),
+                    }
                 }
                 Some(Err(f)) => {
                     let f = f.clone();

@@ -72,20 +72,20 @@ impl Applied {
     }
 }
 
-/// The HaloPSA item of a usage line: `"<sku>:<metric>"` in the
-/// connection's `[items]` map, else the sku.
-pub fn item_for(conn: &ConnectionConfig, sku: &str, metric: &str) -> Result<i64, Failure> {
-    let specific = format!("{sku}:{metric}");
-    conn.items
-        .get(&specific)
-        .or_else(|| conn.items.get(sku))
-        .copied()
-        .ok_or_else(|| {
-            let name = &conn.name;
-            Failure::unmapped(format!(
-                "no HaloPSA item mapping for {specific:?} nor for sku {sku:?} on connection {name}: add \"{specific}\" = <item id> (or \"{sku}\") under [connections.{name}.items] and replay"
-            ))
-        })
+/// The item-map keys of a usage line, in order: `"<sku>:<metric>"`, then
+/// the sku (resolved by `halo::items::resolve_chain`: the config's
+/// `[items]` first, then the mappings stored in HaloPSA).
+pub fn item_keys(sku: &str, metric: &str) -> [String; 2] {
+    [format!("{sku}:{metric}"), sku.to_string()]
+}
+
+/// The `unmapped` failure of a usage line whose keys are mapped nowhere.
+pub fn unmapped(conn: &ConnectionConfig, sku: &str, metric: &str) -> Failure {
+    halosync_shared::halo::items::unmapped(
+        conn,
+        &format!("usage {metric} of sku {sku:?}"),
+        &item_keys(sku, metric),
+    )
 }
 
 /// The line's description: `<product> — <metric> (<start> to <end>)`.
