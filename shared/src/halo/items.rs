@@ -141,34 +141,47 @@ async fn cached_mappings(
 ) -> Result<BTreeMap<String, i64>, Failure> {
     let key = cache_key(halo, store);
     let mut r = store.redis();
-    let hit: Option<String> = r.get(&key).await.map_err(StateError::from)?;
+    // Losing Redis costs speed, never correctness: without the cache, ask
+    // HaloPSA.
+    let hit: Option<String> = match r.get(&key).await {
+        Ok(hit) => hit,
+        Err(e) => {
+            tracing::debug!(error = %e, "item-mapping cache unavailable; reading HaloPSA");
+            None
+        }
+    };
     if let Some(map) = hit.and_then(|s| serde_json::from_str(&s).ok()) {
         return Ok(map);
     }
     let mappings = list_mappings(halo).await?;
-    write_cache(halo, store, &mappings).await
+    Ok(write_cache(halo, store, &mappings).await)
 }
 
 fn cache_key(halo: &HaloClient, store: &Store) -> String {
     store.keys().key(&halo.connection().name, &[CACHE_KEY])
 }
 
+/// Caches `mappings` for [`CACHE_TTL`] and returns them as a map. A cache
+/// that cannot be written is only logged: the mappings are in HaloPSA.
 async fn write_cache(
     halo: &HaloClient,
     store: &Store,
     mappings: &[ItemMapping],
-) -> Result<BTreeMap<String, i64>, Failure> {
+) -> BTreeMap<String, i64> {
     let map: BTreeMap<String, i64> = mappings
         .iter()
         .map(|m| (m.key.clone(), m.item_id))
         .collect();
     let text = serde_json::to_string(&map).unwrap_or_else(|_| "{}".into());
     let mut r = store.redis();
-    let () = r
+    let written: Result<(), redis::RedisError> = r
         .set_ex(cache_key(halo, store), text, CACHE_TTL.as_secs())
-        .await
-        .map_err(StateError::from)?;
-    Ok(map)
+        .await;
+    if let Err(e) = written {
+        tracing::warn!(error = %StateError::from(e), ttl_secs = CACHE_TTL.as_secs(),
+            "could not cache the item mappings; workers see a change within the cache's TTL");
+    }
+    map
 }
 
 /// Every item mapping stored in HaloPSA, one per key (the newest link wins
@@ -272,7 +285,7 @@ pub async fn set_mapping(
         }
     };
     let mappings = list_mappings(halo).await?;
-    write_cache(halo, store, &mappings).await?;
+    write_cache(halo, store, &mappings).await;
     Ok(change)
 }
 

@@ -5,6 +5,8 @@
 //!
 //! `halosync-bench [--events N] [SCENARIO...]`, scenarios: `raw`,
 //! `account-create`, `account-update`, `scale`, `usage` (default: all).
+//! `--no-activity` runs the workers with `worker.activity = false`, to
+//! measure what recording the activity log costs (compare with and without).
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,18 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::Value;
+
+/// `--no-activity`: workers do not record the activity log.
+static ACTIVITY_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The config lines that turn the activity log off, when asked to.
+fn activity_extra() -> String {
+    if ACTIVITY_OFF.load(std::sync::atomic::Ordering::SeqCst) {
+        "[worker]\nactivity = false\n".into()
+    } else {
+        String::new()
+    }
+}
 
 struct Row {
     scenario: String,
@@ -51,6 +65,7 @@ async fn main() {
                     .and_then(|n| n.parse().ok())
                     .unwrap_or_else(|| usage("--events needs a number, e.g. --events 5000"))
             }
+            "--no-activity" => ACTIVITY_OFF.store(true, std::sync::atomic::Ordering::SeqCst),
             "-h" | "--help" => usage(""),
             s if ["raw", "account-create", "account-update", "scale", "usage"].contains(&s) => {
                 scenarios.push(s.to_string())
@@ -119,7 +134,7 @@ fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("halosync-bench: {problem}");
     }
-    eprintln!("usage: halosync-bench [--events N] [raw] [account-create] [account-update] [scale] [usage]");
+    eprintln!("usage: halosync-bench [--events N] [--no-activity] [raw] [account-create] [account-update] [scale] [usage]");
     std::process::exit(if problem.is_empty() { 0 } else { 2 })
 }
 
@@ -358,6 +373,7 @@ async fn usage_bench(n: usize) -> Vec<Row> {
             connection_extra: format!(
                 "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n"
             ),
+            extra: activity_extra(),
             ..Default::default()
         },
     )
@@ -503,7 +519,8 @@ async fn usage_bench(n: usize) -> Vec<Row> {
         requests: Some(requests),
         peak_rss_kib: rss,
         note: format!(
-            "{SUBS} subscriptions x 1 metric, {ACCOUNTS} customers, {full_rounds} rounds shuffled; cold usage cache; defaults batch_max 200 / batch_wait_ms 200; {requests} requests; {dead} dead"
+            "{SUBS} subscriptions x 1 metric, {ACCOUNTS} customers, {full_rounds} rounds shuffled; cold usage cache; defaults batch_max 200 / batch_wait_ms 200; {requests} requests; {dead} dead; activity log {}",
+            if ACTIVITY_OFF.load(std::sync::atomic::Ordering::SeqCst) { "off" } else { "on" }
         ),
     }];
 
