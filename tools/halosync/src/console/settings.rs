@@ -103,18 +103,9 @@ struct RawUser {
     password: Option<toml::Value>,
 }
 
-/// Where a user's hash comes from (a seam for tests).
-pub trait Env {
-    fn var(&self, key: &str) -> Option<String>;
-}
-
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn var(&self, key: &str) -> Option<String> {
-        std::env::var(key).ok()
-    }
-}
+/// Where a user's hash comes from: the same seam as the rest of the
+/// configuration (tests pass their own).
+pub use halosync_shared::config::{Env, ProcessEnv};
 
 impl ConsoleSettings {
     /// Parses the `[console]` table; `listen` (from `--listen`) wins over
