@@ -36,20 +36,7 @@ async fn a_worker_started_with_redis_down_waits_then_becomes_ready_and_processes
     let w = env.spawn_worker_with("halosync-account", &[("REDIS_URL", &redis.url())]);
 
     // It serves /readyz at once, not ready, naming what it waits for.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let body = loop {
-        if let Some((503, body)) = http_get(health, "/readyz").await {
-            if body.contains("redis unreachable") {
-                break body;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no not-ready /readyz naming redis:\n{}",
-            env.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let body = wait_readyz(&env, health, 503, "redis unreachable").await;
     assert!(
         !body.contains(&redis.url()) || !body.contains('@'),
         "{body}"
@@ -83,15 +70,7 @@ async fn a_worker_started_with_redis_down_waits_then_becomes_ready_and_processes
         || env.clients().len() == 5,
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(health, "/readyz").await.map(|r| r.0) != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "never became ready:\n{}",
-            env.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_readyz(&env, health, 200, "ready").await;
     let logs = env.logs();
     let waiting = logs.matches("redis unreachable; waiting for it").count();
     assert!(
@@ -135,24 +114,11 @@ async fn a_worker_started_with_the_broker_down_waits_then_consumes() {
     .await;
     let url = format!("amqp://guest:guest@127.0.0.1:{broker_port}/%2f");
     let w = env.spawn_worker_with("halosync-account", &[("AMQP_URL", &url)]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some((503, body)) = http_get(health, "/readyz").await {
-            if body.contains("rabbitmq unreachable") {
-                assert!(
-                    !body.contains("guest:guest"),
-                    "no password in /readyz: {body}"
-                );
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no not-ready /readyz naming rabbitmq:\n{}",
-            env.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let body = wait_readyz(&env, health, 503, "rabbitmq unreachable").await;
+    assert!(
+        !body.contains("guest:guest"),
+        "no password in /readyz: {body}"
+    );
     for i in 0..5 {
         env.publish(&account_event(
             &format!("e{i}"),
@@ -178,15 +144,7 @@ async fn a_worker_started_with_the_broker_down_waits_then_consumes() {
         || env.clients().len() == 5,
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(health, "/readyz").await.map(|r| r.0) != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "never became ready:\n{}",
-            env.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_readyz(&env, health, 200, "ready").await;
     let logs = env.logs();
     let lines = logs.matches("broker unreachable or session lost").count();
     assert!(
@@ -197,6 +155,25 @@ async fn a_worker_started_with_the_broker_down_waits_then_consumes() {
     assert!(logs.contains("broker reachable again"), "{logs}");
     assert_eq!(env.stop_worker(w).code(), Some(0));
     front.abort();
+}
+
+/// Polls a worker's `/readyz` until it answers `status` with a body that
+/// contains `needle`; returns the body. Fails after 20 s with the logs.
+async fn wait_readyz(env: &TestEnv, port: u16, status: u16, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((got, body)) = http_get(port, "/readyz").await {
+            if got == status && body.contains(needle) {
+                return body;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never answered {status} with {needle:?}:\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn rabbitmqctl(args: &[&str]) {
