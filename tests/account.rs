@@ -675,6 +675,7 @@ async fn four_workers_together_stay_within_a_tight_shared_budget() {
             connection_extra: "requests_per_window = 12\nwindow_seconds = 2".into(),
             extra: "[worker]\nrate_margin = \"300ms\"\n".into(),
             max_attempts: 20,
+            ..Default::default()
         },
     )
     .await;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use halo_sim::{Faults, SimConfig};
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, subscription_event, EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
+    account_event, shuffle, subscription_event, usage_event, EnvOptions, TestEnv, CONNECTION,
+    GENEROUS_BUDGET,
 };
 use serde_json::{json, Value};
 
@@ -17,34 +18,6 @@ const T: Duration = Duration::from_secs(30);
 const ITEM: i64 = 1001;
 const STORAGE_ITEM: i64 = 2001;
 const PRODUCT: &str = "Microsoft 365 Business Premium";
-
-fn usage_event(
-    id: &str,
-    sub: &str,
-    account: &str,
-    metric: &str,
-    period: (&str, &str),
-    quantity: f64,
-    sequence: u64,
-) -> Value {
-    json!({
-        "id": id,
-        "type": "usage.reported",
-        "schema_version": 1,
-        "connection": CONNECTION,
-        "occurred_at": "2026-11-22T10:15:00.123Z",
-        "sequence": sequence,
-        "data": {
-            "subscription_id": sub,
-            "account_id": account,
-            "metric": metric,
-            "period_start": period.0,
-            "period_end": period.1,
-            "quantity": quantity,
-            "unit": "GB"
-        }
-    })
-}
 
 const NOV: (&str, &str) = ("2026-11-01", "2026-11-30");
 const DEC: (&str, &str) = ("2026-12-01", "2026-12-31");
@@ -156,17 +129,6 @@ fn line_of(env: &TestEnv, sub: &str, metric: &str) -> Value {
         "one line per subscription and metric: {found:#?}"
     );
     found[0].clone()
-}
-
-/// A deterministic shuffle (no rand dependency needed).
-fn shuffle<T>(v: &mut [T], mut seed: u64) {
-    for i in (1..v.len()).rev() {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let j = (seed >> 33) as usize % (i + 1);
-        v.swap(i, j);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -325,6 +287,12 @@ async fn one_refused_line_is_dead_lettered_and_the_others_applied() {
         );
     }
     assert!(!usage_lines(&env).contains_key(&format!("halosync.usage:{bad_sub}:bad_metric")));
+    // The lines before the refused one were saved (no transaction) and
+    // read back, not added again: one line each (`line_of` above).
+    assert!(
+        env.sim.partial_saves() >= 1,
+        "the array was not saved in part"
+    );
     let dead = env.take_dead(Family::Usage).await;
     assert_eq!(dead.len(), 1, "{dead:#?}");
     assert_eq!(dead[0].header("x-halosync-error-class"), "rejected");

@@ -42,6 +42,8 @@ pub struct EnvOptions {
     /// Extra TOML appended at the end (e.g. `[worker]` settings).
     pub extra: String,
     pub max_attempts: u32,
+    /// Attempts of a `dependency` failure before it is dead-lettered.
+    pub dependency_max_attempts: u32,
 }
 
 impl Default for EnvOptions {
@@ -52,6 +54,7 @@ impl Default for EnvOptions {
             connection_extra: GENEROUS_BUDGET.into(),
             extra: String::new(),
             max_attempts: 4,
+            dependency_max_attempts: 6,
         }
     }
 }
@@ -129,7 +132,7 @@ prefix = "{prefix}"
 [retry]
 delays = [{delays}]
 max_attempts = {max_attempts}
-dependency_max_attempts = 6
+dependency_max_attempts = {dependency_max_attempts}
 rate_limited_min_delay = "400ms"
 
 [connections.{CONNECTION}]
@@ -141,6 +144,7 @@ client_secret_env = "{SECRET_ENV}"
 {extra}
 "#,
             max_attempts = opts.max_attempts,
+            dependency_max_attempts = opts.dependency_max_attempts,
             api = sim.api_url(),
             auth = sim.auth_url(),
             client_id = opts.sim.client_id,
@@ -750,4 +754,78 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .ok()?;
     let status = r.status().as_u16();
     Some((status, r.text().await.unwrap_or_default()))
+}
+
+/// A `usage.reported` event (unit `GB`).
+pub fn usage_event(
+    id: &str,
+    sub: &str,
+    account: &str,
+    metric: &str,
+    period: (&str, &str),
+    quantity: f64,
+    sequence: u64,
+) -> Value {
+    json!({
+        "id": id,
+        "type": "usage.reported",
+        "schema_version": 1,
+        "connection": CONNECTION,
+        "occurred_at": "2026-11-22T10:15:00.123Z",
+        "sequence": sequence,
+        "data": {
+            "subscription_id": sub,
+            "account_id": account,
+            "metric": metric,
+            "period_start": period.0,
+            "period_end": period.1,
+            "quantity": quantity,
+            "unit": "GB"
+        }
+    })
+}
+
+/// An `overage.detected` event: 100 included, `used` = 100 + `overage`.
+#[allow(clippy::too_many_arguments)]
+pub fn overage_event(
+    id: &str,
+    sub: &str,
+    account: &str,
+    metric: &str,
+    period: (&str, &str),
+    overage: f64,
+    price: &str,
+    sequence: u64,
+) -> Value {
+    json!({
+        "id": id,
+        "type": "overage.detected",
+        "schema_version": 1,
+        "connection": CONNECTION,
+        "occurred_at": "2026-11-23T10:00:00Z",
+        "sequence": sequence,
+        "data": {
+            "subscription_id": sub,
+            "account_id": account,
+            "metric": metric,
+            "period_start": period.0,
+            "period_end": period.1,
+            "included_quantity": 100,
+            "used_quantity": 100.0 + overage,
+            "overage_quantity": overage,
+            "unit_price": price,
+            "currency": "EUR"
+        }
+    })
+}
+
+/// A deterministic shuffle (no rand dependency needed).
+pub fn shuffle<T>(v: &mut [T], mut seed: u64) {
+    for i in (1..v.len()).rev() {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let j = (seed >> 33) as usize % (i + 1);
+        v.swap(i, j);
+    }
 }

@@ -13,14 +13,12 @@ use super::error::{message_from_body, HaloError, BODY_EXCERPT};
 use super::ratelimit::RateLimiter;
 use super::token::TokenProvider;
 use crate::config::ConnectionConfig;
-use crate::error::{excerpt, Failure};
+use crate::error::excerpt;
 use crate::outage::{Health, Report};
 
 /// Rows per page when listing (reference §2: libraries use 100–1000; the
 /// server maximum is UNCONFIRMED, so stay modest).
 pub const PAGE_SIZE: usize = 100;
-/// Most invoice lines sent in one `Lines` / `updatelines` array.
-pub const LINES_PER_REQUEST: usize = 100;
 /// Never loop more than this many pages (guards endpoints that ignore
 /// `page_no` and return page 1 forever).
 const MAX_PAGES: usize = 1000;
@@ -148,66 +146,6 @@ impl HaloClient {
             }
         }
         Ok(rows)
-    }
-
-    /// POSTs `lines` (each tagged with the caller's index) in arrays of at
-    /// most [`LINES_PER_REQUEST`]. An array HaloPSA refuses as invalid
-    /// (400/422) is split in halves until the refused line is alone, so one
-    /// bad line never fails the others. Returns, per line, the record
-    /// HaloPSA saved for it (`None` when the answer does not give one per
-    /// line) or its failure.
-    pub async fn post_lines(
-        &self,
-        path: &str,
-        lines: Vec<(usize, Value)>,
-    ) -> Vec<(usize, Result<Option<Value>, Failure>)> {
-        let mut out = Vec::with_capacity(lines.len());
-        // Chunks, first chunk on top of the stack.
-        let mut stack: Vec<Vec<(usize, Value)>> = Vec::new();
-        let mut rest = lines;
-        while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(LINES_PER_REQUEST));
-            stack.push(rest);
-            rest = tail;
-        }
-        stack.reverse();
-        while let Some(chunk) = stack.pop() {
-            let bodies: Vec<Value> = chunk.iter().map(|(_, v)| v.clone()).collect();
-            match self.post(path, bodies).await {
-                Ok(answer) => {
-                    let saved = match answer {
-                        Value::Array(a) => a,
-                        Value::Object(_) => vec![answer],
-                        _ => Vec::new(),
-                    };
-                    // Response shape UNCONFIRMED: trust positions only when
-                    // there is one saved record per line sent.
-                    let aligned = saved.len() == chunk.len();
-                    for (n, (k, _)) in chunk.into_iter().enumerate() {
-                        out.push((k, Ok(aligned.then(|| saved[n].clone()))));
-                    }
-                }
-                Err(e) if matches!(e.status(), Some(400 | 422)) && chunk.len() > 1 => {
-                    tracing::info!(path, lines = chunk.len(), error = %e,
-                        "HaloPSA refused an array of lines; splitting it to find the refused one");
-                    let mut first = chunk;
-                    let second = first.split_off(first.len() / 2);
-                    // Pushed in reverse, so the first half is tried first.
-                    stack.push(second);
-                    stack.push(first);
-                }
-                Err(e) => {
-                    let f = Failure::from(e);
-                    if chunk.len() == 1 && f.class == crate::error::FailureClass::Rejected {
-                        tracing::warn!(path, error = %f, "HaloPSA refused the line");
-                    }
-                    for (k, _) in chunk {
-                        out.push((k, Err(f.clone())));
-                    }
-                }
-            }
-        }
-        out
     }
 
     async fn send(

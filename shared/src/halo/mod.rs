@@ -1,11 +1,12 @@
 //! The HaloPSA client: tokens ([`token`]), the shared rate budget
 //! ([`ratelimit`]), requests and their errors ([`client`], [`error`]), and
-//! the billing id → HaloPSA id links ([`links`]), and the item mappings
-//! ([`items`]).
+//! the billing id → HaloPSA id links ([`links`]), the item mappings
+//! ([`items`]), and invoice lines written without duplicates ([`lines`]).
 
 pub mod client;
 pub mod error;
 pub mod items;
+pub mod lines;
 pub mod links;
 pub mod ratelimit;
 pub mod token;

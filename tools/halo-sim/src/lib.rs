@@ -30,8 +30,14 @@
 //!   (+ `/Lines`, `/updatelines`).
 //! * **Faults** ([`Faults`]): latency, random 500s, the next N requests 503,
 //!   a rolling-window 429 with or without `Retry-After`, the 400
-//!   `Token not found` flavour of expiry, missing agent permissions (403) and
-//!   validation rejections (400) by name.
+//!   `Token not found` flavour of expiry, missing agent permissions (403),
+//!   validation rejections (400) by name, and lost responses (a write that
+//!   is applied but answered 500: `lost_response_rate`, `lose_next`).
+//! * **No transactions** (the reference leaves this UNCONFIRMED, so the sim
+//!   takes the hard reading): a multi-element POST saves its elements in
+//!   order, each one atomically with its lines and `new_external_link`, and
+//!   stops at the first refused element with a 400 that names it; the
+//!   elements before it stay saved. `transactional_arrays` turns this off.
 //! * **Controls** under `/_sim/` (no auth): `state`, `requests`, `reset`,
 //!   `faults`, `revoke-tokens`, `items`.
 //!
@@ -143,6 +149,18 @@ pub struct Faults {
     /// A POSTed object whose `name` (or line `item_shortdescription`) equals
     /// one of these gets a 400 validation error.
     pub reject_names: Vec<String>,
+    /// Share (0..1) of successful writes (POST, DELETE) whose answer is
+    /// lost: the write is applied, then answered 500 as if the response had
+    /// never arrived.
+    pub lost_response_rate: f64,
+    /// The next N successful writes lose their answer (decrements), like
+    /// `lost_response_rate` but deterministic.
+    pub lose_next: u64,
+    /// Make multi-element POSTs transactional (all or nothing). Off by
+    /// default: the reference does not say HaloPSA has transactions, so the
+    /// sim takes the hard reading, where the elements before a refused one
+    /// stay saved and the request still fails.
+    pub transactional_arrays: bool,
 }
 
 /// A rolling-window rate limit: at most `requests` per `window_secs`.
@@ -270,6 +288,16 @@ impl SimHandle {
     /// 429s answered.
     pub fn rate_limited(&self) -> u64 {
         self.shared.lock().counters.rate_limited
+    }
+
+    /// Writes that were applied but answered 500 (lost responses).
+    pub fn lost_responses(&self) -> u64 {
+        self.shared.lock().counters.lost_responses
+    }
+
+    /// Multi-element POSTs that failed after saving some of their elements.
+    pub fn partial_saves(&self) -> u64 {
+        self.shared.lock().counters.partial_saves
     }
 
     /// The largest number of `/api` requests (any outcome) that arrived

@@ -61,6 +61,15 @@ struct Args {
     /// Share (0..1) of /api requests answered 500 at random.
     #[arg(long, default_value_t = 0.0)]
     error_rate: f64,
+    /// Share (0..1) of successful writes whose answer is lost: applied, then
+    /// answered 500.
+    #[arg(long, default_value_t = 0.0)]
+    lost_response_rate: f64,
+    /// Make multi-element POSTs all-or-nothing (by default the elements
+    /// before a refused one stay saved, as HaloPSA is not known to have
+    /// transactions).
+    #[arg(long)]
+    transactional_arrays: bool,
     /// Rolling-window rate limit as N/SECS, e.g. 300/300 (429 beyond it).
     #[arg(long, value_name = "N/SECS")]
     rate_limit: Option<String>,
@@ -161,6 +170,12 @@ async fn main() -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.error_rate) {
         anyhow::bail!("--error-rate must be between 0 and 1");
     }
+    if !(0.0..=1.0).contains(&args.lost_response_rate) {
+        anyhow::bail!(
+            "--lost-response-rate must be between 0 and 1, e.g. 0.05, got {}",
+            args.lost_response_rate
+        );
+    }
     let mut items: Vec<(i64, String)> = Vec::new();
     if !args.no_default_items {
         items.extend(DEFAULT_ITEMS.iter().map(|(id, n)| (*id, (*n).to_string())));
@@ -177,6 +192,8 @@ async fn main() -> anyhow::Result<()> {
         faults: Faults {
             latency_ms: args.latency_ms,
             error_rate: args.error_rate,
+            lost_response_rate: args.lost_response_rate,
+            transactional_arrays: args.transactional_arrays,
             rate_limit,
             expired_token_status: if args.token_not_found { 400 } else { 401 },
             ..Faults::default()

@@ -543,12 +543,39 @@ async fn api(
             Ok(Value::Null) // handled above
         }
     };
+    if matches!(&result, Err(e) if e.partial) {
+        inner.counters.partial_saves += 1;
+    }
+    if write && result.is_ok() && lose_answer(&mut inner) {
+        inner.counters.lost_responses += 1;
+        drop(inner);
+        tracing::info!("write applied, answer lost (fault)");
+        return (
+            key,
+            json_response(
+                500,
+                &json!({"ClassName": "Exception", "Message": "Simulated server error"}),
+            ),
+        );
+    }
     drop(inner);
     let resp = match result {
         Ok(v) => json_response(200, &v),
         Err(e) => error_response(e),
     };
     (key, resp)
+}
+
+/// Does this applied write lose its answer (faults `lose_next`,
+/// `lost_response_rate`)? The answer is then the same 500 a random error
+/// gets, so a client cannot tell the two apart: exactly the case a client
+/// must survive without writing twice.
+fn lose_answer(inner: &mut crate::state::Inner) -> bool {
+    if inner.faults.lose_next > 0 {
+        inner.faults.lose_next -= 1;
+        return true;
+    }
+    inner.faults.lost_response_rate > 0.0 && rand::random::<f64>() < inner.faults.lost_response_rate
 }
 
 // ----- /_sim ----------------------------------------------------------------

@@ -25,6 +25,10 @@ pub(crate) struct Counters {
     pub token_requests: u64,
     pub rate_limited: u64,
     pub total_api: u64,
+    /// Writes applied but answered 500 (fault `lost_response_rate`/`lose_next`).
+    pub lost_responses: u64,
+    /// Multi-element POSTs that failed after saving some elements.
+    pub partial_saves: u64,
     /// Arrival time of every `/api` request, for `max_requests_in_any_window`.
     pub api_log: Vec<Instant>,
 }
@@ -46,6 +50,8 @@ impl Counters {
             "token_requests": self.token_requests,
             "rate_limited": self.rate_limited,
             "total_api": self.total_api,
+            "lost_responses": self.lost_responses,
+            "partial_saves": self.partial_saves,
         })
     }
 

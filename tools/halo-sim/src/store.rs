@@ -1,8 +1,11 @@
 //! The in-memory HaloPSA data: entities, list filters, POST (create/update)
 //! semantics, lines, and ExternalLinks.
 //!
-//! Every mutating operation works on a clone of [`Data`] and only replaces the
-//! original when every element of the request was valid, so a POST is atomic.
+//! Every element of a POST works on a clone of [`Data`] and only replaces the
+//! original when it was valid, so each element (with its lines and
+//! `new_external_link`) is saved atomically. A multi-element POST is not a
+//! transaction (the hard reading of an UNCONFIRMED point): the elements before
+//! a refused one stay saved, unless the fault `transactional_arrays` is set.
 
 use std::collections::BTreeMap;
 
@@ -132,6 +135,8 @@ impl Kind {
 pub(crate) struct ApiError {
     pub status: u16,
     pub body: Value,
+    /// The request saved some elements before this error (no transaction).
+    pub partial: bool,
 }
 
 impl ApiError {
@@ -139,6 +144,7 @@ impl ApiError {
         ApiError {
             status: 400,
             body: json!({"ClassName": "ValidationException", "Message": message.into()}),
+            partial: false,
         }
     }
 
@@ -146,6 +152,7 @@ impl ApiError {
         ApiError {
             status: 400,
             body: json!({"ClassName": class, "Message": message.into()}),
+            partial: false,
         }
     }
 
@@ -156,6 +163,7 @@ impl ApiError {
                 "ClassName": "NotFoundException",
                 "Message": format!("{} {} not found", kind.name(), id),
             }),
+            partial: false,
         }
     }
 }
@@ -655,7 +663,9 @@ impl Data {
 
     // ----- writes ----------------------------------------------------------
 
-    /// `POST /X`: the body must be an array; atomic over all elements.
+    /// `POST /X`: the body must be an array. Elements are saved in order,
+    /// each atomically; the first refused one ends the request (see the
+    /// module doc for what stays saved).
     pub(crate) fn post(
         &mut self,
         kind: Kind,
@@ -663,25 +673,35 @@ impl Data {
         faults: &Faults,
     ) -> Result<Value, ApiError> {
         let elements = body_array(body)?;
-        let mut work = self.clone();
+        let all_or_nothing = faults.transactional_arrays;
+        let original = self.clone();
         let mut saved = Vec::with_capacity(elements.len());
         for (idx, el) in elements.into_iter().enumerate() {
-            let Value::Object(obj) = el else {
-                return Err(ApiError::validation(format!(
+            let step = match el {
+                Value::Object(obj) => {
+                    let mut work = self.clone();
+                    work.save(kind, idx, obj, faults).map(|id| (work, id))
+                }
+                _ => Err(ApiError::validation(format!(
                     "Element [{idx}] must be a JSON object"
-                )));
+                ))),
             };
-            saved.push(work.save(kind, idx, obj, faults)?);
+            match step {
+                Ok((work, id)) => {
+                    *self = work;
+                    saved.push(id);
+                }
+                Err(e) => return Err(self.refuse(original, idx, all_or_nothing, e)),
+            }
         }
         let mut out: Vec<Value> = saved
             .into_iter()
             .filter_map(|id| {
-                work.table(kind)
+                self.table(kind)
                     .get(&id)
-                    .map(|obj| work.render(kind, id, obj, true))
+                    .map(|obj| self.render(kind, id, obj, true))
             })
             .collect();
-        *self = work;
         if out.len() == 1 {
             Ok(out.remove(0))
         } else {
@@ -689,7 +709,26 @@ impl Data {
         }
     }
 
-    /// `POST /X/Lines` (add) and `POST /X/updatelines` (merge); atomic.
+    /// Ends a POST at refused element `idx`: rolls back to `original` when
+    /// arrays are transactional, else keeps what was saved and marks the
+    /// error partial when something was.
+    fn refuse(
+        &mut self,
+        original: Data,
+        idx: usize,
+        all_or_nothing: bool,
+        mut err: ApiError,
+    ) -> ApiError {
+        if all_or_nothing {
+            *self = original;
+        } else if idx > 0 {
+            err.partial = true;
+        }
+        err
+    }
+
+    /// `POST /X/Lines` (add) and `POST /X/updatelines` (merge): lines are
+    /// saved in order, like [`Data::post`].
     pub(crate) fn post_lines(
         &mut self,
         kind: Kind,
@@ -703,39 +742,58 @@ impl Data {
         } else {
             LineMode::Add
         };
-        let mut work = self.clone();
+        let all_or_nothing = faults.transactional_arrays;
+        let original = self.clone();
         let mut saved = Vec::with_capacity(elements.len());
         for (idx, el) in elements.into_iter().enumerate() {
-            let Value::Object(obj) = el else {
-                return Err(ApiError::validation(format!(
+            let step = match el {
+                Value::Object(obj) => self.line_step(kind, idx, obj, mode, faults),
+                _ => Err(ApiError::validation(format!(
                     "Line [{idx}] must be a JSON object"
-                )));
+                ))),
             };
-            let ihid = match obj.get("ihid").and_then(as_i64_loose) {
-                Some(h) if h != 0 => h,
-                _ => {
-                    return Err(line_error(
-                        idx,
-                        &obj,
-                        "ihid (the invoice header id) is required",
-                    ))
-                }
-            };
-            if !work.table(kind).contains_key(&ihid) {
-                return Err(line_error(
-                    idx,
-                    &obj,
-                    &format!("{} {ihid} does not exist", kind.name()),
-                ));
+            match step {
+                Ok(id) => saved.push(id),
+                Err(e) => return Err(self.refuse(original, idx, all_or_nothing, e)),
             }
-            saved.push(work.save_line(kind, idx, ihid, obj, mode, faults)?);
         }
         let out: Vec<Value> = saved
             .into_iter()
-            .filter_map(|id| work.lines(kind).get(&id).map(|l| work.render_line(id, l)))
+            .filter_map(|id| self.lines(kind).get(&id).map(|l| self.render_line(id, l)))
             .collect();
-        *self = work;
         Ok(Value::Array(out))
+    }
+
+    /// Saves one line of a `/Lines` or `/updatelines` POST (all or nothing).
+    fn line_step(
+        &mut self,
+        kind: Kind,
+        idx: usize,
+        obj: Obj,
+        mode: LineMode,
+        faults: &Faults,
+    ) -> Result<i64, ApiError> {
+        let ihid = match obj.get("ihid").and_then(as_i64_loose) {
+            Some(h) if h != 0 => h,
+            _ => {
+                return Err(line_error(
+                    idx,
+                    &obj,
+                    "ihid (the invoice header id) is required",
+                ))
+            }
+        };
+        if !self.table(kind).contains_key(&ihid) {
+            return Err(line_error(
+                idx,
+                &obj,
+                &format!("{} {ihid} does not exist", kind.name()),
+            ));
+        }
+        let mut work = self.clone();
+        let id = work.save_line(kind, idx, ihid, obj, mode, faults)?;
+        *self = work;
+        Ok(id)
     }
 
     fn check_rejected(&self, idx: usize, obj: &Obj, faults: &Faults) -> Result<(), ApiError> {

@@ -344,27 +344,62 @@ async fn new_external_link_is_atomic() {
     assert_eq!(links.len(), 1);
     assert_eq!(links[0]["halo_id"], id);
 
-    // A batch where the second element fails saves nothing, links included.
+    // No transaction: the element before the refused one stays saved, with
+    // its link; the refused one saves nothing, link included.
     sim.set_faults(Faults {
         reject_names: vec!["Bad Co".into()],
         ..Faults::default()
     });
-    let (status, body) = post(
+    let batch = json!([
+        {"name": "Good Co", "new_external_link": {"third_party_id": "acc_2", "third_party_type": "billing"}},
+        {"name": "Bad Co", "new_external_link": {"third_party_id": "acc_3", "third_party_type": "billing"}}
+    ]);
+    let (status, body) = post(&sim, &tok, "/Client", batch.clone()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["Message"].as_str().unwrap().contains("[1]"), "{body}");
+    assert_eq!(sim.clients().len(), 2);
+    assert_eq!(sim.external_links().len(), 2);
+    assert_eq!(sim.partial_saves(), 1);
+    let links = get_json(&sim, &tok, "/ExternalLink?third_party_id=acc_2").await;
+    assert_eq!(links.as_array().unwrap().len(), 1);
+    let links = get_json(&sim, &tok, "/ExternalLink?third_party_id=acc_3").await;
+    assert_eq!(links.as_array().unwrap().len(), 0);
+
+    // With `transactional_arrays`, the same batch saves nothing at all.
+    sim.set_faults(Faults {
+        reject_names: vec!["Bad Co".into()],
+        transactional_arrays: true,
+        ..Faults::default()
+    });
+    let mut batch = batch;
+    batch[0]["name"] = json!("Other Co");
+    let (status, _) = post(&sim, &tok, "/Client", batch).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(sim.clients().len(), 2);
+    assert_eq!(sim.external_links().len(), 2);
+    assert_eq!(sim.partial_saves(), 1);
+
+    // A lost answer: the write is applied, the client sees a 500.
+    sim.set_faults(Faults {
+        lose_next: 1,
+        ..Faults::default()
+    });
+    let (status, _) = post(
         &sim,
         &tok,
         "/Client",
-        json!([
-            {"name": "Good Co", "new_external_link": {"third_party_id": "acc_2", "third_party_type": "billing"}},
-            {"name": "Bad Co", "new_external_link": {"third_party_id": "acc_3", "third_party_type": "billing"}}
-        ]),
+        json!([{"name": "Lost Co", "new_external_link": {"third_party_id": "acc_4", "third_party_type": "billing"}}]),
     )
     .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["Message"].as_str().unwrap().contains("[1]"), "{body}");
-    assert_eq!(sim.clients().len(), 1);
-    assert_eq!(sim.external_links().len(), 1);
-    let links = get_json(&sim, &tok, "/ExternalLink?third_party_id=acc_2").await;
-    assert_eq!(links.as_array().unwrap().len(), 0);
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(sim.lost_responses(), 1);
+    assert_eq!(sim.faults().lose_next, 0);
+    let links = get_json(&sim, &tok, "/ExternalLink?third_party_id=acc_4").await;
+    assert_eq!(links.as_array().unwrap().len(), 1, "the write was applied");
+    // Reads never lose their answer, and the next write is answered.
+    let (status, _) = post(&sim, &tok, "/Client", json!([{"name": "Next Co"}])).await;
+    assert_eq!(status, StatusCode::OK);
+    sim.set_faults(Faults::default());
 
     // Standalone ExternalLink CRUD.
     let link = post_ok(
@@ -384,7 +419,7 @@ async fn new_external_link_is_atomic() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(sim.external_links().len(), 1);
+    assert_eq!(sim.external_links().len(), 3);
 }
 
 #[tokio::test]
@@ -760,7 +795,7 @@ async fn recurring_invoices_lines_and_updatelines() {
     assert_eq!(updated[0]["qty_order"], 37);
     assert_eq!(updated[0]["_itemid"], 1234);
 
-    // Atomic: a rejected description in element 1 saves nothing.
+    // No transaction: element 0 is merged, element 1 refused.
     sim.set_faults(Faults {
         reject_names: vec!["Bad line".into()],
         ..Faults::default()
@@ -776,14 +811,41 @@ async fn recurring_invoices_lines_and_updatelines() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let msg = body["Message"].as_str().unwrap();
     assert!(msg.contains("[1]") && msg.contains("Bad line"), "{msg}");
-    let ri = &sim.recurring_invoices()[0];
-    let usage = ri["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["id"] == usage_line)
-        .unwrap();
-    assert_eq!(usage["qty_order"], 1.5);
+    let usage_qty = |sim: &SimHandle| {
+        sim.recurring_invoices()[0]["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["id"] == usage_line)
+            .unwrap()["qty_order"]
+            .clone()
+    };
+    assert_eq!(usage_qty(&sim), 9);
+    // Transactional: nothing is merged.
+    sim.set_faults(Faults {
+        reject_names: vec!["Bad line".into()],
+        transactional_arrays: true,
+        ..Faults::default()
+    });
+    let (s, _) = post(
+        &sim,
+        &tok,
+        "/RecurringInvoice/updatelines",
+        json!([{"id": usage_line, "ihid": ihid, "qty_order": 1.5},
+               {"id": line_id, "ihid": ihid, "item_shortdescription": "Bad line"}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(usage_qty(&sim), 9);
+    sim.set_faults(Faults::default());
+    let (s, _) = post(
+        &sim,
+        &tok,
+        "/RecurringInvoice/updatelines",
+        json!([{"id": usage_line, "ihid": ihid, "qty_order": 1.5}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
 
     // MSP edits a line in the UI.
     sim.update_record("RecurringInvoiceLine", line_id, json!({"unit_price": 99.0}));
@@ -791,7 +853,7 @@ async fn recurring_invoices_lines_and_updatelines() {
     assert_eq!(ri["lines"][0]["unit_price"], 99.0);
     assert_eq!(
         sim.counts().get("POST /api/RecurringInvoice/updatelines"),
-        Some(&5)
+        Some(&7)
     );
 }
 

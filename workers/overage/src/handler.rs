@@ -10,8 +10,8 @@
 //!    ([`item_for`]), the price, the customer (`links::require_customer`,
 //!    missing → `dependency`), the invoice of (account, period)
 //!    ([`invoice_for`], created once under the lock
-//!    `overage_invoice:<account_id>:<period_start>`; a zero overage never
-//!    creates it), and the line cached in Redis
+//!    `overage_invoice:<account_id>:<period_start>`; a zero overage creates
+//!    it too: its version must be kept in HaloPSA), and the line cached in Redis
 //!    (`…:overage_line:<aggregate>` = `{ihid, line, version}`; an event not
 //!    newer than the cached version is `Superseded` before any request).
 //! 2. Per invoice: the events without a cache entry are looked up on one
@@ -21,7 +21,7 @@
 //!    its line (or in the cache) is `Superseded`.
 //! 3. Per invoice: the new lines in `POST /Invoice/Lines` arrays, the
 //!    updates in `POST /Invoice/updatelines` arrays, at most
-//!    `LINES_PER_REQUEST` lines each (`HaloClient::post_lines`). A 400/422 answer to an array of several lines is
+//!    `LINES_PER_REQUEST` lines each (`halo::lines`). A 400/422 answer to an array of several lines is
 //!    split in halves until the refused line is alone: it alone is
 //!    dead-lettered (`rejected`, with HaloPSA's message); the others are
 //!    applied. Any other failure of a request fails the events of that
@@ -46,6 +46,7 @@ use std::collections::{BTreeMap, HashMap};
 use async_trait::async_trait;
 use halosync_shared::contract::{Envelope, Family, OverageData, Product, Version};
 use halosync_shared::halo::items;
+use halosync_shared::halo::lines::{self, Invoice};
 use halosync_shared::halo::links::{self, OVERAGE_INVOICE, SUBSCRIPTION};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
@@ -129,8 +130,8 @@ enum Prepared {
     Plan(Box<Plan>),
 }
 
-/// An aggregate's charge as cached in Redis. `line: None` records a zero
-/// overage applied while no line existed.
+/// An aggregate's charge as cached in Redis. `line: None`: the line was
+/// added but its id is not known (the header is read to find it).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Cached {
     ihid: i64,
@@ -158,25 +159,11 @@ async fn prepare(
     let price = mapping::unit_price(&data)?;
     let item_id = item_for(svc, halo, &data).await?;
     let customer = links::require_customer(&svc.store, halo, &data.account_id).await?;
-    let ihid = if data.overage_quantity <= 0.0 {
-        // A zero overage never creates the invoice: without one there is
-        // no line to zero either. Its version is kept in Redis only
-        // (`ihid` 0), so that an older non-zero event arriving later is
-        // superseded while Redis holds it.
-        let billing_id = mapping::invoice_billing_id(&data);
-        match invoices.get(&billing_id) {
-            Some(id) => *id,
-            None => match links::resolve(&svc.store, halo, &OVERAGE_INVOICE, &billing_id).await? {
-                Some(m) => m.halo_id,
-                None => {
-                    write_cache(svc, halo, &data, 0, None, &version).await?;
-                    return Ok(Prepared::Done(Outcome::Applied));
-                }
-            },
-        }
-    } else {
-        invoice_for(svc, halo, customer.halo_id, &data, invoices).await?
-    };
+    // A zero overage is written too (an inactive line of quantity 0
+    // carrying its version, on an invoice created if need be): its version
+    // must live in HaloPSA, or an older non-zero event arriving after Redis
+    // was lost would put the withdrawn charge back.
+    let ihid = invoice_for(svc, halo, customer.halo_id, &data, invoices).await?;
     let cached = cached.filter(|c| c.ihid == ihid);
     Ok(Prepared::Plan(Box::new(Plan {
         idx,
@@ -384,12 +371,7 @@ async fn forget(svc: &Services, halo: &HaloClient, d: &OverageData) -> Result<()
 /// What to write for one event.
 enum Op {
     Add,
-    Update {
-        line: i64,
-        from_cache: bool,
-    },
-    /// Zero overage and no line: nothing to write.
-    Nothing,
+    Update { line: i64, from_cache: bool },
 }
 
 /// Applies the plans of one invoice; returns `(event index, result)`.
@@ -413,13 +395,11 @@ async fn apply_invoice(
     };
     let mut work: Vec<(Plan, Op)> = Vec::new();
     for p in plans {
-        let zero = p.data.overage_quantity <= 0.0;
         let op = match (&p.cached, &header) {
             (Some(Cached { line: Some(l), .. }), _) => Op::Update {
                 line: *l,
                 from_cache: true,
             },
-            (Some(Cached { line: None, .. }), _) if zero => Op::Nothing,
             (Some(Cached { line: None, .. }), _) => Op::Add,
             (None, Some(h)) => {
                 let found = mapping::lines_carrying(h, &mapping::marker(&p.data));
@@ -440,7 +420,6 @@ async fn apply_invoice(
                         line: *line,
                         from_cache: false,
                     },
-                    None if zero => Op::Nothing,
                     None => Op::Add,
                 }
             }
@@ -461,14 +440,13 @@ async fn apply_invoice(
                 k,
                 mapping::line(&p.data, p.price, ihid, Some(*line), p.item_id, &p.version),
             )),
-            Op::Nothing => {}
         }
     }
     let mut written: HashMap<usize, Result<Option<i64>, Failure>> = HashMap::new();
-    for (k, r) in halo.post_lines("/Invoice/Lines", adds).await {
+    for (k, r) in lines::add(halo, Invoice::OneOff, adds).await {
         written.insert(k, r.map(|saved| saved.as_ref().and_then(record_id)));
     }
-    for (k, r) in halo.post_lines("/Invoice/updatelines", updates).await {
+    for (k, r) in lines::update(halo, Invoice::OneOff, updates).await {
         written.insert(k, r.map(|_| None));
     }
     // Adds whose id the answer did not give are found on the header.
@@ -484,9 +462,6 @@ async fn apply_invoice(
 
     for (k, (p, op)) in work.into_iter().enumerate() {
         let r = match op {
-            Op::Nothing => remember(svc, halo, &p, None)
-                .await
-                .map(|_| Outcome::Applied),
             Op::Add => match written.remove(&k) {
                 Some(Ok(id)) => {
                     let id = id.or_else(|| {
@@ -502,6 +477,15 @@ async fn apply_invoice(
                         None => forget(svc, halo, &p.data).await,
                     }
                     .map(|_| Outcome::Applied)
+                }
+                Some(Err(f)) if f.class != halosync_shared::FailureClass::Rejected => {
+                    // The line may still have been saved (an answer lost in a
+                    // way the read-back could not see): the retry reads the
+                    // header instead of trusting a cached "no line".
+                    match forget(svc, halo, &p.data).await {
+                        Ok(()) => Err(f),
+                        Err(e) => Err(e),
+                    }
                 }
                 Some(Err(f)) => Err(f),
                 None => Err(Failure::transient("line not written (bug)")),

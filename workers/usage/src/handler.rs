@@ -61,6 +61,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use async_trait::async_trait;
 use halosync_shared::contract::{Envelope, Family, Product, UsageData};
 use halosync_shared::halo::items;
+use halosync_shared::halo::lines::{self, Invoice};
 use halosync_shared::halo::links::{self, RECURRING_INVOICE, SUBSCRIPTION, USAGE};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
@@ -726,11 +727,7 @@ impl<'a> Batch<'a> {
             }
         }
         let mut done: Vec<(usize, i64)> = Vec::new();
-        for (i, result) in self
-            .halo
-            .post_lines("/RecurringInvoice/updatelines", updates)
-            .await
-        {
+        for (i, result) in lines::update(self.halo, Invoice::Recurring, updates).await {
             match result {
                 Ok(_) => {
                     let line = self.work[i].as_ref().and_then(|w| w.line).unwrap_or(0);
@@ -775,7 +772,7 @@ impl<'a> Batch<'a> {
                 }
             }
         }
-        for (i, result) in self.halo.post_lines("/RecurringInvoice/Lines", adds).await {
+        for (i, result) in lines::add(self.halo, Invoice::Recurring, adds).await {
             match result {
                 Ok(saved) => match saved.as_ref().and_then(record_id) {
                     Some(line) => {

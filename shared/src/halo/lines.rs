@@ -1,0 +1,406 @@
+//! Invoice lines, shared by every family that writes them (subscription and
+//! usage lines on the halosync recurring invoice, overage charges on one-off
+//! invoices): the marker field that identifies a line, reading a header's
+//! lines, and writing lines in arrays without ever adding one twice.
+//!
+//! # Why adds need care
+//!
+//! The reference does not say that a multi-element POST is a transaction
+//! (UNCONFIRMED), so the robust reading is taken: HaloPSA may save the
+//! elements before a refused one and still answer 400, and an answer may be
+//! lost (5xx, timeout, reset) after the lines were saved. Resending an
+//! *update* (`/updatelines`, a merge by line id) is harmless; resending an
+//! *add* would leave a duplicate line, i.e. a customer billed twice. So
+//! before an add array that failed is split or given up, [`add`] reads the
+//! headers it touched back and finds, by marker, what it did save:
+//!
+//! * a line found with the content that was sent is reported saved;
+//! * a line found with other content (another worker's, or an older one) is
+//!   brought to the sent content by one update, never added again;
+//! * only what is not there is split and sent again (after a refusal), or
+//!   failed with the error (after a lost answer: the event is retried and
+//!   its replay reads the header first).
+//!
+//! One round costs one GET per header touched, and only on failure.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use super::client::{first_record, record_id};
+use super::{HaloClient, HaloError};
+use crate::error::{Failure, FailureClass};
+
+/// The line field that carries the aggregate's marker
+/// (`halosync.<kind>:<billing id>`), on both kinds of invoice.
+pub const MARKER_FIELD: &str = "item_internal_reference";
+
+/// Lines per POST (HaloPSA documents no limit; this keeps a refused array
+/// cheap to bisect and a request body small).
+pub const LINES_PER_REQUEST: usize = 100;
+
+/// The two kinds of invoice halosync writes lines on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invoice {
+    /// `/RecurringInvoice`: subscription and usage lines.
+    Recurring,
+    /// `/Invoice`: one-off overage charges.
+    OneOff,
+}
+
+impl Invoice {
+    fn base(self) -> &'static str {
+        match self {
+            Invoice::Recurring => "/RecurringInvoice",
+            Invoice::OneOff => "/Invoice",
+        }
+    }
+
+    /// `POST` path adding lines.
+    pub fn add_path(self) -> String {
+        format!("{}/Lines", self.base())
+    }
+
+    /// `POST` path merging lines by id.
+    pub fn update_path(self) -> String {
+        format!("{}/updatelines", self.base())
+    }
+
+    /// `GET` path of one header.
+    pub fn header_path(self, ihid: i64) -> String {
+        format!("{}/{ihid}", self.base())
+    }
+}
+
+/// `GET /<Invoice>/{ihid}?includedetails=true`: the header with its lines.
+pub async fn read_header(
+    halo: &HaloClient,
+    invoice: Invoice,
+    ihid: i64,
+) -> Result<Value, HaloError> {
+    let path = invoice.header_path(ihid);
+    let body = halo
+        .get(&path, &[("includedetails", "true".into())])
+        .await?;
+    // Normally the bare object; unwrap an envelope defensively (§2).
+    first_record(body)
+        .ok_or_else(|| HaloError::Unexpected(format!("no invoice {ihid} in the answer"), path))
+}
+
+/// The lines of a header carrying `marker` exactly, lowest id first.
+pub fn carrying<'a>(header: &'a Value, marker: &str) -> Vec<&'a Value> {
+    let mut found: Vec<&Value> = header
+        .get("lines")
+        .and_then(Value::as_array)
+        .map(|lines| {
+            lines
+                .iter()
+                .filter(|l| {
+                    l.get(MARKER_FIELD)
+                        .and_then(Value::as_str)
+                        .is_some_and(|m| m.trim() == marker)
+                })
+                .filter(|l| record_id(l).is_some())
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort_by_key(|l| record_id(l).unwrap_or(i64::MAX));
+    found
+}
+
+/// Per line: the record HaloPSA saved for it (`None` when the answer did not
+/// give one per line), or its failure. Keyed by the caller's index.
+pub type Written = Vec<(usize, Result<Option<Value>, Failure>)>;
+
+/// Merges lines by id (`/updatelines`), in arrays of at most
+/// [`LINES_PER_REQUEST`], lines of several headers sharing a request. A
+/// refused array is split in halves until the refused line is alone, so one
+/// bad line never fails the others; resending a merge is harmless, so
+/// nothing is read back.
+pub async fn update(halo: &HaloClient, invoice: Invoice, lines: Vec<(usize, Value)>) -> Written {
+    let path = invoice.update_path();
+    let mut out = Vec::with_capacity(lines.len());
+    let mut stack = chunks(lines);
+    while let Some(chunk) = stack.pop() {
+        let bodies: Vec<Value> = chunk.iter().map(|(_, v)| v.clone()).collect();
+        match halo.post(&path, bodies).await {
+            Ok(answer) => settle_saved(&mut out, chunk, answer),
+            Err(e) if refused(&e) && chunk.len() > 1 => {
+                tracing::info!(path, lines = chunk.len(), error = %e,
+                    "HaloPSA refused an array of line updates; splitting it to find the refused one");
+                split(&mut stack, chunk);
+            }
+            Err(e) => fail_all(&mut out, chunk, &path, e),
+        }
+    }
+    out
+}
+
+/// Adds lines (`/Lines`), each body carrying its header (`ihid`) and its
+/// marker ([`MARKER_FIELD`]), in arrays like [`update`], never adding a line
+/// twice: see the module doc.
+pub async fn add(halo: &HaloClient, invoice: Invoice, lines: Vec<(usize, Value)>) -> Written {
+    let path = invoice.add_path();
+    let mut out = Vec::with_capacity(lines.len());
+    let mut stack = chunks(lines);
+    while let Some(chunk) = stack.pop() {
+        let bodies: Vec<Value> = chunk.iter().map(|(_, v)| v.clone()).collect();
+        let e = match halo.post(&path, bodies).await {
+            Ok(answer) => {
+                settle_saved(&mut out, chunk, answer);
+                continue;
+            }
+            Err(e) => e,
+        };
+        let is_refusal = refused(&e);
+        if !(is_refusal && chunk.len() > 1) && !answer_may_be_lost(&e) {
+            // Nothing was saved: a single line refused (a one-element save
+            // is atomic), or a request HaloPSA never processed (429, 401,
+            // 403, our own budget).
+            fail_all(&mut out, chunk, &path, e);
+            continue;
+        }
+        tracing::info!(path, lines = chunk.len(), error = %e,
+            "adding lines failed; reading back what HaloPSA saved before sending anything again");
+        let unsaved = match read_back(halo, invoice, chunk, &mut out).await {
+            Ok(unsaved) => unsaved,
+            Err((chunk, f)) => {
+                for (k, _) in chunk {
+                    out.push((k, Err(f.clone())));
+                }
+                continue;
+            }
+        };
+        match unsaved.len() {
+            0 => {}
+            // The one line not saved is the one refused.
+            1 if is_refusal => fail_all(&mut out, unsaved, &path, e),
+            _ if is_refusal => split(&mut stack, unsaved),
+            // A lost answer: what is not there was not saved. The events are
+            // retried (the error is transient), not resent in a loop here.
+            _ => fail_all(&mut out, unsaved, &path, e),
+        }
+    }
+    out
+}
+
+/// Reads back the headers of `chunk` and settles the lines found there
+/// (an update where the content differs). Returns what is not there, or
+/// the chunk and the failure when a header could not be read.
+async fn read_back(
+    halo: &HaloClient,
+    invoice: Invoice,
+    chunk: Vec<(usize, Value)>,
+    out: &mut Written,
+) -> Result<Vec<(usize, Value)>, (Vec<(usize, Value)>, Failure)> {
+    let mut headers: BTreeMap<i64, Value> = BTreeMap::new();
+    for (_, body) in &chunk {
+        let Some(ihid) = body.get("ihid").and_then(Value::as_i64) else {
+            continue;
+        };
+        if headers.contains_key(&ihid) {
+            continue;
+        }
+        match read_header(halo, invoice, ihid).await {
+            Ok(h) => {
+                headers.insert(ihid, h);
+            }
+            Err(e) => {
+                let f = Failure::from(e);
+                let f = Failure::transient(format!(
+                    "adding lines failed and reading invoice {ihid} back failed too ({}); the events are retried and read the invoice first",
+                    f.message
+                ));
+                return Err((chunk, f));
+            }
+        }
+    }
+    let mut unsaved = Vec::new();
+    let mut differing: Vec<(usize, Value)> = Vec::new();
+    for (k, body) in chunk {
+        let found = body
+            .get("ihid")
+            .and_then(Value::as_i64)
+            .and_then(|ihid| headers.get(&ihid))
+            .zip(body.get(MARKER_FIELD).and_then(Value::as_str))
+            .and_then(|(h, marker)| carrying(h, marker.trim()).first().map(|l| (*l).clone()));
+        match found {
+            Some(line) if same_content(&body, &line) => out.push((k, Ok(Some(line)))),
+            Some(line) => {
+                let mut merge = body;
+                if let (Some(m), Some(id)) = (merge.as_object_mut(), record_id(&line)) {
+                    m.insert("id".into(), id.into());
+                }
+                differing.push((k, merge));
+            }
+            None => unsaved.push((k, body)),
+        }
+    }
+    if !differing.is_empty() {
+        tracing::info!(
+            lines = differing.len(),
+            "lines found on read-back with other content; updated in place, not added again"
+        );
+        let ids: BTreeMap<usize, Option<i64>> = differing
+            .iter()
+            .map(|(k, b)| (*k, b.get("id").and_then(Value::as_i64)))
+            .collect();
+        for (k, r) in update(halo, invoice, differing).await {
+            // The answer of an update may not carry the line: keep its id.
+            let id = ids.get(&k).copied().flatten();
+            out.push((
+                k,
+                r.map(|saved| saved.or_else(|| id.map(|id| serde_json::json!({ "id": id })))),
+            ));
+        }
+    }
+    Ok(unsaved)
+}
+
+/// Does a stored line hold what was sent? Fields the answer does not echo
+/// are not compared; numbers are compared as numbers (`5` = `5.0`).
+fn same_content(sent: &Value, stored: &Value) -> bool {
+    let (Some(sent), Some(stored)) = (sent.as_object(), stored.as_object()) else {
+        return false;
+    };
+    sent.iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "id" | "ihid" | "_itemid"))
+        .all(|(k, v)| match (v, stored.get(k)) {
+            (_, None) => true,
+            (Value::Number(a), Some(Value::Number(b))) => a.as_f64() == b.as_f64(),
+            (Value::String(a), Some(Value::String(b))) => a.trim() == b.trim(),
+            (a, Some(b)) => a == b,
+        })
+}
+
+/// 400/422: HaloPSA refused (part of) the array as invalid.
+fn refused(e: &HaloError) -> bool {
+    matches!(e.status(), Some(400 | 422))
+}
+
+/// A 5xx or a network error (timeout, reset): the request may have been
+/// processed with its answer lost.
+fn answer_may_be_lost(e: &HaloError) -> bool {
+    match e {
+        HaloError::Network(_) => true,
+        HaloError::Status { status, .. } => *status >= 500,
+        HaloError::Unexpected(..) => true,
+        _ => false,
+    }
+}
+
+/// Chunks of at most [`LINES_PER_REQUEST`], the first on top of the stack.
+fn chunks(mut rest: Vec<(usize, Value)>) -> Vec<Vec<(usize, Value)>> {
+    let mut stack = Vec::new();
+    while !rest.is_empty() {
+        let tail = rest.split_off(rest.len().min(LINES_PER_REQUEST));
+        stack.push(rest);
+        rest = tail;
+    }
+    stack.reverse();
+    stack
+}
+
+/// Pushes the halves of `chunk`, the first half on top.
+fn split(stack: &mut Vec<Vec<(usize, Value)>>, mut chunk: Vec<(usize, Value)>) {
+    let second = chunk.split_off(chunk.len() / 2);
+    stack.push(second);
+    stack.push(chunk);
+}
+
+fn settle_saved(out: &mut Written, chunk: Vec<(usize, Value)>, answer: Value) {
+    let saved = match answer {
+        Value::Array(a) => a,
+        Value::Object(_) => vec![answer],
+        _ => Vec::new(),
+    };
+    // Response shape UNCONFIRMED: trust positions only when there is one
+    // saved record per line sent.
+    let aligned = saved.len() == chunk.len();
+    for (n, (k, _)) in chunk.into_iter().enumerate() {
+        out.push((k, Ok(aligned.then(|| saved[n].clone()))));
+    }
+}
+
+fn fail_all(out: &mut Written, chunk: Vec<(usize, Value)>, path: &str, e: HaloError) {
+    let f = Failure::from(e);
+    if chunk.len() == 1 && f.class == FailureClass::Rejected {
+        tracing::warn!(path, error = %f, "HaloPSA refused the line");
+    }
+    for (k, _) in chunk {
+        out.push((k, Err(f.clone())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn lines_carrying_a_marker_lowest_first() {
+        let h = json!({"lines": [
+            {"id": 9, MARKER_FIELD: "halosync.usage:s1:gb"},
+            {"id": 4, MARKER_FIELD: " halosync.usage:s1:gb "},
+            {"id": 5, MARKER_FIELD: "halosync.usage:s1:gb (duplicate of line 4, retired)"},
+            {MARKER_FIELD: "halosync.usage:s1:gb"},
+        ]});
+        let ids: Vec<i64> = carrying(&h, "halosync.usage:s1:gb")
+            .iter()
+            .filter_map(|l| record_id(l))
+            .collect();
+        assert_eq!(ids, vec![4, 9]);
+        assert!(carrying(&json!({}), "x").is_empty());
+    }
+
+    #[test]
+    fn content_is_compared_on_what_the_answer_echoes() {
+        let sent =
+            json!({"ihid": -1, "qty_order": 5, "item_external_reference": "v=3", "note": "x"});
+        assert!(same_content(
+            &sent,
+            &json!({"id": 7, "ihid": -1, "qty_order": 5.0, "item_external_reference": "v=3"})
+        ));
+        assert!(!same_content(
+            &sent,
+            &json!({"id": 7, "qty_order": 4.0, "item_external_reference": "v=3"})
+        ));
+        assert!(!same_content(
+            &sent,
+            &json!({"id": 7, "qty_order": 5, "item_external_reference": "v=2"})
+        ));
+    }
+
+    #[test]
+    fn chunks_keep_order_and_size() {
+        let lines: Vec<(usize, Value)> = (0..250).map(|i| (i, json!({}))).collect();
+        let mut stack = chunks(lines);
+        let sizes: Vec<usize> = std::iter::from_fn(|| stack.pop())
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(sizes, vec![100, 100, 50]);
+        let mut stack = Vec::new();
+        split(&mut stack, (0..5).map(|i| (i, json!({}))).collect());
+        let first: Vec<usize> = stack.pop().unwrap().iter().map(|(k, _)| *k).collect();
+        assert_eq!(first, vec![0, 1]);
+    }
+
+    #[test]
+    fn what_may_have_been_saved() {
+        let status = |s| HaloError::Status {
+            method: "POST".into(),
+            path: "/x".into(),
+            status: s,
+            message: String::new(),
+            body: String::new(),
+        };
+        assert!(answer_may_be_lost(&status(500)));
+        assert!(answer_may_be_lost(&HaloError::Network("reset".into())));
+        assert!(!answer_may_be_lost(&status(403)));
+        assert!(!answer_may_be_lost(&HaloError::RateLimited {
+            retry_after: None,
+            body: String::new()
+        }));
+        assert!(refused(&status(400)) && !refused(&status(500)));
+    }
+}
