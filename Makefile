@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build run test lint fmt unit services packages bench release clean
+.PHONY: all build build-all run test lint fmt unit services packages bench release clean
 
 all: build
 
@@ -18,8 +18,14 @@ run: build
 
 ## Everything CI checks: formatting, lints, unit and integration tests
 ## (the integration tests need RabbitMQ and Redis running locally).
-test: packages services build lint check-deploy
+test: packages services build-all lint check-deploy
 	$(CARGO) test --workspace --no-fail-fast
+
+## Every target, tests included, in one build: the worker binaries the
+## integration tests start are then built with the same (dev-dependency
+## unified) features as the tests, so `cargo test` compiles nothing twice.
+build-all:
+	$(CARGO) build --workspace --all-targets
 
 ## Installs the Debian packages the tests need (deploy/local/debian-packages.txt).
 packages:

@@ -489,3 +489,94 @@ async fn overage_charges_whose_answer_is_lost_or_saved_in_part_are_applied_once(
     assert_eq!(env.sim.invoices().len(), 1);
     assert!(env.take_dead(Family::Overage).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_the_msp_deleted_while_cached_is_put_back_in_every_family() {
+    let mut env = env_with("faults-deleted-line", Faults::default()).await;
+    for bin in [ACCOUNT, SUBSCRIPTION, USAGE, OVERAGE] {
+        env.spawn_worker(bin);
+    }
+    env.publish(&account_event("a0", "acc_0", "Customer 0", true, 1))
+        .await;
+    let publish_all = |seq: u64| {
+        let q = seq * 10;
+        [
+            subscription_event(&format!("s-{seq}"), "sub_0", "acc_0", q, "active", seq),
+            usage_event(
+                &format!("u-{seq}"),
+                "sub_0",
+                "acc_0",
+                "storage_gb",
+                NOV,
+                q as f64,
+                seq,
+            ),
+            overage_event(
+                &format!("o-{seq}"),
+                "sub_0",
+                "acc_0",
+                "storage_gb",
+                OCT,
+                q as f64,
+                "0.25",
+                seq,
+            ),
+        ]
+    };
+    let markers = [
+        "halosync.subscription:sub_0".to_string(),
+        "halosync.usage:sub_0:storage_gb".to_string(),
+        format!("halosync.overage:sub_0:storage_gb:{}", OCT.0),
+    ];
+    let lines = |env: &TestEnv| {
+        let mut all = lines_by_marker(env.sim.recurring_invoices());
+        all.extend(lines_by_marker(env.sim.invoices()));
+        all
+    };
+    for seq in 1..=2 {
+        for e in publish_all(seq) {
+            env.publish(&e).await;
+        }
+        env.wait_for(
+            "every line at this version",
+            Duration::from_secs(30),
+            || {
+                let all = lines(&env);
+                markers.iter().all(|m| {
+                    all.get(m).is_some_and(|l| {
+                        l.len() == 1 && l[0]["qty_order"].as_f64() == Some((seq * 10) as f64)
+                    })
+                })
+            },
+        )
+        .await;
+    }
+    // The MSP deletes the three lines in HaloPSA; every worker has their
+    // ids cached.
+    let all = lines(&env);
+    for (m, entity) in markers.iter().zip([
+        "RecurringInvoiceLine",
+        "RecurringInvoiceLine",
+        "InvoiceLine",
+    ]) {
+        let id = all[m][0]["id"].as_i64().unwrap_or_default();
+        assert!(env.sim.delete_line(entity, id), "{m}: line {id}");
+    }
+    assert!(markers.iter().all(|m| !lines(&env).contains_key(m)));
+    for e in publish_all(3) {
+        env.publish(&e).await;
+    }
+    env.wait_for("every line put back", Duration::from_secs(30), || {
+        let all = lines(&env);
+        markers.iter().all(|m| {
+            all.get(m)
+                .is_some_and(|l| l.len() == 1 && l[0]["qty_order"].as_f64() == Some(30.0))
+        })
+    })
+    .await;
+    for family in FAMILIES {
+        env.wait_drained(family, Duration::from_secs(30)).await;
+        let dead = env.take_dead(family).await;
+        assert!(dead.is_empty(), "{family:?}: {dead:#?}");
+    }
+}

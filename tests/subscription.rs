@@ -859,3 +859,31 @@ async fn throughput_one_worker_no_latency() {
         env.stop_worker(w);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_end_date_that_goes_back_to_none_is_cleared_in_halopsa() {
+    let mut env = env_with("sub-end-date", "", 0).await;
+    env.spawn_worker(ACCOUNTS);
+    env.spawn_worker(WORKER);
+    seed_accounts(&env, &["acc_1".into()]).await;
+    let mut ending = subscription_event("e1", "sub_1", "acc_1", 5, "active", 1);
+    ending["data"]["end_date"] = json!("2027-10-31");
+    env.publish(&ending).await;
+    env.wait_for("the end date set", T, || {
+        records(&env, "sub_1").is_some_and(|(l, n)| {
+            l["end_date"] == "2027-10-31T00:00:00" && n["enddate"] == "2027-10-31T00:00:00"
+        })
+    })
+    .await;
+    // The next version has no end date (null): HaloPSA's is cleared.
+    env.publish(&subscription_event("e2", "sub_1", "acc_1", 6, "active", 2))
+        .await;
+    env.wait_for("the end date cleared", T, || {
+        records(&env, "sub_1").is_some_and(|(l, n)| {
+            l["count"] == 6 && l["end_date"].is_null() && n["enddate"].is_null()
+        })
+    })
+    .await;
+    env.wait_drained(Family::Subscription, T).await;
+    assert!(env.take_dead(Family::Subscription).await.is_empty());
+}

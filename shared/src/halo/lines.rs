@@ -273,6 +273,18 @@ fn same_content(sent: &Value, stored: &Value) -> bool {
         })
 }
 
+/// The one policy, for every family, for a *cached* line id HaloPSA refuses
+/// (the MSP deleted the line, or the cache holds another instance's ids):
+/// the caller drops its cache entry and the event is retried afresh as
+/// transient, reading the header, where the line is found again or put back.
+/// Only a refusal that does not come from the cache is final (`rejected`).
+pub fn cached_line_refused(line: i64, ihid: i64, refusal: &Failure) -> Failure {
+    Failure::transient(format!(
+        "the cached line {line} of invoice {ihid} was refused ({}); the cache was dropped and the event is retried from the invoice's lines",
+        refusal.message
+    ))
+}
+
 /// 400/422: HaloPSA refused (part of) the array as invalid.
 fn refused(e: &HaloError) -> bool {
     matches!(e.status(), Some(400 | 422))

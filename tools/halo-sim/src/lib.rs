@@ -367,6 +367,12 @@ impl SimHandle {
         }
     }
 
+    /// Deletes an invoice line as an MSP would in the UI: `entity` is
+    /// `RecurringInvoiceLine` or `InvoiceLine`. Returns whether it existed.
+    pub fn delete_line(&self, entity: &str, id: i64) -> bool {
+        self.shared.lock().data.remove_line(entity, id)
+    }
+
     /// Stops the server and waits (at most 5 s) for it to finish.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {

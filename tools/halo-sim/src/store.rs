@@ -661,6 +661,17 @@ impl Data {
         }
     }
 
+    /// Removes an invoice line, as an MSP deleting it in the UI would
+    /// (`RecurringInvoiceLine` or `InvoiceLine`). The API has no line
+    /// delete (reference), so this is a control only.
+    pub(crate) fn remove_line(&mut self, entity: &str, id: i64) -> bool {
+        match entity.to_ascii_lowercase().as_str() {
+            "recurringinvoiceline" => self.recurring_lines.remove(&id).is_some(),
+            "invoiceline" => self.invoice_lines.remove(&id).is_some(),
+            _ => false,
+        }
+    }
+
     // ----- writes ----------------------------------------------------------
 
     /// `POST /X`: the body must be an array. Elements are saved in order,

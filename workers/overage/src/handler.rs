@@ -501,10 +501,7 @@ async fn apply_invoice(
                     // Redis holding another instance's ids): retry afresh
                     // from the header; a genuine refusal is then final.
                     match forget(svc, halo, &p.data).await {
-                        Ok(()) => Err(Failure::transient(format!(
-                            "the cached line {line} of invoice {ihid} was refused ({}); the cache was dropped and the event is retried from the invoice's lines",
-                            f.message
-                        ))),
+                        Ok(()) => Err(lines::cached_line_refused(line, ihid, &f)),
                         Err(e) => Err(e),
                     }
                 }

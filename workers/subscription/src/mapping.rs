@@ -100,7 +100,13 @@ pub fn halo_date(date: &str) -> String {
 ///   `overwrite_names` allows it.
 /// * `price` and `purchase_price` are written on create, and on update only
 ///   when `overwrite_prices` allows it (an MSP may set its own prices).
-/// * An absent `end_date` or `unit_cost` leaves HaloPSA's value alone.
+/// * `end_date`: every event carries the subscription's full state, so a
+///   missing or null `end_date` means "no end": on update it is sent as
+///   `null`, clearing a date set by an earlier event. Whether HaloPSA clears
+///   a date on `null` is UNCONFIRMED; `null` is the robust choice, since the
+///   empty-date sentinel HaloPSA answers with (`1899-12-30`) could be taken
+///   as a real, long past, end date. An absent `unit_cost` leaves HaloPSA's
+///   value alone.
 pub fn licence_record(
     data: &SubscriptionData,
     terms: &Terms,
@@ -120,8 +126,14 @@ pub fn licence_record(
     }
     m.insert("count".into(), json!(terms.quantity));
     m.insert("start_date".into(), json!(halo_date(&data.start_date)));
-    if let Some(end) = &data.end_date {
-        m.insert("end_date".into(), json!(halo_date(end)));
+    match &data.end_date {
+        Some(end) => {
+            m.insert("end_date".into(), json!(halo_date(end)));
+        }
+        None if !creating => {
+            m.insert("end_date".into(), Value::Null);
+        }
+        None => {}
     }
     m.insert("billing_cycle".into(), json!(data.billing_cycle));
     m.insert("status".into(), json!(data.status));
@@ -183,6 +195,8 @@ pub fn line_update(
 ) -> Value {
     let mut m = line_common(data, terms, ihid, item_id, marker);
     m.insert("id".into(), json!(line_id));
+    // No end (see `licence_record`): clear one an earlier event set.
+    m.entry("enddate").or_insert(Value::Null);
     if policy.overwrite_names {
         m.insert(
             "item_shortdescription".into(),
@@ -364,6 +378,13 @@ mod tests {
         let over = licence_record(&d, &t, 7, Some(3), MARK, &policy(true, true));
         assert_eq!(over["price"], 22.0);
         assert_eq!(over["name"], "Microsoft 365 Business Premium");
+        // The end date goes back to none: cleared, not left alone.
+        d.end_date = None;
+        let cleared = licence_record(&d, &t, 7, Some(3), MARK, &policy(false, false));
+        assert_eq!(cleared.get("end_date"), Some(&Value::Null));
+        let line = line_update(&d, &t, -4, 9, 1001, MARK, &policy(false, false));
+        assert_eq!(line.get("enddate"), Some(&Value::Null));
+        assert!(new_line(&d, &t, -4, 1001, MARK).get("enddate").is_none());
     }
 
     #[test]

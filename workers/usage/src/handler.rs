@@ -66,7 +66,7 @@ use halosync_shared::halo::links::{self, RECURRING_INVOICE, SUBSCRIPTION, USAGE}
 use halosync_shared::halo::{first_record, record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
 use halosync_shared::store::StateError;
-use halosync_shared::Failure;
+use halosync_shared::{Failure, FailureClass};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -134,6 +134,8 @@ struct Work {
     product: String,
     item: i64,
     line: Option<i64>,
+    /// `line` came from the Redis cache, not from reading the header.
+    from_cache: bool,
 }
 
 /// The cached usage line of an aggregate.
@@ -188,6 +190,7 @@ impl<'a> Batch<'a> {
                         product: String::new(),
                         item: 0,
                         line: None,
+                        from_cache: false,
                     }));
                 }
                 Err(f) => {
@@ -516,6 +519,9 @@ impl<'a> Batch<'a> {
                 Some(c) if !c.pending => {
                     let applied = Applied::decode(&c.applied);
                     self.settle_line(i, c.line, applied);
+                    if let Some(w) = self.work[i].as_mut() {
+                        w.from_cache = true;
+                    }
                 }
                 Some(_) => {
                     pending_ihids.insert(ihid);
@@ -733,13 +739,21 @@ impl<'a> Batch<'a> {
                     let line = self.work[i].as_ref().and_then(|w| w.line).unwrap_or(0);
                     done.push((i, line));
                 }
-                Err(f) => {
-                    if f.halo_status == Some(400) {
-                        // A stale cached line id is found again on replay.
-                        self.forget(i).await;
-                    }
-                    self.fail(i, f);
+                Err(f)
+                    if f.class == FailureClass::Rejected
+                        && self.work[i].as_ref().is_some_and(|w| w.from_cache) =>
+                {
+                    // A refused cached line (deleted by the MSP, or a stale
+                    // id) is found again, or put back, on the retry, which
+                    // reads the header; a refusal after that is final.
+                    self.forget(i).await;
+                    let (line, ihid) = self.work[i]
+                        .as_ref()
+                        .map(|w| (w.line.unwrap_or(0), w.ihid))
+                        .unwrap_or_default();
+                    self.fail(i, lines::cached_line_refused(line, ihid, &f));
                 }
+                Err(f) => self.fail(i, f),
             }
         }
         if !adds.is_empty() {
