@@ -153,7 +153,8 @@ pub async fn add(halo: &HaloClient, invoice: Invoice, lines: Vec<(usize, Value)>
             Err(e) => e,
         };
         let is_refusal = refused(&e);
-        if !(is_refusal && chunk.len() > 1) && !answer_may_be_lost(&e) {
+        let may_have_saved = (is_refusal && chunk.len() > 1) || answer_may_be_lost(&e);
+        if !may_have_saved {
             // Nothing was saved: a single line refused (a one-element save
             // is atomic), or a request HaloPSA never processed (429, 401,
             // 403, our own budget).
