@@ -281,10 +281,12 @@ async fn every_family_converges_once_under_every_fault() {
         match want.check(&env) {
             Ok(()) => confirmed += 1,
             Err(e) if std::time::Instant::now() > deadline => {
-                panic!(
-                    "{e}\nworker logs (tail):\n{}",
-                    halosync_tests::tail(&env.logs(), 40)
-                )
+                // The log lines of the aggregate that is wrong.
+                let who = e.split([':', ' ']).next().unwrap_or_default().to_string();
+                let needle = format!("\"aggregate\":\"{who}");
+                let logs = env.logs();
+                let about: Vec<&str> = logs.lines().filter(|l| l.contains(&needle)).collect();
+                panic!("{e}\nworker log lines of {who}:\n{}", about.join("\n"))
             }
             Err(_) => confirmed = 0,
         }

@@ -887,3 +887,72 @@ async fn an_end_date_that_goes_back_to_none_is_cleared_in_halopsa() {
     env.wait_drained(Family::Subscription, T).await;
     assert!(env.take_dead(Family::Subscription).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscription_moved_to_another_account_leaves_the_old_invoice_warm_and_cold() {
+    let mut env = env_with("sub-move", "", 0).await;
+    env.spawn_worker(ACCOUNTS);
+    env.spawn_worker(WORKER);
+    seed_accounts(&env, &["acc_1".into(), "acc_2".into()]).await;
+    // The line of `sub_1` on `account`'s invoice: (active lines carrying
+    // the marker, retired lines that carried it).
+    let on = |env: &TestEnv, account: &str| {
+        let lines: Vec<Value> = invoices_of(env, account)
+            .into_iter()
+            .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let live: Vec<Value> = lines
+            .iter()
+            .filter(|l| l["item_internal_reference"] == marker("sub_1").as_str())
+            .cloned()
+            .collect();
+        let retired = lines
+            .iter()
+            .filter(|l| {
+                l["item_internal_reference"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(&format!("{} (moved", marker("sub_1"))))
+                    && l["isinactive"] == true
+                    && l["qty_order"].as_f64() == Some(0.0)
+            })
+            .count();
+        (live, retired)
+    };
+    env.publish(&subscription_event("m1", "sub_1", "acc_1", 5, "active", 1))
+        .await;
+    env.wait_for("on acc_1", T, || {
+        records(&env, "sub_1").is_some_and(|(l, n)| holds(&l, &n, 5, "active"))
+    })
+    .await;
+    // Warm (Redis has the line): moved to acc_2.
+    env.publish(&subscription_event("m2", "sub_1", "acc_2", 6, "active", 2))
+        .await;
+    env.wait_for("moved to acc_2", T, || {
+        records(&env, "sub_1").is_some_and(|(l, n)| {
+            holds(&l, &n, 6, "active") && l["client_id"] == customer_id(&env, "acc_2")
+        })
+    })
+    .await;
+    env.wait_drained(Family::Subscription, T).await;
+    let (live, retired) = on(&env, "acc_2");
+    assert_eq!(live.len(), 1, "{live:#?}");
+    let (old_live, old_retired) = on(&env, "acc_1");
+    assert!(old_live.is_empty(), "{old_live:#?}");
+    assert_eq!(old_retired, 1, "the old line is retired");
+    // Cold (Redis lost): moved back to acc_1.
+    env.flush_redis().await;
+    env.publish(&subscription_event("m3", "sub_1", "acc_1", 7, "active", 3))
+        .await;
+    env.wait_for("moved back to acc_1", T, || {
+        records(&env, "sub_1").is_some_and(|(l, n)| {
+            holds(&l, &n, 7, "active") && l["client_id"] == customer_id(&env, "acc_1")
+        })
+    })
+    .await;
+    env.wait_drained(Family::Subscription, T).await;
+    assert!(on(&env, "acc_2").0.is_empty(), "the acc_2 line is retired");
+    assert_eq!(on(&env, "acc_2").1, retired + 1);
+    assert_eq!(on(&env, "acc_1").0.len(), 1);
+    assert_eq!(licences_of(&env, "sub_1").len(), 1);
+    assert!(env.take_dead(Family::Subscription).await.is_empty());
+}

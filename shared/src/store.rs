@@ -343,6 +343,25 @@ async fn renew(redis: ConnectionManager, key: String, token: String, ttl: Durati
     }
 }
 
+/// Whether an aggregate lock is still held by its taker: Redis still maps
+/// its key to the taker's token. A lock is lost when Redis is flushed (or
+/// restarted empty) or when it expired; another worker may then hold the
+/// aggregate, and a write of ours could land after one of theirs.
+#[derive(Clone)]
+pub struct LockFence {
+    redis: ConnectionManager,
+    key: String,
+    token: String,
+}
+
+impl LockFence {
+    pub async fn still_held(&self) -> Result<bool, StateError> {
+        let mut r = self.redis.clone();
+        let now: Option<String> = r.get(&self.key).await?;
+        Ok(now.as_deref() == Some(self.token.as_str()))
+    }
+}
+
 /// A held aggregate lock; call [`AggregateLock::release`] when done. If the
 /// process dies, the lock expires on its own after its TTL.
 pub struct AggregateLock {
@@ -359,6 +378,16 @@ impl Drop for AggregateLock {
 }
 
 impl AggregateLock {
+    /// A handle that tells, later, whether this lock is still held (see
+    /// [`LockFence`]).
+    pub fn fence(&self) -> LockFence {
+        LockFence {
+            redis: self.redis.clone(),
+            key: self.key.clone(),
+            token: self.token.clone(),
+        }
+    }
+
     /// Releases the lock if it is still ours (it may have expired and been
     /// taken by another worker, which must keep it).
     #[tracing::instrument(name = "redis.unlock", skip_all, level = "info")]

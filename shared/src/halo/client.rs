@@ -15,6 +15,18 @@ use super::token::TokenProvider;
 use crate::config::ConnectionConfig;
 use crate::error::excerpt;
 use crate::outage::{Health, Report};
+use crate::store::LockFence;
+
+tokio::task_local! {
+    /// The aggregate lock of the message this task is applying, set by the
+    /// runtime around a handler. Every write (any method but GET) checks it
+    /// right before the request goes out, after waiting for the rate budget
+    /// and the token, so that a worker whose lock was lost (Redis flushed,
+    /// or the lock expired) stops instead of writing after the aggregate's
+    /// new holder began: an older version's write can then only land after
+    /// a newer one's if it was already on the wire. Handlers need do nothing.
+    pub static WRITE_FENCE: LockFence;
+}
 
 /// Rows per page when listing (reference §2: libraries use 100–1000; the
 /// server maximum is UNCONFIRMED, so stay modest).
@@ -177,6 +189,17 @@ impl HaloClient {
                         return Err(e);
                     }
                 };
+                if method != Method::GET {
+                    if let Ok(fence) = WRITE_FENCE.try_with(LockFence::clone) {
+                        match fence.still_held().await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                return Err(HaloError::Fenced(format!("{method} {path}")))
+                            }
+                            Err(e) => return Err(HaloError::State(e.to_string())),
+                        }
+                    }
+                }
                 let url = format!("{}{}", self.conn.resource_server, path);
                 let mut req = self
                     .http

@@ -47,6 +47,10 @@ pub enum HaloError {
     /// Redis trouble in the token cache or the rate limiter.
     #[error("shared state unavailable: {0}")]
     State(String),
+    /// The write was not sent: the message's aggregate lock is no longer
+    /// ours (see `halo::client::WRITE_FENCE`).
+    #[error("lost the aggregate lock (Redis flushed or the lock expired) before writing {0}; retried so that an older version never overwrites a newer one")]
+    Fenced(String),
 }
 
 impl HaloError {
@@ -88,7 +92,8 @@ impl From<HaloError> for Failure {
             HaloError::Status { body, .. } | HaloError::Token { body, .. } => {
                 f.halo_body = Some(excerpt(body, BODY_EXCERPT));
             }
-            HaloError::BudgetExhausted(_) => f.throttled = true,
+            // Like waiting for a busy lock: not a failed attempt.
+            HaloError::BudgetExhausted(_) | HaloError::Fenced(_) => f.throttled = true,
             _ => {}
         }
         f

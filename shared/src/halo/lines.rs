@@ -24,12 +24,15 @@
 //! One round costs one GET per header touched, and only on failure.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::client::{first_record, record_id};
+use super::links::{self, RECURRING_INVOICE};
 use super::{HaloClient, HaloError};
 use crate::error::{Failure, FailureClass};
+use crate::store::Store;
 
 /// The line field that carries the aggregate's marker
 /// (`halosync.<kind>:<billing id>`), on both kinds of invoice.
@@ -70,6 +73,65 @@ impl Invoice {
     pub fn header_path(self, ihid: i64) -> String {
         format!("{}/{ihid}", self.base())
     }
+}
+
+/// The header of a customer's halosync recurring invoice. The minimum
+/// payload HaloPSA needs is UNCONFIRMED (reference §4.4); schedule fields
+/// are left to the MSP's defaults.
+pub fn recurring_invoice_record(client_id: i64, account_id: &str) -> Value {
+    json!({
+        "client_id": client_id,
+        "reference": format!("halosync {account_id}"),
+        "notes_1": "Managed by halosync: one line per billing subscription, kept in step with the billing platform. Lines are made inactive, never removed.",
+    })
+}
+
+/// The id of the halosync recurring invoice of `account_id` (customer
+/// `customer`), which the subscription and usage lines share: found through
+/// its `halosync.recurring_invoice` link (Redis, then HaloPSA, so it is found
+/// again after Redis is lost), else created once with the link in the same
+/// request, under the lock `recurring_invoice:<account_id>`
+/// ([`links::resolve_or_create`]: concurrent creates converge on the lowest
+/// id). Its ids may be negative and are never assumed positive.
+pub async fn recurring_invoice(
+    store: &Store,
+    halo: &HaloClient,
+    account_id: &str,
+    customer: i64,
+    lock_ttl: Duration,
+    lock_wait: Duration,
+) -> Result<i64, Failure> {
+    let mapping = links::resolve_or_create(
+        store,
+        halo,
+        &RECURRING_INVOICE,
+        account_id,
+        lock_ttl,
+        lock_wait,
+        || async {
+            let mut body = recurring_invoice_record(customer, account_id);
+            body["new_external_link"] = links::new_plain_link(&RECURRING_INVOICE, account_id);
+            let saved = halo.save("/RecurringInvoice", body).await?;
+            let id = record_id(&saved).ok_or_else(|| {
+                Failure::transient("HaloPSA saved the recurring invoice but returned no id")
+            })?;
+            tracing::info!(
+                halo_id = id,
+                customer,
+                "created the customer's halosync recurring invoice"
+            );
+            Ok(id)
+        },
+        |dup| async move {
+            // Our own duplicate header, created moments ago, with no lines.
+            halo.delete(&format!("/RecurringInvoice/{dup}"))
+                .await
+                .map(|_| ())
+                .map_err(Failure::from)
+        },
+    )
+    .await?;
+    Ok(mapping.halo_id)
 }
 
 /// `GET /<Invoice>/{ihid}?includedetails=true`: the header with its lines.

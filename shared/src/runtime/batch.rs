@@ -14,10 +14,8 @@ use std::time::{Duration, Instant};
 use lapin::message::Delivery;
 use tracing::Instrument;
 
-use super::{
-    apply_decision_outcome, attempts_of, check, finish, message_span, record_event, Decision,
-    Handler, Services,
-};
+use super::settle::{Acked, Decision};
+use super::{attempts_of, check, finish, message_span, record_event, Handler, Services};
 use crate::amqp::Publisher;
 use crate::contract::{Envelope, Version};
 use crate::error::Failure;
@@ -90,10 +88,10 @@ pub(super) async fn settle_batch(
         drop(_g);
         match newest.get(&key) {
             Some((_, v)) if version.is_superseded_by(v) => {
-                items[i].decision = Some(Decision::Ack("superseded"));
+                items[i].decision = Some(Decision::Ack(Acked::Superseded));
             }
             Some((j, _)) => {
-                items[*j].decision = Some(Decision::Ack("superseded"));
+                items[*j].decision = Some(Decision::Ack(Acked::Superseded));
                 newest.insert(key, (i, version));
             }
             None => {
@@ -163,7 +161,7 @@ async fn run_connection(
         Ok(seen) => {
             for ((i, _), seen) in members.iter().zip(seen) {
                 if seen {
-                    items[*i].decision = Some(Decision::Ack("duplicate"));
+                    items[*i].decision = Some(Decision::Ack(Acked::Duplicate));
                 }
             }
         }
@@ -219,10 +217,10 @@ async fn run_connection(
             Ok(results) if results.len() == work.len() => {
                 let mut done = Vec::new();
                 for (i, result) in work.iter().zip(results) {
-                    let decision = apply_decision_outcome(result);
+                    let decision = Decision::of(result);
                     if let Decision::Ack(outcome) = &decision {
                         if let Some(e) = &items[*i].event {
-                            done.push((e.id.clone(), *outcome));
+                            done.push((e.id.clone(), outcome.as_str()));
                         }
                     }
                     items[*i].decision = Some(decision);

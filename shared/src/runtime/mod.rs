@@ -44,12 +44,16 @@ use redis::aio::ConnectionManager;
 
 use crate::config::{Config, ConnectionConfig};
 use crate::contract::{Contract, Envelope, Family};
-use crate::error::{excerpt, Failure, FailureClass, DEAD_CLASS_EXHAUSTED};
+use crate::error::{excerpt, Failure};
 use crate::halo::{self, HaloClient};
 use crate::outage::{Backoff, Health, Report};
 use crate::store::{self, Keys, Store};
 
 mod batch;
+pub mod settle;
+
+pub use settle::{retry_delay, Acked};
+use settle::{Decision, Plan};
 
 /// What an applied event did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -328,15 +332,6 @@ impl Services {
     }
 }
 
-/// What to do with one delivery.
-#[derive(Debug)]
-enum Decision {
-    Ack(&'static str),
-    Retry(Failure),
-    Dead(Failure),
-    Requeue(String),
-}
-
 /// Runs until `shutdown` is cancelled; reconnects after the broker drops
 /// or while it is down (backoff to 10 s, one log line a minute, not ready).
 pub async fn run(services: Arc<Services>, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
@@ -581,7 +576,7 @@ async fn finish(
     started: Instant,
 ) {
     let decided = match &decision {
-        Decision::Ack(o) => *o,
+        Decision::Ack(o) => o.as_str(),
         Decision::Retry(_) => "retried",
         Decision::Dead(_) => "dead-lettered",
         Decision::Requeue(_) => "requeued",
@@ -699,15 +694,6 @@ async fn decide(
     (decision, Some(event))
 }
 
-/// The decision for a handler's result.
-fn apply_decision_outcome(result: Result<Outcome, Failure>) -> Decision {
-    match result {
-        Ok(outcome) => Decision::Ack(outcome.as_str()),
-        Err(f) if f.class.is_retried() => Decision::Retry(f),
-        Err(f) => Decision::Dead(f),
-    }
-}
-
 /// Puts the event's fields on the current (message) span.
 fn record_event(event: &Envelope) {
     let span = tracing::Span::current();
@@ -754,10 +740,10 @@ async fn run_handler(
     halo: &HaloClient,
     event: &Envelope,
     aggregate: &str,
-) -> Result<&'static str, Failure> {
+) -> Result<Acked, Failure> {
     let conn = &event.connection;
     if services.store.processed(conn, &event.id).await?.is_some() {
-        return Ok("duplicate");
+        return Ok(Acked::Duplicate);
     }
     let config = services.config();
     let w = &config.worker;
@@ -770,7 +756,11 @@ async fn run_handler(
             w.lock_wait,
         )
         .await?;
-    let result = handler.apply(services, halo, event).await;
+    // Every write the handler makes checks, just before it goes out, that
+    // this lock is still ours (`halo::client::WRITE_FENCE`).
+    let result = crate::halo::client::WRITE_FENCE
+        .scope(lock.fence(), handler.apply(services, halo, event))
+        .await;
     if let Err(e) = lock.release().await {
         tracing::warn!(error = %e, "could not release the aggregate lock; it expires on its own");
     }
@@ -784,7 +774,7 @@ async fn run_handler(
     {
         tracing::warn!(error = %e, "could not record the event in the ledger");
     }
-    Ok(outcome.as_str())
+    Ok(outcome.into())
 }
 
 /// Settles the delivery. Returns the failure that was retried or
@@ -799,59 +789,45 @@ async fn apply_decision(
     decision: Decision,
 ) -> Result<Option<(Failure, Moved)>, lapin::Error> {
     let config = services.config();
-    let retry = &config.retry;
-    let (failure, target, class_label, attempts) = match decision {
-        Decision::Ack(_) => {
-            delivery.acker.ack(BasicAckOptions::default()).await?;
-            return Ok(None);
-        }
-        Decision::Requeue(reason) => {
-            tracing::error!(reason, "requeueing the message");
-            delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await?;
-            return Ok(None);
-        }
-        Decision::Retry(f) => {
-            let attempts = if f.throttled {
-                attempts_before
-            } else {
-                attempts_before + 1
-            };
-            let limit = match f.class {
-                FailureClass::Dependency => retry.dependency_max_attempts,
-                _ => retry.max_attempts,
-            };
-            if attempts >= limit && !f.throttled {
-                let label = match f.class {
-                    FailureClass::Dependency => FailureClass::Dependency.as_str(),
-                    _ => DEAD_CLASS_EXHAUSTED,
-                };
-                (f, services.topology.dead_queue(family), label, attempts)
-            } else {
-                let delay = retry_delay(retry, attempts.max(1), &f);
-                (
-                    f,
-                    services.topology.retry_queue(family, delay),
-                    "",
-                    attempts,
-                )
+    // Where it goes is decided by `settle::plan` alone; this carries it out.
+    let (failure, target, class_label, attempts) =
+        match settle::plan(decision, attempts_before, &config.retry) {
+            Plan::Ack(_) => {
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                return Ok(None);
             }
-        }
-        Decision::Dead(f) => {
-            let label = f.class.as_str();
-            (
-                f,
+            Plan::Requeue(reason) => {
+                tracing::error!(reason, "requeueing the message");
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await?;
+                return Ok(None);
+            }
+            Plan::Retry {
+                failure,
+                attempts,
+                delay_ms,
+            } => (
+                failure,
+                services.topology.retry_queue(family, delay_ms),
+                "",
+                attempts,
+            ),
+            Plan::Dead {
+                failure,
+                class,
+                attempts,
+            } => (
+                failure,
                 services.topology.dead_queue(family),
-                label,
-                attempts_before + 1,
-            )
-        }
-    };
+                class,
+                attempts,
+            ),
+        };
     let headers = failure_headers(
         services,
         family,
@@ -893,25 +869,7 @@ async fn apply_decision(
     }
 }
 
-/// The delay tier for the `attempts`-th failure: tiers grow with attempts;
-/// a 429 waits at least `Retry-After`, or `rate_limited_min_delay`
-/// without one (DESIGN §3).
-pub fn retry_delay(retry: &crate::config::RetrySettings, attempts: u32, failure: &Failure) -> u64 {
-    let tiers = retry.delays_ms();
-    let by_attempt = tiers[(attempts as usize - 1).min(tiers.len() - 1)];
-    let floor = match (failure.halo_status, failure.retry_after) {
-        (_, Some(d)) => d.as_millis() as u64,
-        (Some(429), None) => retry.rate_limited_min_delay.as_millis() as u64,
-        _ => 0,
-    };
-    let wanted = by_attempt.max(floor);
-    tiers
-        .iter()
-        .copied()
-        .find(|d| *d >= wanted)
-        .unwrap_or(tiers[tiers.len() - 1])
-}
-
+/// The `x-halosync-*` headers of a retry or dead-letter copy (DESIGN §3).
 fn failure_headers(
     services: &Services,
     family: Family,
@@ -966,34 +924,4 @@ fn failure_headers(
         h::set_str(&mut t, h::EVENT_ID, &e.id);
     }
     t
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::RetrySettings;
-
-    #[test]
-    fn delays_grow_and_honour_429() {
-        let r = RetrySettings {
-            delays: [1000, 5000, 30_000, 120_000]
-                .into_iter()
-                .map(Duration::from_millis)
-                .collect(),
-            max_attempts: 5,
-            dependency_max_attempts: 10,
-            rate_limited_min_delay: Duration::from_secs(30),
-        };
-        let t = Failure::transient("x");
-        assert_eq!(retry_delay(&r, 1, &t), 1000);
-        assert_eq!(retry_delay(&r, 2, &t), 5000);
-        assert_eq!(retry_delay(&r, 9, &t), 120_000);
-        let mut rl = Failure::transient("429");
-        rl.halo_status = Some(429);
-        assert_eq!(retry_delay(&r, 1, &rl), 30_000);
-        rl.retry_after = Some(Duration::from_secs(3));
-        assert_eq!(retry_delay(&r, 1, &rl), 5000);
-        rl.retry_after = Some(Duration::from_secs(3600));
-        assert_eq!(retry_delay(&r, 1, &rl), 120_000);
-    }
 }

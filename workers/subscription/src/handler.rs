@@ -14,6 +14,10 @@
 //!    else the customer's licences matched on the marker in
 //!    [`LICENCE_ID_FIELD`]. An event not newer than the version on the
 //!    link changes nothing. Update, or create.
+//!    A licence that belonged to another customer (the subscription moved
+//!    account) first has its line on the old customer's invoice retired
+//!    ([`crate::invoice::leave_previous_invoice`]); how the move is seen,
+//!    warm or cold, is in [`crate::invoice::before`].
 //! 4. The line ([`crate::invoice::sync_line`]).
 //! 5. The version on the link (created here, after the licence: the
 //!    reference does not list `new_external_link` for licences), then Redis.
@@ -34,7 +38,6 @@ use halosync_shared::runtime::{Handler, Outcome, Services};
 use halosync_shared::store::Mapping;
 use halosync_shared::Failure;
 
-use crate::fence::Fence;
 use crate::invoice;
 use crate::mapping::{licence_record, licences_carrying, Terms, LICENCE_ID_FIELD};
 
@@ -60,7 +63,6 @@ impl Handler for SubscriptionHandler {
         let version = event.version()?;
         let item_id = item_for(svc, halo, &data.product.sku).await?;
         let terms = Terms::of(&data)?;
-        let fence = Fence::take(svc, &event.connection, &data.subscription_id).await?;
         let customer = links::require_customer(&svc.store, halo, &data.account_id).await?;
         let marker = links::marker(&SUBSCRIPTION, &data.subscription_id);
         let cx = Ctx {
@@ -71,7 +73,6 @@ impl Handler for SubscriptionHandler {
             customer_id: customer.halo_id,
             item_id,
             marker: &marker,
-            fence: &fence,
         };
         let (mut mapping, new_licence) = match cx.find_licence().await? {
             Some(m) => {
@@ -79,6 +80,11 @@ impl Handler for SubscriptionHandler {
                     .is_some_and(|applied| version.is_superseded_by(&applied))
                 {
                     return Ok(Outcome::Superseded);
+                }
+                // A move to another account: the old invoice's line is
+                // retired before the licence follows the new customer.
+                if let Some(before) = invoice::before(&cx, m.halo_id).await? {
+                    invoice::leave_previous_invoice(&cx, before).await?;
                 }
                 cx.update_licence(&m).await?;
                 (m, false)
@@ -112,18 +118,11 @@ pub(crate) struct Ctx<'a> {
     pub item_id: i64,
     /// `halosync.subscription:<subscription_id>`, in the records' own fields.
     pub marker: &'a str,
-    pub fence: &'a Fence,
 }
 
 impl Ctx<'_> {
     fn sub_id(&self) -> &str {
         &self.data.subscription_id
-    }
-
-    /// Called before each write of the event's state (not before removing
-    /// a duplicate we created): see [`crate::fence`].
-    pub async fn still_ours(&self) -> Result<(), Failure> {
-        self.fence.check(self.svc).await
     }
 
     /// The licence of this subscription: Redis or the ExternalLink (with the
@@ -178,7 +177,6 @@ impl Ctx<'_> {
             self.marker,
             self.halo.connection(),
         );
-        self.still_ours().await?;
         let Err(e) = self.halo.save("/SoftwareLicence", body).await else {
             return Ok(());
         };
@@ -218,7 +216,6 @@ impl Ctx<'_> {
             self.marker,
             self.halo.connection(),
         );
-        self.still_ours().await?;
         let saved = match self.halo.save("/SoftwareLicence", body).await {
             Ok(saved) => saved,
             Err(e) if matches!(e.status(), Some(400 | 404)) => {
@@ -292,7 +289,6 @@ impl Ctx<'_> {
     ) -> Result<(), Failure> {
         let store = &self.svc.store;
         let wrote_link = mapping.link_id.is_none();
-        self.still_ours().await?;
         links::record_version(
             store,
             self.halo,

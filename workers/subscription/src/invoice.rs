@@ -21,7 +21,8 @@
 //!   retired: inactive, quantity 0, marker changed so it no longer matches
 //!   ([`retired_line`]), with a warning in the log.
 
-use halosync_shared::halo::links::{self, RECURRING_INVOICE};
+use halosync_shared::halo::lines::{self, Invoice};
+use halosync_shared::halo::links::{self, CUSTOMER, RECURRING_INVOICE};
 use halosync_shared::halo::{first_record, record_id, HaloError};
 use halosync_shared::store::StateError;
 use halosync_shared::Failure;
@@ -31,8 +32,111 @@ use serde_json::Value;
 
 use crate::handler::Ctx;
 use crate::mapping::{
-    line_update, lines_carrying, new_line, recurring_invoice_record, retired_line, LINE_ID_FIELD,
+    line_update, lines_carrying, moved_line, new_line, retired_line, LINE_ID_FIELD,
 };
+
+/// Where the subscription's line was before this event, read before the
+/// licence is updated (an update moves the licence to the event's
+/// customer).
+pub(crate) enum Before {
+    /// The cached line (Redis): its invoice and id.
+    Line { ihid: i64, line: i64 },
+    /// Nothing cached, and the licence belonged to another customer: the
+    /// subscription moved from that customer.
+    Customer(i64),
+}
+
+/// See [`Before`]. Warm, this is one Redis read; cold (Redis lost), one
+/// `GET /SoftwareLicence/{id}` tells the licence's customer, so a move is
+/// seen whatever Redis has forgotten.
+pub(crate) async fn before(cx: &Ctx<'_>, licence: i64) -> Result<Option<Before>, Failure> {
+    let mut r = cx.svc.store.redis();
+    let raw: Option<String> = r.get(line_key(cx)).await.map_err(StateError::from)?;
+    if let Some(c) = raw.and_then(|s| serde_json::from_str::<CachedLine>(&s).ok()) {
+        return Ok(Some(Before::Line {
+            ihid: c.ihid,
+            line: c.line,
+        }));
+    }
+    let body = match cx
+        .halo
+        .get(&format!("/SoftwareLicence/{licence}"), &[])
+        .await
+    {
+        Ok(body) => body,
+        // Gone: the licence update that follows handles it.
+        Err(e) if matches!(e.status(), Some(400 | 404)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let client = first_record(body).and_then(|l| match l.get("client_id") {
+        Some(Value::Number(n)) => n.as_i64(),
+        Some(Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    });
+    Ok(client
+        .filter(|c| *c > 0 && *c != cx.customer_id)
+        .map(Before::Customer))
+}
+
+/// A subscription that moved to another account leaves its old customer's
+/// invoice: every line there carrying its marker is retired
+/// ([`moved_line`]) before the licence moves, so that a crash in between
+/// is repaired by the redelivery (which still sees the old customer). The
+/// new customer's invoice then gets the line in [`sync_line`].
+pub(crate) async fn leave_previous_invoice(cx: &Ctx<'_>, before: Before) -> Result<(), Failure> {
+    let ihid = recurring_invoice(cx).await?;
+    let retire: Vec<(i64, Vec<i64>)> = match before {
+        Before::Line { ihid: old, line } if old != ihid => vec![(old, vec![line])],
+        Before::Line { .. } => return Ok(()),
+        Before::Customer(old) => {
+            let mut out = Vec::new();
+            for link in links::find_by_record(cx.halo, &CUSTOMER, old).await? {
+                let Some(account) = link.get("third_party_id").and_then(Value::as_str) else {
+                    continue;
+                };
+                let Some(m) =
+                    links::resolve(&cx.svc.store, cx.halo, &RECURRING_INVOICE, account).await?
+                else {
+                    continue;
+                };
+                if m.halo_id == ihid {
+                    continue;
+                }
+                match lines::read_header(cx.halo, Invoice::Recurring, m.halo_id).await {
+                    Ok(header) => out.push((m.halo_id, lines_carrying(&header, cx.marker))),
+                    Err(e) if matches!(e.status(), Some(400 | 404)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            out
+        }
+    };
+    let bodies: Vec<(usize, Value)> = retire
+        .iter()
+        .flat_map(|(old, ids)| ids.iter().map(move |l| (*old, *l)))
+        .enumerate()
+        .map(|(k, (old, l))| (k, moved_line(old, l, cx.marker, &cx.data.account_id)))
+        .collect();
+    if bodies.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(
+        from = ?retire.iter().map(|(h, _)| *h).collect::<Vec<_>>(),
+        to = ihid,
+        "the subscription moved to another account: retiring its line on the previous customer's invoice"
+    );
+    for (_, r) in lines::update(cx.halo, Invoice::Recurring, bodies).await {
+        match r {
+            Ok(_) => {}
+            // A line that is gone (deleted by the MSP) needs no retiring.
+            Err(f) if f.class == halosync_shared::FailureClass::Rejected => {
+                tracing::warn!(error = %f, "the previous line could not be retired; it is gone or refused");
+            }
+            Err(f) => return Err(f),
+        }
+    }
+    forget_line(cx).await
+}
 
 /// Brings the subscription's line on the customer's recurring invoice to
 /// the event's state, creating the invoice and the line on first need.
@@ -45,7 +149,6 @@ use crate::mapping::{
 pub(crate) async fn sync_line(cx: &Ctx<'_>, new_licence: bool) -> Result<(), Failure> {
     let ihid = recurring_invoice(cx).await?;
     if let Some(line) = cached_line(cx, ihid).await? {
-        cx.still_ours().await?;
         match post_update(cx, ihid, line).await {
             Ok(()) => return Ok(()),
             Err(e) if matches!(e.status(), Some(400 | 404)) => {
@@ -71,43 +174,20 @@ pub(crate) async fn sync_line(cx: &Ctx<'_>, new_licence: bool) -> Result<(), Fai
     remember_line(cx, ihid, line).await
 }
 
-/// The id of the customer's halosync recurring invoice, created once.
+/// The id of the customer's halosync recurring invoice, created once
+/// (shared with the usage worker: `halo::lines::recurring_invoice`).
 async fn recurring_invoice(cx: &Ctx<'_>) -> Result<i64, Failure> {
     let config = cx.svc.config();
     let w = &config.worker;
-    let account_id = cx.data.account_id.as_str();
-    let halo = cx.halo;
-    let mapping = links::resolve_or_create(
+    lines::recurring_invoice(
         &cx.svc.store,
-        halo,
-        &RECURRING_INVOICE,
-        account_id,
+        cx.halo,
+        &cx.data.account_id,
+        cx.customer_id,
         w.lock_ttl,
         w.lock_wait,
-        || async {
-            let mut body = recurring_invoice_record(cx.customer_id, account_id);
-            body["new_external_link"] = links::new_plain_link(&RECURRING_INVOICE, account_id);
-            let saved = halo.save("/RecurringInvoice", body).await?;
-            let id = record_id(&saved).ok_or_else(|| {
-                Failure::transient("HaloPSA saved the recurring invoice but returned no id")
-            })?;
-            tracing::info!(
-                halo_id = id,
-                customer = cx.customer_id,
-                "created the customer's halosync recurring invoice"
-            );
-            Ok(id)
-        },
-        |dup| async move {
-            // Our own duplicate header, created moments ago, with no lines.
-            halo.delete(&format!("/RecurringInvoice/{dup}"))
-                .await
-                .map(|_| ())
-                .map_err(Failure::from)
-        },
     )
-    .await?;
-    Ok(mapping.halo_id)
+    .await
 }
 
 /// `GET /RecurringInvoice/{ihid}?includedetails=true`. A header that is
@@ -146,9 +226,8 @@ async fn read_header(cx: &Ctx<'_>, ihid: i64) -> Result<Value, Failure> {
     }
 }
 
-/// Writes the event's state onto line `line` (after the fencing check).
+/// Writes the event's state onto line `line`.
 async fn update_line(cx: &Ctx<'_>, ihid: i64, line: i64) -> Result<(), Failure> {
-    cx.still_ours().await?;
     post_update(cx, ihid, line).await.map_err(Failure::from)
 }
 
@@ -172,7 +251,6 @@ async fn post_update(cx: &Ctx<'_>, ihid: i64, line: i64) -> Result<(), HaloError
 /// too, the lowest id is kept and ours retired.
 async fn add_line(cx: &Ctx<'_>, ihid: i64) -> Result<i64, Failure> {
     let body = new_line(cx.data, cx.terms, ihid, cx.item_id, cx.marker);
-    cx.still_ours().await?;
     let saved = match cx.halo.post("/RecurringInvoice/Lines", vec![body]).await {
         Ok(saved) => saved,
         Err(e) if matches!(e.status(), Some(400 | 404)) => {

@@ -3,7 +3,6 @@
 //! subscription on the customer's halosync recurring invoice
 //! (`/RecurringInvoice`). Run as many copies as needed.
 
-mod fence;
 mod handler;
 mod invoice;
 mod mapping;

@@ -149,17 +149,6 @@ pub fn licence_record(
     Value::Object(m)
 }
 
-/// The header of a customer's halosync recurring invoice. The minimum
-/// payload HaloPSA needs is UNCONFIRMED (reference §4.4); schedule fields
-/// are left to the MSP's defaults.
-pub fn recurring_invoice_record(client_id: i64, account_id: &str) -> Value {
-    json!({
-        "client_id": client_id,
-        "reference": format!("halosync {account_id}"),
-        "notes_1": "Managed by halosync: one line per billing subscription, kept in step with the billing platform. Lines are made inactive, never removed.",
-    })
-}
-
 /// A new line for `POST /RecurringInvoice/Lines`. Prices and description
 /// are always set on create.
 pub fn new_line(
@@ -242,6 +231,19 @@ pub fn retired_line(ihid: i64, line_id: i64, kept: i64, marker: &str) -> Value {
         "qty_order": 0.0,
         "isinactive": true,
         LINE_ID_FIELD: format!("{marker} (duplicate of line {kept}, retired)"),
+    })
+}
+
+/// Retires the line a subscription had on its previous customer's invoice
+/// when it moved to another account: inactive, quantity 0, and a marker
+/// that no longer matches (the line stays for the MSP's history).
+pub fn moved_line(ihid: i64, line_id: i64, marker: &str, new_account: &str) -> Value {
+    json!({
+        "id": line_id,
+        "ihid": ihid,
+        "qty_order": 0.0,
+        "isinactive": true,
+        LINE_ID_FIELD: format!("{marker} (moved to account {new_account}, retired)"),
     })
 }
 

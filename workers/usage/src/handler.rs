@@ -69,7 +69,7 @@ use halosync_shared::store::StateError;
 use halosync_shared::{Failure, FailureClass};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::mapping::{item_keys, line_update, new_line, usage_lines, Applied};
 
@@ -284,37 +284,11 @@ impl<'a> Batch<'a> {
             .halo_id;
         let config = self.svc.config();
         let w = &config.worker;
-        let mapping = links::resolve_or_create(
-            store,
-            halo,
-            &RECURRING_INVOICE,
-            account_id,
-            w.lock_ttl,
-            w.lock_wait,
-            || async {
-                // The same header as the subscription worker creates.
-                let mut body = json!({
-                    "client_id": customer,
-                    "reference": format!("halosync {account_id}"),
-                    "notes_1": "Managed by halosync: one line per billing subscription, kept in step with the billing platform. Lines are made inactive, never removed.",
-                });
-                body["new_external_link"] = links::new_plain_link(&RECURRING_INVOICE, account_id);
-                let saved = halo.save("/RecurringInvoice", body).await?;
-                let id = record_id(&saved).ok_or_else(|| {
-                    Failure::transient("HaloPSA saved the recurring invoice but returned no id")
-                })?;
-                tracing::info!(halo_id = id, customer, "created the customer's halosync recurring invoice");
-                Ok(id)
-            },
-            |dup| async move {
-                halo.delete(&format!("/RecurringInvoice/{dup}"))
-                    .await
-                    .map(|_| ())
-                    .map_err(Failure::from)
-            },
-        )
-        .await?;
-        Ok((customer, mapping.halo_id))
+        // The same invoice (and header body) as the subscription worker's.
+        let ihid =
+            lines::recurring_invoice(store, halo, account_id, customer, w.lock_ttl, w.lock_wait)
+                .await?;
+        Ok((customer, ihid))
     }
 
     /// Steps 2 and 3: sku and product name of each subscription, and the
