@@ -86,7 +86,7 @@ async fn lifecycle_ordering_and_duplicates() {
         posts + 1,
         "the duplicate was applied twice"
     );
-    assert!(env.take_dead(Family::Account).await.is_empty());
+    env.assert_no_dead(Family::Account).await;
     assert_eq!(env.clients().len(), 1);
 }
 
@@ -202,11 +202,7 @@ async fn tokens_expire_and_are_revoked_mid_stream() {
     env.wait_drained(Family::Account, Duration::from_secs(60))
         .await;
     assert_eq!(env.clients().len(), 60);
-    assert!(
-        env.take_dead(Family::Account).await.is_empty(),
-        "{}",
-        env.logs()
-    );
+    env.assert_no_dead(Family::Account).await;
     assert!(env.sim.token_requests() >= 2, "tokens were never refreshed");
 }
 
@@ -278,7 +274,7 @@ async fn fivexx_and_429_are_retried_then_applied() {
         "no 429 happened; the test proves nothing"
     );
     assert!(env.count("POST /api/Client") >= 10);
-    assert!(env.take_dead(Family::Account).await.is_empty());
+    env.assert_no_dead(Family::Account).await;
     let logs = env.logs();
     assert!(
         logs.contains("\"outcome\":\"retried\""),
@@ -578,7 +574,7 @@ async fn customer_deleted_in_halopsa_is_recreated_not_dead_lettered() {
         .await;
     env.wait_drained(Family::Account, T).await;
     assert_eq!(one_customer(&env, "acc_1")["name"], "Contoso Two");
-    assert!(env.take_dead(Family::Account).await.is_empty());
+    env.assert_no_dead(Family::Account).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -704,5 +700,5 @@ async fn four_workers_together_stay_within_a_tight_shared_budget() {
         "{max} requests reached HaloPSA within 2 s (budget 12)"
     );
     assert_eq!(env.sim.rate_limited(), 0, "HaloPSA answered 429");
-    assert!(env.take_dead(Family::Account).await.is_empty());
+    env.assert_no_dead(Family::Account).await;
 }

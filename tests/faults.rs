@@ -385,7 +385,7 @@ async fn an_add_array_whose_answer_is_lost_is_read_back_not_sent_again() {
     // Read back, found saved, not sent again.
     let adds = env.count("POST /api/RecurringInvoice/Lines") - adds_before;
     assert_eq!(adds, 1, "the array was sent {adds} times");
-    assert!(env.take_dead(Family::Usage).await.is_empty());
+    env.assert_no_dead(Family::Usage).await;
     assert!(env.logs().contains("reading back what HaloPSA saved"));
 }
 
@@ -489,7 +489,7 @@ async fn overage_charges_whose_answer_is_lost_or_saved_in_part_are_applied_once(
         assert_eq!(found[0]["qty_order"].as_f64(), Some(k as f64));
     }
     assert_eq!(env.sim.invoices().len(), 1);
-    assert!(env.take_dead(Family::Overage).await.is_empty());
+    env.assert_no_dead(Family::Overage).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

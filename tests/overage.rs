@@ -310,7 +310,7 @@ async fn one_charge_per_subscription_metric_period_updated_in_place_none_for_zer
         assert_eq!(after[0]["qty_order"].as_f64(), Some(0.0), "{sub}");
         assert_eq!(after[0]["isinactive"], true, "{sub}");
     }
-    assert!(env.take_dead(Family::Overage).await.is_empty());
+    env.assert_no_dead(Family::Overage).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -433,7 +433,7 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing() {
     }
     assert_eq!(all_lines(&env).len(), expected.len());
     assert_eq!(env.sim.invoices().len(), accounts.len());
-    assert!(env.take_dead(Family::Overage).await.is_empty());
+    env.assert_no_dead(Family::Overage).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

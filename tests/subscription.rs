@@ -248,7 +248,7 @@ async fn lifecycle_created_quantity_up_and_down_suspended_active_cancelled() {
     );
     // Cancelled: inactive, never deleted.
     assert_eq!(env.count("DELETE /api/SoftwareLicence/{id}"), 0);
-    assert!(env.take_dead(Family::Subscription).await.is_empty());
+    env.assert_no_dead(Family::Subscription).await;
 }
 
 /// A small deterministic shuffle (xorshift), so a failure can be replayed.
@@ -342,7 +342,7 @@ async fn shuffled_stream_with_duplicates_converges_to_the_newest_version() {
         .await;
     converged(&env, SUBS, ACCTS, LAST);
     assert_eq!(all_lines(&env).len(), SUBS, "duplicate lines");
-    assert!(env.take_dead(Family::Subscription).await.is_empty());
+    env.assert_no_dead(Family::Subscription).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -386,7 +386,7 @@ async fn two_workers_on_the_same_subscriptions_with_redis_flushed_mid_stream() {
         logs.matches("two workers").count() + logs.matches("more than one line").count(),
         all_lines(&env).len() - SUBS
     );
-    assert!(env.take_dead(Family::Subscription).await.is_empty());
+    env.assert_no_dead(Family::Subscription).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -414,7 +414,7 @@ async fn subscription_before_its_account_is_applied_once_the_account_arrives() {
     let (licence, _) = one_each(&env, "sub_1");
     assert_eq!(licence["client_id"], customer_id(&env, "acc_late"));
     env.wait_drained(Family::Subscription, T).await;
-    assert!(env.take_dead(Family::Subscription).await.is_empty());
+    env.assert_no_dead(Family::Subscription).await;
     assert!(env.logs().contains("\"outcome\":\"retried\""));
 }
 
@@ -595,7 +595,7 @@ async fn halopsa_losing_everything_is_rebuilt_once_the_account_is_back() {
     assert_eq!(line["ihid"], invoices_of(&env, "acc_1")[0]["id"]);
     assert_eq!(env.sim.licences().len(), 1);
     assert_eq!(env.sim.recurring_invoices().len(), 1);
-    assert!(env.take_dead(Family::Subscription).await.is_empty());
+    env.assert_no_dead(Family::Subscription).await;
 }
 
 /// Creates a subscription at 22.00, lets the MSP set 99.00 on the licence
@@ -885,7 +885,7 @@ async fn an_end_date_that_goes_back_to_none_is_cleared_in_halopsa() {
     })
     .await;
     env.wait_drained(Family::Subscription, T).await;
-    assert!(env.take_dead(Family::Subscription).await.is_empty());
+    env.assert_no_dead(Family::Subscription).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -954,5 +954,5 @@ async fn a_subscription_moved_to_another_account_leaves_the_old_invoice_warm_and
     assert_eq!(on(&env, "acc_2").1, retired + 1);
     assert_eq!(on(&env, "acc_1").0.len(), 1);
     assert_eq!(licences_of(&env, "sub_1").len(), 1);
-    assert!(env.take_dead(Family::Subscription).await.is_empty());
+    env.assert_no_dead(Family::Subscription).await;
 }

@@ -82,7 +82,7 @@ async fn seed(env: &mut TestEnv, accounts: usize, subs: usize) -> Vec<(String, S
         .await;
     env.stop_worker(acc_w);
     env.stop_worker(sub_w);
-    assert!(env.take_dead(Family::Subscription).await.is_empty());
+    env.assert_no_dead(Family::Subscription).await;
     pairs
 }
 
@@ -175,11 +175,7 @@ async fn shuffled_cumulative_quantities_with_duplicates_converge_to_the_newest()
         env.publish(e).await;
     }
     env.wait_drained(Family::Usage, T).await;
-    assert!(
-        env.take_dead(Family::Usage).await.is_empty(),
-        "{}",
-        env.logs()
-    );
+    env.assert_no_dead(Family::Usage).await;
     for (_, sub) in &pairs {
         let storage = line_of(&env, sub, "storage_gb");
         assert_eq!(storage["qty_order"].as_f64(), Some(63.0), "{storage}");
@@ -235,7 +231,7 @@ async fn a_new_period_replaces_the_old_and_an_older_period_changes_nothing() {
     let line = line_of(&env, &sub, "storage_gb");
     assert_eq!(line["qty_order"].as_f64(), Some(7.0), "{line}");
     assert_eq!(line["startdate"], "2026-12-01T00:00:00");
-    assert!(env.take_dead(Family::Usage).await.is_empty());
+    env.assert_no_dead(Family::Usage).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -388,8 +384,8 @@ async fn two_usage_workers_and_one_overage_worker_never_exceed_the_shared_budget
     let max = env.sim.max_requests_in_any_window(2);
     assert!(max <= N, "{max} requests in one 2 s window, budget {N}");
     assert_eq!(env.sim.rate_limited(), 0);
-    assert!(env.take_dead(Family::Usage).await.is_empty());
-    assert!(env.take_dead(Family::Overage).await.is_empty());
+    env.assert_no_dead(Family::Usage).await;
+    env.assert_no_dead(Family::Overage).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -451,5 +447,5 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing() {
         }
     }
     assert_eq!(usage_lines(&env).len(), pairs.len() * 2);
-    assert!(env.take_dead(Family::Usage).await.is_empty());
+    env.assert_no_dead(Family::Usage).await;
 }

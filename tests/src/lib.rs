@@ -335,6 +335,34 @@ client_secret_env = "{SECRET_ENV}"
         out
     }
 
+    /// Panics when `family`'s dead queue holds anything, naming each dead
+    /// letter's class and reason and showing the workers' logs, so that a
+    /// failure says why the event was dead-lettered, not only that it was.
+    pub async fn assert_no_dead(&self, family: Family) {
+        let dead = self.take_dead(family).await;
+        if dead.is_empty() {
+            return;
+        }
+        let why: Vec<String> = dead
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {} {}: {}",
+                    d.header(amqp::headers::EVENT_ID),
+                    d.header(amqp::headers::ERROR_CLASS),
+                    d.header(amqp::headers::ATTEMPTS),
+                    d.header(amqp::headers::ERROR_MESSAGE)
+                )
+            })
+            .collect();
+        panic!(
+            "{} dead letter(s) in {family:?}:\n{}\n--- logs ---\n{}",
+            dead.len(),
+            why.join("\n"),
+            self.logs()
+        );
+    }
+
     /// Polls `cond` until it holds, or panics with `what` and the logs.
     pub async fn wait_for<F>(&self, what: &str, timeout: Duration, mut cond: F)
     where
