@@ -18,15 +18,21 @@ use super::error::HaloError;
 /// Grants a slot (returns minus the slots now used, so always < 0) or says
 /// how many ms until one frees (> 0). The used count feeds
 /// `halosync_budget_used_ratio` at no extra Redis round trip.
+///
+/// The limit is the configured one, or the lower one learnt from HaloPSA's
+/// last 429 (`KEYS[3]`, see [`RateLimiter::cool_down`]).
 const TAKE_SLOT: &str = r"
 local cool = redis.call('PTTL', KEYS[2])
 if cool > 0 then return cool end
+local limit = tonumber(ARGV[1])
+local learnt = tonumber(redis.call('GET', KEYS[3]) or '0')
+if learnt > 0 and learnt < limit then limit = learnt end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local n = redis.call('ZCARD', KEYS[1])
-if n < tonumber(ARGV[1]) then
+if n < limit then
   redis.call('ZADD', KEYS[1], now, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], window)
   return -(n + 1)
@@ -37,6 +43,29 @@ if wait < 1 then wait = 1 end
 return wait
 ";
 
+/// After a 429: pauses the connection (`KEYS[2]`, only ever lengthened) and
+/// learns a lower limit (`KEYS[3]`): 80 % of what this window had granted
+/// when HaloPSA refused, never raised by a later 429 while it lasts.
+/// Returns the limit now in force and 1 when this call lowered it.
+const LEARN_FROM_429: &str = r"
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[2], '429', 'PX', ARGV[1])
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = redis.call('ZCOUNT', KEYS[1], now - tonumber(ARGV[2]), '+inf')
+local learnt = math.max(1, math.floor(n * 4 / 5))
+local before = tonumber(redis.call('GET', KEYS[3]) or '0')
+if before > 0 and before <= learnt then return {before, 0} end
+if learnt >= tonumber(ARGV[4]) then return {learnt, 0} end
+redis.call('SET', KEYS[3], learnt, 'PX', ARGV[3])
+return {learnt, 1}
+";
+
+/// How many windows a limit learnt from a 429 holds before the configured
+/// one applies again (and is tried again: a further 429 lowers it anew).
+const LEARNT_WINDOWS: u32 = 4;
+
 #[derive(Clone)]
 pub struct RateLimiter {
     redis: ConnectionManager,
@@ -44,6 +73,8 @@ pub struct RateLimiter {
     /// Set after HaloPSA answered 429: no process sends anything to this
     /// connection until it expires.
     cooldown_key: String,
+    /// The lower limit learnt from HaloPSA's last 429, shared like the log.
+    learnt_key: String,
     limit: u32,
     window: Duration,
     max_wait: Duration,
@@ -73,6 +104,7 @@ impl RateLimiter {
         RateLimiter {
             redis,
             cooldown_key: format!("{key}:cooldown"),
+            learnt_key: format!("{key}:learnt"),
             key,
             limit,
             window: window + margin,
@@ -93,6 +125,7 @@ impl RateLimiter {
             let wait_ms: i64 = script
                 .key(&self.key)
                 .key(&self.cooldown_key)
+                .key(&self.learnt_key)
                 .arg(self.limit)
                 .arg(self.window.as_millis() as u64)
                 .arg(&member)
@@ -124,40 +157,133 @@ impl RateLimiter {
             .set(ratio);
     }
 
-    /// How much of the budget the current window has used, and how long
-    /// a 429 pause still holds (for the console's overview), read with
+    /// How much of the budget the current window has used, of which limit
+    /// (a learnt one while it holds), and how long a 429 pause still holds (for the console's overview), read with
     /// Redis' own clock as [`acquire`](Self::acquire) does.
     pub async fn usage(&self) -> Result<(u32, u32, Duration), HaloError> {
         let mut r = self.redis.clone();
-        let (used, cool): (u32, i64) = redis::Script::new(
-            "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) return {redis.call('ZCOUNT', KEYS[1], now - tonumber(ARGV[1]), '+inf'), redis.call('PTTL', KEYS[2])}",
+        let (used, cool, learnt): (u32, i64, u32) = redis::Script::new(
+            "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) return {redis.call('ZCOUNT', KEYS[1], now - tonumber(ARGV[1]), '+inf'), redis.call('PTTL', KEYS[2]), tonumber(redis.call('GET', KEYS[3]) or '0')}",
         )
         .key(&self.key)
         .key(&self.cooldown_key)
+        .key(&self.learnt_key)
         .arg(self.window.as_millis() as u64)
         .invoke_async(&mut r)
         .await
         .map_err(|e| HaloError::State(format!("rate limiter: {e}")))?;
-        Ok((used, self.limit, Duration::from_millis(cool.max(0) as u64)))
+        let limit = if learnt > 0 {
+            learnt.min(self.limit)
+        } else {
+            self.limit
+        };
+        Ok((used, limit, Duration::from_millis(cool.max(0) as u64)))
     }
 
     /// HaloPSA answered 429 although we kept to the budget (another
     /// integration shares it, or the budget is set too high): every process
     /// pauses this connection for `pause`, instead of each message finding
-    /// out on its own.
+    /// out on its own, and then sends at most 80 % of what this window had
+    /// used, for [`LEARNT_WINDOWS`] windows. Without the lower limit every
+    /// waiting message would go out together when the pause ends, meet the
+    /// same full window and spend another attempt on another 429.
     pub async fn cool_down(&self, pause: Duration) {
         let mut r = self.redis.clone();
         let ms = pause.as_millis().max(1) as u64;
-        // Only ever lengthen a pause already set.
-        let result: Result<i64, _> = redis::Script::new(
-            "if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '429', 'PX', ARGV[1]) end return 0",
-        )
-        .key(&self.cooldown_key)
-        .arg(ms)
-        .invoke_async(&mut r)
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "could not share the 429 pause through redis");
+        let result: Result<(u32, u8), _> = redis::Script::new(LEARN_FROM_429)
+            .key(&self.key)
+            .key(&self.cooldown_key)
+            .key(&self.learnt_key)
+            .arg(ms)
+            .arg(self.window.as_millis() as u64)
+            .arg((self.window * LEARNT_WINDOWS).as_millis() as u64)
+            .arg(self.limit)
+            .invoke_async(&mut r)
+            .await;
+        match result {
+            Ok((learnt, 1)) => tracing::warn!(
+                connection = %self.connection,
+                learnt,
+                configured = self.limit,
+                "HaloPSA answered 429: this connection's budget is lowered to {learnt} requests per window for the next {LEARNT_WINDOWS} windows (another integration shares it, or requests_per_window is set above HaloPSA's limit)"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not share the 429 pause through redis"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against the real Redis (127.0.0.1:6379, or `REDIS_URL`): fails, never
+    //! skips, when it is not running. Each test has its own key and deletes it.
+    use super::*;
+
+    async fn limiter(limit: u32, window: Duration) -> (RateLimiter, ConnectionManager) {
+        let url = std::env::var("REDIS_URL")
+            .unwrap_or_else(|_| crate::config::DEFAULT_REDIS_URL.to_string());
+        let client = redis::Client::open(url.as_str()).expect("redis url");
+        let conn = ConnectionManager::new(client)
+            .await
+            .unwrap_or_else(|e| panic!("Redis must be running at {url}: {e}"));
+        let key = format!("t-ratelimit-{}:budget", uuid::Uuid::new_v4().simple());
+        let l = RateLimiter::new(
+            conn.clone(),
+            key,
+            "c",
+            limit,
+            window,
+            Duration::ZERO,
+            Duration::from_millis(1),
+        );
+        (l, conn)
+    }
+
+    async fn cleanup(l: &RateLimiter, mut conn: ConnectionManager) {
+        let _: () = redis::cmd("DEL")
+            .arg(&l.key)
+            .arg(&l.cooldown_key)
+            .arg(&l.learnt_key)
+            .query_async(&mut conn)
+            .await
+            .expect("del");
+    }
+
+    /// Takes slots until the budget says no (max_wait is 1 ms).
+    async fn grants(l: &RateLimiter) -> u32 {
+        let mut n = 0;
+        while l.acquire().await.is_ok() {
+            n += 1;
+            assert!(n <= 1000, "the limiter never refused");
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn a_429_pauses_then_lowers_the_limit_to_four_fifths_of_the_window() {
+        let (l, conn) = limiter(10, Duration::from_secs(60)).await;
+        assert_eq!(grants(&l).await, 10, "the configured limit");
+        // HaloPSA refused with 10 of ours in its window: 8 is what we learn.
+        l.cool_down(Duration::from_millis(50)).await;
+        assert!(l.acquire().await.is_err(), "paused after the 429");
+        let (used, limit, cool) = l.usage().await.expect("usage");
+        assert_eq!((used, limit), (10, 8));
+        assert!(cool > Duration::ZERO);
+        // A later 429 never raises what was learnt.
+        l.cool_down(Duration::from_millis(1)).await;
+        let (_, limit, _) = l.usage().await.expect("usage");
+        assert_eq!(limit, 8);
+        cleanup(&l, conn).await;
+    }
+
+    #[tokio::test]
+    async fn the_learnt_limit_is_what_a_window_grants_after_the_pause() {
+        let (l, conn) = limiter(10, Duration::from_millis(300)).await;
+        assert_eq!(grants(&l).await, 10);
+        l.cool_down(Duration::from_millis(10)).await;
+        // The old grants leave the window, the pause ends: 8 per window now.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(grants(&l).await, 8);
+        cleanup(&l, conn).await;
     }
 }

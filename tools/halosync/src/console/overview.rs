@@ -107,8 +107,11 @@ pub async fn gather(app: &Shared) -> Overview {
             app.config.worker.rate_wait_max,
         );
         match limiter.usage().await {
-            Ok((used, _, paused)) => {
+            Ok((used, limit, paused)) => {
                 row.budget_used = used;
+                // The limit in force: lower than the configured one for a
+                // while after HaloPSA answered 429 (halo::ratelimit).
+                row.budget_limit = limit;
                 row.paused_seconds = paused.as_secs();
             }
             Err(e) => o.problems.push(format!("{name} budget: {e}")),
