@@ -348,17 +348,40 @@ async fn renew(redis: ConnectionManager, key: String, token: String, ttl: Durati
 /// restarted empty) or when it expired; another worker may then hold the
 /// aggregate, and a write of ours could land after one of theirs.
 #[derive(Clone)]
+///
+/// One fence covers every lock of a batch: a batch's write (an array may
+/// mix aggregates) goes out only while all of them are still held.
 pub struct LockFence {
-    redis: ConnectionManager,
-    key: String,
-    token: String,
+    redis: Option<ConnectionManager>,
+    /// (key, token) of each lock.
+    held: Vec<(String, String)>,
 }
 
 impl LockFence {
+    /// The fence of several locks (a batch's).
+    pub fn of(locks: &[AggregateLock]) -> LockFence {
+        LockFence {
+            redis: locks.first().map(|l| l.redis.clone()),
+            held: locks
+                .iter()
+                .map(|l| (l.key.clone(), l.token.clone()))
+                .collect(),
+        }
+    }
+
+    /// Whether every lock is still held, in one round trip.
     pub async fn still_held(&self) -> Result<bool, StateError> {
-        let mut r = self.redis.clone();
-        let now: Option<String> = r.get(&self.key).await?;
-        Ok(now.as_deref() == Some(self.token.as_str()))
+        let Some(redis) = &self.redis else {
+            return Ok(true);
+        };
+        let mut r = redis.clone();
+        let keys: Vec<&str> = self.held.iter().map(|(k, _)| k.as_str()).collect();
+        let now: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut r).await?;
+        Ok(now.len() == self.held.len()
+            && now
+                .iter()
+                .zip(&self.held)
+                .all(|(now, (_, token))| now.as_deref() == Some(token.as_str())))
     }
 }
 
@@ -381,11 +404,7 @@ impl AggregateLock {
     /// A handle that tells, later, whether this lock is still held (see
     /// [`LockFence`]).
     pub fn fence(&self) -> LockFence {
-        LockFence {
-            redis: self.redis.clone(),
-            key: self.key.clone(),
-            token: self.token.clone(),
-        }
+        LockFence::of(std::slice::from_ref(self))
     }
 
     /// Releases the lock if it is still ours (it may have expired and been

@@ -1,15 +1,17 @@
-//! Coalescing for batching handlers (usage, overage): the consume loop
-//! hands over what the broker had ready (at most `worker.batch_max`, or
-//! what arrived within `worker.batch_wait_ms` of the first message); here
-//! each message is validated and deduplicated, only the newest event per
-//! aggregate goes to the handler (the others are acked as superseded: the
-//! newest carries the full state), and every message is settled with the
-//! same guarantees as one at a time — acked only after its effect is
-//! written, or after its retry or dead-letter copy is confirmed.
+//! The one pipeline every message goes through. A single message is a
+//! batch of one; a batching handler (usage, overage) gets what the broker
+//! had ready (at most `worker.batch_max`, or what arrived within
+//! `worker.batch_wait` of the first message). Here each message is
+//! validated and deduplicated, only the newest event per aggregate goes to
+//! the handler (the others are acked as superseded: the newest carries the
+//! full state), the ledger and the aggregate locks are checked and taken,
+//! every write the handler makes is fenced by those locks, and every
+//! message is settled with the same guarantees: acked only after its
+//! effect is written, or after its retry or dead-letter copy is confirmed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use lapin::message::Delivery;
 use tracing::Instrument;
@@ -19,7 +21,9 @@ use super::{attempts_of, check, finish, message_span, record_event, Handler, Ser
 use crate::amqp::Publisher;
 use crate::contract::{Envelope, Version};
 use crate::error::Failure;
+use crate::halo::client::WRITE_FENCE;
 use crate::halo::HaloClient;
+use crate::store::LockFence;
 
 struct Item {
     delivery: Delivery,
@@ -174,21 +178,20 @@ async fn run_connection(
         }
     }
     // Locks: an aggregate another worker holds is retried later (without
-    // using up an attempt); a batch never waits long for one.
+    // using up an attempt). `worker.lock_wait` bounds the whole batch's wait,
+    // not each lock's, so that one busy aggregate delays the others by at
+    // most that; a batch of one waits exactly as long as a single message.
     let mut locks = Vec::new();
     let mut work: Vec<usize> = Vec::new();
+    let deadline = tokio::time::Instant::now() + w.lock_wait;
     for (i, aggregate) in &members {
         if items[*i].decision.is_some() {
             continue;
         }
+        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
         let lock = services
             .store
-            .lock(
-                conn,
-                &format!("{family}:{aggregate}"),
-                w.lock_ttl,
-                w.lock_wait.min(Duration::from_millis(200)),
-            )
+            .lock(conn, &format!("{family}:{aggregate}"), w.lock_ttl, wait)
             .await;
         match lock {
             Ok(l) => {
@@ -203,13 +206,24 @@ async fn run_connection(
             .iter()
             .filter_map(|i| items[*i].event.clone())
             .collect();
-        let span = tracing::info_span!("batch", connection = conn, size = events.len());
+        // A batch of one runs in its message's span (its HaloPSA requests
+        // continue the publisher's trace); a larger one in a batch span.
+        let span = match work[..] {
+            [only] => items[only].span.clone(),
+            _ => tracing::info_span!("batch", connection = conn, size = events.len()),
+        };
+        // Every write checks, just before it goes out, that all of the
+        // batch's locks are still ours (`halo::client::WRITE_FENCE`).
+        let fence = LockFence::of(&locks);
         let task = {
             let services = services.clone();
             let handler = handler.clone();
             let halo = halo.clone();
             tokio::spawn(
-                async move { handler.apply_batch(&services, &halo, &events).await }
+                WRITE_FENCE
+                    .scope(fence, async move {
+                        handler.apply_batch(&services, &halo, &events).await
+                    })
                     .instrument(span),
             )
         };

@@ -34,7 +34,6 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::activity::{ActivityRecord, ActivityRecorder};
 use crate::amqp::headers::{self as h};
@@ -444,7 +443,8 @@ async fn session(
                     let services = services.clone();
                     let handler = handler.clone();
                     let publisher = publisher.clone();
-                    tracker.spawn(async move { settle(services, handler, publisher, delivery).await });
+                    // A single message is a batch of one: one pipeline.
+                    tracker.spawn(async move { batch::settle_batch(services, handler, publisher, vec![delivery]).await });
                 }
                 Some(Err(e)) => break Some(SessionError::Broker(e)),
                 None => break Some(SessionError::Cancelled),
@@ -514,51 +514,6 @@ fn attempts_of(delivery: &Delivery) -> u32 {
     h::get_i64(delivery.properties.headers().as_ref(), h::ATTEMPTS)
         .unwrap_or(0)
         .max(0) as u32
-}
-
-/// Processes one delivery and settles it (ack / retry / dead / requeue).
-async fn settle(
-    services: Arc<Services>,
-    handler: Arc<dyn Handler>,
-    publisher: Publisher,
-    delivery: Delivery,
-) {
-    let attempts_before = attempts_of(&delivery);
-    let span = message_span(handler.family(), &delivery, attempts_before);
-    async move {
-        let started = Instant::now();
-        // A panic inside the handler must not lose the message: it is
-        // caught here and the message is requeued (and, if it keeps
-        // happening, dead-lettered by the delivery limit as poison).
-        let work = {
-            let services = services.clone();
-            let handler = handler.clone();
-            let body = delivery.data.clone();
-            tokio::spawn(
-                async move { decide(&services, handler.as_ref(), &body).await }
-                    .instrument(tracing::Span::current()),
-            )
-        };
-        let (decision, event) = match work.await {
-            Ok(d) => d,
-            Err(e) => (Decision::Requeue(format!("handler panicked: {e}")), None),
-        };
-        let aggregate = event.as_ref().and_then(|e| handler.aggregate(e).ok());
-        finish(
-            &services,
-            handler.family(),
-            &publisher,
-            &delivery,
-            attempts_before,
-            event.as_ref(),
-            aggregate.as_deref(),
-            decision,
-            started,
-        )
-        .await;
-    }
-    .instrument(span)
-    .await
 }
 
 /// Settles one delivery and records its outcome: one log line (in the
@@ -667,33 +622,6 @@ enum Moved {
     Requeued,
 }
 
-/// Validation, ledger, lock, handler: everything but settling.
-async fn decide(
-    services: &Services,
-    handler: &dyn Handler,
-    body: &[u8],
-) -> (Decision, Option<Envelope>) {
-    let event = match services
-        .contract
-        .validate(body, services.config().worker.max_message_bytes)
-    {
-        Ok(e) => e,
-        Err(e) => return (Decision::Dead(e.into()), None),
-    };
-    record_event(&event);
-    let decision = match check(services, handler, &event) {
-        Ok((halo, aggregate)) => {
-            match run_handler(services, handler, &halo, &event, &aggregate).await {
-                Ok(outcome) => Decision::Ack(outcome),
-                Err(f) if f.class.is_retried() => Decision::Retry(f),
-                Err(f) => Decision::Dead(f),
-            }
-        }
-        Err(f) => Decision::Dead(f),
-    };
-    (decision, Some(event))
-}
-
 /// Puts the event's fields on the current (message) span.
 fn record_event(event: &Envelope) {
     let span = tracing::Span::current();
@@ -732,49 +660,6 @@ fn check(
     let aggregate = handler.aggregate(event)?;
     tracing::Span::current().record("aggregate", aggregate.as_str());
     Ok((halo, aggregate))
-}
-
-async fn run_handler(
-    services: &Services,
-    handler: &dyn Handler,
-    halo: &HaloClient,
-    event: &Envelope,
-    aggregate: &str,
-) -> Result<Acked, Failure> {
-    let conn = &event.connection;
-    if services.store.processed(conn, &event.id).await?.is_some() {
-        return Ok(Acked::Duplicate);
-    }
-    let config = services.config();
-    let w = &config.worker;
-    let lock = services
-        .store
-        .lock(
-            conn,
-            &format!("{}:{aggregate}", handler.family()),
-            w.lock_ttl,
-            w.lock_wait,
-        )
-        .await?;
-    // Every write the handler makes checks, just before it goes out, that
-    // this lock is still ours (`halo::client::WRITE_FENCE`).
-    let result = crate::halo::client::WRITE_FENCE
-        .scope(lock.fence(), handler.apply(services, halo, event))
-        .await;
-    if let Err(e) = lock.release().await {
-        tracing::warn!(error = %e, "could not release the aggregate lock; it expires on its own");
-    }
-    let outcome = result?;
-    // The effect is durable in HaloPSA; the ledger only saves work on a
-    // redelivery, so failing to write it is not worth a retry.
-    if let Err(e) = services
-        .store
-        .mark_processed(conn, &event.id, outcome.as_str())
-        .await
-    {
-        tracing::warn!(error = %e, "could not record the event in the ledger");
-    }
-    Ok(outcome.into())
 }
 
 /// Settles the delivery. Returns the failure that was retried or
