@@ -46,6 +46,7 @@ fn options(faults: Faults) -> EnvOptions {
         // Lost answers fail attempts that did write: give them room.
         max_attempts: 15,
         dependency_max_attempts: 40,
+        ..Default::default()
     }
 }
 

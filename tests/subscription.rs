@@ -418,6 +418,77 @@ async fn subscription_before_its_account_is_applied_once_the_account_arrives() {
     assert!(env.logs().contains("\"outcome\":\"retried\""));
 }
 
+/// #9: a missing dependency costs no HaloPSA request while nothing has
+/// changed. 20 subscriptions of one account that is not there yet wait;
+/// HaloPSA is asked about the account about once per `dependency_recheck`
+/// (2 s here), not on every retry of every event (every 200 ms per event
+/// on the first tier). Once the account worker has written the customer,
+/// they go on from the first tier, within seconds, not after a long tier.
+#[tokio::test(flavor = "multi_thread")]
+async fn subscriptions_waiting_for_their_account_ask_once_per_recheck_and_go_on_at_once() {
+    const SUBS: usize = 20;
+    let mut env = TestEnv::with(
+        "sub-dep-wait",
+        EnvOptions {
+            connection_extra: format!(
+                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n"
+            ),
+            dependency_max_attempts: 50,
+            dependency_recheck: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
+    env.spawn_worker(WORKER);
+    for s in 0..SUBS {
+        env.publish(&subscription_event(
+            &format!("s{s}"),
+            &format!("sub_{s}"),
+            "acc_late",
+            5,
+            "active",
+            1,
+        ))
+        .await;
+    }
+    let waited = Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let asked = env.count("GET /api/ExternalLink");
+    let seconds = waited.elapsed().as_secs_f64();
+    // Once per 2 s, plus the events that asked before the first answer
+    // was noted, at most one each: far below one per retry.
+    assert!(
+        asked as f64 <= SUBS as f64 + seconds / 2.0 + 2.0,
+        "HaloPSA was asked {asked} times in {seconds:.1} s for one missing account"
+    );
+    let before = env.count("GET /api/ExternalLink");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let more = env.count("GET /api/ExternalLink") - before;
+    assert!(
+        more <= 3,
+        "{more} more look-ups in 4 s while the account stayed missing (recheck 2 s)"
+    );
+    assert!(env.sim.licences().is_empty());
+    // The account arrives: every subscription follows within seconds.
+    env.spawn_worker(ACCOUNTS);
+    seed_accounts(&env, &["acc_late".into()]).await;
+    let arrived = Instant::now();
+    env.wait_for("all applied", Duration::from_secs(30), || {
+        (0..SUBS).all(|s| {
+            records(&env, &format!("sub_{s}")).is_some_and(|(l, n)| holds(&l, &n, 5, "active"))
+        })
+    })
+    .await;
+    let after = arrived.elapsed();
+    assert!(
+        after < Duration::from_secs(15),
+        "the subscriptions took {after:?} after their account"
+    );
+    env.wait_drained(Family::Subscription, T).await;
+    env.assert_no_dead(Family::Subscription).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn account_that_never_arrives_is_dead_lettered_as_dependency_ready_for_replay() {
     let mut env = env_with("sub-dep-dead", "", 0).await;

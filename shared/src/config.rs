@@ -183,6 +183,12 @@ pub struct RetrySettings {
     pub dependency_max_attempts: u32,
     /// A 429 without `Retry-After` waits at least this long.
     pub rate_limited_min_delay: Duration,
+    /// How long a record another family writes (the customer a subscription
+    /// needs, the licence a usage report needs) is taken as still missing
+    /// after HaloPSA said so: events needing it wait in the delay queues
+    /// without a HaloPSA request and without using up an attempt, and go
+    /// on as soon as its family has written it. `0s`: ask every time.
+    pub dependency_recheck: Duration,
 }
 
 impl RetrySettings {
@@ -202,6 +208,7 @@ impl Default for RetrySettings {
             max_attempts: 8,
             dependency_max_attempts: 24,
             rate_limited_min_delay: Duration::from_secs(30),
+            dependency_recheck: Duration::from_secs(60),
         }
     }
 }
@@ -254,6 +261,8 @@ struct RawRetry {
     #[serde(default, with = "humantime_serde")]
     rate_limited_min_delay: Option<Duration>,
     rate_limited_min_delay_ms: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    dependency_recheck: Option<Duration>,
 }
 
 /// One `"5s"` in a list (humantime_serde handles single values and
@@ -427,6 +436,7 @@ fn retry_settings(raw: RawRetry, warnings: &mut Vec<String>) -> Result<RetrySett
             d.rate_limited_min_delay,
             warnings,
         )?,
+        dependency_recheck: raw.dependency_recheck.unwrap_or(d.dependency_recheck),
     };
     validate_retry(&settings)?;
     Ok(settings)
@@ -1271,6 +1281,7 @@ client_secret_env = "ACME_SECRET"
         assert_eq!(c.worker.http_timeout, Duration::from_secs(30));
         assert_eq!(c.retry.delays_ms(), vec![1000, 60_000]);
         assert_eq!(c.retry.rate_limited_min_delay, Duration::from_secs(45));
+        assert_eq!(c.retry.dependency_recheck, Duration::from_secs(60));
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     }
 

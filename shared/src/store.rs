@@ -280,6 +280,47 @@ impl Store {
         Ok(())
     }
 
+    /// Claims the one look-up in HaloPSA of a record another family writes
+    /// (see `halo::links::require`): true for the one caller per `ttl` that
+    /// should ask; the others take the record as still missing. Only ever
+    /// used by events that need the record, never by the family writing it.
+    pub async fn claim_dependency_check(
+        &self,
+        conn: &str,
+        kind: &str,
+        billing_id: &str,
+        ttl: Duration,
+    ) -> Result<bool, StateError> {
+        if ttl.is_zero() {
+            return Ok(true);
+        }
+        let mut r = self.redis.clone();
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(self.keys.key(conn, &["missing", kind, billing_id]))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut r)
+            .await?;
+        Ok(claimed.is_some())
+    }
+
+    /// Ends the wait [`claim_dependency_check`](Self::claim_dependency_check)
+    /// started: the record was found.
+    pub async fn clear_dependency_check(
+        &self,
+        conn: &str,
+        kind: &str,
+        billing_id: &str,
+    ) -> Result<(), StateError> {
+        let mut r = self.redis.clone();
+        let _: () = r
+            .del(self.keys.key(conn, &["missing", kind, billing_id]))
+            .await?;
+        Ok(())
+    }
+
     /// Takes the lock of one aggregate, waiting up to `wait` for it. The
     /// lock expires after `ttl` so that a crashed holder cannot block it.
     #[tracing::instrument(name = "redis.lock", skip_all, level = "info")]

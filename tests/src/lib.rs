@@ -44,6 +44,9 @@ pub struct EnvOptions {
     pub max_attempts: u32,
     /// Attempts of a `dependency` failure before it is dead-lettered.
     pub dependency_max_attempts: u32,
+    /// `retry.dependency_recheck`: how long a missing dependency is not
+    /// asked for again.
+    pub dependency_recheck: Duration,
 }
 
 impl Default for EnvOptions {
@@ -55,6 +58,7 @@ impl Default for EnvOptions {
             extra: String::new(),
             max_attempts: 4,
             dependency_max_attempts: 6,
+            dependency_recheck: Duration::from_secs(1),
         }
     }
 }
@@ -133,6 +137,7 @@ prefix = "{prefix}"
 delays = [{delays}]
 max_attempts = {max_attempts}
 dependency_max_attempts = {dependency_max_attempts}
+dependency_recheck = "{dependency_recheck}ms"
 rate_limited_min_delay = "400ms"
 
 [connections.{CONNECTION}]
@@ -145,6 +150,7 @@ client_secret_env = "{SECRET_ENV}"
 "#,
             max_attempts = opts.max_attempts,
             dependency_max_attempts = opts.dependency_max_attempts,
+            dependency_recheck = opts.dependency_recheck.as_millis(),
             api = sim.api_url(),
             auth = sim.auth_url(),
             client_id = opts.sim.client_id,

@@ -315,21 +315,74 @@ pub fn new_plain_link(kind: &Kind, billing_id: &str) -> Value {
     })
 }
 
+/// A record another family writes (the customer a subscription needs, the
+/// licence a usage report needs): its mapping, or a `dependency` failure
+/// saying `missing`.
+///
+/// HaloPSA is asked at most once per `recheck` (`retry.dependency_recheck`)
+/// while the record is missing, by whichever event claims the look-up in
+/// Redis first (so that many events waiting for one account do not all ask
+/// when the interval ends). Until then, an event needing the record fails
+/// *throttled* (no request, no attempt used) and comes back from the
+/// shortest delay tier, so it goes on as soon as the writing family has put
+/// the mapping in Redis, instead of after a long tier. A lost Redis loses
+/// the claim with the mappings: HaloPSA is asked again, never wrongly told.
+pub async fn require(
+    store: &Store,
+    halo: &HaloClient,
+    kind: &Kind,
+    billing_id: &str,
+    recheck: Duration,
+    missing: impl Fn() -> String,
+) -> Result<Mapping, Failure> {
+    let conn = &halo.connection().name;
+    if let Some(m) = store.mapping(conn, kind.name, billing_id).await? {
+        return Ok(m);
+    }
+    if !store
+        .claim_dependency_check(conn, kind.name, billing_id, recheck)
+        .await?
+    {
+        let mut f = Failure::dependency(format!(
+            "{} (asked less than {} ago; waiting without asking again)",
+            missing(),
+            humantime::format_duration(recheck)
+        ));
+        f.throttled = true;
+        return Err(f);
+    }
+    match resolve(store, halo, kind, billing_id).await {
+        Ok(Some(m)) => {
+            store
+                .clear_dependency_check(conn, kind.name, billing_id)
+                .await?;
+            Ok(m)
+        }
+        Ok(None) => Err(Failure::dependency(missing())),
+        Err(f) => {
+            // Nothing was learnt: the next event asks again.
+            let _ = store
+                .clear_dependency_check(conn, kind.name, billing_id)
+                .await;
+            Err(f)
+        }
+    }
+}
+
 /// The customer of `account_id`, or a `dependency` failure while the
-/// account is not in HaloPSA yet (retried through the delay tiers, and
-/// applied as soon as the account worker has created the customer).
+/// account is not in HaloPSA yet (see [`require`]).
 pub async fn require_customer(
     store: &Store,
     halo: &HaloClient,
     account_id: &str,
+    recheck: Duration,
 ) -> Result<Mapping, Failure> {
-    resolve(store, halo, &CUSTOMER, account_id)
-        .await?
-        .ok_or_else(|| {
-            Failure::dependency(format!(
-                "account {account_id} is not in HaloPSA yet (no customer linked to it); retried until the account event has been applied"
-            ))
-        })
+    require(store, halo, &CUSTOMER, account_id, recheck, || {
+        format!(
+            "account {account_id} is not in HaloPSA yet (no customer linked to it); retried until the account event has been applied"
+        )
+    })
+    .await
 }
 
 /// Like [`find`], but earliest-created link first (by the link's own id).

@@ -92,7 +92,9 @@ pub enum Plan {
 ///   for `dependency`, else `max_attempts`), the failure is dead-lettered:
 ///   as `dependency`, or as `exhausted`.
 /// * Otherwise the delay tier grows with the attempts; a 429 waits at least
-///   its `Retry-After`, or `rate_limited_min_delay` without one.
+///   its `Retry-After`, or `rate_limited_min_delay` without one. A
+///   throttled `dependency` (known missing, not asked again) waits in the
+///   first tier.
 pub fn plan(decision: Decision, attempts_before: u32, retry: &RetrySettings) -> Plan {
     match decision {
         Decision::Ack(a) => Plan::Ack(a),
@@ -123,8 +125,16 @@ pub fn plan(decision: Decision, attempts_before: u32, retry: &RetrySettings) -> 
                     attempts,
                 }
             } else {
+                // A dependency known to be missing (`halo::links::require`)
+                // waits in the shortest tier: it costs no HaloPSA request,
+                // and goes on soon after its record is written.
+                let tier = if failure.throttled && failure.class == FailureClass::Dependency {
+                    1
+                } else {
+                    attempts.max(1)
+                };
                 Plan::Retry {
-                    delay_ms: retry_delay(retry, attempts.max(1), &failure),
+                    delay_ms: retry_delay(retry, tier, &failure),
                     failure,
                     attempts,
                 }
@@ -166,6 +176,7 @@ mod tests {
             max_attempts: 4,
             dependency_max_attempts: 6,
             rate_limited_min_delay: Duration::from_secs(30),
+            dependency_recheck: Duration::from_secs(60),
         }
     }
 
@@ -313,6 +324,31 @@ mod tests {
             Decision::of(Err(Failure::rejected("x"))),
             Decision::Dead(_)
         ));
+    }
+
+    #[test]
+    fn a_dependency_known_missing_waits_in_the_first_tier_without_an_attempt() {
+        let mut f = Failure::dependency("account acc_1 is not in HaloPSA yet");
+        f.throttled = true;
+        for before in [0, 3, 5, 50] {
+            match plan(Decision::Retry(f.clone()), before, &settings()) {
+                Plan::Retry {
+                    attempts, delay_ms, ..
+                } => {
+                    assert_eq!(attempts, before, "no attempt used");
+                    assert_eq!(delay_ms, 1000, "the first tier");
+                }
+                other => panic!("{before}: {other:?}"),
+            }
+        }
+        // Asked and still missing: an attempt, and the tier grows.
+        let asked = Failure::dependency("account acc_1 is not in HaloPSA yet");
+        match plan(Decision::Retry(asked), 3, &settings()) {
+            Plan::Retry {
+                attempts, delay_ms, ..
+            } => assert_eq!((attempts, delay_ms), (4, 120_000)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! measured, never asserted.
 //!
 //! `halosync-bench [--events N] [SCENARIO...]`, scenarios: `raw`,
-//! `account-create`, `account-update`, `scale`, `usage` (default: all).
+//! `account-create`, `account-update`, `scale`, `usage` (default: all),
+//! and `onboard` (not in the default set: it runs at a HaloPSA budget, so
+//! it takes minutes; `--customers N` (default 50) and `--budget R/S`
+//! (default 20/2: R requests per rolling S seconds) size it).
 //! `--no-activity` runs the workers with `worker.activity = false`, to
 //! measure what recording the activity log costs (compare with and without).
 
@@ -55,6 +58,8 @@ impl Row {
 #[tokio::main]
 async fn main() {
     let mut events = 5000usize;
+    let mut customers = 50usize;
+    let mut budget = (20u32, 2u64);
     let mut scenarios = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -65,9 +70,30 @@ async fn main() {
                     .and_then(|n| n.parse().ok())
                     .unwrap_or_else(|| usage("--events needs a number, e.g. --events 5000"))
             }
+            "--customers" => {
+                customers = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| *n > 0)
+                    .unwrap_or_else(|| usage("--customers needs a number above 0, e.g. --customers 500"))
+            }
+            "--budget" => {
+                budget = args
+                    .next()
+                    .and_then(|b| {
+                        let (r, s) = b.split_once('/')?;
+                        Some((r.parse().ok()?, s.trim_end_matches('s').parse().ok()?))
+                    })
+                    .filter(|(r, s)| *r > 0 && *s > 0)
+                    .unwrap_or_else(|| {
+                        usage("--budget needs REQUESTS/SECONDS, e.g. --budget 20/2 (20 requests per rolling 2 s)")
+                    })
+            }
             "--no-activity" => ACTIVITY_OFF.store(true, std::sync::atomic::Ordering::SeqCst),
             "-h" | "--help" => usage(""),
-            s if ["raw", "account-create", "account-update", "scale", "usage"].contains(&s) => {
+            s if ["raw", "account-create", "account-update", "scale", "usage", "onboard"]
+                .contains(&s) =>
+            {
                 scenarios.push(s.to_string())
             }
             other => usage(&format!("unknown scenario {other:?}")),
@@ -90,6 +116,7 @@ async fn main() {
             "account-create" => rows.push(account(events, false).await),
             "account-update" => rows.push(account(events, true).await),
             "usage" => rows.extend(usage_bench(events).await),
+            "onboard" => rows.push(onboard(customers, budget).await),
             _ => {
                 for workers in [1, 2, 4] {
                     rows.push(scale(events.min(2000), workers).await);
@@ -134,7 +161,7 @@ fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("halosync-bench: {problem}");
     }
-    eprintln!("usage: halosync-bench [--events N] [--no-activity] [raw] [account-create] [account-update] [scale] [usage]");
+    eprintln!("usage: halosync-bench [--events N] [--customers N] [--budget R/S] [--no-activity] [raw] [account-create] [account-update] [scale] [usage] [onboard]");
     std::process::exit(if problem.is_empty() { 0 } else { 2 })
 }
 
@@ -580,6 +607,221 @@ async fn usage_bench(n: usize) -> Vec<Row> {
         note: format!("budget 5 req/1 s, halo-sim limit 5/1 s; warm cache; {limited} HTTP 429"),
     });
     rows
+}
+
+/// Subscriptions per customer in `onboard` (the MSP: 500 × 6).
+const ONBOARD_SUBS_PER_CUSTOMER: usize = 6;
+
+/// `onboard`: one MSP onboarded at once, as a billing platform would.
+/// `customers` accounts, 6 subscriptions each and one usage report per
+/// subscription, all published before the workers start (account events
+/// first, then subscriptions, then usage: the order a platform's export
+/// has, so subscriptions may still find their account missing), one
+/// worker per family, halo-sim limiting to `budget` and every worker's
+/// shared budget set to the same. Measures HaloPSA requests in total and
+/// per event, 429s, seconds from the first worker start to every record
+/// right, and what that many requests cost at hosted HaloPSA's fair use
+/// (300 per 5 minutes, shared with the MSP's other integrations).
+async fn onboard(customers: usize, (limit, window): (u32, u64)) -> Row {
+    const ITEM: i64 = 1001;
+    const STORAGE_ITEM: i64 = 2001;
+    let subs = customers * ONBOARD_SUBS_PER_CUSTOMER;
+    let mut env = TestEnv::with(
+        "bench-onboard",
+        EnvOptions {
+            sim: SimConfig {
+                faults: Faults {
+                    rate_limit: Some(halo_sim::RateLimit {
+                        requests: u64::from(limit),
+                        window_secs: window,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            connection_extra: format!(
+                "requests_per_window = {limit}\nwindow_seconds = {window}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n\"MS-365-BP:storage_gb\" = {STORAGE_ITEM}\n"
+            ),
+            extra: activity_extra(),
+            // Subscriptions and usage wait for their customer: give them
+            // room, as a deployment onboarding an MSP would.
+            max_attempts: 30,
+            dependency_max_attempts: 200,
+            // As deployed (the default): a missing customer or licence is
+            // asked for at most once a minute.
+            dependency_recheck: Duration::from_secs(60),
+        },
+    )
+    .await;
+    env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
+    env.sim.insert_item(STORAGE_ITEM, "Storage");
+    let account_of = |s: usize| format!("acc_{}", s / ONBOARD_SUBS_PER_CUSTOMER);
+    let accounts: Vec<Vec<u8>> = (0..customers)
+        .map(|a| {
+            json_body(&account_event(
+                &format!("a{a}"),
+                &format!("acc_{a}"),
+                &format!("Customer {a}"),
+                true,
+                1,
+            ))
+        })
+        .collect();
+    let subscriptions: Vec<Vec<u8>> = (0..subs)
+        .map(|s| {
+            json_body(&subscription_event(
+                &format!("s{s}"),
+                &format!("sub_{s}"),
+                &account_of(s),
+                1 + (s % 25) as u64,
+                "active",
+                1,
+            ))
+        })
+        .collect();
+    let usage: Vec<Vec<u8>> = (0..subs)
+        .map(|s| {
+            json_body(&halosync_tests::usage_event(
+                &format!("u{s}"),
+                &format!("sub_{s}"),
+                &account_of(s),
+                "storage_gb",
+                ("2026-11-01", "2026-11-30"),
+                (10 + s) as f64,
+                1,
+            ))
+        })
+        .collect();
+    let events = customers + 2 * subs;
+    publish_keyed(&env, "account.created", accounts).await;
+    publish_keyed(&env, "subscription.created", subscriptions).await;
+    publish_keyed(&env, "usage.reported", usage).await;
+    let started = Instant::now();
+    let workers: Vec<usize> = [
+        "halosync-account",
+        "halosync-subscription",
+        "halosync-usage",
+    ]
+    .iter()
+    .map(|w| env.spawn_worker(w))
+    .collect();
+    let pids: Vec<u32> = workers.iter().map(|w| env.worker(*w).child.id()).collect();
+    let check = |env: &TestEnv| onboard_check(env, customers, subs);
+    let deadline = Instant::now() + Duration::from_secs(6 * 3600);
+    let mut last_report = Instant::now();
+    let problem = loop {
+        match check(&env) {
+            Ok(()) => break None,
+            Err(_) if Instant::now() > deadline => break Some("not converged after 6 h"),
+            Err(why) => {
+                if last_report.elapsed() > Duration::from_secs(30) {
+                    last_report = Instant::now();
+                    let requests: u64 = env.sim.counts().values().sum();
+                    eprintln!(
+                        "onboard: {:.0} s, {requests} requests, waiting: {why}",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let rss = pids.iter().filter_map(|p| peak_rss_kib(*p)).max();
+    let counts = env.sim.counts();
+    let requests: u64 = counts.values().sum();
+    let mut by_endpoint: Vec<(String, u64)> = counts.into_iter().collect();
+    by_endpoint.sort_by(|a, b| b.1.cmp(&a.1));
+    for (endpoint, c) in &by_endpoint {
+        eprintln!("onboard: {c:6} {endpoint}");
+    }
+    // Why events were retried (each retry is requests spent again).
+    let mut why: std::collections::BTreeMap<String, usize> = Default::default();
+    for line in env.logs().lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if v["fields"]["outcome"] == "retried" || v["outcome"] == "retried" {
+            let family = v["span"]["family"].as_str().unwrap_or("?").to_string();
+            let error = v["error"]
+                .as_str()
+                .or(v["fields"]["error"].as_str())
+                .unwrap_or("?");
+            // Folded: digits (ids) as N, so that one cause is one row.
+            let mut error: String = error.chars().take(90).collect();
+            error = error
+                .split(|c: char| c.is_ascii_digit())
+                .filter(|p| !p.is_empty())
+                .collect::<Vec<_>>()
+                .join("N");
+            *why.entry(format!("{family}: {error}")).or_default() += 1;
+        }
+    }
+    for (reason, n) in &why {
+        eprintln!("onboard: retried {n:5} × {reason}");
+    }
+    let limited = env.sim.rate_limited();
+    let mut dead = 0;
+    for f in [Family::Account, Family::Subscription, Family::Usage] {
+        dead += env.take_dead(f).await.len();
+    }
+    for w in workers {
+        env.stop_worker(w);
+    }
+    // Hosted HaloPSA's fair use: about 300 requests per 5 minutes.
+    let fair_use_hours = requests as f64 / 1.0 / 3600.0;
+    Row {
+        scenario: format!("onboard-{limit}/{window}s"),
+        events,
+        seconds,
+        requests: Some(requests),
+        peak_rss_kib: rss,
+        note: format!(
+            "{customers} customers x {ONBOARD_SUBS_PER_CUSTOMER} subscriptions + 1 usage each, published at once, 1 worker per family; {requests} requests, {limited} HTTP 429, {dead} dead; {:.2} h at hosted fair use (1 request/s); {}",
+            fair_use_hours,
+            problem.unwrap_or("every record right")
+        ),
+    }
+}
+
+/// Every customer, licence, recurring line and usage line of `onboard`,
+/// exactly once with its value; `Err` says the first that is not (yet).
+fn onboard_check(env: &TestEnv, customers: usize, subs: usize) -> Result<(), String> {
+    let clients = env.sim.clients();
+    if clients.len() != customers {
+        return Err(format!("{} of {customers} customers", clients.len()));
+    }
+    let licences = env.sim.licences();
+    if licences.len() != subs {
+        return Err(format!("{} of {subs} licences", licences.len()));
+    }
+    let mut lines: std::collections::HashMap<String, Vec<Value>> = Default::default();
+    for h in env.sim.recurring_invoices() {
+        for l in h["lines"].as_array().cloned().unwrap_or_default() {
+            if let Some(m) = l["item_internal_reference"].as_str() {
+                lines.entry(m.trim().to_string()).or_default().push(l);
+            }
+        }
+    }
+    for s in 0..subs {
+        let line = lines
+            .get(&format!("halosync.subscription:sub_{s}"))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let qty = (1 + s % 25) as f64;
+        if line.len() != 1 || line[0]["qty_order"].as_f64() != Some(qty) {
+            return Err(format!("sub_{s}: {} recurring lines", line.len()));
+        }
+        let usage = lines
+            .get(&format!("halosync.usage:sub_{s}:storage_gb"))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if usage.len() != 1 || usage[0]["qty_order"].as_f64() != Some((10 + s) as f64) {
+            return Err(format!("sub_{s}: {} usage lines", usage.len()));
+        }
+    }
+    Ok(())
 }
 
 async fn publish_keyed(env: &TestEnv, key: &str, bodies: Vec<Vec<u8>>) {

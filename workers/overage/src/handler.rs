@@ -158,7 +158,8 @@ async fn prepare(
     }
     let price = mapping::unit_price(&data)?;
     let item_id = item_for(svc, halo, &data).await?;
-    let customer = links::require_customer(&svc.store, halo, &data.account_id).await?;
+    let recheck = svc.config().retry.dependency_recheck;
+    let customer = links::require_customer(&svc.store, halo, &data.account_id, recheck).await?;
     // A zero overage is written too (an inactive line of quantity 0
     // carrying its version, on an invoice created if need be): its version
     // must live in HaloPSA, or an older non-zero event arriving after Redis
@@ -226,14 +227,20 @@ async fn subscription_sku(
         return Ok(p.sku);
     }
     let not_yet = || {
-        Failure::dependency(format!(
+        format!(
             "subscription {} is not in HaloPSA yet (no licence linked to it), so its sku (for the item mapping) is unknown; retried until the subscription event has been applied, or map \"overage:{}\"",
             d.subscription_id, d.metric
-        ))
+        )
     };
-    let m = links::resolve(&svc.store, halo, &SUBSCRIPTION, &d.subscription_id)
-        .await?
-        .ok_or_else(not_yet)?;
+    let m = links::require(
+        &svc.store,
+        halo,
+        &SUBSCRIPTION,
+        &d.subscription_id,
+        svc.config().retry.dependency_recheck,
+        &not_yet,
+    )
+    .await?;
     let licence = halo
         .get(&format!("/SoftwareLicence/{}", m.halo_id), &[])
         .await?;
@@ -251,7 +258,7 @@ async fn subscription_sku(
                 .to_string();
             (!sku.is_empty()).then_some(Product { sku, name })
         })
-        .ok_or_else(not_yet)?;
+        .ok_or_else(|| Failure::dependency(not_yet()))?;
     let _: () = r
         .set(&key, serde_json::to_string(&product).unwrap_or_default())
         .await

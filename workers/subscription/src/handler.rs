@@ -63,7 +63,8 @@ impl Handler for SubscriptionHandler {
         let version = event.version()?;
         let item_id = item_for(svc, halo, &data.product.sku).await?;
         let terms = Terms::of(&data)?;
-        let customer = links::require_customer(&svc.store, halo, &data.account_id).await?;
+        let recheck = svc.config().retry.dependency_recheck;
+        let customer = links::require_customer(&svc.store, halo, &data.account_id, recheck).await?;
         let marker = links::marker(&SUBSCRIPTION, &data.subscription_id);
         let cx = Ctx {
             svc,
@@ -81,6 +82,7 @@ impl Handler for SubscriptionHandler {
                 {
                     return Ok(Outcome::Superseded);
                 }
+                invoice::recurring_invoice(&cx).await?;
                 // A move to another account: the old invoice's line is
                 // retired before the licence follows the new customer.
                 if let Some(before) = invoice::before(&cx, m.halo_id).await? {
@@ -89,7 +91,14 @@ impl Handler for SubscriptionHandler {
                 cx.update_licence(&m).await?;
                 (m, false)
             }
-            None => (cx.create_licence().await?, true),
+            None => {
+                // The customer's invoice before the licence: while another
+                // event is creating it, this one waits (or is retried)
+                // before it has written anything, so a retry repeats no
+                // write and no look-up of a licence it created.
+                invoice::recurring_invoice(&cx).await?;
+                (cx.create_licence().await?, true)
+            }
         };
         invoice::sync_line(&cx, new_licence).await?;
         cx.record_version(&mut mapping, &version).await?;
@@ -270,11 +279,24 @@ impl Ctx<'_> {
             Some(_) => {}
         }
         tracing::info!(halo_id = created, "created the licence");
-        Ok(Mapping {
+        let m = Mapping {
             halo_id: created,
             link_id: None,
             version: None,
-        })
+        };
+        // Known at once (without a version, so it claims nothing applied):
+        // a retry of this event after a later step waited too long for the
+        // budget finds the licence without asking HaloPSA again.
+        self.svc
+            .store
+            .set_mapping(
+                &self.halo.connection().name,
+                SUBSCRIPTION.name,
+                self.sub_id(),
+                &m,
+            )
+            .await?;
+        Ok(m)
     }
 
     /// Writes `version` on the link (creating the link if the licence has

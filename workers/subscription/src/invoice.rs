@@ -176,7 +176,7 @@ pub(crate) async fn sync_line(cx: &Ctx<'_>, new_licence: bool) -> Result<(), Fai
 
 /// The id of the customer's halosync recurring invoice, created once
 /// (shared with the usage worker: `halo::lines::recurring_invoice`).
-async fn recurring_invoice(cx: &Ctx<'_>) -> Result<i64, Failure> {
+pub(crate) async fn recurring_invoice(cx: &Ctx<'_>) -> Result<i64, Failure> {
     let config = cx.svc.config();
     let w = &config.worker;
     lines::recurring_invoice(

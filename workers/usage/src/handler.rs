@@ -279,10 +279,11 @@ impl<'a> Batch<'a> {
     async fn invoice_of(&self, account_id: &str) -> Result<(i64, i64), Failure> {
         let store = &self.svc.store;
         let halo = self.halo;
-        let customer = links::require_customer(store, halo, account_id)
-            .await?
-            .halo_id;
         let config = self.svc.config();
+        let customer =
+            links::require_customer(store, halo, account_id, config.retry.dependency_recheck)
+                .await?
+                .halo_id;
         let w = &config.worker;
         // The same invoice (and header body) as the subscription worker's.
         let ihid =
@@ -355,19 +356,23 @@ impl<'a> Batch<'a> {
                 need = true;
                 continue;
             }
-            match links::resolve(&self.svc.store, self.halo, &SUBSCRIPTION, sub).await {
-                Ok(Some(m)) => missing
+            let needed = links::require(
+                &self.svc.store,
+                self.halo,
+                &SUBSCRIPTION,
+                sub,
+                self.svc.config().retry.dependency_recheck,
+                || {
+                    format!(
+                        "subscription {sub} is not in HaloPSA yet (no licence linked to it); retried until the subscription event has been applied"
+                    )
+                },
+            );
+            match needed.await {
+                Ok(m) => missing
                     .entry(customer_of[sub])
                     .or_default()
                     .push((sub.clone(), m.halo_id)),
-                Ok(None) => {
-                    known.insert(
-                        sub.clone(),
-                        Err(Failure::dependency(format!(
-                            "subscription {sub} is not in HaloPSA yet (no licence linked to it); retried until the subscription event has been applied"
-                        ))),
-                    );
-                }
                 Err(f) => {
                     known.insert(sub.clone(), Err(f));
                 }
