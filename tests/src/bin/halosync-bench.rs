@@ -732,7 +732,7 @@ async fn onboard(customers: usize, (limit, window): (u32, u64)) -> Row {
     let counts = env.sim.counts();
     let requests: u64 = counts.values().sum();
     let mut by_endpoint: Vec<(String, u64)> = counts.into_iter().collect();
-    by_endpoint.sort_by(|a, b| b.1.cmp(&a.1));
+    by_endpoint.sort_by_key(|b| std::cmp::Reverse(b.1));
     for (endpoint, c) in &by_endpoint {
         eprintln!("onboard: {c:6} {endpoint}");
     }
