@@ -159,13 +159,25 @@ client_secret_env = "{SECRET_ENV}"
         );
         std::fs::write(&config_path, config).expect("write config");
         let topology = Topology::new(&prefix, &TEST_DELAYS_MS);
-        let publisher = Publisher::connect(AMQP_URL, &prefix, "tests")
-            .await
-            .unwrap_or_else(|e| panic!("RabbitMQ must be running at {AMQP_URL}: {e}"));
-        topology
-            .declare(publisher.channel())
-            .await
-            .expect("declare topology");
+        // Under load RabbitMQ 3.10 sometimes refuses to declare a quorum
+        // queue at once ("cluster_not_formed", a hard error that closes the
+        // connection); the workers retry through their reconnect loop, and
+        // so does the harness, on a new connection, a few times.
+        let mut tries = 0;
+        let publisher = loop {
+            tries += 1;
+            let publisher = Publisher::connect(AMQP_URL, &prefix, "tests")
+                .await
+                .unwrap_or_else(|e| panic!("RabbitMQ must be running at {AMQP_URL}: {e}"));
+            match topology.declare(publisher.channel()).await {
+                Ok(()) => break publisher,
+                Err(e) if tries < 4 => {
+                    eprintln!("declaring the topology failed (try {tries}), again: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => panic!("declare topology: {e:?}"),
+            }
+        };
         // Fail loudly if Redis is down.
         let mut r = redis_conn().await;
         let _: String = redis::cmd("PING")
