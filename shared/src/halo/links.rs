@@ -311,7 +311,23 @@ pub async fn record_version(
             "third_party_secondary_id": encoded,
         }),
     };
-    let saved = halo.save("/ExternalLink", body).await?;
+    let saved = match halo.save("/ExternalLink", body).await {
+        Ok(saved) => saved,
+        // The link we remembered is gone (another worker removed it as a
+        // duplicate, or an MSP deleted it): the same policy as a refused
+        // cached line, a retry from HaloPSA's state, never a dead letter.
+        Err(e) if matches!(e.status(), Some(400 | 404)) && mapping.link_id.is_some() => {
+            store
+                .forget_mapping(&halo.connection().name, kind.name, billing_id)
+                .await?;
+            return Err(Failure::transient(format!(
+                "the ExternalLink {} of {} {billing_id} is gone from HaloPSA ({e}); the cached mapping was dropped and the event is retried afresh",
+                mapping.link_id.unwrap_or_default(),
+                kind.name
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
     if mapping.link_id.is_none() {
         mapping.link_id = record_id(&saved);
     }
