@@ -175,6 +175,17 @@ pub async fn resolve(
     if let Some(m) = store.mapping(conn, kind.name, billing_id).await? {
         return Ok(Some(m));
     }
+    resolve_from_halo(store, halo, kind, billing_id).await
+}
+
+/// The HaloPSA half of [`resolve`]: the first link, put back in Redis.
+async fn resolve_from_halo(
+    store: &Store,
+    halo: &HaloClient,
+    kind: &Kind,
+    billing_id: &str,
+) -> Result<Option<Mapping>, Failure> {
+    let conn = &halo.connection().name;
     let links = find(halo, kind, billing_id).await?;
     let Some(first) = links.first() else {
         return Ok(None);
@@ -367,7 +378,8 @@ pub async fn require(
         f.throttled = true;
         return Err(f);
     }
-    match resolve(store, halo, kind, billing_id).await {
+    // Redis was read above: only HaloPSA is left to ask.
+    match resolve_from_halo(store, halo, kind, billing_id).await {
         Ok(Some(m)) => {
             store
                 .clear_dependency_check(conn, kind.name, billing_id)
