@@ -273,10 +273,13 @@ impl Store {
         kind: &str,
         billing_id: &str,
     ) -> Result<(), StateError> {
+        self.del(self.keys.key(conn, &["map", kind, billing_id]))
+            .await
+    }
+
+    async fn del(&self, key: String) -> Result<(), StateError> {
         let mut r = self.redis.clone();
-        let _: () = r
-            .del(self.keys.key(conn, &["map", kind, billing_id]))
-            .await?;
+        let _: () = r.del(key).await?;
         Ok(())
     }
 
@@ -314,11 +317,8 @@ impl Store {
         kind: &str,
         billing_id: &str,
     ) -> Result<(), StateError> {
-        let mut r = self.redis.clone();
-        let _: () = r
-            .del(self.keys.key(conn, &["missing", kind, billing_id]))
-            .await?;
-        Ok(())
+        self.del(self.keys.key(conn, &["missing", kind, billing_id]))
+            .await
     }
 
     /// Takes the lock of one aggregate, waiting up to `wait` for it. The
