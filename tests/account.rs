@@ -247,6 +247,9 @@ async fn fivexx_and_429_are_retried_then_applied() {
             },
             // a budget far above HaloPSA's, so that 429s do happen
             connection_extra: "requests_per_window = 1000\nwindow_seconds = 1".into(),
+            // One event per batch: ten arrays of one spend enough requests
+            // to meet HaloPSA's limit (one array of ten would not).
+            extra: "[worker]\nbatch_max = 1\n".into(),
             max_attempts: 12,
             ..Default::default()
         },
@@ -701,4 +704,151 @@ async fn four_workers_together_stay_within_a_tight_shared_budget() {
     );
     assert_eq!(env.sim.rate_limited(), 0, "HaloPSA answered 429");
     env.assert_no_dead(Family::Account).await;
+}
+
+/// #9 item 4: account events coalesce. Published while no worker runs,
+/// then taken as batches:
+/// 1. 30 new accounts, one of which HaloPSA refuses (halo-sim saves the
+///    array's elements before it and stops: no transaction): exactly one
+///    customer for each of the 29, the refused one dead-lettered as
+///    `rejected`, nothing created twice;
+/// 2. 20 more new accounts and newer versions of 20 known ones, all clean:
+///    a handful of requests for 40 events (arrays), not 2–3 per event;
+/// 3. 10 new accounts whose create array is saved but its answer lost: read
+///    back, not sent again: no duplicate, and no second array.
+#[tokio::test(flavor = "multi_thread")]
+async fn account_events_coalesce_and_a_partly_saved_or_lost_array_doubles_nothing() {
+    let mut env = TestEnv::with(
+        "acct-coalesce",
+        EnvOptions {
+            sim: SimConfig {
+                faults: Faults {
+                    reject_names: vec!["Refused 7".into()],
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            extra: "[worker]\nbatch_max = 200\nbatch_wait = \"500ms\"\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let name = |a: usize, v: u64| {
+        if a == 7 {
+            "Refused 7".to_string()
+        } else {
+            format!("Customer {a} v{v}")
+        }
+    };
+    let one_each =
+        |env: &TestEnv, accounts: std::ops::Range<usize>, v: u64| -> Result<(), String> {
+            for a in accounts {
+                if a == 7 {
+                    continue;
+                }
+                let c = customers_of(env, &format!("acc_{a}"));
+                if c.len() != 1 || c[0]["name"] != name(a, v).as_str() {
+                    return Err(format!("acc_{a}: {c:?}"));
+                }
+            }
+            Ok(())
+        };
+
+    // 1. A partly saved array.
+    for a in 0..30 {
+        env.publish(&account_event(
+            &format!("c{a}"),
+            &format!("acc_{a}"),
+            &name(a, 1),
+            true,
+            1,
+        ))
+        .await;
+    }
+    let w = env.spawn_worker(WORKER);
+    env.wait_for("29 customers", T, || one_each(&env, 0..30, 1).is_ok())
+        .await;
+    env.wait_drained(Family::Account, T).await;
+    assert_eq!(env.clients().len(), 29, "{:#?}", env.clients());
+    assert!(
+        env.sim.partial_saves() >= 1,
+        "the array was not saved in part"
+    );
+    let dead = env.take_dead(Family::Account).await;
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0].header("x-halosync-event-id"), "c7");
+    assert_eq!(dead[0].header("x-halosync-error-class"), "rejected");
+    env.stop_worker(w);
+
+    // 2. Clean arrays: 20 new, 20 updated.
+    let before = env.sim.counts();
+    for a in 30..50 {
+        env.publish(&account_event(
+            &format!("c{a}"),
+            &format!("acc_{a}"),
+            &name(a, 1),
+            true,
+            1,
+        ))
+        .await;
+    }
+    for a in 10..30 {
+        env.publish(&account_event(
+            &format!("u{a}"),
+            &format!("acc_{a}"),
+            &name(a, 2),
+            true,
+            2,
+        ))
+        .await;
+    }
+    let w = env.spawn_worker(WORKER);
+    env.wait_for("40 events applied", T, || {
+        one_each(&env, 30..50, 1).is_ok() && one_each(&env, 10..30, 2).is_ok()
+    })
+    .await;
+    env.wait_drained(Family::Account, T).await;
+    env.assert_no_dead(Family::Account).await;
+    let after = env.sim.counts();
+    let spent = |endpoint: &str| {
+        after.get(endpoint).copied().unwrap_or(0) - before.get(endpoint).copied().unwrap_or(0)
+    };
+    let total: u64 = after.values().sum::<u64>() - before.values().sum::<u64>();
+    eprintln!("40 account events (20 new, 20 updated): {total} HaloPSA requests: {after:?}");
+    // One batch: 1 resolve list + 1 create array + 1 read-back list + 1
+    // update array + 1 version array (+ the token). Two batches at most
+    // double that; one request per event would be 40 or more.
+    assert!(
+        spent("POST /api/Client") <= 4 && total <= 12,
+        "{total} requests for 40 account events: {after:#?}"
+    );
+    env.stop_worker(w);
+
+    // 3. The create array's answer is lost.
+    let mut faults = env.sim.faults();
+    faults.lose_next = 1;
+    env.sim.set_faults(faults);
+    let before_posts = env.count("POST /api/Client");
+    for a in 50..60 {
+        env.publish(&account_event(
+            &format!("c{a}"),
+            &format!("acc_{a}"),
+            &name(a, 1),
+            true,
+            1,
+        ))
+        .await;
+    }
+    env.spawn_worker(WORKER);
+    env.wait_for("10 more customers", T, || one_each(&env, 50..60, 1).is_ok())
+        .await;
+    env.wait_drained(Family::Account, T).await;
+    env.assert_no_dead(Family::Account).await;
+    assert_eq!(env.sim.lost_responses(), 1, "no answer was lost");
+    assert_eq!(env.clients().len(), 59);
+    assert_eq!(
+        env.count("POST /api/Client") - before_posts,
+        1,
+        "the lost array was sent again"
+    );
 }

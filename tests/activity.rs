@@ -4,14 +4,12 @@
 //! as CSV; and it survives FLUSHALL on Redis (a private redis-server, never
 //! the shared one).
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use halo_sim::Faults;
 use halosync_shared::activity::{ActivityFilter, ActivityLog};
 use halosync_shared::contract::Family;
-use halosync_tests::{account_event, customers_of, TestEnv, AMQP_URL, CONNECTION};
+use halosync_tests::{account_event, customers_of, PrivateRedis, TestEnv, AMQP_URL, CONNECTION};
 use serde_json::{json, Value};
 
 const ACCOUNTS: &str = "halosync-account";
@@ -248,77 +246,11 @@ async fn every_outcome_is_recorded_with_its_fields_and_can_be_searched_paged_and
     assert_eq!(page.total, 1);
 }
 
-/// A private Redis on a free port, so that FLUSHALL touches no one else.
-struct PrivateRedis {
-    child: Child,
-    url: String,
-}
-
-impl PrivateRedis {
-    fn start() -> PrivateRedis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("redis-server must be installed (apt-get install redis-server): {e}")
-            });
-        let url = format!("redis://127.0.0.1:{port}/0");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "private redis-server did not start on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        PrivateRedis { child, url }
-    }
-
-    async fn flushall(&self) {
-        let client = redis::Client::open(self.url.as_str()).expect("redis url");
-        let mut c = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("private redis");
-        let _: String = redis::cmd("FLUSHALL")
-            .query_async(&mut c)
-            .await
-            .expect("FLUSHALL");
-        let n: u64 = redis::cmd("DBSIZE")
-            .query_async(&mut c)
-            .await
-            .expect("DBSIZE");
-        assert_eq!(n, 0);
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_activity_log_survives_flushall_on_redis() {
-    let redis = PrivateRedis::start();
+    let redis = PrivateRedis::started();
     let mut env = TestEnv::new("act-flush").await;
-    env.spawn_worker_with(ACCOUNTS, &[("REDIS_URL", redis.url.as_str())]);
+    env.spawn_worker_with(ACCOUNTS, &[("REDIS_URL", redis.url().as_str())]);
     env.publish(&account_event("f1", "acc_1", "Contoso Ltd", true, 1))
         .await;
     wait_outcomes(&env, "f1", &["applied"]).await;

@@ -17,8 +17,8 @@ use halo_sim::{Faults, SimConfig, SimHandle};
 use halosync_shared::amqp::headers as h;
 use halosync_shared::Family;
 use halosync_tests::{
-    account_event, binary_path, customers_of, subscription_event, EnvOptions, TestEnv, CONNECTION,
-    GENEROUS_BUDGET, SECRET_ENV,
+    account_event, binary_path, customers_of, subscription_event, EnvOptions, PrivateRedis,
+    TestEnv, CONNECTION, GENEROUS_BUDGET, SECRET_ENV,
 };
 use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
@@ -945,72 +945,6 @@ async fn overview_numbers_equal_the_broker_and_halo_sim_after_a_run_with_failure
     drop(console);
 }
 
-/// A Redis of this test's own (so that FLUSHALL is allowed), on a free port.
-struct PrivateRedis {
-    child: Child,
-    url: String,
-}
-
-impl PrivateRedis {
-    async fn start() -> PrivateRedis {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (Debian package redis-server)");
-        let url = format!("redis://127.0.0.1:{port}/0");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(c) = redis::Client::open(url.as_str()) {
-                if let Ok(mut r) = c.get_multiplexed_async_connection().await {
-                    let pong: Result<String, _> = redis::cmd("PING").query_async(&mut r).await;
-                    if pong.is_ok() {
-                        break;
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "private redis-server on {port} did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        PrivateRedis { child, url }
-    }
-
-    async fn flushall(&self) {
-        let c = redis::Client::open(self.url.as_str()).expect("redis url");
-        let mut r = c.get_multiplexed_async_connection().await.expect("redis");
-        let _: () = redis::cmd("FLUSHALL")
-            .query_async(&mut r)
-            .await
-            .expect("FLUSHALL");
-        let n: i64 = redis::cmd("DBSIZE")
-            .query_async(&mut r)
-            .await
-            .expect("DBSIZE");
-        assert_eq!(n, 0);
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Points the env's config (workers and console) at another Redis.
 fn use_redis(env: &TestEnv, url: &str) {
     let text = std::fs::read_to_string(&env.config_path).expect("config");
@@ -1030,9 +964,9 @@ fn use_redis(env: &TestEnv, url: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn activity_page_searches_pages_exports_and_survives_flushall() {
-    let redis = PrivateRedis::start().await;
+    let redis = PrivateRedis::started();
     let mut env = TestEnv::new("con-act").await;
-    use_redis(&env, &redis.url);
+    use_redis(&env, &redis.url());
     env.spawn_worker("halosync-account");
     for i in 0..60 {
         env.publish(&account_event(

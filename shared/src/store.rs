@@ -250,6 +250,29 @@ impl Store {
         Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
     }
 
+    /// The mappings of many billing ids of one kind, in one round trip.
+    #[tracing::instrument(name = "redis.mappings", skip_all, level = "info")]
+    pub async fn mappings(
+        &self,
+        conn: &str,
+        kind: &str,
+        billing_ids: &[String],
+    ) -> Result<Vec<Option<Mapping>>, StateError> {
+        if billing_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = billing_ids
+            .iter()
+            .map(|id| self.keys.key(conn, &["map", kind, id]))
+            .collect();
+        let mut r = self.redis.clone();
+        let raw: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut r).await?;
+        Ok(raw
+            .into_iter()
+            .map(|v| v.and_then(|s| serde_json::from_str(&s).ok()))
+            .collect())
+    }
+
     #[tracing::instrument(name = "redis.set_mapping", skip_all, level = "info")]
     pub async fn set_mapping(
         &self,

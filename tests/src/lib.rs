@@ -412,8 +412,11 @@ client_secret_env = "{SECRET_ENV}"
             if total == 0 && unacked == 0 {
                 let since = *quiet_since.get_or_insert_with(Instant::now);
                 // Longer than the longest test tier, so that a message moving
-                // between a delay queue and the work queue is not missed.
-                if since.elapsed() > Duration::from_millis(1000) {
+                // between a delay queue and the work queue is not missed, and
+                // than RabbitMQ's statistics interval (5 s), after which the
+                // unacked count (read from its statistics) is current: a batch
+                // still in flight then shows.
+                if since.elapsed() > Duration::from_millis(5500) {
                     return;
                 }
             } else {
@@ -775,6 +778,32 @@ impl PrivateRedis {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// A private Redis, started.
+    pub fn started() -> PrivateRedis {
+        let mut r = PrivateRedis::unstarted();
+        r.start();
+        r
+    }
+
+    /// `FLUSHALL`, as an operator losing Redis would, and checks that it is
+    /// empty. Only ever on a private server, never on the shared one.
+    pub async fn flushall(&self) {
+        let client = redis::Client::open(self.url().as_str()).expect("redis url");
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("private redis");
+        let _: String = redis::cmd("FLUSHALL")
+            .query_async(&mut c)
+            .await
+            .expect("FLUSHALL");
+        let n: u64 = redis::cmd("DBSIZE")
+            .query_async(&mut c)
+            .await
+            .expect("DBSIZE");
+        assert_eq!(n, 0);
     }
 
     /// Kills the server: everything it held is gone, as after a crash.

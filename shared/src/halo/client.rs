@@ -135,8 +135,24 @@ impl HaloClient {
         key: &str,
         query: &[(&str, String)],
     ) -> Result<Vec<Value>, HaloError> {
+        Ok(self
+            .list_within(path, key, query, MAX_PAGES)
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// Like [`list`](Self::list), but gives up (`None`) after the first
+    /// page when the whole list would take more than `max_requests` pages:
+    /// the caller then asks for what it needs one by one instead.
+    pub async fn list_within(
+        &self,
+        path: &str,
+        key: &str,
+        query: &[(&str, String)],
+        max_requests: usize,
+    ) -> Result<Option<Vec<Value>>, HaloError> {
         let mut rows = Vec::new();
-        for page in 1..=MAX_PAGES {
+        for page in 1..=MAX_PAGES.min(max_requests.max(1)) {
             let mut q: Vec<(&str, String)> = query.to_vec();
             q.push(("pageinate", "true".into()));
             q.push(("page_size", PAGE_SIZE.to_string()));
@@ -154,10 +170,14 @@ impl HaloClient {
                 None => got < PAGE_SIZE,
             };
             if done || got == 0 {
-                break;
+                return Ok(Some(rows));
+            }
+            if page == 1 && total.is_some_and(|t| t.div_ceil(PAGE_SIZE) > max_requests) {
+                return Ok(None);
             }
         }
-        Ok(rows)
+        // More pages than allowed (or than MAX_PAGES).
+        Ok((max_requests >= MAX_PAGES).then_some(rows))
     }
 
     async fn send(

@@ -22,6 +22,7 @@
 //! parameters are silently ignored by HaloPSA, so every row returned is
 //! checked here again, field by field.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -137,6 +138,107 @@ pub async fn find(halo: &HaloClient, kind: &Kind, billing_id: &str) -> Result<Ve
         .collect();
     links.sort_by_key(|l| (l.halo_id, l.id));
     Ok(links)
+}
+
+/// The links of many billing ids of `kind` (each id's lowest HaloPSA id
+/// first), at the fewest requests: one paged list of the kind's links when
+/// it takes fewer pages (of 100) than there are ids, else one `GET` each.
+/// Rows are checked again field by field (a filter HaloPSA does not know is
+/// ignored, not refused).
+pub async fn find_many(
+    halo: &HaloClient,
+    kind: &Kind,
+    billing_ids: &[String],
+) -> Result<HashMap<String, Vec<Link>>, Failure> {
+    let mut out: HashMap<String, Vec<Link>> = HashMap::new();
+    if billing_ids.len() >= BULK_FROM {
+        let listed = halo
+            .list_within(
+                "/ExternalLink",
+                "links",
+                &[("third_party_type", kind.third_party_type.to_string())],
+                billing_ids.len() - 1,
+            )
+            .await?;
+        if let Some(rows) = listed {
+            let wanted: std::collections::HashSet<&str> =
+                billing_ids.iter().map(String::as_str).collect();
+            for r in &rows {
+                if str_field(r, "third_party_type").as_deref() != Some(kind.third_party_type) {
+                    continue;
+                }
+                let (Some(billing_id), Some(id), Some(halo_id)) = (
+                    str_field(r, "third_party_id"),
+                    record_id(r),
+                    int_field(r, "halo_id"),
+                ) else {
+                    continue;
+                };
+                if !wanted.contains(billing_id.as_str()) {
+                    continue;
+                }
+                out.entry(billing_id).or_default().push(Link {
+                    id,
+                    halo_id,
+                    version: str_field(r, "third_party_secondary_id")
+                        .as_deref()
+                        .and_then(Version::decode),
+                });
+            }
+            for links in out.values_mut() {
+                links.sort_by_key(|l| (l.halo_id, l.id));
+            }
+            return Ok(out);
+        }
+    }
+    for id in billing_ids {
+        out.insert(id.clone(), find(halo, kind, id).await?);
+    }
+    Ok(out)
+}
+
+/// Below this many misses, one `GET` each is cheaper than listing the kind.
+const BULK_FROM: usize = 3;
+
+/// The mappings of many billing ids (a batch's): Redis first, in one round
+/// trip; the misses from HaloPSA's links at the fewest requests
+/// ([`find_many`]); what was found is put back in
+/// Redis. Ids HaloPSA has no record of are absent from the answer.
+pub async fn resolve_many(
+    store: &Store,
+    halo: &HaloClient,
+    kind: &Kind,
+    billing_ids: &[String],
+) -> Result<HashMap<String, Mapping>, Failure> {
+    let conn = &halo.connection().name;
+    let cached = store.mappings(conn, kind.name, billing_ids).await?;
+    let mut out = HashMap::new();
+    let mut misses = Vec::new();
+    for (id, m) in billing_ids.iter().zip(cached) {
+        match m {
+            Some(m) => {
+                out.insert(id.clone(), m);
+            }
+            None => misses.push(id.clone()),
+        }
+    }
+    if misses.is_empty() {
+        return Ok(out);
+    }
+    let found = find_many(halo, kind, &misses).await?;
+    for id in misses {
+        let Some(first) = found.get(&id).and_then(|l| l.first()) else {
+            continue;
+        };
+        let m = Mapping {
+            halo_id: first.halo_id,
+            link_id: Some(first.id),
+            version: first.version.as_ref().map(Version::encode),
+        };
+        store.set_mapping(conn, kind.name, &id, &m).await?;
+        out.insert(id, m);
+    }
+    Ok(out)
 }
 
 /// The links HaloPSA holds that point at one record.

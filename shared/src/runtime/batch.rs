@@ -110,7 +110,10 @@ pub(super) async fn settle_batch(
         by_conn.entry(conn).or_default().push((i, aggregate));
     }
     for (conn, mut members) in by_conn {
-        members.sort_by_key(|(i, _)| *i);
+        // Every worker takes a batch's locks in one order (the aggregate
+        // key), so two batches sharing aggregates never wait on each other
+        // in a cycle: one gets all it needs and finishes, the other follows.
+        members.sort_by(|a, b| a.1.cmp(&b.1));
         let Some(halo) = services.halo(&conn) else {
             continue;
         };

@@ -1,5 +1,18 @@
 //! The account worker's [`Handler`]: create, update, deactivate or adopt
 //! one HaloPSA customer per billing account.
+//!
+//! Events coalesce (`batching`): a batch of N accounts costs, on the happy
+//! path, one `POST /Client` array for the new customers (each with its
+//! `new_external_link`, version inside), one read-back of the kind's links
+//! (the lowest-id rule, for creates made while a lock was lost), and for the
+//! known ones one `POST /Client` array and one `POST /ExternalLink` array
+//! (the versions). Resolving the batch costs one Redis round trip, and, for
+//! ids Redis does not know, one paged list of links or one `GET` each,
+//! whichever is fewer requests ([`links::resolve_many`]). Whatever an array does not finish cleanly (a
+//! refused element, a lost answer, a duplicate) is read back and left to
+//! the one-event path below, which handles each case on its own.
+
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use halosync_shared::contract::{AccountData, Envelope, Family, Version};
@@ -8,6 +21,7 @@ use halosync_shared::halo::{record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
 use halosync_shared::store::Mapping;
 use halosync_shared::Failure;
+use serde_json::{json, Value};
 
 use crate::mapping::{client_record, exact_name_matches};
 
@@ -40,6 +54,309 @@ impl Handler for AccountHandler {
             },
         };
         update(svc, halo, &data, &version, mapping).await
+    }
+
+    fn batching(&self) -> bool {
+        true
+    }
+
+    async fn apply_batch(
+        &self,
+        svc: &Services,
+        halo: &HaloClient,
+        events: &[Envelope],
+    ) -> Vec<Result<Outcome, Failure>> {
+        // Adopting by name is a look-up per account: one at a time.
+        if events.len() == 1 || halo.connection().match_existing_by_name {
+            let mut out = Vec::with_capacity(events.len());
+            for e in events {
+                out.push(self.apply(svc, halo, e).await);
+            }
+            return out;
+        }
+        Batch::new(events).run(self, svc, halo, events).await
+    }
+}
+
+/// The most records one array POST carries.
+const ARRAY_MAX: usize = 100;
+
+/// One event of a batch.
+struct Work {
+    data: AccountData,
+    version: Version,
+}
+
+/// A batch of account events of one connection, one per account.
+struct Batch {
+    /// `None` where the event could not be read (its result says why).
+    work: Vec<Option<Work>>,
+    results: Vec<Option<Result<Outcome, Failure>>>,
+}
+
+impl Batch {
+    fn new(events: &[Envelope]) -> Batch {
+        let mut work = Vec::with_capacity(events.len());
+        let mut results = Vec::with_capacity(events.len());
+        for e in events {
+            let parsed = e.data_as::<AccountData>().and_then(|data| {
+                Ok(Work {
+                    version: e.version()?,
+                    data,
+                })
+            });
+            match parsed {
+                Ok(w) => {
+                    work.push(Some(w));
+                    results.push(None);
+                }
+                Err(f) => {
+                    work.push(None);
+                    results.push(Some(Err(f)));
+                }
+            }
+        }
+        Batch { work, results }
+    }
+
+    async fn run(
+        mut self,
+        handler: &AccountHandler,
+        svc: &Services,
+        halo: &HaloClient,
+        events: &[Envelope],
+    ) -> Vec<Result<Outcome, Failure>> {
+        let ids: Vec<String> = self
+            .live()
+            .map(|(_, w)| w.data.account_id.clone())
+            .collect();
+        match links::resolve_many(&svc.store, halo, &CUSTOMER, &ids).await {
+            Ok(known) => {
+                let (mut creates, mut updates, mut superseded) =
+                    (Vec::new(), Vec::new(), Vec::new());
+                for (i, w) in self.live() {
+                    match known.get(&w.data.account_id) {
+                        None => creates.push(i),
+                        Some(m)
+                            if m.version()
+                                .is_some_and(|applied| w.version.is_superseded_by(&applied)) =>
+                        {
+                            superseded.push(i);
+                        }
+                        Some(m) => updates.push((i, m.clone())),
+                    }
+                }
+                for i in superseded {
+                    self.results[i] = Some(Ok(Outcome::Superseded));
+                }
+                // Arrays of at most 100 (HaloPSA's largest array is not
+                // documented: UNCONFIRMED; 100 is the page size it serves).
+                for chunk in creates.chunks(ARRAY_MAX) {
+                    self.create(svc, halo, chunk).await;
+                }
+                for chunk in updates.chunks(ARRAY_MAX) {
+                    self.update(svc, halo, chunk.to_vec()).await;
+                }
+            }
+            Err(f) => {
+                let open: Vec<usize> = self.live().map(|(i, _)| i).collect();
+                for i in open {
+                    self.results[i] = Some(Err(f.clone()));
+                }
+            }
+        }
+        // What the arrays left open goes the one-event way.
+        let mut out = Vec::with_capacity(events.len());
+        for (i, r) in self.results.into_iter().enumerate() {
+            out.push(match r {
+                Some(r) => r,
+                None => handler.apply(svc, halo, &events[i]).await,
+            });
+        }
+        out
+    }
+
+    /// Events not decided yet.
+    fn live(&self) -> impl Iterator<Item = (usize, &Work)> {
+        self.work
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.results[*i].is_none())
+            .filter_map(|(i, w)| w.as_ref().map(|w| (i, w)))
+    }
+
+    fn work(&self, i: usize) -> Option<&Work> {
+        self.work.get(i).and_then(Option::as_ref)
+    }
+
+    /// New customers in one array, each with its link and version. Then
+    /// one read-back of the kind's links: an account with exactly our
+    /// customer linked is applied; anything else (refused, lost, another
+    /// worker's customer too) is left open for the one-event path, which
+    /// finds what was saved and settles duplicates by the lowest id.
+    async fn create(&mut self, svc: &Services, halo: &HaloClient, creates: &[usize]) {
+        if creates.is_empty() {
+            return;
+        }
+        let conn = halo.connection();
+        let creates: Vec<usize> = creates
+            .iter()
+            .copied()
+            .filter(|&i| self.work(i).is_some())
+            .collect();
+        let bodies: Vec<Value> = creates
+            .iter()
+            .filter_map(|&i| self.work(i))
+            .map(|w| {
+                let mut body = client_record(&w.data, None, conn);
+                body["new_external_link"] =
+                    links::new_link(&CUSTOMER, &w.data.account_id, &w.version);
+                body
+            })
+            .collect();
+        let sent = halo.post("/Client", bodies).await;
+        if let Err(e) = &sent {
+            tracing::warn!(error = %e, size = creates.len(), "the customer array failed; what it saved is read back");
+        }
+        // Saved ids by position, when the answer came and lines up.
+        let saved: Vec<Option<i64>> = match &sent {
+            Ok(Value::Array(rows)) if rows.len() == creates.len() => {
+                rows.iter().map(record_id).collect()
+            }
+            Ok(one) if creates.len() == 1 => vec![record_id(one)],
+            _ => vec![None; creates.len()],
+        };
+        let ids: Vec<String> = creates
+            .iter()
+            .filter_map(|&i| self.work(i))
+            .map(|w| w.data.account_id.clone())
+            .collect();
+        let linked = match links::find_many(halo, &CUSTOMER, &ids).await {
+            Ok(l) => l,
+            // Nothing is known: the one-event path asks for each.
+            Err(_) => return,
+        };
+        for (k, &i) in creates.iter().enumerate() {
+            let Some(w) = self.work(i) else { continue };
+            let found = linked
+                .get(&w.data.account_id)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let winner = match (found, saved[k]) {
+                ([only], None) if only.version.as_ref() == Some(&w.version) => only,
+                ([only], Some(ours)) if only.halo_id == ours => only,
+                // Two workers created one (a lock lost to a Redis flush):
+                // the lowest HaloPSA id wins, as in `links::settle_after_create`.
+                ([first, ..], Some(ours)) if first.halo_id == ours => first,
+                ([first, rest @ ..], Some(ours)) => {
+                    if let Some(dup) = rest.iter().find(|l| l.halo_id == ours) {
+                        tracing::warn!(
+                            duplicate = ours,
+                            kept = first.halo_id,
+                            "two workers created the same customer; removing ours"
+                        );
+                        // Allowed only because it is the duplicate we created
+                        // moments ago: it holds no MSP data.
+                        let removed = halo.delete(&format!("/Client/{ours}")).await;
+                        if removed.is_ok() {
+                            let _ = halo.delete(&format!("/ExternalLink/{}", dup.id)).await;
+                        }
+                    }
+                    // Then this event goes on against the winner, one-event.
+                    continue;
+                }
+                _ => continue,
+            };
+            let m = Mapping {
+                halo_id: winner.halo_id,
+                link_id: Some(winner.id),
+                version: Some(w.version.encode()),
+            };
+            if let Err(e) = svc
+                .store
+                .set_mapping(&conn.name, CUSTOMER.name, &w.data.account_id, &m)
+                .await
+            {
+                self.results[i] = Some(Err(e.into()));
+                continue;
+            }
+            tracing::info!(halo_id = winner.halo_id, account = %w.data.account_id, "created the customer");
+            self.results[i] = Some(Ok(Outcome::Applied));
+        }
+    }
+
+    /// Known customers in one array, then their versions in one array. A
+    /// failed array leaves its events to the one-event path (each write
+    /// sets absolute values, so sending one again is harmless).
+    async fn update(&mut self, svc: &Services, halo: &HaloClient, updates: Vec<(usize, Mapping)>) {
+        if updates.is_empty() {
+            return;
+        }
+        let conn = halo.connection();
+        let updates: Vec<(usize, Mapping)> = updates
+            .into_iter()
+            .filter(|(i, _)| self.work(*i).is_some())
+            .collect();
+        let bodies: Vec<Value> = updates
+            .iter()
+            .filter_map(|(i, m)| {
+                self.work(*i)
+                    .map(|w| client_record(&w.data, Some(m.halo_id), conn))
+            })
+            .collect();
+        if let Err(e) = halo.post("/Client", bodies).await {
+            tracing::warn!(error = %e, size = updates.len(), "the customer update array failed; each is retried on its own");
+            return;
+        }
+        let versions: Vec<Value> = updates
+            .iter()
+            .filter_map(|(i, m)| self.work(*i).map(|w| (w, m)))
+            .map(|(w, m)| {
+                let encoded = w.version.encode();
+                match m.link_id {
+                    Some(id) => json!({"id": id, "third_party_secondary_id": encoded}),
+                    None => json!({
+                        "halo_id": m.halo_id,
+                        "table_id": CUSTOMER.table_id,
+                        "third_party_id": w.data.account_id,
+                        "third_party_type": CUSTOMER.third_party_type,
+                        "third_party_secondary_id": encoded,
+                    }),
+                }
+            })
+            .collect();
+        let saved = match halo.post("/ExternalLink", versions).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, size = updates.len(), "the version array failed; each is retried on its own");
+                return;
+            }
+        };
+        let new_links: HashMap<usize, i64> = match &saved {
+            Value::Array(rows) if rows.len() == updates.len() => rows
+                .iter()
+                .enumerate()
+                .filter_map(|(k, r)| record_id(r).map(|id| (k, id)))
+                .collect(),
+            one if updates.len() == 1 => record_id(one).map(|id| (0, id)).into_iter().collect(),
+            _ => HashMap::new(),
+        };
+        for (k, (i, mut m)) in updates.into_iter().enumerate() {
+            let Some(w) = self.work(i) else { continue };
+            if m.link_id.is_none() {
+                match new_links.get(&k) {
+                    Some(id) => m.link_id = Some(*id),
+                    // Which link is ours is unknown: the one-event path.
+                    None => continue,
+                }
+            }
+            m.version = Some(w.version.encode());
+            let r = svc
+                .store
+                .set_mapping(&conn.name, CUSTOMER.name, &w.data.account_id, &m)
+                .await;
+            self.results[i] = Some(r.map(|_| Outcome::Applied).map_err(Failure::from));
+        }
     }
 }
 
