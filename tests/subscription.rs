@@ -1027,3 +1027,150 @@ async fn a_subscription_moved_to_another_account_leaves_the_old_invoice_warm_and
     assert_eq!(licences_of(&env, "sub_1").len(), 1);
     env.assert_no_dead(Family::Subscription).await;
 }
+
+/// #9 item 4: subscription events coalesce. Known subscriptions, updated
+/// while no worker runs, are taken as batches:
+/// 1. 20 updates, one of which HaloPSA refuses (halo-sim saves the licence
+///    array's elements before it and stops: no transaction): every other
+///    subscription at its new version with exactly one licence and one
+///    line, the refused one dead-lettered as `rejected`;
+/// 2. 20 clean updates: a handful of requests (one array each of licences,
+///    lines and versions), not three per event;
+/// 3. 20 updates whose licence array is saved but its answer lost: each
+///    goes on its own, nothing doubled, nothing dead.
+#[tokio::test(flavor = "multi_thread")]
+async fn subscription_events_coalesce_and_a_partly_saved_or_lost_array_doubles_nothing() {
+    const SUBS: usize = 20;
+    const REFUSED: usize = 7;
+    let mut env = TestEnv::with(
+        "sub-coalesce",
+        EnvOptions {
+            sim: SimConfig {
+                faults: Faults {
+                    reject_names: vec!["Refused product".into()],
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            connection_extra: format!(
+                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n"
+            ),
+            extra: "[worker]\nbatch_max = 200\nbatch_wait = \"500ms\"\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
+    env.spawn_worker(ACCOUNTS);
+    seed_accounts(&env, &["acc_0".into(), "acc_1".into()]).await;
+    let event = |s: usize, v: u64, name: Option<&str>| {
+        let mut e = subscription_event(
+            &format!("s{s}-{v}"),
+            &format!("sub_{s}"),
+            &format!("acc_{}", s % 2),
+            v * 10 + s as u64,
+            "active",
+            v,
+        );
+        if let Some(n) = name {
+            e["data"]["product"]["name"] = json!(n);
+        }
+        e
+    };
+    let at = |env: &TestEnv, s: usize, v: u64| {
+        records(env, &format!("sub_{s}"))
+            .is_some_and(|(l, n)| holds(&l, &n, v * 10 + s as u64, "active"))
+    };
+    let check_all = |env: &TestEnv, v: u64| {
+        for s in 0..SUBS {
+            let want = if s == REFUSED { 1 } else { v };
+            let (l, n) = one_each(env, &format!("sub_{s}"));
+            assert!(
+                holds(&l, &n, want * 10 + s as u64, "active"),
+                "sub_{s} must be at v{want}: {l:#?} {n:#?}"
+            );
+        }
+        assert_eq!(env.sim.licences().len(), SUBS, "no licence twice");
+        assert_eq!(all_lines(&env).len(), SUBS, "no line twice");
+    };
+
+    // Created one by one (the batch takes only known subscriptions).
+    let w = env.spawn_worker(WORKER);
+    for s in 0..SUBS {
+        env.publish(&event(s, 1, None)).await;
+    }
+    env.wait_for("20 subscriptions", T, || (0..SUBS).all(|s| at(&env, s, 1)))
+        .await;
+    env.wait_drained(Family::Subscription, T).await;
+    env.stop_worker(w);
+
+    // 1. A partly saved licence array.
+    for s in 0..SUBS {
+        let name = (s == REFUSED).then_some("Refused product");
+        env.publish(&event(s, 2, name)).await;
+    }
+    let w = env.spawn_worker(WORKER);
+    env.wait_for("19 updated", T, || {
+        (0..SUBS).filter(|&s| s != REFUSED).all(|s| at(&env, s, 2))
+    })
+    .await;
+    env.wait_drained(Family::Subscription, T).await;
+    assert!(
+        env.sim.partial_saves() >= 1,
+        "the licence array was not saved in part"
+    );
+    let dead = env.take_dead(Family::Subscription).await;
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(
+        dead[0].header("x-halosync-event-id"),
+        format!("s{REFUSED}-2")
+    );
+    assert_eq!(dead[0].header("x-halosync-error-class"), "rejected");
+    check_all(&env, 2);
+    env.stop_worker(w);
+
+    // 2. Clean arrays.
+    let before = api_requests(&env);
+    for s in 0..SUBS {
+        env.publish(&event(s, 3, None)).await;
+    }
+    let w = env.spawn_worker(WORKER);
+    env.wait_for("20 updated", T, || (0..SUBS).all(|s| at(&env, s, 3)))
+        .await;
+    env.wait_drained(Family::Subscription, T).await;
+    env.assert_no_dead(Family::Subscription).await;
+    let d = delta(&api_requests(&env), &before);
+    let total: u64 = d.values().sum();
+    println!("{SUBS} subscription updates in arrays: {total} HaloPSA requests: {d:?}");
+    // One batch: a licence array, an updatelines array, a version array.
+    // Two batches at most double that, plus one look-up: the refusal in
+    // step 1 dropped the refused subscription's cached mapping, so its link
+    // is read again. One event at a time would be 60.
+    assert!(
+        d.get("POST /api/SoftwareLicence").copied().unwrap_or(0) <= 2 && total <= 7,
+        "{total} requests for {SUBS} updates: {d:#?}"
+    );
+    env.stop_worker(w);
+
+    // 3. The licence array's answer is lost.
+    let mut faults = env.sim.faults();
+    faults.lose_next = 1;
+    env.sim.set_faults(faults);
+    for s in 0..SUBS {
+        env.publish(&event(s, 4, None)).await;
+    }
+    env.spawn_worker(WORKER);
+    env.wait_for("20 updated after a lost answer", T, || {
+        (0..SUBS).all(|s| at(&env, s, 4))
+    })
+    .await;
+    env.wait_drained(Family::Subscription, T).await;
+    env.assert_no_dead(Family::Subscription).await;
+    assert_eq!(env.sim.lost_responses(), 1, "no answer was lost");
+    for s in 0..SUBS {
+        let (l, n) = one_each(&env, &format!("sub_{s}"));
+        assert!(holds(&l, &n, 40 + s as u64, "active"));
+    }
+    assert_eq!(env.sim.licences().len(), SUBS, "no licence twice");
+    assert_eq!(all_lines(&env).len(), SUBS, "no line twice");
+}

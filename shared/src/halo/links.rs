@@ -331,11 +331,17 @@ pub async fn record_version(
             store
                 .forget_mapping(&halo.connection().name, kind.name, billing_id)
                 .await?;
-            return Err(Failure::transient(format!(
+            let mut f = Failure::transient(format!(
                 "the ExternalLink {} of {} {billing_id} is gone from HaloPSA ({e}); the cached mapping was dropped and the event is retried afresh",
                 mapping.link_id.unwrap_or_default(),
                 kind.name
-            )));
+            ));
+            // Workers converging on one record after a lost Redis remove
+            // the loser's link: a matter of coordination, like waiting for a
+            // lock, not a failed attempt (an outage's replay must not run
+            // out of attempts on it).
+            f.throttled = true;
+            return Err(f);
         }
         Err(e) => return Err(e.into()),
     };

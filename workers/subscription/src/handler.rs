@@ -102,13 +102,46 @@ impl Handler for SubscriptionHandler {
         };
         invoice::sync_line(&cx, new_licence).await?;
         cx.record_version(&mut mapping, &version).await?;
+        invoice::seed_products(
+            svc,
+            &halo.connection().name,
+            &[(data.subscription_id.as_str(), &data.product)],
+        )
+        .await;
         Ok(Outcome::Applied)
+    }
+
+    fn batching(&self) -> bool {
+        true
+    }
+
+    /// Known subscriptions in arrays ([`crate::batch`]); the rest, and
+    /// whatever an array did not finish, one event at a time.
+    async fn apply_batch(
+        &self,
+        svc: &Services,
+        halo: &HaloClient,
+        events: &[Envelope],
+    ) -> Vec<Result<Outcome, Failure>> {
+        let done = if events.len() > 1 {
+            crate::batch::apply(svc, halo, events).await
+        } else {
+            vec![None; events.len()]
+        };
+        let mut out = Vec::with_capacity(events.len());
+        for (e, r) in events.iter().zip(done) {
+            out.push(match r {
+                Some(r) => r,
+                None => self.apply(svc, halo, e).await,
+            });
+        }
+        out
     }
 }
 
 /// The HaloPSA item of a sku: the connection's `[items]` map, else the
 /// mapping stored in HaloPSA (`halo::items`).
-async fn item_for(svc: &Services, halo: &HaloClient, sku: &str) -> Result<i64, Failure> {
+pub(crate) async fn item_for(svc: &Services, halo: &HaloClient, sku: &str) -> Result<i64, Failure> {
     let conn = halo.connection();
     items::resolve(halo, &svc.store, conn, sku)
         .await?

@@ -21,9 +21,11 @@
 //!   retired: inactive, quantity 0, marker changed so it no longer matches
 //!   ([`retired_line`]), with a warning in the log.
 
+use halosync_shared::contract::Product;
 use halosync_shared::halo::lines::{self, Invoice};
 use halosync_shared::halo::links::{self, CUSTOMER, RECURRING_INVOICE};
 use halosync_shared::halo::{first_record, record_id, HaloError};
+use halosync_shared::runtime::Services;
 use halosync_shared::store::StateError;
 use halosync_shared::Failure;
 use redis::AsyncCommands;
@@ -310,17 +312,73 @@ async fn retire(cx: &Ctx<'_>, ihid: i64, kept: i64, lines: &[i64]) -> Result<(),
 }
 
 /// A subscription's line as cached in Redis.
-#[derive(Debug, Serialize, Deserialize)]
-struct CachedLine {
-    ihid: i64,
-    line: i64,
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct CachedLine {
+    pub ihid: i64,
+    pub line: i64,
 }
 
 fn line_key(cx: &Ctx<'_>) -> String {
-    cx.svc.store.keys().key(
-        &cx.halo.connection().name,
-        &["subline", &cx.data.subscription_id],
-    )
+    line_key_of(cx.svc, &cx.halo.connection().name, &cx.data.subscription_id)
+}
+
+fn line_key_of(svc: &Services, conn: &str, subscription_id: &str) -> String {
+    svc.store.keys().key(conn, &["subline", subscription_id])
+}
+
+/// The cached lines of many subscriptions, in one round trip. A value that
+/// cannot be read is absent: HaloPSA has the truth.
+pub(crate) async fn cached_lines(
+    svc: &Services,
+    conn: &str,
+    subscription_ids: &[String],
+) -> Result<Vec<Option<CachedLine>>, StateError> {
+    if subscription_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<String> = subscription_ids
+        .iter()
+        .map(|s| line_key_of(svc, conn, s))
+        .collect();
+    let mut r = svc.store.redis();
+    let raw: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut r).await?;
+    Ok(raw
+        .into_iter()
+        .map(|v| v.and_then(|s| serde_json::from_str(&s).ok()))
+        .collect())
+}
+
+/// Drops the cached line of a subscription (after HaloPSA refused it).
+pub(crate) async fn forget_line_of(
+    svc: &Services,
+    conn: &str,
+    subscription_id: &str,
+) -> Result<(), StateError> {
+    let mut r = svc.store.redis();
+    let _: () = r.del(line_key_of(svc, conn, subscription_id)).await?;
+    Ok(())
+}
+
+/// Seeds the cache the usage and overage workers read for a subscription's
+/// product (`links::PRODUCT_CACHE`), so that they need not read the
+/// licence from HaloPSA. Only a shortcut: a failure is logged, not fatal.
+pub(crate) async fn seed_products(svc: &Services, conn: &str, products: &[(&str, &Product)]) {
+    if products.is_empty() {
+        return;
+    }
+    let mut pipe = redis::pipe();
+    for (sub, product) in products {
+        pipe.set(
+            svc.store.keys().key(conn, &[links::PRODUCT_CACHE, sub]),
+            serde_json::to_string(product).unwrap_or_default(),
+        )
+        .ignore();
+    }
+    let mut r = svc.store.redis();
+    let res: Result<(), redis::RedisError> = pipe.query_async(&mut r).await;
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "could not seed the subscriptions' products for the usage and overage workers");
+    }
 }
 
 /// The cached line of this subscription, if it is on header `ihid`.

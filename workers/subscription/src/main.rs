@@ -3,6 +3,7 @@
 //! subscription on the customer's halosync recurring invoice
 //! (`/RecurringInvoice`). Run as many copies as needed.
 
+mod batch;
 mod handler;
 mod invoice;
 mod mapping;
