@@ -147,6 +147,15 @@ pub struct WorkerSettings {
     /// Record one activity record per settled message to the activity
     /// stream (`crate::activity`); `false` turns it off (to measure its cost).
     pub activity: bool,
+    /// After Redis was lost (flushed, or restarted empty), how long every
+    /// worker waits before its first HaloPSA work: a worker that held a lock
+    /// when Redis was lost may still have a write on the wire, and another
+    /// worker that takes the lock again must not read HaloPSA before that
+    /// write has landed (else it can decide on a state that the late write
+    /// then overwrites). Defaults to `http_timeout`, the longest a write can
+    /// be in flight; a fresh deployment also waits it once. Losing Redis
+    /// costs this much speed, never correctness.
+    pub flush_grace: Duration,
 }
 
 impl Default for WorkerSettings {
@@ -165,6 +174,7 @@ impl Default for WorkerSettings {
             batch_max: 200,
             batch_wait: Duration::from_millis(200),
             activity: true,
+            flush_grace: Duration::from_secs(30),
         }
     }
 }
@@ -247,6 +257,8 @@ struct RawWorker {
     batch_wait: Option<Duration>,
     batch_wait_ms: Option<u64>,
     activity: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    flush_grace: Option<Duration>,
 }
 
 /// `[retry]` as written.
@@ -320,7 +332,7 @@ fn worker_settings(
     let mut pick = |new: &str, nv, old: &str, ov, unit, def| {
         duration_key("worker", (new, nv), (old, ov, unit), def, w)
     };
-    let settings = WorkerSettings {
+    let mut settings = WorkerSettings {
         prefetch: raw.prefetch.unwrap_or(d.prefetch),
         max_message_bytes: raw.max_message_bytes.unwrap_or(d.max_message_bytes),
         lock_ttl: pick(
@@ -390,7 +402,10 @@ fn worker_settings(
             d.batch_wait,
         )?,
         activity: raw.activity.unwrap_or(d.activity),
+        flush_grace: Duration::ZERO,
     };
+    // Unless given, as long as a write can be in flight.
+    settings.flush_grace = raw.flush_grace.unwrap_or(settings.http_timeout);
     validate_worker(&settings)?;
     Ok(settings)
 }

@@ -117,6 +117,15 @@ impl Mapping {
     }
 }
 
+/// Writes the epoch (Redis's time in ms) if absent; returns its age in ms.
+const EPOCH: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], now, 'NX')
+local since = tonumber(redis.call('GET', KEYS[1])) or now
+return now - since
+";
+
 const RENEW_LOCK: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -342,6 +351,21 @@ impl Store {
     ) -> Result<(), StateError> {
         self.del(self.keys.key(conn, &["missing", kind, billing_id]))
             .await
+    }
+
+    /// How long this Redis has been remembering: the age of the epoch key,
+    /// which the first caller after Redis was started, flushed or lost
+    /// writes (`SET NX` with Redis's own clock, in one script). A young
+    /// epoch means locks held before it were lost, and their holders' writes
+    /// may still be on the wire (see `WorkerSettings::flush_grace`).
+    #[tracing::instrument(name = "redis.memory_age", skip_all, level = "info")]
+    pub async fn memory_age(&self) -> Result<Duration, StateError> {
+        let mut r = self.redis.clone();
+        let ms: i64 = redis::Script::new(EPOCH)
+            .key(self.keys.key("", &["epoch"]))
+            .invoke_async(&mut r)
+            .await?;
+        Ok(Duration::from_millis(ms.max(0) as u64))
     }
 
     /// Takes the lock of one aggregate, waiting up to `wait` for it. The

@@ -155,7 +155,7 @@ client_secret_env = "{SECRET_ENV}"
             auth = sim.auth_url(),
             client_id = opts.sim.client_id,
             connection_extra = opts.connection_extra,
-            extra = opts.extra,
+            extra = with_flush_grace(&opts.extra),
         );
         std::fs::write(&config_path, config).expect("write config");
         let topology = Topology::new(&prefix, &TEST_DELAYS_MS);
@@ -902,5 +902,24 @@ pub fn shuffle<T>(v: &mut [T], mut seed: u64) {
             .wrapping_add(1442695040888963407);
         let j = (seed >> 33) as usize % (i + 1);
         v.swap(i, j);
+    }
+}
+
+/// `extra` with `flush_grace` in its `[worker]` table (added when absent):
+/// each test has a fresh prefix, so a fresh epoch, and would otherwise wait
+/// the whole production default (`http_timeout`) before its first write.
+/// halo-sim answers within milliseconds, so half a second covers a write
+/// on the wire when a test flushes Redis.
+fn with_flush_grace(extra: &str) -> String {
+    if extra.contains("flush_grace") {
+        return extra.to_string();
+    }
+    const LINE: &str = "flush_grace = \"500ms\"\n";
+    match extra.find("[worker]\n") {
+        Some(at) => {
+            let end = at + "[worker]\n".len();
+            format!("{}{LINE}{}", &extra[..end], &extra[end..])
+        }
+        None => format!("{extra}\n[worker]\n{LINE}"),
     }
 }

@@ -204,6 +204,28 @@ async fn run_connection(
             Err(e) => items[*i].decision = Some(Decision::Retry(e.into())),
         }
     }
+    // Redis lost moments ago: locks held before were lost with it, and a
+    // write their holders had on the wire may still land. Wait until it
+    // must have (`worker.flush_grace`) before reading or writing HaloPSA.
+    if !work.is_empty() {
+        match services.store.memory_age().await {
+            Ok(age) if age < w.flush_grace => {
+                let wait = w.flush_grace - age;
+                tracing::info!(
+                    wait_ms = wait.as_millis() as u64,
+                    "Redis was lost or started moments ago: waiting for writes other workers may still have on the wire"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let f: Failure = e.into();
+                for i in work.drain(..) {
+                    items[i].decision = Some(Decision::Retry(f.clone()));
+                }
+            }
+        }
+    }
     if !work.is_empty() {
         let events: Vec<Envelope> = work
             .iter()
