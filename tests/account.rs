@@ -183,27 +183,41 @@ async fn tokens_expire_and_are_revoked_mid_stream() {
     )
     .await;
     env.spawn_worker(WORKER);
-    for i in 0..60 {
-        env.publish(&account_event(
-            &format!("e{i}"),
-            &format!("acc_{i}"),
-            "C",
-            true,
-            1,
-        ))
-        .await;
-        if i == 20 {
+    // Three waves, each only once the one before is in HaloPSA (batches
+    // take a wave in very few requests): the second meets a revoked token,
+    // the third one that expired while the worker idled.
+    for wave in 0..3 {
+        if wave == 1 {
             env.sim.revoke_tokens();
         }
-        if i % 10 == 0 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        if wave == 2 {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
         }
+        for i in wave * 20..(wave + 1) * 20 {
+            env.publish(&account_event(
+                &format!("e{i}"),
+                &format!("acc_{i}"),
+                "C",
+                true,
+                1,
+            ))
+            .await;
+        }
+        let want = (wave + 1) * 20;
+        env.wait_for("the wave's customers", Duration::from_secs(30), || {
+            env.clients().len() >= want
+        })
+        .await;
     }
     env.wait_drained(Family::Account, Duration::from_secs(60))
         .await;
     assert_eq!(env.clients().len(), 60);
     env.assert_no_dead(Family::Account).await;
-    assert!(env.sim.token_requests() >= 2, "tokens were never refreshed");
+    assert!(
+        env.sim.token_requests() >= 3,
+        "tokens were not refreshed after the revocation and the expiry: {} token requests",
+        env.sim.token_requests()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -24,6 +24,8 @@ pub enum StateError {
     Redis(#[from] redis::RedisError),
     #[error("aggregate {0} is busy (locked by another worker) — retried later")]
     Busy(String),
+    #[error("redis answered unexpectedly: {0}")]
+    Unexpected(String),
 }
 
 impl From<StateError> for Failure {
@@ -282,6 +284,8 @@ impl Store {
             .collect())
     }
 
+    /// Remembers a mapping; the id is no longer "unsure" (see
+    /// [`known`](Self::known)).
     #[tracing::instrument(name = "redis.set_mapping", skip_all, level = "info")]
     pub async fn set_mapping(
         &self,
@@ -290,14 +294,39 @@ impl Store {
         billing_id: &str,
         mapping: &Mapping,
     ) -> Result<(), StateError> {
+        self.set_mappings(conn, kind, &[(billing_id, mapping)])
+            .await
+    }
+
+    /// [`set_mapping`](Self::set_mapping) of many ids, in one round trip.
+    #[tracing::instrument(name = "redis.set_mappings", skip_all, level = "info")]
+    pub async fn set_mappings(
+        &self,
+        conn: &str,
+        kind: &str,
+        mappings: &[(&str, &Mapping)],
+    ) -> Result<(), StateError> {
+        if mappings.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (id, m) in mappings {
+            pipe.set(
+                self.keys.key(conn, &["map", kind, id]),
+                serde_json::to_string(m).unwrap_or_default(),
+            )
+            .ignore()
+            .del(self.keys.key(conn, &["unsure", kind, id]))
+            .ignore();
+        }
         let mut r = self.redis.clone();
-        let value = serde_json::to_string(mapping).unwrap_or_default();
-        let _: () = r
-            .set(self.keys.key(conn, &["map", kind, billing_id]), value)
-            .await?;
+        let _: () = pipe.query_async(&mut r).await?;
         Ok(())
     }
 
+    /// Drops a mapping that HaloPSA refused. The id becomes "unsure": once
+    /// the kind is imported a missing mapping otherwise means "not in
+    /// HaloPSA", and this one may well be there.
     #[tracing::instrument(name = "redis.forget_mapping", skip_all, level = "info")]
     pub async fn forget_mapping(
         &self,
@@ -306,7 +335,109 @@ impl Store {
         billing_id: &str,
     ) -> Result<(), StateError> {
         self.del(self.keys.key(conn, &["map", kind, billing_id]))
+            .await?;
+        self.mark_unsure(conn, kind, &[billing_id.to_string()])
             .await
+    }
+
+    /// Marks ids whose record may exist in HaloPSA without Redis knowing
+    /// it: written right *before* a create is sent, so that a worker killed
+    /// between the create and [`set_mapping`](Self::set_mapping) leaves the
+    /// id unsure, and the next event asks HaloPSA instead of creating again.
+    /// Kept for `ledger_ttl` (a redelivery comes long before).
+    #[tracing::instrument(name = "redis.mark_unsure", skip_all, level = "info")]
+    pub async fn mark_unsure(
+        &self,
+        conn: &str,
+        kind: &str,
+        billing_ids: &[String],
+    ) -> Result<(), StateError> {
+        if billing_ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for id in billing_ids {
+            pipe.set_ex(
+                self.keys.key(conn, &["unsure", kind, id]),
+                1,
+                self.ledger_ttl.as_secs().max(1),
+            )
+            .ignore();
+        }
+        let mut r = self.redis.clone();
+        let _: () = pipe.query_async(&mut r).await?;
+        Ok(())
+    }
+
+    /// What Redis knows of many ids of one kind, in one round trip: each
+    /// one's mapping, whether it is unsure ([`mark_unsure`](Self::mark_unsure)),
+    /// and whether the kind was imported from HaloPSA in this Redis's
+    /// lifetime ([`import_mappings`](Self::import_mappings)).
+    #[tracing::instrument(name = "redis.known", skip_all, level = "info")]
+    pub async fn known(
+        &self,
+        conn: &str,
+        kind: &str,
+        billing_ids: &[String],
+    ) -> Result<(Vec<Option<Mapping>>, Vec<bool>, bool), StateError> {
+        let mut keys: Vec<String> = Vec::with_capacity(billing_ids.len() * 2 + 1);
+        for id in billing_ids {
+            keys.push(self.keys.key(conn, &["map", kind, id]));
+        }
+        for id in billing_ids {
+            keys.push(self.keys.key(conn, &["unsure", kind, id]));
+        }
+        keys.push(self.keys.key(conn, &["imported", kind]));
+        let mut r = self.redis.clone();
+        let raw: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut r).await?;
+        let n = billing_ids.len();
+        if raw.len() != 2 * n + 1 {
+            return Err(StateError::Unexpected(format!(
+                "MGET answered {} values for {} keys",
+                raw.len(),
+                keys.len()
+            )));
+        }
+        let maps = raw[..n]
+            .iter()
+            .map(|v| v.as_deref().and_then(|s| serde_json::from_str(s).ok()))
+            .collect();
+        let unsure = raw[n..2 * n].iter().map(Option::is_some).collect();
+        Ok((maps, unsure, raw[2 * n].is_some()))
+    }
+
+    /// Puts the mappings read from HaloPSA in bulk into Redis, never over
+    /// one a worker wrote meanwhile (`SET NX`), and marks the kind imported:
+    /// from then on, until Redis is lost, a missing mapping that is not
+    /// unsure means "not in HaloPSA".
+    #[tracing::instrument(name = "redis.import_mappings", skip_all, level = "info")]
+    pub async fn import_mappings(
+        &self,
+        conn: &str,
+        kind: &str,
+        mappings: &[(String, Mapping)],
+    ) -> Result<(), StateError> {
+        let mut r = self.redis.clone();
+        for chunk in mappings.chunks(500) {
+            let mut pipe = redis::pipe();
+            for (id, m) in chunk {
+                pipe.cmd("SET")
+                    .arg(self.keys.key(conn, &["map", kind, id]))
+                    .arg(serde_json::to_string(m).unwrap_or_default())
+                    .arg("NX")
+                    .ignore();
+            }
+            let _: () = pipe.query_async(&mut r).await?;
+        }
+        let _: () = r.set(self.keys.key(conn, &["imported", kind]), 1).await?;
+        Ok(())
+    }
+
+    /// Whether the kind was imported in this Redis's lifetime.
+    pub async fn imported(&self, conn: &str, kind: &str) -> Result<bool, StateError> {
+        let mut r = self.redis.clone();
+        let v: Option<String> = r.get(self.keys.key(conn, &["imported", kind])).await?;
+        Ok(v.is_some())
     }
 
     async fn del(&self, key: String) -> Result<(), StateError> {

@@ -241,6 +241,201 @@ pub async fn resolve_many(
     Ok(out)
 }
 
+/// What is known of a billing id once its kind was imported: see
+/// [`known_many`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Known {
+    /// Redis holds its mapping.
+    Mapped(Mapping),
+    /// Not in HaloPSA: the kind was imported from HaloPSA in this Redis's
+    /// lifetime, and every create since wrote its mapping (or marked the id
+    /// unsure first). Creating it needs no look-up.
+    Absent,
+    /// Maybe in HaloPSA without Redis knowing (a create whose worker died
+    /// before remembering it, a mapping HaloPSA refused): ask HaloPSA.
+    Unsure,
+}
+
+/// What is known of many billing ids of `kind`, at the fewest requests:
+/// Redis in one round trip, and, once per Redis lifetime and kind, one bulk
+/// import of the kind from HaloPSA ([`import`]): a paged list, one request
+/// per 100 records, instead of a `GET` per id forever after. A lost Redis
+/// loses the import marker with the mappings, so the next batch imports
+/// again: losing Redis costs speed, never correctness.
+///
+/// Why a missing mapping can then mean "absent": every create first marks
+/// its id unsure (`Store::mark_unsure`) and, once saved, writes the mapping
+/// (which clears the mark); a record created by a worker whose lock Redis
+/// lost lands within `worker.flush_grace`, before anyone imports again.
+pub async fn known_many(
+    store: &Store,
+    halo: &HaloClient,
+    kind: &Kind,
+    billing_ids: &[String],
+) -> Result<Vec<Known>, Failure> {
+    let conn = &halo.connection().name;
+    let (mut maps, mut unsure, imported) = store.known(conn, kind.name, billing_ids).await?;
+    if !imported && maps.iter().any(Option::is_none) {
+        import(store, halo, kind).await?;
+        (maps, unsure, _) = store.known(conn, kind.name, billing_ids).await?;
+    }
+    Ok(maps
+        .into_iter()
+        .zip(unsure)
+        .map(|(m, unsure)| match (m, unsure) {
+            (Some(m), _) => Known::Mapped(m),
+            (None, true) => Known::Unsure,
+            (None, false) => Known::Absent,
+        })
+        .collect())
+}
+
+/// Imports every link of `kind` from HaloPSA into Redis (paged, one request
+/// per 100 links), once per Redis lifetime and connection: one worker does
+/// it (a lock), the others wait for it. The same rule as one `find` picks
+/// each id's record: the lowest HaloPSA id, or the earliest link for
+/// recurring invoices ([`find_by_creation`]). Subscriptions also import
+/// the licences carrying a marker whose link was never written (a worker
+/// died between the two requests), so that they are never created again.
+pub async fn import(store: &Store, halo: &HaloClient, kind: &Kind) -> Result<(), Failure> {
+    let conn = &halo.connection().name;
+    let lock = store
+        .lock(
+            conn,
+            &format!("import:{}", kind.name),
+            Duration::from_secs(30),
+            IMPORT_WAIT,
+        )
+        .await?;
+    let result = async {
+        if store.imported(conn, kind.name).await? {
+            return Ok(());
+        }
+        let rows = halo
+            .list(
+                "/ExternalLink",
+                "links",
+                &[("third_party_type", kind.third_party_type.to_string())],
+            )
+            .await?;
+        let mut by_id: HashMap<String, Link> = HashMap::new();
+        for r in &rows {
+            if str_field(r, "third_party_type").as_deref() != Some(kind.third_party_type) {
+                continue;
+            }
+            let (Some(billing_id), Some(id), Some(halo_id)) = (
+                str_field(r, "third_party_id"),
+                record_id(r),
+                int_field(r, "halo_id"),
+            ) else {
+                continue;
+            };
+            let link = Link {
+                id,
+                halo_id,
+                version: str_field(r, "third_party_secondary_id")
+                    .as_deref()
+                    .and_then(Version::decode),
+            };
+            let first = |a: &Link, b: &Link| {
+                if *kind == RECURRING_INVOICE {
+                    a.id < b.id
+                } else {
+                    (a.halo_id, a.id) < (b.halo_id, b.id)
+                }
+            };
+            match by_id.get(&billing_id) {
+                Some(kept) if !first(&link, kept) => {}
+                _ => {
+                    by_id.insert(billing_id, link);
+                }
+            }
+        }
+        let mut mappings: Vec<(String, Mapping)> = by_id
+            .into_iter()
+            .map(|(id, l)| {
+                (
+                    id,
+                    Mapping {
+                        halo_id: l.halo_id,
+                        link_id: Some(l.id),
+                        version: l.version.as_ref().map(Version::encode),
+                    },
+                )
+            })
+            .collect();
+        if *kind == SUBSCRIPTION {
+            let linked: std::collections::HashSet<String> =
+                mappings.iter().map(|(id, _)| id.clone()).collect();
+            let licences = halo
+                .list(
+                    "/SoftwareLicence",
+                    "licences",
+                    &[("includeinactive", "true".into())],
+                )
+                .await?;
+            let prefix = format!("{}:", SUBSCRIPTION.third_party_type);
+            let mut unlinked: HashMap<String, i64> = HashMap::new();
+            for l in &licences {
+                let (Some(m), Some(id)) = (str_field(l, LICENCE_MARKER_FIELD), record_id(l)) else {
+                    continue;
+                };
+                let Some(sub) = m.trim().strip_prefix(&prefix) else {
+                    continue;
+                };
+                if linked.contains(sub) {
+                    continue;
+                }
+                let e = unlinked.entry(sub.to_string()).or_insert(id);
+                *e = (*e).min(id);
+            }
+            mappings.extend(unlinked.into_iter().map(|(sub, id)| {
+                (
+                    sub,
+                    Mapping {
+                        halo_id: id,
+                        link_id: None,
+                        version: None,
+                    },
+                )
+            }));
+        }
+        tracing::info!(
+            kind = kind.name,
+            records = mappings.len(),
+            "imported the kind's identities from HaloPSA into Redis"
+        );
+        store.import_mappings(conn, kind.name, &mappings).await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = lock.release().await {
+        tracing::warn!(error = %e, "could not release the import lock; it expires on its own");
+    }
+    result
+}
+
+/// How long a worker waits for another one's import of a kind.
+const IMPORT_WAIT: Duration = Duration::from_secs(120);
+
+/// The licence field that carries the subscription's marker (the
+/// subscription worker writes it; see its `mapping` module).
+pub const LICENCE_MARKER_FIELD: &str = "thirdparty_client_id";
+
+/// The id of the `kind` link of `billing_id` in a saved record's
+/// `external_links` (as HaloPSA answers a save; UNCONFIRMED that it does,
+/// so `None` sends the caller the safe way, a look-up).
+pub fn own_link(saved: &Value, kind: &Kind, billing_id: &str) -> Option<i64> {
+    saved
+        .get("external_links")?
+        .as_array()?
+        .iter()
+        .filter(|l| str_field(l, "third_party_type").as_deref() == Some(kind.third_party_type))
+        .filter(|l| str_field(l, "third_party_id").as_deref() == Some(billing_id))
+        .filter_map(record_id)
+        .min()
+}
+
 /// The links HaloPSA holds that point at one record.
 pub async fn find_by_record(
     halo: &HaloClient,
@@ -471,8 +666,23 @@ pub async fn require(
     missing: impl Fn() -> String,
 ) -> Result<Mapping, Failure> {
     let conn = &halo.connection().name;
-    if let Some(m) = store.mapping(conn, kind.name, billing_id).await? {
-        return Ok(m);
+    match known_many(store, halo, kind, &[billing_id.to_string()])
+        .await?
+        .pop()
+    {
+        Some(Known::Mapped(m)) => return Ok(m),
+        // Imported and not unsure: the owning family has not written it.
+        // No request; one attempt used per `recheck`, so that a record that
+        // never comes is dead-lettered in the end (`dependency_max_attempts`).
+        Some(Known::Absent) => {
+            let claimed = store
+                .claim_dependency_check(conn, kind.name, billing_id, recheck)
+                .await?;
+            let mut f = Failure::dependency(missing());
+            f.throttled = !claimed;
+            return Err(f);
+        }
+        Some(Known::Unsure) | None => {}
     }
     if !store
         .claim_dependency_check(conn, kind.name, billing_id, recheck)
@@ -590,6 +800,11 @@ where
         let link = match find_by_creation(halo, kind, billing_id).await?.first() {
             Some(first) => first.clone(),
             None => {
+                // Unsure until remembered: a worker dying after the create
+                // must leave the next one asking HaloPSA, not creating.
+                store
+                    .mark_unsure(conn, kind.name, &[billing_id.to_string()])
+                    .await?;
                 let created = create().await?;
                 let links = find_by_creation(halo, kind, billing_id).await?;
                 let ours = links.iter().find(|l| l.halo_id == created).cloned();

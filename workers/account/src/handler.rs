@@ -1,22 +1,25 @@
 //! The account worker's [`Handler`]: create, update, deactivate or adopt
 //! one HaloPSA customer per billing account.
 //!
-//! Events coalesce (`batching`): a batch of N accounts costs, on the happy
-//! path, one `POST /Client` array for the new customers (each with its
-//! `new_external_link`, version inside), one read-back of the kind's links
-//! (the lowest-id rule, for creates made while a lock was lost), and for the
-//! known ones one `POST /Client` array and one `POST /ExternalLink` array
-//! (the versions). Resolving the batch costs one Redis round trip, and, for
-//! ids Redis does not know, one paged list of links or one `GET` each,
-//! whichever is fewer requests ([`links::resolve_many`]). Whatever an array does not finish cleanly (a
-//! refused element, a lost answer, a duplicate) is read back and left to
-//! the one-event path below, which handles each case on its own.
+//! Events coalesce (`batching`), a batch of one included: a batch of N
+//! accounts costs, on the happy path, one `POST /Client` array for the new
+//! customers (each with its `new_external_link`, version inside) and, for
+//! the known ones, one `POST /Client` array and one `POST /ExternalLink`
+//! array (the versions). Identity for the batch is
+//! [`links::known_many`]: Redis in one round trip, completed once per
+//! Redis lifetime by one bulk import of the customers' links; an account
+//! it knows to be absent is created without a look-up and without a
+//! read-back (why that is safe is in `known_many`). Whatever it is unsure
+//! of, and whatever an array does not finish cleanly (a refused element, a
+//! lost answer), goes the one-event path below, which asks HaloPSA and
+//! handles each case on its own; the ids of a create array are marked
+//! unsure before it is sent, so that path never creates one twice.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 use halosync_shared::contract::{AccountData, Envelope, Family, Version};
-use halosync_shared::halo::links::{self, CUSTOMER};
+use halosync_shared::halo::links::{self, Known, CUSTOMER};
 use halosync_shared::halo::{record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
 use halosync_shared::store::Mapping;
@@ -67,7 +70,7 @@ impl Handler for AccountHandler {
         events: &[Envelope],
     ) -> Vec<Result<Outcome, Failure>> {
         // Adopting by name is a look-up per account: one at a time.
-        if events.len() == 1 || halo.connection().match_existing_by_name {
+        if halo.connection().match_existing_by_name {
             let mut out = Vec::with_capacity(events.len());
             for e in events {
                 out.push(self.apply(svc, halo, e).await);
@@ -126,28 +129,28 @@ impl Batch {
         halo: &HaloClient,
         events: &[Envelope],
     ) -> Vec<Result<Outcome, Failure>> {
+        let live: Vec<usize> = self.live().map(|(i, _)| i).collect();
         let ids: Vec<String> = self
             .live()
             .map(|(_, w)| w.data.account_id.clone())
             .collect();
-        match links::resolve_many(&svc.store, halo, &CUSTOMER, &ids).await {
+        match links::known_many(&svc.store, halo, &CUSTOMER, &ids).await {
             Ok(known) => {
-                let (mut creates, mut updates, mut superseded) =
-                    (Vec::new(), Vec::new(), Vec::new());
-                for (i, w) in self.live() {
-                    match known.get(&w.data.account_id) {
-                        None => creates.push(i),
-                        Some(m)
+                let (mut creates, mut updates) = (Vec::new(), Vec::new());
+                for (i, k) in live.into_iter().zip(known) {
+                    let Some(w) = self.work(i) else { continue };
+                    match k {
+                        Known::Absent => creates.push(i),
+                        Known::Mapped(m)
                             if m.version()
                                 .is_some_and(|applied| w.version.is_superseded_by(&applied)) =>
                         {
-                            superseded.push(i);
+                            self.results[i] = Some(Ok(Outcome::Superseded));
                         }
-                        Some(m) => updates.push((i, m.clone())),
+                        Known::Mapped(m) => updates.push((i, m)),
+                        // Asked one by one, below.
+                        Known::Unsure => {}
                     }
-                }
-                for i in superseded {
-                    self.results[i] = Some(Ok(Outcome::Superseded));
                 }
                 // Arrays of at most 100 (HaloPSA's largest array is not
                 // documented: UNCONFIRMED; 100 is the page size it serves).
@@ -159,8 +162,7 @@ impl Batch {
                 }
             }
             Err(f) => {
-                let open: Vec<usize> = self.live().map(|(i, _)| i).collect();
-                for i in open {
+                for i in live {
                     self.results[i] = Some(Err(f.clone()));
                 }
             }
@@ -189,21 +191,34 @@ impl Batch {
         self.work.get(i).and_then(Option::as_ref)
     }
 
-    /// New customers in one array, each with its link and version. Then
-    /// one read-back of the kind's links: an account with exactly our
-    /// customer linked is applied; anything else (refused, lost, another
-    /// worker's customer too) is left open for the one-event path, which
-    /// finds what was saved and settles duplicates by the lowest id.
+    /// New customers in one array, each with its link and version. Their
+    /// ids are marked unsure first; a customer is remembered (which clears
+    /// the mark) once the answer names it and its link. Known to be absent
+    /// and written under a lock held throughout, it needs no read-back.
+    /// Anything else (refused in part, answer lost, an answer without the
+    /// link) stays unsure and goes the one-event way, which asks HaloPSA.
     async fn create(&mut self, svc: &Services, halo: &HaloClient, creates: &[usize]) {
-        if creates.is_empty() {
-            return;
-        }
         let conn = halo.connection();
         let creates: Vec<usize> = creates
             .iter()
             .copied()
             .filter(|&i| self.work(i).is_some())
             .collect();
+        if creates.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = creates
+            .iter()
+            .filter_map(|&i| self.work(i))
+            .map(|w| w.data.account_id.clone())
+            .collect();
+        if let Err(e) = svc.store.mark_unsure(&conn.name, CUSTOMER.name, &ids).await {
+            let f: Failure = e.into();
+            for &i in &creates {
+                self.results[i] = Some(Err(f.clone()));
+            }
+            return;
+        }
         let bodies: Vec<Value> = creates
             .iter()
             .filter_map(|&i| self.work(i))
@@ -214,74 +229,54 @@ impl Batch {
                 body
             })
             .collect();
-        let sent = halo.post("/Client", bodies).await;
-        if let Err(e) = &sent {
-            tracing::warn!(error = %e, size = creates.len(), "the customer array failed; what it saved is read back");
-        }
-        // Saved ids by position, when the answer came and lines up.
-        let saved: Vec<Option<i64>> = match &sent {
-            Ok(Value::Array(rows)) if rows.len() == creates.len() => {
-                rows.iter().map(record_id).collect()
+        // Saved records by position, when the answer came and lines up
+        // (response shape UNCONFIRMED: one object for one element).
+        let saved: Vec<Value> = match halo.post("/Client", bodies).await {
+            Ok(Value::Array(rows)) if rows.len() == creates.len() => rows,
+            Ok(one @ Value::Object(_)) if creates.len() == 1 => vec![one],
+            Ok(_) => {
+                tracing::warn!(
+                    size = creates.len(),
+                    "the customer array's answer does not line up; each is looked up on its own"
+                );
+                return;
             }
-            Ok(one) if creates.len() == 1 => vec![record_id(one)],
-            _ => vec![None; creates.len()],
+            Err(e) => {
+                tracing::warn!(error = %e, size = creates.len(), "the customer array failed; each is looked up on its own");
+                return;
+            }
         };
-        let ids: Vec<String> = creates
-            .iter()
-            .filter_map(|&i| self.work(i))
-            .map(|w| w.data.account_id.clone())
-            .collect();
-        let linked = match links::find_many(halo, &CUSTOMER, &ids).await {
-            Ok(l) => l,
-            // Nothing is known: the one-event path asks for each.
-            Err(_) => return,
-        };
-        for (k, &i) in creates.iter().enumerate() {
+        let mut remembered: Vec<(usize, String, Mapping)> = Vec::new();
+        for (&i, row) in creates.iter().zip(&saved) {
             let Some(w) = self.work(i) else { continue };
-            let found = linked
-                .get(&w.data.account_id)
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            let winner = match (found, saved[k]) {
-                ([only], None) if only.version.as_ref() == Some(&w.version) => only,
-                ([only], Some(ours)) if only.halo_id == ours => only,
-                // Two workers created one (a lock lost to a Redis flush):
-                // the lowest HaloPSA id wins, as in `links::settle_after_create`.
-                ([first, ..], Some(ours)) if first.halo_id == ours => first,
-                ([first, rest @ ..], Some(ours)) => {
-                    if let Some(dup) = rest.iter().find(|l| l.halo_id == ours) {
-                        tracing::warn!(
-                            duplicate = ours,
-                            kept = first.halo_id,
-                            "two workers created the same customer; removing ours"
-                        );
-                        // Allowed only because it is the duplicate we created
-                        // moments ago: it holds no MSP data.
-                        let removed = halo.delete(&format!("/Client/{ours}")).await;
-                        if removed.is_ok() {
-                            let _ = halo.delete(&format!("/ExternalLink/{}", dup.id)).await;
-                        }
-                    }
-                    // Then this event goes on against the winner, one-event.
-                    continue;
-                }
-                _ => continue,
-            };
-            let m = Mapping {
-                halo_id: winner.halo_id,
-                link_id: Some(winner.id),
-                version: Some(w.version.encode()),
-            };
-            if let Err(e) = svc
-                .store
-                .set_mapping(&conn.name, CUSTOMER.name, &w.data.account_id, &m)
-                .await
-            {
-                self.results[i] = Some(Err(e.into()));
+            let Some(halo_id) = record_id(row) else {
                 continue;
-            }
-            tracing::info!(halo_id = winner.halo_id, account = %w.data.account_id, "created the customer");
-            self.results[i] = Some(Ok(Outcome::Applied));
+            };
+            let Some(link_id) = links::own_link(row, &CUSTOMER, &w.data.account_id) else {
+                continue;
+            };
+            remembered.push((
+                i,
+                w.data.account_id.clone(),
+                Mapping {
+                    halo_id,
+                    link_id: Some(link_id),
+                    version: Some(w.version.encode()),
+                },
+            ));
+        }
+        let pairs: Vec<(&str, &Mapping)> = remembered
+            .iter()
+            .map(|(_, id, m)| (id.as_str(), m))
+            .collect();
+        let r = svc
+            .store
+            .set_mappings(&conn.name, CUSTOMER.name, &pairs)
+            .await
+            .map_err(Failure::from);
+        for (i, _, m) in &remembered {
+            tracing::info!(halo_id = m.halo_id, "created the customer");
+            self.results[*i] = Some(r.clone().map(|_| Outcome::Applied));
         }
     }
 
@@ -475,6 +470,9 @@ async fn adopt_or_create(
     }
     let mut body = client_record(data, None, conn);
     body["new_external_link"] = links::new_link(&CUSTOMER, &data.account_id, version);
+    svc.store
+        .mark_unsure(&conn.name, CUSTOMER.name, &[data.account_id.clone()])
+        .await?;
     let saved = halo.save("/Client", body).await?;
     let created = record_id(&saved)
         .ok_or_else(|| Failure::transient("HaloPSA saved the customer but returned no id"))?;

@@ -258,6 +258,14 @@ impl Ctx<'_> {
             self.marker,
             self.halo.connection(),
         );
+        self.svc
+            .store
+            .mark_unsure(
+                &self.halo.connection().name,
+                SUBSCRIPTION.name,
+                &[self.sub_id().to_string()],
+            )
+            .await?;
         let saved = match self.halo.save("/SoftwareLicence", body).await {
             Ok(saved) => saved,
             Err(e) if matches!(e.status(), Some(400 | 404)) => {
