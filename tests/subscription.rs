@@ -1174,3 +1174,155 @@ async fn subscription_events_coalesce_and_a_partly_saved_or_lost_array_doubles_n
     assert_eq!(env.sim.licences().len(), SUBS, "no licence twice");
     assert_eq!(all_lines(&env).len(), SUBS, "no line twice");
 }
+
+/// #9 item 4: new subscriptions are created in arrays (licences, lines
+/// added to the invoices HaloPSA has, invoice headers created with their
+/// first lines inside, links with the versions), published while no
+/// worker runs:
+/// 1. 20 new subscriptions, one of which HaloPSA refuses (halo-sim saves
+///    the licence array's elements before it and stops): each of the 19
+///    ends with exactly one licence and one line, the refused one is
+///    dead-lettered as `rejected`;
+/// 2. 20 clean ones, half on customers with an invoice, half on customers
+///    without: one array of each kind, not eight requests per event;
+/// 3. 20 on further new customers whose licence array is saved but its
+///    answer lost: nothing doubled, nothing dead.
+#[tokio::test(flavor = "multi_thread")]
+async fn new_subscriptions_are_created_in_arrays_and_a_partly_saved_or_lost_array_doubles_nothing()
+{
+    const REFUSED: usize = 7;
+    let mut env = TestEnv::with(
+        "sub-create",
+        EnvOptions {
+            sim: SimConfig {
+                faults: Faults {
+                    reject_names: vec!["Refused product".into()],
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            connection_extra: format!(
+                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n"
+            ),
+            extra: "[worker]\nbatch_max = 200\nbatch_wait = \"500ms\"\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
+    env.spawn_worker(ACCOUNTS);
+    let accounts: Vec<String> = (0..10).map(|a| format!("acc_{a}")).collect();
+    seed_accounts(&env, &accounts).await;
+    let event = |s: usize, account: usize| {
+        let mut e = subscription_event(
+            &format!("n{s}"),
+            &format!("sub_{s}"),
+            &format!("acc_{account}"),
+            10 + s as u64,
+            "active",
+            1,
+        );
+        if s == REFUSED {
+            e["data"]["product"]["name"] = json!("Refused product");
+        }
+        e
+    };
+    let at = |env: &TestEnv, s: usize| {
+        records(env, &format!("sub_{s}"))
+            .is_some_and(|(l, n)| holds(&l, &n, 10 + s as u64, "active"))
+    };
+    let whole = |env: &TestEnv, subs: std::ops::Range<usize>| {
+        for s in subs.filter(|&s| s != REFUSED) {
+            let (l, n) = one_each(env, &format!("sub_{s}"));
+            assert!(
+                holds(&l, &n, 10 + s as u64, "active"),
+                "sub_{s}: {l:#?} {n:#?}"
+            );
+        }
+    };
+
+    // 1. A partly saved licence array: 20 new subscriptions on acc_0..3.
+    for s in 0..20 {
+        env.publish(&event(s, s % 4)).await;
+    }
+    let w = env.spawn_worker(WORKER);
+    env.wait_for("19 created", T, || {
+        (0..20).filter(|&s| s != REFUSED).all(|s| at(&env, s))
+    })
+    .await;
+    env.wait_drained(Family::Subscription, T).await;
+    assert!(
+        env.sim.partial_saves() >= 1,
+        "the licence array was not saved in part"
+    );
+    let dead = env.take_dead(Family::Subscription).await;
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0].header("x-halosync-event-id"), format!("n{REFUSED}"));
+    assert_eq!(dead[0].header("x-halosync-error-class"), "rejected");
+    whole(&env, 0..20);
+    assert_eq!(env.sim.licences().len(), 19, "no licence twice");
+    assert_eq!(all_lines(&env).len(), 19, "no line twice");
+    for a in 0..4 {
+        assert_eq!(
+            invoices_of(&env, &format!("acc_{a}")).len(),
+            1,
+            "acc_{a}: one invoice"
+        );
+    }
+    env.stop_worker(w);
+
+    // 2. Clean arrays: 10 on acc_0..3 (invoices there), 10 on acc_4..5 (none).
+    let before = api_requests(&env);
+    for s in 20..40 {
+        let account = if s < 30 { s % 4 } else { 4 + s % 2 };
+        env.publish(&event(s, account)).await;
+    }
+    let w = env.spawn_worker(WORKER);
+    env.wait_for("20 created", T, || (20..40).all(|s| at(&env, s)))
+        .await;
+    env.wait_drained(Family::Subscription, T).await;
+    env.assert_no_dead(Family::Subscription).await;
+    let d = delta(&api_requests(&env), &before);
+    let total: u64 = d.values().sum();
+    println!("20 new subscriptions in arrays: {total} HaloPSA requests: {d:?}");
+    // One batch: a licence array, a line array, an invoice array, a link
+    // array. Two batches at most double that; one at a time is 8 or more
+    // per subscription.
+    assert!(
+        total <= 8,
+        "{total} requests for 20 new subscriptions: {d:#?}"
+    );
+    whole(&env, 20..40);
+    for a in 0..6 {
+        assert_eq!(
+            invoices_of(&env, &format!("acc_{a}")).len(),
+            1,
+            "acc_{a}: one invoice"
+        );
+    }
+    env.stop_worker(w);
+
+    // 3. The licence array's answer is lost (acc_6..9, no invoices yet).
+    let mut faults = env.sim.faults();
+    faults.lose_next = 1;
+    env.sim.set_faults(faults);
+    for s in 40..60 {
+        env.publish(&event(s, 6 + s % 4)).await;
+    }
+    env.spawn_worker(WORKER);
+    env.wait_for("20 more created", T, || (40..60).all(|s| at(&env, s)))
+        .await;
+    env.wait_drained(Family::Subscription, T).await;
+    env.assert_no_dead(Family::Subscription).await;
+    assert_eq!(env.sim.lost_responses(), 1, "no answer was lost");
+    whole(&env, 0..60);
+    assert_eq!(env.sim.licences().len(), 59, "no licence twice");
+    assert_eq!(all_lines(&env).len(), 59, "no line twice");
+    for a in 0..10 {
+        assert_eq!(
+            invoices_of(&env, &format!("acc_{a}")).len(),
+            1,
+            "acc_{a}: one invoice"
+        );
+    }
+}

@@ -607,8 +607,8 @@ where
     Ok((m, won))
 }
 
-/// After HaloPSA refused an update of `halo_id` (400/404): drops the cached
-/// mapping and tells whether it was stale, i.e. HaloPSA no longer links
+/// After HaloPSA refused an update of `halo_id` (400/404): tells whether
+/// the cached mapping was stale (and then drops it), i.e. HaloPSA no longer links
 /// `billing_id` to that record (deleted in HaloPSA, or Redis holds ids of
 /// another HaloPSA instance). A stale mapping is retried afresh; otherwise
 /// the refusal is genuine and goes to the dead letters.
@@ -619,11 +619,15 @@ pub async fn drop_if_stale(
     billing_id: &str,
     halo_id: i64,
 ) -> Result<bool, Failure> {
-    store
-        .forget_mapping(&halo.connection().name, kind.name, billing_id)
-        .await?;
     let links = find(halo, kind, billing_id).await?;
-    Ok(!links.iter().any(|l| l.halo_id == halo_id))
+    let stale = !links.iter().any(|l| l.halo_id == halo_id);
+    // A genuine refusal leaves the (right) mapping where it was.
+    if stale {
+        store
+            .forget_mapping(&halo.connection().name, kind.name, billing_id)
+            .await?;
+    }
+    Ok(stale)
 }
 
 /// The text halosync writes into a HaloPSA record's own field to say which

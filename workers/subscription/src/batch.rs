@@ -19,19 +19,19 @@
 //! *added* here, so a partly saved or unanswered array can never leave a
 //! duplicate.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use halosync_shared::contract::{Envelope, Product, SubscriptionData, Version};
 use halosync_shared::halo::lines::{self, Invoice};
-use halosync_shared::halo::links::{self, CUSTOMER, RECURRING_INVOICE, SUBSCRIPTION};
-use halosync_shared::halo::HaloClient;
+use halosync_shared::halo::links::{self, Known, CUSTOMER, RECURRING_INVOICE, SUBSCRIPTION};
+use halosync_shared::halo::{record_id, HaloClient};
 use halosync_shared::runtime::{Outcome, Services};
 use halosync_shared::store::Mapping;
 use halosync_shared::{Failure, FailureClass};
 use serde_json::{json, Value};
 
-use crate::invoice;
-use crate::mapping::{licence_record, line_update, Terms};
+use crate::invoice::{self, CachedLine};
+use crate::mapping::{licence_record, line_update, new_line, Terms};
 
 /// The most records one array POST carries (HaloPSA documents no limit,
 /// UNCONFIRMED; 100 is the page size it serves and keeps a refused array
@@ -51,6 +51,20 @@ struct Warm {
     marker: String,
 }
 
+/// A subscription HaloPSA does not have yet (known absent, its customer
+/// known): created in arrays by [`create`].
+struct New {
+    data: SubscriptionData,
+    version: Version,
+    terms: Terms,
+    item_id: i64,
+    customer_id: i64,
+    /// The customer's invoice, or `None` when it has none yet: then it is
+    /// created in the same array as its first lines.
+    ihid: Option<i64>,
+    marker: String,
+}
+
 /// Applies what it can of `events` (one connection, one event per
 /// subscription, all locks held by the runtime). `None` where the event is
 /// left to the one-event path.
@@ -63,7 +77,7 @@ pub(crate) async fn apply(
     let conn = halo.connection().name.clone();
 
     // 1. What each event says, checked before any request.
-    let mut parsed: Vec<Option<(SubscriptionData, Version, Terms)>> = Vec::new();
+    let mut parsed: Vec<(usize, SubscriptionData, Version, Terms)> = Vec::new();
     for (i, e) in events.iter().enumerate() {
         let p = e.data_as::<SubscriptionData>().and_then(|d| {
             let v = e.version()?;
@@ -71,94 +85,106 @@ pub(crate) async fn apply(
             Ok((d, v, t))
         });
         match p {
-            Ok(p) => parsed.push(Some(p)),
-            Err(f) => {
-                results[i] = Some(Err(f));
-                parsed.push(None);
-            }
+            Ok((d, v, t)) => parsed.push((i, d, v, t)),
+            Err(f) => results[i] = Some(Err(f)),
         }
     }
-    let subs: Vec<String> = parsed
-        .iter()
-        .map(|p| {
-            p.as_ref()
-                .map(|p| p.0.subscription_id.clone())
-                .unwrap_or_default()
-        })
-        .collect();
-    let accounts: Vec<String> = parsed
-        .iter()
-        .map(|p| {
-            p.as_ref()
-                .map(|p| p.0.account_id.clone())
-                .unwrap_or_default()
-        })
-        .collect();
+    let subs: Vec<String> = parsed.iter().map(|p| p.1.subscription_id.clone()).collect();
+    let accounts: Vec<String> = parsed.iter().map(|p| p.1.account_id.clone()).collect();
 
-    // 2. Redis, in four round trips for the whole batch.
+    // 2. Identity for the whole batch: Redis in a few round trips, plus one
+    //    bulk import per kind once per Redis lifetime (`links::known_many`).
     let store = &svc.store;
     let known = async {
         Ok::<_, Failure>((
             store.mappings(&conn, CUSTOMER.name, &accounts).await?,
-            store.mappings(&conn, SUBSCRIPTION.name, &subs).await?,
-            store
-                .mappings(&conn, RECURRING_INVOICE.name, &accounts)
-                .await?,
+            links::known_many(store, halo, &SUBSCRIPTION, &subs).await?,
+            links::known_many(store, halo, &RECURRING_INVOICE, &accounts).await?,
             invoice::cached_lines(svc, &conn, &subs).await?,
         ))
     }
     .await;
     let (customers, licences, invoices, cached) = match known {
         Ok(k) => k,
-        // Redis cannot answer: the one-event path meets the same error
-        // and settles each event with it.
+        // Redis or HaloPSA cannot answer: the one-event path meets the
+        // same error and settles each event with it.
         Err(_) => return results,
     };
 
-    // 3. The warm ones; superseded ones are done at once.
+    // 3. Warm (known throughout) and new (known absent); superseded ones
+    //    are done at once; the rest goes the one-event way.
     let mut warm: Vec<(usize, Warm)> = Vec::new();
-    for (i, p) in parsed.into_iter().enumerate() {
-        let Some((data, version, terms)) = p else {
+    let mut new: Vec<(usize, New)> = Vec::new();
+    for (n, (i, data, version, terms)) in parsed.into_iter().enumerate() {
+        // A customer not there yet: the one-event path waits for it.
+        let Some(customer) = customers[n].clone() else {
             continue;
         };
-        let (Some(customer), Some(licence), Some(inv), Some(line)) = (
-            customers[i].clone(),
-            licences[i].clone(),
-            invoices[i].clone(),
-            cached[i].clone(),
-        ) else {
-            continue;
-        };
-        if licence
-            .version()
-            .is_some_and(|applied| version.is_superseded_by(&applied))
-        {
-            results[i] = Some(Ok(Outcome::Superseded));
-            continue;
-        }
-        // A licence whose link or version was never written, and a line
-        // cached on another invoice (the subscription moved account): the
-        // one-event path knows how to handle those.
-        if licence.link_id.is_none() || licence.version.is_none() || line.ihid != inv.halo_id {
-            continue;
-        }
         let marker = links::marker(&SUBSCRIPTION, &data.subscription_id);
-        warm.push((
-            i,
-            Warm {
-                data,
-                version,
-                terms,
-                item_id: 0,
-                customer_id: customer.halo_id,
-                licence,
-                ihid: inv.halo_id,
-                line: line.line,
-                marker,
-            },
-        ));
+        match (&licences[n], &invoices[n]) {
+            (Known::Mapped(licence), inv) => {
+                if licence
+                    .version()
+                    .is_some_and(|applied| version.is_superseded_by(&applied))
+                {
+                    results[i] = Some(Ok(Outcome::Superseded));
+                    continue;
+                }
+                // A licence whose link or version was never written, a line
+                // not cached, or cached on another invoice (the
+                // subscription moved account): the one-event path knows.
+                let (Known::Mapped(inv), Some(line)) = (inv, &cached[n]) else {
+                    continue;
+                };
+                if licence.link_id.is_none()
+                    || licence.version.is_none()
+                    || line.ihid != inv.halo_id
+                {
+                    continue;
+                }
+                warm.push((
+                    i,
+                    Warm {
+                        data,
+                        version,
+                        terms,
+                        item_id: 0,
+                        customer_id: customer.halo_id,
+                        licence: licence.clone(),
+                        ihid: inv.halo_id,
+                        line: line.line,
+                        marker,
+                    },
+                ));
+            }
+            (Known::Absent, Known::Mapped(inv)) => new.push((
+                i,
+                New {
+                    data,
+                    version,
+                    terms,
+                    item_id: 0,
+                    customer_id: customer.halo_id,
+                    ihid: Some(inv.halo_id),
+                    marker,
+                },
+            )),
+            (Known::Absent, Known::Absent) => new.push((
+                i,
+                New {
+                    data,
+                    version,
+                    terms,
+                    item_id: 0,
+                    customer_id: customer.halo_id,
+                    ihid: None,
+                    marker,
+                },
+            )),
+            _ => {}
+        }
     }
-    if warm.is_empty() {
+    if warm.is_empty() && new.is_empty() {
         return results;
     }
 
@@ -166,27 +192,337 @@ pub(crate) async fn apply(
     let skus: BTreeSet<String> = warm
         .iter()
         .map(|(_, w)| w.data.product.sku.clone())
+        .chain(new.iter().map(|(_, w)| w.data.product.sku.clone()))
         .collect();
     let mut items: HashMap<String, Result<i64, Failure>> = HashMap::new();
     for sku in skus {
         let item = crate::handler::item_for(svc, halo, &sku).await;
         items.insert(sku, item);
     }
-    warm.retain_mut(|(i, w)| match &items[&w.data.product.sku] {
-        Ok(item) => {
-            w.item_id = *item;
+    let mut item_of = |i: usize, sku: &str| match items.get(sku) {
+        Some(Ok(item)) => Some(*item),
+        Some(Err(f)) => {
+            results[i] = Some(Err(f.clone()));
+            None
+        }
+        None => None,
+    };
+    warm.retain_mut(|(i, w)| match item_of(*i, &w.data.product.sku) {
+        Some(item) => {
+            w.item_id = item;
             true
         }
-        Err(f) => {
-            results[*i] = Some(Err(f.clone()));
-            false
+        None => false,
+    });
+    new.retain_mut(|(i, w)| match item_of(*i, &w.data.product.sku) {
+        Some(item) => {
+            w.item_id = item;
+            true
         }
+        None => false,
     });
 
     for chunk in warm.chunks(ARRAY_MAX) {
         apply_chunk(svc, halo, chunk, &mut results).await;
     }
+    if !new.is_empty() {
+        create(svc, halo, new, &mut results).await;
+    }
     results
+}
+
+/// New subscriptions: licences in arrays, then their lines (added in
+/// arrays to the invoices HaloPSA has, or inside the invoice headers
+/// created in arrays for customers that have none), then the links with
+/// the applied version, last, so that a version never claims more than
+/// HaloPSA holds. Every id is marked unsure before its create is sent; an
+/// event whose step did not finish cleanly (refused in part, answer lost)
+/// stops there and goes the one-event way, which asks HaloPSA what was
+/// saved (a licence by its marker, a line by its marker on the header),
+/// so nothing is created twice. Adds go through `halo::lines::add`, which
+/// reads back what a failed array saved.
+async fn create(
+    svc: &Services,
+    halo: &HaloClient,
+    new: Vec<(usize, New)>,
+    results: &mut [Option<Result<Outcome, Failure>>],
+) {
+    let conn = halo.connection().name.clone();
+    let store = &svc.store;
+    let subs: Vec<String> = new
+        .iter()
+        .map(|(_, w)| w.data.subscription_id.clone())
+        .collect();
+    let mut new_headers: Vec<String> = new
+        .iter()
+        .filter(|(_, w)| w.ihid.is_none())
+        .map(|(_, w)| w.data.account_id.clone())
+        .collect();
+    new_headers.sort();
+    new_headers.dedup();
+    let marked = async {
+        store.mark_unsure(&conn, SUBSCRIPTION.name, &subs).await?;
+        store
+            .mark_unsure(&conn, RECURRING_INVOICE.name, &new_headers)
+            .await
+    }
+    .await;
+    if let Err(e) = marked {
+        let f: Failure = e.into();
+        for (i, _) in &new {
+            results[*i] = Some(Err(f.clone()));
+        }
+        return;
+    }
+    let policy = halo.connection();
+
+    // Licences.
+    let mut licence: HashMap<usize, i64> = HashMap::new();
+    for (c, chunk) in new.chunks(ARRAY_MAX).enumerate() {
+        let bodies: Vec<Value> = chunk
+            .iter()
+            .map(|(_, w)| licence_record(&w.data, &w.terms, w.customer_id, None, &w.marker, policy))
+            .collect();
+        let saved = match halo.post("/SoftwareLicence", bodies).await {
+            Ok(Value::Array(rows)) if rows.len() == chunk.len() => rows,
+            Ok(one @ Value::Object(_)) if chunk.len() == 1 => vec![one],
+            Ok(_) => {
+                tracing::warn!(
+                    size = chunk.len(),
+                    "the licence array's answer does not line up; each is looked up on its own"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, size = chunk.len(), "the licence array failed; each is looked up on its own");
+                continue;
+            }
+        };
+        for (k, row) in saved.iter().enumerate() {
+            if let Some(id) = record_id(row) {
+                licence.insert(c * ARRAY_MAX + k, id);
+            }
+        }
+    }
+    // Remembered at once (no version: it claims nothing applied), so that
+    // a retry after a later step finds them without asking HaloPSA.
+    let remembered: Vec<(String, Mapping)> = new
+        .iter()
+        .enumerate()
+        .filter_map(|(k, (_, w))| {
+            licence.get(&k).map(|&id| {
+                (
+                    w.data.subscription_id.clone(),
+                    Mapping {
+                        halo_id: id,
+                        link_id: None,
+                        version: None,
+                    },
+                )
+            })
+        })
+        .collect();
+    let pairs: Vec<(&str, &Mapping)> = remembered.iter().map(|(s, m)| (s.as_str(), m)).collect();
+    if let Err(e) = store.set_mappings(&conn, SUBSCRIPTION.name, &pairs).await {
+        let f: Failure = e.into();
+        for (i, _) in &new {
+            results[*i] = Some(Err(f.clone()));
+        }
+        return;
+    }
+
+    // Lines on invoices HaloPSA has: one add array, invoices mixed.
+    let mut line: HashMap<usize, (i64, Option<i64>)> = HashMap::new();
+    let adds: Vec<(usize, Value)> = new
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| licence.contains_key(k))
+        .filter_map(|(k, (_, w))| {
+            w.ihid
+                .map(|ihid| (k, new_line(&w.data, &w.terms, ihid, w.item_id, &w.marker)))
+        })
+        .collect();
+    let ihid_of: HashMap<usize, i64> = adds
+        .iter()
+        .filter_map(|(k, b)| b.get("ihid").and_then(Value::as_i64).map(|h| (*k, h)))
+        .collect();
+    for (k, r) in lines::add(halo, Invoice::Recurring, adds).await {
+        match r {
+            Ok(saved) => {
+                if let Some(&ihid) = ihid_of.get(&k) {
+                    line.insert(k, (ihid, saved.as_ref().and_then(record_id)));
+                }
+            }
+            // A line HaloPSA refuses: the one-event path meets it again and
+            // dead-letters it with HaloPSA's message.
+            Err(f) if f.class == FailureClass::Rejected => {}
+            Err(f) => results[new[k].0] = Some(Err(f)),
+        }
+    }
+
+    // Invoices for customers that have none, each with its first lines.
+    let mut by_account: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (k, (_, w)) in new.iter().enumerate() {
+        if w.ihid.is_none() && licence.contains_key(&k) {
+            by_account
+                .entry(w.data.account_id.as_str())
+                .or_default()
+                .push(k);
+        }
+    }
+    let headers: Vec<(&str, Vec<usize>)> = by_account.into_iter().collect();
+    let mut invoices: Vec<(String, Mapping)> = Vec::new();
+    let mut scanned: Vec<i64> = Vec::new();
+    for chunk in headers.chunks(ARRAY_MAX) {
+        let bodies: Vec<Value> = chunk
+            .iter()
+            .map(|(account, ks)| {
+                let w = &new[ks[0]].1;
+                let mut body = lines::recurring_invoice_record(w.customer_id, account);
+                body["new_external_link"] = links::new_plain_link(&RECURRING_INVOICE, account);
+                body["lines"] = Value::Array(
+                    ks.iter()
+                        .map(|&k| {
+                            let w = &new[k].1;
+                            let mut l = new_line(&w.data, &w.terms, 0, w.item_id, &w.marker);
+                            if let Some(m) = l.as_object_mut() {
+                                m.remove("ihid");
+                            }
+                            l
+                        })
+                        .collect(),
+                );
+                body
+            })
+            .collect();
+        let saved = match halo.post("/RecurringInvoice", bodies).await {
+            Ok(Value::Array(rows)) if rows.len() == chunk.len() => rows,
+            Ok(one @ Value::Object(_)) if chunk.len() == 1 => vec![one],
+            Ok(_) => {
+                tracing::warn!(
+                    size = chunk.len(),
+                    "the invoice array's answer does not line up; each is looked up on its own"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, size = chunk.len(), "the invoice array failed; each is looked up on its own");
+                continue;
+            }
+        };
+        for ((account, ks), row) in chunk.iter().zip(&saved) {
+            let (Some(ihid), Some(link)) = (
+                record_id(row),
+                links::own_link(row, &RECURRING_INVOICE, account),
+            ) else {
+                continue;
+            };
+            tracing::info!(
+                halo_id = ihid,
+                account,
+                "created the customer's halosync recurring invoice with its first lines"
+            );
+            invoices.push((
+                account.to_string(),
+                Mapping {
+                    halo_id: ihid,
+                    link_id: Some(link),
+                    version: None,
+                },
+            ));
+            scanned.push(ihid);
+            for &k in ks {
+                // Only a line the answer shows is taken as saved.
+                if let Some(id) = lines::carrying(row, &new[k].1.marker)
+                    .first()
+                    .and_then(|l| record_id(l))
+                {
+                    line.insert(k, (ihid, Some(id)));
+                }
+            }
+        }
+    }
+    let pairs: Vec<(&str, &Mapping)> = invoices.iter().map(|(a, m)| (a.as_str(), m)).collect();
+    if let Err(e) = store
+        .set_mappings(&conn, RECURRING_INVOICE.name, &pairs)
+        .await
+    {
+        tracing::warn!(error = %e, "could not remember the new invoices; they are looked up again");
+    }
+    // A new invoice has no usage line: the usage worker need not read it.
+    invoice::seed_usage_scanned(svc, &conn, &scanned).await;
+
+    // Versions last, in link arrays.
+    let done: Vec<usize> = {
+        let mut d: Vec<usize> = line.keys().copied().collect();
+        d.sort_unstable();
+        d
+    };
+    for chunk in done.chunks(ARRAY_MAX) {
+        let bodies: Vec<Value> = chunk
+            .iter()
+            .map(|&k| {
+                let w = &new[k].1;
+                json!({
+                    "halo_id": licence[&k],
+                    "table_id": SUBSCRIPTION.table_id,
+                    "third_party_id": w.data.subscription_id,
+                    "third_party_type": SUBSCRIPTION.third_party_type,
+                    "third_party_secondary_id": w.version.encode(),
+                })
+            })
+            .collect();
+        let saved = match halo.post("/ExternalLink", bodies).await {
+            Ok(Value::Array(rows)) if rows.len() == chunk.len() => rows,
+            Ok(one @ Value::Object(_)) if chunk.len() == 1 => vec![one],
+            Ok(_) | Err(_) => {
+                tracing::info!(
+                    size = chunk.len(),
+                    "the version array failed; each event goes on its own"
+                );
+                continue;
+            }
+        };
+        let mut maps: Vec<(String, Mapping)> = Vec::new();
+        let mut cache: Vec<(String, CachedLine)> = Vec::new();
+        let mut products: Vec<(&str, &Product)> = Vec::new();
+        let mut applied: Vec<usize> = Vec::new();
+        for (&k, row) in chunk.iter().zip(&saved) {
+            let Some(link) = record_id(row) else { continue };
+            let w = &new[k].1;
+            maps.push((
+                w.data.subscription_id.clone(),
+                Mapping {
+                    halo_id: licence[&k],
+                    link_id: Some(link),
+                    version: Some(w.version.encode()),
+                },
+            ));
+            if let Some((ihid, Some(l))) = line.get(&k) {
+                cache.push((
+                    w.data.subscription_id.clone(),
+                    CachedLine {
+                        ihid: *ihid,
+                        line: *l,
+                    },
+                ));
+            }
+            products.push((w.data.subscription_id.as_str(), &w.data.product));
+            applied.push(k);
+        }
+        let pairs: Vec<(&str, &Mapping)> = maps.iter().map(|(s, m)| (s.as_str(), m)).collect();
+        let r = async {
+            store.set_mappings(&conn, SUBSCRIPTION.name, &pairs).await?;
+            invoice::remember_lines(svc, &conn, &cache).await
+        }
+        .await
+        .map_err(Failure::from);
+        invoice::seed_products(svc, &conn, &products).await;
+        for k in applied {
+            tracing::info!(halo_id = licence[&k], subscription = %new[k].1.data.subscription_id, "created the licence and its line");
+            results[new[k].0] = Some(r.clone().map(|_| Outcome::Applied));
+        }
+    }
 }
 
 /// One array of at most [`ARRAY_MAX`] of each: licences, lines, versions.

@@ -359,6 +359,52 @@ pub(crate) async fn forget_line_of(
     Ok(())
 }
 
+/// Caches many subscriptions' lines, in one round trip.
+pub(crate) async fn remember_lines(
+    svc: &Services,
+    conn: &str,
+    lines: &[(String, CachedLine)],
+) -> Result<(), StateError> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for (sub, line) in lines {
+        pipe.set(
+            line_key_of(svc, conn, sub),
+            serde_json::to_string(line).unwrap_or_default(),
+        )
+        .ignore();
+    }
+    let mut r = svc.store.redis();
+    let _: () = pipe.query_async(&mut r).await?;
+    Ok(())
+}
+
+/// Tells the usage worker that these invoices, just created, hold no usage
+/// line (its `usage_scanned:<ihid>` mark), so that it adds its lines
+/// without reading the header first. Only a shortcut: a failure is logged.
+pub(crate) async fn seed_usage_scanned(svc: &Services, conn: &str, ihids: &[i64]) {
+    if ihids.is_empty() {
+        return;
+    }
+    let mut pipe = redis::pipe();
+    for ihid in ihids {
+        pipe.set(
+            svc.store
+                .keys()
+                .key(conn, &["usage_scanned", &ihid.to_string()]),
+            "1",
+        )
+        .ignore();
+    }
+    let mut r = svc.store.redis();
+    let res: Result<(), redis::RedisError> = pipe.query_async(&mut r).await;
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "could not tell the usage worker that the new invoices hold no usage line");
+    }
+}
+
 /// Seeds the cache the usage and overage workers read for a subscription's
 /// product (`links::PRODUCT_CACHE`), so that they need not read the
 /// licence from HaloPSA. Only a shortcut: a failure is logged, not fatal.
