@@ -119,6 +119,17 @@ impl Mapping {
     }
 }
 
+/// What Redis knows of some ids of one kind ([`Store::known`]).
+pub struct Knowledge {
+    pub mappings: Vec<Option<Mapping>>,
+    /// Maybe in HaloPSA without Redis knowing.
+    pub unsure: Vec<bool>,
+    /// Being created right now (a create is on the wire).
+    pub creating: Vec<bool>,
+    /// The kind was imported from HaloPSA in this Redis's lifetime.
+    pub imported: bool,
+}
+
 /// Writes the epoch (Redis's time in ms) if absent; returns its age in ms.
 const EPOCH: &str = r"
 local t = redis.call('TIME')
@@ -317,6 +328,8 @@ impl Store {
             )
             .ignore()
             .del(self.keys.key(conn, &["unsure", kind, id]))
+            .ignore()
+            .del(self.keys.key(conn, &["creating", kind, id]))
             .ignore();
         }
         let mut r = self.redis.clone();
@@ -341,9 +354,7 @@ impl Store {
     }
 
     /// Marks ids whose record may exist in HaloPSA without Redis knowing
-    /// it: written right *before* a create is sent, so that a worker killed
-    /// between the create and [`set_mapping`](Self::set_mapping) leaves the
-    /// id unsure, and the next event asks HaloPSA instead of creating again.
+    /// it (after a refusal of the cached one); see [`creating`](Self::creating).
     /// Kept for `ledger_ttl` (a redelivery comes long before).
     #[tracing::instrument(name = "redis.mark_unsure", skip_all, level = "info")]
     pub async fn mark_unsure(
@@ -351,6 +362,33 @@ impl Store {
         conn: &str,
         kind: &str,
         billing_ids: &[String],
+    ) -> Result<(), StateError> {
+        self.mark(conn, kind, billing_ids, None).await
+    }
+
+    /// Written right *before* a create is sent: the ids are unsure (a
+    /// worker killed between the create and
+    /// [`set_mapping`](Self::set_mapping) leaves them so, and the next
+    /// event asks HaloPSA instead of creating again), and for `window` (the
+    /// longest the create can be on the wire) they are being created, so
+    /// that other families wait for them instead of asking.
+    #[tracing::instrument(name = "redis.creating", skip_all, level = "info")]
+    pub async fn creating(
+        &self,
+        conn: &str,
+        kind: &str,
+        billing_ids: &[String],
+        window: Duration,
+    ) -> Result<(), StateError> {
+        self.mark(conn, kind, billing_ids, Some(window)).await
+    }
+
+    async fn mark(
+        &self,
+        conn: &str,
+        kind: &str,
+        billing_ids: &[String],
+        creating: Option<Duration>,
     ) -> Result<(), StateError> {
         if billing_ids.is_empty() {
             return Ok(());
@@ -363,6 +401,14 @@ impl Store {
                 self.ledger_ttl.as_secs().max(1),
             )
             .ignore();
+            if let Some(window) = creating {
+                pipe.cmd("SET")
+                    .arg(self.keys.key(conn, &["creating", kind, id]))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(window.as_millis().max(1) as u64)
+                    .ignore();
+            }
         }
         let mut r = self.redis.clone();
         let _: () = pipe.query_async(&mut r).await?;
@@ -379,31 +425,33 @@ impl Store {
         conn: &str,
         kind: &str,
         billing_ids: &[String],
-    ) -> Result<(Vec<Option<Mapping>>, Vec<bool>, bool), StateError> {
-        let mut keys: Vec<String> = Vec::with_capacity(billing_ids.len() * 2 + 1);
-        for id in billing_ids {
-            keys.push(self.keys.key(conn, &["map", kind, id]));
-        }
-        for id in billing_ids {
-            keys.push(self.keys.key(conn, &["unsure", kind, id]));
+    ) -> Result<Knowledge, StateError> {
+        let mut keys: Vec<String> = Vec::with_capacity(billing_ids.len() * 3 + 1);
+        for part in ["map", "unsure", "creating"] {
+            for id in billing_ids {
+                keys.push(self.keys.key(conn, &[part, kind, id]));
+            }
         }
         keys.push(self.keys.key(conn, &["imported", kind]));
         let mut r = self.redis.clone();
         let raw: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut r).await?;
         let n = billing_ids.len();
-        if raw.len() != 2 * n + 1 {
+        if raw.len() != 3 * n + 1 {
             return Err(StateError::Unexpected(format!(
                 "MGET answered {} values for {} keys",
                 raw.len(),
                 keys.len()
             )));
         }
-        let maps = raw[..n]
-            .iter()
-            .map(|v| v.as_deref().and_then(|s| serde_json::from_str(s).ok()))
-            .collect();
-        let unsure = raw[n..2 * n].iter().map(Option::is_some).collect();
-        Ok((maps, unsure, raw[2 * n].is_some()))
+        Ok(Knowledge {
+            mappings: raw[..n]
+                .iter()
+                .map(|v| v.as_deref().and_then(|s| serde_json::from_str(s).ok()))
+                .collect(),
+            unsure: raw[n..2 * n].iter().map(Option::is_some).collect(),
+            creating: raw[2 * n..3 * n].iter().map(Option::is_some).collect(),
+            imported: raw[3 * n].is_some(),
+        })
     }
 
     /// Puts the mappings read from HaloPSA in bulk into Redis, never over

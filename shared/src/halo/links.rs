@@ -254,6 +254,9 @@ pub enum Known {
     /// Maybe in HaloPSA without Redis knowing (a create whose worker died
     /// before remembering it, a mapping HaloPSA refused): ask HaloPSA.
     Unsure,
+    /// Being created by another worker right now (its create is on the
+    /// wire): another family waits for it, without asking.
+    Creating,
 }
 
 /// What is known of many billing ids of `kind`, at the fewest requests:
@@ -274,18 +277,20 @@ pub async fn known_many(
     billing_ids: &[String],
 ) -> Result<Vec<Known>, Failure> {
     let conn = &halo.connection().name;
-    let (mut maps, mut unsure, imported) = store.known(conn, kind.name, billing_ids).await?;
-    if !imported && maps.iter().any(Option::is_none) {
+    let mut k = store.known(conn, kind.name, billing_ids).await?;
+    if !k.imported && k.mappings.iter().any(Option::is_none) {
         import(store, halo, kind).await?;
-        (maps, unsure, _) = store.known(conn, kind.name, billing_ids).await?;
+        k = store.known(conn, kind.name, billing_ids).await?;
     }
-    Ok(maps
+    Ok(k.mappings
         .into_iter()
-        .zip(unsure)
-        .map(|(m, unsure)| match (m, unsure) {
-            (Some(m), _) => Known::Mapped(m),
-            (None, true) => Known::Unsure,
-            (None, false) => Known::Absent,
+        .zip(k.unsure)
+        .zip(k.creating)
+        .map(|((m, unsure), creating)| match (m, creating, unsure) {
+            (Some(m), _, _) => Known::Mapped(m),
+            (None, true, _) => Known::Creating,
+            (None, false, true) => Known::Unsure,
+            (None, false, false) => Known::Absent,
         })
         .collect())
 }
@@ -679,11 +684,12 @@ pub async fn require(
         // No request; one attempt used per `recheck`, so that a record that
         // never comes is dead-lettered in the end (`dependency_max_attempts`).
         Some(Known::Absent) => {
-            let claimed = store
-                .claim_dependency_check(conn, kind.name, billing_id, recheck)
-                .await?;
-            let mut f = Failure::dependency(missing());
-            f.throttled = !claimed;
+            return Err(still_absent(store, halo, kind, billing_id, recheck, missing()).await)
+        }
+        // Its family is creating it right now: wait (no request, no attempt).
+        Some(Known::Creating) => {
+            let mut f = Failure::dependency(format!("{} (being created right now)", missing()));
+            f.throttled = true;
             return Err(f);
         }
         Some(Known::Unsure) | None => {}
@@ -716,6 +722,32 @@ pub async fn require(
                 .await;
             Err(f)
         }
+    }
+}
+
+/// The `dependency` failure of a record known to be absent
+/// ([`Known::Absent`]): no request; throttled (no attempt used) except once
+/// per `recheck`, so that a record that never comes is dead-lettered in
+/// the end (`retry.dependency_max_attempts`) while one that comes is used
+/// as soon as its family has written it.
+pub async fn still_absent(
+    store: &Store,
+    halo: &HaloClient,
+    kind: &Kind,
+    billing_id: &str,
+    recheck: Duration,
+    missing: String,
+) -> Failure {
+    let claimed = store
+        .claim_dependency_check(&halo.connection().name, kind.name, billing_id, recheck)
+        .await;
+    match claimed {
+        Ok(claimed) => {
+            let mut f = Failure::dependency(missing);
+            f.throttled = !claimed;
+            f
+        }
+        Err(e) => e.into(),
     }
 }
 
@@ -807,7 +839,7 @@ where
                 // Unsure until remembered: a worker dying after the create
                 // must leave the next one asking HaloPSA, not creating.
                 store
-                    .mark_unsure(conn, kind.name, &[billing_id.to_string()])
+                    .creating(conn, kind.name, &[billing_id.to_string()], lock_ttl)
                     .await?;
                 let created = create().await?;
                 let links = find_by_creation(halo, kind, billing_id).await?;

@@ -149,7 +149,7 @@ impl Batch {
                         }
                         Known::Mapped(m) => updates.push((i, m)),
                         // Asked one by one, below.
-                        Known::Unsure => {}
+                        Known::Unsure | Known::Creating => {}
                     }
                 }
                 // Arrays of at most 100 (HaloPSA's largest array is not
@@ -212,7 +212,12 @@ impl Batch {
             .filter_map(|&i| self.work(i))
             .map(|w| w.data.account_id.clone())
             .collect();
-        if let Err(e) = svc.store.mark_unsure(&conn.name, CUSTOMER.name, &ids).await {
+        let window = svc.config().worker.http_timeout;
+        if let Err(e) = svc
+            .store
+            .creating(&conn.name, CUSTOMER.name, &ids, window)
+            .await
+        {
             let f: Failure = e.into();
             for &i in &creates {
                 self.results[i] = Some(Err(f.clone()));
@@ -471,7 +476,12 @@ async fn adopt_or_create(
     let mut body = client_record(data, None, conn);
     body["new_external_link"] = links::new_link(&CUSTOMER, &data.account_id, version);
     svc.store
-        .mark_unsure(&conn.name, CUSTOMER.name, &[data.account_id.clone()])
+        .creating(
+            &conn.name,
+            CUSTOMER.name,
+            &[data.account_id.clone()],
+            svc.config().worker.http_timeout,
+        )
         .await?;
     let saved = halo.save("/Client", body).await?;
     let created = record_id(&saved)

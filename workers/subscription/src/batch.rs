@@ -97,7 +97,7 @@ pub(crate) async fn apply(
     let store = &svc.store;
     let known = async {
         Ok::<_, Failure>((
-            store.mappings(&conn, CUSTOMER.name, &accounts).await?,
+            links::known_many(store, halo, &CUSTOMER, &accounts).await?,
             links::known_many(store, halo, &SUBSCRIPTION, &subs).await?,
             links::known_many(store, halo, &RECURRING_INVOICE, &accounts).await?,
             invoice::cached_lines(svc, &conn, &subs).await?,
@@ -108,7 +108,10 @@ pub(crate) async fn apply(
         Ok(k) => k,
         // Redis or HaloPSA cannot answer: the one-event path meets the
         // same error and settles each event with it.
-        Err(_) => return results,
+        Err(f) => {
+            tracing::info!(error = %f, size = events.len(), "the batch's identities could not be resolved; each event goes on its own");
+            return results;
+        }
     };
 
     // 3. Warm (known throughout) and new (known absent); superseded ones
@@ -116,9 +119,36 @@ pub(crate) async fn apply(
     let mut warm: Vec<(usize, Warm)> = Vec::new();
     let mut new: Vec<(usize, New)> = Vec::new();
     for (n, (i, data, version, terms)) in parsed.into_iter().enumerate() {
-        // A customer not there yet: the one-event path waits for it.
-        let Some(customer) = customers[n].clone() else {
-            continue;
+        let customer = match &customers[n] {
+            Known::Mapped(c) => c.clone(),
+            // Not there yet: wait for the account worker, without a
+            // request (and in the shortest tier, so that the events come
+            // back together and are created in one batch).
+            Known::Absent => {
+                let recheck = svc.config().retry.dependency_recheck;
+                let missing = format!(
+                    "account {} is not in HaloPSA yet (no customer linked to it); retried until the account event has been applied",
+                    data.account_id
+                );
+                let f =
+                    links::still_absent(store, halo, &CUSTOMER, &data.account_id, recheck, missing)
+                        .await;
+                results[i] = Some(Err(f));
+                continue;
+            }
+            // The account worker is creating it right now: wait for it
+            // (no request, no attempt).
+            Known::Creating => {
+                let mut f = Failure::dependency(format!(
+                    "account {} is being created in HaloPSA right now; retried once it is",
+                    data.account_id
+                ));
+                f.throttled = true;
+                results[i] = Some(Err(f));
+                continue;
+            }
+            // Redis is unsure: the one-event path asks HaloPSA.
+            Known::Unsure => continue,
         };
         let marker = links::marker(&SUBSCRIPTION, &data.subscription_id);
         match (&licences[n], &invoices[n]) {
@@ -184,6 +214,12 @@ pub(crate) async fn apply(
             _ => {}
         }
     }
+    tracing::info!(
+        size = events.len(),
+        known = warm.len(),
+        new = new.len(),
+        "the batch takes these itself; the rest goes one by one"
+    );
     if warm.is_empty() && new.is_empty() {
         return results;
     }
@@ -249,10 +285,6 @@ async fn create(
 ) {
     let conn = halo.connection().name.clone();
     let store = &svc.store;
-    let subs: Vec<String> = new
-        .iter()
-        .map(|(_, w)| w.data.subscription_id.clone())
-        .collect();
     let mut new_headers: Vec<String> = new
         .iter()
         .filter(|(_, w)| w.ihid.is_none())
@@ -260,10 +292,74 @@ async fn create(
         .collect();
     new_headers.sort();
     new_headers.dedup();
+    // A customer's invoice is shared by all its subscriptions, each under
+    // its own aggregate lock: it is created under the invoice's own lock
+    // (the one `halo::lines::recurring_invoice` takes), and only if it is
+    // still absent once that lock is held. An invoice another worker is
+    // busy with leaves its events to the one-event path, which waits for it.
+    let lock_ttl = svc.config().worker.lock_ttl;
+    let mut header_locks = Vec::new();
+    let mut blocked: Vec<String> = Vec::new();
+    for account in &new_headers {
+        let lock = store
+            .lock(
+                &conn,
+                &format!("{}:{account}", RECURRING_INVOICE.name),
+                lock_ttl,
+                std::time::Duration::from_millis(50),
+            )
+            .await;
+        match lock {
+            Ok(l) => header_locks.push(l),
+            Err(_) => blocked.push(account.clone()),
+        }
+    }
+    match store
+        .known(&conn, RECURRING_INVOICE.name, &new_headers)
+        .await
+    {
+        Ok(k) => {
+            for (n, account) in new_headers.iter().enumerate() {
+                if k.mappings[n].is_some() || k.unsure[n] || k.creating[n] {
+                    blocked.push(account.clone());
+                }
+            }
+        }
+        Err(_) => blocked.extend(new_headers.iter().cloned()),
+    }
+    let new: Vec<(usize, New)> = new
+        .into_iter()
+        .filter(|(_, w)| w.ihid.is_some() || !blocked.contains(&w.data.account_id))
+        .collect();
+    new_headers.retain(|a| !blocked.contains(a));
+    create_under_locks(svc, halo, new, new_headers, results).await;
+    for l in header_locks {
+        if let Err(e) = l.release().await {
+            tracing::warn!(error = %e, "could not release an invoice lock; it expires on its own");
+        }
+    }
+}
+
+async fn create_under_locks(
+    svc: &Services,
+    halo: &HaloClient,
+    new: Vec<(usize, New)>,
+    new_headers: Vec<String>,
+    results: &mut [Option<Result<Outcome, Failure>>],
+) {
+    let conn = halo.connection().name.clone();
+    let store = &svc.store;
+    let subs: Vec<String> = new
+        .iter()
+        .map(|(_, w)| w.data.subscription_id.clone())
+        .collect();
     let marked = async {
-        store.mark_unsure(&conn, SUBSCRIPTION.name, &subs).await?;
+        let window = svc.config().worker.http_timeout;
         store
-            .mark_unsure(&conn, RECURRING_INVOICE.name, &new_headers)
+            .creating(&conn, SUBSCRIPTION.name, &subs, window)
+            .await?;
+        store
+            .creating(&conn, RECURRING_INVOICE.name, &new_headers, window)
             .await
     }
     .await;

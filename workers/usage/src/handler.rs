@@ -62,7 +62,7 @@ use async_trait::async_trait;
 use halosync_shared::contract::{Envelope, Family, Product, UsageData};
 use halosync_shared::halo::items;
 use halosync_shared::halo::lines::{self, Invoice};
-use halosync_shared::halo::links::{self, RECURRING_INVOICE, SUBSCRIPTION, USAGE};
+use halosync_shared::halo::links::{self, Known, RECURRING_INVOICE, SUBSCRIPTION, USAGE};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
 use halosync_shared::store::StateError;
@@ -285,10 +285,41 @@ impl<'a> Batch<'a> {
                 .await?
                 .halo_id;
         let w = &config.worker;
-        // The same invoice (and header body) as the subscription worker's.
-        let ihid =
-            lines::recurring_invoice(store, halo, account_id, customer, w.lock_ttl, w.lock_wait)
-                .await?;
+        // The subscription worker's invoice: it creates it with the
+        // account's first subscription line, and usage has nothing to bill
+        // before that subscription is there. Known absent: wait for it
+        // without a request; unsure (Redis lost it): found, or created, the
+        // one way (same header body, converging on the earliest).
+        let known = links::known_many(store, halo, &RECURRING_INVOICE, &[account_id.to_string()])
+            .await?
+            .pop();
+        let ihid = match known {
+            Some(Known::Mapped(m)) => m.halo_id,
+            Some(Known::Absent) => {
+                return Err(links::still_absent(
+                    store,
+                    halo,
+                    &RECURRING_INVOICE,
+                    account_id,
+                    config.retry.dependency_recheck,
+                    format!(
+                        "account {account_id} has no halosync recurring invoice yet (the subscription worker creates it with its first subscription); retried until it has"
+                    ),
+                )
+                .await)
+            }
+            Some(Known::Creating) => {
+                let mut f = Failure::dependency(format!(
+                    "the halosync recurring invoice of account {account_id} is being created right now; retried once it is"
+                ));
+                f.throttled = true;
+                return Err(f);
+            }
+            Some(Known::Unsure) | None => {
+                lines::recurring_invoice(store, halo, account_id, customer, w.lock_ttl, w.lock_wait)
+                    .await?
+            }
+        };
         Ok((customer, ihid))
     }
 
