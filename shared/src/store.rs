@@ -415,6 +415,30 @@ impl Store {
         Ok(())
     }
 
+    /// Takes back [`creating`](Self::creating) for ids whose create
+    /// certainly saved nothing (HaloPSA did not process it).
+    #[tracing::instrument(name = "redis.not_created", skip_all, level = "info")]
+    pub async fn not_created(
+        &self,
+        conn: &str,
+        kind: &str,
+        billing_ids: &[String],
+    ) -> Result<(), StateError> {
+        if billing_ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for id in billing_ids {
+            pipe.del(self.keys.key(conn, &["unsure", kind, id]))
+                .ignore()
+                .del(self.keys.key(conn, &["creating", kind, id]))
+                .ignore();
+        }
+        let mut r = self.redis.clone();
+        let _: () = pipe.query_async(&mut r).await?;
+        Ok(())
+    }
+
     /// What Redis knows of many ids of one kind, in one round trip: each
     /// one's mapping, whether it is unsure ([`mark_unsure`](Self::mark_unsure)),
     /// and whether the kind was imported from HaloPSA in this Redis's

@@ -348,6 +348,15 @@ pub fn cached_line_refused(line: i64, ihid: i64, refusal: &Failure) -> Failure {
     ))
 }
 
+/// Whether a failed write certainly saved nothing: HaloPSA did not process
+/// it (429, our own budget or write fence, a token or permission refusal).
+/// A batch then fails the array's events with it, together (they come
+/// back together from the delay queue), instead of sending each on its
+/// own: only a refusal (400/422) or a lost answer needs that.
+pub fn unprocessed(e: &HaloError) -> bool {
+    !refused(e) && !answer_may_be_lost(e)
+}
+
 /// 400/422: HaloPSA refused (part of) the array as invalid.
 fn refused(e: &HaloError) -> bool {
     matches!(e.status(), Some(400 | 422))

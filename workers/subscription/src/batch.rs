@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use halosync_shared::contract::{Envelope, Product, SubscriptionData, Version};
 use halosync_shared::halo::lines::{self, Invoice};
 use halosync_shared::halo::links::{self, Known, CUSTOMER, RECURRING_INVOICE, SUBSCRIPTION};
-use halosync_shared::halo::{record_id, HaloClient};
+use halosync_shared::halo::{record_id, HaloClient, HaloError};
 use halosync_shared::runtime::{Outcome, Services};
 use halosync_shared::store::Mapping;
 use halosync_shared::{Failure, FailureClass};
@@ -390,7 +390,13 @@ async fn create_under_locks(
                 continue;
             }
             Err(e) => {
-                tracing::info!(error = %e, size = chunk.len(), "the licence array failed; each is looked up on its own");
+                if fail_or_leave(chunk.iter().map(|(i, _)| *i), e, "licence", results) {
+                    let ids: Vec<String> = chunk
+                        .iter()
+                        .map(|(_, w)| w.data.subscription_id.clone())
+                        .collect();
+                    let _ = store.not_created(&conn, SUBSCRIPTION.name, &ids).await;
+                }
                 continue;
             }
         };
@@ -502,7 +508,13 @@ async fn create_under_locks(
                 continue;
             }
             Err(e) => {
-                tracing::info!(error = %e, size = chunk.len(), "the invoice array failed; each is looked up on its own");
+                let events = chunk
+                    .iter()
+                    .flat_map(|(_, ks)| ks.iter().map(|&k| new[k].0));
+                if fail_or_leave(events, e, "invoice", results) {
+                    let ids: Vec<String> = chunk.iter().map(|(a, _)| a.to_string()).collect();
+                    let _ = store.not_created(&conn, RECURRING_INVOICE.name, &ids).await;
+                }
                 continue;
             }
         };
@@ -571,11 +583,15 @@ async fn create_under_locks(
         let saved = match halo.post("/ExternalLink", bodies).await {
             Ok(Value::Array(rows)) if rows.len() == chunk.len() => rows,
             Ok(one @ Value::Object(_)) if chunk.len() == 1 => vec![one],
-            Ok(_) | Err(_) => {
-                tracing::info!(
+            Ok(_) => {
+                tracing::warn!(
                     size = chunk.len(),
-                    "the version array failed; each event goes on its own"
+                    "the version array's answer does not line up; each event goes on its own"
                 );
+                continue;
+            }
+            Err(e) => {
+                fail_or_leave(chunk.iter().map(|&k| new[k].0), e, "version", results);
                 continue;
             }
         };
@@ -646,8 +662,7 @@ async fn apply_chunk(
         })
         .collect();
     if let Err(e) = halo.post("/SoftwareLicence", bodies).await {
-        tracing::info!(error = %e, size = chunk.len(),
-            "the licence array failed; each event goes on its own");
+        fail_or_leave(chunk.iter().map(|(i, _)| *i), e, "licence", results);
         return;
     }
     seed_products(svc, halo, chunk).await;
@@ -700,8 +715,7 @@ async fn apply_chunk(
         })
         .collect();
     if let Err(e) = halo.post("/ExternalLink", versions).await {
-        tracing::info!(error = %e, size = written.len(),
-            "the version array failed; each event goes on its own");
+        fail_or_leave(written.iter().map(|&k| chunk[k].0), e, "version", results);
         return;
     }
     for k in written {
@@ -724,4 +738,27 @@ async fn seed_products(svc: &Services, halo: &HaloClient, chunk: &[(usize, Warm)
         .map(|(_, w)| (w.data.subscription_id.as_str(), &w.data.product))
         .collect();
     invoice::seed_products(svc, &halo.connection().name, &products).await;
+}
+
+/// After an array failed: if HaloPSA certainly saved nothing
+/// (`lines::unprocessed`: 429, budget, fence, permission), its events fail
+/// with that error, together; otherwise (refused in part, answer lost)
+/// they are left to the one-event path, which asks HaloPSA what was saved.
+fn fail_or_leave(
+    events: impl Iterator<Item = usize>,
+    e: HaloError,
+    what: &str,
+    results: &mut [Option<Result<Outcome, Failure>>],
+) -> bool {
+    if lines::unprocessed(&e) {
+        tracing::info!(error = %e, what, "the array was not processed; its events are retried together");
+        let f = Failure::from(e);
+        for i in events {
+            results[i] = Some(Err(f.clone()));
+        }
+        true
+    } else {
+        tracing::info!(error = %e, what, "the array failed; each of its events goes on its own");
+        false
+    }
 }
