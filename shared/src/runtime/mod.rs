@@ -419,24 +419,40 @@ async fn session(
     let batch_wait = w.batch_wait;
     let mut batch: Vec<Delivery> = Vec::new();
     let mut batch_deadline = tokio::time::Instant::now();
+    // One batch at a time per process: the next one fills while the last
+    // is written, and goes out only when it is done (or full). So the
+    // slower HaloPSA answers (a tight budget, a slow instance), the more a
+    // batch gathers: under pressure even a trickle coalesces, and requests
+    // go to writes, not to many small batches' look-ups.
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let spawn_batch = |taken: Vec<Delivery>| {
+        let (services, handler, publisher) = (services.clone(), handler.clone(), publisher.clone());
+        let (in_flight, done) = (in_flight.clone(), done.clone());
+        in_flight.fetch_add(1, Ordering::SeqCst);
+        tracker.spawn(async move {
+            batch::settle_batch(services, handler, publisher, taken).await;
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            done.notify_one();
+        });
+    };
     let lost = loop {
+        let idle = in_flight.load(Ordering::SeqCst) == 0;
         tokio::select! {
             _ = shutdown.cancelled() => break None,
-            _ = tokio::time::sleep_until(batch_deadline), if !batch.is_empty() => {
-                let (services, handler, publisher) = (services.clone(), handler.clone(), publisher.clone());
-                let taken = std::mem::take(&mut batch);
-                tracker.spawn(async move { batch::settle_batch(services, handler, publisher, taken).await });
+            _ = tokio::time::sleep_until(batch_deadline), if !batch.is_empty() && idle => {
+                spawn_batch(std::mem::take(&mut batch));
             }
-            next = consumer.next() => match next {
+            // The batch in flight finished: look again.
+            _ = done.notified(), if !idle => {}
+            next = consumer.next(), if batch.len() < batch_max => match next {
                 Some(Ok(delivery)) if batching => {
                     if batch.is_empty() {
                         batch_deadline = tokio::time::Instant::now() + batch_wait;
                     }
                     batch.push(delivery);
-                    if batch.len() >= batch_max {
-                        let (services, handler, publisher) = (services.clone(), handler.clone(), publisher.clone());
-                        let taken = std::mem::take(&mut batch);
-                        tracker.spawn(async move { batch::settle_batch(services, handler, publisher, taken).await });
+                    if batch.len() >= batch_max && idle {
+                        spawn_batch(std::mem::take(&mut batch));
                     }
                 }
                 Some(Ok(delivery)) => {
@@ -454,10 +470,7 @@ async fn session(
     services.health.consuming.store(false, Ordering::SeqCst);
     if lost.is_none() && !batch.is_empty() {
         // Shutting down: the collected batch is in flight; finish it.
-        let (services, handler, publisher) = (services.clone(), handler.clone(), publisher.clone());
-        let taken = std::mem::take(&mut batch);
-        tracker
-            .spawn(async move { batch::settle_batch(services, handler, publisher, taken).await });
+        spawn_batch(std::mem::take(&mut batch));
     }
     tracker.close();
     if let Some(e) = lost {
