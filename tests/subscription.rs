@@ -1091,7 +1091,7 @@ async fn subscription_events_coalesce_and_a_partly_saved_or_lost_array_doubles_n
             );
         }
         assert_eq!(env.sim.licences().len(), SUBS, "no licence twice");
-        assert_eq!(all_lines(&env).len(), SUBS, "no line twice");
+        assert_eq!(all_lines(env).len(), SUBS, "no line twice");
     };
 
     // Created one by one (the batch takes only known subscriptions).

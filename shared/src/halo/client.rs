@@ -112,6 +112,33 @@ impl HaloClient {
             .await
     }
 
+    /// POSTs an array of records and returns the saved ones by position.
+    /// The answer's shape is UNCONFIRMED (reference §2), so positions are
+    /// trusted only when there is one saved record per record sent (one
+    /// object for one). `Err(Some(e))`: the request failed; `Err(None)`:
+    /// it succeeded but the answer does not line up (logged here), so the
+    /// caller must find what was saved another way.
+    pub async fn post_each(
+        &self,
+        path: &str,
+        records: Vec<Value>,
+    ) -> Result<Vec<Value>, Option<HaloError>> {
+        let sent = records.len();
+        match self.post(path, records).await {
+            Ok(Value::Array(rows)) if rows.len() == sent => Ok(rows),
+            Ok(one @ Value::Object(_)) if sent == 1 => Ok(vec![one]),
+            Ok(_) => {
+                tracing::warn!(
+                    path,
+                    size = sent,
+                    "the array's answer does not line up with what was sent; what it saved is looked up instead"
+                );
+                Err(None)
+            }
+            Err(e) => Err(Some(e)),
+        }
+    }
+
     pub async fn delete(&self, path: &str) -> Result<Value, HaloError> {
         self.send(Method::DELETE, path, &[], None).await
     }

@@ -236,17 +236,10 @@ impl Batch {
             .collect();
         // Saved records by position, when the answer came and lines up
         // (response shape UNCONFIRMED: one object for one element).
-        let saved: Vec<Value> = match halo.post("/Client", bodies).await {
-            Ok(Value::Array(rows)) if rows.len() == creates.len() => rows,
-            Ok(one @ Value::Object(_)) if creates.len() == 1 => vec![one],
-            Ok(_) => {
-                tracing::warn!(
-                    size = creates.len(),
-                    "the customer array's answer does not line up; each is looked up on its own"
-                );
-                return;
-            }
-            Err(e) => {
+        let saved: Vec<Value> = match halo.post_each("/Client", bodies).await {
+            Ok(rows) => rows,
+            Err(None) => return,
+            Err(Some(e)) => {
                 tracing::warn!(error = %e, size = creates.len(), "the customer array failed; each is looked up on its own");
                 return;
             }
@@ -479,7 +472,7 @@ async fn adopt_or_create(
         .creating(
             &conn.name,
             CUSTOMER.name,
-            &[data.account_id.clone()],
+            std::slice::from_ref(&data.account_id),
             svc.config().worker.http_timeout,
         )
         .await?;

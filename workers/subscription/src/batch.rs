@@ -214,7 +214,7 @@ pub(crate) async fn apply(
             _ => {}
         }
     }
-    tracing::info!(
+    tracing::debug!(
         size = events.len(),
         known = warm.len(),
         new = new.len(),
@@ -379,17 +379,10 @@ async fn create_under_locks(
             .iter()
             .map(|(_, w)| licence_record(&w.data, &w.terms, w.customer_id, None, &w.marker, policy))
             .collect();
-        let saved = match halo.post("/SoftwareLicence", bodies).await {
-            Ok(Value::Array(rows)) if rows.len() == chunk.len() => rows,
-            Ok(one @ Value::Object(_)) if chunk.len() == 1 => vec![one],
-            Ok(_) => {
-                tracing::warn!(
-                    size = chunk.len(),
-                    "the licence array's answer does not line up; each is looked up on its own"
-                );
-                continue;
-            }
-            Err(e) => {
+        let saved = match halo.post_each("/SoftwareLicence", bodies).await {
+            Ok(rows) => rows,
+            Err(None) => continue,
+            Err(Some(e)) => {
                 if fail_or_leave(chunk.iter().map(|(i, _)| *i), e, "licence", results) {
                     let ids: Vec<String> = chunk
                         .iter()
@@ -497,17 +490,10 @@ async fn create_under_locks(
                 body
             })
             .collect();
-        let saved = match halo.post("/RecurringInvoice", bodies).await {
-            Ok(Value::Array(rows)) if rows.len() == chunk.len() => rows,
-            Ok(one @ Value::Object(_)) if chunk.len() == 1 => vec![one],
-            Ok(_) => {
-                tracing::warn!(
-                    size = chunk.len(),
-                    "the invoice array's answer does not line up; each is looked up on its own"
-                );
-                continue;
-            }
-            Err(e) => {
+        let saved = match halo.post_each("/RecurringInvoice", bodies).await {
+            Ok(rows) => rows,
+            Err(None) => continue,
+            Err(Some(e)) => {
                 let events = chunk
                     .iter()
                     .flat_map(|(_, ks)| ks.iter().map(|&k| new[k].0));
@@ -580,17 +566,10 @@ async fn create_under_locks(
                 })
             })
             .collect();
-        let saved = match halo.post("/ExternalLink", bodies).await {
-            Ok(Value::Array(rows)) if rows.len() == chunk.len() => rows,
-            Ok(one @ Value::Object(_)) if chunk.len() == 1 => vec![one],
-            Ok(_) => {
-                tracing::warn!(
-                    size = chunk.len(),
-                    "the version array's answer does not line up; each event goes on its own"
-                );
-                continue;
-            }
-            Err(e) => {
+        let saved = match halo.post_each("/ExternalLink", bodies).await {
+            Ok(rows) => rows,
+            Err(None) => continue,
+            Err(Some(e)) => {
                 fail_or_leave(chunk.iter().map(|&k| new[k].0), e, "version", results);
                 continue;
             }
