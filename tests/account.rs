@@ -251,7 +251,7 @@ async fn fivexx_and_429_are_retried_then_applied() {
                 faults: Faults {
                     fail_next: 3,
                     rate_limit: Some(RateLimit {
-                        requests: 6,
+                        requests: 3,
                         window_secs: 1,
                         retry_after: false,
                     }),
@@ -261,8 +261,8 @@ async fn fivexx_and_429_are_retried_then_applied() {
             },
             // a budget far above HaloPSA's, so that 429s do happen
             connection_extra: "requests_per_window = 1000\nwindow_seconds = 1".into(),
-            // One event per batch: ten arrays of one spend enough requests
-            // to meet HaloPSA's limit (one array of ten would not).
+            // One event per batch: ten arrays of one (one request each)
+            // meet HaloPSA's limit of 3 a second (one array of ten would not).
             extra: "[worker]\nbatch_max = 1\n".into(),
             max_attempts: 12,
             ..Default::default()

@@ -295,11 +295,13 @@ async fn alerts_and_dashboard_use_only_metrics_the_workers_export_and_fire_on_re
     );
     let config_for = |port: u16, name: &str| {
         let path = env.dir.join(name);
-        std::fs::write(
-            &path,
-            format!("{base}{broken}\n[worker]\nhealth_port = {port}\n"),
-        )
-        .expect("write worker config");
+        // The harness's config has a `[worker]` table already.
+        let with_port = base.replacen(
+            "[worker]\n",
+            &format!("[worker]\nhealth_port = {port}\n"),
+            1,
+        );
+        std::fs::write(&path, format!("{with_port}{broken}")).expect("write worker config");
         path.display().to_string()
     };
     let account_config = config_for(account_port, "account.toml");

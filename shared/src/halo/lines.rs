@@ -358,7 +358,7 @@ pub fn unprocessed(e: &HaloError) -> bool {
 }
 
 /// 400/422: HaloPSA refused (part of) the array as invalid.
-fn refused(e: &HaloError) -> bool {
+pub fn refused(e: &HaloError) -> bool {
     matches!(e.status(), Some(400 | 422))
 }
 

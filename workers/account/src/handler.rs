@@ -19,8 +19,9 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use halosync_shared::contract::{AccountData, Envelope, Family, Version};
+use halosync_shared::halo::lines;
 use halosync_shared::halo::links::{self, Known, CUSTOMER};
-use halosync_shared::halo::{record_id, HaloClient};
+use halosync_shared::halo::{record_id, HaloClient, HaloError};
 use halosync_shared::runtime::{Handler, Outcome, Services};
 use halosync_shared::store::Mapping;
 use halosync_shared::Failure;
@@ -178,6 +179,22 @@ impl Batch {
         out
     }
 
+    /// After an update or version array failed (resending a merge is
+    /// harmless): refused, each event goes on its own, which isolates the
+    /// refused one; anything else fails the events together, retried
+    /// later (not at once into an outage).
+    fn array_failed(&mut self, e: HaloError, events: impl Iterator<Item = usize>, what: &str) {
+        if lines::refused(&e) {
+            tracing::info!(error = %e, what, "HaloPSA refused the array; each of its events goes on its own");
+            return;
+        }
+        tracing::info!(error = %e, what, "the array failed; its events are retried together");
+        let f = Failure::from(e);
+        for i in events {
+            self.results[i] = Some(Err(f.clone()));
+        }
+    }
+
     /// Events not decided yet.
     fn live(&self) -> impl Iterator<Item = (usize, &Work)> {
         self.work
@@ -239,8 +256,24 @@ impl Batch {
         let saved: Vec<Value> = match halo.post_each("/Client", bodies).await {
             Ok(rows) => rows,
             Err(None) => return,
+            // Refused in part: each on its own, which finds what was saved
+            // and isolates the refused one.
+            Err(Some(e)) if lines::refused(&e) => {
+                tracing::info!(error = %e, size = creates.len(), "HaloPSA refused the customer array; each is looked up on its own");
+                return;
+            }
+            // Not processed: nothing saved. A lost answer: the ids stay
+            // unsure and the retry asks HaloPSA (later, not at once into an
+            // outage). Either way the events are retried together.
             Err(Some(e)) => {
-                tracing::warn!(error = %e, size = creates.len(), "the customer array failed; each is looked up on its own");
+                tracing::info!(error = %e, size = creates.len(), "the customer array failed; its events are retried together");
+                if lines::unprocessed(&e) {
+                    let _ = svc.store.not_created(&conn.name, CUSTOMER.name, &ids).await;
+                }
+                let f = Failure::from(e);
+                for &i in &creates {
+                    self.results[i] = Some(Err(f.clone()));
+                }
                 return;
             }
         };
@@ -298,7 +331,7 @@ impl Batch {
             })
             .collect();
         if let Err(e) = halo.post("/Client", bodies).await {
-            tracing::warn!(error = %e, size = updates.len(), "the customer update array failed; each is retried on its own");
+            self.array_failed(e, updates.iter().map(|(i, _)| *i), "customer update");
             return;
         }
         let versions: Vec<Value> = updates
@@ -321,7 +354,7 @@ impl Batch {
         let saved = match halo.post("/ExternalLink", versions).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, size = updates.len(), "the version array failed; each is retried on its own");
+                self.array_failed(e, updates.iter().map(|(i, _)| *i), "version");
                 return;
             }
         };

@@ -89,6 +89,29 @@ pub(crate) async fn apply(
             Err(f) => results[i] = Some(Err(f)),
         }
     }
+    // 1b. Item mappings, once per sku (the config's, else HaloPSA's,
+    //     cached), before anything else: an unmapped sku is dead-lettered
+    //     at once, whatever else is missing, as on the one-event path.
+    let skus: BTreeSet<String> = parsed.iter().map(|p| p.1.product.sku.clone()).collect();
+    let mut item_ids: HashMap<String, i64> = HashMap::new();
+    let mut unmapped: HashMap<String, Failure> = HashMap::new();
+    for sku in skus {
+        match crate::handler::item_for(svc, halo, &sku).await {
+            Ok(item) => {
+                item_ids.insert(sku, item);
+            }
+            Err(f) => {
+                unmapped.insert(sku, f);
+            }
+        }
+    }
+    parsed.retain(|(i, d, _, _)| match unmapped.get(&d.product.sku) {
+        Some(f) => {
+            results[*i] = Some(Err(f.clone()));
+            false
+        }
+        None => true,
+    });
     let subs: Vec<String> = parsed.iter().map(|p| p.1.subscription_id.clone()).collect();
     let accounts: Vec<String> = parsed.iter().map(|p| p.1.account_id.clone()).collect();
 
@@ -224,39 +247,13 @@ pub(crate) async fn apply(
         return results;
     }
 
-    // 4. Item mappings, once per sku (the config's, else HaloPSA's, cached).
-    let skus: BTreeSet<String> = warm
-        .iter()
-        .map(|(_, w)| w.data.product.sku.clone())
-        .chain(new.iter().map(|(_, w)| w.data.product.sku.clone()))
-        .collect();
-    let mut items: HashMap<String, Result<i64, Failure>> = HashMap::new();
-    for sku in skus {
-        let item = crate::handler::item_for(svc, halo, &sku).await;
-        items.insert(sku, item);
+    // Items were resolved first (step 1b).
+    for (_, w) in warm.iter_mut() {
+        w.item_id = item_ids.get(&w.data.product.sku).copied().unwrap_or(0);
     }
-    let mut item_of = |i: usize, sku: &str| match items.get(sku) {
-        Some(Ok(item)) => Some(*item),
-        Some(Err(f)) => {
-            results[i] = Some(Err(f.clone()));
-            None
-        }
-        None => None,
-    };
-    warm.retain_mut(|(i, w)| match item_of(*i, &w.data.product.sku) {
-        Some(item) => {
-            w.item_id = item;
-            true
-        }
-        None => false,
-    });
-    new.retain_mut(|(i, w)| match item_of(*i, &w.data.product.sku) {
-        Some(item) => {
-            w.item_id = item;
-            true
-        }
-        None => false,
-    });
+    for (_, w) in new.iter_mut() {
+        w.item_id = item_ids.get(&w.data.product.sku).copied().unwrap_or(0);
+    }
 
     for chunk in warm.chunks(ARRAY_MAX) {
         apply_chunk(svc, halo, chunk, &mut results).await;
@@ -719,25 +716,30 @@ async fn seed_products(svc: &Services, halo: &HaloClient, chunk: &[(usize, Warm)
     invoice::seed_products(svc, &halo.connection().name, &products).await;
 }
 
-/// After an array failed: if HaloPSA certainly saved nothing
-/// (`lines::unprocessed`: 429, budget, fence, permission), its events fail
-/// with that error, together; otherwise (refused in part, answer lost)
-/// they are left to the one-event path, which asks HaloPSA what was saved.
+/// After an array failed. Refused (400/422: one element, but which is
+/// unknown, and the elements before it may be saved): its events are left
+/// to the one-event path, which asks HaloPSA what was saved and isolates
+/// the refused one. Anything else fails its events with the error, together
+/// (they come back together from the delay queue): unprocessed (429,
+/// budget, fence, permission) saved nothing, and returns true, so that the
+/// caller takes back its "creating" marks; a lost answer (5xx, timeout)
+/// may have saved some, so the ids stay unsure and the retry asks HaloPSA,
+/// later rather than at once into an outage.
 fn fail_or_leave(
     events: impl Iterator<Item = usize>,
     e: HaloError,
     what: &str,
     results: &mut [Option<Result<Outcome, Failure>>],
 ) -> bool {
-    if lines::unprocessed(&e) {
-        tracing::info!(error = %e, what, "the array was not processed; its events are retried together");
-        let f = Failure::from(e);
-        for i in events {
-            results[i] = Some(Err(f.clone()));
-        }
-        true
-    } else {
-        tracing::info!(error = %e, what, "the array failed; each of its events goes on its own");
-        false
+    if lines::refused(&e) {
+        tracing::info!(error = %e, what, "HaloPSA refused the array; each of its events goes on its own");
+        return false;
     }
+    let unprocessed = lines::unprocessed(&e);
+    tracing::info!(error = %e, what, unprocessed, "the array failed; its events are retried together");
+    let f = Failure::from(e);
+    for i in events {
+        results[i] = Some(Err(f.clone()));
+    }
+    unprocessed
 }
