@@ -357,6 +357,39 @@ pub fn unprocessed(e: &HaloError) -> bool {
     !refused(e) && !answer_may_be_lost(e)
 }
 
+/// What a batch does after one of its arrays failed: the one policy of
+/// every family.
+pub enum AfterArray {
+    /// Refused (400/422): one element was, but which is unknown and the
+    /// elements before it may be saved. Each event goes on its own (its
+    /// one-event path asks HaloPSA what was saved and isolates the refused
+    /// one).
+    OneByOne,
+    /// Anything else: the array's events fail with this, together (they
+    /// come back together from the delay queue, not at once into an
+    /// outage). `saved_nothing`: HaloPSA did not process it (429, budget,
+    /// fence, permission), so a create's "creating" marks can be taken
+    /// back; after a lost answer (5xx, timeout) the ids stay unsure.
+    RetryTogether {
+        failure: Failure,
+        saved_nothing: bool,
+    },
+}
+
+/// [`AfterArray`] for the error of an array of `what`, logged.
+pub fn after_array_failure(e: HaloError, what: &str) -> AfterArray {
+    if refused(&e) {
+        tracing::info!(error = %e, what, "HaloPSA refused the array; each of its events goes on its own");
+        return AfterArray::OneByOne;
+    }
+    let saved_nothing = unprocessed(&e);
+    tracing::info!(error = %e, what, saved_nothing, "the array failed; its events are retried together");
+    AfterArray::RetryTogether {
+        failure: Failure::from(e),
+        saved_nothing,
+    }
+}
+
 /// 400/422: HaloPSA refused (part of) the array as invalid.
 pub fn refused(e: &HaloError) -> bool {
     matches!(e.status(), Some(400 | 422))

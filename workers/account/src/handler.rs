@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use halosync_shared::contract::{AccountData, Envelope, Family, Version};
-use halosync_shared::halo::lines;
+use halosync_shared::halo::lines::{self, AfterArray};
 use halosync_shared::halo::links::{self, Known, CUSTOMER};
 use halosync_shared::halo::{record_id, HaloClient, HaloError};
 use halosync_shared::runtime::{Handler, Outcome, Services};
@@ -183,15 +183,23 @@ impl Batch {
     /// harmless): refused, each event goes on its own, which isolates the
     /// refused one; anything else fails the events together, retried
     /// later (not at once into an outage).
-    fn array_failed(&mut self, e: HaloError, events: impl Iterator<Item = usize>, what: &str) {
-        if lines::refused(&e) {
-            tracing::info!(error = %e, what, "HaloPSA refused the array; each of its events goes on its own");
-            return;
-        }
-        tracing::info!(error = %e, what, "the array failed; its events are retried together");
-        let f = Failure::from(e);
-        for i in events {
-            self.results[i] = Some(Err(f.clone()));
+    fn array_failed(
+        &mut self,
+        e: HaloError,
+        events: impl Iterator<Item = usize>,
+        what: &str,
+    ) -> bool {
+        match lines::after_array_failure(e, what) {
+            AfterArray::OneByOne => false,
+            AfterArray::RetryTogether {
+                failure,
+                saved_nothing,
+            } => {
+                for i in events {
+                    self.results[i] = Some(Err(failure.clone()));
+                }
+                saved_nothing
+            }
         }
     }
 
@@ -258,21 +266,11 @@ impl Batch {
             Err(None) => return,
             // Refused in part: each on its own, which finds what was saved
             // and isolates the refused one.
-            Err(Some(e)) if lines::refused(&e) => {
-                tracing::info!(error = %e, size = creates.len(), "HaloPSA refused the customer array; each is looked up on its own");
-                return;
-            }
-            // Not processed: nothing saved. A lost answer: the ids stay
-            // unsure and the retry asks HaloPSA (later, not at once into an
-            // outage). Either way the events are retried together.
+            // One policy for a failed array (`lines::after_array_failure`);
+            // if nothing was saved, the "creating" marks are taken back.
             Err(Some(e)) => {
-                tracing::info!(error = %e, size = creates.len(), "the customer array failed; its events are retried together");
-                if lines::unprocessed(&e) {
+                if self.array_failed(e, creates.iter().copied(), "customer") {
                     let _ = svc.store.not_created(&conn.name, CUSTOMER.name, &ids).await;
-                }
-                let f = Failure::from(e);
-                for &i in &creates {
-                    self.results[i] = Some(Err(f.clone()));
                 }
                 return;
             }

@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use halosync_shared::contract::{Envelope, Product, SubscriptionData, Version};
-use halosync_shared::halo::lines::{self, Invoice};
+use halosync_shared::halo::lines::{self, AfterArray, Invoice};
 use halosync_shared::halo::links::{self, Known, CUSTOMER, RECURRING_INVOICE, SUBSCRIPTION};
 use halosync_shared::halo::{record_id, HaloClient, HaloError};
 use halosync_shared::runtime::{Outcome, Services};
@@ -210,7 +210,8 @@ pub(crate) async fn apply(
                     },
                 ));
             }
-            (Known::Absent, Known::Mapped(inv)) => new.push((
+            // New; its invoice known, or known absent (created with it).
+            (Known::Absent, inv @ (Known::Mapped(_) | Known::Absent)) => new.push((
                 i,
                 New {
                     data,
@@ -218,19 +219,10 @@ pub(crate) async fn apply(
                     terms,
                     item_id: 0,
                     customer_id: customer.halo_id,
-                    ihid: Some(inv.halo_id),
-                    marker,
-                },
-            )),
-            (Known::Absent, Known::Absent) => new.push((
-                i,
-                New {
-                    data,
-                    version,
-                    terms,
-                    item_id: 0,
-                    customer_id: customer.halo_id,
-                    ihid: None,
+                    ihid: match inv {
+                        Known::Mapped(m) => Some(m.halo_id),
+                        _ => None,
+                    },
                     marker,
                 },
             )),
@@ -716,30 +708,25 @@ async fn seed_products(svc: &Services, halo: &HaloClient, chunk: &[(usize, Warm)
     invoice::seed_products(svc, &halo.connection().name, &products).await;
 }
 
-/// After an array failed. Refused (400/422: one element, but which is
-/// unknown, and the elements before it may be saved): its events are left
-/// to the one-event path, which asks HaloPSA what was saved and isolates
-/// the refused one. Anything else fails its events with the error, together
-/// (they come back together from the delay queue): unprocessed (429,
-/// budget, fence, permission) saved nothing, and returns true, so that the
-/// caller takes back its "creating" marks; a lost answer (5xx, timeout)
-/// may have saved some, so the ids stay unsure and the retry asks HaloPSA,
-/// later rather than at once into an outage.
+/// After an array failed: `lines::after_array_failure` decides. Returns
+/// whether HaloPSA saved nothing (so that a create's marks can be taken
+/// back).
 fn fail_or_leave(
     events: impl Iterator<Item = usize>,
     e: HaloError,
     what: &str,
     results: &mut [Option<Result<Outcome, Failure>>],
 ) -> bool {
-    if lines::refused(&e) {
-        tracing::info!(error = %e, what, "HaloPSA refused the array; each of its events goes on its own");
-        return false;
+    match lines::after_array_failure(e, what) {
+        AfterArray::OneByOne => false,
+        AfterArray::RetryTogether {
+            failure,
+            saved_nothing,
+        } => {
+            for i in events {
+                results[i] = Some(Err(failure.clone()));
+            }
+            saved_nothing
+        }
     }
-    let unprocessed = lines::unprocessed(&e);
-    tracing::info!(error = %e, what, unprocessed, "the array failed; its events are retried together");
-    let f = Failure::from(e);
-    for i in events {
-        results[i] = Some(Err(f.clone()));
-    }
-    unprocessed
 }
