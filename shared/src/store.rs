@@ -76,6 +76,76 @@ fn manager_config() -> redis::aio::ConnectionManagerConfig {
         .set_number_of_retries(2)
 }
 
+/// Every kind of Redis key halosync writes, declared here and nowhere else:
+/// a key is `{prefix}halosync:{connection}:{kind}[:{part}...]`, and no
+/// module spells a kind as a string of its own. What lives under each, and
+/// for how long, is said once, here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KeyKind {
+    /// `event:{event_id}`: the processed-event ledger (`ledger_ttl`).
+    Event,
+    /// `lock:{aggregate}`: one aggregate's lock, held by one worker.
+    Lock,
+    /// `map:{kind}:{billing_id}`: billing id → HaloPSA id and applied version.
+    Map,
+    /// `unsure:{kind}:{billing_id}`: a create was sent whose outcome is
+    /// unknown; ask HaloPSA before creating again (`ledger_ttl`).
+    Unsure,
+    /// `creating:{kind}:{billing_id}`: a create is on the wire (`http_timeout`).
+    Creating,
+    /// `imported:{kind}`: the kind's links were imported from HaloPSA in
+    /// this Redis's lifetime.
+    Imported,
+    /// `missing:{kind}:{billing_id}`: when a missing dependency was last
+    /// asked HaloPSA about (`retry.dependency_recheck`).
+    Missing,
+    /// `epoch` (connection `""`): when this Redis started empty.
+    Epoch,
+    /// `ratelimit` (and `:cooldown`, `:learnt`): the shared request budget.
+    RateLimit,
+    /// `token` (and `token:lock`): the shared OAuth token.
+    Token,
+    /// `item_mappings`: HaloPSA items by sku, cached for the workers.
+    ItemMappings,
+    /// `subline:{subscription_id}`: the subscription's recurring line.
+    SubscriptionLine,
+    /// `subproduct:{subscription_id}`: the subscription's sku and item,
+    /// seeded by the subscription worker for the usage and overage workers.
+    SubscriptionProduct,
+    /// `usage_line:{subscription_id}:{metric}`: the usage line.
+    UsageLine,
+    /// `usage_scanned:{invoice_id}`: the invoice's usage lines are all cached.
+    UsageScanned,
+    /// `overage_line:{aggregate}`: the overage charge's line.
+    OverageLine,
+    /// `reconcile:last`: the last reconcile report of the connection.
+    Reconcile,
+}
+
+impl KeyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Event => "event",
+            KeyKind::Lock => "lock",
+            KeyKind::Map => "map",
+            KeyKind::Unsure => "unsure",
+            KeyKind::Creating => "creating",
+            KeyKind::Imported => "imported",
+            KeyKind::Missing => "missing",
+            KeyKind::Epoch => "epoch",
+            KeyKind::RateLimit => "ratelimit",
+            KeyKind::Token => "token",
+            KeyKind::ItemMappings => "item_mappings",
+            KeyKind::SubscriptionLine => "subline",
+            KeyKind::SubscriptionProduct => "subproduct",
+            KeyKind::UsageLine => "usage_line",
+            KeyKind::UsageScanned => "usage_scanned",
+            KeyKind::OverageLine => "overage_line",
+            KeyKind::Reconcile => "reconcile",
+        }
+    }
+}
+
 /// Builds the namespaced keys for one deployment prefix.
 #[derive(Clone, Debug)]
 pub struct Keys {
@@ -88,8 +158,8 @@ impl Keys {
             prefix: prefix.to_string(),
         }
     }
-    pub fn key(&self, connection: &str, parts: &[&str]) -> String {
-        let mut k = format!("{}halosync:{}", self.prefix, connection);
+    pub fn key(&self, connection: &str, kind: KeyKind, parts: &[&str]) -> String {
+        let mut k = format!("{}halosync:{}:{}", self.prefix, connection, kind.as_str());
         for p in parts {
             k.push(':');
             k.push_str(p);
@@ -192,7 +262,8 @@ impl Store {
         event_id: &str,
     ) -> Result<Option<String>, StateError> {
         let mut r = self.redis.clone();
-        Ok(r.get(self.keys.key(conn, &["event", event_id])).await?)
+        Ok(r.get(self.keys.key(conn, KeyKind::Event, &[event_id]))
+            .await?)
     }
 
     /// Records that an event id was processed, with its outcome.
@@ -206,7 +277,7 @@ impl Store {
         let mut r = self.redis.clone();
         let _: () = r
             .set_ex(
-                self.keys.key(conn, &["event", event_id]),
+                self.keys.key(conn, KeyKind::Event, &[event_id]),
                 outcome,
                 self.ledger_ttl.as_secs().max(1),
             )
@@ -226,7 +297,7 @@ impl Store {
         }
         let keys: Vec<String> = event_ids
             .iter()
-            .map(|id| self.keys.key(conn, &["event", id]))
+            .map(|id| self.keys.key(conn, KeyKind::Event, &[id]))
             .collect();
         let mut r = self.redis.clone();
         let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut r).await?;
@@ -246,7 +317,7 @@ impl Store {
         let mut pipe = redis::pipe();
         for (id, outcome) in done {
             pipe.set_ex(
-                self.keys.key(conn, &["event", id]),
+                self.keys.key(conn, KeyKind::Event, &[id]),
                 *outcome,
                 self.ledger_ttl.as_secs().max(1),
             )
@@ -266,7 +337,7 @@ impl Store {
     ) -> Result<Option<Mapping>, StateError> {
         let mut r = self.redis.clone();
         let raw: Option<String> = r
-            .get(self.keys.key(conn, &["map", kind, billing_id]))
+            .get(self.keys.key(conn, KeyKind::Map, &[kind, billing_id]))
             .await?;
         // A value we cannot read is treated as absent: HaloPSA has the truth.
         Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
@@ -285,7 +356,7 @@ impl Store {
         }
         let keys: Vec<String> = billing_ids
             .iter()
-            .map(|id| self.keys.key(conn, &["map", kind, id]))
+            .map(|id| self.keys.key(conn, KeyKind::Map, &[kind, id]))
             .collect();
         let mut r = self.redis.clone();
         let raw: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut r).await?;
@@ -323,13 +394,13 @@ impl Store {
         let mut pipe = redis::pipe();
         for (id, m) in mappings {
             pipe.set(
-                self.keys.key(conn, &["map", kind, id]),
+                self.keys.key(conn, KeyKind::Map, &[kind, id]),
                 serde_json::to_string(m).unwrap_or_default(),
             )
             .ignore()
-            .del(self.keys.key(conn, &["unsure", kind, id]))
+            .del(self.keys.key(conn, KeyKind::Unsure, &[kind, id]))
             .ignore()
-            .del(self.keys.key(conn, &["creating", kind, id]))
+            .del(self.keys.key(conn, KeyKind::Creating, &[kind, id]))
             .ignore();
         }
         let mut r = self.redis.clone();
@@ -347,7 +418,7 @@ impl Store {
         kind: &str,
         billing_id: &str,
     ) -> Result<(), StateError> {
-        self.del(self.keys.key(conn, &["map", kind, billing_id]))
+        self.del(self.keys.key(conn, KeyKind::Map, &[kind, billing_id]))
             .await?;
         self.mark_unsure(conn, kind, &[billing_id.to_string()])
             .await
@@ -396,14 +467,14 @@ impl Store {
         let mut pipe = redis::pipe();
         for id in billing_ids {
             pipe.set_ex(
-                self.keys.key(conn, &["unsure", kind, id]),
+                self.keys.key(conn, KeyKind::Unsure, &[kind, id]),
                 1,
                 self.ledger_ttl.as_secs().max(1),
             )
             .ignore();
             if let Some(window) = creating {
                 pipe.cmd("SET")
-                    .arg(self.keys.key(conn, &["creating", kind, id]))
+                    .arg(self.keys.key(conn, KeyKind::Creating, &[kind, id]))
                     .arg(1)
                     .arg("PX")
                     .arg(window.as_millis().max(1) as u64)
@@ -429,9 +500,9 @@ impl Store {
         }
         let mut pipe = redis::pipe();
         for id in billing_ids {
-            pipe.del(self.keys.key(conn, &["unsure", kind, id]))
+            pipe.del(self.keys.key(conn, KeyKind::Unsure, &[kind, id]))
                 .ignore()
-                .del(self.keys.key(conn, &["creating", kind, id]))
+                .del(self.keys.key(conn, KeyKind::Creating, &[kind, id]))
                 .ignore();
         }
         let mut r = self.redis.clone();
@@ -451,12 +522,12 @@ impl Store {
         billing_ids: &[String],
     ) -> Result<Knowledge, StateError> {
         let mut keys: Vec<String> = Vec::with_capacity(billing_ids.len() * 3 + 1);
-        for part in ["map", "unsure", "creating"] {
+        for part in [KeyKind::Map, KeyKind::Unsure, KeyKind::Creating] {
             for id in billing_ids {
-                keys.push(self.keys.key(conn, &[part, kind, id]));
+                keys.push(self.keys.key(conn, part, &[kind, id]));
             }
         }
-        keys.push(self.keys.key(conn, &["imported", kind]));
+        keys.push(self.keys.key(conn, KeyKind::Imported, &[kind]));
         let mut r = self.redis.clone();
         let raw: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut r).await?;
         let n = billing_ids.len();
@@ -494,21 +565,25 @@ impl Store {
             let mut pipe = redis::pipe();
             for (id, m) in chunk {
                 pipe.cmd("SET")
-                    .arg(self.keys.key(conn, &["map", kind, id]))
+                    .arg(self.keys.key(conn, KeyKind::Map, &[kind, id]))
                     .arg(serde_json::to_string(m).unwrap_or_default())
                     .arg("NX")
                     .ignore();
             }
             let _: () = pipe.query_async(&mut r).await?;
         }
-        let _: () = r.set(self.keys.key(conn, &["imported", kind]), 1).await?;
+        let _: () = r
+            .set(self.keys.key(conn, KeyKind::Imported, &[kind]), 1)
+            .await?;
         Ok(())
     }
 
     /// Whether the kind was imported in this Redis's lifetime.
     pub async fn imported(&self, conn: &str, kind: &str) -> Result<bool, StateError> {
         let mut r = self.redis.clone();
-        let v: Option<String> = r.get(self.keys.key(conn, &["imported", kind])).await?;
+        let v: Option<String> = r
+            .get(self.keys.key(conn, KeyKind::Imported, &[kind]))
+            .await?;
         Ok(v.is_some())
     }
 
@@ -534,7 +609,7 @@ impl Store {
         }
         let mut r = self.redis.clone();
         let claimed: Option<String> = redis::cmd("SET")
-            .arg(self.keys.key(conn, &["missing", kind, billing_id]))
+            .arg(self.keys.key(conn, KeyKind::Missing, &[kind, billing_id]))
             .arg(1)
             .arg("NX")
             .arg("PX")
@@ -552,7 +627,7 @@ impl Store {
         kind: &str,
         billing_id: &str,
     ) -> Result<(), StateError> {
-        self.del(self.keys.key(conn, &["missing", kind, billing_id]))
+        self.del(self.keys.key(conn, KeyKind::Missing, &[kind, billing_id]))
             .await
     }
 
@@ -565,7 +640,7 @@ impl Store {
     pub async fn memory_age(&self) -> Result<Duration, StateError> {
         let mut r = self.redis.clone();
         let ms: i64 = redis::Script::new(EPOCH)
-            .key(self.keys.key("", &["epoch"]))
+            .key(self.keys.key("", KeyKind::Epoch, &[]))
             .invoke_async(&mut r)
             .await?;
         Ok(Duration::from_millis(ms.max(0) as u64))
@@ -581,7 +656,7 @@ impl Store {
         ttl: Duration,
         wait: Duration,
     ) -> Result<AggregateLock, StateError> {
-        let key = self.keys.key(conn, &["lock", aggregate]);
+        let key = self.keys.key(conn, KeyKind::Lock, &[aggregate]);
         let token = uuid::Uuid::new_v4().to_string();
         let deadline = tokio::time::Instant::now() + wait;
         let mut pause = Duration::from_millis(5);

@@ -10,7 +10,7 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::error::{message_from_body, HaloError, BODY_EXCERPT};
-use super::ratelimit::RateLimiter;
+use super::ratelimit::{Priority, RateLimiter, SERVING_ACCOUNTS};
 use super::token::TokenProvider;
 use crate::config::ConnectionConfig;
 use crate::error::excerpt;
@@ -218,7 +218,14 @@ impl HaloClient {
         async {
             let mut refreshed = false;
             loop {
-                let waited = self.limiter.acquire().await?;
+                let priority = if method == Method::GET {
+                    Priority::Lookups
+                } else if SERVING_ACCOUNTS.try_with(|a| *a).unwrap_or(false) {
+                    Priority::Accounts
+                } else {
+                    Priority::Writes
+                };
+                let waited = self.limiter.acquire(priority).await?;
                 metrics::histogram!("halosync_rate_wait_seconds", "connection" => self.conn.name.clone())
                     .record(waited.as_secs_f64());
                 if waited > Duration::from_millis(50) {

@@ -51,7 +51,7 @@ use super::client::record_id;
 use super::HaloClient;
 use crate::config::ConnectionConfig;
 use crate::error::Failure;
-use crate::store::{StateError, Store};
+use crate::store::{KeyKind, StateError, Store};
 
 /// `third_party_type` of the item-mapping ExternalLinks.
 pub const LINK_TYPE: &str = "halosync.item";
@@ -59,8 +59,6 @@ pub const LINK_TYPE: &str = "halosync.item";
 pub const TABLE_ID: i64 = 8;
 /// How long the HaloPSA mappings of a connection are cached in Redis.
 pub const CACHE_TTL: Duration = Duration::from_secs(30);
-/// Redis key part of the cache: `{prefix}halosync:{conn}:item_mappings`.
-const CACHE_KEY: &str = "item_mappings";
 /// The marker that lists the keys tried in an `unmapped` failure's message,
 /// read back by [`keys_in_message`] (the operator's "unmapped skus").
 const KEYS_MARKER: &str = "item keys tried: ";
@@ -158,7 +156,9 @@ async fn cached_mappings(
 }
 
 fn cache_key(halo: &HaloClient, store: &Store) -> String {
-    store.keys().key(&halo.connection().name, &[CACHE_KEY])
+    store
+        .keys()
+        .key(&halo.connection().name, KeyKind::ItemMappings, &[])
 }
 
 /// Caches `mappings` for [`CACHE_TTL`] and returns them as a map. A cache

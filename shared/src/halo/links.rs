@@ -793,11 +793,6 @@ where
     result
 }
 
-/// Redis key part under which a subscription's product (`contract::Product`
-/// as JSON, read from its licence) is cached; shared by the usage and
-/// overage workers, which both need the sku for the item mapping.
-pub const PRODUCT_CACHE: &str = "subproduct";
-
 fn str_field(v: &Value, key: &str) -> Option<String> {
     match v.get(key)? {
         Value::String(s) => Some(s.clone()),

@@ -27,6 +27,7 @@ if cool > 0 then return cool end
 local limit = tonumber(ARGV[1])
 local learnt = tonumber(redis.call('GET', KEYS[3]) or '0')
 if learnt > 0 and learnt < limit then limit = learnt end
+limit = limit - math.floor(limit * tonumber(ARGV[4]) / 100)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[2])
@@ -61,6 +62,45 @@ if learnt >= tonumber(ARGV[4]) then return {learnt, 0} end
 redis.call('SET', KEYS[3], learnt, 'PX', ARGV[3])
 return {learnt, 1}
 ";
+
+/// Who a request serves, which decides how much of the window it may use
+/// (issue: "the budget serves writes before look-ups, and accounts before
+/// what depends on them"). A lower class stops short of the full window,
+/// leaving the top of it to the classes above: when the budget is
+/// contended, what writes state goes first and what only reads waits. The
+/// reserves are shares, so a tiny budget (the tests' 3 per second) keeps
+/// them at zero and every class may use it all.
+///
+/// Shares rather than a queue across processes: a share needs no
+/// coordination beyond the one Lua call every request already makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// A write of the account worker: every other family waits for
+    /// customers, so it may use the whole window.
+    Accounts,
+    /// Any other write: leaves 5 % of the window to accounts.
+    Writes,
+    /// A read (GET): leaves 10 % of the window to writes.
+    Lookups,
+}
+
+impl Priority {
+    /// The share of the window, in percent, this class leaves to others.
+    pub fn reserve_percent(self) -> u32 {
+        match self {
+            Priority::Accounts => 0,
+            Priority::Writes => 5,
+            Priority::Lookups => 10,
+        }
+    }
+}
+
+tokio::task_local! {
+    /// Set by the runtime around the account worker's handler, so that its
+    /// writes take [`Priority::Accounts`]; unset, a write is
+    /// [`Priority::Writes`].
+    pub static SERVING_ACCOUNTS: bool;
+}
 
 /// How many windows a limit learnt from a 429 holds before the configured
 /// one applies again (and is tried again: a further 429 lowers it anew).
@@ -116,7 +156,7 @@ impl RateLimiter {
     /// Waits for a slot. Returns how long it waited, or
     /// `BudgetExhausted` when the next slot is further off than `max_wait`
     /// (the message then waits in the broker's delay queues, not here).
-    pub async fn acquire(&self) -> Result<Duration, HaloError> {
+    pub async fn acquire(&self, priority: Priority) -> Result<Duration, HaloError> {
         let started = tokio::time::Instant::now();
         let member = uuid::Uuid::new_v4().to_string();
         let script = redis::Script::new(TAKE_SLOT);
@@ -129,6 +169,7 @@ impl RateLimiter {
                 .arg(self.limit)
                 .arg(self.window.as_millis() as u64)
                 .arg(&member)
+                .arg(priority.reserve_percent())
                 .invoke_async(&mut r)
                 .await
                 .map_err(|e| HaloError::State(format!("rate limiter: {e}")))?;
@@ -252,7 +293,7 @@ mod tests {
     /// Takes slots until the budget says no (max_wait is 1 ms).
     async fn grants(l: &RateLimiter) -> u32 {
         let mut n = 0;
-        while l.acquire().await.is_ok() {
+        while l.acquire(Priority::Accounts).await.is_ok() {
             n += 1;
             assert!(n <= 1000, "the limiter never refused");
         }
@@ -265,7 +306,10 @@ mod tests {
         assert_eq!(grants(&l).await, 10, "the configured limit");
         // HaloPSA refused with 10 of ours in its window: 8 is what we learn.
         l.cool_down(Duration::from_millis(50)).await;
-        assert!(l.acquire().await.is_err(), "paused after the 429");
+        assert!(
+            l.acquire(Priority::Accounts).await.is_err(),
+            "paused after the 429"
+        );
         let (used, limit, cool) = l.usage().await.expect("usage");
         assert_eq!((used, limit), (10, 8));
         assert!(cool > Duration::ZERO);
@@ -284,6 +328,41 @@ mod tests {
         // The old grants leave the window, the pause ends: 8 per window now.
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert_eq!(grants(&l).await, 8);
+        cleanup(&l, conn).await;
+    }
+
+    /// Takes slots of one class until the budget says no.
+    async fn grants_of(l: &RateLimiter, p: Priority) -> u32 {
+        let mut n = 0;
+        while l.acquire(p).await.is_ok() {
+            n += 1;
+            assert!(n <= 1000, "the limiter never refused");
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn look_ups_leave_the_top_of_the_window_to_writes_and_writes_to_accounts() {
+        let (l, conn) = limiter(100, Duration::from_secs(60)).await;
+        assert_eq!(
+            grants_of(&l, Priority::Lookups).await,
+            90,
+            "look-ups stop at 90 %"
+        );
+        assert_eq!(
+            grants_of(&l, Priority::Writes).await,
+            5,
+            "writes go on to 95 %"
+        );
+        assert_eq!(
+            grants_of(&l, Priority::Accounts).await,
+            5,
+            "accounts use the rest"
+        );
+        cleanup(&l, conn).await;
+        // A small budget keeps no reserve: every class may use it all.
+        let (l, conn) = limiter(3, Duration::from_secs(60)).await;
+        assert_eq!(grants_of(&l, Priority::Lookups).await, 3);
         cleanup(&l, conn).await;
     }
 }

@@ -19,9 +19,10 @@ use tracing::Instrument;
 use super::settle::{Acked, Decision};
 use super::{attempts_of, check, finish, message_span, record_event, Handler, Services};
 use crate::amqp::Publisher;
-use crate::contract::{Envelope, Version};
+use crate::contract::{Envelope, Family, Version};
 use crate::error::Failure;
 use crate::halo::client::WRITE_FENCE;
+use crate::halo::ratelimit::SERVING_ACCOUNTS;
 use crate::halo::HaloClient;
 use crate::store::LockFence;
 
@@ -244,11 +245,18 @@ async fn run_connection(
             let services = services.clone();
             let handler = handler.clone();
             let halo = halo.clone();
+            // The account worker's writes come first in the budget
+            // (`halo::ratelimit::Priority`): every other family waits for
+            // its customers.
+            let accounts = handler.family() == Family::Account;
             tokio::spawn(
-                WRITE_FENCE
-                    .scope(fence, async move {
-                        handler.apply_batch(&services, &halo, &events).await
-                    })
+                SERVING_ACCOUNTS
+                    .scope(
+                        accounts,
+                        WRITE_FENCE.scope(fence, async move {
+                            handler.apply_batch(&services, &halo, &events).await
+                        }),
+                    )
                     .instrument(span),
             )
         };

@@ -50,7 +50,7 @@ use halosync_shared::halo::lines::{self, Invoice};
 use halosync_shared::halo::links::{self, OVERAGE_INVOICE, SUBSCRIPTION};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
-use halosync_shared::store::StateError;
+use halosync_shared::store::{KeyKind, StateError};
 use halosync_shared::Failure;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -180,7 +180,7 @@ async fn prepare(
 /// The HaloPSA item of the charge, from the connection's `[items]` map
 /// (then, in the same key order, the mappings stored in HaloPSA:
 /// `halo::items`): `overage:<metric>` (no request needed), else the subscription's sku
-/// (from its licence: `product_sku`, cached in Redis under `links::PRODUCT_CACHE`, shared with the usage worker) as `<sku>:<metric>`,
+/// (from its licence: `product_sku`, cached in Redis under `KeyKind::SubscriptionProduct`, shared with the usage worker) as `<sku>:<metric>`,
 /// then `<sku>`. A subscription not in HaloPSA yet is a `dependency`; no
 /// key mapped is `unmapped`, naming the keys tried.
 async fn item_for(svc: &Services, halo: &HaloClient, d: &OverageData) -> Result<i64, Failure> {
@@ -219,7 +219,8 @@ async fn subscription_sku(
 ) -> Result<String, Failure> {
     let key = svc.store.keys().key(
         &halo.connection().name,
-        &[links::PRODUCT_CACHE, &d.subscription_id],
+        KeyKind::SubscriptionProduct,
+        &[&d.subscription_id],
     );
     let mut r = svc.store.redis();
     let hit: Option<String> = r.get(&key).await.map_err(StateError::from)?;
@@ -317,7 +318,8 @@ async fn invoice_for(
 fn cache_key(svc: &Services, halo: &HaloClient, d: &OverageData) -> String {
     svc.store.keys().key(
         &halo.connection().name,
-        &["overage_line", &mapping::aggregate(d)],
+        KeyKind::OverageLine,
+        &[&mapping::aggregate(d)],
     )
 }
 

@@ -699,7 +699,7 @@ async fn apply_chunk(
 }
 
 /// Seeds the cache the usage and overage workers read for a subscription's
-/// sku (`links::PRODUCT_CACHE`), so they need not read the licence.
+/// sku (`KeyKind::SubscriptionProduct`), so they need not read the licence.
 async fn seed_products(svc: &Services, halo: &HaloClient, chunk: &[(usize, Warm)]) {
     let products: Vec<(&str, &Product)> = chunk
         .iter()

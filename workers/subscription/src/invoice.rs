@@ -26,7 +26,7 @@ use halosync_shared::halo::lines::{self, Invoice};
 use halosync_shared::halo::links::{self, CUSTOMER, RECURRING_INVOICE};
 use halosync_shared::halo::{first_record, record_id, HaloError};
 use halosync_shared::runtime::Services;
-use halosync_shared::store::StateError;
+use halosync_shared::store::{KeyKind, StateError};
 use halosync_shared::Failure;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -323,7 +323,9 @@ fn line_key(cx: &Ctx<'_>) -> String {
 }
 
 fn line_key_of(svc: &Services, conn: &str, subscription_id: &str) -> String {
-    svc.store.keys().key(conn, &["subline", subscription_id])
+    svc.store
+        .keys()
+        .key(conn, KeyKind::SubscriptionLine, &[subscription_id])
 }
 
 /// The cached lines of many subscriptions, in one round trip. A value that
@@ -393,7 +395,7 @@ pub(crate) async fn seed_usage_scanned(svc: &Services, conn: &str, ihids: &[i64]
         pipe.set(
             svc.store
                 .keys()
-                .key(conn, &["usage_scanned", &ihid.to_string()]),
+                .key(conn, KeyKind::UsageScanned, &[&ihid.to_string()]),
             "1",
         )
         .ignore();
@@ -406,7 +408,7 @@ pub(crate) async fn seed_usage_scanned(svc: &Services, conn: &str, ihids: &[i64]
 }
 
 /// Seeds the cache the usage and overage workers read for a subscription's
-/// product (`links::PRODUCT_CACHE`), so that they need not read the
+/// product (`KeyKind::SubscriptionProduct`), so that they need not read the
 /// licence from HaloPSA. Only a shortcut: a failure is logged, not fatal.
 pub(crate) async fn seed_products(svc: &Services, conn: &str, products: &[(&str, &Product)]) {
     if products.is_empty() {
@@ -415,7 +417,9 @@ pub(crate) async fn seed_products(svc: &Services, conn: &str, products: &[(&str,
     let mut pipe = redis::pipe();
     for (sub, product) in products {
         pipe.set(
-            svc.store.keys().key(conn, &[links::PRODUCT_CACHE, sub]),
+            svc.store
+                .keys()
+                .key(conn, KeyKind::SubscriptionProduct, &[sub]),
             serde_json::to_string(product).unwrap_or_default(),
         )
         .ignore();

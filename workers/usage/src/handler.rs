@@ -65,7 +65,7 @@ use halosync_shared::halo::lines::{self, Invoice};
 use halosync_shared::halo::links::{self, Known, RECURRING_INVOICE, SUBSCRIPTION, USAGE};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
-use halosync_shared::store::StateError;
+use halosync_shared::store::{KeyKind, StateError};
 use halosync_shared::{Failure, FailureClass};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -218,11 +218,11 @@ impl<'a> Batch<'a> {
             .collect()
     }
 
-    fn key(&self, parts: &[&str]) -> String {
+    fn key(&self, kind: KeyKind, parts: &[&str]) -> String {
         self.svc
             .store
             .keys()
-            .key(&self.halo.connection().name, parts)
+            .key(&self.halo.connection().name, kind, parts)
     }
 
     async fn run(mut self, cold: &tokio::sync::Mutex<()>) -> Vec<Result<Outcome, Failure>> {
@@ -354,7 +354,7 @@ impl<'a> Batch<'a> {
         }
         let keys: Vec<String> = subs
             .iter()
-            .map(|s| self.key(&[links::PRODUCT_CACHE, s]))
+            .map(|s| self.key(KeyKind::SubscriptionProduct, &[s]))
             .collect();
         let mut known: HashMap<String, Result<Product, Failure>> = HashMap::new();
         let mut r = self.svc.store.redis();
@@ -504,7 +504,10 @@ impl<'a> Batch<'a> {
             .iter()
             .map(|i| {
                 let w = self.work[*i].as_ref().expect("live");
-                self.key(&["usage_line", &w.data.subscription_id, &w.data.metric])
+                self.key(
+                    KeyKind::UsageLine,
+                    &[&w.data.subscription_id, &w.data.metric],
+                )
             })
             .collect();
         let mut r = self.svc.store.redis();
@@ -550,7 +553,7 @@ impl<'a> Batch<'a> {
         if !ihids.is_empty() {
             let keys: Vec<String> = ihids
                 .iter()
-                .map(|h| self.key(&["usage_scanned", &h.to_string()]))
+                .map(|h| self.key(KeyKind::UsageScanned, &[&h.to_string()]))
                 .collect();
             match r.mget::<_, Vec<Option<String>>>(&keys).await {
                 Ok(scanned) => {
@@ -616,12 +619,12 @@ impl<'a> Batch<'a> {
             })
             .unwrap_or_default();
             pipe.cmd("SET")
-                .arg(self.key(&["usage_line", aggregate]))
+                .arg(self.key(KeyKind::UsageLine, &[aggregate]))
                 .arg(value)
                 .arg("NX")
                 .ignore();
         }
-        pipe.set(self.key(&["usage_scanned", &ihid.to_string()]), "1")
+        pipe.set(self.key(KeyKind::UsageScanned, &[&ihid.to_string()]), "1")
             .ignore();
         let mut r = self.svc.store.redis();
         let res: Result<(), _> = pipe.query_async(&mut r).await;
@@ -671,7 +674,7 @@ impl<'a> Batch<'a> {
                     .to_string(),
             };
             pipe.set(
-                self.key(&[links::PRODUCT_CACHE, sub]),
+                self.key(KeyKind::SubscriptionProduct, &[sub]),
                 serde_json::to_string(&p).unwrap_or_default(),
             )
             .ignore();
@@ -781,7 +784,10 @@ impl<'a> Batch<'a> {
                     })
                     .unwrap_or_default();
                     pipe.set(
-                        self.key(&["usage_line", &w.data.subscription_id, &w.data.metric]),
+                        self.key(
+                            KeyKind::UsageLine,
+                            &[&w.data.subscription_id, &w.data.metric],
+                        ),
                         value,
                     )
                     .ignore();
@@ -825,7 +831,10 @@ impl<'a> Batch<'a> {
             })
             .unwrap_or_default();
             pipe.set(
-                self.key(&["usage_line", &w.data.subscription_id, &w.data.metric]),
+                self.key(
+                    KeyKind::UsageLine,
+                    &[&w.data.subscription_id, &w.data.metric],
+                ),
                 value,
             )
             .ignore();
@@ -848,9 +857,12 @@ impl<'a> Batch<'a> {
         if let Some(w) = self.work[i].as_ref() {
             let mut r = self.svc.store.redis();
             let res: Result<(), _> = redis::pipe()
-                .del(self.key(&["usage_line", &w.data.subscription_id, &w.data.metric]))
+                .del(self.key(
+                    KeyKind::UsageLine,
+                    &[&w.data.subscription_id, &w.data.metric],
+                ))
                 .ignore()
-                .del(self.key(&["usage_scanned", &w.ihid.to_string()]))
+                .del(self.key(KeyKind::UsageScanned, &[&w.ihid.to_string()]))
                 .ignore()
                 .query_async(&mut r)
                 .await;

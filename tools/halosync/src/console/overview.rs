@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::Stream;
 use halosync_shared::halo::ratelimit::RateLimiter;
 use halosync_shared::halo::token::TokenProvider;
-use halosync_shared::store::Keys;
+use halosync_shared::store::{KeyKind, Keys};
 use maud::html;
 use serde::Serialize;
 
@@ -99,7 +99,7 @@ pub async fn gather(app: &Shared) -> Overview {
         };
         let limiter = RateLimiter::new(
             app.redis.clone(),
-            keys.key(name, &["ratelimit"]),
+            keys.key(name, KeyKind::RateLimit, &[]),
             name,
             conn.requests_per_window,
             conn.window,
