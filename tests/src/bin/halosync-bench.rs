@@ -8,6 +8,9 @@
 //! and `onboard` (not in the default set: it runs at a HaloPSA budget, so
 //! it takes minutes; `--customers N` (default 50) and `--budget R/S`
 //! (default 20/2: R requests per rolling S seconds) size it).
+//! `trickle` (not in the default set either): the steady state, one event
+//! every `--gap S` seconds (default 3) per family and case, each settled
+//! before the next, counting HaloPSA requests per event.
 //! `--no-activity` runs the workers with `worker.activity = false`, to
 //! measure what recording the activity log costs (compare with and without).
 
@@ -19,7 +22,8 @@ use halo_sim::{Faults, SimConfig};
 use halosync_shared::amqp::publisher::event_properties;
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, subscription_event, EnvOptions, TestEnv, AMQP_URL, CONNECTION, GENEROUS_BUDGET,
+    account_event, customers_of, subscription_event, EnvOptions, TestEnv, AMQP_URL, CONNECTION,
+    GENEROUS_BUDGET,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -60,6 +64,7 @@ async fn main() {
     let mut events = 5000usize;
     let mut customers = 50usize;
     let mut budget = (20u32, 2u64);
+    let mut gap = Duration::from_secs(3);
     let mut scenarios = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -89,9 +94,17 @@ async fn main() {
                         usage("--budget needs REQUESTS/SECONDS, e.g. --budget 20/2 (20 requests per rolling 2 s)")
                     })
             }
+            "--gap" => {
+                gap = args
+                    .next()
+                    .and_then(|n| n.trim_end_matches('s').parse::<f64>().ok())
+                    .filter(|n| *n >= 0.0)
+                    .map(Duration::from_secs_f64)
+                    .unwrap_or_else(|| usage("--gap needs seconds, e.g. --gap 3"))
+            }
             "--no-activity" => ACTIVITY_OFF.store(true, std::sync::atomic::Ordering::SeqCst),
             "-h" | "--help" => usage(""),
-            s if ["raw", "account-create", "account-update", "scale", "usage", "onboard"]
+            s if ["raw", "account-create", "account-update", "scale", "usage", "onboard", "trickle"]
                 .contains(&s) =>
             {
                 scenarios.push(s.to_string())
@@ -117,6 +130,7 @@ async fn main() {
             "account-update" => rows.push(account(events, true).await),
             "usage" => rows.extend(usage_bench(events).await),
             "onboard" => rows.push(onboard(customers, budget).await),
+            "trickle" => rows.extend(trickle(gap).await),
             _ => {
                 for workers in [1, 2, 4] {
                     rows.push(scale(events.min(2000), workers).await);
@@ -161,7 +175,7 @@ fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("halosync-bench: {problem}");
     }
-    eprintln!("usage: halosync-bench [--events N] [--customers N] [--budget R/S] [--no-activity] [raw] [account-create] [account-update] [scale] [usage] [onboard]");
+    eprintln!("usage: halosync-bench [--events N] [--customers N] [--budget R/S] [--gap S] [--no-activity] [raw] [account-create] [account-update] [scale] [usage] [onboard] [trickle]");
     std::process::exit(if problem.is_empty() { 0 } else { 2 })
 }
 
@@ -870,6 +884,250 @@ async fn publish_pipelined(ch: &lapin::Channel, exchange: &str, key: &str, bodie
             assert!(c.expect("confirm").is_ack(), "the broker refused a message");
         }
     }
+}
+
+/// Events per trickle case.
+const TRICKLE_EVENTS: usize = 4;
+
+/// One trickle case: its name, and per event the event and what HaloPSA
+/// holds once it is applied.
+type Check = Box<dyn Fn(&TestEnv) -> bool>;
+
+/// The steady state: one event at a time, `gap` apart, each settled before
+/// the next, so every batch holds one event (the worst case for
+/// coalescing). Per case: HaloPSA requests per event, counted by halo-sim.
+/// The budget is hosted HaloPSA's (300 per 5 minutes); the connection's
+/// identity is warm (as in a running deployment) except where a case is
+/// about a first record.
+async fn trickle(gap: Duration) -> Vec<Row> {
+    const ITEM: i64 = 1001;
+    const STORAGE_ITEM: i64 = 2001;
+    let mut env = TestEnv::with(
+        "bench-trickle",
+        EnvOptions {
+            connection_extra: format!(
+                "requests_per_window = 300\nwindow_seconds = 300\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n\"MS-365-BP:storage_gb\" = {STORAGE_ITEM}\n"
+            ),
+            extra: activity_extra(),
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
+    env.sim.insert_item(STORAGE_ITEM, "Storage");
+    let workers: Vec<usize> = [
+        "halosync-account",
+        "halosync-subscription",
+        "halosync-usage",
+        "halosync-overage",
+    ]
+    .iter()
+    .map(|w| env.spawn_worker(w))
+    .collect();
+    let n = TRICKLE_EVENTS;
+    let period = ("2026-11-01", "2026-11-30");
+    let line_qty = |env: &TestEnv, marker: &str, qty: f64| {
+        env.sim
+            .recurring_invoices()
+            .into_iter()
+            .chain(env.sim.invoices())
+            .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
+            .any(|l| {
+                l["item_internal_reference"]
+                    .as_str()
+                    .is_some_and(|m| m.trim().starts_with(marker))
+                    && l["qty_order"].as_f64() == Some(qty)
+            })
+    };
+    let licence_count = |env: &TestEnv, sub: &str, count: i64| {
+        let marker = format!("halosync.subscription:{sub}");
+        env.sim.licences().iter().any(|l| {
+            l["thirdparty_client_id"].as_str() == Some(marker.as_str())
+                && l["count"].as_i64() == Some(count)
+        })
+    };
+    let named = |env: &TestEnv, account: &str, name: &str| {
+        customers_of(env, account)
+            .iter()
+            .any(|c| c["name"].as_str() == Some(name))
+    };
+    let mut cases: Vec<(&str, Vec<(Value, Check)>)> = Vec::new();
+    cases.push((
+        "account create",
+        (0..n)
+            .map(|i| {
+                let (a, name) = (format!("acc_t{i}"), format!("Trickle {i}"));
+                let ev = account_event(&format!("ta{i}"), &a, &name, true, 1);
+                let check: Check = Box::new(move |env| named(env, &a, &name));
+                (ev, check)
+            })
+            .collect(),
+    ));
+    cases.push((
+        "account update",
+        (0..n)
+            .map(|i| {
+                let (a, name) = (format!("acc_t{i}"), format!("Trickle {i} Ltd"));
+                let ev = account_event(&format!("tb{i}"), &a, &name, true, 2);
+                let check: Check = Box::new(move |env| named(env, &a, &name));
+                (ev, check)
+            })
+            .collect(),
+    ));
+    cases.push((
+        "subscription create, customer's first",
+        (0..n)
+            .map(|i| {
+                let s = format!("sub_t{i}");
+                let ev =
+                    subscription_event(&format!("tc{i}"), &s, &format!("acc_t{i}"), 5, "active", 1);
+                let check: Check = Box::new(move |env| {
+                    licence_count(env, &s, 5)
+                        && line_qty(env, &format!("halosync.subscription:{s}"), 5.0)
+                });
+                (ev, check)
+            })
+            .collect(),
+    ));
+    cases.push((
+        "subscription create, another",
+        (0..n)
+            .map(|i| {
+                let s = format!("sub_u{i}");
+                let ev =
+                    subscription_event(&format!("td{i}"), &s, &format!("acc_t{i}"), 7, "active", 1);
+                let check: Check = Box::new(move |env| {
+                    licence_count(env, &s, 7)
+                        && line_qty(env, &format!("halosync.subscription:{s}"), 7.0)
+                });
+                (ev, check)
+            })
+            .collect(),
+    ));
+    cases.push((
+        "subscription update",
+        (0..n)
+            .map(|i| {
+                let s = format!("sub_t{i}");
+                let ev =
+                    subscription_event(&format!("te{i}"), &s, &format!("acc_t{i}"), 9, "active", 2);
+                let check: Check = Box::new(move |env| {
+                    licence_count(env, &s, 9)
+                        && line_qty(env, &format!("halosync.subscription:{s}"), 9.0)
+                });
+                (ev, check)
+            })
+            .collect(),
+    ));
+    for (case, seq, qty) in [
+        ("usage, first line", 1u64, 10.0),
+        ("usage, update", 2, 12.0),
+    ] {
+        cases.push((
+            case,
+            (0..n)
+                .map(|i| {
+                    let s = format!("sub_t{i}");
+                    let ev = halosync_tests::usage_event(
+                        &format!("tu{seq}-{i}"),
+                        &s,
+                        &format!("acc_t{i}"),
+                        "storage_gb",
+                        period,
+                        qty,
+                        seq,
+                    );
+                    let check: Check = Box::new(move |env| {
+                        line_qty(env, &format!("halosync.usage:{s}:storage_gb"), qty)
+                    });
+                    (ev, check)
+                })
+                .collect(),
+        ));
+    }
+    for (case, seq, qty) in [
+        ("overage, first charge", 1u64, 3.0),
+        ("overage, update", 2, 4.0),
+    ] {
+        cases.push((
+            case,
+            (0..n)
+                .map(|i| {
+                    let s = format!("sub_t{i}");
+                    let ev = halosync_tests::overage_event(
+                        &format!("to{seq}-{i}"),
+                        &s,
+                        &format!("acc_t{i}"),
+                        "storage_gb",
+                        period,
+                        qty,
+                        "0.50",
+                        seq,
+                    );
+                    let check: Check =
+                        Box::new(move |env| line_qty(env, &format!("halosync.overage:{s}"), qty));
+                    (ev, check)
+                })
+                .collect(),
+        ));
+    }
+    let requests = |env: &TestEnv| -> u64 { env.sim.counts().values().sum() };
+    let mut rows = Vec::new();
+    for (case, events) in cases {
+        let before = requests(&env);
+        let started = Instant::now();
+        for (ev, applied) in &events {
+            tokio::time::sleep(gap).await;
+            env.publish(ev).await;
+            env.wait_for(case, Duration::from_secs(120), || applied(&env))
+                .await;
+        }
+        // The last write (a version link) may follow the visible state.
+        let mut last = requests(&env);
+        loop {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let now = requests(&env);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let spent = last - before;
+        eprintln!(
+            "trickle: {case}: {spent} requests for {} events",
+            events.len()
+        );
+        rows.push(Row {
+            scenario: format!("trickle: {case}"),
+            events: events.len(),
+            seconds: started.elapsed().as_secs_f64(),
+            requests: Some(spent),
+            peak_rss_kib: None,
+            note: format!(
+                "one event every {:.0} s, each settled first (a batch of one)",
+                gap.as_secs_f64()
+            ),
+        });
+    }
+    let limited = env.sim.rate_limited();
+    for f in [
+        Family::Account,
+        Family::Subscription,
+        Family::Usage,
+        Family::Overage,
+    ] {
+        let dead = env.take_dead(f).await.len();
+        if dead > 0 {
+            eprintln!("trickle: {dead} dead letters of {f}");
+        }
+    }
+    if limited > 0 {
+        eprintln!("trickle: {limited} HTTP 429");
+    }
+    for w in workers {
+        env.stop_worker(w);
+    }
+    rows
 }
 
 /// VmHWM (peak resident set) of a process, in KiB.
