@@ -96,6 +96,11 @@ impl fmt::Display for Family {
 pub struct Version {
     pub sequence: Option<u64>,
     pub occurred_at: DateTime<Utc>,
+    /// The event is a repair (`x-halosync-repair: true`, DESIGN §8): it is
+    /// applied even when its version equals the applied one, because
+    /// HaloPSA drifted from that state; an older one still changes nothing.
+    /// Never stored ([`Version::encode`] leaves it out).
+    pub repair: bool,
 }
 
 impl Version {
@@ -112,7 +117,12 @@ impl Version {
     /// True when an event of version `self` changes nothing because
     /// `applied` is already in HaloPSA (older or the same version).
     pub fn is_superseded_by(&self, applied: &Version) -> bool {
-        self.compare(applied) != Ordering::Greater
+        match self.compare(applied) {
+            Ordering::Greater => false,
+            // The same version again: a duplicate, unless it is a repair.
+            Ordering::Equal => !self.repair,
+            Ordering::Less => true,
+        }
     }
 
     /// A compact text form for Redis and HaloPSA: `s=17;t=2026-...Z`.
@@ -143,6 +153,7 @@ impl Version {
         Some(Version {
             sequence,
             occurred_at,
+            repair: false,
         })
     }
 }
@@ -173,6 +184,10 @@ pub struct Envelope {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence: Option<u64>,
     pub data: Value,
+    /// Set by the runtime from the `x-halosync-repair` header (DESIGN §8);
+    /// not part of the body.
+    #[serde(skip)]
+    pub repair: bool,
 }
 
 impl Envelope {
@@ -198,6 +213,7 @@ impl Envelope {
         Ok(Version {
             sequence: self.sequence,
             occurred_at,
+            repair: self.repair,
         })
     }
 
@@ -469,6 +485,7 @@ mod tests {
                 occurred_at: at.into(),
                 sequence: Some(17),
                 data: serde_json::json!({}),
+                repair: false,
             };
             let err = env.version().expect_err(at);
             assert_eq!(err.class, crate::error::FailureClass::Invalid);
@@ -530,6 +547,7 @@ mod tests {
         let v = |s, t| Version {
             sequence: s,
             occurred_at: t,
+            repair: false,
         };
         // sequence wins over time when both have one
         assert_eq!(v(Some(2), t1).compare(&v(Some(1), t2)), Ordering::Greater);
@@ -537,6 +555,14 @@ mod tests {
         assert_eq!(v(Some(5), t2).compare(&v(None, t1)), Ordering::Greater);
         assert!(v(Some(1), t1).is_superseded_by(&v(Some(1), t1)));
         assert!(!v(Some(2), t1).is_superseded_by(&v(Some(1), t1)));
+        // A repair of the applied version is applied; an older one is not.
+        let repair = |s, t| Version {
+            repair: true,
+            ..v(s, t)
+        };
+        assert!(!repair(Some(1), t1).is_superseded_by(&v(Some(1), t1)));
+        assert!(repair(Some(1), t1).is_superseded_by(&v(Some(2), t1)));
+        assert!(!repair(None, t2).is_superseded_by(&v(None, t2)));
         for version in [v(Some(17), t1), v(None, t2)] {
             assert_eq!(Version::decode(&version.encode()), Some(version));
         }

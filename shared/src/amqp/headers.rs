@@ -16,6 +16,8 @@ pub const CONNECTION: &str = "x-halosync-connection";
 pub const EVENT_ID: &str = "x-halosync-event-id";
 pub const FAMILY: &str = "x-halosync-family";
 pub const REPLAY_COUNT: &str = "x-halosync-replay-count";
+/// `true` on an event `halosync reconcile --repair` published (DESIGN §8).
+pub const REPAIR: &str = "x-halosync-repair";
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 
@@ -37,6 +39,19 @@ pub fn get_str(table: Option<&FieldTable>, key: &str) -> Option<String> {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
         other => as_i64(other).map(|n| n.to_string()),
+    }
+}
+
+/// A boolean header: AMQP `true`, or the text `true` (any case) as other
+/// clients (`rabbitmqadmin`, the management UI) send it.
+pub fn get_bool(table: Option<&FieldTable>, key: &str) -> bool {
+    match table.and_then(|t| t.inner().get(key)) {
+        Some(AMQPValue::Boolean(b)) => *b,
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes())
+            .trim()
+            .eq_ignore_ascii_case("true"),
+        Some(AMQPValue::ShortString(s)) => s.as_str().trim().eq_ignore_ascii_case("true"),
+        _ => false,
     }
 }
 

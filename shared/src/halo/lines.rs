@@ -170,6 +170,49 @@ pub fn carrying<'a>(header: &'a Value, marker: &str) -> Vec<&'a Value> {
     found
 }
 
+/// A duplicate line made harmless: HaloPSA documents no line DELETE on an
+/// invoice (halo-sim has none), so it is made inactive with quantity 0 and
+/// its marker is changed so that it no longer matches its aggregate (the
+/// line stays for the MSP's history). Every family retires this way.
+pub fn retired_line(ihid: i64, line_id: i64, kept: i64, marker: &str) -> Value {
+    json!({
+        "id": line_id,
+        "ihid": ihid,
+        "qty_order": 0.0,
+        "isinactive": true,
+        MARKER_FIELD: format!("{marker} (duplicate of line {kept}, retired)"),
+    })
+}
+
+/// Retires the lines of one aggregate beside the one kept (the lowest id:
+/// the rule every worker applies, so that workers that raced agree), in
+/// one `updatelines` request. The caller holds the aggregate's lock.
+pub async fn retire_duplicates(
+    halo: &HaloClient,
+    invoice: Invoice,
+    ihid: i64,
+    kept: i64,
+    others: &[i64],
+    marker: &str,
+) -> Result<(), Failure> {
+    if others.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(
+        ihid,
+        kept,
+        retired = ?others,
+        marker,
+        "more than one line carried this aggregate (added by hand, or by workers that raced without the lock); the others were made inactive with quantity 0"
+    );
+    let bodies = others
+        .iter()
+        .map(|&l| retired_line(ihid, l, kept, marker))
+        .collect();
+    halo.post(&invoice.update_path(), bodies).await?;
+    Ok(())
+}
+
 /// Per line: the record HaloPSA saved for it (`None` when the answer did not
 /// give one per line), or its failure. Keyed by the caller's index.
 pub type Written = Vec<(usize, Result<Option<Value>, Failure>)>;

@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use super::settle::{Acked, Decision};
 use super::{attempts_of, check, finish, message_span, record_event, Handler, Services};
+use crate::amqp::headers as h;
 use crate::amqp::Publisher;
 use crate::contract::{Envelope, Family, Version};
 use crate::error::Failure;
@@ -71,7 +72,13 @@ pub(super) async fn settle_batch(
             &item.delivery.data,
             services.config().worker.max_message_bytes,
         ) {
-            Ok(e) => e,
+            Ok(mut e) => {
+                e.repair = h::get_bool(item.delivery.properties.headers().as_ref(), h::REPAIR);
+                if e.repair {
+                    item.span.record("repair", true);
+                }
+                e
+            }
             Err(e) => {
                 item.decision = Some(Decision::Dead(e.into()));
                 continue;
@@ -168,7 +175,10 @@ async fn run_connection(
     match services.store.processed_many(conn, &ids).await {
         Ok(seen) => {
             for ((i, _), seen) in members.iter().zip(seen) {
-                if seen {
+                // A repair carries the id of the snapshot's event, which
+                // may well have been applied before: that is the point.
+                let repair = items[*i].event.as_ref().is_some_and(|e| e.repair);
+                if seen && !repair {
                     items[*i].decision = Some(Decision::Ack(Acked::Duplicate));
                 }
             }
@@ -227,6 +237,16 @@ async fn run_connection(
             }
         }
     }
+    // A repair reads HaloPSA's state instead of trusting what Redis
+    // cached of it (line ids, "no line yet"): the caches are what drifted.
+    for i in &work {
+        if let Some(e) = items[*i].event.as_ref().filter(|e| e.repair) {
+            if let Err(f) = handler.forget_cached(services, &halo, e).await {
+                items[*i].decision = Some(Decision::Retry(f));
+            }
+        }
+    }
+    work.retain(|i| items[*i].decision.is_none());
     if !work.is_empty() {
         let events: Vec<Envelope> = work
             .iter()

@@ -87,6 +87,19 @@ pub trait Handler: Send + Sync + 'static {
         event: &Envelope,
     ) -> Result<Outcome, Failure>;
 
+    /// Drops what Redis caches of this event's records in HaloPSA (line
+    /// ids, "scanned" marks), before a repair (DESIGN §8) is applied, so
+    /// that the handler reads HaloPSA's state and writes what differs. The
+    /// id mappings stay: they are checked against HaloPSA on every write.
+    async fn forget_cached(
+        &self,
+        _ctx: &Services,
+        _halo: &HaloClient,
+        _event: &Envelope,
+    ) -> Result<(), Failure> {
+        Ok(())
+    }
+
     /// Whether the runtime hands this handler batches (usage, overage):
     /// what the broker has ready, bounded by `worker.batch_max` and
     /// `worker.batch_wait_ms`, with only the newest event per aggregate.
@@ -513,6 +526,7 @@ fn message_span(family: Family, delivery: &Delivery, attempts_before: u32) -> tr
         aggregate = tracing::field::Empty,
         attempt = attempts_before + 1,
         family = %family,
+        repair = tracing::field::Empty,
     );
     crate::telemetry::continue_trace(
         &span,
@@ -578,6 +592,10 @@ async fn finish(
     let family = family.as_str();
     metrics::counter!("halosync_messages_total", "family" => family, "outcome" => outcome)
         .increment(1);
+    if event.is_some_and(|e| e.repair) {
+        metrics::counter!("halosync_repairs_total", "family" => family, "outcome" => outcome)
+            .increment(1);
+    }
     metrics::histogram!("halosync_processing_seconds", "family" => family)
         .record(elapsed.as_secs_f64());
     if let (Ok(Some(_)), "dead-lettered", Some(label)) = (&settled, outcome, class) {

@@ -117,7 +117,7 @@ proptest! {
     fn versions_round_trip(sequence in proptest::option::of(any::<u64>()), secs in -62_135_596_800i64..253_402_300_799, nanos in 0u32..1_000_000_000) {
         let occurred_at: DateTime<Utc> = DateTime::from_timestamp(secs, nanos)
             .ok_or_else(|| TestCaseError::reject("not a time"))?;
-        let v = Version { sequence, occurred_at };
+        let v = Version { sequence, occurred_at, repair: false };
         prop_assert_eq!(Version::decode(&v.encode()), Some(v));
     }
 }

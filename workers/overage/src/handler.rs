@@ -74,6 +74,22 @@ impl Handler for OverageHandler {
         true
     }
 
+    /// A repair reads the one-off invoice again: the cached line goes.
+    async fn forget_cached(
+        &self,
+        svc: &Services,
+        halo: &HaloClient,
+        event: &Envelope,
+    ) -> Result<(), Failure> {
+        let d: OverageData = event.data_as()?;
+        let mut r = svc.store.redis();
+        let _: () = r
+            .del(cache_key(svc, halo, &d))
+            .await
+            .map_err(StateError::from)?;
+        Ok(())
+    }
+
     async fn apply(
         &self,
         svc: &Services,
@@ -411,13 +427,25 @@ async fn apply_invoice(
             },
             (Some(Cached { line: None, .. }), _) => Op::Add,
             (None, Some(h)) => {
-                let found = mapping::lines_carrying(h, &mapping::marker(&p.data));
-                if found.len() > 1 {
-                    tracing::warn!(
+                let marker = mapping::marker(&p.data);
+                let found = mapping::lines_carrying(h, &marker);
+                // Lines beside the lowest (added by hand, or by workers
+                // that raced) are retired: the customer is charged once.
+                if let Some(((kept, _), others)) = found.split_first() {
+                    let others: Vec<i64> = others.iter().map(|o| o.0).collect();
+                    if let Err(f) = lines::retire_duplicates(
+                        halo,
+                        Invoice::OneOff,
                         ihid,
-                        lines = ?found.iter().map(|f| f.0).collect::<Vec<_>>(),
-                        "more than one line carries this overage; the lowest is kept up to date"
-                    );
+                        *kept,
+                        &others,
+                        &marker,
+                    )
+                    .await
+                    {
+                        out.push((p.idx, Err(f)));
+                        continue;
+                    }
                 }
                 match found.first() {
                     Some((line, Some(applied))) if p.version.is_superseded_by(applied) => {

@@ -117,6 +117,19 @@ impl Handler for SubscriptionHandler {
 
     /// Known subscriptions in arrays ([`crate::batch`]); the rest, and
     /// whatever an array did not finish, one event at a time.
+    /// A repair reads the customer's recurring invoice again: the cached
+    /// line may be gone, or have a duplicate beside it.
+    async fn forget_cached(
+        &self,
+        svc: &Services,
+        halo: &HaloClient,
+        event: &Envelope,
+    ) -> Result<(), Failure> {
+        let data: SubscriptionData = event.data_as()?;
+        invoice::forget_line_of(svc, &halo.connection().name, &data.subscription_id).await?;
+        Ok(())
+    }
+
     async fn apply_batch(
         &self,
         svc: &Services,

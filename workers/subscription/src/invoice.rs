@@ -19,7 +19,7 @@
 //!   the header and the lowest line id carrying the marker is kept. HaloPSA
 //!   documents no line delete (halo-sim has none), so any other line is
 //!   retired: inactive, quantity 0, marker changed so it no longer matches
-//!   ([`retired_line`]), with a warning in the log.
+//!   ([`lines::retired_line`]), with a warning in the log.
 
 use halosync_shared::contract::Product;
 use halosync_shared::halo::lines::{self, Invoice};
@@ -33,9 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::handler::Ctx;
-use crate::mapping::{
-    line_update, lines_carrying, moved_line, new_line, retired_line, LINE_ID_FIELD,
-};
+use crate::mapping::{line_update, lines_carrying, moved_line, new_line, LINE_ID_FIELD};
 
 /// Where the subscription's line was before this event, read before the
 /// licence is updated (an update moves the licence to the event's
@@ -292,23 +290,7 @@ async fn add_line(cx: &Ctx<'_>, ihid: i64) -> Result<i64, Failure> {
 
 /// Retires duplicate lines of this subscription (see the module doc).
 async fn retire(cx: &Ctx<'_>, ihid: i64, kept: i64, lines: &[i64]) -> Result<(), Failure> {
-    if lines.is_empty() {
-        return Ok(());
-    }
-    tracing::warn!(
-        ihid,
-        kept,
-        retired = ?lines,
-        "more than one line carried this subscription (workers raced without the aggregate lock); the others were made inactive with quantity 0"
-    );
-    let bodies = lines
-        .iter()
-        .map(|&l| retired_line(ihid, l, kept, cx.marker))
-        .collect();
-    cx.halo
-        .post("/RecurringInvoice/updatelines", bodies)
-        .await?;
-    Ok(())
+    lines::retire_duplicates(cx.halo, Invoice::Recurring, ihid, kept, lines, cx.marker).await
 }
 
 /// A subscription's line as cached in Redis.

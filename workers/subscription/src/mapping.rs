@@ -221,19 +221,6 @@ fn line_common(
     m
 }
 
-/// Retires a duplicate line: HaloPSA has no documented line delete (and
-/// halo-sim none at all), so it is made inactive with quantity 0 and its
-/// marker is changed so that it no longer matches the subscription.
-pub fn retired_line(ihid: i64, line_id: i64, kept: i64, marker: &str) -> Value {
-    json!({
-        "id": line_id,
-        "ihid": ihid,
-        "qty_order": 0.0,
-        "isinactive": true,
-        LINE_ID_FIELD: format!("{marker} (duplicate of line {kept}, retired)"),
-    })
-}
-
 /// Retires the line a subscription had on its previous customer's invoice
 /// when it moved to another account: inactive, quantity 0, and a marker
 /// that no longer matches (the line stays for the MSP's history).
@@ -429,7 +416,7 @@ mod tests {
             {"id": 7, LINE_ID_FIELD: MARK},
         ]});
         assert_eq!(lines_carrying(&header, MARK), vec![7, 8]);
-        let retired = retired_line(-1, 8, 7, MARK);
+        let retired = halosync_shared::halo::lines::retired_line(-1, 8, 7, MARK);
         assert_eq!(retired["isinactive"], true);
         assert_eq!(retired["qty_order"], 0.0);
         assert_ne!(retired[LINE_ID_FIELD], MARK);

@@ -102,6 +102,30 @@ impl Handler for UsageHandler {
         true
     }
 
+    /// A repair reads the customer's recurring invoice again: its cached
+    /// line and the invoice's "every usage line cached" mark go.
+    async fn forget_cached(
+        &self,
+        svc: &Services,
+        halo: &HaloClient,
+        event: &Envelope,
+    ) -> Result<(), Failure> {
+        let d: UsageData = event.data_as()?;
+        let conn = &halo.connection().name;
+        let keys = svc.store.keys();
+        let mut doomed = vec![keys.key(conn, KeyKind::UsageLine, &[&d.subscription_id, &d.metric])];
+        if let Some(inv) = svc
+            .store
+            .mapping(conn, RECURRING_INVOICE.name, &d.account_id)
+            .await?
+        {
+            doomed.push(keys.key(conn, KeyKind::UsageScanned, &[&inv.halo_id.to_string()]));
+        }
+        let mut r = svc.store.redis();
+        let _: () = r.del(doomed).await.map_err(StateError::from)?;
+        Ok(())
+    }
+
     async fn apply(
         &self,
         svc: &Services,
@@ -576,7 +600,36 @@ impl<'a> Batch<'a> {
                 Ok(header) => {
                     let found = usage_lines(&header);
                     self.remember_header(ihid, &found).await;
+                    // Lines beside the lowest carrying one of our markers
+                    // (added by hand, or by workers that raced) are
+                    // retired: the customer is billed once.
+                    for &i in &members {
+                        let marker = self.work[i].as_ref().expect("live").marker.clone();
+                        let mut ids: Vec<i64> = found
+                            .iter()
+                            .filter(|(m, _, _)| *m == marker)
+                            .map(|(_, l, _)| *l)
+                            .collect();
+                        ids.sort_unstable();
+                        if let Some((&kept, others)) = ids.split_first() {
+                            if let Err(f) = lines::retire_duplicates(
+                                self.halo,
+                                Invoice::Recurring,
+                                ihid,
+                                kept,
+                                others,
+                                &marker,
+                            )
+                            .await
+                            {
+                                self.fail(i, f);
+                            }
+                        }
+                    }
                     for i in members {
+                        if self.work[i].is_none() {
+                            continue;
+                        }
                         let marker = self.work[i].as_ref().expect("live").marker.clone();
                         // No line yet: a new one is added.
                         if let Some((_, line, applied)) =

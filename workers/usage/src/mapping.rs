@@ -68,7 +68,13 @@ impl Applied {
     /// True when an event with state `self` changes nothing because
     /// `applied` is already on the line.
     pub fn is_superseded_by(&self, applied: &Applied) -> bool {
-        self.compare(applied) != Ordering::Greater
+        match self.compare(applied) {
+            Ordering::Greater => false,
+            // The same state again: a duplicate, unless it is a repair
+            // (DESIGN §8), which rewrites what HaloPSA drifted from.
+            Ordering::Equal => !self.version.repair,
+            Ordering::Less => true,
+        }
     }
 }
 

@@ -1,0 +1,304 @@
+//! Repairs (DESIGN §8) end to end: an MSP changes HaloPSA by hand, the
+//! same events come again marked `x-halosync-repair: true` (what
+//! `halosync reconcile --repair` publishes), and the workers put back what
+//! drifted, in every family, even though the version is not newer; a
+//! normal event newer than a repair still wins.
+//!
+//! RabbitMQ and Redis for real, halo-sim in process, the four workers as
+//! child processes.
+
+use std::time::Duration;
+
+use halosync_shared::amqp::headers;
+use halosync_shared::contract::Family;
+use halosync_tests::{
+    account_event, customers_of, overage_event, subscription_event, usage_event, EnvOptions,
+    TestEnv, CONNECTION, GENEROUS_BUDGET,
+};
+use lapin::types::FieldTable;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(60);
+const ITEM: i64 = 1001;
+const STORAGE: i64 = 2001;
+const PERIOD: (&str, &str) = ("2026-11-01", "2026-11-30");
+
+async fn env(name: &str) -> TestEnv {
+    let mut env = TestEnv::with(
+        name,
+        EnvOptions {
+            connection_extra: format!(
+                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n\"MS-365-BP:storage_gb\" = {STORAGE}\n\"overage:storage_gb\" = {STORAGE}\n"
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
+    env.sim.insert_item(STORAGE, "Storage");
+    for w in [
+        "halosync-account",
+        "halosync-subscription",
+        "halosync-usage",
+        "halosync-overage",
+    ] {
+        env.spawn_worker(w);
+    }
+    env
+}
+
+const FAMILIES: [Family; 4] = [
+    Family::Account,
+    Family::Subscription,
+    Family::Usage,
+    Family::Overage,
+];
+
+/// Every family's queues drained (waited for together).
+async fn drained(env: &TestEnv) {
+    futures::future::join_all(FAMILIES.map(|f| env.wait_drained(f, T))).await;
+}
+
+/// Publishes an event marked as a repair, as `reconcile --repair` does.
+async fn publish_repair(env: &TestEnv, event: &Value) {
+    let mut h = FieldTable::default();
+    h.insert(
+        headers::REPAIR.into(),
+        lapin::types::AMQPValue::Boolean(true),
+    );
+    let body = serde_json::to_vec(event).expect("json");
+    env.publisher
+        .publish_raw(
+            event["id"].as_str().unwrap_or("none"),
+            event["type"].as_str().unwrap_or("none"),
+            &body,
+            h,
+        )
+        .await
+        .expect("publish confirmed");
+}
+
+/// Every line of every invoice (recurring and one-off) carrying `marker`
+/// exactly and live (not retired).
+fn live_lines(env: &TestEnv, marker: &str) -> Vec<Value> {
+    env.sim
+        .recurring_invoices()
+        .into_iter()
+        .chain(env.sim.invoices())
+        .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
+        .filter(|l| l["item_internal_reference"].as_str().map(str::trim) == Some(marker))
+        .collect()
+}
+
+fn licence(env: &TestEnv, sub: &str) -> Value {
+    let marker = format!("halosync.subscription:{sub}");
+    let found: Vec<Value> = env
+        .sim
+        .licences()
+        .into_iter()
+        .filter(|l| l["thirdparty_client_id"].as_str() == Some(marker.as_str()))
+        .collect();
+    assert_eq!(found.len(), 1, "one licence for {sub}: {found:?}");
+    found[0].clone()
+}
+
+/// An MSP adds a line through the API (a copy of `line` on its invoice).
+async fn add_line_as_the_msp(env: &TestEnv, path: &str, line: &Value) {
+    let http = reqwest::Client::new();
+    let token: Value = http
+        .post(format!("{}/token", env.sim.auth_url()))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "halosync-sim"),
+            ("client_secret", "sim-secret"),
+            ("scope", "all"),
+        ])
+        .send()
+        .await
+        .expect("token request")
+        .json()
+        .await
+        .expect("token JSON");
+    let mut copy = line.clone();
+    if let Some(o) = copy.as_object_mut() {
+        o.remove("id");
+    }
+    let r = http
+        .post(format!("{}{path}", env.sim.api_url()))
+        .bearer_auth(token["access_token"].as_str().expect("a token"))
+        .json(&json!([copy]))
+        .send()
+        .await
+        .expect("line POST");
+    assert!(r.status().is_success(), "adding a line: {}", r.status());
+}
+
+#[tokio::test]
+async fn a_repair_puts_back_what_the_msp_changed_in_every_family() {
+    let env = env("repair-every-family").await;
+    let account = account_event("a1", "acc_1", "Contoso Ltd", true, 1);
+    let sub = subscription_event("s1", "sub_1", "acc_1", 5, "active", 1);
+    let usage = usage_event("u1", "sub_1", "acc_1", "storage_gb", PERIOD, 10.0, 1);
+    let overage = overage_event("o1", "sub_1", "acc_1", "storage_gb", PERIOD, 3.0, "0.50", 1);
+    let sub_marker = "halosync.subscription:sub_1";
+    let usage_marker = "halosync.usage:sub_1:storage_gb";
+    let overage_marker = "halosync.overage:sub_1:storage_gb:2026-11-01";
+    env.publish(&account).await;
+    env.wait_for("the customer", T, || customers_of(&env, "acc_1").len() == 1)
+        .await;
+    env.publish(&sub).await;
+    env.wait_for("the subscription's line", T, || {
+        live_lines(&env, sub_marker).len() == 1
+    })
+    .await;
+    env.publish(&usage).await;
+    env.publish(&overage).await;
+    env.wait_for("the usage line and the charge", T, || {
+        live_lines(&env, usage_marker).len() == 1 && live_lines(&env, overage_marker).len() == 1
+    })
+    .await;
+    drained(&env).await;
+
+    // The MSP edits HaloPSA by hand.
+    let customer = customers_of(&env, "acc_1")[0].clone();
+    let customer_id = customer["id"].as_i64().expect("customer id");
+    env.sim
+        .update_record("Client", customer_id, json!({"inactive": true}));
+    let licence_id = licence(&env, "sub_1")["id"].as_i64().expect("licence id");
+    env.sim
+        .update_record("SoftwareLicence", licence_id, json!({"count": 99}));
+    let sub_line = live_lines(&env, sub_marker)[0]["id"]
+        .as_i64()
+        .expect("line id");
+    assert!(env.sim.delete_line("RecurringInvoiceLine", sub_line));
+    let usage_line = live_lines(&env, usage_marker)[0].clone();
+    add_line_as_the_msp(&env, "/RecurringInvoice/Lines", &usage_line).await;
+    assert_eq!(
+        live_lines(&env, usage_marker).len(),
+        2,
+        "the MSP's duplicate"
+    );
+    let charge = live_lines(&env, overage_marker)[0]["id"]
+        .as_i64()
+        .expect("charge id");
+    env.sim
+        .update_record("InvoiceLine", charge, json!({"qty_order": 30.0}));
+    let requests_before: u64 = env.sim.counts().values().sum();
+
+    // The same events again, not marked: duplicates, nothing written.
+    for e in [&account, &sub, &usage, &overage] {
+        env.publish(e).await;
+    }
+    drained(&env).await;
+    let requests_after: u64 = env.sim.counts().values().sum();
+    assert_eq!(
+        requests_after, requests_before,
+        "a plain redelivery of the applied versions costs no HaloPSA request"
+    );
+    assert_eq!(customers_of(&env, "acc_1")[0]["inactive"], true);
+
+    // Marked as repairs: every drift is put back.
+    for e in [&account, &sub, &usage, &overage] {
+        publish_repair(&env, e).await;
+    }
+    env.wait_for("every drift repaired", T, || {
+        let c = &customers_of(&env, "acc_1")[0];
+        let sub_lines = live_lines(&env, sub_marker);
+        let usage_lines: Vec<Value> = live_lines(&env, usage_marker);
+        let charges = live_lines(&env, overage_marker);
+        c["inactive"] != true
+            && licence(&env, "sub_1")["count"] == 5
+            && sub_lines.len() == 1
+            && sub_lines[0]["qty_order"] == 5.0
+            && usage_lines.len() == 1
+            && usage_lines[0]["qty_order"] == 10.0
+            && charges.len() == 1
+            && charges[0]["qty_order"] == 3.0
+    })
+    .await;
+    drained(&env).await;
+    for f in FAMILIES {
+        env.assert_no_dead(f).await;
+    }
+    // The kept usage line is the lowest id; the MSP's copy was retired.
+    assert_eq!(
+        live_lines(&env, usage_marker)[0]["id"],
+        usage_line["id"],
+        "the lowest line id is kept"
+    );
+    assert_eq!(customers_of(&env, "acc_1").len(), 1, "no second customer");
+    // Recorded as repairs in the logs.
+    let logs = env.logs();
+    let repaired = logs
+        .lines()
+        .filter(|l| l.contains("\"repair\":true") && l.contains("\"outcome\":\"applied\""))
+        .count();
+    assert_eq!(repaired, 4, "one applied repair per family in the logs");
+}
+
+#[tokio::test]
+async fn a_normal_event_newer_than_a_repair_wins_whichever_comes_first() {
+    let env = env("repair-race").await;
+    env.publish(&account_event("a1", "acc_1", "Contoso Ltd", true, 1))
+        .await;
+    env.wait_for("the customer", T, || customers_of(&env, "acc_1").len() == 1)
+        .await;
+    let marker = |s: &str| format!("halosync.subscription:{s}");
+    for s in ["sub_1", "sub_2"] {
+        env.publish(&subscription_event(
+            &format!("{s}-v1"),
+            s,
+            "acc_1",
+            5,
+            "active",
+            1,
+        ))
+        .await;
+    }
+    env.wait_for("both lines", T, || {
+        ["sub_1", "sub_2"]
+            .iter()
+            .all(|s| live_lines(&env, &marker(s)).len() == 1)
+    })
+    .await;
+    // sub_1: the newer event first, then a repair of the older state.
+    env.publish(&subscription_event(
+        "sub_1-v2", "sub_1", "acc_1", 8, "active", 2,
+    ))
+    .await;
+    env.wait_for("sub_1 at version 2", T, || {
+        live_lines(&env, &marker("sub_1"))[..]
+            .first()
+            .is_some_and(|l| l["qty_order"] == 8.0)
+    })
+    .await;
+    publish_repair(
+        &env,
+        &subscription_event("sub_1-v1", "sub_1", "acc_1", 5, "active", 1),
+    )
+    .await;
+    // sub_2: the repair of the older state first, then the newer event.
+    publish_repair(
+        &env,
+        &subscription_event("sub_2-v1", "sub_2", "acc_1", 5, "active", 1),
+    )
+    .await;
+    env.publish(&subscription_event(
+        "sub_2-v2", "sub_2", "acc_1", 8, "active", 2,
+    ))
+    .await;
+    env.wait_drained(Family::Subscription, T).await;
+    for s in ["sub_1", "sub_2"] {
+        let lines = live_lines(&env, &marker(s));
+        assert_eq!(lines.len(), 1, "{s}: one line");
+        assert_eq!(lines[0]["qty_order"], 8.0, "{s}: the newer state won");
+        assert_eq!(licence(&env, s)["count"], 8, "{s}: the newer licence count");
+    }
+    env.assert_no_dead(Family::Subscription).await;
+    assert!(
+        env.logs().lines().any(|l| l.contains("\"repair\":true")
+            && l.contains("sub_1-v1")
+            && l.contains("\"outcome\":\"superseded\"")),
+        "the older repair is logged as superseded"
+    );
+}
