@@ -16,6 +16,7 @@ pub const CONNECTION: &str = "x-halosync-connection";
 pub const EVENT_ID: &str = "x-halosync-event-id";
 pub const FAMILY: &str = "x-halosync-family";
 pub const REPLAY_COUNT: &str = "x-halosync-replay-count";
+pub const REPAIR: &str = "x-halosync-repair";
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 
