@@ -367,6 +367,21 @@ impl SimHandle {
         }
     }
 
+    /// Inserts a record directly, without validation or counting a request
+    /// (seeding a large tenant in a test, or a record an MSP made in the
+    /// UI). `entity` is `Client`, `SoftwareLicence`, `RecurringInvoice`,
+    /// `Invoice`, `ExternalLink` or `Item`; returns the new id.
+    pub fn insert_record(&self, entity: &str, record: Value) -> Option<i64> {
+        self.shared.lock().data.insert(entity, record)
+    }
+
+    /// Adds a line to header `ihid` directly, as an MSP would in the UI:
+    /// `entity` is `RecurringInvoiceLine` or `InvoiceLine`. Returns the new
+    /// line id (`None`: no such header).
+    pub fn insert_line(&self, entity: &str, ihid: i64, line: Value) -> Option<i64> {
+        self.shared.lock().data.insert_line(entity, ihid, line)
+    }
+
     /// Deletes an invoice line as an MSP would in the UI: `entity` is
     /// `RecurringInvoiceLine` or `InvoiceLine`. Returns whether it existed.
     pub fn delete_line(&self, entity: &str, id: i64) -> bool {

@@ -209,7 +209,13 @@ impl<'a> Fields<'a> {
 
     fn qty(&mut self, field: &str, want: f64, key: &str) {
         if !qty_eq(want, num(self.record.get(key))) {
-            self.push(field, json!(want), key);
+            // Whole quantities shown as the event has them (`5`, not `5.0`).
+            let shown = if want.fract() == 0.0 && want.abs() < 1e15 {
+                json!(want as i64)
+            } else {
+                json!(want)
+            };
+            self.push(field, shown, key);
         }
     }
 
