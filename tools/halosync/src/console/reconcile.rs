@@ -41,10 +41,10 @@ fn view(name: &str, report: &anyhow::Result<Option<Report>>) -> Markup {
                             "); " (r.requests) " HaloPSA requests"
                         }
                     }
-                    table.counts {
+                    table.counts style="width:auto" {
                         thead { tr { @for k in DriftKind::ALL { th { (k.as_str()) } } } }
                         tbody { tr { @for k in DriftKind::ALL {
-                            td.right data-kind=(k.as_str()) { (r.counts.get(k.as_str()).copied().unwrap_or(0)) }
+                            td data-kind=(k.as_str()) { (r.counts.get(k.as_str()).copied().unwrap_or(0)) }
                         } } }
                     }
                     @if let Some(rep) = &r.repair {

@@ -807,3 +807,261 @@ pub fn diff(snap: &Snapshot, state: &HaloState, scope: &Scope, policy: Policy) -
     });
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::read::LinkRow;
+    use super::super::snapshot;
+    use super::*;
+    use halosync_shared::Contract;
+
+    const ACC: &str = r#"{"id":"e1","type":"account.updated","schema_version":1,"connection":"acme","occurred_at":"2026-11-22T10:15:00Z","sequence":3,"data":{"account_id":"acc_1","name":"Contoso","active":true,"currency":"GBP"}}"#;
+    const SUB: &str = r#"{"id":"e2","type":"subscription.updated","schema_version":1,"connection":"acme","occurred_at":"2026-11-22T10:15:00Z","sequence":4,"data":{"subscription_id":"sub_1","account_id":"acc_1","product":{"sku":"MS-365-BP","name":"M365"},"quantity":5,"unit_price":"22.00","currency":"GBP","billing_cycle":"monthly","start_date":"2026-11-01","end_date":null,"status":"active"}}"#;
+    const USAGE_OLD: &str = r#"{"id":"e3","type":"usage.reported","schema_version":1,"connection":"acme","occurred_at":"2026-11-22T10:15:00Z","sequence":9,"data":{"subscription_id":"sub_1","account_id":"acc_1","metric":"gb","period_start":"2026-10-01","period_end":"2026-10-31","quantity":3}}"#;
+    const USAGE_NEW: &str = r#"{"id":"e4","type":"usage.reported","schema_version":1,"connection":"acme","occurred_at":"2026-11-22T10:15:00Z","sequence":1,"data":{"subscription_id":"sub_1","account_id":"acc_1","metric":"gb","period_start":"2026-11-01","period_end":"2026-11-30","quantity":7.5}}"#;
+    const OVER_ZERO: &str = r#"{"id":"e5","type":"overage.detected","schema_version":1,"connection":"acme","occurred_at":"2026-11-22T10:15:00Z","data":{"subscription_id":"sub_1","account_id":"acc_1","metric":"gb","period_start":"2026-11-01","period_end":"2026-11-30","included_quantity":10,"used_quantity":5,"overage_quantity":0,"unit_price":"0.50","currency":"GBP"}}"#;
+
+    fn snap(lines: &[&str]) -> Snapshot {
+        let c = Contract::new().unwrap();
+        snapshot::parse(&lines.join("\n"), &c, "acme", 1 << 20).unwrap()
+    }
+
+    fn link(billing: &str, halo: i64, id: i64) -> LinkRow {
+        LinkRow {
+            billing_id: billing.into(),
+            halo_id: halo,
+            link_id: id,
+            version: Some("s=1".into()),
+        }
+    }
+
+    /// HaloPSA exactly as the workers leave `ACC`, `SUB` and `USAGE_NEW`.
+    fn in_step() -> HaloState {
+        let mut s = HaloState::default();
+        s.account_links = vec![link("acc_1", 7, 1)];
+        s.clients.insert(
+            7,
+            json!({"id": 7, "name": "Contoso", "inactive": false, "default_currency_code": "GBP"}),
+        );
+        s.subscription_links = vec![link("sub_1", 3, 2)];
+        s.licences.insert(
+            3,
+            json!({"id": 3, "name": "M365", "count": 5, "is_active": true, "status": "active",
+                   "billing_cycle": "monthly", "product_sku": "MS-365-BP", "price": 22.0,
+                   "start_date": "2026-11-01T00:00:00", "end_date": "1899-12-30T00:00:00",
+                   "thirdparty_client_id": "halosync.subscription:sub_1"}),
+        );
+        s.recurring_links = vec![link("acc_1", -1, 3)];
+        s.recurring.insert(
+            -1,
+            json!({"id": -1, "lines": [
+                {"id": 10, "qty_order": 5.0, "isinactive": false, "startdate": "2026-11-01T00:00:00",
+                 "unit_price": 22.0, "item_shortdescription": "M365",
+                 "item_internal_reference": "halosync.subscription:sub_1"},
+                {"id": 11, "qty_order": 7.5, "startdate": "2026-11-01T00:00:00", "enddate": "2026-11-30T00:00:00",
+                 "item_internal_reference": "halosync.usage:sub_1:gb", "item_external_reference": "p=2026-11-01;s=1"},
+                {"id": 12, "qty_order": 0.0, "isinactive": true,
+                 "item_internal_reference": "halosync.subscription:sub_1 (duplicate of line 10, retired)"}
+            ]}),
+        );
+        s
+    }
+
+    fn all() -> Scope {
+        Scope {
+            families: Family::ALL.into_iter().collect(),
+            account: None,
+        }
+    }
+
+    const PRICES: Policy = Policy {
+        overwrite_prices: true,
+        overwrite_names: true,
+    };
+
+    fn kinds(d: &[Drift]) -> Vec<(Family, &str, DriftKind, &str, Vec<&str>)> {
+        d.iter()
+            .map(|x| {
+                (
+                    x.family,
+                    x.aggregate.as_str(),
+                    x.kind,
+                    x.record.as_str(),
+                    x.fields.iter().map(|f| f.field.as_str()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_workers_state_is_in_step() {
+        // Only the newest usage period is compared; a zero overage without
+        // a line is what the worker writes; a retired line is not ours.
+        let s = snap(&[ACC, SUB, USAGE_OLD, USAGE_NEW, OVER_ZERO]);
+        assert_eq!(diff(&s, &in_step(), &all(), PRICES), vec![]);
+    }
+
+    #[test]
+    fn each_kind_is_named_with_its_fields() {
+        let s = snap(&[ACC, SUB, USAGE_NEW]);
+        let mut h = in_step();
+        h.clients.get_mut(&7).unwrap()["inactive"] = json!(true);
+        h.licences.get_mut(&3).unwrap()["count"] = json!(9);
+        h.licences.get_mut(&3).unwrap()["end_date"] = json!("2027-01-31T00:00:00");
+        let lines = h.recurring.get_mut(&-1).unwrap()["lines"]
+            .as_array_mut()
+            .unwrap();
+        lines.retain(|l| l["id"] != 11); // usage line deleted
+        let dup = json!({"id": 20, "qty_order": 5.0, "isinactive": false, "startdate": "2026-11-01",
+                         "unit_price": 22.0, "item_shortdescription": "M365",
+                         "item_internal_reference": "halosync.subscription:sub_1"});
+        lines.push(dup);
+        lines.push(json!({"id": 30, "qty_order": 1.0, "item_internal_reference": "halosync.subscription:sub_9"}));
+        let d = diff(&s, &h, &all(), PRICES);
+        assert_eq!(
+            kinds(&d),
+            vec![
+                (
+                    Family::Account,
+                    "acc_1",
+                    DriftKind::Differs,
+                    "customer",
+                    vec!["active"]
+                ),
+                (
+                    Family::Subscription,
+                    "sub_1",
+                    DriftKind::Differs,
+                    "licence",
+                    vec!["quantity", "end_date"]
+                ),
+                (
+                    Family::Subscription,
+                    "sub_1",
+                    DriftKind::Duplicated,
+                    "recurring line",
+                    vec![]
+                ),
+                (
+                    Family::Subscription,
+                    "sub_9",
+                    DriftKind::Orphaned,
+                    "recurring line",
+                    vec![]
+                ),
+                (
+                    Family::Usage,
+                    "sub_1:gb:2026-11-01",
+                    DriftKind::Missing,
+                    "usage line",
+                    vec![]
+                ),
+            ]
+        );
+        assert_eq!(d[2].halo_ids, vec![10, 20]);
+        assert_eq!(d[1].fields[0].snapshot, json!(5));
+        assert_eq!(d[1].fields[0].halo, json!(9));
+        assert_eq!(d[1].applied_version.as_deref(), Some("s=1"));
+        assert_eq!(d[1].event_id.as_deref(), Some("e2"));
+        assert!(
+            d[3].event_id.is_none(),
+            "an orphan has no event to repair with"
+        );
+    }
+
+    #[test]
+    fn prices_and_names_follow_the_policy() {
+        let s = snap(&[SUB]);
+        let mut h = in_step();
+        h.licences.get_mut(&3).unwrap()["price"] = json!(30.0);
+        h.licences.get_mut(&3).unwrap()["name"] = json!("MSP's own name");
+        let scope = Scope {
+            families: [Family::Subscription].into_iter().collect(),
+            account: None,
+        };
+        let d = diff(&s, &h, &scope, PRICES);
+        assert_eq!(
+            kinds(&d),
+            vec![(
+                Family::Subscription,
+                "sub_1",
+                DriftKind::Differs,
+                "licence",
+                vec!["unit_price", "name"]
+            )]
+        );
+        assert_eq!(diff(&s, &h, &scope, Policy::default()), vec![]);
+    }
+
+    #[test]
+    fn missing_records_and_account_scope() {
+        let s = snap(&[ACC, SUB]);
+        let h = HaloState::default();
+        let d = diff(&s, &h, &all(), PRICES);
+        assert_eq!(
+            kinds(&d),
+            vec![
+                (
+                    Family::Account,
+                    "acc_1",
+                    DriftKind::Missing,
+                    "customer",
+                    vec![]
+                ),
+                (
+                    Family::Subscription,
+                    "sub_1",
+                    DriftKind::Missing,
+                    "licence",
+                    vec![]
+                ),
+                (
+                    Family::Subscription,
+                    "sub_1",
+                    DriftKind::Missing,
+                    "recurring line",
+                    vec![]
+                ),
+            ]
+        );
+        let other = Scope {
+            families: Family::ALL.into_iter().collect(),
+            account: Some("acc_2".into()),
+        };
+        assert_eq!(
+            diff(&s, &h, &other, PRICES),
+            vec![],
+            "another account's drift is out of scope"
+        );
+    }
+
+    #[test]
+    fn a_positive_overage_needs_its_line() {
+        let s = snap(&[&OVER_ZERO.replace("\"overage_quantity\":0", "\"overage_quantity\":4")]);
+        let mut h = HaloState {
+            overage_invoice_links: vec![link("acc_1:2026-11-01", 5, 9)],
+            ..Default::default()
+        };
+        h.invoices.insert(
+            5,
+            json!({"id": 5, "lines": [{"id": 40, "qty_order": 4.0, "unit_price": 0.75, "isinactive": false,
+                   "item_internal_reference": "halosync.overage:sub_1:gb:2026-11-01"}]}),
+        );
+        let scope = Scope {
+            families: [Family::Overage].into_iter().collect(),
+            account: None,
+        };
+        let d = diff(&s, &h, &scope, Policy::default());
+        assert_eq!(
+            kinds(&d),
+            vec![(
+                Family::Overage,
+                "sub_1:gb:2026-11-01",
+                DriftKind::Differs,
+                "overage line",
+                vec!["unit_price"]
+            )],
+            "the overage price is the billing platform's, whatever the policy"
+        );
+    }
+}
