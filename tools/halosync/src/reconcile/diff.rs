@@ -837,13 +837,16 @@ mod tests {
 
     /// HaloPSA exactly as the workers leave `ACC`, `SUB` and `USAGE_NEW`.
     fn in_step() -> HaloState {
-        let mut s = HaloState::default();
-        s.account_links = vec![link("acc_1", 7, 1)];
+        let mut s = HaloState {
+            account_links: vec![link("acc_1", 7, 1)],
+            subscription_links: vec![link("sub_1", 3, 2)],
+            recurring_links: vec![link("acc_1", -1, 3)],
+            ..Default::default()
+        };
         s.clients.insert(
             7,
             json!({"id": 7, "name": "Contoso", "inactive": false, "default_currency_code": "GBP"}),
         );
-        s.subscription_links = vec![link("sub_1", 3, 2)];
         s.licences.insert(
             3,
             json!({"id": 3, "name": "M365", "count": 5, "is_active": true, "status": "active",
@@ -851,7 +854,6 @@ mod tests {
                    "start_date": "2026-11-01T00:00:00", "end_date": "1899-12-30T00:00:00",
                    "thirdparty_client_id": "halosync.subscription:sub_1"}),
         );
-        s.recurring_links = vec![link("acc_1", -1, 3)];
         s.recurring.insert(
             -1,
             json!({"id": -1, "lines": [
