@@ -39,7 +39,9 @@
 //!   stops at the first refused element with a 400 that names it; the
 //!   elements before it stay saved. `transactional_arrays` turns this off.
 //! * **Controls** under `/_sim/` (no auth): `state`, `requests`, `reset`,
-//!   `faults`, `revoke-tokens`, `items`.
+//!   `faults`, `revoke-tokens`, `items`; in process, [`SimHandle`] also
+//!   edits records as an MSP would (`update_record`, `delete_line`,
+//!   `insert_line`) and seeds large tenants fast (`insert_record`).
 //!
 //! # Deliberate differences from a real HaloPSA
 //!
