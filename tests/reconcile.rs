@@ -159,6 +159,16 @@ fn overage_lines(env: &TestEnv) -> usize {
         .count()
 }
 
+/// HaloPSA writes so far (every POST and DELETE under /api).
+fn writes(env: &TestEnv) -> u64 {
+    env.sim
+        .counts()
+        .iter()
+        .filter(|(k, _)| k.starts_with("POST /api") || k.starts_with("DELETE /api"))
+        .map(|(_, v)| *v)
+        .sum()
+}
+
 const SUBS: [&str; 5] = ["sub_del", "sub_qty", "sub_price", "sub_dup", "sub_orphan"];
 const USAGE_MARKER: &str = "halosync.usage:sub_qty:storage_gb";
 
@@ -315,6 +325,17 @@ async fn reports_each_msp_edit_as_its_own_drift() {
     let all: Vec<&Value> = events.iter().collect();
     let snap = write_snapshot(&env, "all.jsonl", &all);
     let config = env.config_path.clone();
+    // The workers' last writes (link versions) may still be landing: wait
+    // until HaloPSA's write count holds still, then count.
+    let mut writes_at_start = writes(&env);
+    loop {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let now = writes(&env);
+        if now == writes_at_start {
+            break;
+        }
+        writes_at_start = now;
+    }
 
     // In step: exit 0, no drift, every family compared.
     let r = reconcile(&env, &config, &snap, &[]);
@@ -489,12 +510,7 @@ async fn reports_each_msp_edit_as_its_own_drift() {
     assert_eq!(r.code, 0, "{:#}", r.report);
 
     // Nothing was written by any of these runs.
-    let counts = env.sim.counts();
-    let before_repair: u64 = counts
-        .iter()
-        .filter(|(k, _)| k.starts_with("POST /api") || k.starts_with("DELETE /api"))
-        .map(|(_, v)| *v)
-        .sum();
+    assert_eq!(writes(&env), writes_at_start, "{:?}", env.sim.counts());
 
     // --repair: the drifted aggregates' snapshot events, with the header;
     // never the orphan's.
@@ -528,7 +544,6 @@ async fn reports_each_msp_edit_as_its_own_drift() {
         table.contains("sub_orphan") && table.contains("orphaned"),
         "{table}"
     );
-    let _ = before_repair;
 }
 
 /// The round trip: `--repair` republishes, the workers apply the repairs,
