@@ -45,6 +45,7 @@ Examples:
   halosync dlq list --group-by class                dead letters grouped by failure class
   halosync dlq replay --class unmapped --dry-run    what a replay would move back
   halosync check --connection acme                  test a HaloPSA connection (\"Save and Test\")
+  halosync reconcile --connection acme --snapshot state.jsonl   HaloPSA vs the billing platform
 
 Configuration: --config FILE or HALOSYNC_CONFIG (default ./halosync.toml; without
 one, the defaults apply). AMQP_URL, REDIS_URL and HALOSYNC_PREFIX override the file.";
