@@ -1160,3 +1160,68 @@ async fn an_unmapped_sku_is_mapped_on_the_page_replayed_and_applied_exactly_once
     b.shot("05-audit").await;
     drop(console);
 }
+
+/// The Reconcile page shows the last report that `halosync reconcile` kept
+/// in Redis: when, the snapshot's size, the counts per drift kind and the
+/// drifted aggregates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_page_shows_the_last_report() {
+    let env = TestEnv::new("con-rec").await;
+    // HaloPSA as the workers would have left it, then edited by the MSP:
+    // acc_1's customer inactivated; sub_1 never written.
+    let client = env
+        .sim
+        .insert_record("Client", json!({"name": "Contoso Ltd", "inactive": true}))
+        .expect("client");
+    env.sim.insert_record(
+        "ExternalLink",
+        json!({"third_party_id": "acc_1", "third_party_type": "halosync.account",
+               "halo_id": client, "table_id": 2, "third_party_secondary_id": "s=1"}),
+    );
+    let mut account = account_event("e1", "acc_1", "Contoso Ltd", true, 1);
+    account["data"]
+        .as_object_mut()
+        .expect("data")
+        .remove("website");
+    let snapshot = env.dir.join("snapshot.jsonl");
+    std::fs::write(
+        &snapshot,
+        format!(
+            "{account}\n{}\n",
+            subscription_event("e2", "sub_1", "acc_1", 5, "active", 1)
+        ),
+    )
+    .expect("snapshot");
+    let out = Command::new(binary_path("halosync"))
+        .arg("--config")
+        .arg(&env.config_path)
+        .args(["reconcile", "--connection", CONNECTION, "--snapshot"])
+        .arg(&snapshot)
+        .env(SECRET_ENV, SimConfig::default().client_secret)
+        .output()
+        .expect("run halosync reconcile");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let console = Console::start(&env, "", &[]).await;
+    let b = Browser::start("reconcile").await;
+    b.sign_in(&console, VICTOR).await;
+    b.goto(&console.at("/reconcile")).await;
+    let t = b
+        .wait_text("#drifted", "2 aggregates drifted", Duration::from_secs(10))
+        .await;
+    assert!(t.contains("drifted"), "{t}");
+    let body = b.body().await;
+    assert!(body.contains("snapshot.jsonl: 2 events"), "{body}");
+    assert_eq!(b.text("td[data-kind=differs]").await, "1");
+    assert_eq!(b.text("td[data-kind=missing]").await, "2");
+    assert_eq!(b.text("td[data-kind=orphaned]").await, "0");
+    assert_eq!(b.count("tr[data-aggregate=acc_1]").await, 1);
+    assert_eq!(b.count("tr[data-aggregate=sub_1]").await, 2);
+    assert!(body.contains("active: true ≠ false"), "{body}");
+    b.shot("01-last-report").await;
+}

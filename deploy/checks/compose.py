@@ -213,6 +213,27 @@ def main() -> None:
                          f"setup: depends_on {need} must wait for service_healthy")
         report.check(str(setup.get("restart", "no")) == "no", "setup is one-shot: restart must be \"no\"")
 
+    # the nightly reconcile (profile `reconcile`): halosync reconcile on a
+    # mounted snapshot, for a configured connection
+    rec = services.get("reconcile")
+    if report.check(rec, "no reconcile service (profile reconcile: the nightly halosync reconcile)"):
+        report.check("reconcile" in rec.get("profiles", []), "reconcile: must be in the profile `reconcile` (not started by default)")
+        script = " ".join(as_list(rec.get("command")))
+        report.check("halosync reconcile" in script and "--snapshot" in script,
+                     "reconcile: must run `halosync reconcile --snapshot ...`")
+        e = env_of(rec)
+        report.check(e.get("RECONCILE_CONNECTION") in cfg.get("connections", {}),
+                     f"reconcile: RECONCILE_CONNECTION {e.get('RECONCILE_CONNECTION')} is not a connection of deploy/{cfg_host}")
+        snap = PurePosixPath(e.get("RECONCILE_SNAPSHOT", ""))
+        mounted = binds(rec).get(str(snap.parent))
+        if report.check(mounted, f"reconcile: RECONCILE_SNAPSHOT {snap} is not in a mounted directory"):
+            report.check((DEPLOY / mounted / snap.name).exists(), f"reconcile: {mounted}/{snap.name} does not exist")
+        report.check(binds(rec).get(e.get("HALOSYNC_CONFIG", "")) == f"./{cfg_host}",
+                     f"reconcile: HALOSYNC_CONFIG must be the mounted ./{cfg_host}")
+        for need in ("rabbitmq", "redis"):
+            report.check(depends(rec).get(need, {}).get("condition") == "service_healthy",
+                         f"reconcile: depends_on {need} must wait for service_healthy")
+
     # the collector scrapes every worker
     col = DEPLOY / "otel" / "collector.yaml"
     if otel:

@@ -26,6 +26,7 @@ check-deploy.sh runs `kubernetes-validate --strict` on every manifest
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path, PurePosixPath
 
 import jsonschema
@@ -43,8 +44,9 @@ CRD_SCHEMAS = {
 # Built-in kinds used here, validated by kubernetes-validate.
 BUILTIN = {("v1", "Namespace"), ("v1", "ConfigMap"), ("v1", "Secret"),
            ("apps/v1", "Deployment"), ("policy/v1", "PodDisruptionBudget"),
-           ("v1", "Service"), ("v1", "PersistentVolumeClaim")}
+           ("v1", "Service"), ("v1", "PersistentVolumeClaim"), ("batch/v1", "CronJob")}
 CONSOLE = "halosync-console"
+RECONCILE = "halosync-reconcile"
 NAMESPACE = "halosync"
 
 
@@ -287,6 +289,7 @@ def main() -> None:
                     report.check("host" in params, f"TriggerAuthentication {an}: must provide `host`")
 
     check_console(docs, get, secret_keys, cm_data, report)
+    check_reconcile(docs, get, secret_keys, cm_data, report)
 
     for cm, cfg in configs_seen.items():
         if cfg is not None:
@@ -371,6 +374,61 @@ def check_console(docs, get, secret_keys, cm_data, report: Report) -> None:
                                         f"mounted Secret (mounted: {sorted(secret_files)})")
     report.ok(f"{CONSOLE}: one replica (Recreate), halosync console on {port}, /healthz probes, Service, audit file "
               f"on a PersistentVolumeClaim, {len(console['users'])} user(s) with hashes from a mounted Secret")
+
+
+def check_reconcile(docs, get, secret_keys, cm_data, report: Report) -> None:
+    """The nightly `halosync reconcile` CronJob: the command, a configured
+    connection, the snapshot on a mounted volume, the config and secrets
+    the workers use, never retried."""
+    ctx = f"CronJob {RECONCILE}"
+    cj = docs.get(("CronJob", RECONCILE))
+    if not report.check(cj, f"no CronJob {RECONCILE} (reconcile.yaml)"):
+        return
+    spec = cj["spec"]
+    report.check(spec.get("concurrencyPolicy") == "Forbid", f"{ctx}: concurrencyPolicy must be Forbid (one read at a time)")
+    job = spec["jobTemplate"]["spec"]
+    report.check(job.get("backoffLimit") == 0, f"{ctx}: backoffLimit must be 0 (exit 1 = drift found, not a failure to retry)")
+    pod = job["template"]["spec"]
+    report.check(pod.get("restartPolicy") == "Never", f"{ctx}: restartPolicy must be Never")
+    c = pod["containers"][0]
+    cmd = c.get("command", [])
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    secret_env = {e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+
+    def arg(flag: str) -> str:
+        v = cmd[cmd.index(flag) + 1] if flag in cmd and cmd.index(flag) + 1 < len(cmd) else ""
+        m = re.fullmatch(r"\$\((\w+)\)", v)
+        return env.get(m.group(1), "") if m else v
+
+    report.check(cmd[:2] == ["halosync", "reconcile"], f"{ctx}: command {cmd} must be halosync reconcile ...")
+    for var in ("AMQP_URL", "REDIS_URL"):
+        report.check(var in secret_env, f"{ctx}: {var} must come from a Secret")
+    psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
+    report.check(psc.get("runAsNonRoot") is True and psc.get("runAsUser", 0) != 0, f"{ctx}: must run as non-root")
+    report.check(csc.get("readOnlyRootFilesystem") is True, f"{ctx}: readOnlyRootFilesystem must be true")
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"].rstrip("/"): vols.get(m["name"], {}) for m in c.get("volumeMounts", [])}
+    snap = PurePosixPath(arg("--snapshot"))
+    sv = mounts.get(str(snap.parent), {})
+    if report.check("persistentVolumeClaim" in sv,
+                    f"{ctx}: the snapshot {snap} is not on a mounted PersistentVolumeClaim"):
+        get("PersistentVolumeClaim", sv["persistentVolumeClaim"]["claimName"], ctx)
+    cfg_vol = mounts.get("/etc/halosync", {})
+    text = cm_data(cfg_vol.get("configMap", {}).get("name", ""), ctx).get("halosync.toml") if cfg_vol else None
+    if not report.check(text, f"{ctx}: no halosync.toml ConfigMap mounted at /etc/halosync"):
+        return
+    cfg = load_toml(text, f"{ctx} halosync.toml", report) or {}
+    conn = arg("--connection")
+    if report.check(conn in cfg.get("connections", {}), f"{ctx}: --connection {conn!r} is not a connection of halosync.toml"):
+        f = cfg["connections"][conn].get("client_secret_file")
+        if f:
+            secret_files = set()
+            for mp, vol in mounts.items():
+                if "secret" in vol:
+                    secret_files |= {f"{mp}/{k}" for k in secret_keys(vol["secret"]["secretName"], ctx)}
+            report.check(f in secret_files, f"{ctx}: client_secret_file {f} is not a key of a mounted Secret")
+    report.ok(f"{RECONCILE}: CronJob ({spec.get('schedule')}), halosync reconcile --connection {conn} on {snap} "
+              "(mounted PersistentVolumeClaim), config and client secret mounted, never retried")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@
 //!   stops at the first refused element with a 400 that names it; the
 //!   elements before it stay saved. `transactional_arrays` turns this off.
 //! * **Controls** under `/_sim/` (no auth): `state`, `requests`, `reset`,
-//!   `faults`, `revoke-tokens`, `items`.
+//!   `faults`, `revoke-tokens`, `items`; in process, [`SimHandle`] also
+//!   edits records as an MSP would (`update_record`, `delete_line`,
+//!   `insert_line`) and seeds large tenants fast (`insert_record`).
 //!
 //! # Deliberate differences from a real HaloPSA
 //!
@@ -365,6 +367,21 @@ impl SimHandle {
         if !self.shared.lock().data.patch(entity, id, patch) {
             tracing::warn!(entity, id, "update_record: no such record");
         }
+    }
+
+    /// Inserts a record directly, without validation or counting a request
+    /// (seeding a large tenant in a test, or a record an MSP made in the
+    /// UI). `entity` is `Client`, `SoftwareLicence`, `RecurringInvoice`,
+    /// `Invoice`, `ExternalLink` or `Item`; returns the new id.
+    pub fn insert_record(&self, entity: &str, record: Value) -> Option<i64> {
+        self.shared.lock().data.insert(entity, record)
+    }
+
+    /// Adds a line to header `ihid` directly, as an MSP would in the UI:
+    /// `entity` is `RecurringInvoiceLine` or `InvoiceLine`. Returns the new
+    /// line id (`None`: no such header).
+    pub fn insert_line(&self, entity: &str, ihid: i64, line: Value) -> Option<i64> {
+        self.shared.lock().data.insert_line(entity, ihid, line)
     }
 
     /// Deletes an invoice line as an MSP would in the UI: `entity` is

@@ -661,6 +661,41 @@ impl Data {
         }
     }
 
+    /// Inserts a record without validation (seeding a large tenant fast, or
+    /// a record an MSP made in the UI). `entity` as for [`Data::patch`];
+    /// returns the new id.
+    pub(crate) fn insert(&mut self, entity: &str, obj: Value) -> Option<i64> {
+        let Value::Object(mut obj) = obj else {
+            return None;
+        };
+        obj.remove("id");
+        let kind = Kind::from_name(entity)?;
+        let id = self.new_id(kind);
+        self.table_mut(kind).insert(id, obj);
+        Some(id)
+    }
+
+    /// Inserts a line on header `ihid` without validation, as an MSP adding
+    /// it in the UI would (`RecurringInvoiceLine` or `InvoiceLine`).
+    pub(crate) fn insert_line(&mut self, entity: &str, ihid: i64, obj: Value) -> Option<i64> {
+        let Value::Object(mut obj) = obj else {
+            return None;
+        };
+        let kind = match entity.to_ascii_lowercase().as_str() {
+            "recurringinvoiceline" => Kind::RecurringInvoice,
+            "invoiceline" => Kind::Invoice,
+            _ => return None,
+        };
+        if !self.table(kind).contains_key(&ihid) {
+            return None;
+        }
+        obj.remove("id");
+        obj.insert("ihid".into(), json!(ihid));
+        let id = self.new_line_id();
+        self.lines_mut(kind).insert(id, obj);
+        Some(id)
+    }
+
     /// Removes an invoice line, as an MSP deleting it in the UI would
     /// (`RecurringInvoiceLine` or `InvoiceLine`). The API has no line
     /// delete (reference), so this is a control only.

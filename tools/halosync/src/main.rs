@@ -10,10 +10,12 @@
 //! | `console` | the operator's web console (sign-in, roles, audit) | [`console`] |
 //! | `activity` | every settled message of the last 30 days, searched and paged | [`activity`] |
 //! | `mappings list / set / unmapped`, `items` | item mappings stored in HaloPSA; HaloPSA's items | [`mappings`] |
+//! | `reconcile` | compare HaloPSA with a snapshot of the billing platform; `--repair` republishes the drifted | [`reconcile`] |
 //!
 //! Exit codes: 0 success, 1 the command ran and something failed (an
 //! invalid event, a nacked publish, a failed check, a refused purge), 2 a
-//! bad command line (clap).
+//! bad command line (clap). `reconcile` follows DESIGN §8: 0 in step, 1
+//! drift found, 2 it could not run (bad snapshot, unreachable service).
 
 mod activity;
 mod broker;
@@ -23,6 +25,7 @@ mod dead;
 mod dlq;
 mod mappings;
 mod publish;
+mod reconcile;
 mod settings;
 mod status;
 mod table;
@@ -42,6 +45,7 @@ Examples:
   halosync dlq list --group-by class                dead letters grouped by failure class
   halosync dlq replay --class unmapped --dry-run    what a replay would move back
   halosync check --connection acme                  test a HaloPSA connection (\"Save and Test\")
+  halosync reconcile --connection acme --snapshot state.jsonl   HaloPSA vs the billing platform
 
 Configuration: --config FILE or HALOSYNC_CONFIG (default ./halosync.toml; without
 one, the defaults apply). AMQP_URL, REDIS_URL and HALOSYNC_PREFIX override the file.";
@@ -157,6 +161,27 @@ Examples:
   halosync items --connection acme --search premium
   halosync items --connection acme --json")]
     Items(ItemsArgs),
+    /// Compare HaloPSA with the billing platform's snapshot; report (and --repair) drift.
+    #[command(after_help = "\
+The snapshot is the billing platform's current state as JSON lines, one event per
+aggregate, in the `halosync publish` format; every line is validated first, and a bad
+line stops the command (exit 2) before anything is read. HaloPSA is read in bulk
+(paged lists, at most one request per 100 records) within the connection's shared
+budget. Drift per aggregate: missing, differs (field by field, honouring
+overwrite_prices / overwrite_names), duplicated, orphaned (reported, never deleted).
+Nothing is written without --repair, which republishes the snapshot event of each
+drifted aggregate (not orphans) with the header x-halosync-repair: true. The report is
+kept in Redis for the console's Reconcile page.
+
+Exit status: 0 in step, 1 drift found, 2 could not run.
+
+Examples:
+  halosync reconcile --connection acme --snapshot state.jsonl
+  halosync reconcile --connection acme --snapshot state.jsonl --json
+  halosync reconcile --connection acme --snapshot state.jsonl --family subscription,usage
+  halosync reconcile --connection acme --snapshot state.jsonl --account acc_1001
+  fetch-billing-state | halosync reconcile --connection acme --snapshot - --repair")]
+    Reconcile(ReconcileArgs),
     /// Serve the operator's web console (sign-in required, roles, audit trail).
     #[command(after_help = "\
 Users, roles and the audit file come from the [console] table of halosync.toml:
@@ -172,6 +197,41 @@ Examples:
   halosync console --listen 0.0.0.0:8088            in a container
   halosync console --hash-password                  read a password on stdin, print its argon2 hash")]
     Console(ConsoleArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReconcileArgs {
+    /// The connection, as in [connections.NAME] (may be left out when only one is configured).
+    #[arg(long, value_name = "NAME")]
+    connection: Option<String>,
+    /// The billing platform's state: a JSON-lines file, or `-` for standard input.
+    #[arg(long, value_name = "FILE|-")]
+    snapshot: PathBuf,
+    /// Only these families (repeat or comma-separate) [default: all four].
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "FAMILY")]
+    family: Vec<FamilyArg>,
+    /// Only one customer: this account and its subscriptions, usage and overage.
+    #[arg(long, value_name = "ACCOUNT_ID", value_parser = parse_account)]
+    account: Option<String>,
+    /// Republish the snapshot event of each drifted aggregate with x-halosync-repair: true.
+    #[arg(long)]
+    repair: bool,
+}
+
+/// A billing account id as in the events (DESIGN §1: 1-128 of
+/// `[A-Za-z0-9_.:-]`).
+fn parse_account(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a billing account id; type the account_id of the events, e.g. --account acc_1001"
+        ))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -543,6 +603,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 mappings::cli_unmapped(&loaded.config, a.connection.as_deref(), json).await
             }
         },
+        Command::Reconcile(a) => {
+            // DESIGN §8: 2 when the command could not run, whatever the
+            // reason (config, snapshot, Redis, HaloPSA), not anyhow's 1.
+            let run = async {
+                let (config, connection) = with_connection(config_path, a.connection.as_deref())?;
+                reconcile::run(
+                    &config,
+                    &reconcile::Options {
+                        connection,
+                        snapshot: a.snapshot,
+                        families: a.family.into_iter().map(Into::into).collect(),
+                        account: a.account,
+                        repair: a.repair,
+                        json,
+                    },
+                )
+                .await
+            };
+            match run.await {
+                Ok(code) => Ok(code),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    Ok(ExitCode::from(reconcile::CANNOT_RUN))
+                }
+            }
+        }
         Command::Items(a) => {
             let (config, name) = with_connection(config_path, a.connection.as_deref())?;
             mappings::cli_items(&config, &name, a.search.as_deref(), json).await

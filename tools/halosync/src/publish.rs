@@ -215,11 +215,11 @@ struct Valid {
 }
 
 #[derive(Serialize)]
-struct Failed {
+pub struct Failed {
     #[serde(flatten)]
-    at: Location,
-    event_id: String,
-    error: String,
+    pub at: Location,
+    pub event_id: String,
+    pub error: String,
 }
 
 pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<ExitCode> {
@@ -302,10 +302,16 @@ pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<ExitCode> {
         anyhow::bail!("every event of the input is invalid; nothing to publish");
     }
 
-    let conn = broker::connect(config, "publish").await?;
-    let result = publish_all(config, &conn, &valid).await;
-    broker::close(&conn).await;
-    let (published, failed, stopped) = result?;
+    let outgoing: Vec<Outgoing> = valid
+        .iter()
+        .map(|v| Outgoing {
+            at: &v.at,
+            event: &v.event,
+            raw: &v.raw,
+        })
+        .collect();
+    let (published, failed, stopped) =
+        publish_events(config, "publish", &outgoing, &FieldTable::default()).await?;
 
     let mut note = format!(
         "published {published} of {} events to {exchange}, each confirmed by the broker",
@@ -342,10 +348,36 @@ pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// One event to publish: where it came from, the validated envelope, and
+/// its text (published as is).
+pub struct Outgoing<'a> {
+    pub at: &'a Location,
+    pub event: &'a Envelope,
+    pub raw: &'a str,
+}
+
+/// Publishes validated events to `halosync.events` with confirms and the
+/// mandatory flag, each with `headers` added (`halosync reconcile --repair`
+/// adds `x-halosync-repair`). Returns how many were confirmed, the ones the
+/// broker refused, and why publishing stopped early (a broker failure), if
+/// it did. The one publishing path of the tool.
+pub async fn publish_events(
+    config: &Config,
+    connection_name: &str,
+    events: &[Outgoing<'_>],
+    headers: &FieldTable,
+) -> anyhow::Result<(usize, Vec<Failed>, Option<String>)> {
+    let conn = broker::connect(config, connection_name).await?;
+    let result = publish_all(config, &conn, events, headers).await;
+    broker::close(&conn).await;
+    result
+}
+
 async fn publish_all(
     config: &Config,
     conn: &lapin::Connection,
-    valid: &[Valid],
+    valid: &[Outgoing<'_>],
+    headers: &FieldTable,
 ) -> anyhow::Result<(usize, Vec<Failed>, Option<String>)> {
     let topology = Topology::new(&config.prefix, &config.retry.delays_ms());
     let channel = conn
@@ -371,7 +403,7 @@ async fn publish_all(
                 &v.event.id,
                 &v.event.event_type,
                 v.raw.as_bytes(),
-                FieldTable::default(),
+                headers.clone(),
             )
             .instrument(span)
             .await

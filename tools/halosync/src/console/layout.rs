@@ -92,11 +92,12 @@ pub const JS: &str = r#"
 "#;
 
 /// The navigation entries: (path, label).
-const NAV: [(&str, &str); 7] = [
+const NAV: [(&str, &str); 8] = [
     ("/", "Overview"),
     ("/activity", "Activity"),
     ("/dead", "Dead letters"),
     ("/mappings", "Item mappings"),
+    ("/reconcile", "Reconcile"),
     ("/connections", "Connections"),
     ("/jobs", "Jobs"),
     ("/audit", "Audit"),

@@ -13,7 +13,7 @@
 //! | [`audit`] | the durable audit trail |
 //! | [`jobs`] | server-side replay / purge runs with progress |
 //! | [`layout`] | page shell, CSS, script |
-//! | [`overview`], [`dead`], [`connections`], [`audit_page`], [`activity`], [`mappings`] | the pages |
+//! | [`overview`], [`dead`], [`connections`], [`audit_page`], [`activity`], [`mappings`], [`reconcile`] | the pages |
 
 pub mod activity;
 pub mod audit;
@@ -25,6 +25,7 @@ pub mod jobs;
 pub mod layout;
 pub mod mappings;
 pub mod overview;
+pub mod reconcile;
 pub mod settings;
 
 use std::net::SocketAddr;
@@ -203,6 +204,7 @@ pub fn router(app: Shared) -> Router {
         .route("/activity.csv", get(activity::csv))
         .route("/mappings", get(mappings::page))
         .route("/mappings/set", post(mappings::set))
+        .route("/reconcile", get(reconcile::page))
         .with_state(app)
 }
 
