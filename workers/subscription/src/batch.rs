@@ -1,6 +1,6 @@
 //! Subscription events coalesce: a batch of known subscriptions costs one
-//! licence array, one `updatelines` array and one version array, not three
-//! requests per event.
+//! licence array and one `updatelines` array (whose lines carry the
+//! version), not three requests per event.
 //!
 //! What a batch can take on its own is the warm case, which is also the
 //! common one once a customer is onboarded: Redis knows the customer, the
@@ -81,7 +81,7 @@ pub(crate) async fn apply(
     for (i, e) in events.iter().enumerate() {
         let p = e.data_as::<SubscriptionData>().and_then(|d| {
             let v = e.version()?;
-            let t = Terms::of(&d)?;
+            let t = Terms::of(&d, &v)?;
             Ok((d, v, t))
         });
         match p {
@@ -605,7 +605,8 @@ async fn create_under_locks(
     }
 }
 
-/// One array of at most [`ARRAY_MAX`] of each: licences, lines, versions.
+/// One array of at most [`ARRAY_MAX`] of each: licences, then lines
+/// carrying the version.
 async fn apply_chunk(
     svc: &Services,
     halo: &HaloClient,
@@ -671,30 +672,24 @@ async fn apply_chunk(
         return;
     }
 
-    // Versions, on the links, last: they never claim more than HaloPSA holds.
-    let versions: Vec<Value> = written
-        .iter()
-        .map(|&k| {
-            let w = &chunk[k].1;
-            json!({
-                "id": w.licence.link_id,
-                "third_party_secondary_id": w.version.encode(),
-            })
-        })
-        .collect();
-    if let Err(e) = halo.post("/ExternalLink", versions).await {
-        fail_or_leave(written.iter().map(|&k| chunk[k].0), e, "version", results);
-        return;
-    }
-    for k in written {
-        let (i, w) = &chunk[k];
+    // The version rode on the line (`mapping` module doc): Redis records
+    // it, no further request.
+    let mut pipe_mappings: Vec<(String, Mapping)> = Vec::with_capacity(written.len());
+    for &k in &written {
+        let w = &chunk[k].1;
         let mut m = w.licence.clone();
         m.version = Some(w.version.encode());
-        let r = svc
-            .store
-            .set_mapping(&policy.name, SUBSCRIPTION.name, &w.data.subscription_id, &m)
-            .await;
-        results[*i] = Some(r.map(|_| Outcome::Applied).map_err(Failure::from));
+        pipe_mappings.push((w.data.subscription_id.clone(), m));
+    }
+    let refs: Vec<(&str, &Mapping)> = pipe_mappings.iter().map(|(s, m)| (s.as_str(), m)).collect();
+    let r = svc
+        .store
+        .set_mappings(&policy.name, SUBSCRIPTION.name, &refs)
+        .await
+        .map(|_| Outcome::Applied)
+        .map_err(Failure::from);
+    for k in written {
+        results[chunk[k].0] = Some(r.clone());
     }
 }
 

@@ -18,7 +18,10 @@
 //!    account) first has its line on the old customer's invoice retired
 //!    ([`crate::invoice::leave_previous_invoice`]); how the move is seen,
 //!    warm or cold, is in [`crate::invoice::before`].
-//! 4. The line ([`crate::invoice::sync_line`]).
+//!    When Redis does not know the line, the customer's invoice is read
+//!    first: the line's version (newer than the link's after a batch
+//!    update) decides whether the event is superseded.
+//! 4. The line ([`crate::invoice::sync_line`]), carrying the version.
 //! 5. The version on the link (created here, after the licence: the
 //!    reference does not list `new_external_link` for licences), then Redis.
 //!
@@ -26,8 +29,9 @@
 //! repaired by the redelivery; the version is written last so that it never
 //! claims more than HaloPSA holds.
 //!
-//! Steady state (Redis warm): three HaloPSA requests per event, the licence
-//! POST, the `updatelines` POST and the link's version POST.
+//! Steady state (Redis warm) goes the batch way ([`crate::batch`]): two
+//! requests, the licence POST and the `updatelines` POST, whose line
+//! carries the version.
 
 use async_trait::async_trait;
 use halosync_shared::contract::{Envelope, Family, SubscriptionData, Version};
@@ -39,7 +43,7 @@ use halosync_shared::store::Mapping;
 use halosync_shared::Failure;
 
 use crate::invoice;
-use crate::mapping::{licence_record, licences_carrying, Terms, LICENCE_ID_FIELD};
+use crate::mapping::{licence_record, licences_carrying, line_version, Terms, LICENCE_ID_FIELD};
 
 pub struct SubscriptionHandler;
 
@@ -62,7 +66,7 @@ impl Handler for SubscriptionHandler {
         let data: SubscriptionData = event.data_as()?;
         let version = event.version()?;
         let item_id = item_for(svc, halo, &data.product.sku).await?;
-        let terms = Terms::of(&data)?;
+        let terms = Terms::of(&data, &version)?;
         let recheck = svc.config().retry.dependency_recheck;
         let customer = links::require_customer(&svc.store, halo, &data.account_id, recheck).await?;
         let marker = links::marker(&SUBSCRIPTION, &data.subscription_id);
@@ -75,21 +79,40 @@ impl Handler for SubscriptionHandler {
             item_id,
             marker: &marker,
         };
-        let (mut mapping, new_licence) = match cx.find_licence().await? {
-            Some(m) => {
+        let (mut mapping, new_licence, header) = match cx.find_licence().await? {
+            Some(mut m) => {
                 if m.version()
                     .is_some_and(|applied| version.is_superseded_by(&applied))
                 {
                     return Ok(Outcome::Superseded);
                 }
-                invoice::recurring_invoice(&cx).await?;
+                // Redis does not know the line (lost, or never cached): the
+                // version on the line, which may be newer than the link's,
+                // is read before anything is written (`mapping` module doc).
+                let header = invoice::header_unless_cached(&cx).await?;
+                if let Some(on_line) = header
+                    .as_ref()
+                    .and_then(|h| line_version(h, &marker))
+                    .filter(|v| version.is_superseded_by(v))
+                {
+                    m.version = Some(on_line.encode());
+                    svc.store
+                        .set_mapping(
+                            &halo.connection().name,
+                            SUBSCRIPTION.name,
+                            &data.subscription_id,
+                            &m,
+                        )
+                        .await?;
+                    return Ok(Outcome::Superseded);
+                }
                 // A move to another account: the old invoice's line is
                 // retired before the licence follows the new customer.
                 if let Some(before) = invoice::before(&cx, m.halo_id).await? {
                     invoice::leave_previous_invoice(&cx, before).await?;
                 }
                 cx.update_licence(&m).await?;
-                (m, false)
+                (m, false, header)
             }
             None => {
                 // The customer's invoice before the licence: while another
@@ -97,10 +120,10 @@ impl Handler for SubscriptionHandler {
                 // before it has written anything, so a retry repeats no
                 // write and no look-up of a licence it created.
                 invoice::recurring_invoice(&cx).await?;
-                (cx.create_licence().await?, true)
+                (cx.create_licence().await?, true, None)
             }
         };
-        invoice::sync_line(&cx, new_licence).await?;
+        invoice::sync_line(&cx, new_licence, header).await?;
         cx.record_version(&mut mapping, &version).await?;
         invoice::seed_products(
             svc,

@@ -146,7 +146,14 @@ pub(crate) async fn leave_previous_invoice(cx: &Ctx<'_>, before: Before) -> Resu
 /// header is not searched before adding. Should one exist after all (the
 /// MSP deleted the licence but not the line, or a worker without the lock),
 /// the re-read after adding keeps the lowest and retires ours.
-pub(crate) async fn sync_line(cx: &Ctx<'_>, new_licence: bool) -> Result<(), Failure> {
+///
+/// `header`: the customer's invoice as [`header_unless_cached`] read it
+/// moments ago under this aggregate's lock, so that it is not read twice.
+pub(crate) async fn sync_line(
+    cx: &Ctx<'_>,
+    new_licence: bool,
+    header: Option<Value>,
+) -> Result<(), Failure> {
     let ihid = recurring_invoice(cx).await?;
     if let Some(line) = cached_line(cx, ihid).await? {
         match post_update(cx, ihid, line).await {
@@ -162,7 +169,10 @@ pub(crate) async fn sync_line(cx: &Ctx<'_>, new_licence: bool) -> Result<(), Fai
         let line = add_line(cx, ihid).await?;
         return remember_line(cx, ihid, line).await;
     }
-    let header = read_header(cx, ihid).await?;
+    let header = match header.filter(|h| record_id(h) == Some(ihid)) {
+        Some(h) => h,
+        None => read_header(cx, ihid).await?,
+    };
     let line = match lines_carrying(&header, cx.marker).split_first() {
         Some((&kept, others)) => {
             retire(cx, ihid, kept, others).await?;
@@ -172,6 +182,17 @@ pub(crate) async fn sync_line(cx: &Ctx<'_>, new_licence: bool) -> Result<(), Fai
         None => add_line(cx, ihid).await?,
     };
     remember_line(cx, ihid, line).await
+}
+
+/// The customer's recurring invoice with its lines, when Redis does not
+/// know this subscription's line on it (`None` when it does: then Redis
+/// also knows the applied version).
+pub(crate) async fn header_unless_cached(cx: &Ctx<'_>) -> Result<Option<Value>, Failure> {
+    let ihid = recurring_invoice(cx).await?;
+    if cached_line(cx, ihid).await?.is_some() {
+        return Ok(None);
+    }
+    read_header(cx, ihid).await.map(Some)
 }
 
 /// The id of the customer's halosync recurring invoice, created once

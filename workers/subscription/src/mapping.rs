@@ -32,10 +32,22 @@
 //!   customer's invoice. UNCONFIRMED: whether HaloPSA refills it from the
 //!   item's internal reference when it is sent explicitly.
 //!
+//! # Where the applied version lives
+//!
+//! On the line, in [`LINE_VERSION_FIELD`] (`item_external_reference`, as
+//! the usage and overage lines carry theirs), written in the same request
+//! as the quantity: a known subscription's update is then two requests
+//! (licence, line), not three. The line is written after the licence, so
+//! its version never claims more than HaloPSA holds. The link's version is
+//! written when the link is (a create, or the cold path after Redis was
+//! lost), so it may lag behind the line's: the applied version is the
+//! newer of the two, and the line's is read before anything is written
+//! whenever Redis does not know the line ([`line_version`]).
+//!
 //! [`links::marker`]: halosync_shared::halo::links::marker
 
 use halosync_shared::config::ConnectionConfig;
-use halosync_shared::contract::SubscriptionData;
+use halosync_shared::contract::{SubscriptionData, Version};
 use halosync_shared::halo::record_id;
 use halosync_shared::Failure;
 use serde_json::{json, Map, Value};
@@ -44,6 +56,8 @@ use serde_json::{json, Map, Value};
 pub const LICENCE_ID_FIELD: &str = "thirdparty_client_id";
 /// The recurring-invoice line field that carries the subscription's marker.
 pub const LINE_ID_FIELD: &str = "item_internal_reference";
+/// The recurring-invoice line field that carries the applied version.
+pub const LINE_VERSION_FIELD: &str = "item_external_reference";
 
 /// What the event's data becomes, checked before any HaloPSA request so
 /// that a bad value never leaves a half-applied event.
@@ -55,10 +69,12 @@ pub struct Terms {
     pub unit_cost: Option<f64>,
     /// `status == active`; suspended and cancelled are inactive.
     pub active: bool,
+    /// The event's version, encoded, carried on the line.
+    pub version: String,
 }
 
 impl Terms {
-    pub fn of(data: &SubscriptionData) -> Result<Terms, Failure> {
+    pub fn of(data: &SubscriptionData, version: &Version) -> Result<Terms, Failure> {
         let quantity = i64::try_from(data.quantity)
             .map_err(|_| Failure::invalid(format!("quantity {} is too large", data.quantity)))?;
         Ok(Terms {
@@ -70,6 +86,7 @@ impl Terms {
                 .map(|c| money("unit_cost", c))
                 .transpose()?,
             active: data.status == "active",
+            version: version.encode(),
         })
     }
 }
@@ -218,6 +235,7 @@ fn line_common(
         m.insert("enddate".into(), json!(halo_date(end)));
     }
     m.insert(LINE_ID_FIELD.into(), json!(marker));
+    m.insert(LINE_VERSION_FIELD.into(), json!(terms.version));
     m
 }
 
@@ -241,6 +259,20 @@ pub fn licences_carrying(rows: &[Value], marker: &str) -> Vec<i64> {
 
 /// Ids of the lines of a recurring-invoice header carrying `marker`,
 /// lowest first.
+/// The newest version carried by the header's lines that carry `marker`
+/// (`None` when no such line carries one: written before versions moved
+/// onto the line, or the line is gone).
+pub fn line_version(header: &Value, marker: &str) -> Option<Version> {
+    header
+        .get("lines")
+        .and_then(Value::as_array)?
+        .iter()
+        .filter(|l| l.get(LINE_ID_FIELD).and_then(Value::as_str).map(str::trim) == Some(marker))
+        .filter_map(|l| l.get(LINE_VERSION_FIELD).and_then(Value::as_str))
+        .filter_map(Version::decode)
+        .max_by(|a, b| a.compare(b))
+}
+
 pub fn lines_carrying(header: &Value, marker: &str) -> Vec<i64> {
     let lines = header
         .get("lines")
@@ -267,6 +299,10 @@ mod tests {
     use halosync_shared::contract::Product;
     use std::collections::BTreeMap;
     use std::time::Duration;
+
+    fn v1() -> Version {
+        Version::decode("s=1;t=2026-11-22T10:15:00Z").unwrap()
+    }
 
     fn policy(overwrite_prices: bool, overwrite_names: bool) -> ConnectionConfig {
         ConnectionConfig {
@@ -309,17 +345,17 @@ mod tests {
 
     #[test]
     fn terms_parse_money_and_status() {
-        let t = Terms::of(&sub("active")).unwrap();
+        let t = Terms::of(&sub("active"), &v1()).unwrap();
         assert_eq!(t.quantity, 25);
         assert_eq!(t.unit_price, 22.0);
         assert_eq!(t.unit_cost, Some(18.7));
         assert!(t.active);
-        assert!(!Terms::of(&sub("suspended")).unwrap().active);
-        assert!(!Terms::of(&sub("cancelled")).unwrap().active);
+        assert!(!Terms::of(&sub("suspended"), &v1()).unwrap().active);
+        assert!(!Terms::of(&sub("cancelled"), &v1()).unwrap().active);
         let mut bad = sub("active");
         bad.unit_price = "twelve".into();
         assert_eq!(
-            Terms::of(&bad).unwrap_err().class,
+            Terms::of(&bad, &v1()).unwrap_err().class,
             halosync_shared::FailureClass::Invalid
         );
     }
@@ -329,7 +365,7 @@ mod tests {
         let d = sub("active");
         let v = licence_record(
             &d,
-            &Terms::of(&d).unwrap(),
+            &Terms::of(&d, &v1()).unwrap(),
             7,
             None,
             MARK,
@@ -355,7 +391,7 @@ mod tests {
     fn licence_update_respects_the_policies() {
         let mut d = sub("suspended");
         d.end_date = Some("2027-10-31".into());
-        let t = Terms::of(&d).unwrap();
+        let t = Terms::of(&d, &v1()).unwrap();
         let kept = licence_record(&d, &t, 7, Some(3), MARK, &policy(false, false));
         assert_eq!(kept["id"], 3);
         assert_eq!(kept["is_active"], false);
@@ -379,7 +415,7 @@ mod tests {
     #[test]
     fn lines_follow_the_policies() {
         let d = sub("cancelled");
-        let t = Terms::of(&d).unwrap();
+        let t = Terms::of(&d, &v1()).unwrap();
         let new = new_line(&d, &t, -4, 1001, MARK);
         assert_eq!(new["ihid"], -4);
         assert_eq!(new["_itemid"], 1001);
@@ -392,6 +428,7 @@ mod tests {
             "Microsoft 365 Business Premium"
         );
         assert_eq!(new[LINE_ID_FIELD], MARK);
+        assert_eq!(new[LINE_VERSION_FIELD], "s=1;t=2026-11-22T10:15:00Z");
         let upd = line_update(&d, &t, -4, 9, 1001, MARK, &policy(false, false));
         assert_eq!(upd["id"], 9);
         assert_eq!(upd["ihid"], -4);
@@ -416,6 +453,17 @@ mod tests {
             {"id": 7, LINE_ID_FIELD: MARK},
         ]});
         assert_eq!(lines_carrying(&header, MARK), vec![7, 8]);
+        // The newest version a line of the subscription carries.
+        let versioned = json!({"id": -1, "lines": [
+            {"id": 8, LINE_ID_FIELD: MARK, LINE_VERSION_FIELD: "s=3;t=2026-11-22T10:15:00Z"},
+            {"id": 7, LINE_ID_FIELD: MARK, LINE_VERSION_FIELD: "s=5;t=2026-11-22T10:15:00Z"},
+            {"id": 6, LINE_ID_FIELD: "other", LINE_VERSION_FIELD: "s=9;t=2026-11-22T10:15:00Z"},
+        ]});
+        assert_eq!(
+            line_version(&versioned, MARK).and_then(|v| v.sequence),
+            Some(5)
+        );
+        assert_eq!(line_version(&header, MARK), None);
         let retired = halosync_shared::halo::lines::retired_line(-1, 8, 7, MARK);
         assert_eq!(retired["isinactive"], true);
         assert_eq!(retired["qty_order"], 0.0);

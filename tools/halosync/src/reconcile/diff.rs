@@ -42,7 +42,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use halosync_shared::contract::{AccountData, OverageData, SubscriptionData, UsageData};
+use halosync_shared::contract::{AccountData, OverageData, SubscriptionData, UsageData, Version};
 use halosync_shared::halo::lines::MARKER_FIELD;
 use halosync_shared::halo::links::LICENCE_MARKER_FIELD;
 use halosync_shared::halo::record_id;
@@ -537,10 +537,28 @@ impl Ctx<'_> {
                 continue;
             };
             seen.insert(d.subscription_id.clone());
+            // The line on the account's recurring invoice.
+            let header = invoice_of(state, &d.account_id);
+            let lines = header
+                .map(|h| lines_by_marker(std::iter::once(h), prefix))
+                .unwrap_or_default();
+            let line_found: Vec<&Value> =
+                lines.get(&d.subscription_id).cloned().unwrap_or_default();
+            // The applied version: the link's, or the line's when newer (a
+            // known subscription's update carries it on the line only).
             let applied = links
                 .get(d.subscription_id.as_str())
                 .and_then(|v| v.iter().min_by_key(|l| (l.halo_id, l.link_id)))
-                .and_then(|l| l.version.clone());
+                .and_then(|l| l.version.clone())
+                .into_iter()
+                .chain(line_found.iter().filter_map(|l| {
+                    l.get("item_external_reference")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                }))
+                .filter_map(|t| Version::decode(&t).map(|v| (v, t)))
+                .max_by(|a, b| a.0.compare(&b.0))
+                .map(|(_, t)| t);
             let found: Vec<&Value> = licences
                 .get(&d.subscription_id)
                 .map(|ids| ids.iter().filter_map(|id| state.licences.get(id)).collect())
@@ -575,12 +593,7 @@ impl Ctx<'_> {
                     }
                 },
             );
-            // The line on the account's recurring invoice.
-            let header = invoice_of(state, &d.account_id);
-            let lines = header
-                .map(|h| lines_by_marker(std::iter::once(h), prefix))
-                .unwrap_or_default();
-            let found: Vec<&Value> = lines.get(&d.subscription_id).cloned().unwrap_or_default();
+            let found = line_found;
             let detail = if header.is_some() {
                 "no line of the account's recurring invoice carries this subscription"
             } else {

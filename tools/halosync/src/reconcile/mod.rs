@@ -29,7 +29,7 @@ use anyhow::Context;
 use chrono::Utc;
 use halosync_shared::amqp::headers;
 use halosync_shared::halo;
-use halosync_shared::store::{self, Keys};
+use halosync_shared::store::{self, KeyKind, Keys};
 use halosync_shared::{Config, Contract, Family};
 use lapin::types::{AMQPValue, FieldTable};
 use redis::AsyncCommands;
@@ -56,14 +56,11 @@ pub const DRIFT: u8 = 1;
 pub const CANNOT_RUN: u8 = 2;
 
 /// Where the last report of a connection is kept:
-/// `{prefix}halosync:{connection}:reconcile:last`, in the key scheme of
-/// `store::Keys` (so a test's or deployment's prefix, and its cleanup
-/// pattern `{prefix}halosync:*`, cover it). Spelt here, in this one place,
-/// rather than through `Keys::key`, whose signature is changing on main
-/// (key kinds declared in `store::KeyKind`): once both meet, this becomes
-/// a `KeyKind::Reconcile` there.
+/// `{prefix}halosync:{connection}:reconcile:last` ([`KeyKind::Reconcile`],
+/// so a test's or deployment's prefix, and its cleanup pattern
+/// `{prefix}halosync:*`, cover it).
 pub fn last_report_key(prefix: &str, connection: &str) -> String {
-    format!("{prefix}halosync:{connection}:reconcile:last")
+    Keys::new(prefix).key(connection, KeyKind::Reconcile, &["last"])
 }
 
 /// The last report of `connection`, if one was kept.
