@@ -546,11 +546,13 @@ impl Ctx<'_> {
                 lines.get(&d.subscription_id).cloned().unwrap_or_default();
             // The applied version: the link's, or the line's when newer (a
             // known subscription's update carries it on the line only).
-            let applied = links
+            let on_link = links
                 .get(d.subscription_id.as_str())
                 .and_then(|v| v.iter().min_by_key(|l| (l.halo_id, l.link_id)))
-                .and_then(|l| l.version.clone())
-                .into_iter()
+                .and_then(|l| l.version.clone());
+            let applied = on_link
+                .iter()
+                .cloned()
                 .chain(line_found.iter().filter_map(|l| {
                     l.get("item_external_reference")
                         .and_then(Value::as_str)
@@ -558,7 +560,8 @@ impl Ctx<'_> {
                 }))
                 .filter_map(|t| Version::decode(&t).map(|v| (v, t)))
                 .max_by(|a, b| a.0.compare(&b.0))
-                .map(|(_, t)| t);
+                .map(|(_, t)| t)
+                .or(on_link);
             let found: Vec<&Value> = licences
                 .get(&d.subscription_id)
                 .map(|ids| ids.iter().filter_map(|id| state.licences.get(id)).collect())
