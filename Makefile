@@ -19,7 +19,7 @@ run: build
 ## Everything CI checks: formatting, lints, unit and integration tests
 ## (the integration tests need RabbitMQ and Redis running locally).
 test: packages services build-all lint check-deploy
-	$(CARGO) test --workspace --no-fail-fast
+	CARGO="$(CARGO)" bash deploy/local/test-parallel.sh
 
 ## Every target, tests included, in one build: the worker binaries the
 ## integration tests start are then built with the same (dev-dependency

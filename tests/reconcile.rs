@@ -587,9 +587,23 @@ async fn drift_is_repaired_by_repair_events() {
         json!({"qty_order": 1.0}),
     );
 
+    // A price the MSP changed, under overwrite_prices = true: drift.
+    let lic = licence_of(&env, "sub_price");
+    env.sim.update_record(
+        "SoftwareLicence",
+        lic["id"].as_i64().unwrap(),
+        json!({"price": 30.0}),
+    );
+    let (_, price_line) = lines_of(&env, &marker("sub_price")).remove(0);
+    env.sim.update_record(
+        "RecurringInvoiceLine",
+        price_line["id"].as_i64().unwrap(),
+        json!({"unit_price": 30.0}),
+    );
+
     let r = reconcile(&env, &config, &snap, &["--repair"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
-    assert_eq!(r.report["repair"]["published"], 5, "{:#}", r.report);
+    assert_eq!(r.report["repair"]["published"], 6, "{:#}", r.report);
 
     // The workers apply the repairs; the next reconcile is clean.
     let deadline = Instant::now() + T;
@@ -614,6 +628,17 @@ async fn drift_is_repaired_by_repair_events() {
         "the lowest id is kept"
     );
     assert_eq!(lines_of(&env, &marker("sub_del")).len(), 1, "re-added");
+    assert_eq!(
+        licence_of(&env, "sub_price")["price"],
+        22.0,
+        "price put back"
+    );
+    assert_eq!(licence_of(&env, "sub_qty")["count"], 6, "count put back");
+    assert_eq!(
+        customers_of(&env, "acc_2")[0]["inactive"],
+        false,
+        "active again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

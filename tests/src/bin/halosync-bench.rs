@@ -286,7 +286,6 @@ async fn account(n: usize, updates: bool) -> Row {
         env.stop_worker(w);
     }
     let before = env.sim.counts().values().sum::<u64>();
-    let posts_before = env.count("POST /api/Client");
     let bodies: Vec<Vec<u8>> = (0..n)
         .map(|i| {
             let (acc, seq) = if updates {
@@ -313,9 +312,16 @@ async fn account(n: usize, updates: bool) -> Row {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let started = Instant::now();
-    let target = posts_before + n as u64;
+    // Events coalesce (one POST array per batch), so count the state, not
+    // the POSTs: every customer there, holding its newest name.
+    let newest: std::collections::HashMap<String, String> = (0..n)
+        .map(|i| {
+            let acc = if updates { i % accounts } else { i };
+            (format!("acc_{acc}"), format!("Bench {i}"))
+        })
+        .collect();
     env.wait_for("all applied", Duration::from_secs(1800), || {
-        env.count("POST /api/Client") >= target
+        env.sim.clients().len() == accounts && applied_names(&env, &newest)
     })
     .await;
     let seconds = started.elapsed().as_secs_f64();
@@ -542,6 +548,7 @@ async fn usage_bench(n: usize) -> Vec<Row> {
     .await;
     let seconds = started.elapsed().as_secs_f64();
     let rss = peak_rss_kib(pid);
+    let cpu = cpu_seconds(pid).unwrap_or(f64::NAN);
     env.wait_drained(Family::Usage, Duration::from_secs(120))
         .await;
     let requests = env.sim.counts().values().sum::<u64>() - before;
@@ -560,7 +567,8 @@ async fn usage_bench(n: usize) -> Vec<Row> {
         requests: Some(requests),
         peak_rss_kib: rss,
         note: format!(
-            "{SUBS} subscriptions x 1 metric, {ACCOUNTS} customers, {full_rounds} rounds shuffled; cold usage cache; defaults batch_max 200 / batch_wait_ms 200; {requests} requests; {dead} dead; activity log {}",
+            "{SUBS} subscriptions x 1 metric, {ACCOUNTS} customers, {full_rounds} rounds shuffled; cold usage cache; defaults batch_max 200 / batch_wait_ms 200; {requests} requests; {dead} dead; worker CPU {cpu:.1} s ({:.0} µs/event); activity log {}",
+            cpu * 1e6 / n as f64,
             if ACTIVITY_OFF.load(std::sync::atomic::Ordering::SeqCst) { "off" } else { "on" }
         ),
     }];
@@ -886,6 +894,32 @@ async fn publish_pipelined(ch: &lapin::Channel, exchange: &str, key: &str, bodie
     }
 }
 
+/// Whether every account's customer holds the newest name (found through
+/// its ExternalLink).
+fn applied_names(env: &TestEnv, newest: &std::collections::HashMap<String, String>) -> bool {
+    let names: std::collections::HashMap<i64, String> = env
+        .sim
+        .clients()
+        .iter()
+        .filter_map(|c| Some((c["id"].as_i64()?, c["name"].as_str()?.to_string())))
+        .collect();
+    let mut seen = 0;
+    for l in env.sim.external_links() {
+        let (Some(acc), Some(id)) = (l["third_party_id"].as_str(), l["halo_id"].as_i64()) else {
+            continue;
+        };
+        if l["third_party_type"] != "halosync.account" {
+            continue;
+        }
+        match newest.get(acc) {
+            Some(want) if names.get(&id) == Some(want) => seen += 1,
+            Some(_) => return false,
+            None => {}
+        }
+    }
+    seen == newest.len()
+}
+
 /// Events per trickle case.
 const TRICKLE_EVENTS: usize = 4;
 
@@ -1128,6 +1162,19 @@ async fn trickle(gap: Duration) -> Vec<Row> {
         env.stop_worker(w);
     }
     rows
+}
+
+/// CPU time (user + system) a process has used so far, in seconds, from
+/// `/proc/<pid>/stat` (fields 14 and 15, in clock ticks of 1/100 s, the
+/// Linux default).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from its ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// VmHWM (peak resident set) of a process, in KiB.
