@@ -689,6 +689,114 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Takes the locks of a batch's aggregates, given in the order every
+    /// worker takes them (sorted), within `wait` for all of them together.
+    /// One pipelined round trip tries them all (a batch of 200 no longer
+    /// costs 200 round trips); if one is held by another worker, the locks
+    /// taken after it in the order are given back and the rest are taken
+    /// one by one, waiting, as [`lock`](Self::lock) does. So a worker only
+    /// ever waits while holding a prefix of its order, and two workers whose
+    /// batches share aggregates never wait on each other in a cycle.
+    pub async fn lock_many(
+        &self,
+        conn: &str,
+        aggregates: &[String],
+        ttl: Duration,
+        wait: Duration,
+    ) -> Vec<Result<AggregateLock, StateError>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let keys: Vec<String> = aggregates
+            .iter()
+            .map(|a| self.keys.key(conn, KeyKind::Lock, &[a]))
+            .collect();
+        let tokens: Vec<String> = (0..keys.len())
+            .map(|_| uuid::Uuid::new_v4().to_string())
+            .collect();
+        let mut pipe = redis::pipe();
+        for (key, token) in keys.iter().zip(&tokens) {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl.as_millis() as u64);
+        }
+        let mut r = self.redis.clone();
+        let taken: Vec<Option<String>> = match pipe.query_async(&mut r).await {
+            Ok(t) => t,
+            Err(e) => {
+                // One error, told to every aggregate (a RedisError does not
+                // clone): each is retried as Redis being unreachable is.
+                let text = format!("redis: {e}");
+                return aggregates
+                    .iter()
+                    .map(|_| Err(StateError::Unexpected(text.clone())))
+                    .collect();
+            }
+        };
+        let mut out: Vec<Result<AggregateLock, StateError>> = Vec::with_capacity(keys.len());
+        let first_busy = taken
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(taken.len());
+        let mut give_back: Vec<(String, String)> = Vec::new();
+        for (k, ((key, token), got)) in keys.into_iter().zip(tokens).zip(&taken).enumerate() {
+            if k < first_busy {
+                let renewer =
+                    tokio::spawn(renew(self.redis.clone(), key.clone(), token.clone(), ttl));
+                out.push(Ok(AggregateLock {
+                    redis: self.redis.clone(),
+                    key,
+                    token,
+                    renewer,
+                }));
+            } else if got.is_some() {
+                give_back.push((key, token));
+            }
+        }
+        if !give_back.is_empty() {
+            let mut pipe = redis::pipe();
+            for (key, token) in &give_back {
+                pipe.cmd("EVAL")
+                    .arg(RELEASE_LOCK)
+                    .arg(1)
+                    .arg(key)
+                    .arg(token)
+                    .ignore();
+            }
+            if let Err(e) = pipe.query_async::<()>(&mut r).await {
+                tracing::warn!(error = %e, "could not give back locks taken out of order; they expire on their own");
+            }
+        }
+        for aggregate in &aggregates[first_busy..] {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            out.push(self.lock(conn, aggregate, ttl, left).await);
+        }
+        out
+    }
+
+    /// Releases many locks in one round trip (each only if still ours).
+    pub async fn release_many(&self, locks: Vec<AggregateLock>) -> Result<(), StateError> {
+        if locks.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for l in &locks {
+            l.renewer.abort();
+            pipe.cmd("EVAL")
+                .arg(RELEASE_LOCK)
+                .arg(1)
+                .arg(&l.key)
+                .arg(&l.token)
+                .ignore();
+        }
+        let mut r = self.redis.clone();
+        pipe.query_async::<()>(&mut r).await?;
+        Ok(())
+    }
+}
+
 /// Keeps a held lock alive: its TTL is short (so that a crashed holder
 /// blocks its aggregate only briefly), and renewed every third of it while
 /// the holder works.
@@ -785,5 +893,55 @@ impl AggregateLock {
             .invoke_async(&mut r)
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> Store {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+        let redis = connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("Redis must be running at {url}: {e}"));
+        let prefix = format!("t-store-{}.", uuid::Uuid::new_v4().simple());
+        Store::new(redis, Keys::new(&prefix), Duration::from_secs(60))
+    }
+
+    async fn cleanup(s: &Store) {
+        let mut r = s.redis();
+        let keys: Vec<String> = r.keys(s.keys().pattern()).await.expect("keys");
+        if !keys.is_empty() {
+            let _: () = r.del(keys).await.expect("del");
+        }
+    }
+
+    #[tokio::test]
+    async fn lock_many_takes_what_is_free_in_one_go_and_waits_in_order_for_the_rest() {
+        let s = store().await;
+        let ttl = Duration::from_secs(10);
+        // Another worker holds `b`.
+        let theirs = s.lock("c", "b", ttl, Duration::ZERO).await.expect("b");
+        let names: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let got = s
+            .lock_many("c", &names, ttl, Duration::from_millis(50))
+            .await;
+        assert!(got[0].is_ok(), "a is free");
+        assert!(matches!(got[1], Err(StateError::Busy(_))), "b is held");
+        assert!(got[2].is_ok(), "c is free, taken after waiting for b");
+        // Ours are really ours, b still theirs.
+        let ours: Vec<AggregateLock> = got.into_iter().filter_map(Result::ok).collect();
+        assert!(LockFence::of(&ours).still_held().await.expect("fence"));
+        assert!(theirs.fence().still_held().await.expect("fence"));
+        s.release_many(ours).await.expect("release");
+        // Released: all three can be taken again, in one round trip.
+        theirs.release().await.expect("release b");
+        let again = s.lock_many("c", &names, ttl, Duration::ZERO).await;
+        assert!(again.iter().all(Result::is_ok));
+        s.release_many(again.into_iter().filter_map(Result::ok).collect())
+            .await
+            .expect("release");
+        cleanup(&s).await;
     }
 }

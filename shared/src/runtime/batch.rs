@@ -197,22 +197,23 @@ async fn run_connection(
     // most that; a batch of one waits exactly as long as a single message.
     let mut locks = Vec::new();
     let mut work: Vec<usize> = Vec::new();
-    let deadline = tokio::time::Instant::now() + w.lock_wait;
-    for (i, aggregate) in &members {
-        if items[*i].decision.is_some() {
-            continue;
-        }
-        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let lock = services
-            .store
-            .lock(conn, &format!("{family}:{aggregate}"), w.lock_ttl, wait)
-            .await;
+    let wanted: Vec<(usize, String)> = members
+        .iter()
+        .filter(|(i, _)| items[*i].decision.is_none())
+        .map(|(i, aggregate)| (*i, format!("{family}:{aggregate}")))
+        .collect();
+    let names: Vec<String> = wanted.iter().map(|(_, a)| a.clone()).collect();
+    let taken = services
+        .store
+        .lock_many(conn, &names, w.lock_ttl, w.lock_wait)
+        .await;
+    for ((i, _), lock) in wanted.into_iter().zip(taken) {
         match lock {
             Ok(l) => {
                 locks.push(l);
-                work.push(*i);
+                work.push(i);
             }
-            Err(e) => items[*i].decision = Some(Decision::Retry(e.into())),
+            Err(e) => items[i].decision = Some(Decision::Retry(e.into())),
         }
     }
     // Redis lost moments ago: locks held before were lost with it, and a
@@ -313,9 +314,7 @@ async fn run_connection(
             }
         }
     }
-    for l in locks {
-        if let Err(e) = l.release().await {
-            tracing::warn!(error = %e, "could not release an aggregate lock; it expires on its own");
-        }
+    if let Err(e) = services.store.release_many(locks).await {
+        tracing::warn!(error = %e, "could not release the batch's aggregate locks; they expire on their own");
     }
 }

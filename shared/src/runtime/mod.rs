@@ -451,6 +451,13 @@ async fn session(
     };
     let lost = loop {
         let idle = in_flight.load(Ordering::SeqCst) == 0;
+        // A batch that filled up while the last one was written goes at
+        // once, not at its deadline (the consumer branch that sends a full
+        // batch is off while the batch is full).
+        if idle && batch.len() >= batch_max {
+            spawn_batch(std::mem::take(&mut batch));
+            continue;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break None,
             _ = tokio::time::sleep_until(batch_deadline), if !batch.is_empty() && idle => {
