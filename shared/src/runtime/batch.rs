@@ -128,26 +128,33 @@ pub(super) async fn settle_batch(
         run_connection(&services, &handler, halo, &conn, &mut items, members).await;
     }
 
-    // 3. Settle every message in its own span.
-    for item in items {
+    // 3. Settle every message in its own span, all at once: each one's
+    //    ack (or retry or dead-letter copy, then ack) is independent of the
+    //    others', and waiting for 200 acks one after another was most of a
+    //    batch's time.
+    let settles = items.into_iter().map(|item| {
         let decision = item
             .decision
             .unwrap_or_else(|| Decision::Requeue("not decided (bug)".into()));
         let aggregate = item.event.as_ref().and_then(|e| handler.aggregate(e).ok());
-        finish(
-            &services,
-            family,
-            &publisher,
-            &item.delivery,
-            item.attempts_before,
-            item.event.as_ref(),
-            aggregate.as_deref(),
-            decision,
-            started,
-        )
+        let (services, publisher) = (&services, &publisher);
+        async move {
+            finish(
+                services,
+                family,
+                publisher,
+                &item.delivery,
+                item.attempts_before,
+                item.event.as_ref(),
+                aggregate.as_deref(),
+                decision,
+                started,
+            )
+            .await
+        }
         .instrument(item.span)
-        .await;
-    }
+    });
+    futures::future::join_all(settles).await;
 }
 
 async fn run_connection(
