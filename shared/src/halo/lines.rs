@@ -433,6 +433,31 @@ pub fn after_array_failure(e: HaloError, what: &str) -> AfterArray {
     }
 }
 
+/// Applies [`after_array_failure`] to a batch's results: on a retry
+/// together, `events` get the failure; on one by one, their results stay
+/// empty (the caller's one-event path takes them). Returns whether HaloPSA
+/// certainly saved nothing (so that a create's marks can be taken back).
+/// Shared by every batch that writes arrays (accounts, subscriptions).
+pub fn settle_array_failure<T: Clone>(
+    e: HaloError,
+    what: &str,
+    events: impl Iterator<Item = usize>,
+    results: &mut [Option<Result<T, Failure>>],
+) -> bool {
+    match after_array_failure(e, what) {
+        AfterArray::OneByOne => false,
+        AfterArray::RetryTogether {
+            failure,
+            saved_nothing,
+        } => {
+            for i in events {
+                results[i] = Some(Err(failure.clone()));
+            }
+            saved_nothing
+        }
+    }
+}
+
 /// 400/422: HaloPSA refused (part of) the array as invalid.
 pub fn refused(e: &HaloError) -> bool {
     matches!(e.status(), Some(400 | 422))

@@ -57,8 +57,8 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Halo> {
     })?;
     let redis = store::connect(&config.redis_url).await.with_context(|| {
         format!(
-            "cannot reach Redis at {} (is it running? `redis-server --daemonize yes`)",
-            config.redis_url
+            "cannot reach Redis at {} (it holds the shared token and rate budget; is it running? `redis-server --daemonize yes`)",
+            halosync_shared::amqp::redact_url(&config.redis_url)
         )
     })?;
     let keys = Keys::new(&config.prefix);

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use halosync_shared::contract::{AccountData, Envelope, Family, Version};
-use halosync_shared::halo::lines::{self, AfterArray};
+use halosync_shared::halo::lines;
 use halosync_shared::halo::links::{self, Known, CUSTOMER};
 use halosync_shared::halo::{record_id, HaloClient, HaloError};
 use halosync_shared::runtime::{Handler, Outcome, Services};
@@ -189,18 +189,7 @@ impl Batch {
         events: impl Iterator<Item = usize>,
         what: &str,
     ) -> bool {
-        match lines::after_array_failure(e, what) {
-            AfterArray::OneByOne => false,
-            AfterArray::RetryTogether {
-                failure,
-                saved_nothing,
-            } => {
-                for i in events {
-                    self.results[i] = Some(Err(failure.clone()));
-                }
-                saved_nothing
-            }
-        }
+        lines::settle_array_failure(e, what, events, &mut self.results)
     }
 
     /// Events not decided yet.

@@ -22,9 +22,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use halosync_shared::contract::{Envelope, Product, SubscriptionData, Version};
-use halosync_shared::halo::lines::{self, AfterArray, Invoice};
+use halosync_shared::halo::lines::{self, Invoice};
 use halosync_shared::halo::links::{self, Known, CUSTOMER, RECURRING_INVOICE, SUBSCRIPTION};
-use halosync_shared::halo::{record_id, HaloClient, HaloError};
+use halosync_shared::halo::{record_id, HaloClient};
 use halosync_shared::runtime::{Outcome, Services};
 use halosync_shared::store::Mapping;
 use halosync_shared::{Failure, FailureClass};
@@ -372,7 +372,8 @@ async fn create_under_locks(
             Ok(rows) => rows,
             Err(None) => continue,
             Err(Some(e)) => {
-                if fail_or_leave(chunk.iter().map(|(i, _)| *i), e, "licence", results) {
+                if lines::settle_array_failure(e, "licence", chunk.iter().map(|(i, _)| *i), results)
+                {
                     let ids: Vec<String> = chunk
                         .iter()
                         .map(|(_, w)| w.data.subscription_id.clone())
@@ -486,7 +487,7 @@ async fn create_under_locks(
                 let events = chunk
                     .iter()
                     .flat_map(|(_, ks)| ks.iter().map(|&k| new[k].0));
-                if fail_or_leave(events, e, "invoice", results) {
+                if lines::settle_array_failure(e, "invoice", events, results) {
                     let ids: Vec<String> = chunk.iter().map(|(a, _)| a.to_string()).collect();
                     let _ = store.not_created(&conn, RECURRING_INVOICE.name, &ids).await;
                 }
@@ -559,7 +560,7 @@ async fn create_under_locks(
             Ok(rows) => rows,
             Err(None) => continue,
             Err(Some(e)) => {
-                fail_or_leave(chunk.iter().map(|&k| new[k].0), e, "version", results);
+                lines::settle_array_failure(e, "version", chunk.iter().map(|&k| new[k].0), results);
                 continue;
             }
         };
@@ -631,7 +632,7 @@ async fn apply_chunk(
         })
         .collect();
     if let Err(e) = halo.post("/SoftwareLicence", bodies).await {
-        fail_or_leave(chunk.iter().map(|(i, _)| *i), e, "licence", results);
+        lines::settle_array_failure(e, "licence", chunk.iter().map(|(i, _)| *i), results);
         return;
     }
     seed_products(svc, halo, chunk).await;
@@ -701,27 +702,4 @@ async fn seed_products(svc: &Services, halo: &HaloClient, chunk: &[(usize, Warm)
         .map(|(_, w)| (w.data.subscription_id.as_str(), &w.data.product))
         .collect();
     invoice::seed_products(svc, &halo.connection().name, &products).await;
-}
-
-/// After an array failed: `lines::after_array_failure` decides. Returns
-/// whether HaloPSA saved nothing (so that a create's marks can be taken
-/// back).
-fn fail_or_leave(
-    events: impl Iterator<Item = usize>,
-    e: HaloError,
-    what: &str,
-    results: &mut [Option<Result<Outcome, Failure>>],
-) -> bool {
-    match lines::after_array_failure(e, what) {
-        AfterArray::OneByOne => false,
-        AfterArray::RetryTogether {
-            failure,
-            saved_nothing,
-        } => {
-            for i in events {
-                results[i] = Some(Err(failure.clone()));
-            }
-            saved_nothing
-        }
-    }
 }

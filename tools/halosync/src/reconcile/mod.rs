@@ -28,8 +28,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use chrono::Utc;
 use halosync_shared::amqp::headers;
-use halosync_shared::halo;
-use halosync_shared::store::{self, KeyKind, Keys};
+use halosync_shared::store::{KeyKind, Keys};
 use halosync_shared::{Config, Contract, Family};
 use lapin::types::{AMQPValue, FieldTable};
 use redis::AsyncCommands;
@@ -127,23 +126,10 @@ pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<ExitCode> {
         config.worker.max_message_bytes,
     )?;
 
-    // 2. HaloPSA, through the shared token cache and rate budget.
-    let redis = store::connect(&config.redis_url).await.with_context(|| {
-        format!(
-            "cannot reach Redis at {} (it holds the shared token and rate budget): is it running?",
-            halosync_shared::amqp::redact_url(&config.redis_url)
-        )
-    })?;
-    let keys = Keys::new(&config.prefix);
-    let http = halo::http_client(config.worker.http_timeout)?;
-    let client = halo::client_for(
-        conn,
-        http,
-        redis.clone(),
-        &keys,
-        &config.worker,
-        config.retry.rate_limited_min_delay,
-    );
+    // 2. HaloPSA, through the shared token cache and rate budget, connected
+    //    as `halosync mappings` does.
+    let halo = crate::mappings::connect(config, &conn.name).await?;
+    let (client, redis) = (halo.client, halo.store.redis());
     let mut progress = Progress::new();
     let state = read::read(&client, &scope, &mut progress)
         .await
