@@ -102,37 +102,6 @@ fn licence(env: &TestEnv, sub: &str) -> Value {
     found[0].clone()
 }
 
-/// An MSP adds a line through the API (a copy of `line` on its invoice).
-async fn add_line_as_the_msp(env: &TestEnv, path: &str, line: &Value) {
-    let http = reqwest::Client::new();
-    let token: Value = http
-        .post(format!("{}/token", env.sim.auth_url()))
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", "halosync-sim"),
-            ("client_secret", "sim-secret"),
-            ("scope", "all"),
-        ])
-        .send()
-        .await
-        .expect("token request")
-        .json()
-        .await
-        .expect("token JSON");
-    let mut copy = line.clone();
-    if let Some(o) = copy.as_object_mut() {
-        o.remove("id");
-    }
-    let r = http
-        .post(format!("{}{path}", env.sim.api_url()))
-        .bearer_auth(token["access_token"].as_str().expect("a token"))
-        .json(&json!([copy]))
-        .send()
-        .await
-        .expect("line POST");
-    assert!(r.status().is_success(), "adding a line: {}", r.status());
-}
-
 #[tokio::test]
 async fn a_repair_puts_back_what_the_msp_changed_in_every_family() {
     let env = env("repair-every-family").await;
@@ -172,7 +141,16 @@ async fn a_repair_puts_back_what_the_msp_changed_in_every_family() {
         .expect("line id");
     assert!(env.sim.delete_line("RecurringInvoiceLine", sub_line));
     let usage_line = live_lines(&env, usage_marker)[0].clone();
-    add_line_as_the_msp(&env, "/RecurringInvoice/Lines", &usage_line).await;
+    // The MSP adds a copy of it (halo-sim's control, as a UI edit would).
+    let mut copy = usage_line.clone();
+    if let Some(o) = copy.as_object_mut() {
+        o.remove("id");
+    }
+    let ihid = usage_line["ihid"].as_i64().expect("the line's invoice");
+    assert!(env
+        .sim
+        .insert_line("RecurringInvoiceLine", ihid, copy)
+        .is_some());
     assert_eq!(
         live_lines(&env, usage_marker).len(),
         2,
