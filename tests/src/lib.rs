@@ -524,50 +524,58 @@ impl Drop for TestEnv {
             let _ = w.child.kill();
             let _ = w.child.wait();
         }
-        let prefix = self.prefix.clone();
-        let topology = self.topology.clone();
-        // Drop cannot await: clean up on a thread with its own runtime.
-        let cleanup = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok(conn) = amqp::connect(AMQP_URL, "tests-cleanup").await {
-                    if let Ok(ch) = conn.create_channel().await {
-                        for q in topology.all_queues() {
-                            let _ = ch
-                                .queue_delete(q.into(), QueueDeleteOptions::default())
-                                .await;
-                        }
-                        for e in topology.exchanges() {
-                            let _ = ch
-                                .exchange_delete(e.into(), ExchangeDeleteOptions::default())
-                                .await;
-                        }
-                    }
-                    let _ = conn.close(200, "bye".into()).await;
-                }
-                if let Ok(client) = redis::Client::open(REDIS_URL) {
-                    if let Ok(mut r) = client.get_multiplexed_async_connection().await {
-                        let keys: Vec<String> = redis::cmd("KEYS")
-                            .arg(format!("{prefix}halosync:*"))
-                            .query_async(&mut r)
-                            .await
-                            .unwrap_or_default();
-                        if !keys.is_empty() {
-                            let _: Result<i64, _> =
-                                redis::cmd("DEL").arg(&keys).query_async(&mut r).await;
-                        }
-                    }
-                }
-            });
-        });
-        let _ = cleanup.join();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_everything_of(&self.prefix, &self.topology, &self.dir);
     }
+}
+
+/// Removes everything a test's prefix holds: its queues and exchanges on
+/// the shared broker, its Redis keys (`{prefix}halosync:*`, never a flush)
+/// and its temporary directory. Called by every test world's `Drop`, also
+/// when the test failed.
+pub fn remove_everything_of(prefix: &str, topology: &Topology, dir: &Path) {
+    let prefix = prefix.to_string();
+    let topology = topology.clone();
+    // Drop cannot await: clean up on a thread with its own runtime.
+    let cleanup = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            if let Ok(conn) = amqp::connect(AMQP_URL, "tests-cleanup").await {
+                if let Ok(ch) = conn.create_channel().await {
+                    for q in topology.all_queues() {
+                        let _ = ch
+                            .queue_delete(q.into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                    for e in topology.exchanges() {
+                        let _ = ch
+                            .exchange_delete(e.into(), ExchangeDeleteOptions::default())
+                            .await;
+                    }
+                }
+                let _ = conn.close(200, "bye".into()).await;
+            }
+            if let Ok(client) = redis::Client::open(REDIS_URL) {
+                if let Ok(mut r) = client.get_multiplexed_async_connection().await {
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(format!("{prefix}halosync:*"))
+                        .query_async(&mut r)
+                        .await
+                        .unwrap_or_default();
+                    if !keys.is_empty() {
+                        let _: Result<i64, _> =
+                            redis::cmd("DEL").arg(&keys).query_async(&mut r).await;
+                    }
+                }
+            }
+        });
+    });
+    let _ = cleanup.join();
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A dead letter taken from a dead queue.

@@ -11,6 +11,9 @@
 //! `trickle` (not in the default set either): the steady state, one event
 //! every `--gap S` seconds (default 3) per family and case, each settled
 //! before the next, counting HaloPSA requests per event.
+//! `subscription` (not in the default set): events per second through one
+//! subscription worker, `--subscriptions N` (default 200) created, then
+//! updated `--rounds R` times (default 5).
 //! `--no-activity` runs the workers with `worker.activity = false`, to
 //! measure what recording the activity log costs (compare with and without).
 
@@ -65,6 +68,8 @@ async fn main() {
     let mut customers = 50usize;
     let mut budget = (20u32, 2u64);
     let mut gap = Duration::from_secs(3);
+    let mut subscriptions = 200usize;
+    let mut rounds = 5u64;
     let mut scenarios = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -102,9 +107,23 @@ async fn main() {
                     .map(Duration::from_secs_f64)
                     .unwrap_or_else(|| usage("--gap needs seconds, e.g. --gap 3"))
             }
+            "--subscriptions" => {
+                subscriptions = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| *n > 0)
+                    .unwrap_or_else(|| usage("--subscriptions needs a number above 0, e.g. --subscriptions 200"))
+            }
+            "--rounds" => {
+                rounds = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| *n > 0)
+                    .unwrap_or_else(|| usage("--rounds needs a number above 0, e.g. --rounds 5"))
+            }
             "--no-activity" => ACTIVITY_OFF.store(true, std::sync::atomic::Ordering::SeqCst),
             "-h" | "--help" => usage(""),
-            s if ["raw", "account-create", "account-update", "scale", "usage", "onboard", "trickle"]
+            s if ["raw", "account-create", "account-update", "scale", "usage", "onboard", "trickle", "subscription"]
                 .contains(&s) =>
             {
                 scenarios.push(s.to_string())
@@ -131,6 +150,7 @@ async fn main() {
             "usage" => rows.extend(usage_bench(events).await),
             "onboard" => rows.push(onboard(customers, budget).await),
             "trickle" => rows.extend(trickle(gap).await),
+            "subscription" => rows.extend(subscription_bench(subscriptions, rounds).await),
             _ => {
                 for workers in [1, 2, 4] {
                     rows.push(scale(events.min(2000), workers).await);
@@ -175,7 +195,7 @@ fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("halosync-bench: {problem}");
     }
-    eprintln!("usage: halosync-bench [--events N] [--customers N] [--budget R/S] [--gap S] [--no-activity] [raw] [account-create] [account-update] [scale] [usage] [onboard] [trickle]");
+    eprintln!("usage: halosync-bench [--events N] [--customers N] [--budget R/S] [--gap S] [--subscriptions N] [--rounds R] [--no-activity] [raw] [account-create] [account-update] [scale] [usage] [onboard] [trickle] [subscription]");
     std::process::exit(if problem.is_empty() { 0 } else { 2 })
 }
 
@@ -1191,4 +1211,129 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// `subscription`: events per second through one subscription worker
+/// against halo-sim with no latency, as `account` measures the account
+/// worker: events queued first, the clock started when the worker starts
+/// consuming, stopped when the last event's final write (its version on the
+/// line) is in HaloPSA. `subs` subscriptions of 10 customers are created,
+/// then updated `rounds` times. halo-sim copies its dataset on every POST
+/// (that is how it makes a POST atomic), so with thousands of records the
+/// simulator, not the worker, sets the pace: keep `subs` modest.
+async fn subscription_bench(subs: usize, rounds: u64) -> Vec<Row> {
+    const ACCTS: usize = 10;
+    const ITEM: i64 = 1001;
+    const WORKER: &str = "halosync-subscription";
+    let t = Duration::from_secs(120);
+    let mut env = TestEnv::with(
+        "bench-sub",
+        EnvOptions {
+            connection_extra: format!(
+                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n"
+            ),
+            extra: activity_extra(),
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
+    let accounts = env.spawn_worker("halosync-account");
+    for a in 0..ACCTS {
+        env.publish(&account_event(
+            &format!("acc-e{a}"),
+            &format!("acc_{a}"),
+            &format!("Customer {a}"),
+            true,
+            1,
+        ))
+        .await;
+    }
+    env.wait_for("customers created", t, || {
+        (0..ACCTS).all(|a| customers_of(&env, &format!("acc_{a}")).len() == 1)
+    })
+    .await;
+    env.stop_worker(accounts);
+    // Warm up (not measured): the token, and every customer's recurring
+    // invoice.
+    let w = env.spawn_worker(WORKER);
+    for a in 0..ACCTS {
+        env.publish(&subscription_event(
+            &format!("w{a}"),
+            &format!("warm_{a}"),
+            &format!("acc_{a}"),
+            1,
+            "active",
+            1,
+        ))
+        .await;
+    }
+    env.wait_drained(Family::Subscription, t).await;
+    env.stop_worker(w);
+    // Subscriptions whose line carries version `seq`.
+    let versioned = |env: &TestEnv, seq: u64| {
+        let prefix = format!("s={seq};");
+        env.sim
+            .recurring_invoices()
+            .iter()
+            .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
+            .filter(|l| {
+                l["item_internal_reference"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("halosync.subscription:sub_"))
+            })
+            .filter(|l| {
+                l["item_external_reference"]
+                    .as_str()
+                    .is_some_and(|v| v.starts_with(&prefix))
+            })
+            .count()
+    };
+    let mut rows = Vec::new();
+    for (phase, first, last) in [("create", 1u64, 1u64), ("update", 2, 1 + rounds)] {
+        let mut bodies = Vec::new();
+        for seq in first..=last {
+            for s in 0..subs {
+                bodies.push(json_body(&subscription_event(
+                    &format!("{seq}-{s}"),
+                    &format!("sub_{s}"),
+                    &format!("acc_{}", s % ACCTS),
+                    seq,
+                    "active",
+                    seq,
+                )));
+            }
+        }
+        let events = bodies.len();
+        publish_events(&env, bodies).await;
+        let before = env.sim.counts().values().sum::<u64>();
+        let w = env.spawn_worker(WORKER);
+        let pid = env.worker(w).child.id();
+        let queue = env.topology.work_queue(Family::Subscription);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while env.depth(&queue).await as usize == events && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let started = Instant::now();
+        env.wait_for(
+            &format!("subscription {phase} applied"),
+            Duration::from_secs(1800),
+            || versioned(&env, last) == subs,
+        )
+        .await;
+        let seconds = started.elapsed().as_secs_f64();
+        let rss = peak_rss_kib(pid);
+        env.wait_drained(Family::Subscription, t).await;
+        let requests = env.sim.counts().values().sum::<u64>() - before;
+        env.stop_worker(w);
+        rows.push(Row {
+            scenario: format!("subscription-{phase}"),
+            events,
+            seconds,
+            requests: Some(requests),
+            peak_rss_kib: rss,
+            note: format!("{subs} subscriptions of {ACCTS} customers"),
+        });
+    }
+    rows
 }

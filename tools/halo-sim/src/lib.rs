@@ -158,6 +158,20 @@ pub struct Faults {
     /// The next N successful writes lose their answer (decrements), like
     /// `lost_response_rate` but deterministic.
     pub lose_next: u64,
+    /// A schedule of lost answers: the 1-based ordinals of the successful
+    /// writes (POST, DELETE; counted from the start or the last reset, not
+    /// from when these faults were set) whose answer is lost, e.g.
+    /// `[3, 7, 12]`. A test asserts that exactly these fired
+    /// ([`SimHandle::lost_responses`]), never on a random draw.
+    pub lose_writes: Vec<u64>,
+    /// A schedule of partial saves, taken in order: an entry `n` is taken
+    /// by the next POST whose array has more than `n` elements, which saves
+    /// its first `n` elements and refuses element `n` (0-based) with a 400
+    /// validation error, the rest untouched: the non-transactional reading
+    /// of an array one of whose elements fails validation. Refusing the
+    /// same element again later is up to `reject_names`; a scheduled one
+    /// is refused once. Counted in [`SimHandle::partial_saves`].
+    pub save_then_refuse: Vec<usize>,
     /// Make multi-element POSTs transactional (all or nothing). Off by
     /// default: the reference does not say HaloPSA has transactions, so the
     /// sim takes the hard reading, where the elements before a refused one
@@ -295,6 +309,11 @@ impl SimHandle {
     /// Writes that were applied but answered 500 (lost responses).
     pub fn lost_responses(&self) -> u64 {
         self.shared.lock().counters.lost_responses
+    }
+
+    /// Successful `/api` writes so far (the clock of `Faults::lose_writes`).
+    pub fn writes_applied(&self) -> u64 {
+        self.shared.lock().counters.writes_applied
     }
 
     /// Multi-element POSTs that failed after saving some of their elements.

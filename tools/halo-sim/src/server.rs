@@ -535,10 +535,18 @@ async fn api(
         Target::List(k) => Ok(inner.data.list(k, &q)),
         Target::Get(k, id) => inner.data.get(k, id, &q),
         Target::Delete(k, id) => inner.data.delete(k, id),
-        Target::Post(k) => parse_body(&body).and_then(|v| inner.data.post(k, v, &faults)),
-        Target::Lines(k, update) => {
-            parse_body(&body).and_then(|v| inner.data.post_lines(k, update, v, &faults))
-        }
+        Target::Post(k) => parse_body(&body).and_then(|v| {
+            let refuse = inner.take_scheduled_refusal(&v);
+            let v = scheduled_prefix(v, refuse);
+            let saved = inner.data.post(k, v, &faults);
+            scheduled_refusal(saved, refuse)
+        }),
+        Target::Lines(k, update) => parse_body(&body).and_then(|v| {
+            let refuse = inner.take_scheduled_refusal(&v);
+            let v = scheduled_prefix(v, refuse);
+            let saved = inner.data.post_lines(k, update, v, &faults);
+            scheduled_refusal(saved, refuse)
+        }),
         Target::AuthInfo | Target::NotFound | Target::MethodNotAllowed => {
             Ok(Value::Null) // handled above
         }
@@ -566,11 +574,49 @@ async fn api(
     (key, resp)
 }
 
-/// Does this applied write lose its answer (faults `lose_next`,
-/// `lost_response_rate`)? The answer is then the same 500 a random error
-/// gets, so a client cannot tell the two apart: exactly the case a client
-/// must survive without writing twice.
+/// The elements of a POST that a scheduled partial save keeps: the first
+/// `refuse` of the array (all of it when nothing is scheduled).
+fn scheduled_prefix(body: Value, refuse: Option<usize>) -> Value {
+    match (body, refuse) {
+        (Value::Array(mut elements), Some(n)) => {
+            elements.truncate(n);
+            Value::Array(elements)
+        }
+        (body, _) => body,
+    }
+}
+
+/// A scheduled partial save: once the first `n` elements are saved, the
+/// request fails as HaloPSA fails an array whose element `n` is refused.
+fn scheduled_refusal(
+    saved: Result<Value, ApiError>,
+    refuse: Option<usize>,
+) -> Result<Value, ApiError> {
+    match (saved, refuse) {
+        (Ok(_), Some(n)) => {
+            let mut e = ApiError::validation(format!(
+                "Element [{n}]: refused by validation (scheduled fault save_then_refuse)"
+            ));
+            e.partial = n > 0;
+            Err(e)
+        }
+        (saved, _) => saved,
+    }
+}
+
+/// Does this applied write lose its answer (faults `lose_writes`,
+/// `lose_next`, `lost_response_rate`)? The answer is then the same 500 a
+/// random error gets, so a client cannot tell the two apart: exactly the
+/// case a client must survive without writing twice.
 fn lose_answer(inner: &mut crate::state::Inner) -> bool {
+    inner.counters.writes_applied += 1;
+    if inner
+        .faults
+        .lose_writes
+        .contains(&inner.counters.writes_applied)
+    {
+        return true;
+    }
     if inner.faults.lose_next > 0 {
         inner.faults.lose_next -= 1;
         return true;

@@ -29,6 +29,8 @@ pub(crate) struct Counters {
     pub lost_responses: u64,
     /// Multi-element POSTs that failed after saving some elements.
     pub partial_saves: u64,
+    /// Successful `/api` writes so far: the clock of `Faults::lose_writes`.
+    pub writes_applied: u64,
     /// Arrival time of every `/api` request, for `max_requests_in_any_window`.
     pub api_log: Vec<Instant>,
 }
@@ -52,6 +54,7 @@ impl Counters {
             "total_api": self.total_api,
             "lost_responses": self.lost_responses,
             "partial_saves": self.partial_saves,
+            "writes_applied": self.writes_applied,
         })
     }
 
@@ -125,6 +128,20 @@ impl Shared {
 }
 
 impl Inner {
+    /// Takes the next scheduled partial save (`Faults::save_then_refuse`)
+    /// if this POST body is an array long enough for it: how many of its
+    /// elements to save before refusing the next.
+    pub(crate) fn take_scheduled_refusal(&mut self, body: &Value) -> Option<usize> {
+        let len = body.as_array()?.len();
+        let next = *self.faults.save_then_refuse.first()?;
+        if len > next {
+            self.faults.save_then_refuse.remove(0);
+            Some(next)
+        } else {
+            None
+        }
+    }
+
     /// Clears data (items back to the seed catalogue), counters, the rate
     /// window, and faults back to the start configuration. Issued tokens stay
     /// valid so that running clients are not disturbed.

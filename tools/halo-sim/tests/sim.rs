@@ -422,6 +422,75 @@ async fn new_external_link_is_atomic() {
     assert_eq!(sim.external_links().len(), 3);
 }
 
+/// The fault schedule: lost answers at given write ordinals and partial
+/// saves taken by the next long-enough array, each firing exactly as
+/// scheduled, whatever the clock or a random draw.
+#[tokio::test]
+async fn scheduled_faults_fire_exactly_as_scheduled() {
+    let sim = start_with(SimConfig {
+        faults: Faults {
+            lose_writes: vec![2, 4],
+            save_then_refuse: vec![2],
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let tok = token(&sim, "all").await;
+    // Write 1 answered; write 2 applied but its answer lost; a read in
+    // between does not count; write 3 answered; write 4 lost.
+    let mut statuses = Vec::new();
+    for n in 1..=5 {
+        if n == 3 {
+            get(&sim, &tok, "/Client").await;
+        }
+        let (status, _) = post(&sim, &tok, "/Client", json!([{"name": format!("Co {n}")}])).await;
+        statuses.push(status.as_u16());
+    }
+    assert_eq!(statuses, [200, 500, 200, 500, 200]);
+    assert_eq!(sim.lost_responses(), 2);
+    assert_eq!(sim.clients().len(), 5, "a lost answer's write is applied");
+    // Setting the faults again (as a test does to add a fault) does not
+    // restart the schedule: writes 2 and 4 are past.
+    sim.set_faults(sim.faults());
+    let (status, _) = post(&sim, &tok, "/Client", json!([{"name": "Co 6"}])).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sim.lost_responses(), 2);
+
+    // "Save 2 of the next array of more than 2, then refuse": a shorter
+    // array passes untouched and leaves the entry for the next one.
+    let (status, _) = post(&sim, &tok, "/Client", json!([{"name": "A"}, {"name": "B"}])).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = post(
+        &sim,
+        &tok,
+        "/Client",
+        json!([{"name": "C"}, {"name": "D"}, {"name": "E"}, {"name": "F"}]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("Element [2]"), "{body}");
+    let names: Vec<String> = sim
+        .clients()
+        .iter()
+        .filter_map(|c| c["name"].as_str().map(str::to_string))
+        .collect();
+    assert!(names.contains(&"C".to_string()) && names.contains(&"D".to_string()));
+    assert!(!names.contains(&"E".to_string()) && !names.contains(&"F".to_string()));
+    assert_eq!(sim.partial_saves(), 1);
+    assert!(sim.faults().save_then_refuse.is_empty(), "taken once");
+    // The same array again is saved whole.
+    let (status, _) = post(
+        &sim,
+        &tok,
+        "/Client",
+        json!([{"name": "E"}, {"name": "F"}, {"name": "G"}]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sim.partial_saves(), 1);
+}
+
 #[tokio::test]
 async fn rate_limit_with_and_without_retry_after() {
     let sim = start().await;

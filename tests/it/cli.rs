@@ -1,11 +1,10 @@
-//! Integration tests of the `halosync` binary against the real RabbitMQ
-//! (amqp://guest:guest@127.0.0.1:5672/%2f) and Redis
-//! (redis://127.0.0.1:6379/0), with halo-sim in process for `check`.
+//! The `halosync` binary (publish, dlq, status, check) against the real
+//! RabbitMQ and Redis, with halo-sim in process for `check`.
 //!
-//! They fail loudly, never skip, when RabbitMQ or Redis is down. Each test
-//! uses its own random prefix `t-<uuid8>.` and its guard deletes every
-//! queue and exchange of that prefix and the Redis keys
-//! `{prefix}halosync:*` when it drops, also when the test fails.
+//! `World` is a lighter [`halosync_tests::TestEnv`]: a prefix, a config
+//! file written by the test and no workers; its guard removes what the
+//! prefix holds through the same harness function
+//! ([`halosync_tests::remove_everything_of`]), also when the test fails.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,14 +17,13 @@ use halosync_shared::amqp::Topology;
 use halosync_shared::Family;
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeleteOptions, QueueDeleteOptions,
+    ExchangeDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{json, Value};
 
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const REDIS: &str = "redis://127.0.0.1:6379/0";
+use halosync_tests::{AMQP_URL as AMQP, REDIS_URL as REDIS};
 /// Long retry tiers, so nothing moves by itself during a test.
 const DELAYS: [u64; 2] = [60_000, 120_000];
 const SECRET_VAR: &str = "HALOSYNC_TEST_HALO_SECRET";
@@ -86,7 +84,7 @@ impl World {
     }
 
     async fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_halosync"));
+        let mut cmd = tokio::process::Command::new(halosync_tests::binary_path("halosync"));
         cmd.arg("--config")
             .arg(&self.config)
             .args(args)
@@ -262,53 +260,7 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        let prefix = self.prefix.clone();
-        let dir = self.dir.clone();
-        // Drop cannot await: clean up on a thread with its own runtime.
-        let cleanup = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            rt.block_on(async move {
-                let topology = Topology::new(&prefix, &DELAYS);
-                if let Ok(conn) = Connection::connect(AMQP, ConnectionProperties::default()).await {
-                    for q in topology.all_queues() {
-                        if let Ok(ch) = conn.create_channel().await {
-                            let _ = ch
-                                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                                .await;
-                        }
-                    }
-                    for e in topology.exchanges() {
-                        if let Ok(ch) = conn.create_channel().await {
-                            let _ = ch
-                                .exchange_delete(
-                                    e.as_str().into(),
-                                    ExchangeDeleteOptions::default(),
-                                )
-                                .await;
-                        }
-                    }
-                    let _ = conn.close(200, "".into()).await;
-                }
-                if let Ok(client) = redis::Client::open(REDIS) {
-                    if let Ok(mut r) = client.get_multiplexed_async_connection().await {
-                        let keys: Vec<String> = redis::cmd("KEYS")
-                            .arg(format!("{prefix}halosync:*"))
-                            .query_async(&mut r)
-                            .await
-                            .unwrap_or_default();
-                        if !keys.is_empty() {
-                            let _: Result<(), _> =
-                                redis::cmd("DEL").arg(keys).query_async(&mut r).await;
-                        }
-                    }
-                }
-            });
-            let _ = std::fs::remove_dir_all(dir);
-        });
-        let _ = cleanup.join();
+        halosync_tests::remove_everything_of(&self.prefix, &self.topology, &self.dir);
     }
 }
 
@@ -415,7 +367,7 @@ fn snapshot(
 async fn publish_confirms_every_valid_event_into_the_work_queues() {
     let w = World::new().await;
     // The shipped examples: one pretty-printed event per file, as `make run` does.
-    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../schemas/examples/valid");
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schemas/examples/valid");
     let mut files: Vec<String> = std::fs::read_dir(&examples)
         .expect("examples")
         .map(|e| e.expect("entry").path().display().to_string())
@@ -955,7 +907,7 @@ async fn status_works_on_a_fresh_machine_without_a_config_file() {
     let w = World::new().await;
     let fresh = w.dir.join("fresh");
     std::fs::create_dir_all(&fresh).expect("dir");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_halosync"))
+    let out = tokio::process::Command::new(halosync_tests::binary_path("halosync"))
         .arg("status")
         .current_dir(&fresh)
         .env_remove("HALOSYNC_CONFIG")
