@@ -413,10 +413,18 @@ async fn invalid_messages_are_dead_lettered_at_once_with_the_reason() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_with_messages_in_flight_loses_and_doubles_nothing() {
     const N: usize = 400;
-    // Account events coalesce (a batch is one POST array): enough events
-    // that the kill lands while they are still being published and written.
-    let mut env = TestEnv::with("acct-kill", EnvOptions::latency(40)).await;
-    let first = env.spawn_worker(WORKER);
+    // Every event is queued before the worker starts; halo-sim answers the
+    // first write (a batch of new customers) and then holds every further
+    // write unanswered: the worker is killed while a write is on the wire
+    // and a full prefetch window is in flight, on any machine, at any speed.
+    let mut env = TestEnv::with(
+        "acct-kill",
+        EnvOptions::faults(Faults {
+            hold_writes_after: Some(1),
+            ..Default::default()
+        }),
+    )
+    .await;
     for i in 0..N {
         env.publish(&account_event(
             &format!("e{i}"),
@@ -427,9 +435,15 @@ async fn sigkill_with_messages_in_flight_loses_and_doubles_nothing() {
         ))
         .await;
     }
-    env.wait_for("some applied", T, || env.clients().len() >= 10)
-        .await;
+    let first = env.spawn_worker(WORKER);
+    env.wait_for("a write held after the first", T, || {
+        env.sim.held_writes() > 0
+    })
+    .await;
     env.kill_worker(first);
+    let mut faults = env.sim.faults();
+    faults.hold_writes_after = None;
+    env.sim.set_faults(faults);
     let applied_before = env.clients().len();
     assert!(
         applied_before < N,

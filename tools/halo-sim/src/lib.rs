@@ -172,6 +172,11 @@ pub struct Faults {
     /// same element again later is up to `reject_names`; a scheduled one
     /// is refused once. Counted in [`SimHandle::partial_saves`].
     pub save_then_refuse: Vec<usize>,
+    /// Once this many writes were applied, every further write (POST,
+    /// DELETE) waits, unanswered and not applied, until the fault is lifted
+    /// (set to `None` or higher): a deterministic "the worker is mid-write"
+    /// for tests that kill it there ([`SimHandle::held_writes`]).
+    pub hold_writes_after: Option<u64>,
     /// Make multi-element POSTs transactional (all or nothing). Off by
     /// default: the reference does not say HaloPSA has transactions, so the
     /// sim takes the hard reading, where the elements before a refused one
@@ -314,6 +319,11 @@ impl SimHandle {
     /// Successful `/api` writes so far (the clock of `Faults::lose_writes`).
     pub fn writes_applied(&self) -> u64 {
         self.shared.lock().counters.writes_applied
+    }
+
+    /// Writes waiting now at the fault `hold_writes_after`.
+    pub fn held_writes(&self) -> u64 {
+        self.shared.lock().counters.held_writes
     }
 
     /// Multi-element POSTs that failed after saving some of their elements.

@@ -401,6 +401,9 @@ async fn api(
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
+    if *method != Method::GET {
+        hold_write(shared).await;
+    }
 
     if let Target::AuthInfo = target {
         let host = headers
@@ -572,6 +575,37 @@ async fn api(
         Err(e) => error_response(e),
     };
     (key, resp)
+}
+
+/// The fault `hold_writes_after`: once that many writes were applied, a
+/// write waits here, before anything of it is applied, until the fault is
+/// lifted. A client that dies meanwhile drops the request with it (hyper
+/// cancels the handler), as a request that never reached HaloPSA.
+async fn hold_write(shared: &Shared) {
+    /// Counts a waiting write in `held_writes` for as long as it waits,
+    /// also when its handler is cancelled.
+    struct Waiting<'a>(&'a Shared);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            let mut inner = self.0.lock();
+            inner.counters.held_writes = inner.counters.held_writes.saturating_sub(1);
+        }
+    }
+    let held = |shared: &Shared| {
+        let inner = shared.lock();
+        inner
+            .faults
+            .hold_writes_after
+            .is_some_and(|n| inner.counters.writes_applied >= n)
+    };
+    if !held(shared) {
+        return;
+    }
+    shared.lock().counters.held_writes += 1;
+    let _waiting = Waiting(shared);
+    while held(shared) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The elements of a POST that a scheduled partial save keeps: the first

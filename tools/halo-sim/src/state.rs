@@ -31,6 +31,8 @@ pub(crate) struct Counters {
     pub partial_saves: u64,
     /// Successful `/api` writes so far: the clock of `Faults::lose_writes`.
     pub writes_applied: u64,
+    /// Writes waiting now at `Faults::hold_writes_after`.
+    pub held_writes: u64,
     /// Arrival time of every `/api` request, for `max_requests_in_any_window`.
     pub api_log: Vec<Instant>,
 }
