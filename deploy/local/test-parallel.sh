@@ -7,8 +7,8 @@
 # Its tests isolate themselves (own queue names, own Redis key prefix) and
 # spend most of their time waiting (a queue to drain, a delay tier, a rate
 # window), so they run TEST_THREADS (default 6) at a time in one process.
-# `outages::*` restarts the shared RabbitMQ (`rabbitmqctl stop_app`), which
-# would break every other test's connections: it runs alone, after them.
+# None of them stops or restarts a shared service: a test that restarts
+# the broker or Redis brings its own (`PrivateRabbit`, `PrivateRedis`).
 #
 # Every binary runs to the end (like --no-fail-fast); the output of each is
 # kept in target/test-logs/<binary>.log, a failing one's is printed, and
@@ -24,9 +24,6 @@ LOGS=target/test-logs
 rm -rf "$LOGS"
 mkdir -p "$LOGS"
 : >"$LOGS/FAILED"
-# Tests that restart a shared service (libtest filter: module path prefix).
-SOLO="outages::"
-
 # Build every test binary and list them (kind, name, path, package dir).
 list=$("$CARGO" test --workspace --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
@@ -81,10 +78,7 @@ done <<<"$list"
 
 read -r _ _ it_exe it_dir < <(grep '^it ' <<<"$list" | head -1)
 echo "== integration tests (tests/it), $THREADS at a time"
-run_one it "$it_exe" "$it_dir" --skip "$SOLO" --test-threads="$THREADS"
-
-echo "== integration tests that restart a shared service, alone"
-run_one it-solo "$it_exe" "$it_dir" "$SOLO" --test-threads=1
+run_one it "$it_exe" "$it_dir" --test-threads="$THREADS"
 
 echo "== doc tests"
 started=$(date +%s)

@@ -260,7 +260,7 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        halosync_tests::remove_everything_of(&self.prefix, &self.topology, &self.dir);
+        halosync_tests::remove_everything_of(AMQP, &self.prefix, &self.topology, &self.dir);
     }
 }
 

@@ -4,12 +4,12 @@
 //! than the retry horizon lose nothing and double nothing, and what was
 //! dead-lettered during the outage is one `dlq replay` away.
 //!
-//! The second test restarts the shared RabbitMQ (`rabbitmqctl stop_app` /
-//! `start_app`), so the tests of this file hold one lock: they never run
-//! at the same time, and cargo runs test binaries one after another.
+//! What they stop and restart is their own: a private Redis
+//! ([`PrivateRedis`]), a TCP front of the broker, and for the broker
+//! restart a private RabbitMQ node ([`PrivateRabbit`]), so they run beside
+//! every other test without disturbing the shared services.
 
 use std::collections::{BTreeMap, HashMap};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use halosync_shared::amqp::Publisher;
@@ -18,11 +18,8 @@ use halosync_tests::*;
 use lapin::types::FieldTable;
 use serde_json::Value;
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_started_with_redis_down_waits_then_becomes_ready_and_processes() {
-    let _serial = SERIAL.lock().await;
     let mut redis = PrivateRedis::unstarted();
     let health = free_port();
     let mut env = TestEnv::with(
@@ -101,7 +98,6 @@ async fn start_broker_front(port: u16) -> tokio::task::JoinHandle<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_started_with_the_broker_down_waits_then_consumes() {
-    let _serial = SERIAL.lock().await;
     let broker_port = free_port();
     let health = free_port();
     let mut env = TestEnv::with(
@@ -176,23 +172,10 @@ async fn wait_readyz(env: &TestEnv, port: u16, status: u16, needle: &str) -> Str
     }
 }
 
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run rabbitmqctl: {e}"));
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Publishes with confirms like a careful publisher: on any failure it
 /// reconnects (the broker may be restarting) and sends the same event
 /// again, so every event reaches the broker at least once.
-async fn publish_resilient(publisher: &mut Publisher, prefix: &str, event: &Value) {
+async fn publish_resilient(publisher: &mut Publisher, url: &str, prefix: &str, event: &Value) {
     let body = serde_json::to_vec(event).expect("json");
     let id = event["id"].as_str().unwrap_or("none");
     let ty = event["type"].as_str().unwrap_or("none");
@@ -206,7 +189,7 @@ async fn publish_resilient(publisher: &mut Publisher, prefix: &str, event: &Valu
             Err(_) => loop {
                 assert!(Instant::now() < deadline, "the broker did not come back");
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                if let Ok(p) = Publisher::connect(AMQP_URL, prefix, "outage-test").await {
+                if let Ok(p) = Publisher::connect(url, prefix, "outage-test").await {
                     *publisher = p;
                     break;
                 }
@@ -217,13 +200,14 @@ async fn publish_resilient(publisher: &mut Publisher, prefix: &str, event: &Valu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broker_restart_redis_restart_and_a_halopsa_outage_under_load_lose_and_double_nothing() {
-    let _serial = SERIAL.lock().await;
     let mut redis = PrivateRedis::unstarted();
     redis.start();
+    let rabbit = PrivateRabbit::start();
     let mut env = TestEnv::with(
         "outages",
         EnvOptions {
             max_attempts: 3,
+            amqp_url: Some(rabbit.url()),
             ..Default::default()
         },
     )
@@ -258,25 +242,25 @@ async fn broker_restart_redis_restart_and_a_halopsa_outage_under_load_lose_and_d
     let total = events.len();
 
     let prefix = env.prefix.clone();
+    let amqp_url = env.amqp_url.clone();
     let sim = &env.sim;
     let started = Instant::now();
     let stream = tokio::spawn(async move {
-        let mut publisher = Publisher::connect(AMQP_URL, &prefix, "outage-test")
+        let mut publisher = Publisher::connect(&amqp_url, &prefix, "outage-test")
             .await
             .expect("publisher");
         // ~20 events/s: the faults below happen while the stream flows.
         for e in &events {
-            publish_resilient(&mut publisher, &prefix, e).await;
+            publish_resilient(&mut publisher, &amqp_url, &prefix, e).await;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
 
     // t≈2 s: the whole broker application restarts.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    rabbitmqctl(&["stop_app"]);
+    rabbit.stop_app();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    rabbitmqctl(&["start_app"]);
-    rabbitmqctl(&["await_startup"]);
+    rabbit.start_app();
     // Redis restarts empty: locks, ledger, id map and tokens are gone.
     tokio::time::sleep(Duration::from_secs(3)).await;
     redis.stop();

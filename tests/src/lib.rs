@@ -47,6 +47,8 @@ pub struct EnvOptions {
     /// `retry.dependency_recheck`: how long a missing dependency is not
     /// asked for again.
     pub dependency_recheck: Duration,
+    /// The broker, when not the shared one (a [`PrivateRabbit`]'s URL).
+    pub amqp_url: Option<String>,
 }
 
 impl Default for EnvOptions {
@@ -59,6 +61,7 @@ impl Default for EnvOptions {
             max_attempts: 4,
             dependency_max_attempts: 6,
             dependency_recheck: Duration::from_secs(1),
+            amqp_url: None,
         }
     }
 }
@@ -87,6 +90,9 @@ impl EnvOptions {
 /// One isolated world: prefix, halo-sim, config file, worker processes.
 pub struct TestEnv {
     pub prefix: String,
+    /// The broker this world uses: [`AMQP_URL`] unless a test brought its
+    /// own ([`EnvOptions::amqp_url`]).
+    pub amqp_url: String,
     pub sim: SimHandle,
     pub dir: PathBuf,
     pub config_path: PathBuf,
@@ -111,6 +117,10 @@ impl TestEnv {
     pub async fn with(name: &str, opts: EnvOptions) -> TestEnv {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let prefix = format!("t-{}-{}.", name, &id[..8]);
+        let amqp_url = opts
+            .amqp_url
+            .clone()
+            .unwrap_or_else(|| AMQP_URL.to_string());
         let sim = SimHandle::start(opts.sim.clone())
             .await
             .expect("halo-sim must start");
@@ -129,7 +139,7 @@ impl TestEnv {
             .map(|t| format!("tenant = \"{t}\"\n"))
             .unwrap_or_default();
         let config = format!(
-            r#"amqp_url = "{AMQP_URL}"
+            r#"amqp_url = "{amqp_url}"
 redis_url = "{REDIS_URL}"
 prefix = "{prefix}"
 
@@ -166,9 +176,9 @@ client_secret_env = "{SECRET_ENV}"
         let mut tries = 0;
         let publisher = loop {
             tries += 1;
-            let publisher = Publisher::connect(AMQP_URL, &prefix, "tests")
+            let publisher = Publisher::connect(&amqp_url, &prefix, "tests")
                 .await
-                .unwrap_or_else(|e| panic!("RabbitMQ must be running at {AMQP_URL}: {e}"));
+                .unwrap_or_else(|e| panic!("RabbitMQ must be running at {amqp_url}: {e}"));
             match topology.declare(publisher.channel()).await {
                 Ok(()) => break publisher,
                 Err(e) if tries < 4 => {
@@ -186,6 +196,7 @@ client_secret_env = "{SECRET_ENV}"
             .unwrap_or_else(|e| panic!("Redis must be running at {REDIS_URL}: {e}"));
         TestEnv {
             prefix,
+            amqp_url,
             secret: opts.sim.client_secret.clone(),
             sim,
             dir,
@@ -290,7 +301,7 @@ client_secret_env = "{SECRET_ENV}"
     pub async fn reconnect_publisher(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match Publisher::connect(AMQP_URL, &self.prefix, "tests").await {
+            match Publisher::connect(&self.amqp_url, &self.prefix, "tests").await {
                 Ok(p) => {
                     self.publisher = p;
                     return;
@@ -524,7 +535,7 @@ impl Drop for TestEnv {
             let _ = w.child.kill();
             let _ = w.child.wait();
         }
-        remove_everything_of(&self.prefix, &self.topology, &self.dir);
+        remove_everything_of(&self.amqp_url, &self.prefix, &self.topology, &self.dir);
     }
 }
 
@@ -532,7 +543,8 @@ impl Drop for TestEnv {
 /// the shared broker, its Redis keys (`{prefix}halosync:*`, never a flush)
 /// and its temporary directory. Called by every test world's `Drop`, also
 /// when the test failed.
-pub fn remove_everything_of(prefix: &str, topology: &Topology, dir: &Path) {
+pub fn remove_everything_of(amqp_url: &str, prefix: &str, topology: &Topology, dir: &Path) {
+    let amqp_url = amqp_url.to_string();
     let prefix = prefix.to_string();
     let topology = topology.clone();
     // Drop cannot await: clean up on a thread with its own runtime.
@@ -544,7 +556,7 @@ pub fn remove_everything_of(prefix: &str, topology: &Topology, dir: &Path) {
             return;
         };
         rt.block_on(async move {
-            if let Ok(conn) = amqp::connect(AMQP_URL, "tests-cleanup").await {
+            if let Ok(conn) = amqp::connect(&amqp_url, "tests-cleanup").await {
                 if let Ok(ch) = conn.create_channel().await {
                     for q in topology.all_queues() {
                         let _ = ch
@@ -740,6 +752,127 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port on 127.0.0.1")
+}
+
+/// A RabbitMQ node of a test's own (never the shared one), for tests that
+/// stop or restart the broker: Debian's `rabbitmq-server` started as a
+/// second node (its own name, ports, data and log directory, no plugins),
+/// so that the other tests' connections to the shared broker never notice.
+/// Stopped and removed when dropped. Fails loudly when it cannot start.
+pub struct PrivateRabbit {
+    pub port: u16,
+    node: String,
+    dir: PathBuf,
+}
+
+impl PrivateRabbit {
+    /// Boots the node and waits until it serves AMQP (a boot takes 5–20 s).
+    pub fn start() -> PrivateRabbit {
+        let port = free_port();
+        let dist_port = free_port();
+        let node = format!("halosynctest{port}@localhost");
+        let dir = std::env::temp_dir().join(format!("halosync-rabbit-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("log")).expect("private rabbit dir");
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"),
+        )
+        .expect("rabbitmq.conf");
+        // Started by root, rabbitmq-server runs as the `rabbitmq` user,
+        // which must own the node's directory.
+        if Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+        {
+            let _ = Command::new("chown")
+                .args(["-R", "rabbitmq:rabbitmq"])
+                .arg(&dir)
+                .status();
+        }
+        let status = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap_or_else(|e| {
+                panic!("cannot start rabbitmq-server (is Debian's rabbitmq-server installed?): {e}")
+            });
+        assert!(
+            status.success(),
+            "rabbitmq-server -detached failed: {status}"
+        );
+        let rabbit = PrivateRabbit { port, node, dir };
+        // `-detached` returns before the node is up (and `await_startup`
+        // fails while its name is not registered yet): wait for the port.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the private RabbitMQ node {} did not listen on {port} within 90 s; its log: {}",
+                rabbit.node,
+                rabbit.dir.join("log").display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        rabbit.ctl(&["await_startup"]);
+        rabbit
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `rabbitmqctl -n NODE ARGS`, failing loudly.
+    pub fn ctl(&self, args: &[&str]) {
+        let out = Command::new("rabbitmqctl")
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run rabbitmqctl: {e}"));
+        assert!(
+            out.status.success(),
+            "rabbitmqctl -n {} {args:?} failed: {}{}",
+            self.node,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The whole broker application stops (connections closed, refused
+    /// until [`start_app`](Self::start_app)), as in a broker restart.
+    pub fn stop_app(&self) {
+        self.ctl(&["stop_app"]);
+    }
+
+    pub fn start_app(&self) {
+        self.ctl(&["start_app"]);
+        self.ctl(&["await_startup"]);
+    }
+}
+
+impl Drop for PrivateRabbit {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .arg("-n")
+            .arg(&self.node)
+            .arg("stop")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// A Redis server of a test's own (never the shared one), for tests that

@@ -697,6 +697,7 @@ async fn onboard(customers: usize, (limit, window): (u32, u64)) -> Row {
             // As deployed (the default): a missing customer or licence is
             // asked for at most once a minute.
             dependency_recheck: Duration::from_secs(60),
+            ..Default::default()
         },
     )
     .await;
