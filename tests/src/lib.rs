@@ -166,7 +166,7 @@ client_secret_env = "{SECRET_ENV}"
         let mut tries = 0;
         let publisher = loop {
             tries += 1;
-            let publisher = Publisher::connect(AMQP_URL, &prefix, "tests")
+            let publisher = Publisher::connect(AMQP_URL, &Default::default(), &prefix, "tests")
                 .await
                 .unwrap_or_else(|e| panic!("RabbitMQ must be running at {AMQP_URL}: {e}"));
             match topology.declare(publisher.channel()).await {
@@ -290,7 +290,7 @@ client_secret_env = "{SECRET_ENV}"
     pub async fn reconnect_publisher(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match Publisher::connect(AMQP_URL, &self.prefix, "tests").await {
+            match Publisher::connect(AMQP_URL, &Default::default(), &self.prefix, "tests").await {
                 Ok(p) => {
                     self.publisher = p;
                     return;
@@ -535,7 +535,9 @@ impl Drop for TestEnv {
                 return;
             };
             rt.block_on(async move {
-                if let Ok(conn) = amqp::connect(AMQP_URL, "tests-cleanup").await {
+                if let Ok(conn) =
+                    amqp::connect_with(AMQP_URL, &Default::default(), "tests-cleanup").await
+                {
                     if let Ok(ch) = conn.create_channel().await {
                         for q in topology.all_queues() {
                             let _ = ch

@@ -301,7 +301,7 @@ pub async fn page(
         p.sub { (job.verb()) " of " (job.target) ", started by " (job.user) " " (layout::when(Some(&job.started))) }
         div.card #job data-sse={"/jobs/" (job.id) "/live"} {
             div.row { b { "State: " } span #job-state data-live="state" { (s.state) } }
-            div.bar style="margin:12px 0" { div #job-bar data-bar="removed" data-bar-of="expected" style={"width:" (pct) "%"} {} }
+            div.bar.my12 { div #job-bar data-bar="removed" data-bar-of="expected" data-pct=(pct) {} }
             div.tiles {
                 div.tile { div.n #job-removed data-live="removed" { (s.removed) } div.l { (if job.verb() == "replay" { "replayed" } else { "purged" }) } }
                 div.tile { div.n data-live="expected" { (s.expected) } div.l { "to do (confirmed)" } }
