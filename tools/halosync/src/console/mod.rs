@@ -12,6 +12,7 @@
 //! |---|---|
 //! | [`settings`] | the `[console]` table: users, roles, audit file |
 //! | [`auth`] | sessions, CSRF, sign-in rate limit |
+//! | [`passwords`] | the few threads that check passwords |
 //! | [`audit`] | the durable audit trail |
 //! | [`jobs`] | server-side replay / purge runs with progress |
 //! | [`layout`] | page shell, CSS, script |
@@ -27,6 +28,7 @@ pub mod jobs;
 pub mod layout;
 pub mod mappings;
 pub mod overview;
+pub mod passwords;
 pub mod reconcile;
 pub mod settings;
 
@@ -76,8 +78,8 @@ pub struct App {
             std::collections::BTreeMap<String, usize>,
         )>,
     >,
-    /// Password checks (argon2, ~19 MiB each) running at once.
-    pub password_checks: tokio::sync::Semaphore,
+    /// Password checks (argon2, ~19 MiB each), a few at once.
+    pub passwords: passwords::PasswordChecker,
     /// The overview's one broker connection and its live collector.
     pub live: overview::Live,
 }
@@ -140,7 +142,8 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<&str>) -> anyhow::
         activity,
         activity_error,
         unmapped_cache: std::sync::Mutex::new(None),
-        password_checks: tokio::sync::Semaphore::new(settings.login_concurrency),
+        passwords: passwords::PasswordChecker::start(settings.login_concurrency)
+            .context("starting the password-check threads")?,
         live: overview::Live::default(),
         settings,
     });
@@ -189,8 +192,10 @@ async fn shutdown_signal() {
 
 /// The Content Security Policy of every response: only this origin's
 /// script, style, images and connections; no inline script or style, no
-/// plugins, no framing by anyone, forms post only here.
-pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+/// plugins, no framing by anyone, forms post only here. Browsers report a
+/// violation to `/csp-report`, which logs it (a page that breaks the
+/// policy shows up in the console's log).
+pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; report-uri /csp-report";
 
 /// The security headers on every response (tower-http's
 /// `SetResponseHeaderLayer`): CSP, `X-Frame-Options: DENY` for browsers
@@ -228,6 +233,10 @@ pub fn router(app: Shared) -> Router {
         .route("/logout", post(logout))
         .route("/static/console.js", get(script))
         .route("/static/console.css", get(style))
+        .route(
+            "/csp-report",
+            post(csp_report).layer(axum::extract::DefaultBodyLimit::max(16 * 1024)),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/", get(overview::page))
         .route("/live/overview", get(overview::live))
@@ -260,6 +269,21 @@ async fn script() -> Response {
         layout::JS,
     )
         .into_response()
+}
+
+/// A browser's CSP violation report (`application/csp-report`): one log
+/// line, its fields (the browser's, so shortened) as structured fields.
+async fn csp_report(body: Bytes) -> StatusCode {
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let r = &v["csp-report"];
+    let field = |k: &str| -> String { r[k].as_str().unwrap_or("").chars().take(200).collect() };
+    tracing::warn!(
+        directive = %field("violated-directive"),
+        blocked = %field("blocked-uri"),
+        page = %field("document-uri"),
+        "CSP violation reported by a browser"
+    );
+    StatusCode::NO_CONTENT
 }
 
 async fn style() -> Response {
@@ -572,10 +596,17 @@ async fn login(
             &user,
         );
     }
-    // At most `login_concurrency` password checks at once: the rest wait
-    // briefly, then are told to come back (memory stays flat under a flood).
-    let Ok(Ok(permit)) = tokio::time::timeout(CHECK_WAIT, app.password_checks.acquire()).await
-    else {
+    let found = app.settings.users.get(&user).cloned();
+    // Verify against a fixed hash when the user is unknown, so that timing
+    // does not tell which user names exist.
+    let hash = found
+        .as_ref()
+        .map(|u| u.password_hash.clone())
+        .unwrap_or_else(|| app.dummy_hash.clone());
+    // At most `login_concurrency` password checks at once, on threads of
+    // their own: the rest wait briefly, then are told to come back (memory
+    // stays flat under a flood).
+    let Some(ok) = app.passwords.verify(password, hash, CHECK_WAIT).await else {
         tracing::warn!(user = %user, client = %ip, "sign-in refused: too many at once");
         audit_failed_sign_in(&app, &user, ip, "refused: too many at once").await;
         return login_answer(
@@ -587,17 +618,6 @@ async fn login(
             &user,
         );
     };
-    let found = app.settings.users.get(&user).cloned();
-    // Verify against a fixed hash when the user is unknown, so that timing
-    // does not tell which user names exist.
-    let hash = found
-        .as_ref()
-        .map(|u| u.password_hash.clone())
-        .unwrap_or_else(|| app.dummy_hash.clone());
-    let ok = tokio::task::spawn_blocking(move || settings::verify_password(&password, &hash))
-        .await
-        .unwrap_or(false);
-    drop(permit);
     match found {
         Some(u) if ok => {
             app.auth.succeeded(&u.name, ip);

@@ -221,8 +221,10 @@ pub fn hash_password(password: &str) -> anyhow::Result<String> {
         .map_err(|e| anyhow!("hashing the password: {e}"))
 }
 
-/// Whether `password` matches the PHC string. Slow on purpose (argon2):
-/// call it off the async threads.
+/// Whether `password` matches the PHC string, by the argon2 crate's own
+/// verifier: the reference that the console's
+/// [`super::passwords::verify_with`] is tested against.
+#[cfg(test)]
 pub fn verify_password(password: &str, hash: &str) -> bool {
     use argon2::password_hash::PasswordVerifier;
     match PasswordHash::new(hash) {
