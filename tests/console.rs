@@ -1816,6 +1816,7 @@ async fn a_dead_letter_whose_id_holds_a_comma_is_the_only_one_replayed_or_purged
         .await
         .expect("page");
     assert!(page.contains(r#"name="id" value="evt_a,evt_b""#), "{page}");
+    let mut job = String::new();
     for (action, left) in [("replay", 2), ("purge", 1)] {
         let id = if action == "replay" {
             "evt_a,evt_b"
@@ -1856,6 +1857,11 @@ async fn a_dead_letter_whose_id_holds_a_comma_is_the_only_one_replayed_or_purged
             .await
             .expect("run");
         assert_eq!(r.status(), 303, "{action}");
+        job = r.headers()["location"]
+            .to_str()
+            .expect("location")
+            .trim_start_matches("/jobs/")
+            .to_string();
         env.wait_for(&format!("{action} done"), Duration::from_secs(60), || {
             audit_entries(&env)
                 .iter()
@@ -1868,6 +1874,21 @@ async fn a_dead_letter_whose_id_holds_a_comma_is_the_only_one_replayed_or_purged
             "{action} acted on one dead letter only"
         );
     }
+    // A cancel is audited under whoever asked for it.
+    let r = op
+        .post(console.at(&format!("/jobs/{job}/cancel")))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(r.status(), 303);
+    let cancels: Vec<_> = audit_entries(&env)
+        .into_iter()
+        .filter(|e| e["action"] == "cancel")
+        .collect();
+    assert_eq!(cancels.len(), 1, "{cancels:?}");
+    assert_eq!(cancels[0]["user"], ALICE.0);
+    assert_eq!(cancels[0]["job"], job.as_str());
     // What is left is evt_a; what was replayed is the one with the comma.
     let (ok, out) = env.run_halosync(&["--json", "dlq", "list", "--family", "account"]);
     assert!(ok, "{out}");
