@@ -98,6 +98,9 @@ pub const OUTCOMES: [&str; 6] = [
 pub enum ActivityError {
     #[error("RabbitMQ at {url}: {source}")]
     Broker { url: String, source: lapin::Error },
+    /// Connecting failed (TLS, credentials, reachability): says what to change.
+    #[error("{0}")]
+    Connect(#[from] crate::tls::ConnectError),
     #[error(
         "the activity stream {queue} could not be read: {source} (does it exist? `halosync topology` declares it; is the prefix right?)"
     )]
@@ -219,14 +222,20 @@ impl ActivityRecorder {
     }
 
     /// Starts the background publisher to `queue` (the stream) on its own
-    /// connection to `amqp_url`. Never fails: while the broker is
+    /// connection to `amqp_url`, with the configuration's TLS and
+    /// credentials (`access`). Never fails: while the broker is
     /// unreachable it retries, and records beyond the buffer are dropped.
-    pub fn start(amqp_url: &str, queue: String, name: &str) -> ActivityRecorder {
+    pub fn start(
+        amqp_url: &str,
+        access: &crate::tls::AmqpAccess,
+        queue: String,
+        name: &str,
+    ) -> ActivityRecorder {
         let (tx, rx) = mpsc::channel(BUFFER);
         let closing = CancellationToken::new();
         let dropped = Arc::new(DropCounter::default());
         let task = tokio::spawn(publish_loop(
-            amqp_url.to_string(),
+            (amqp_url.to_string(), access.clone()),
             queue,
             format!("halosync-activity:{name}"),
             rx,
@@ -273,7 +282,7 @@ impl ActivityRecorder {
 }
 
 async fn publish_loop(
-    url: String,
+    url: (String, crate::tls::AmqpAccess),
     queue: String,
     name: String,
     mut rx: mpsc::Receiver<ActivityRecord>,
@@ -358,11 +367,11 @@ async fn publish_loop(
 
 /// (connection, confirm channel), with the stream declared.
 async fn open_publisher(
-    url: &str,
+    url: &(String, crate::tls::AmqpAccess),
     queue: &str,
     name: &str,
-) -> Result<(lapin::Connection, lapin::Channel), lapin::Error> {
-    let conn = amqp::connect(url, name).await?;
+) -> Result<(lapin::Connection, lapin::Channel), amqp::AmqpError> {
+    let conn = amqp::connect_with(&url.0, &url.1, name).await?;
     let channel = conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -573,8 +582,12 @@ impl ActivityLog {
     /// days ago. Fails if the broker is unreachable or the stream missing;
     /// after that, broker losses are retried in the background.
     /// `max_records` bounds memory (see the module doc).
+    /// `access` is the configuration's TLS and credentials; `name` names
+    /// the reader's connection (`rabbitmqctl list_connections`).
     pub async fn connect(
         amqp_url: &str,
+        access: &crate::tls::AmqpAccess,
+        name: &str,
         prefix: &str,
         max_records: usize,
     ) -> Result<ActivityLog, ActivityError> {
@@ -589,12 +602,17 @@ impl ActivityLog {
         }));
         let (live, _) = broadcast::channel(1024);
         let stop = CancellationToken::new();
-        let consumer = open_consumer(amqp_url, &queue, None).await?;
+        let broker = Broker {
+            url: amqp_url.to_string(),
+            access: access.clone(),
+            name: name.to_string(),
+        };
+        let consumer = open_consumer(&broker, &queue, None).await?;
         if let Ok(mut i) = index.write() {
             i.connected = true;
         }
         tokio::spawn(tail(
-            amqp_url.to_string(),
+            broker,
             queue,
             consumer,
             index.clone(),
@@ -771,15 +789,29 @@ pub const CSV_HEADER: [&str; 12] = [
     "message",
 ];
 
-/// Writes `rows` as CSV (RFC 4180, through the `csv` crate) with a header.
+/// One CSV cell made safe for a spreadsheet (OWASP "CSV Injection"): a
+/// cell that starts with `=`, `+`, `-`, `@`, a tab or a carriage return
+/// would be read as a formula, so it gets a leading `'` (shown as text, the
+/// value otherwise unchanged). The `csv` crate then quotes it as needed.
+/// Used by every CSV halosync writes (console and CLI).
+pub fn csv_cell(value: &str) -> std::borrow::Cow<'_, str> {
+    match value.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => std::borrow::Cow::Owned(format!("'{value}")),
+        _ => std::borrow::Cow::Borrowed(value),
+    }
+}
+
+/// Writes `rows` as CSV (RFC 4180, through the `csv` crate) with a header;
+/// every cell goes through [`csv_cell`].
 pub fn write_csv<W: Write>(rows: &[ActivityRecord], out: W) -> Result<(), ActivityError> {
     let mut w = csv::Writer::from_writer(out);
     w.write_record(CSV_HEADER)?;
     for r in rows {
-        w.write_record([
-            r.time
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-                .as_str(),
+        let time = r.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let status = r.halo_status.map(|s| s.to_string()).unwrap_or_default();
+        let attempts = r.attempts.to_string();
+        let cells = [
+            time.as_str(),
             &r.connection,
             &r.family,
             &r.event_id,
@@ -787,28 +819,43 @@ pub fn write_csv<W: Write>(rows: &[ActivityRecord], out: W) -> Result<(), Activi
             &r.aggregate,
             &r.outcome,
             r.class.as_deref().unwrap_or(""),
-            &r.halo_status.map(|s| s.to_string()).unwrap_or_default(),
-            &r.attempts.to_string(),
+            &status,
+            &attempts,
             &r.worker,
             r.message.as_deref().unwrap_or(""),
-        ])?;
+        ];
+        w.write_record(cells.iter().map(|c| csv_cell(c).into_owned()))?;
     }
     w.flush().map_err(|e| ActivityError::Csv(e.into()))?;
     Ok(())
 }
 
+/// Where the reader connects: URL, TLS and credentials, connection name.
+struct Broker {
+    url: String,
+    access: crate::tls::AmqpAccess,
+    name: String,
+}
+
 async fn open_consumer(
-    url: &str,
+    to: &Broker,
     queue: &str,
     offset: Option<i64>,
 ) -> Result<(lapin::Connection, lapin::Consumer), ActivityError> {
     let broker = |source| ActivityError::Broker {
-        url: amqp::redact_url(url),
+        url: amqp::redact_url(&to.url),
         source,
     };
-    let conn = amqp::connect(url, "halosync-activity-reader")
-        .await
-        .map_err(broker)?;
+    let conn = match amqp::connect_with(&to.url, &to.access, &to.name).await {
+        Ok(c) => c,
+        Err(amqp::AmqpError::Connect(e)) => return Err(ActivityError::Connect(e)),
+        Err(amqp::AmqpError::Lapin(e)) => return Err(broker(e)),
+        Err(e @ amqp::AmqpError::Topology(_)) => {
+            return Err(broker(lapin::Error::from(std::io::Error::other(
+                e.to_string(),
+            ))))
+        }
+    };
     let channel = conn.create_channel().await.map_err(broker)?;
     // Streams need a prefetch and manual acks.
     channel
@@ -842,7 +889,7 @@ async fn open_consumer(
 }
 
 async fn tail(
-    url: String,
+    url: Broker,
     queue: String,
     first: (lapin::Connection, lapin::Consumer),
     index: Arc<RwLock<Index>>,
@@ -990,6 +1037,32 @@ mod tests {
         let mut r = csv::Reader::from_reader(text.as_bytes());
         let row = r.records().next().unwrap().unwrap();
         assert_eq!(&row[11], "a, \"quoted\"\nmessage");
+    }
+
+    #[test]
+    fn csv_cells_that_a_spreadsheet_would_run_are_neutralised() {
+        for bad in [
+            "=HYPERLINK(\"http://evil\")",
+            "+1+1",
+            "-2+3",
+            "@SUM(A1)",
+            "\tx",
+            "\rx",
+        ] {
+            assert_eq!(csv_cell(bad), format!("'{bad}"), "{bad:?}");
+        }
+        for fine in ["acme", "evt_1", "", "a=b", " =1"] {
+            assert_eq!(csv_cell(fine), fine);
+        }
+        let mut r = rec("1", "applied", 0);
+        r.aggregate = "=HYPERLINK(\"http://evil.example\",\"x\")".into();
+        r.connection = "@acme".into();
+        let mut out = Vec::new();
+        write_csv(&[r], &mut out).unwrap();
+        let mut rd = csv::Reader::from_reader(out.as_slice());
+        let row = rd.records().next().unwrap().unwrap();
+        assert_eq!(&row[5], "'=HYPERLINK(\"http://evil.example\",\"x\")");
+        assert_eq!(&row[1], "'@acme");
     }
 
     #[test]

@@ -40,16 +40,9 @@ impl From<StateError> for Failure {
 }
 
 /// Connects a `ConnectionManager` (reconnects by itself after Redis drops)
-/// to a URL alone: `rediss://` trusts the system store. Configured binaries
-/// use [`connect_with`].
-pub async fn connect(url: &str) -> Result<ConnectionManager, redis::RedisError> {
-    let client = redis::Client::open(url)?;
-    ConnectionManager::new_with_config(client, manager_config()).await
-}
-
-/// Connects with the configuration's Redis access: `rediss://` with
-/// `redis_ca_file`, the ACL user and password. A failure names Redis, the
-/// URL without its password and what to change.
+/// with the configuration's Redis access: `rediss://` with `redis_ca_file`,
+/// the ACL user and password; the one way halosync connects to Redis. A
+/// failure names Redis, the URL without its password and what to change.
 pub async fn connect_with(
     url: &str,
     access: &crate::tls::RedisAccess,
@@ -902,7 +895,7 @@ mod tests {
 
     async fn store() -> Store {
         let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-        let redis = connect(&url)
+        let redis = connect_with(&url, &Default::default())
             .await
             .unwrap_or_else(|e| panic!("Redis must be running at {url}: {e}"));
         let prefix = format!("t-store-{}.", uuid::Uuid::new_v4().simple());

@@ -61,13 +61,55 @@ pub fn init(service: &str) -> TelemetryGuard {
     TelemetryGuard { provider }
 }
 
+/// Writes each log line with its control characters escaped (`\n` as the
+/// two characters `\` `n`, ESC as `\u{1b}`, …), the final newline kept: a
+/// value given by a user (a sign-in name with a newline or a terminal
+/// escape) can neither start a forged line nor drive the terminal.
+/// tracing-subscriber's plain-text format writes a `%field` as given and
+/// has no option for this, hence these few lines; the formatter hands one
+/// whole event to each `write`.
+pub struct EscapingWriter<W>(pub W);
+
+/// `line` with every control character escaped but a final `\n`.
+pub fn escape_control(line: &str) -> String {
+    let (body, end) = match line.strip_suffix('\n') {
+        Some(b) => (b, "\n"),
+        None => (line, ""),
+    };
+    let mut out = String::with_capacity(body.len() + 1);
+    for c in body.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push_str(end);
+    out
+}
+
+impl<W: std::io::Write> std::io::Write for EscapingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        self.0.write_all(escape_control(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// For the operator's tool: OTLP traces when configured, and logs on
-/// stderr only when `RUST_LOG` is set (stdout is the command's output).
+/// stderr only when `RUST_LOG` is set (stdout is the command's output),
+/// as plain text with control characters escaped ([`EscapingWriter`]).
 pub fn init_cli(service: &str) -> TelemetryGuard {
     let provider = otlp_provider(service);
     let fmt = std::env::var_os("RUST_LOG").map(|_| {
         tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_writer(|| EscapingWriter(std::io::stderr()))
             .with_filter(EnvFilter::from_default_env())
     });
     let otel = provider.as_ref().map(|p| {
@@ -152,4 +194,19 @@ pub fn continue_trace(
     let cx = TraceContextPropagator::new().extract(&MapExtractor(&map));
     // Fails only when no OpenTelemetry layer is installed: nothing to do.
     let _ = span.set_parent(cx);
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::escape_control;
+
+    #[test]
+    fn control_characters_cannot_start_a_line_or_drive_a_terminal() {
+        assert_eq!(
+            escape_control("WARN sign-in failed user=eve\nINFO signed in user=root\n"),
+            "WARN sign-in failed user=eve\\nINFO signed in user=root\n"
+        );
+        assert_eq!(escape_control("a\u{1b}[31mb\r\tc"), "a\\u{1b}[31mb\\r\\tc");
+        assert_eq!(escape_control("plain é ✓\n"), "plain é ✓\n");
+    }
 }

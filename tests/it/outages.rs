@@ -189,7 +189,9 @@ async fn publish_resilient(publisher: &mut Publisher, url: &str, prefix: &str, e
             Err(_) => loop {
                 assert!(Instant::now() < deadline, "the broker did not come back");
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                if let Ok(p) = Publisher::connect(url, prefix, "outage-test").await {
+                if let Ok(p) =
+                    Publisher::connect(url, &Default::default(), prefix, "outage-test").await
+                {
                     *publisher = p;
                     break;
                 }
@@ -246,9 +248,10 @@ async fn broker_restart_redis_restart_and_a_halopsa_outage_under_load_lose_and_d
     let sim = &env.sim;
     let started = Instant::now();
     let stream = tokio::spawn(async move {
-        let mut publisher = Publisher::connect(&amqp_url, &prefix, "outage-test")
-            .await
-            .expect("publisher");
+        let mut publisher =
+            Publisher::connect(&amqp_url, &Default::default(), &prefix, "outage-test")
+                .await
+                .expect("publisher");
         // ~20 events/s: the faults below happen while the stream flows.
         for e in &events {
             publish_resilient(&mut publisher, &amqp_url, &prefix, e).await;

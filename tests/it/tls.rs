@@ -359,3 +359,218 @@ async fn a_pkcs12_client_certificate_works_and_a_missing_one_is_explained() {
     assert!(text.contains("✘ RabbitMQ"), "{text}");
     assert!(text.contains("amqp_client_cert_file"), "{text}");
 }
+
+/// `halosync console --hash-password` for `password`.
+fn hash_password(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(binary_path("halosync"))
+        .args(["console", "--hash-password"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run halosync console --hash-password");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(password.as_bytes())
+        .expect("write password");
+    let out = child.wait_with_output().expect("hash output");
+    assert!(out.status.success(), "--hash-password failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Kills the console child at the end of the test, whatever happens.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn activity_console_mappings_and_reconcile_connect_as_configured() {
+    // A private CA for both services, both passwords from files, and a
+    // broker reached only through the TLS front.
+    let tls = Tls::start("paths", false).await;
+    let redis_pw = tls.dir.join("redis-password");
+    std::fs::write(&redis_pw, format!("{REDIS_PASSWORD}\n")).expect("password file");
+    let amqp_pw = tls.dir.join("amqp-password");
+    std::fs::write(&amqp_pw, "guest\n").expect("password file");
+    let mut env = TestEnv::new("tls-paths").await;
+    let ca = tls.pki.ca.display();
+    let top = format!(
+        "redis_ca_file = \"{ca}\"\nredis_password_file = \"{}\"\namqp_ca_file = \"{ca}\"\namqp_password_file = \"{}\"\n",
+        redis_pw.display(),
+        amqp_pw.display()
+    );
+    let amqps = format!("amqps://guest@127.0.0.1:{}/%2f", tls.proxy.port);
+    rewrite_config(&env, &amqps, &tls.redis.url(REDIS_USER), &top);
+    env.spawn_worker(WORKER);
+    let event = account_event("tls-p1", "acc_tlsp", "Litware TLS", true, 1);
+    env.publish(&event).await;
+    env.wait_for("customer created", T, || {
+        customers_of(&env, "acc_tlsp").len() == 1
+    })
+    .await;
+
+    // The worker's activity recorder reached the broker through TLS with
+    // the private CA: `halosync activity` (same settings) reads the record.
+    let deadline = Instant::now() + T;
+    loop {
+        let (ok, out) = env.run_halosync(&["--json", "activity", "--event-id", "tls-p1"]);
+        assert!(ok, "{out}");
+        if out.contains("tls-p1") && out.contains("applied") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the activity log never recorded tls-p1:\n{out}\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // `halosync mappings` keeps its mapping in HaloPSA and reads the TLS Redis.
+    env.sim.insert_item(4242, "TLS add-on");
+    let (ok, out) = env.run_halosync(&["mappings", "set", "--sku", "TLS-SKU", "--item", "4242"]);
+    assert!(ok, "{out}");
+    let (ok, out) = env.run_halosync(&["mappings", "list"]);
+    assert!(ok && out.contains("TLS-SKU"), "{out}");
+
+    // `halosync reconcile` against the same TLS Redis: in step, report kept.
+    let snapshot = tls.dir.join("snapshot.jsonl");
+    std::fs::write(&snapshot, format!("{event}\n")).expect("snapshot");
+    let snapshot = snapshot.display().to_string();
+    let (ok, out) =
+        env.run_halosync(&["reconcile", "--family", "account", "--snapshot", &snapshot]);
+    assert!(ok, "{out}");
+    assert!(!out.contains("could not be kept in Redis"), "{out}");
+
+    // The console starts (Redis over TLS), and its pages read the queues,
+    // the budgets and the activity log through the configured TLS.
+    let mut config = std::fs::read_to_string(&env.config_path).expect("config");
+    config.push_str(&format!(
+        "\n[console]\naudit_file = \"{}\"\n[console.users.alice]\nrole = \"viewer\"\npassword_hash_env = \"H_ALICE\"\n",
+        env.dir.join("audit.jsonl").display()
+    ));
+    std::fs::write(&env.config_path, config).expect("config");
+    let port = halosync_tests::free_port();
+    let log = env.dir.join("console.log");
+    let out = std::fs::File::create(&log).expect("console log");
+    let mut console = Child(
+        Command::new(binary_path("halosync"))
+            .arg("--config")
+            .arg(&env.config_path)
+            .args(["console", "--listen", &format!("127.0.0.1:{port}")])
+            .env(halosync_tests::SECRET_ENV, env.sim_secret())
+            .env("H_ALICE", hash_password("alice-pw"))
+            .env("RUST_LOG", "info")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("start the console"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let deadline = Instant::now() + T;
+    loop {
+        if let Ok(r) = client.get(format!("{base}/healthz")).send().await {
+            if r.status().is_success() {
+                break;
+            }
+        }
+        if let Ok(Some(status)) = console.0.try_wait() {
+            panic!(
+                "the console exited ({status}):\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "the console did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let form = client
+        .get(format!("{base}/login"))
+        .send()
+        .await
+        .expect("form")
+        .text()
+        .await
+        .expect("form");
+    let token = form
+        .split("name=\"login_token\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("login token")
+        .to_string();
+    let r = client
+        .post(format!("{base}/login"))
+        .form(&[
+            ("login_token", token.as_str()),
+            ("user", "alice"),
+            ("password", "alice-pw"),
+        ])
+        .send()
+        .await
+        .expect("sign in");
+    assert_eq!(r.status(), 303);
+    let page = client
+        .get(format!("{base}/"))
+        .send()
+        .await
+        .expect("overview")
+        .text()
+        .await
+        .expect("overview");
+    assert!(page.contains("family-account"), "{page}");
+    for problem in ["queues:", "budget:", "activity log:"] {
+        assert!(
+            !page.contains(problem),
+            "the overview says {problem}:\n{page}"
+        );
+    }
+    let deadline = Instant::now() + T;
+    loop {
+        let page = client
+            .get(format!("{base}/activity?event_id=tls-p1"))
+            .send()
+            .await
+            .expect("activity")
+            .text()
+            .await
+            .expect("activity");
+        if page.contains("<code>tls-p1</code>") && page.contains("applied</span>") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the console's activity log never showed tls-p1:\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let page = client
+        .get(format!("{base}/mappings"))
+        .send()
+        .await
+        .expect("mappings")
+        .text()
+        .await
+        .expect("mappings");
+    assert!(
+        page.contains("TLS-SKU"),
+        "the mapping set above, read over TLS:\n{page}"
+    );
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!logs.contains(REDIS_PASSWORD), "{logs}");
+    assert!(
+        tls.proxy.handshakes.load(Ordering::SeqCst) >= 3,
+        "everything went through the TLS front"
+    );
+}

@@ -176,7 +176,7 @@ client_secret_env = "{SECRET_ENV}"
         let mut tries = 0;
         let publisher = loop {
             tries += 1;
-            let publisher = Publisher::connect(&amqp_url, &prefix, "tests")
+            let publisher = Publisher::connect(&amqp_url, &Default::default(), &prefix, "tests")
                 .await
                 .unwrap_or_else(|e| panic!("RabbitMQ must be running at {amqp_url}: {e}"));
             match topology.declare(publisher.channel()).await {
@@ -301,7 +301,9 @@ client_secret_env = "{SECRET_ENV}"
     pub async fn reconnect_publisher(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match Publisher::connect(&self.amqp_url, &self.prefix, "tests").await {
+            match Publisher::connect(&self.amqp_url, &Default::default(), &self.prefix, "tests")
+                .await
+            {
                 Ok(p) => {
                     self.publisher = p;
                     return;
@@ -556,7 +558,9 @@ pub fn remove_everything_of(amqp_url: &str, prefix: &str, topology: &Topology, d
             return;
         };
         rt.block_on(async move {
-            if let Ok(conn) = amqp::connect(&amqp_url, "tests-cleanup").await {
+            if let Ok(conn) =
+                amqp::connect_with(&amqp_url, &Default::default(), "tests-cleanup").await
+            {
                 if let Ok(ch) = conn.create_channel().await {
                     for q in topology.all_queues() {
                         let _ = ch

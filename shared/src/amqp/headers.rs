@@ -34,6 +34,26 @@ pub const FAILURE_HEADERS: [&str; 9] = [
     FAMILY,
 ];
 
+/// Every header that only halosync's own failure handling writes: the
+/// failure headers plus where the event came from. On an event straight
+/// from a publisher they are not halosync's, so the worker ignores them
+/// (a publisher cannot fake attempts or redirect a later replay), and a
+/// replay removes them.
+pub const OWN_HEADERS: [&str; 12] = [
+    ERROR_CLASS,
+    ERROR_MESSAGE,
+    HALO_STATUS,
+    HALO_BODY,
+    ATTEMPTS,
+    FIRST_FAILURE,
+    LAST_FAILURE,
+    WORKER,
+    FAMILY,
+    ORIGINAL_ROUTING_KEY,
+    CONNECTION,
+    EVENT_ID,
+];
+
 pub fn get_str(table: Option<&FieldTable>, key: &str) -> Option<String> {
     match table?.inner().get(key)? {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),

@@ -22,25 +22,16 @@ pub enum AmqpError {
     Connect(#[from] crate::tls::ConnectError),
 }
 
-/// Opens a connection named after the process (shown by `rabbitmqctl
-/// list_connections` and in the management UI).
+/// Opens a connection named `name` (shown by `rabbitmqctl
+/// list_connections` and in the management UI) with the configuration's TLS
+/// and credentials ([`crate::tls::AmqpAccess`]); the one way halosync
+/// connects to RabbitMQ. A failure says that RabbitMQ failed, at which URL
+/// (password hidden), and what to change.
 ///
 /// Recovery is done by [`crate::runtime`] rebuilding the connection, not by
 /// lapin's auto-recovery: a delivery taken on a lost channel can never be
 /// acked on a new one, and the runtime must know about it to stop work that
 /// would otherwise be acked into the void.
-///
-/// This takes a URL alone (`amqps://` trusts the system store); configured
-/// binaries use [`connect_with`], which applies `amqp_ca_file`, the client
-/// certificate and the credentials from the configuration.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await
-}
-
-/// [`connect`] with the configuration's TLS and credentials
-/// ([`crate::tls::AmqpAccess`]). A failure says that RabbitMQ failed, at
-/// which URL (password hidden), and what to change.
 pub async fn connect_with(
     url: &str,
     access: &crate::tls::AmqpAccess,

@@ -9,7 +9,9 @@
 //! use halosync_shared::amqp::Publisher;
 //! use halosync_shared::contract::Contract;
 //!
-//! let publisher = Publisher::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "", "billing").await?;
+//! // TLS and credentials as in halosync.toml (here: none beyond the URL).
+//! let access = halosync_shared::tls::AmqpAccess::default();
+//! let publisher = Publisher::connect("amqp://guest:guest@127.0.0.1:5672/%2f", &access, "", "billing").await?;
 //! let contract = Contract::new()?;
 //! let body = br#"{"id":"evt_1","type":"account.created","schema_version":1,
 //!   "connection":"acme","occurred_at":"2026-11-22T10:15:00Z","sequence":1,
@@ -46,6 +48,9 @@ pub enum PublishError {
     Serialise(String),
     #[error("{0}")]
     Topology(String),
+    /// Connecting failed: says what to change.
+    #[error("{0}")]
+    Connect(#[from] crate::tls::ConnectError),
 }
 
 /// A channel in confirm mode.
@@ -66,13 +71,26 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    /// Connects, opens a confirm channel and declares the topology.
+    /// Connects with the configuration's TLS and credentials (`access`),
+    /// opens a confirm channel and declares the topology.
     pub async fn connect(
         amqp_url: &str,
+        access: &crate::tls::AmqpAccess,
         prefix: &str,
         name: &str,
     ) -> Result<Publisher, PublishError> {
-        let connection = super::connect(amqp_url, &format!("halosync-publisher:{name}")).await?;
+        let connection = match super::connect_with(
+            amqp_url,
+            access,
+            &format!("halosync-publisher:{name}"),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(super::AmqpError::Lapin(e)) => return Err(PublishError::Broker(e)),
+            Err(super::AmqpError::Connect(e)) => return Err(PublishError::Connect(e)),
+            Err(super::AmqpError::Topology(t)) => return Err(PublishError::Topology(t)),
+        };
         let channel = connection.create_channel().await?;
         // Exchanges, work and dead queues; the retry tiers are the workers'.
         let topology = Topology::new(prefix, &[]);

@@ -217,6 +217,7 @@ impl Services {
         let activity = if config.worker.activity {
             ActivityRecorder::start(
                 &config.amqp_url,
+                &config.amqp_access,
                 topology.activity_queue(),
                 &format!("{}{worker_id}", config.prefix),
             )
@@ -543,11 +544,29 @@ fn message_span(family: Family, delivery: &Delivery, attempts_before: u32) -> tr
     span
 }
 
-/// Failed attempts so far, from `x-halosync-attempts`.
+/// A delivery published through an exchange (the events exchange) comes
+/// from a publisher or a replay, never back from a retry tier (which
+/// dead-letters through the default exchange): its `x-halosync-*` failure
+/// headers ([`h::OWN_HEADERS`]) are not halosync's and are ignored.
+fn from_publisher(delivery: &Delivery) -> bool {
+    !delivery.exchange.as_str().is_empty()
+}
+
+/// The delivery's headers that halosync may trust (see [`from_publisher`]).
+fn trusted_headers(delivery: &Delivery) -> Option<FieldTable> {
+    let received = delivery.properties.headers().as_ref();
+    if from_publisher(delivery) {
+        received.map(|t| h::without(Some(t), &h::OWN_HEADERS))
+    } else {
+        received.cloned()
+    }
+}
+
+/// Failed attempts so far, from `x-halosync-attempts` (halosync's own).
 fn attempts_of(delivery: &Delivery) -> u32 {
-    h::get_i64(delivery.properties.headers().as_ref(), h::ATTEMPTS)
+    h::get_i64(trusted_headers(delivery).as_ref(), h::ATTEMPTS)
         .unwrap_or(0)
-        .max(0) as u32
+        .clamp(0, u32::MAX as i64) as u32
 }
 
 /// Settles one delivery and records its outcome: one log line (in the
@@ -802,7 +821,8 @@ fn failure_headers(
     class_label: &str,
     attempts: u32,
 ) -> FieldTable {
-    let old = delivery.properties.headers().as_ref();
+    let trusted = trusted_headers(delivery);
+    let old = trusted.as_ref();
     let mut t = old.cloned().unwrap_or_default();
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
     let class = if class_label.is_empty() {

@@ -202,7 +202,7 @@ fn usage(problem: &str) -> ! {
 /// (a) A minimal lapin consumer acking each message of a quorum queue,
 /// with the workers' prefetch (32): the broker's ceiling on this machine.
 async fn raw(n: usize) -> Row {
-    let conn = halosync_shared::amqp::connect(AMQP_URL, "bench-raw")
+    let conn = halosync_shared::amqp::connect_with(AMQP_URL, &Default::default(), "bench-raw")
         .await
         .expect("RabbitMQ must be running");
     let ch = conn.create_channel().await.expect("channel");

@@ -85,6 +85,8 @@ pub const DEFAULT_PER_PAGE: usize = 50;
 pub async fn open(config: &Config) -> anyhow::Result<ActivityLog> {
     let log = ActivityLog::connect(
         &config.amqp_url,
+        &config.amqp_access,
+        "halosync-cli:activity",
         &config.prefix,
         activity::DEFAULT_MAX_RECORDS,
     )

@@ -250,24 +250,30 @@ impl DeadLetter {
         let first_failure_at = parse_time(h::get_str(headers, h::FIRST_FAILURE))
             .or(death_time)
             .or(last_failure_at);
-        let event_type = props
-            .kind()
-            .as_ref()
-            .map(|k| k.as_str().to_string())
-            .filter(|k| !k.is_empty())
-            .or_else(|| env_str("type"));
-        let original_routing_key = h::get_str(headers, h::ORIGINAL_ROUTING_KEY)
-            .filter(|k| !k.is_empty())
-            .or_else(|| event_type.clone());
+        // The envelope says what the event is; a property or header (which
+        // a publisher may set to anything) only when there is no envelope.
+        let event_type = env_str("type").filter(|k| !k.is_empty()).or_else(|| {
+            props
+                .kind()
+                .as_ref()
+                .map(|k| k.as_str().to_string())
+                .filter(|k| !k.is_empty())
+        });
+        // Replay routes by the event's own type.
+        let original_routing_key = event_type
+            .clone()
+            .or_else(|| h::get_str(headers, h::ORIGINAL_ROUTING_KEY).filter(|k| !k.is_empty()));
         let halo_body = h::get_str(headers, h::HALO_BODY);
         DeadLetter {
             family,
             queue: queue.to_string(),
             position,
-            event_id: h::get_str(headers, h::EVENT_ID)
+            // The envelope's id; the message id or header only without one.
+            event_id: env_str("id")
+                .filter(|m| !m.is_empty())
                 .or_else(|| props.message_id().as_ref().map(|m| m.as_str().to_string()))
                 .filter(|m| !m.is_empty())
-                .or_else(|| env_str("id")),
+                .or_else(|| h::get_str(headers, h::EVENT_ID)),
             event_type,
             connection: h::get_str(headers, h::CONNECTION).or_else(|| env_str("connection")),
             class,
@@ -525,6 +531,9 @@ pub fn group(letters: &[DeadLetter], by: GroupBy) -> Vec<Group> {
 /// broker's own death and delivery records removed, the replay count added.
 pub fn replay_headers(old: Option<&FieldTable>) -> FieldTable {
     let mut strip: Vec<&str> = h::FAILURE_HEADERS.to_vec();
+    // A replay routes by the envelope's type; a later failure writes the
+    // routing key afresh.
+    strip.push(h::ORIGINAL_ROUTING_KEY);
     strip.extend([
         "x-death",
         "x-first-death-reason",
@@ -537,7 +546,7 @@ pub fn replay_headers(old: Option<&FieldTable>) -> FieldTable {
     ]);
     let mut t = h::without(old, &strip);
     let previous = h::get_i64(old, h::REPLAY_COUNT).unwrap_or(0).max(0);
-    h::set_i64(&mut t, h::REPLAY_COUNT, previous + 1);
+    h::set_i64(&mut t, h::REPLAY_COUNT, previous.saturating_add(1));
     t
 }
 

@@ -901,7 +901,7 @@ fn report_changes(
             .map(|t| format!(" → {t}"))
             .unwrap_or_default();
         let count = if verb == "replay" && d.outcome != "failed" {
-            format!(", replay #{}", d.letter.replay_count + 1)
+            format!(", replay #{}", d.letter.replay_count.saturating_add(1))
         } else {
             String::new()
         };

@@ -20,7 +20,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::halo::items::{self, HaloItem, ItemMapping, MappingChange};
@@ -55,12 +54,13 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Halo> {
             }
         )
     })?;
-    let redis = store::connect(&config.redis_url).await.with_context(|| {
-        format!(
-            "cannot reach Redis at {} (it holds the shared token and rate budget; is it running? `redis-server --daemonize yes`)",
-            halosync_shared::amqp::redact_url(&config.redis_url)
-        )
-    })?;
+    // The configuration's Redis access (TLS CA, ACL user, password file):
+    // the error names Redis, the URL without its password, and the fix.
+    let redis = store::connect_with(&config.redis_url, &config.redis_access)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("cannot reach Redis (it holds the shared token and rate budget): {e}")
+        })?;
     let keys = Keys::new(&config.prefix);
     let http = halo::http_client(config.worker.http_timeout)?;
     let client = halo::client_for(

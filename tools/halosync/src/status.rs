@@ -95,29 +95,35 @@ pub type Counts = (BTreeMap<Family, FamilyStatus>, QueueStatus);
 /// Counts every queue: the single code path of `halosync status` and of the
 /// console's overview.
 pub async fn collect(config: &Config) -> anyhow::Result<Counts> {
-    let topo = Topology::new(&config.prefix, &config.retry.delays_ms());
     let conn = broker::connect(config, "status").await?;
+    let result = collect_on(&conn, config).await;
+    broker::close(&conn).await;
+    result
+}
+
+/// [`collect`] on a connection the caller keeps (the console reuses one).
+pub async fn collect_on(conn: &lapin::Connection, config: &Config) -> anyhow::Result<Counts> {
+    let topo = Topology::new(&config.prefix, &config.retry.delays_ms());
     let result: anyhow::Result<(BTreeMap<Family, FamilyStatus>, QueueStatus)> = async {
         let mut families = BTreeMap::new();
         for f in Family::ALL {
             let work = topo.work_queue(f);
-            let work = QueueStatus::from(work.clone(), broker::count(&conn, &work).await?);
+            let work = QueueStatus::from(work.clone(), broker::count(conn, &work).await?);
             let mut retry = BTreeMap::new();
             for d in topo.delays_ms() {
                 let q = topo.retry_queue(f, *d);
-                let c = broker::count(&conn, &q).await?;
+                let c = broker::count(conn, &q).await?;
                 retry.insert(delay_label(*d), QueueStatus::from(q, c));
             }
             let dead = topo.dead_queue(f);
-            let dead = QueueStatus::from(dead.clone(), broker::count(&conn, &dead).await?);
+            let dead = QueueStatus::from(dead.clone(), broker::count(conn, &dead).await?);
             families.insert(f, FamilyStatus { work, retry, dead });
         }
         let unrouted = topo.unrouted_queue();
-        let unrouted = QueueStatus::from(unrouted.clone(), broker::count(&conn, &unrouted).await?);
+        let unrouted = QueueStatus::from(unrouted.clone(), broker::count(conn, &unrouted).await?);
         Ok((families, unrouted))
     }
     .await;
-    broker::close(&conn).await;
     result
 }
 

@@ -40,7 +40,8 @@ pub struct ActivityQuery {
     /// A duration back from now (24h) or a time.
     pub since: Option<String>,
     pub until: Option<String>,
-    pub page: Option<usize>,
+    /// Bounded by [`super::page_number`].
+    pub page: Option<String>,
 }
 
 fn clean(v: &Option<String>) -> Option<String> {
@@ -144,7 +145,8 @@ pub async fn page(
     headers: HeaderMap,
     Query(q): Query<ActivityQuery>,
 ) -> Response {
-    let who = match viewer(&app, &headers, &q.url("/activity", q.page)) {
+    let page_no = super::page_number(q.page.as_deref());
+    let who = match viewer(&app, &headers, &q.url("/activity", Some(page_no))) {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -168,12 +170,12 @@ pub async fn page(
             app.activity_error.as_deref().unwrap_or("not connected"),
         );
     };
-    let page = log.query(&filter, q.page.unwrap_or(1), PER_PAGE);
+    let page = log.query(&filter, page_no, PER_PAGE);
     let body = html! {
         h1 { "Activity" }
         p.sub { "Every settled message of the last 30 days, newest first (" (log.len()) " records in the log)." }
         (filter_form(&q))
-        div.row style="margin-bottom:10px" {
+        div.row.mb10 {
             span #activity-total { b { (page.total) } " matching" }
             a.btn.ghost.small #csv href=(q.url("/activity.csv", None)) { "Export CSV (all " (page.total) ")" }
         }

@@ -15,7 +15,7 @@ const PER_PAGE: usize = 50;
 pub struct AuditQuery {
     user: Option<String>,
     action: Option<String>,
-    page: Option<usize>,
+    page: Option<String>,
 }
 
 pub async fn page(
@@ -45,9 +45,12 @@ pub async fn page(
         .filter(|e| user.is_none_or(|u| e.user == u))
         .filter(|e| action.is_none_or(|a| e.action == a))
         .collect();
-    let page = q.page.unwrap_or(1).max(1);
+    let page = super::page_number(q.page.as_deref());
     let pages = matching.len().div_ceil(PER_PAGE).max(1);
-    let shown = matching.iter().skip((page - 1) * PER_PAGE).take(PER_PAGE);
+    let shown = matching
+        .iter()
+        .skip((page - 1).saturating_mul(PER_PAGE))
+        .take(PER_PAGE);
     let link = |p: usize| {
         let mut pairs = vec![("page", p.to_string())];
         if let Some(u) = user {

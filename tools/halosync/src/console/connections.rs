@@ -58,7 +58,7 @@ fn settings_table(text: &str, name: &str) -> Markup {
 fn report_view(r: &Report) -> Markup {
     html! {
         div.card #report {
-            h2 style="margin-top:0" {
+            h2.mt0 {
                 @if r.ok { span.pill.ok { "✔ all checks passed" } } @else { span.pill.bad { "✘ " (r.checks.iter().filter(|c| c.ok == Some(false)).count()) " of " (r.checks.len()) " checks failed" } }
             }
             ul.checks {
@@ -91,7 +91,7 @@ fn view(app: &Shared, who: &SignedIn, result: Option<(&str, &Report)>) -> Markup
             @for name in &names {
                 div.card id={"conn-" (name)} {
                     div.row {
-                        h2 style="margin:0;flex:1" { (name) }
+                        h2.m0.grow { (name) }
                         @if who.is_operator() {
                             form.inline method="post" action={"/connections/test#conn-" (name)} {
                                 (layout::csrf(who))

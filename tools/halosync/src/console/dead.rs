@@ -5,13 +5,12 @@
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::Utc;
 use clap::ValueEnum;
 use maud::{html, Markup};
-use serde::Deserialize;
 
 use super::auth::SignedIn;
 use super::{layout, operator, problem, viewer, Form, Shared};
@@ -23,11 +22,17 @@ use crate::{FilterArgs, GroupBy};
 /// queues before saying that a job holds them.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The most dead letters one confirmed action may touch.
+const MAX_EXPECTED: usize = 10_000_000;
+
 /// Most dead letters listed on one page (the groups count them all).
 const SHOWN: usize = 200;
 
-/// The dead-letter filters as they appear in the URL and in forms.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// The dead-letter filters as they appear in the URL and in forms. Event
+/// ids travel one per field (`event_id`, and the selection as repeated
+/// `id` fields), never joined with a separator: an id may hold any
+/// character (an invalid dead letter's id may hold a comma).
+#[derive(Clone, Debug, Default)]
 pub struct DeadQuery {
     pub family: Option<String>,
     pub class: Option<String>,
@@ -35,6 +40,8 @@ pub struct DeadQuery {
     pub event_id: Option<String>,
     pub error: Option<String>,
     pub since: Option<String>,
+    /// Selected dead letters (repeated `id` fields); when given, only these.
+    pub ids: Vec<String>,
 }
 
 fn nonempty(v: &Option<String>) -> Option<&str> {
@@ -62,7 +69,30 @@ impl DeadQuery {
             event_id: get("event_id"),
             error: get("error"),
             since: get("since"),
+            ids: form
+                .all("id")
+                .into_iter()
+                .filter(|i| !i.is_empty())
+                .collect(),
         }
+    }
+
+    /// From a URL's query string (repeated fields kept).
+    pub fn from_query(raw: Option<&str>) -> DeadQuery {
+        DeadQuery::from_form(&Form::parse(&Bytes::copy_from_slice(
+            raw.unwrap_or("").as_bytes(),
+        )))
+    }
+
+    /// The event ids this query is narrowed to: the selection, else the
+    /// one `event_id` (as given, never split).
+    pub fn event_ids(&self) -> Vec<String> {
+        if !self.ids.is_empty() {
+            return self.ids.clone();
+        }
+        nonempty(&self.event_id)
+            .map(|s| vec![s.to_string()])
+            .unwrap_or_default()
     }
 
     /// The CLI's filter arguments, or what to type instead.
@@ -90,7 +120,7 @@ impl DeadQuery {
             family,
             class,
             connection: list_of(&self.connection),
-            event_id: list_of(&self.event_id),
+            event_id: self.event_ids(),
             error: nonempty(&self.error).map(str::to_string),
             since,
             limit: None,
@@ -98,7 +128,7 @@ impl DeadQuery {
     }
 
     fn pairs(&self) -> Vec<(&'static str, String)> {
-        [
+        let mut v: Vec<(&'static str, String)> = [
             ("family", &self.family),
             ("class", &self.class),
             ("connection", &self.connection),
@@ -108,7 +138,9 @@ impl DeadQuery {
         ]
         .into_iter()
         .filter_map(|(k, v)| nonempty(v).map(|v| (k, v.to_string())))
-        .collect()
+        .collect();
+        v.extend(self.ids.iter().map(|i| ("id", i.clone())));
+        v
     }
 
     pub fn query_string(&self) -> String {
@@ -128,6 +160,16 @@ impl DeadQuery {
             format!("dead letters matching {args}")
         }
     }
+}
+
+/// The query of a dead letter's own page (the id encoded, whatever it holds).
+fn show_query(family: Option<&str>, id: &str) -> String {
+    let mut pairs = Vec::new();
+    if let Some(f) = family {
+        pairs.push(("family", f));
+    }
+    pairs.push(("event_id", id));
+    serde_urlencoded::to_string(pairs).unwrap_or_default()
 }
 
 fn filter_form(q: &DeadQuery) -> Markup {
@@ -171,8 +213,9 @@ fn action_buttons(who: &SignedIn, q: &DeadQuery, count: usize, label: &str) -> M
 pub async fn list(
     State(app): State<Shared>,
     headers: HeaderMap,
-    Query(q): Query<DeadQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
+    let q = DeadQuery::from_query(raw.as_deref());
     let here = format!("/dead?{}", q.query_string());
     let who = match viewer(&app, &headers, &here) {
         Ok(w) => w,
@@ -227,7 +270,7 @@ pub async fn list(
         @if letters.is_empty() {
             div.card.muted #no-dead { "No dead letters match." }
         } @else {
-            div.row style="margin-bottom:12px" { (action_buttons(&who, &q, letters.len(), "all matching")) }
+            div.row.mb12 { (action_buttons(&who, &q, letters.len(), "all matching")) }
             h2 { "Failure groups" }
             table #groups {
                 thead { tr { th.num { "Count" } th { "Class" } th { "Cause" } th { "Families" } th { "First failure" } th { "Last failure" } th { "Sample" } th {} } }
@@ -241,7 +284,7 @@ pub async fn list(
                             td { @for f in &g.families { span.pill { (f.as_str()) } " " } }
                             td { (layout::when(g.first_failure_at.as_ref())) }
                             td { (layout::when(g.last_failure_at.as_ref())) }
-                            td { @if let Some(id) = &g.sample_event_id { a href={"/dead/show?event_id=" (id)} { code { (id) } } } }
+                            td { @if let Some(id) = &g.sample_event_id { a href={"/dead/show?" (show_query(None, id))} { code { (id) } } } }
                             td.right {
                                 a.btn.ghost.small href={"/dead?" (gq.query_string())} { "Only these" } " "
                                 (action_buttons(&who, &gq, g.count, "group"))
@@ -254,7 +297,7 @@ pub async fn list(
             form method="post" action="/dead/action" #selection {
                 (layout::csrf(&who)) (q.hidden())
                 @if who.is_operator() {
-                    div.row style="margin-bottom:8px" {
+                    div.row.mb8 {
                         button.btn.small name="action" value="replay" type="submit" { "Replay selected" }
                         button.btn.small.danger name="action" value="purge" type="submit" { "Purge selected" }
                     }
@@ -269,7 +312,7 @@ pub async fn list(
                             @let id = d.event_id.clone().unwrap_or_default();
                             tr {
                                 @if who.is_operator() { td { input type="checkbox" name="id" value=(id); } }
-                                td { a href={"/dead/show?family=" (d.family.as_str()) "&event_id=" (id)} { code { (id) } } }
+                                td { a href={"/dead/show?" (show_query(Some(d.family.as_str()), &id))} { code { (id) } } }
                                 td { (d.event_type.clone().unwrap_or_default()) }
                                 td { (d.connection.clone().unwrap_or_default()) }
                                 td { span.pill.bad { (d.class) } }
@@ -290,8 +333,9 @@ pub async fn list(
 pub async fn show(
     State(app): State<Shared>,
     headers: HeaderMap,
-    Query(q): Query<DeadQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
+    let q = DeadQuery::from_query(raw.as_deref());
     let here = format!("/dead/show?{}", q.query_string());
     let who = match viewer(&app, &headers, &here) {
         Ok(w) => w,
@@ -327,7 +371,7 @@ pub async fn show(
         }
     };
     let Some(d) = scan.done.first().map(|d| d.letter.clone()) else {
-        return problem(StatusCode::NOT_FOUND, Some(&who), "No such dead letter", &format!("No dead letter has event id {} (it may have been replayed or purged). See the Dead letters page.", args.event_id.join(",")));
+        return problem(StatusCode::NOT_FOUND, Some(&who), "No such dead letter", &format!("No dead letter has event id {} (it may have been replayed or purged). See the Dead letters page.", args.event_id.iter().map(|i| format!("{i:?}")).collect::<Vec<_>>().join(" or ")));
     };
     let one = DeadQuery {
         family: Some(d.family.as_str().to_string()),
@@ -361,7 +405,7 @@ pub async fn show(
     let body = html! {
         h1 { "Dead letter " code { (d.event_id.clone().unwrap_or_default()) } }
         p.sub { (d.event_type.clone().unwrap_or_default()) " · connection " (d.connection.clone().unwrap_or_default()) " · " (d.queue) " position " (d.position) }
-        div.row style="margin-bottom:14px" { (action_buttons(&who, &one, 1, "this one")) }
+        div.row.mb14 { (action_buttons(&who, &one, 1, "this one")) }
         div.tiles {
             div.tile.bad { div.n { (d.class) } div.l { "class" } }
             div.tile { div.n { (d.attempts.unwrap_or(0)) } div.l { "attempts" } }
@@ -401,13 +445,11 @@ fn requested(form: &Form) -> Result<(Action, DeadQuery), String> {
             ))
         }
     };
-    let mut q = DeadQuery::from_form(form);
-    let ids = form.all("id");
-    if form.0.iter().any(|(k, _)| k == "id") || form.get("scope") == Some("selected") {
-        if ids.is_empty() {
-            return Err("nothing is selected: tick the dead letters first".into());
-        }
-        q.event_id = Some(ids.join(","));
+    let q = DeadQuery::from_form(form);
+    if (form.0.iter().any(|(k, _)| k == "id") || form.get("scope") == Some("selected"))
+        && q.ids.is_empty()
+    {
+        return Err("nothing is selected: tick the dead letters first".into());
     }
     Ok((action, q))
 }
@@ -512,7 +554,11 @@ pub async fn run(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     if purge && form.get("confirm_word").map(str::trim) != Some("purge") {
         return problem(StatusCode::BAD_REQUEST, Some(&who), "Not purged", "To purge, type the word purge in the box before pressing the button. Nothing was deleted.");
     }
-    let Some(expected) = form.get("expected").and_then(|e| e.parse::<usize>().ok()) else {
+    let Some(expected) = form
+        .get("expected")
+        .and_then(|e| e.trim().parse::<usize>().ok())
+        .filter(|e| *e <= MAX_EXPECTED)
+    else {
         return problem(
             StatusCode::BAD_REQUEST,
             Some(&who),
@@ -536,7 +582,7 @@ pub async fn run(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> 
         &target,
         "started",
         expected,
-        list_of(&q.event_id),
+        q.event_ids(),
         None,
         None,
     )

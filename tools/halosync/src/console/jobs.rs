@@ -301,7 +301,7 @@ pub async fn page(
         p.sub { (job.verb()) " of " (job.target) ", started by " (job.user) " " (layout::when(Some(&job.started))) }
         div.card #job data-sse={"/jobs/" (job.id) "/live"} {
             div.row { b { "State: " } span #job-state data-live="state" { (s.state) } }
-            div.bar style="margin:12px 0" { div #job-bar data-bar="removed" data-bar-of="expected" style={"width:" (pct) "%"} {} }
+            div.bar.my12 { div #job-bar data-bar="removed" data-bar-of="expected" data-pct=(pct) {} }
             div.tiles {
                 div.tile { div.n #job-removed data-live="removed" { (s.removed) } div.l { (if job.verb() == "replay" { "replayed" } else { "purged" }) } }
                 div.tile { div.n data-live="expected" { (s.expected) } div.l { "to do (confirmed)" } }
@@ -326,22 +326,28 @@ pub async fn live(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
-    viewer(&app, &headers, "/jobs")?;
+    let who = viewer(&app, &headers, "/jobs")?;
     let job = app
         .jobs
         .get(&id)
         .ok_or_else(|| (StatusCode::NOT_FOUND, "no such job").into_response())?;
-    let stream = futures::stream::unfold((job, false), |(job, sent_final)| async move {
-        if sent_final {
-            return None;
+    let session = who.session;
+    let stream = futures::stream::unfold((job, false), move |(job, sent_final)| {
+        let app = app.clone();
+        let session = session.clone();
+        async move {
+            // Ends with the job, or with the session (sign-out, expiry).
+            if sent_final || !app.auth.alive(&session) {
+                return None;
+            }
+            let s = job.snapshot();
+            let finished = s.finished;
+            let event = Event::default().data(serde_json::to_string(&s).unwrap_or_default());
+            if !finished {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            Some((Ok(event), (job, finished)))
         }
-        let s = job.snapshot();
-        let finished = s.finished;
-        let event = Event::default().data(serde_json::to_string(&s).unwrap_or_default());
-        if !finished {
-            tokio::time::sleep(Duration::from_millis(400)).await;
-        }
-        Some((Ok(event), (job, finished)))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
@@ -359,6 +365,23 @@ pub async fn cancel(
     };
     match app.jobs.get(&id) {
         Some(job) => {
+            // Audited under whoever cancels (the job's own entries stay
+            // under its starter); not recorded, not cancelled.
+            if let Err(r) = super::record(
+                &app,
+                &who,
+                "cancel",
+                &format!("job {id}"),
+                "asked",
+                0,
+                vec![],
+                None,
+                Some(id.clone()),
+            )
+            .await
+            {
+                return r;
+            }
             job.progress.cancel.store(true, Ordering::Relaxed);
             tracing::info!(job = %id, user = %who.user, "job cancel asked");
             Redirect::to(&format!("/jobs/{id}")).into_response()

@@ -1,8 +1,10 @@
-//! The page shell (header, navigation, who is signed in), the embedded CSS
-//! and the small script for live counters and job progress. Everything is
-//! compiled into the binary: no build step, nothing from a CDN.
+//! The page shell (header, navigation, who is signed in), the CSS and the
+//! small script for live counters and job progress. Everything is compiled
+//! into the binary and served from `/static/` (no build step, nothing from
+//! a CDN); pages carry no inline script or style, so the Content Security
+//! Policy ([`super::CSP`]) allows none.
 
-use maud::{html, Markup, PreEscaped, DOCTYPE};
+use maud::{html, Markup, DOCTYPE};
 
 use super::auth::SignedIn;
 
@@ -62,6 +64,8 @@ input[type=text],input[type=password],input[type=search],select{font:inherit;pad
 .pager{display:flex;gap:8px;align-items:center;margin-top:12px}
 table.settings th{width:230px;text-transform:none;font-size:12.5px;letter-spacing:0}table.settings td,table.settings th{padding:5px 10px}
 .muted{color:var(--muted)}.right{text-align:right}.row{display:flex;gap:10px;align-items:center;flex-wrap:wrap}
+.mt0{margin-top:0}.m0{margin:0}.grow{flex:1}.wauto{width:auto}.my12{margin:12px 0}
+.mb8{margin-bottom:8px}.mb10{margin-bottom:10px}.mb12{margin-bottom:12px}.mb14{margin-bottom:14px}
 "#;
 
 pub const JS: &str = r#"
@@ -69,6 +73,11 @@ pub const JS: &str = r#"
 // server-sent event; data-live-max points at the total for a progress bar.
 (function(){
   function get(o,p){return p.split('.').reduce(function(a,k){return a==null?a:a[k]},o)}
+  // Widths from data-pct (the CSP allows no style attribute in the markup).
+  document.querySelectorAll('[data-pct]').forEach(function(el){el.style.width=el.getAttribute('data-pct')+'%'});
+  document.querySelectorAll('[data-back]').forEach(function(a){
+    a.addEventListener('click',function(e){e.preventDefault();history.back()});
+  });
   document.querySelectorAll('[data-sse]').forEach(function(root){
     var es=new EventSource(root.getAttribute('data-sse'));
     es.onmessage=function(e){
@@ -112,7 +121,7 @@ pub fn page(title: &str, active: &str, who: &SignedIn, body: Markup) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · halosync console" }
-                style { (PreEscaped(CSS)) }
+                link rel="stylesheet" href="/static/console.css";
             }
             body {
                 header.top {
@@ -147,9 +156,9 @@ pub fn bare(title: &str, body: Markup) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · halosync console" }
-                style { (PreEscaped(CSS)) }
+                link rel="stylesheet" href="/static/console.css";
             }
-            body { main { (body) } }
+            body { main { (body) } script src="/static/console.js" {} }
         }
     }
 }

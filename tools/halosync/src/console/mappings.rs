@@ -222,6 +222,7 @@ pub async fn set(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     let Some(item_id) = form
         .get("item_id")
         .and_then(|i| i.trim().parse::<i64>().ok())
+        .filter(|i| *i > 0)
     else {
         return problem(
             StatusCode::BAD_REQUEST,

@@ -3,14 +3,21 @@
 //! the shared token is valid, the last successful write, the activity of
 //! the last 24 hours and 30 days, and the unmapped skus waiting. The page
 //! renders it once and then follows `/live/overview` (server-sent events).
+//!
+//! However many streams are open, one collector per console process reads
+//! the numbers once per [`INTERVAL`] (only while someone watches) and hands
+//! them to every stream through a `tokio::sync::watch`; the page and the
+//! collector share one broker connection ([`Live`]). Streams are capped per
+//! session ([`STREAMS_PER_SESSION`]) and overall ([`STREAMS_TOTAL`]), and a
+//! stream ends within one interval of its session (sign-out, expiry).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -21,7 +28,116 @@ use halosync_shared::store::{KeyKind, Keys};
 use maud::html;
 use serde::Serialize;
 
-use super::{activity, layout, mappings, viewer, Shared};
+use super::{activity, layout, mappings, problem, viewer, App, Shared};
+
+/// How often the live numbers are read.
+pub const INTERVAL: Duration = Duration::from_secs(2);
+/// Live streams one session may hold open (a few tabs).
+pub const STREAMS_PER_SESSION: usize = 4;
+/// Live streams of the whole console.
+pub const STREAMS_TOTAL: usize = 64;
+
+/// The overview's shared state: one broker connection, one collector
+/// feeding a watch channel, and the open streams per session.
+#[derive(Default)]
+pub struct Live {
+    conn: tokio::sync::Mutex<Option<Arc<lapin::Connection>>>,
+    tx: OnceLock<tokio::sync::watch::Sender<Option<Arc<String>>>>,
+    streams: Mutex<HashMap<String, usize>>,
+}
+
+impl Live {
+    /// The console's broker connection for counting queues, opened (again)
+    /// when there is none or it was lost. Named
+    /// `halosync-console:{pid}:overview` in `rabbitmqctl list_connections`.
+    pub async fn connection(
+        &self,
+        config: &halosync_shared::Config,
+    ) -> anyhow::Result<Arc<lapin::Connection>> {
+        let mut held = self.conn.lock().await;
+        if let Some(c) = held.as_ref() {
+            if c.status().connected() {
+                return Ok(c.clone());
+            }
+        }
+        let c = halosync_shared::amqp::connect_with(
+            &config.amqp_url,
+            &config.amqp_access,
+            &format!("halosync-console:{}:overview", std::process::id()),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect: {e}"))?;
+        let c = Arc::new(c);
+        *held = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Takes a stream slot for `session`, or `None` over a cap.
+    fn claim(app: &Shared, session: &str) -> Option<Slot> {
+        let mut s = app.live.streams.lock().ok()?;
+        let total: usize = s.values().sum();
+        let mine = s.get(session).copied().unwrap_or(0);
+        if total >= STREAMS_TOTAL || mine >= STREAMS_PER_SESSION {
+            return None;
+        }
+        s.insert(session.to_string(), mine + 1);
+        Some(Slot {
+            app: Arc::downgrade(app),
+            session: session.to_string(),
+        })
+    }
+
+    /// A receiver of the collector's numbers (JSON), starting the collector
+    /// on first use.
+    fn subscribe(app: &Shared) -> tokio::sync::watch::Receiver<Option<Arc<String>>> {
+        app.live
+            .tx
+            .get_or_init(|| {
+                let (tx, _) = tokio::sync::watch::channel(None);
+                tokio::spawn(collect_loop(Arc::downgrade(app), tx.clone()));
+                tx
+            })
+            .subscribe()
+    }
+}
+
+/// An open stream; gives its place back when the stream is dropped.
+struct Slot {
+    app: Weak<App>,
+    session: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(app) = self.app.upgrade() {
+            if let Ok(mut s) = app.live.streams.lock() {
+                if let Some(n) = s.get_mut(&self.session) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        s.remove(&self.session);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The one collector: every [`INTERVAL`], while any stream is open, reads
+/// the overview once and hands it to all streams.
+async fn collect_loop(app: Weak<App>, tx: tokio::sync::watch::Sender<Option<Arc<String>>>) {
+    let mut tick = tokio::time::interval(INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(app) = app.upgrade() else { return };
+        if tx.receiver_count() == 0 {
+            continue;
+        }
+        let o = gather(&app).await;
+        let json = serde_json::to_string(&o).unwrap_or_default();
+        tx.send_replace(Some(Arc::new(json)));
+    }
+}
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct FamilyRow {
@@ -67,7 +183,11 @@ pub async fn gather(app: &Shared) -> Overview {
         at: Utc::now().format("%H:%M:%S UTC").to_string(),
         ..Default::default()
     };
-    match crate::status::collect(&app.config).await {
+    let counts = match app.live.connection(&app.config).await {
+        Ok(conn) => crate::status::collect_on(&conn, &app.config).await,
+        Err(e) => Err(e),
+    };
+    match counts {
         Ok((families, unrouted)) => {
             for (f, s) in families {
                 let row = FamilyRow {
@@ -214,12 +334,37 @@ pub async fn live(
     State(app): State<Shared>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
-    viewer(&app, &headers, "/")?;
-    let stream = futures::stream::unfold(app, |app| async move {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let o = gather(&app).await;
-        let event = Event::default().data(serde_json::to_string(&o).unwrap_or_default());
-        Some((Ok(event), app))
+    let who = viewer(&app, &headers, "/")?;
+    let Some(slot) = Live::claim(&app, &who.session) else {
+        return Err(problem(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(&who),
+            "Too many live pages",
+            &format!(
+                "At most {STREAMS_PER_SESSION} live pages per session ({STREAMS_TOTAL} in all) follow the numbers; close another tab and reload."
+            ),
+        ));
+    };
+    let rx = Live::subscribe(&app);
+    let stream = futures::stream::unfold((app, rx, slot), |(app, mut rx, slot)| async move {
+        loop {
+            let changed = tokio::time::timeout(INTERVAL, rx.changed()).await;
+            // The session ended (sign-out, expiry): so does the stream.
+            if !app.auth.alive(&slot.session) {
+                return None;
+            }
+            match changed {
+                Ok(Ok(())) => {
+                    let data = rx.borrow_and_update().clone();
+                    if let Some(d) = data {
+                        let event = Event::default().data(d.as_str());
+                        return Some((Ok(event), (app, rx, slot)));
+                    }
+                }
+                Ok(Err(_)) => return None,
+                Err(_) => {}
+            }
+        }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -20,7 +20,7 @@ const SHOWN: usize = 200;
 fn view(name: &str, report: &anyhow::Result<Option<Report>>) -> Markup {
     html! {
         div.card data-connection=(name) {
-            h2 style="margin-top:0" { "Connection " code { (name) } }
+            h2.mt0 { "Connection " code { (name) } }
             @match report {
                 Err(e) => { div.msg.bad { "Cannot read the last report: " (format!("{e:#}")) } }
                 Ok(None) => {
@@ -41,7 +41,7 @@ fn view(name: &str, report: &anyhow::Result<Option<Report>>) -> Markup {
                             "); " (r.requests) " HaloPSA requests"
                         }
                     }
-                    table.counts style="width:auto" {
+                    table.counts.wauto {
                         thead { tr { @for k in DriftKind::ALL { th { (k.as_str()) } } } }
                         tbody { tr { @for k in DriftKind::ALL {
                             td data-kind=(k.as_str()) { (r.counts.get(k.as_str()).copied().unwrap_or(0)) }

@@ -7,8 +7,11 @@
 //! audit_file = "halosync-audit.jsonl"
 //! secure_cookies = false             # true when served over TLS (or behind a TLS proxy)
 //! session_hours = 12
-//! login_attempts = 5                 # failed sign-ins per user and address ...
-//! login_window_seconds = 300         # ... within this window, then refused for a while
+//! login_attempts = 5                 # sign-ins per address within the window (hard limit);
+//!                                    # beyond this many failures a user name waits 1, 2, 4 … 60 s
+//! login_window_seconds = 300         # the window of both
+//! login_concurrency = 2              # password checks (argon2, ~19 MiB each) at once
+//! trusted_proxies = ["10.0.0.5"]     # X-Forwarded-For is read only from these addresses
 //!
 //! [console.users.alice]
 //! role = "operator"                  # or "viewer"
@@ -21,7 +24,7 @@
 //! table through; it is parsed here because only the console reads it.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -76,6 +79,10 @@ pub struct ConsoleSettings {
     pub session_ttl: Duration,
     pub login_attempts: u32,
     pub login_window: Duration,
+    /// Password checks running at once; the rest wait briefly, then 429.
+    pub login_concurrency: usize,
+    /// Reverse proxies whose `X-Forwarded-For` names the client address.
+    pub trusted_proxies: Vec<IpAddr>,
     pub users: BTreeMap<String, User>,
 }
 
@@ -88,6 +95,9 @@ struct RawConsole {
     session_hours: Option<u64>,
     login_attempts: Option<u32>,
     login_window_seconds: Option<u64>,
+    login_concurrency: Option<usize>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
     #[serde(default)]
     users: BTreeMap<String, RawUser>,
 }
@@ -176,6 +186,16 @@ impl ConsoleSettings {
         if login_attempts == 0 {
             bail!("config: console.login_attempts must be at least 1, e.g. 5");
         }
+        let login_concurrency = raw.login_concurrency.unwrap_or(2);
+        if !(1..=64).contains(&login_concurrency) {
+            bail!("config: console.login_concurrency must be between 1 and 64, e.g. 2 (each password check holds ~19 MiB while it runs)");
+        }
+        let mut trusted_proxies = Vec::new();
+        for p in &raw.trusted_proxies {
+            trusted_proxies.push(p.trim().parse::<IpAddr>().map_err(|_| {
+                anyhow!("config: console.trusted_proxies: {p:?} is not an IP address; list each proxy's address, e.g. trusted_proxies = [\"10.0.0.5\"]")
+            })?);
+        }
         Ok(ConsoleSettings {
             listen,
             audit_file: raw
@@ -185,6 +205,8 @@ impl ConsoleSettings {
             session_ttl: Duration::from_secs(session_hours * 3600),
             login_attempts,
             login_window: Duration::from_secs(raw.login_window_seconds.unwrap_or(300).max(1)),
+            login_concurrency,
+            trusted_proxies,
             users,
         })
     }
@@ -199,8 +221,10 @@ pub fn hash_password(password: &str) -> anyhow::Result<String> {
         .map_err(|e| anyhow!("hashing the password: {e}"))
 }
 
-/// Whether `password` matches the PHC string. Slow on purpose (argon2):
-/// call it off the async threads.
+/// Whether `password` matches the PHC string, by the argon2 crate's own
+/// verifier: the reference that the console's
+/// [`super::passwords::verify_with`] is tested against.
+#[cfg(test)]
 pub fn verify_password(password: &str, hash: &str) -> bool {
     use argon2::password_hash::PasswordVerifier;
     match PasswordHash::new(hash) {
