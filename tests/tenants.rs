@@ -264,3 +264,83 @@ async fn the_first_start_on_an_empty_redis_does_not_wait_out_flush_grace() {
         halosync_tests::tail(&env.logs(), 20)
     );
 }
+
+/// 1,000 connections in one config, secrets from files (as a Kubernetes
+/// Secret mounts them): the worker starts and, idle, sends no request and
+/// fetches no token; an event on the last connection is applied (its token
+/// fetched then, once); `/metrics` keeps `connection` labels bounded
+/// (`worker.metrics_connections = 5`: at most 5 names plus `other`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_connections_cost_nothing_until_used_and_keep_metrics_bounded() {
+    let many = SimHandle::start(SimConfig::default())
+        .await
+        .expect("halo-sim must start");
+    let secrets = std::env::temp_dir().join(format!(
+        "halosync-tenants-secrets-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&secrets).expect("secrets dir");
+    let defaults = SimConfig::default();
+    let tenant = defaults
+        .tenant
+        .as_ref()
+        .map(|t| format!("tenant = \"{t}\"\n"))
+        .unwrap_or_default();
+    let port = halosync_tests::free_port();
+    let mut extra = format!("[worker]\nhealth_port = {port}\nmetrics_connections = 5\n");
+    for i in 0..1000 {
+        let file = secrets.join(format!("msp{i}"));
+        std::fs::write(&file, &defaults.client_secret).expect("secret file");
+        extra.push_str(&format!(
+            "[connections.msp{i}]\nresource_server = \"{api}\"\nauth_server = \"{auth}/\"\n{tenant}client_id = \"{id}\"\nclient_secret_file = \"{file}\"\n{GENEROUS_BUDGET}\n",
+            api = many.api_url(),
+            auth = many.auth_url(),
+            id = defaults.client_id,
+            file = file.display(),
+        ));
+    }
+    let opts = EnvOptions {
+        extra,
+        ..Default::default()
+    };
+    let mut env = TestEnv::with("tenants-many", opts).await;
+    let w = env.spawn_worker("halosync-account");
+    let log = env.worker(w).log.clone();
+    env.wait_for("the worker consuming", T, || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("\"consuming\""))
+    })
+    .await;
+    assert_eq!(many.token_requests(), 0, "no token fetched at start");
+    assert_eq!(many.counts().values().sum::<u64>(), 0, "no request at start");
+    for i in [999, 3, 500, 7, 1, 2, 4] {
+        env.publish(&on(
+            &format!("msp{i}"),
+            account_event(&format!("m{i}"), &format!("acc_{i}"), "Many", true, 1),
+        ))
+        .await;
+    }
+    env.wait_for("the accounts", T, || {
+        [999, 3, 500, 7, 1, 2, 4]
+            .iter()
+            .all(|i| linked(&many, &format!("acc_{i}")) == 1)
+    })
+    .await;
+    assert_eq!(many.token_requests(), 7, "one token per connection used");
+    let (status, metrics) = halosync_tests::http_get(port, "/metrics")
+        .await
+        .expect("/metrics answers");
+    assert_eq!(status, 200);
+    let mut labels: Vec<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split("connection=\"").nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    labels.sort();
+    labels.dedup();
+    assert!(
+        labels.len() <= 6 && labels.contains(&"other"),
+        "bounded connection labels: {labels:?}"
+    );
+    let _ = std::fs::remove_dir_all(&secrets);
+}
