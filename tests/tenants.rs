@@ -13,8 +13,8 @@ use std::time::Duration;
 use halo_sim::{Faults, SimConfig, SimHandle};
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, connection_toml, linked_customers, subscription_event, usage_event,
-    EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
+    account_event, connection_toml, linked_customers, subscription_event, usage_event, EnvOptions,
+    TestEnv, CONNECTION, GENEROUS_BUDGET,
 };
 use serde_json::Value;
 
@@ -72,11 +72,22 @@ fn applied(sim: &SimHandle, prefix: &str, n: usize) -> usize {
 /// Publishes `noisy` accounts on acme, then `quiet` accounts on the quiet
 /// connection; returns when every quiet one is applied, asserting that the
 /// noisy backlog is still there then.
-async fn quiet_goes_past_the_noisy_backlog(env: &TestEnv, quiet: &SimHandle, noisy: usize, n: usize) {
+async fn quiet_goes_past_the_noisy_backlog(
+    env: &TestEnv,
+    quiet: &SimHandle,
+    noisy: usize,
+    n: usize,
+) {
     for i in 0..noisy {
         let acc = format!("noisy_{i}");
-        env.publish(&account_event(&format!("n{i}"), &acc, &format!("Noisy {i}"), true, 1))
-            .await;
+        env.publish(&account_event(
+            &format!("n{i}"),
+            &acc,
+            &format!("Noisy {i}"),
+            true,
+            1,
+        ))
+        .await;
     }
     // The noisy batch is in flight (and, with the lane stalled, its
     // backlog parked) before the quiet events arrive behind it.
@@ -92,8 +103,10 @@ async fn quiet_goes_past_the_noisy_backlog(env: &TestEnv, quiet: &SimHandle, noi
         ))
         .await;
     }
-    env.wait_for("every quiet account applied", T, || applied(quiet, "quiet_", n) == n)
-        .await;
+    env.wait_for("every quiet account applied", T, || {
+        applied(quiet, "quiet_", n) == n
+    })
+    .await;
     // The quiet events were queued behind the noisy backlog, beyond the
     // prefetch window: they were reached while the noisy MSP had not
     // finished more than one batch (before #21: only after several).
@@ -106,16 +119,26 @@ async fn quiet_goes_past_the_noisy_backlog(env: &TestEnv, quiet: &SimHandle, noi
 }
 
 async fn everything_applied_once(env: &TestEnv, quiet: &SimHandle, noisy: usize, n: usize) {
-    env.wait_for("every noisy account applied", Duration::from_secs(240), || {
-        applied(&env.sim, "noisy_", noisy) == noisy
-    })
+    env.wait_for(
+        "every noisy account applied",
+        Duration::from_secs(240),
+        || applied(&env.sim, "noisy_", noisy) == noisy,
+    )
     .await;
     env.wait_drained(Family::Account, T).await;
     for i in 0..noisy {
-        assert_eq!(linked(&env.sim, &format!("noisy_{i}")), 1, "noisy_{i} exactly once");
+        assert_eq!(
+            linked(&env.sim, &format!("noisy_{i}")),
+            1,
+            "noisy_{i} exactly once"
+        );
     }
     for i in 0..n {
-        assert_eq!(linked(quiet, &format!("quiet_{i}")), 1, "quiet_{i} exactly once");
+        assert_eq!(
+            linked(quiet, &format!("quiet_{i}")),
+            1,
+            "quiet_{i} exactly once"
+        );
     }
     env.assert_no_dead(Family::Account).await;
 }
@@ -311,7 +334,11 @@ async fn a_thousand_connections_cost_nothing_until_used_and_keep_metrics_bounded
     })
     .await;
     assert_eq!(many.token_requests(), 0, "no token fetched at start");
-    assert_eq!(many.counts().values().sum::<u64>(), 0, "no request at start");
+    assert_eq!(
+        many.counts().values().sum::<u64>(),
+        0,
+        "no request at start"
+    );
     for i in [999, 3, 500, 7, 1, 2, 4] {
         env.publish(&on(
             &format!("msp{i}"),

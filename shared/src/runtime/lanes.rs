@@ -167,7 +167,10 @@ mod tests {
 
     #[test]
     fn the_lane_is_the_envelope_connection() {
-        assert_eq!(lane_of(br#"{"id":"e1","connection":"acme","data":{}}"#), "acme");
+        assert_eq!(
+            lane_of(br#"{"id":"e1","connection":"acme","data":{}}"#),
+            "acme"
+        );
         assert_eq!(lane_of(br#"{"id":"e1"}"#), "");
         assert_eq!(lane_of(b"not json"), "");
         assert_eq!(lane_of(br#"{"connection":7}"#), "");

@@ -263,10 +263,7 @@ mod tests {
         for before in 0..5 {
             assert!(matches!(
                 plan(Decision::Retry(f.clone()), before, &settings()),
-                Plan::Retry {
-                    delay_ms: 1000,
-                    ..
-                }
+                Plan::Retry { delay_ms: 1000, .. }
             ));
         }
         assert_eq!(

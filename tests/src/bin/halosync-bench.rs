@@ -28,8 +28,8 @@ use halo_sim::{Faults, SimConfig};
 use halosync_shared::amqp::publisher::event_properties;
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, connection_toml, customers_of, linked_customers, subscription_event,
-    EnvOptions, TestEnv, AMQP_URL, CONNECTION, GENEROUS_BUDGET,
+    account_event, connection_toml, customers_of, linked_customers, subscription_event, EnvOptions,
+    TestEnv, AMQP_URL, CONNECTION, GENEROUS_BUDGET,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -1385,9 +1385,11 @@ async fn many_connections(n: usize) -> Row {
         .collect();
     let started = Instant::now();
     publish_events(&env, bodies).await;
-    env.wait_for("one customer per connection", Duration::from_secs(600), || {
-        many.clients().len() >= n
-    })
+    env.wait_for(
+        "one customer per connection",
+        Duration::from_secs(600),
+        || many.clients().len() >= n,
+    )
     .await;
     let seconds = started.elapsed().as_secs_f64();
     let rss = peak_rss_kib(env.worker(w).child.id());
