@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build build-all run test lint fmt unit services packages bench release clean raw account-create account-update scale usage onboard trickle subscription
+.PHONY: all build build-all run test lint fmt unit services packages bench release clean raw account-create account-update scale usage onboard trickle subscription tenants
 
 all: build
 
@@ -46,13 +46,13 @@ fmt:
 ## `make bench` runs the default scenarios; name some to run only those,
 ## e.g. `make bench onboard` (one MSP onboarded at a HaloPSA budget;
 ## BENCH_ARGS="--customers 500 --budget 20/2" sizes it).
-BENCH_SCENARIOS := $(filter raw account-create account-update scale usage onboard trickle subscription,$(MAKECMDGOALS))
+BENCH_SCENARIOS := $(filter raw account-create account-update scale usage onboard trickle subscription tenants,$(MAKECMDGOALS))
 bench: services
 	$(RELEASE_BUILD)
 	./target/release/halosync-bench $(BENCH_ARGS) $(BENCH_SCENARIOS)
 
 # Scenario names given after `bench` are arguments, not targets.
-raw account-create account-update scale usage onboard trickle subscription:
+raw account-create account-update scale usage onboard trickle subscription tenants:
 	@:
 
 ## The release build: the same command the Dockerfile runs.

@@ -73,6 +73,7 @@ pub async fn worker_main(service: &'static str, handler: Arc<dyn Handler>) -> Ex
         services.clone(),
         shutdown.clone(),
     ));
+    crate::health::limit_connection_labels(services.config().worker.metrics_connections);
     crate::health::register_zeroes(handler.family().as_str(), services.connection_names());
     let config = services.config();
     tracing::info!(family = %handler.family(), worker = %services.worker_id,

@@ -156,6 +156,16 @@ pub struct WorkerSettings {
     /// be in flight; a fresh deployment also waits it once. Losing Redis
     /// costs this much speed, never correctness.
     pub flush_grace: Duration,
+    /// A connection whose work in flight has not moved for this long is
+    /// stalled (slow answers, a spent budget, an outage): it keeps only its
+    /// fair share of the prefetch window, and its other deliveries are
+    /// parked in the delay queues without using an attempt
+    /// (`runtime::lanes`).
+    pub lane_stall: Duration,
+    /// How many connections get their own `connection` label on
+    /// `/metrics`; the others are counted under `connection="other"`.
+    /// `0`: no per-connection series at all (every one is `"all"`).
+    pub metrics_connections: usize,
 }
 
 impl Default for WorkerSettings {
@@ -174,7 +184,9 @@ impl Default for WorkerSettings {
             batch_max: 200,
             batch_wait: Duration::from_millis(200),
             activity: true,
-            flush_grace: Duration::from_secs(30),
+            flush_grace: Duration::from_secs(10),
+            lane_stall: Duration::from_secs(1),
+            metrics_connections: 100,
         }
     }
 }
@@ -259,6 +271,9 @@ struct RawWorker {
     activity: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     flush_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    lane_stall: Option<Duration>,
+    metrics_connections: Option<usize>,
 }
 
 /// `[retry]` as written.
@@ -403,9 +418,15 @@ fn worker_settings(
         )?,
         activity: raw.activity.unwrap_or(d.activity),
         flush_grace: Duration::ZERO,
+        lane_stall: raw.lane_stall.unwrap_or(d.lane_stall),
+        metrics_connections: raw.metrics_connections.unwrap_or(d.metrics_connections),
     };
-    // Unless given, as long as a write can be in flight.
-    settings.flush_grace = raw.flush_grace.unwrap_or(settings.http_timeout);
+    // Unless given, as long as a lost lock's write can be in flight: a
+    // write under a lock is cut off after the shorter of the HTTP timeout
+    // and the lock TTL (`halo::client`).
+    settings.flush_grace = raw
+        .flush_grace
+        .unwrap_or(settings.http_timeout.min(settings.lock_ttl));
     validate_worker(&settings)?;
     Ok(settings)
 }
@@ -683,6 +704,12 @@ fn validate_worker(w: &WorkerSettings) -> Result<(), ConfigError> {
         return Err(ConfigError::key(
             "worker.max_message_bytes",
             "must be at least 1024 (default 262144)",
+        ));
+    }
+    if w.lane_stall < Duration::from_millis(50) {
+        return Err(ConfigError::key(
+            "worker.lane_stall",
+            "must be at least \"50ms\" (default \"1s\")",
         ));
     }
     if w.lock_ttl < Duration::from_secs(1) {

@@ -134,10 +134,58 @@ pub fn register_zeroes(family: &str, connections: impl IntoIterator<Item = Strin
         metrics::counter!("halosync_dead_letters_total", "family" => family.clone(), "class" => class)
             .absolute(0);
     }
-    for connection in connections {
+    let mut labels: Vec<String> = connections
+        .into_iter()
+        .map(|c| connection_label(&c))
+        .collect();
+    labels.sort();
+    labels.dedup();
+    for connection in labels {
         metrics::counter!("halosync_halo_rate_limited_total", "connection" => connection)
             .absolute(0);
     }
+}
+
+/// The connections that have their own `connection` label, and how many
+/// may (`worker.metrics_connections`; unset: 100).
+struct ConnectionLabels {
+    limit: usize,
+    named: std::collections::HashSet<String>,
+}
+
+static CONNECTION_LABELS: std::sync::Mutex<Option<ConnectionLabels>> = std::sync::Mutex::new(None);
+
+/// Bounds the `connection` label (`worker.metrics_connections`): the first
+/// `limit` connections seen keep their name, the others are `"other"`;
+/// `0` labels every series `"all"`. A platform with 1,000 MSPs keeps its
+/// `/metrics` a bounded size.
+pub fn limit_connection_labels(limit: usize) {
+    if let Ok(mut g) = CONNECTION_LABELS.lock() {
+        let named = g.take().map(|l| l.named).unwrap_or_default();
+        *g = Some(ConnectionLabels { limit, named });
+    }
+}
+
+/// The `connection` label value of a connection's series.
+pub fn connection_label(connection: &str) -> String {
+    let Ok(mut g) = CONNECTION_LABELS.lock() else {
+        return "other".into();
+    };
+    let labels = g.get_or_insert_with(|| ConnectionLabels {
+        limit: 100,
+        named: Default::default(),
+    });
+    if labels.limit == 0 {
+        return "all".into();
+    }
+    if labels.named.contains(connection) {
+        return connection.to_string();
+    }
+    if labels.named.len() < labels.limit {
+        labels.named.insert(connection.to_string());
+        return connection.to_string();
+    }
+    "other".into()
 }
 
 /// `/Client/12` → `/Client/{id}` (bounded label values).

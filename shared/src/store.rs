@@ -193,14 +193,40 @@ pub struct Knowledge {
     pub imported: bool,
 }
 
-/// Writes the epoch (Redis's time in ms) if absent; returns its age in ms.
+/// Writes the epoch (Redis's time in ms) if absent; returns its age in ms
+/// and 1 if this call wrote it (else 0).
 const EPOCH: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('SET', KEYS[1], now, 'NX')
+local fresh = redis.call('SET', KEYS[1], now, 'NX') and 1 or 0
 local since = tonumber(redis.call('GET', KEYS[1])) or now
-return now - since
+return {now - since, fresh}
 ";
+
+/// Back-dates the epoch by ARGV[1] ms if it is still the one this process
+/// wrote (ARGV[2] ms ago or less): a first start needs no grace.
+const BACKDATE_EPOCH: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local since = tonumber(redis.call('GET', KEYS[1]))
+if since and now - since <= tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[1], since - tonumber(ARGV[1]))
+  return 1
+end
+return 0
+";
+
+/// What [`Store::memory_age`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryAge {
+    /// How long ago this Redis started remembering.
+    pub age: Duration,
+    /// This call wrote the epoch: Redis was empty of it (first start, or lost).
+    pub fresh: bool,
+    /// This process had seen an epoch of this Redis before the call (so a
+    /// fresh one means Redis was lost under it).
+    pub seen_before: bool,
+}
 
 const RENEW_LOCK: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -222,6 +248,8 @@ pub struct Store {
     redis: ConnectionManager,
     keys: Keys,
     ledger_ttl: Duration,
+    /// This process has read the epoch before ([`MemoryAge::seen_before`]).
+    seen_epoch: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Store {
@@ -236,6 +264,7 @@ impl Store {
             redis,
             keys,
             ledger_ttl,
+            seen_epoch: Default::default(),
         }
     }
 
@@ -630,13 +659,39 @@ impl Store {
     /// epoch means locks held before it were lost, and their holders' writes
     /// may still be on the wire (see `WorkerSettings::flush_grace`).
     #[tracing::instrument(name = "redis.memory_age", skip_all, level = "info")]
-    pub async fn memory_age(&self) -> Result<Duration, StateError> {
+    pub async fn memory_age(&self) -> Result<MemoryAge, StateError> {
         let mut r = self.redis.clone();
-        let ms: i64 = redis::Script::new(EPOCH)
+        let (ms, fresh): (i64, i64) = redis::Script::new(EPOCH)
             .key(self.keys.key("", KeyKind::Epoch, &[]))
             .invoke_async(&mut r)
             .await?;
-        Ok(Duration::from_millis(ms.max(0) as u64))
+        let seen_before = self
+            .seen_epoch
+            .swap(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(MemoryAge {
+            age: Duration::from_millis(ms.max(0) as u64),
+            fresh: fresh == 1,
+            seen_before,
+        })
+    }
+
+    /// Marks the epoch this process just wrote as old (by `by`), so that no
+    /// worker waits `flush_grace` for it: for the first start of a
+    /// deployment, when no lock can have been lost. Does nothing if the
+    /// epoch is not the one written within `written_within`.
+    pub async fn backdate_epoch(
+        &self,
+        by: Duration,
+        written_within: Duration,
+    ) -> Result<bool, StateError> {
+        let mut r = self.redis.clone();
+        let done: i64 = redis::Script::new(BACKDATE_EPOCH)
+            .key(self.keys.key("", KeyKind::Epoch, &[]))
+            .arg(by.as_millis() as u64)
+            .arg(written_within.as_millis() as u64)
+            .invoke_async(&mut r)
+            .await?;
+        Ok(done == 1)
     }
 
     /// Takes the lock of one aggregate, waiting up to `wait` for it. The

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use halo_sim::{Faults, SimConfig};
+use halo_sim::{Faults, SimConfig, SimHandle};
 use halosync_shared::contract::Family;
 use halosync_tests::{
     account_event, customers_of, overage_event, shuffle, subscription_event, usage_event,
@@ -73,6 +73,22 @@ fn lines_by_marker(headers: Vec<Value>) -> BTreeMap<String, Vec<Value>> {
         }
     }
     out
+}
+
+/// The customers of `sim` linked to `account_id`.
+fn sim_customers_of(sim: &SimHandle, account_id: &str) -> Vec<Value> {
+    let ids: Vec<i64> = sim
+        .external_links()
+        .iter()
+        .filter(|l| {
+            l["third_party_id"] == account_id && l["third_party_type"] == "halosync.account"
+        })
+        .filter_map(|l| l["halo_id"].as_i64())
+        .collect();
+    sim.clients()
+        .into_iter()
+        .filter(|c| c["id"].as_i64().is_some_and(|id| ids.contains(&id)))
+        .collect()
 }
 
 /// What the world of [`every_family_converges_once_under_every_fault`]
@@ -150,17 +166,22 @@ impl Expect {
     }
 
     fn check(&self, env: &TestEnv) -> Result<(), String> {
-        let clients = env.clients();
+        self.check_sim(&env.sim)
+    }
+
+    /// [`Expect::check`] of one HaloPSA (one connection's halo-sim).
+    fn check_sim(&self, sim: &SimHandle) -> Result<(), String> {
+        let clients = sim.clients();
         if clients.len() != self.accounts {
             return Err(format!("{} customers: {clients:#?}", clients.len()));
         }
         for a in 0..self.accounts {
-            let c = customers_of(env, &format!("acc_{a}"));
+            let c = sim_customers_of(sim, &format!("acc_{a}"));
             if c.len() != 1 || c[0]["name"] != self.name(a, self.last).as_str() {
                 return Err(format!("acc_{a}: {c:#?}"));
             }
         }
-        let licences = env.sim.licences();
+        let licences = sim.licences();
         if licences.len() != self.subs {
             return Err(format!(
                 "{} licences for {} subscriptions",
@@ -168,12 +189,12 @@ impl Expect {
                 self.subs
             ));
         }
-        let recurring = env.sim.recurring_invoices();
+        let recurring = sim.recurring_invoices();
         if recurring.len() != self.accounts {
             return Err(format!("{} recurring invoices", recurring.len()));
         }
         let rec_lines = lines_by_marker(recurring);
-        let charges = lines_by_marker(env.sim.invoices());
+        let charges = lines_by_marker(sim.invoices());
         for s in 0..self.subs {
             let sub = format!("sub_{s}");
             let marker = format!("halosync.subscription:{sub}");
@@ -319,6 +340,97 @@ async fn every_family_converges_once_under_every_fault() {
         "every scheduled lost answer fired ({} writes in all)",
         env.sim.writes_applied()
     );
+}
+
+/// The chaos of [`every_family_converges_once_under_every_fault`] with
+/// two MSPs on the same workers (issue #21): `acme` loses a quarter of its
+/// answers, `slow` answers every request after 1 s; Redis is flushed and a
+/// process of three families SIGKILLed mid-stream. Each MSP's HaloPSA ends
+/// with exactly one record per aggregate at its newest version, nothing
+/// dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_family_converges_once_with_two_msps_one_slow() {
+    let want = Expect {
+        accounts: 3,
+        subs: 6,
+        last: 2,
+    };
+    let slow = SimHandle::start(SimConfig {
+        faults: Faults {
+            latency_ms: 1_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .expect("the slow MSP's halo-sim must start");
+    slow.insert_item(ITEM, "Microsoft 365 Business Premium");
+    slow.insert_item(STORAGE_ITEM, "Storage");
+    slow.insert_item(OVERAGE_ITEM, "Overage");
+    let mut opts = options(Faults {
+        lost_response_rate: 0.25,
+        ..Default::default()
+    });
+    opts.extra = format!(
+        "{}[connections.slow.items]\n\"MS-365-BP\" = {ITEM}\n\"MS-365-BP:storage_gb\" = {STORAGE_ITEM}\n\"overage:storage_gb\" = {OVERAGE_ITEM}\n{}",
+        halosync_tests::connection_toml("slow", &slow),
+        opts.extra
+    );
+    let mut env = TestEnv::with("faults-two-msps", opts).await;
+    env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
+    env.sim.insert_item(STORAGE_ITEM, "Storage");
+    env.sim.insert_item(OVERAGE_ITEM, "Overage");
+    let mut workers = BTreeMap::new();
+    for bin in [ACCOUNT, SUBSCRIPTION, USAGE, OVERAGE] {
+        workers.insert(bin, env.spawn_worker(bin));
+    }
+    let mut events = want.events();
+    let on_slow: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            e["connection"] = "slow".into();
+            e
+        })
+        .collect();
+    events.extend(on_slow);
+    shuffle(&mut events, 0x0005_10e5);
+    let half = events.len() / 2;
+    for e in &events[..half] {
+        env.publish(e).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    env.flush_redis().await;
+    for bin in [SUBSCRIPTION, USAGE, OVERAGE] {
+        env.kill_worker(workers[bin]);
+        env.spawn_worker(bin);
+    }
+    for e in &events[half..] {
+        env.publish(e).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let mut confirmed = 0;
+    while confirmed < 2 {
+        for family in FAMILIES {
+            env.wait_drained(family, Duration::from_secs(240)).await;
+        }
+        let checked = want
+            .check_sim(&env.sim)
+            .map_err(|e| format!("acme: {e}"))
+            .and_then(|()| want.check_sim(&slow).map_err(|e| format!("slow: {e}")));
+        match checked {
+            Ok(()) => confirmed += 1,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("{e}\n{}", halosync_tests::tail(&env.logs(), 60))
+            }
+            Err(_) => confirmed = 0,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for family in FAMILIES {
+        let dead = env.take_dead(family).await;
+        assert!(dead.is_empty(), "{family:?}: {dead:#?}");
+    }
 }
 
 /// The usage lines of the one recurring invoice, by marker.

@@ -24,6 +24,7 @@ mod reconcile;
 mod reload;
 mod repair;
 mod subscription;
+mod tenants;
 mod tls;
 mod tracing;
 mod usage;

@@ -49,6 +49,8 @@ pub struct EnvOptions {
     pub dependency_recheck: Duration,
     /// The broker, when not the shared one (a [`PrivateRabbit`]'s URL).
     pub amqp_url: Option<String>,
+    /// `retry.delays` in ms (default [`TEST_DELAYS_MS`]).
+    pub retry_delays_ms: Vec<u64>,
 }
 
 impl Default for EnvOptions {
@@ -62,6 +64,7 @@ impl Default for EnvOptions {
             dependency_max_attempts: 6,
             dependency_recheck: Duration::from_secs(1),
             amqp_url: None,
+            retry_delays_ms: TEST_DELAYS_MS.to_vec(),
         }
     }
 }
@@ -127,7 +130,8 @@ impl TestEnv {
         let dir = std::env::temp_dir().join(format!("halosync-{}", prefix.trim_end_matches('.')));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let config_path = dir.join("halosync.toml");
-        let delays = TEST_DELAYS_MS
+        let delays = opts
+            .retry_delays_ms
             .iter()
             .map(|ms| format!("\"{ms}ms\""))
             .collect::<Vec<_>>()
@@ -168,7 +172,7 @@ client_secret_env = "{SECRET_ENV}"
             extra = with_flush_grace(&opts.extra),
         );
         std::fs::write(&config_path, config).expect("write config");
-        let topology = Topology::new(&prefix, &TEST_DELAYS_MS);
+        let topology = Topology::new(&prefix, &opts.retry_delays_ms);
         // Under load RabbitMQ 3.10 sometimes refuses to declare a quorum
         // queue at once ("cluster_not_formed", a hard error that closes the
         // connection); the workers retry through their reconnect loop, and
@@ -418,7 +422,7 @@ client_secret_env = "{SECRET_ENV}"
         let mut quiet_since: Option<Instant> = None;
         loop {
             let mut total = self.depth(&self.topology.work_queue(family)).await;
-            for d in TEST_DELAYS_MS {
+            for d in self.topology.delays_ms().to_vec() {
                 total += self.depth(&self.topology.retry_queue(family, d)).await;
             }
             let unacked = self.unacked(&self.topology.work_queue(family));
@@ -1067,4 +1071,39 @@ fn with_flush_grace(extra: &str) -> String {
         }
         None => format!("{extra}\n[worker]\n{LINE}"),
     }
+}
+
+/// The TOML table of one more connection, `name`, on its own halo-sim
+/// `sim` (default credentials, the secret from [`SECRET_ENV`]) and a
+/// generous budget; append it to [`EnvOptions::extra`] for a test or bench
+/// with several MSPs.
+pub fn connection_toml(name: &str, sim: &SimHandle) -> String {
+    let defaults = SimConfig::default();
+    let tenant = defaults
+        .tenant
+        .as_ref()
+        .map(|t| format!("tenant = \"{t}\"\n"))
+        .unwrap_or_default();
+    format!(
+        "[connections.{name}]\nresource_server = \"{api}\"\nauth_server = \"{auth}/\"\n{tenant}client_id = \"{id}\"\nclient_secret_env = \"{SECRET_ENV}\"\n{GENEROUS_BUDGET}\n",
+        api = sim.api_url(),
+        auth = sim.auth_url(),
+        id = defaults.client_id,
+    )
+}
+
+/// Customers of `sim` linked to `account_id` (through ExternalLinks).
+pub fn linked_customers(sim: &SimHandle, account_id: &str) -> usize {
+    let ids: Vec<i64> = sim
+        .external_links()
+        .iter()
+        .filter(|l| {
+            l["third_party_id"] == account_id && l["third_party_type"] == "halosync.account"
+        })
+        .filter_map(|l| l["halo_id"].as_i64())
+        .collect();
+    sim.clients()
+        .iter()
+        .filter(|c| c["id"].as_i64().is_some_and(|id| ids.contains(&id)))
+        .count()
 }

@@ -46,6 +46,10 @@ pub struct HaloClient {
     /// Where an outage of this connection is reported (`/readyz`, one log
     /// line a minute); none in the operator's tool.
     health: Option<Arc<Health>>,
+    /// The longest a fenced write (one under aggregate locks) may be on
+    /// the wire: the shorter of the HTTP timeout and the lock TTL, so that
+    /// after a lost Redis `worker.flush_grace` need not wait longer.
+    fenced_write_timeout: Option<Duration>,
 }
 
 impl HaloClient {
@@ -63,7 +67,14 @@ impl HaloClient {
             limiter,
             rate_limited_pause,
             health: None,
+            fenced_write_timeout: None,
         }
+    }
+
+    /// Cuts a fenced write off after `timeout` (see `fenced_write_timeout`).
+    pub fn with_fenced_write_timeout(mut self, timeout: Duration) -> HaloClient {
+        self.fenced_write_timeout = Some(timeout);
+        self
     }
 
     /// Reports this connection's outages to `health`.
@@ -226,7 +237,7 @@ impl HaloClient {
                     Priority::Writes
                 };
                 let waited = self.limiter.acquire(priority).await?;
-                metrics::histogram!("halosync_rate_wait_seconds", "connection" => self.conn.name.clone())
+                metrics::histogram!("halosync_rate_wait_seconds", "connection" => crate::health::connection_label(&self.conn.name))
                     .record(waited.as_secs_f64());
                 if waited > Duration::from_millis(50) {
                     tracing::debug!(
@@ -243,10 +254,11 @@ impl HaloClient {
                         return Err(e);
                     }
                 };
+                let mut fenced = false;
                 if method != Method::GET {
                     if let Ok(fence) = WRITE_FENCE.try_with(LockFence::clone) {
                         match fence.still_held().await {
-                            Ok(true) => {}
+                            Ok(true) => fenced = true,
                             Ok(false) => {
                                 return Err(HaloError::Fenced(format!("{method} {path}")))
                             }
@@ -260,6 +272,9 @@ impl HaloClient {
                     .request(method.clone(), &url)
                     .bearer_auth(&*token)
                     .query(query);
+                if let (true, Some(t)) = (fenced, self.fenced_write_timeout) {
+                    req = req.timeout(t);
+                }
                 if let Some(b) = &body {
                     req = req.json(b);
                 }
@@ -268,7 +283,7 @@ impl HaloClient {
                 let response = match req.send().await {
                     Ok(r) => r,
                     Err(e) => {
-                        metrics::counter!("halosync_halo_requests_total", "connection" => self.conn.name.clone(),
+                        metrics::counter!("halosync_halo_requests_total", "connection" => crate::health::connection_label(&self.conn.name),
                             "method" => method.to_string(), "endpoint" => endpoint, "status" => "error").increment(1);
                         let e = HaloError::Network(format!("{method} {path}: {}", e.without_url()));
                         self.note_reachability(Some(&e.to_string()));
@@ -277,10 +292,10 @@ impl HaloClient {
                 };
                 let status = response.status().as_u16();
                 self.note_reachability((status >= 500).then(|| format!("{method} {path} answered {status}")).as_deref());
-                metrics::counter!("halosync_halo_requests_total", "connection" => self.conn.name.clone(),
+                metrics::counter!("halosync_halo_requests_total", "connection" => crate::health::connection_label(&self.conn.name),
                     "method" => method.to_string(), "endpoint" => endpoint.clone(), "status" => status.to_string()).increment(1);
                 if status == 429 {
-                    metrics::counter!("halosync_halo_rate_limited_total", "connection" => self.conn.name.clone()).increment(1);
+                    metrics::counter!("halosync_halo_rate_limited_total", "connection" => crate::health::connection_label(&self.conn.name)).increment(1);
                 }
                 tracing::Span::current().record("status", status);
                 let retry_after = response
@@ -293,7 +308,7 @@ impl HaloClient {
                 })?;
                 // HaloPSA's latency: request sent to body read (not the
                 // wait for the rate budget, which has its own histogram).
-                metrics::histogram!("halosync_halo_request_seconds", "connection" => self.conn.name.clone(),
+                metrics::histogram!("halosync_halo_request_seconds", "connection" => crate::health::connection_label(&self.conn.name),
                     "method" => method.to_string(), "endpoint" => endpoint)
                 .record(sent.elapsed().as_secs_f64());
                 // An expired token shows up as 401, or as 400 "Token not

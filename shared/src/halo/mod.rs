@@ -41,6 +41,7 @@ pub fn client_for(
         worker.rate_wait_max,
     );
     HaloClient::new(conn, http, tokens, limiter, rate_limited_pause)
+        .with_fenced_write_timeout(worker.http_timeout.min(worker.lock_ttl))
 }
 
 /// The HTTP client every connection shares (rustls, timeouts).

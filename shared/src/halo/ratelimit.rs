@@ -194,7 +194,7 @@ impl RateLimiter {
     /// the shared figure; dashboards take the max per connection).
     fn record_use(&self, used: u64) {
         let ratio = used as f64 / f64::from(self.limit.max(1));
-        metrics::gauge!("halosync_budget_used_ratio", "connection" => self.connection.clone())
+        metrics::gauge!("halosync_budget_used_ratio", "connection" => crate::health::connection_label(&self.connection))
             .set(ratio);
     }
 

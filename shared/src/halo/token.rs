@@ -253,13 +253,13 @@ impl TokenProvider {
             .map_err(|e| {
                 // No HTTP status: counted as "error" so that alerts on
                 // failing token requests see network failures too.
-                metrics::counter!("halosync_token_requests_total", "connection" => self.conn.name.clone(),
+                metrics::counter!("halosync_token_requests_total", "connection" => crate::health::connection_label(&self.conn.name),
                     "status" => "error")
                 .increment(1);
                 HaloError::Network(format!("token endpoint: {}", e.without_url()))
             })?;
         let status = response.status().as_u16();
-        metrics::counter!("halosync_token_requests_total", "connection" => self.conn.name.clone(),
+        metrics::counter!("halosync_token_requests_total", "connection" => crate::health::connection_label(&self.conn.name),
             "status" => status.to_string())
         .increment(1);
         let body = response

@@ -228,8 +228,29 @@ async fn run_connection(
     // must have (`worker.flush_grace`) before reading or writing HaloPSA.
     if !work.is_empty() {
         match services.store.memory_age().await {
-            Ok(age) if age < w.flush_grace => {
-                let wait = w.flush_grace - age;
+            // The very first start of a deployment: Redis has no epoch,
+            // this process never saw one (it was not running when Redis
+            // was lost) and no other process consumes any of the
+            // deployment's queues: nobody can hold a lock of a lost Redis,
+            // so nothing can be on the wire. The epoch is back-dated so
+            // that no worker waits for it.
+            Ok(m)
+                if m.fresh
+                    && !m.seen_before
+                    && m.age < w.flush_grace
+                    && !services.others_consuming().await =>
+            {
+                tracing::info!("first start on this Redis and no other worker: no write of a lost lock can be on the wire, no wait");
+                if let Err(e) = services
+                    .store
+                    .backdate_epoch(w.flush_grace, w.flush_grace)
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not mark the first start in Redis");
+                }
+            }
+            Ok(m) if m.age < w.flush_grace => {
+                let wait = w.flush_grace - m.age;
                 tracing::info!(
                     wait_ms = wait.as_millis() as u64,
                     "Redis was lost or started moments ago: waiting for writes other workers may still have on the wire"

@@ -49,6 +49,7 @@ use crate::outage::{Backoff, Health, Report};
 use crate::store::{self, Keys, Store};
 
 mod batch;
+mod lanes;
 pub mod settle;
 
 pub use settle::{retry_delay, Acked};
@@ -157,6 +158,9 @@ pub struct Services {
     http: reqwest::Client,
     redis: ConnectionManager,
     keys: Keys,
+    /// A channel of the current broker session, to count the consumers of
+    /// the deployment's work queues (see [`Services::others_consuming`]).
+    probe: arc_swap::ArcSwapOption<lapin::Channel>,
 }
 
 /// What [`Services::reload`] changed, for its log line.
@@ -236,6 +240,7 @@ impl Services {
             redis,
             keys,
             config: ArcSwap::from_pointee(config.clone()),
+            probe: arc_swap::ArcSwapOption::empty(),
         };
         let clients = config
             .connections
@@ -258,6 +263,33 @@ impl Services {
             )
             .with_health(self.health.clone()),
         )
+    }
+
+    /// Whether any other process consumes one of this deployment's work
+    /// queues right now (this one counts itself once). Unknown (no broker
+    /// session, a failed look-up) reads as yes: the safe answer.
+    pub async fn others_consuming(&self) -> bool {
+        let Some(channel) = self.probe.load_full() else {
+            return true;
+        };
+        let mut consumers = 0u32;
+        for family in Family::ALL {
+            let declared = channel
+                .queue_declare(
+                    self.topology.work_queue(family).as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(q) => consumers += q.consumer_count(),
+                Err(_) => return true,
+            }
+        }
+        consumers > 1
     }
 
     /// The configuration in force now (a reload replaces it).
@@ -422,6 +454,9 @@ async fn session(
             FieldTable::default(),
         )
         .await?;
+    services
+        .probe
+        .store(Some(Arc::new(conn.create_channel().await?)));
     services.health.consuming.store(true, Ordering::SeqCst);
     if let Some(d) = services.health.recovered("rabbitmq") {
         tracing::info!(down_for_s = d.as_secs(), "broker reachable again");
@@ -431,57 +466,122 @@ async fn session(
     let batching = handler.batching();
     let batch_max = usize::from(w.batch_max.max(1));
     let batch_wait = w.batch_wait;
-    let mut batch: Vec<Delivery> = Vec::new();
-    let mut batch_deadline = tokio::time::Instant::now();
-    // One batch at a time per process: the next one fills while the last
-    // is written, and goes out only when it is done (or full). So the
-    // slower HaloPSA answers (a tight budget, a slow instance), the more a
-    // batch gathers: under pressure even a trickle coalesces, and requests
-    // go to writes, not to many small batches' look-ups.
-    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let done = Arc::new(tokio::sync::Notify::new());
-    let spawn_batch = |taken: Vec<Delivery>| {
+    let stall = w.lane_stall;
+    let tiers = config.retry.delays_ms();
+    // One lane per connection (`lanes.rs`): at most one batch in flight per
+    // lane, lanes side by side. Within a lane the next batch fills while the
+    // last is written and goes out only when it is done (or full), so the
+    // slower a connection's HaloPSA answers, the more its batches gather;
+    // a lane that makes no progress for `lane_stall` parks what it holds
+    // beyond its fair share of the window, so the others keep flowing.
+    let mut lanes = lanes::Lanes::new(usize::from(prefetch));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(String, usize)>();
+    let spawn_task = |lane_name: String, taken: Vec<Delivery>| {
         let (services, handler, publisher) = (services.clone(), handler.clone(), publisher.clone());
-        let (in_flight, done) = (in_flight.clone(), done.clone());
-        in_flight.fetch_add(1, Ordering::SeqCst);
+        let done_tx = done_tx.clone();
         tracker.spawn(async move {
+            let n = taken.len();
             batch::settle_batch(services, handler, publisher, taken).await;
-            in_flight.fetch_sub(1, Ordering::SeqCst);
-            done.notify_one();
+            let _ = done_tx.send((lane_name, n));
+        });
+    };
+    let spawn_park = |delivery: Delivery, delay_ms: u64| {
+        let (services, publisher) = (services.clone(), publisher.clone());
+        tracker.spawn(async move {
+            lanes::park(&services, family, &publisher, delivery, delay_ms).await;
         });
     };
     let lost = loop {
-        let idle = in_flight.load(Ordering::SeqCst) == 0;
-        // A batch that filled up while the last one was written goes at
-        // once, not at its deadline (the consumer branch that sends a full
-        // batch is off while the batch is full).
-        if idle && batch.len() >= batch_max {
-            spawn_batch(std::mem::take(&mut batch));
-            continue;
+        let now = tokio::time::Instant::now();
+        // Lanes whose batch is due (full, or its wait is over) go now.
+        if batching {
+            for (name, lane) in lanes.map.iter_mut() {
+                let due = lane.pending.len() >= batch_max || now >= lane.deadline;
+                if lane.tasks == 0 && !lane.pending.is_empty() && due {
+                    let n = lane.pending.len().min(batch_max);
+                    let taken: Vec<Delivery> = lane.pending.drain(..n).collect();
+                    lane.tasks += 1;
+                    lane.in_flight += n;
+                    lane.progress = now;
+                    spawn_task(name.clone(), taken);
+                }
+            }
         }
+        // A stalled lane keeps at most its fair share: the rest is parked,
+        // newest first (the oldest go next when the lane moves again).
+        let share = lanes.fair_share();
+        for lane in lanes.map.values_mut() {
+            let Some(stalled_for) = lane.stalled_for(now).filter(|d| *d >= stall) else {
+                continue;
+            };
+            let keep = share.min(batch_max);
+            while lane.pending.len() > keep {
+                if let Some(d) = lane.pending.pop() {
+                    spawn_park(d, lanes::park_delay(&tiers, stalled_for));
+                }
+            }
+        }
+        lanes.drop_idle();
+        // The next moment something is due without a delivery or a task
+        // finishing: an idle lane's batch deadline, a busy lane becoming
+        // stalled while it holds pending deliveries.
+        let wake = lanes
+            .map
+            .values()
+            .filter(|l| !l.pending.is_empty())
+            .filter_map(|l| {
+                if l.tasks == 0 {
+                    Some(l.deadline)
+                } else {
+                    Some(l.progress + stall).filter(|t| *t > now)
+                }
+            })
+            .min();
         tokio::select! {
             _ = shutdown.cancelled() => break None,
-            _ = tokio::time::sleep_until(batch_deadline), if !batch.is_empty() && idle => {
-                spawn_batch(std::mem::take(&mut batch));
-            }
-            // The batch in flight finished: look again.
-            _ = done.notified(), if !idle => {}
-            next = consumer.next(), if batch.len() < batch_max => match next {
-                Some(Ok(delivery)) if batching => {
-                    if batch.is_empty() {
-                        batch_deadline = tokio::time::Instant::now() + batch_wait;
-                    }
-                    batch.push(delivery);
-                    if batch.len() >= batch_max && idle {
-                        spawn_batch(std::mem::take(&mut batch));
-                    }
+            _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
+            Some((name, n)) = done_rx.recv() => {
+                if let Some(lane) = lanes.map.get_mut(&name) {
+                    lane.tasks = lane.tasks.saturating_sub(1);
+                    lane.in_flight = lane.in_flight.saturating_sub(n);
+                    lane.progress = tokio::time::Instant::now();
                 }
+            }
+            next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    let services = services.clone();
-                    let handler = handler.clone();
-                    let publisher = publisher.clone();
-                    // A single message is a batch of one: one pipeline.
-                    tracker.spawn(async move { batch::settle_batch(services, handler, publisher, vec![delivery]).await });
+                    let now = tokio::time::Instant::now();
+                    let name = lanes::lane_of(&delivery.data);
+                    let share = lanes.fair_share();
+                    let lane = lanes.map.entry(name.clone()).or_insert_with(|| lanes::Lane::new(now));
+                    let stalled = lane.stalled_for(now).filter(|d| *d >= stall);
+                    if batching {
+                        match stalled {
+                            Some(d) if lane.pending.len() >= share.min(batch_max) => {
+                                spawn_park(delivery, lanes::park_delay(&tiers, d));
+                            }
+                            _ => {
+                                if lane.pending.is_empty() {
+                                    lane.deadline = now + batch_wait;
+                                }
+                                lane.pending.push(delivery);
+                            }
+                        }
+                    } else {
+                        match stalled {
+                            Some(d) if lane.in_flight >= share => {
+                                spawn_park(delivery, lanes::park_delay(&tiers, d));
+                            }
+                            _ => {
+                                // A single message is a batch of one: one pipeline.
+                                if lane.tasks == 0 {
+                                    lane.progress = now;
+                                }
+                                lane.tasks += 1;
+                                lane.in_flight += 1;
+                                spawn_task(name, vec![delivery]);
+                            }
+                        }
+                    }
                 }
                 Some(Err(e)) => break Some(SessionError::Broker(e)),
                 None => break Some(SessionError::Cancelled),
@@ -489,9 +589,14 @@ async fn session(
         }
     };
     services.health.consuming.store(false, Ordering::SeqCst);
-    if lost.is_none() && !batch.is_empty() {
-        // Shutting down: the collected batch is in flight; finish it.
-        spawn_batch(std::mem::take(&mut batch));
+    if lost.is_none() {
+        // Shutting down: an idle lane's collected batch goes now; a busy
+        // lane's returns to the queue when the channel closes.
+        for (name, lane) in lanes.map.iter_mut() {
+            if lane.tasks == 0 && !lane.pending.is_empty() {
+                spawn_task(name.clone(), std::mem::take(&mut lane.pending));
+            }
+        }
     }
     tracker.close();
     if let Some(e) = lost {

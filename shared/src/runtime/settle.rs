@@ -93,8 +93,8 @@ pub enum Plan {
 ///   as `dependency`, or as `exhausted`.
 /// * Otherwise the delay tier grows with the attempts; a 429 waits at least
 ///   its `Retry-After`, or `rate_limited_min_delay` without one. A
-///   throttled `dependency` (known missing, not asked again) waits in the
-///   first tier.
+///   `dependency` (a record another family writes) waits in the first tier
+///   whatever its attempts.
 pub fn plan(decision: Decision, attempts_before: u32, retry: &RetrySettings) -> Plan {
     match decision {
         Decision::Ack(a) => Plan::Ack(a),
@@ -125,10 +125,12 @@ pub fn plan(decision: Decision, attempts_before: u32, retry: &RetrySettings) -> 
                     attempts,
                 }
             } else {
-                // A dependency known to be missing (`halo::links::require`)
-                // waits in the shortest tier: it costs no HaloPSA request,
-                // and goes on soon after its record is written.
-                let tier = if failure.throttled && failure.class == FailureClass::Dependency {
+                // A missing dependency (`halo::links::require`) waits in
+                // the shortest tier whatever its attempts: coming back costs
+                // a Redis read, no HaloPSA request (HaloPSA is asked once
+                // per `dependency_recheck`), so it goes on within that tier
+                // of its record being written instead of in a later tier.
+                let tier = if failure.class == FailureClass::Dependency {
                     1
                 } else {
                     attempts.max(1)
@@ -256,14 +258,14 @@ mod tests {
                 Plan::Retry { attempts, .. } if attempts == before + 1
             ));
         }
-        // Attempts past the tiers stay on the last one.
-        assert!(matches!(
-            plan(Decision::Retry(f.clone()), 4, &settings()),
-            Plan::Retry {
-                delay_ms: 120_000,
-                ..
-            }
-        ));
+        // Whatever the attempts, the first tier: coming back costs no
+        // HaloPSA request, and the record may be written any moment.
+        for before in 0..5 {
+            assert!(matches!(
+                plan(Decision::Retry(f.clone()), before, &settings()),
+                Plan::Retry { delay_ms: 1000, .. }
+            ));
+        }
         assert_eq!(
             plan(Decision::Retry(f.clone()), 5, &settings()),
             Plan::Dead {
@@ -341,12 +343,12 @@ mod tests {
                 other => panic!("{before}: {other:?}"),
             }
         }
-        // Asked and still missing: an attempt, and the tier grows.
+        // Asked and still missing: an attempt, still the first tier.
         let asked = Failure::dependency("account acc_1 is not in HaloPSA yet");
         match plan(Decision::Retry(asked), 3, &settings()) {
             Plan::Retry {
                 attempts, delay_ms, ..
-            } => assert_eq!((attempts, delay_ms), (4, 120_000)),
+            } => assert_eq!((attempts, delay_ms), (4, 1000)),
             other => panic!("{other:?}"),
         }
     }

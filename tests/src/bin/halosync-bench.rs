@@ -14,6 +14,12 @@
 //! `subscription` (not in the default set): events per second through one
 //! subscription worker, `--subscriptions N` (default 200) created, then
 //! updated `--rounds R` times (default 5).
+//! `tenants` (not in the default set): two MSPs on one account worker;
+//! the quiet one publishes an account every 0.5 s and its publish-to-applied
+//! p50/p95 is measured while the noisy one (3,000 accounts queued) is idle,
+//! slow (5 s answers), throttled (10 requests per 10 s) or down (500s);
+//! then one worker with 1,000 connections (secrets from files): start-up,
+//! requests while idle, one event per connection, peak RSS.
 //! `--no-activity` runs the workers with `worker.activity = false`, to
 //! measure what recording the activity log costs (compare with and without).
 
@@ -25,8 +31,8 @@ use halo_sim::{Faults, SimConfig};
 use halosync_shared::amqp::publisher::event_properties;
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, customers_of, subscription_event, EnvOptions, TestEnv, AMQP_URL, CONNECTION,
-    GENEROUS_BUDGET,
+    account_event, connection_toml, customers_of, linked_customers, subscription_event, EnvOptions,
+    TestEnv, AMQP_URL, CONNECTION, GENEROUS_BUDGET,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -123,7 +129,7 @@ async fn main() {
             }
             "--no-activity" => ACTIVITY_OFF.store(true, std::sync::atomic::Ordering::SeqCst),
             "-h" | "--help" => usage(""),
-            s if ["raw", "account-create", "account-update", "scale", "usage", "onboard", "trickle", "subscription"]
+            s if ["raw", "account-create", "account-update", "scale", "usage", "onboard", "trickle", "subscription", "tenants"]
                 .contains(&s) =>
             {
                 scenarios.push(s.to_string())
@@ -151,6 +157,7 @@ async fn main() {
             "onboard" => rows.push(onboard(customers, budget).await),
             "trickle" => rows.extend(trickle(gap).await),
             "subscription" => rows.extend(subscription_bench(subscriptions, rounds).await),
+            "tenants" => rows.extend(tenants_bench().await),
             _ => {
                 for workers in [1, 2, 4] {
                     rows.push(scale(events.min(2000), workers).await);
@@ -195,7 +202,7 @@ fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("halosync-bench: {problem}");
     }
-    eprintln!("usage: halosync-bench [--events N] [--customers N] [--budget R/S] [--gap S] [--subscriptions N] [--rounds R] [--no-activity] [raw] [account-create] [account-update] [scale] [usage] [onboard] [trickle] [subscription]");
+    eprintln!("usage: halosync-bench [--events N] [--customers N] [--budget R/S] [--gap S] [--subscriptions N] [--rounds R] [--no-activity] [raw] [account-create] [account-update] [scale] [usage] [onboard] [trickle] [subscription] [tenants]");
     std::process::exit(if problem.is_empty() { 0 } else { 2 })
 }
 
@@ -1337,4 +1344,211 @@ async fn subscription_bench(subs: usize, rounds: u64) -> Vec<Row> {
         });
     }
     rows
+}
+
+/// Quiet MSP events per `tenants` case, one every 0.5 s.
+const QUIET_EVENTS: usize = 30;
+/// The noisy MSP's backlog in the `tenants` cases.
+const NOISY_EVENTS: usize = 3000;
+
+async fn tenants_bench() -> Vec<Row> {
+    let mut rows = Vec::new();
+    for mode in ["idle", "slow", "throttled", "down"] {
+        eprintln!("  tenants: noisy MSP {mode}...");
+        rows.push(tenants_case(mode).await);
+    }
+    eprintln!("  tenants: 1,000 connections...");
+    rows.push(many_connections(1000).await);
+    rows
+}
+
+/// One `tenants` case: the quiet MSP's publish-to-applied latencies while
+/// the noisy one is `mode`.
+async fn tenants_case(mode: &str) -> Row {
+    let quiet = halo_sim::SimHandle::start(SimConfig::default())
+        .await
+        .expect("halo-sim must start");
+    let (faults, budget) = match mode {
+        "slow" => (
+            Faults {
+                latency_ms: 5_000,
+                ..Default::default()
+            },
+            GENEROUS_BUDGET.to_string(),
+        ),
+        "throttled" => (
+            Faults::default(),
+            "requests_per_window = 10\nwindow_seconds = 10".to_string(),
+        ),
+        "down" => (
+            Faults {
+                error_rate: 1.0,
+                ..Default::default()
+            },
+            GENEROUS_BUDGET.to_string(),
+        ),
+        _ => (Faults::default(), GENEROUS_BUDGET.to_string()),
+    };
+    let opts = EnvOptions {
+        sim: SimConfig {
+            faults,
+            ..Default::default()
+        },
+        connection_extra: budget,
+        extra: format!("{}{}", connection_toml("quiet", &quiet), activity_extra()),
+        ..Default::default()
+    };
+    let mut env = TestEnv::with(&format!("bench-tenants-{mode}"), opts).await;
+    let w = env.spawn_worker("halosync-account");
+    if mode != "idle" {
+        let bodies: Vec<Vec<u8>> = (0..NOISY_EVENTS)
+            .map(|i| {
+                json_body(&account_event(
+                    &format!("n{i}"),
+                    &format!("noisy_{i}"),
+                    "Noisy",
+                    true,
+                    1,
+                ))
+            })
+            .collect();
+        publish_events(&env, bodies).await;
+    }
+    let started = Instant::now();
+    let mut waiting: Vec<(String, Instant)> = Vec::new();
+    let mut latencies: Vec<f64> = Vec::new();
+    let poll = |waiting: &mut Vec<(String, Instant)>, latencies: &mut Vec<f64>| {
+        waiting.retain(|(acc, t0)| {
+            if linked_customers(&quiet, acc) > 0 {
+                latencies.push(t0.elapsed().as_secs_f64());
+                false
+            } else {
+                true
+            }
+        });
+    };
+    for i in 0..QUIET_EVENTS {
+        let acc = format!("quiet_{i}");
+        let mut ev = account_event(&format!("q{i}"), &acc, "Quiet", true, 1);
+        ev["connection"] = "quiet".into();
+        let t0 = Instant::now();
+        env.publish(&ev).await;
+        waiting.push((acc, t0));
+        let next = t0 + Duration::from_millis(500);
+        while Instant::now() < next {
+            poll(&mut waiting, &mut latencies);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !waiting.is_empty() && Instant::now() < deadline {
+        poll(&mut waiting, &mut latencies);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| -> String {
+        if latencies.is_empty() {
+            return "-".into();
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        format!("{:.2} s", latencies[i])
+    };
+    let noisy_applied = env.sim.clients().len();
+    Row {
+        scenario: format!("tenants-{mode}"),
+        events: QUIET_EVENTS,
+        seconds,
+        requests: None,
+        peak_rss_kib: peak_rss_kib(env.worker(w).child.id()),
+        note: format!(
+            "noisy MSP {mode}: quiet MSP publish→applied p50 {} / p95 {}{}; noisy applied meanwhile: {noisy_applied}",
+            pct(0.50),
+            pct(0.95),
+            if waiting.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} NOT applied within 2 min)", waiting.len())
+            }
+        ),
+    }
+}
+
+/// One account worker with `n` connections in its config (secrets from
+/// files, as a Kubernetes Secret mounts them), all on one halo-sim:
+/// start-up to consuming, HaloPSA requests while idle, then one account
+/// event per connection, all applied; peak RSS.
+async fn many_connections(n: usize) -> Row {
+    let many = halo_sim::SimHandle::start(SimConfig::default())
+        .await
+        .expect("halo-sim must start");
+    let secrets = std::env::temp_dir().join(format!(
+        "halosync-bench-secrets-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&secrets).expect("secrets dir");
+    let defaults = SimConfig::default();
+    let tenant = defaults
+        .tenant
+        .as_ref()
+        .map(|t| format!("tenant = \"{t}\"\n"))
+        .unwrap_or_default();
+    let mut extra = String::new();
+    for i in 0..n {
+        let file = secrets.join(format!("msp{i}"));
+        std::fs::write(&file, &defaults.client_secret).expect("secret file");
+        extra.push_str(&format!(
+            "[connections.msp{i}]\nresource_server = \"{api}\"\nauth_server = \"{auth}/\"\n{tenant}client_id = \"{id}\"\nclient_secret_file = \"{file}\"\nrequests_per_window = 1000\nwindow_seconds = 60\n",
+            api = many.api_url(),
+            auth = many.auth_url(),
+            id = defaults.client_id,
+            file = file.display(),
+        ));
+    }
+    extra.push_str(&activity_extra());
+    let opts = EnvOptions {
+        extra,
+        ..Default::default()
+    };
+    let mut env = TestEnv::with("bench-many", opts).await;
+    let spawned = Instant::now();
+    let w = env.spawn_worker("halosync-account");
+    let log = env.worker(w).log.clone();
+    env.wait_for("consuming", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("\"consuming\""))
+    })
+    .await;
+    let startup = spawned.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_requests = many.counts().values().sum::<u64>() + many.token_requests();
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let mut ev = account_event(&format!("m{i}"), &format!("acc_{i}"), "Many", true, 1);
+            ev["connection"] = format!("msp{i}").into();
+            json_body(&ev)
+        })
+        .collect();
+    let started = Instant::now();
+    publish_events(&env, bodies).await;
+    env.wait_for(
+        "one customer per connection",
+        Duration::from_secs(600),
+        || many.clients().len() >= n,
+    )
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let rss = peak_rss_kib(env.worker(w).child.id());
+    let tokens = many.token_requests();
+    let _ = std::fs::remove_dir_all(&secrets);
+    Row {
+        scenario: format!("tenants-{n}-connections"),
+        events: n,
+        seconds,
+        requests: Some(many.counts().values().sum::<u64>()),
+        peak_rss_kib: rss,
+        note: format!(
+            "start-up to consuming {startup:.2} s; {idle_requests} HaloPSA requests while idle; {tokens} token requests; {} customers",
+            many.clients().len()
+        ),
+    }
 }

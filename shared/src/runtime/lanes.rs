@@ -1,0 +1,218 @@
+//! Lanes: one per HaloPSA connection inside a worker process, so that one
+//! MSP's slow, throttled or failing HaloPSA delays only that MSP's events.
+//!
+//! * Each lane batches its own connection's deliveries and has at most
+//!   one batch in flight (a non-batching handler: its messages one by
+//!   one); lanes run side by side.
+//! * A lane is **stalled** when it has work in flight and none of it
+//!   finished for `worker.lane_stall` (slow answers, a spent budget, a
+//!   HaloPSA that times out). A stalled lane may hold only its fair share
+//!   of the process's free prefetch window; what it holds beyond that is
+//!   **parked**: a copy goes to a delay queue with its attempt count
+//!   unchanged (like a throttled retry: no attempt used, never
+//!   dead-lettered for it), confirmed by the broker before the original is
+//!   acked. So the consumer keeps reading the queue past a stalled MSP's
+//!   backlog to reach everyone else's events, and the backlog comes back
+//!   after the delay tier that covers how long the lane has been stalled.
+//!
+//! Nothing here weakens a guarantee: a parked delivery is acked only after
+//! its copy is confirmed (else nacked with requeue), and order per
+//! aggregate does not depend on delivery order (versions decide; an older
+//! event that comes back after a newer one is superseded).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use tokio::time::Instant;
+
+use crate::amqp::Publisher;
+use crate::contract::Family;
+
+use super::Services;
+
+/// The lane a delivery belongs to: its envelope's `connection`, read
+/// without validating the rest (the pipeline validates). A body that does
+/// not say goes to the lane `""` and is dead-lettered there as `invalid`.
+pub(super) fn lane_of(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        connection: Option<String>,
+    }
+    serde_json::from_slice::<Peek>(body)
+        .ok()
+        .and_then(|p| p.connection)
+        .unwrap_or_default()
+}
+
+/// One connection's deliveries in this process.
+pub(super) struct Lane {
+    /// Received, waiting for the lane's next batch.
+    pub pending: Vec<Delivery>,
+    /// When the pending batch goes even if not full.
+    pub deadline: Instant,
+    /// Deliveries in flight (being processed).
+    pub in_flight: usize,
+    /// Tasks in flight (batches, or single messages).
+    pub tasks: usize,
+    /// The last time a task of this lane finished, or the lane went busy.
+    pub progress: Instant,
+}
+
+impl Lane {
+    pub fn new(now: Instant) -> Lane {
+        Lane {
+            pending: Vec::new(),
+            deadline: now,
+            in_flight: 0,
+            tasks: 0,
+            progress: now,
+        }
+    }
+
+    /// Deliveries the lane holds (unacked in this process).
+    pub fn held(&self) -> usize {
+        self.in_flight + self.pending.len()
+    }
+
+    /// How long it has had work in flight without any of it finishing;
+    /// `None` when nothing is in flight.
+    pub fn stalled_for(&self, now: Instant) -> Option<Duration> {
+        (self.tasks > 0).then(|| now.saturating_duration_since(self.progress))
+    }
+}
+
+/// All lanes of one consumer session.
+pub(super) struct Lanes {
+    pub map: HashMap<String, Lane>,
+    /// The process's prefetch window.
+    pub prefetch: usize,
+}
+
+impl Lanes {
+    pub fn new(prefetch: usize) -> Lanes {
+        Lanes {
+            map: HashMap::new(),
+            prefetch,
+        }
+    }
+
+    /// A stalled lane's fair share of the free window: what no lane has in
+    /// flight, divided among the lanes holding deliveries plus one (room
+    /// for a connection not seen yet). At least 1.
+    pub fn fair_share(&self) -> usize {
+        let in_flight: usize = self.map.values().map(|l| l.in_flight).sum();
+        let active = self.map.values().filter(|l| l.held() > 0).count();
+        (self.prefetch.saturating_sub(in_flight) / (active + 1)).max(1)
+    }
+
+    /// Forgets lanes that hold nothing (1,000 idle connections cost no
+    /// entry).
+    pub fn drop_idle(&mut self) {
+        self.map.retain(|_, l| l.held() > 0 || l.tasks > 0);
+    }
+}
+
+/// The delay tier a stalled lane's deliveries are parked in: the shortest
+/// that covers how long the lane has been stalled (a lane answering in 5 s
+/// parks for 5 s, one down for minutes for longer), at least the first.
+pub(super) fn park_delay(tiers: &[u64], stalled_for: Duration) -> u64 {
+    let wanted = stalled_for.as_millis() as u64;
+    tiers
+        .iter()
+        .copied()
+        .find(|d| *d >= wanted)
+        .or_else(|| tiers.last().copied())
+        .unwrap_or(0)
+}
+
+/// Parks one delivery: a copy, attempts and headers unchanged, to the
+/// delay queue of `delay_ms`; the original is acked once the broker
+/// confirmed the copy, else nacked with requeue.
+pub(super) async fn park(
+    services: &Services,
+    family: Family,
+    publisher: &Publisher,
+    delivery: Delivery,
+    delay_ms: u64,
+) {
+    let queue = services.topology.retry_queue(family, delay_ms);
+    let properties = delivery.properties.clone().with_delivery_mode(2);
+    metrics::counter!("halosync_parked_total", "family" => family.as_str()).increment(1);
+    let settled = match publisher
+        .publish_to("", &queue, &delivery.data, properties)
+        .await
+    {
+        Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
+        Err(e) => {
+            tracing::warn!(error = %e, queue = %queue, "could not park the message; requeueing it");
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    if let Err(e) = settled {
+        tracing::warn!(error = %e, "could not settle a parked message; the broker will redeliver it");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lane_is_the_envelope_connection() {
+        assert_eq!(
+            lane_of(br#"{"id":"e1","connection":"acme","data":{}}"#),
+            "acme"
+        );
+        assert_eq!(lane_of(br#"{"id":"e1"}"#), "");
+        assert_eq!(lane_of(b"not json"), "");
+        assert_eq!(lane_of(br#"{"connection":7}"#), "");
+    }
+
+    #[test]
+    fn parks_for_the_tier_that_covers_the_stall() {
+        let tiers = [1_000, 5_000, 30_000];
+        assert_eq!(park_delay(&tiers, Duration::from_millis(10)), 1_000);
+        assert_eq!(park_delay(&tiers, Duration::from_millis(1_000)), 1_000);
+        assert_eq!(park_delay(&tiers, Duration::from_millis(1_200)), 5_000);
+        assert_eq!(park_delay(&tiers, Duration::from_secs(29)), 30_000);
+        assert_eq!(park_delay(&tiers, Duration::from_secs(600)), 30_000);
+        assert_eq!(park_delay(&[], Duration::from_secs(1)), 0);
+    }
+
+    #[test]
+    fn a_stalled_lane_gets_a_share_of_the_free_window() {
+        let now = Instant::now();
+        let mut lanes = Lanes::new(400);
+        assert_eq!(lanes.fair_share(), 400);
+        let mut noisy = Lane::new(now);
+        noisy.in_flight = 200;
+        noisy.tasks = 1;
+        lanes.map.insert("noisy".into(), noisy);
+        // 200 free, noisy and one unseen connection.
+        assert_eq!(lanes.fair_share(), 100);
+        let mut quiet = Lane::new(now);
+        quiet.in_flight = 1;
+        quiet.tasks = 1;
+        lanes.map.insert("quiet".into(), quiet);
+        assert_eq!(lanes.fair_share(), 199 / 3);
+        if let Some(l) = lanes.map.get_mut("quiet") {
+            l.in_flight = 0;
+            l.tasks = 0;
+        }
+        assert_eq!(lanes.map["quiet"].stalled_for(now), None);
+        lanes.drop_idle();
+        assert_eq!(lanes.map.len(), 1);
+        assert_eq!(
+            lanes.map["noisy"].stalled_for(now + Duration::from_secs(2)),
+            Some(Duration::from_secs(2))
+        );
+    }
+}
