@@ -48,9 +48,7 @@ impl World {
         let conn = Connection::connect(AMQP, ConnectionProperties::default())
             .await
             .unwrap_or_else(|e| panic!("RabbitMQ must be running at {AMQP} for these tests: {e}"));
-        let redis = redis::Client::open(REDIS).expect("redis url");
-        let mut r = redis
-            .get_multiplexed_async_connection()
+        let mut r = halosync_tests::redis_at(REDIS)
             .await
             .unwrap_or_else(|e| panic!("Redis must be running at {REDIS} for these tests: {e}"));
         let _: () = redis::cmd("PING")

@@ -579,17 +579,14 @@ pub fn remove_everything_of(amqp_url: &str, prefix: &str, topology: &Topology, d
                 }
                 let _ = conn.close(200, "bye".into()).await;
             }
-            if let Ok(client) = redis::Client::open(REDIS_URL) {
-                if let Ok(mut r) = client.get_multiplexed_async_connection().await {
-                    let keys: Vec<String> = redis::cmd("KEYS")
-                        .arg(format!("{prefix}halosync:*"))
-                        .query_async(&mut r)
-                        .await
-                        .unwrap_or_default();
-                    if !keys.is_empty() {
-                        let _: Result<i64, _> =
-                            redis::cmd("DEL").arg(&keys).query_async(&mut r).await;
-                    }
+            if let Ok(mut r) = redis_at(REDIS_URL).await {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{prefix}halosync:*"))
+                    .query_async(&mut r)
+                    .await
+                    .unwrap_or_default();
+                if !keys.is_empty() {
+                    let _: Result<i64, _> = redis::cmd("DEL").arg(&keys).query_async(&mut r).await;
                 }
             }
         });
@@ -616,11 +613,23 @@ impl DeadLetter {
 }
 
 pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(REDIS_URL)
-        .expect("redis url")
-        .get_multiplexed_async_connection()
+    redis_at(REDIS_URL)
         .await
         .unwrap_or_else(|e| panic!("Redis must be running at {REDIS_URL}: {e}"))
+}
+
+/// A connection to the Redis at `url`, as every test opens one: with the
+/// workers' patience (`store.rs`: 5 s) and more, not redis-rs's defaults
+/// (1 s to connect, 500 ms per answer), which a loaded machine running a
+/// dozen tests at once exceeds now and then, failing a test for nothing.
+/// A Redis that is down still fails at once (connection refused).
+pub async fn redis_at(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    redis::Client::open(url)?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
 }
 
 /// The path of a workspace binary next to the running test's target dir.
@@ -939,11 +948,7 @@ impl PrivateRedis {
     /// `FLUSHALL`, as an operator losing Redis would, and checks that it is
     /// empty. Only ever on a private server, never on the shared one.
     pub async fn flushall(&self) {
-        let client = redis::Client::open(self.url().as_str()).expect("redis url");
-        let mut c = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("private redis");
+        let mut c = redis_at(&self.url()).await.expect("private redis");
         let _: String = redis::cmd("FLUSHALL")
             .query_async(&mut c)
             .await
