@@ -31,6 +31,18 @@ pub(crate) struct Counters {
     pub partial_saves: u64,
     /// Arrival time of every `/api` request, for `max_requests_in_any_window`.
     pub api_log: Vec<Instant>,
+    /// Properties the request's model lacks, which binding dropped: per
+    /// endpoint key, how many and which (`GET /_sim/ignored`).
+    pub ignored: BTreeMap<String, Ignored>,
+}
+
+/// The properties one endpoint was sent that its model lacks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ignored {
+    /// Property occurrences dropped (one per name per request).
+    pub count: u64,
+    /// Their names, as JSON paths without indices (`notes`, `lines.note`).
+    pub properties: std::collections::BTreeSet<String>,
 }
 
 impl Counters {
@@ -43,6 +55,13 @@ impl Counters {
         }
     }
 
+    pub(crate) fn record_ignored(&mut self, key: &str, names: &std::collections::BTreeSet<String>) {
+        let entry = self.ignored.entry(key.to_string()).or_default();
+        entry.count += u64::try_from(names.len()).unwrap_or(u64::MAX);
+        entry.properties.extend(names.iter().cloned());
+        tracing::warn!(endpoint = key, properties = ?names, "properties the model lacks were ignored");
+    }
+
     pub(crate) fn to_json(&self) -> Value {
         json!({
             "by_endpoint": self.by_endpoint,
@@ -52,6 +71,7 @@ impl Counters {
             "total_api": self.total_api,
             "lost_responses": self.lost_responses,
             "partial_saves": self.partial_saves,
+            "ignored": self.ignored,
         })
     }
 
@@ -96,7 +116,7 @@ impl Shared {
     pub(crate) fn new(config: SimConfig, base_url: String) -> Shared {
         let inner = Inner {
             faults: config.faults.clone(),
-            data: Data::default(),
+            data: Data::new(&BTreeMap::new()),
             seed_items: BTreeMap::new(),
             tokens: HashMap::new(),
             counters: Counters::default(),
