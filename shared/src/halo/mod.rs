@@ -8,6 +8,7 @@ pub mod error;
 pub mod items;
 pub mod lines;
 pub mod links;
+pub mod models;
 pub mod ratelimit;
 pub mod token;
 
