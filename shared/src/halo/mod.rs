@@ -4,6 +4,7 @@
 //! ([`items`]), and invoice lines written without duplicates ([`lines`]).
 
 pub mod client;
+pub mod currency;
 pub mod error;
 pub mod items;
 pub mod lines;

@@ -199,6 +199,8 @@ pub struct ExternalLinkList {
     pub third_party_type: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub third_party_secondary_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub third_party_desc: Option<String>,
 }
 
 /// The `/Item` fields halosync reads (`Item`). The model has no active
@@ -359,6 +361,7 @@ mod conformance {
                 third_party_id: Sample::sample(),
                 third_party_type: Sample::sample(),
                 third_party_secondary_id: Sample::sample(),
+                third_party_desc: Sample::sample(),
             }
         }
     }
