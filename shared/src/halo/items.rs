@@ -406,6 +406,7 @@ fn int(row: &Value, key: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn conn() -> ConnectionConfig {
         crate::config::Config::from_toml(

@@ -190,6 +190,7 @@ pub fn usage_lines(header: &Value) -> Vec<(String, i64, Option<Applied>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn v(seq: u64) -> Version {
         Version::decode(&format!("s={seq};t=2026-11-22T10:00:00Z")).unwrap()
