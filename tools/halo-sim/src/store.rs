@@ -155,6 +155,9 @@ pub(crate) struct ApiError {
     pub body: Value,
     /// The request saved some elements before this error (no transaction).
     pub partial: bool,
+    /// The refused element's own work up to the refusal stays saved (lines
+    /// of `add_lines` before a refused one).
+    pub keep_element: bool,
 }
 
 impl ApiError {
@@ -163,6 +166,7 @@ impl ApiError {
             status: 400,
             body: json!({"ClassName": "ValidationException", "Message": message.into()}),
             partial: false,
+            keep_element: false,
         }
     }
 
@@ -171,6 +175,7 @@ impl ApiError {
             status: 400,
             body: json!({"ClassName": class, "Message": message.into()}),
             partial: false,
+            keep_element: false,
         }
     }
 
@@ -182,6 +187,7 @@ impl ApiError {
                 "Message": format!("{} {} not found", kind.name(), id),
             }),
             partial: false,
+            keep_element: false,
         }
     }
 }
@@ -779,7 +785,14 @@ impl Data {
             let step = match el {
                 Value::Object(obj) => {
                     let mut work = self.clone();
-                    work.save(kind, idx, obj, faults).map(|id| (work, id))
+                    match work.save(kind, idx, obj, faults) {
+                        Ok(id) => Ok((work, id)),
+                        Err(e) if e.keep_element => {
+                            *self = work;
+                            Err(e)
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
                 _ => Err(ApiError::validation(format!(
                     "Element [{idx}] must be a JSON object"
@@ -1063,8 +1076,9 @@ impl Data {
 
         // `add_lines`: every line is added to the header (new or existing),
         // an `id` on one is ignored. The document names the property and
-        // nothing more; adding is what its name says, and the lines of one
-        // element are saved with the element (all or none of them).
+        // nothing more, so the hard reading is taken, as for arrays: lines
+        // are saved one by one, and those before a refused line stay saved
+        // (the request still fails) unless `transactional_arrays`.
         if let Some(add) = add_lines {
             let Value::Array(add) = add else {
                 return Err(ApiError::validation(format!(
@@ -1077,7 +1091,13 @@ impl Data {
                         "Element [{idx}] add_lines [{lidx}] must be a JSON object"
                     )));
                 };
-                self.save_line(kind, lidx, id, line, LineMode::Add, faults)?;
+                if let Err(mut e) = self.save_line(kind, lidx, id, line, LineMode::Add, faults) {
+                    if lidx > 0 && !faults.transactional_arrays {
+                        e.partial = true;
+                        e.keep_element = true;
+                    }
+                    return Err(e);
+                }
             }
         }
 

@@ -1109,5 +1109,21 @@ async fn add_lines_on_post_invoice_add_to_an_existing_header() {
     assert_eq!(descs, ["one", "two"]);
     let got = get_json(&sim, &tok, &format!("/Invoice/{b}?includedetails=true")).await;
     assert_eq!(got["lines"], json!([]));
+
+    // Within one element: the add_lines before a refused one stay saved
+    // too (no transaction), and the request fails.
+    let (s, _) = post(
+        &sim,
+        &tok,
+        "/Invoice",
+        json!([{"id": b, "add_lines": [{"_itemid": 500, "qty_order": 4, "item_shortdescription": "four"},
+                                       {"_itemid": 500, "qty_order": 5, "item_shortdescription": "refused"}]}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(sim.partial_saves(), 2);
+    let got = get_json(&sim, &tok, &format!("/Invoice/{b}?includedetails=true")).await;
+    assert_eq!(got["lines"].as_array().map(Vec::len), Some(1));
+    assert_eq!(got["lines"][0]["item_shortdescription"], "four");
     assert!(sim.ignored_properties().is_empty());
 }

@@ -275,9 +275,21 @@ async fn create_invoice(
         .map(|p| mapping::line(&p.data, p.price, None, None, p.item_id, &p.version))
         .collect();
     let answer: std::sync::Mutex<Option<(i64, Value)>> = std::sync::Mutex::new(None);
-    let ihid = invoice_for(svc, halo, client_id, &d, memo, inline, &answer)
-        .await
-        .map_err(|f| (idxs, f))?;
+    let mut inlined = inline.len();
+    let ihid = match invoice_for(svc, halo, client_id, &d, memo, inline, &answer).await {
+        Ok(id) => id,
+        // Refused: one line may be what HaloPSA refuses (an element is
+        // saved whole or not at all). The header alone, then the lines
+        // the usual way, which isolates a refused line.
+        Err(f) if f.class == halosync_shared::FailureClass::Rejected => {
+            tracing::info!(error = %f, "the invoice with its first lines was refused; creating it without lines");
+            inlined = 0;
+            invoice_for(svc, halo, client_id, &d, memo, Vec::new(), &answer)
+                .await
+                .map_err(|f| (idxs, f))?
+        }
+        Err(f) => return Err((idxs, f)),
+    };
     let saved = answer
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -291,7 +303,7 @@ async fn create_invoice(
         // Found (or another worker's won): the lines go the usual way.
         return Ok((Vec::new(), plans));
     };
-    let rest = plans.split_off(plans.len().min(lines::LINES_PER_REQUEST));
+    let rest = plans.split_off(plans.len().min(inlined));
     let mut done = Vec::with_capacity(plans.len());
     for p in plans {
         // Saved with the header (one element is saved whole). The line's
