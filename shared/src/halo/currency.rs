@@ -120,7 +120,8 @@ mod tests {
 
     #[test]
     fn reads_both_list_shapes_by_code() {
-        let bare = serde_json::json!([{"id": 1, "code": "usd"}, {"id": 2, "code": "GBP "}, {"id": 3}]);
+        let bare =
+            serde_json::json!([{"id": 1, "code": "usd"}, {"id": 2, "code": "GBP "}, {"id": 3}]);
         let m = by_code(bare);
         assert_eq!(m.get("USD"), Some(&1));
         assert_eq!(m.get("GBP"), Some(&2));

@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use super::client::{first_record, record_id};
 use super::links::{self, RECURRING_INVOICE};
-use super::models::{body, InvoiceDetail, InvoiceHeader, Int32};
+use super::models::{body, Int32, InvoiceDetail, InvoiceHeader};
 use super::{HaloClient, HaloError};
 use crate::error::{Failure, FailureClass};
 use crate::store::Store;
@@ -533,7 +533,9 @@ fn add_lines_bodies(chunk: &[(usize, Value)]) -> Result<Vec<Value>, Failure> {
     let mut by_header: BTreeMap<i64, Vec<Value>> = BTreeMap::new();
     for (_, line) in chunk {
         let Some(ihid) = line.get("ihid").and_then(Value::as_i64) else {
-            return Err(Failure::invalid("an invoice line to add names no header (ihid)"));
+            return Err(Failure::invalid(
+                "an invoice line to add names no header (ihid)",
+            ));
         };
         if !by_header.contains_key(&ihid) {
             order.push(ihid);

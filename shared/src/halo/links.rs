@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::models::{ExternalLinkList, Int32};
 use super::client::record_id;
+use super::models::{ExternalLinkList, Int32};
 use super::HaloClient;
 use crate::contract::Version;
 use crate::error::Failure;

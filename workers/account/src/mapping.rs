@@ -53,9 +53,9 @@ pub fn exact_name_matches(rows: &[Value], name: &str) -> Vec<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use halosync_shared::config::Secret;
     use halosync_shared::halo::models::body;
     use serde_json::json;
-    use halosync_shared::config::Secret;
     use std::collections::BTreeMap;
     use std::time::Duration;
 
@@ -91,7 +91,13 @@ mod tests {
 
     #[test]
     fn create_carries_name_and_fields() {
-        let v = body(&client_record(&account(true), Some(2), None, &policy(false))).unwrap();
+        let v = body(&client_record(
+            &account(true),
+            Some(2),
+            None,
+            &policy(false),
+        ))
+        .unwrap();
         assert_eq!(v["name"], "Contoso Ltd");
         assert_eq!(v["inactive"], false);
         assert_eq!(v["website"], "https://contoso.example");
@@ -105,7 +111,13 @@ mod tests {
 
     #[test]
     fn deactivation_sets_inactive() {
-        let v = body(&client_record(&account(false), None, Some(7), &policy(true))).unwrap();
+        let v = body(&client_record(
+            &account(false),
+            None,
+            Some(7),
+            &policy(true),
+        ))
+        .unwrap();
         assert_eq!(v["id"], 7);
         assert_eq!(v["inactive"], true);
     }

@@ -24,8 +24,8 @@
 
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{OverageData, Version};
-use halosync_shared::Failure;
 use halosync_shared::halo::models::{DateTime, Int32, InvoiceDetail, InvoiceHeader};
+use halosync_shared::Failure;
 use serde_json::Value;
 
 /// The invoice-line field that carries the aggregate's marker.

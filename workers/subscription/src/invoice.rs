@@ -253,11 +253,7 @@ async fn update_line(cx: &Ctx<'_>, ihid: i64, line: i64) -> Result<(), Failure> 
 }
 
 /// `Err`: the body could not be built; `Ok(Err)`: HaloPSA's answer.
-async fn post_update(
-    cx: &Ctx<'_>,
-    ihid: i64,
-    line: i64,
-) -> Result<Result<(), HaloError>, Failure> {
+async fn post_update(cx: &Ctx<'_>, ihid: i64, line: i64) -> Result<Result<(), HaloError>, Failure> {
     let body = line_update(
         cx.data,
         cx.terms,

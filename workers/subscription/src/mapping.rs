@@ -48,9 +48,9 @@
 
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{SubscriptionData, Version};
+use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail, LicenceList};
 use halosync_shared::halo::record_id;
 use halosync_shared::Failure;
-use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail, LicenceList};
 use serde_json::Value;
 
 /// The licence field that carries the subscription's marker.
@@ -289,9 +289,9 @@ fn ids_carrying<'a>(rows: impl Iterator<Item = &'a Value>, field: &str, marker: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
     use halosync_shared::config::Secret;
     use halosync_shared::contract::Product;
+    use serde_json::json;
     use std::collections::BTreeMap;
     use std::time::Duration;
 
@@ -463,8 +463,7 @@ mod tests {
             Some(5)
         );
         assert_eq!(line_version(&header, MARK), None);
-        let retired =
-            body(&halosync_shared::halo::lines::retired_line(-1, 8, 7, MARK)).unwrap();
+        let retired = body(&halosync_shared::halo::lines::retired_line(-1, 8, 7, MARK)).unwrap();
         assert_eq!(retired["isinactive"], true);
         assert_eq!(retired["qty_order"], 0.0);
         assert_ne!(retired[LINE_ID_FIELD], MARK);

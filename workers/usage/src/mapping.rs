@@ -29,9 +29,9 @@ use std::cmp::Ordering;
 
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{UsageData, Version};
+use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail};
 use halosync_shared::halo::record_id;
 use halosync_shared::Failure;
-use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail};
 use serde_json::Value;
 
 /// The line field that carries the usage marker.
