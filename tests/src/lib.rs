@@ -580,10 +580,17 @@ impl Drop for TestEnv {
 }
 
 /// `Err` naming, per endpoint, the properties halo-sim ignored because the
-/// request's model (HaloPSA's OpenAPI document) lacks them. [`TestEnv`]
+/// request's model (HaloPSA's OpenAPI document) lacks them, or the paths
+/// halosync spelt otherwise than the document. [`TestEnv`]
 /// checks it when dropped; tests with a second simulator call it for that
 /// one.
 pub fn no_ignored_properties(sim: &SimHandle) -> Result<(), String> {
+    let misspelt = sim.misspelt_paths();
+    if !misspelt.is_empty() {
+        return Err(format!(
+            "halosync spelt paths otherwise than HaloPSA's OpenAPI document: {misspelt:?}"
+        ));
+    }
     let ignored = sim.ignored_properties();
     if ignored.is_empty() {
         return Ok(());

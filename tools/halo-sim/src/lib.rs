@@ -376,6 +376,13 @@ impl SimHandle {
         self.shared.lock().counters.ignored.clone()
     }
 
+    /// Requests whose path is not spelt as the document spells it (HaloPSA
+    /// routes case-insensitively, so they work), by the path as sent; also
+    /// `GET /_sim/misspelt`.
+    pub fn misspelt_paths(&self) -> BTreeMap<String, u64> {
+        self.shared.lock().counters.misspelt.clone()
+    }
+
     /// All `/Currency` records (seeded: USD, GBP, EUR).
     pub fn currencies(&self) -> Vec<Value> {
         self.shared.lock().data.all(Kind::Currency)

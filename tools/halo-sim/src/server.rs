@@ -248,6 +248,18 @@ enum Target {
 /// `POST /api/Invoice/updatelines`), the target and the schema of the
 /// body's elements. `authinfo` is not in the document (it is the
 /// discovery endpoint every instance serves) and is routed as before.
+/// Is the path of a known endpoint spelt otherwise than the document?
+fn bound_misspelt(method: &Method, segs: &[&str]) -> bool {
+    let Ok(spec) = crate::openapi::Spec::embedded() else {
+        return false;
+    };
+    match spec.route(method.as_str(), segs) {
+        crate::openapi::Route::Known { template, .. }
+        | crate::openapi::Route::MethodNotAllowed { template } => misspelt(&template, segs),
+        crate::openapi::Route::Unknown => false,
+    }
+}
+
 fn bound_route(method: &Method, segs: &[&str]) -> (String, Target, Option<String>) {
     let (sim_key, target) = route(method, segs);
     if matches!(target, Target::AuthInfo)
@@ -278,6 +290,17 @@ fn bound_route(method: &Method, segs: &[&str]) -> (String, Target, Option<String
             (key, target, body)
         }
     }
+}
+
+/// Do the literal segments of `segs` differ in case from `template`'s?
+/// (HaloPSA routes case-insensitively, so such a request works; halosync
+/// should still spell paths the document's way.)
+fn misspelt(template: &str, segs: &[&str]) -> bool {
+    template
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .zip(segs)
+        .any(|(t, s)| !t.contains('{') && t != *s)
 }
 
 fn route(method: &Method, segs: &[&str]) -> (String, Target) {
@@ -435,6 +458,10 @@ async fn api(
     body: Bytes,
 ) -> (Option<String>, Response) {
     let (key, target, schema) = bound_route(method, segs);
+    if bound_misspelt(method, segs) {
+        let sent = format!("{method} /api/{}", segs.join("/"));
+        *shared.lock().counters.misspelt.entry(sent).or_insert(0) += 1;
+    }
     let key = Some(key);
 
     let latency = shared.lock().faults.latency_ms;
@@ -654,6 +681,7 @@ fn sim_control(shared: &Shared, method: &Method, segs: &[&str], body: &Bytes) ->
     match (method.clone(), what.as_str()) {
         (Method::GET, "state") => json_response(200, &shared.lock().data.snapshot()),
         (Method::GET, "requests") => json_response(200, &shared.lock().counters.to_json()),
+        (Method::GET, "misspelt") => json_response(200, &json!(shared.lock().counters.misspelt)),
         (Method::GET, "ignored") => match serde_json::to_value(&shared.lock().counters.ignored) {
             Ok(v) => json_response(200, &v),
             Err(e) => json_response(500, &json!({"error": e.to_string()})),

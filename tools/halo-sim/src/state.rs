@@ -34,6 +34,9 @@ pub(crate) struct Counters {
     /// Properties the request's model lacks, which binding dropped: per
     /// endpoint key, how many and which (`GET /_sim/ignored`).
     pub ignored: BTreeMap<String, Ignored>,
+    /// Requests whose path the document spells otherwise (case), by the
+    /// path as sent (`GET /_sim/misspelt`).
+    pub misspelt: BTreeMap<String, u64>,
 }
 
 /// The properties one endpoint was sent that its model lacks.

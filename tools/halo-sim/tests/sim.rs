@@ -950,6 +950,11 @@ async fn a_path_or_method_the_document_lacks_is_404_or_405() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(sim.counts()["POST /api/Invoice/Lines"], 1);
+    // Case does not matter to routing; a spelling other than the
+    // document's is noted.
+    assert!(sim.misspelt_paths().is_empty());
+    get_json(&sim, &tok, "/client").await;
+    assert_eq!(sim.misspelt_paths()["GET /api/client"], 1);
 }
 
 #[tokio::test]
