@@ -67,6 +67,9 @@ echo
 echo "HaloPSA customers (halo-sim):"
 curl -s "http://127.0.0.1:$PORT/_sim/state" | python3 deploy/local/show-halo.py
 echo
+# Properties halo-sim dropped because HaloPSA's model lacks them ({} = none).
+echo "Properties HaloPSA's models lack (halo-sim ignored them): $(curl -s "http://127.0.0.1:$PORT/_sim/ignored")"
+echo
 "$BIN/halosync" status || true
 
 # The operator's web console, with a demo user (the hash is made here, so

@@ -100,6 +100,9 @@ pub enum KeyKind {
     Token,
     /// `item_mappings`: HaloPSA items by sku, cached for the workers.
     ItemMappings,
+    /// `currencies`: HaloPSA's `/Currency` ids by ISO code (no expiry;
+    /// refreshed when an event names a code it lacks).
+    Currencies,
     /// `subline:{subscription_id}`: the subscription's recurring line.
     SubscriptionLine,
     /// `subproduct:{subscription_id}`: the subscription's sku and item,
@@ -129,6 +132,7 @@ impl KeyKind {
             KeyKind::RateLimit => "ratelimit",
             KeyKind::Token => "token",
             KeyKind::ItemMappings => "item_mappings",
+            KeyKind::Currencies => "currencies",
             KeyKind::SubscriptionLine => "subline",
             KeyKind::SubscriptionProduct => "subproduct",
             KeyKind::UsageLine => "usage_line",

@@ -898,3 +898,75 @@ async fn account_events_coalesce_and_a_partly_saved_or_lost_array_doubles_nothin
         "the lost array was sent again"
     );
 }
+
+/// `Area.default_currency_code` is the id of HaloPSA's `/Currency` row, not
+/// the ISO code: USD and GBP become their ids; NOK, which this HaloPSA does
+/// not have, is dead-lettered `unmapped` with the reason and where to fix
+/// it, and applied once the MSP adds it and the dead letter is replayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn currencies_are_written_as_ids_and_an_unknown_one_waits_unmapped_until_added() {
+    let mut env = TestEnv::new("acct-ccy").await;
+    env.spawn_worker(WORKER);
+    for (id, account, code) in [
+        ("ccy-1", "acc_usd", "USD"),
+        ("ccy-2", "acc_gbp", "GBP"),
+        ("ccy-3", "acc_nok", "NOK"),
+    ] {
+        let mut e = account_event(id, account, &format!("Customer {code}"), true, 1);
+        e["data"]["currency"] = json!(code);
+        env.publish(&e).await;
+    }
+    env.wait_for("the USD and GBP customers", T, || {
+        customers_of(&env, "acc_usd").len() == 1 && customers_of(&env, "acc_gbp").len() == 1
+    })
+    .await;
+    env.wait_drained(Family::Account, T).await;
+    let id_of = |code: &str| {
+        env.sim
+            .currencies()
+            .into_iter()
+            .find(|c| c["code"] == code)
+            .map(|c| c["id"].clone())
+            .unwrap_or_default()
+    };
+    assert!(id_of("USD").is_i64() && id_of("GBP").is_i64());
+    assert_eq!(
+        one_customer(&env, "acc_usd")["default_currency_code"],
+        id_of("USD")
+    );
+    assert_eq!(
+        one_customer(&env, "acc_gbp")["default_currency_code"],
+        id_of("GBP")
+    );
+    assert!(customers_of(&env, "acc_nok").is_empty());
+    // The currencies are asked once per connection, and again only for a
+    // code the cache lacks (NOK): at most two look-ups for three events.
+    let lookups = env.count("GET /api/Currency");
+    assert!((1..=2).contains(&lookups), "{lookups} GET /Currency");
+
+    assert_eq!(env.dead_count(Family::Account).await, 1);
+    let (ok, shown) = env.run_halosync(&["dlq", "show", "ccy-3"]);
+    assert!(ok, "{shown}");
+    assert!(shown.contains("unmapped"), "{shown}");
+    assert!(
+        shown.contains(
+            "currency NOK is not set up in HaloPSA (Configuration > Financials > Currencies)"
+        ),
+        "{shown}"
+    );
+
+    // The MSP adds the currency; the dead letter is replayed.
+    let nok = env.sim.add_currency("NOK", "Norwegian Krone");
+    let (ok, out) = env.run_halosync(&["dlq", "replay", "--class", "unmapped"]);
+    assert!(ok, "{out}");
+    env.wait_for("the NOK customer", T, || {
+        customers_of(&env, "acc_nok").len() == 1
+    })
+    .await;
+    env.wait_drained(Family::Account, T).await;
+    assert_eq!(
+        one_customer(&env, "acc_nok")["default_currency_code"],
+        json!(nok)
+    );
+    env.assert_no_dead(Family::Account).await;
+}

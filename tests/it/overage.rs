@@ -372,8 +372,10 @@ async fn a_batch_with_one_rejected_line_applies_the_others_and_dead_letters_that
         env.sim.partial_saves() >= 1,
         "the array was not saved in part"
     );
-    let adds = env.count("POST /api/Invoice/Lines");
-    assert!(adds <= 7, "{adds} add requests for 8 lines");
+    // POST /Invoice: the invoice with its 8 lines inline (refused whole),
+    // the header alone, then the add_lines arrays.
+    let posts = env.count("POST /api/Invoice");
+    assert!(posts <= 2 + 7, "{posts} POST /Invoice for 8 lines");
     assert_eq!(all_lines(&env).len(), quantities.len() - 1);
 }
 
@@ -413,7 +415,7 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing() {
     let w = env.spawn_worker(WORKER);
     // Kill it after its first lines were written, before it has finished.
     env.wait_for("first lines written", T, || {
-        env.count("POST /api/Invoice/Lines") >= 1
+        env.count("POST /api/Invoice") >= 1
     })
     .await;
     env.kill_worker(w);
@@ -568,4 +570,130 @@ async fn the_item_follows_the_subscriptions_sku_when_the_metric_has_no_mapping()
     assert!(dead[0]
         .header("x-halosync-error-message")
         .contains("sub_missing"));
+}
+
+/// Publishes one charge per `(sub, account, overage)` of period `p`, with
+/// `sequence`, while no overage worker runs (so that they arrive as one
+/// batch), then runs one until the queue is drained.
+async fn batch_of(
+    env: &mut TestEnv,
+    p: (&str, &str),
+    charges: &[(String, &str, f64)],
+    sequence: u64,
+) {
+    for (sub, account, q) in charges {
+        env.publish(&overage_event(
+            &format!("{sub}-{}-{sequence}", p.0),
+            sub,
+            account,
+            "storage_gb",
+            p,
+            *q,
+            "0.25",
+            sequence,
+        ))
+        .await;
+    }
+    let w = env.spawn_worker(WORKER);
+    env.wait_drained(Family::Overage, T).await;
+    env.stop_worker(w);
+}
+
+/// New and known periods while the `POST /Invoice` that carries the lines
+/// (inline on the create, `add_lines` on a known invoice) loses its
+/// answer or is saved in part: exactly one charge per (subscription,
+/// metric, period), holding the newest quantity.
+#[tokio::test(flavor = "multi_thread")]
+async fn add_lines_saved_in_part_or_unanswered_leave_one_charge_at_the_newest_quantity() {
+    let bad = description("storage_gb", P1, 66.0);
+    let reject = |lose_next| Faults {
+        reject_names: vec![bad.clone()],
+        lose_next,
+        ..Default::default()
+    };
+    let mut env = env_with(
+        "ovg-addlines",
+        reject(0),
+        "[worker]\nbatch_max = 100\nbatch_wait = \"300ms\"\n",
+    )
+    .await;
+    let a = env.spawn_worker(ACCOUNTS);
+    seed_accounts(&env, &["acc_1", "acc_2"]).await;
+    env.wait_drained(Family::Account, T).await;
+    env.stop_worker(a);
+    let charges = |range: std::ops::Range<usize>, bump: f64| -> Vec<(String, &'static str, f64)> {
+        range
+            .flat_map(|i| {
+                [
+                    (format!("sub_a{i}"), "acc_1", 10.0 + i as f64 + bump),
+                    (format!("sub_b{i}"), "acc_2", 20.0 + i as f64 + bump),
+                ]
+            })
+            .collect()
+    };
+    let mut expected: BTreeMap<String, f64> = BTreeMap::new();
+
+    // 1. A new period: each account's invoice is created with its lines
+    //    inline, and the answer of the first create is lost.
+    env.sim.set_faults(reject(1));
+    let first = charges(0..4, 0.0);
+    batch_of(&mut env, P1, &first, 1).await;
+    assert_eq!(env.sim.lost_responses(), 1);
+    assert_eq!(env.sim.invoices().len(), 2, "{:#?}", env.sim.invoices());
+    expected.extend(first.iter().map(|(s, _, q)| (s.clone(), *q)));
+
+    // 2. The known period: new charges through `add_lines` on
+    //    `POST /Invoice`; the first such answer is lost.
+    let posts_before = env.count("POST /api/Invoice");
+    env.sim.set_faults(reject(1));
+    let second = charges(4..8, 0.0);
+    batch_of(&mut env, P1, &second, 1).await;
+    assert_eq!(env.sim.lost_responses(), 2);
+    assert!(env.count("POST /api/Invoice") > posts_before);
+    expected.extend(second.iter().map(|(s, _, q)| (s.clone(), *q)));
+
+    // 3. Saved in part: on acc_2's invoice the line after sub_b8 is
+    //    refused (its description is refused by validation); sub_b8 is
+    //    saved, the request answers 400. sub_b9 alone is dead-lettered.
+    env.sim.set_faults(reject(0));
+    let mut third = charges(8..11, 0.0);
+    for c in &mut third {
+        if c.0 == "sub_b9" {
+            c.2 = 66.0;
+        }
+    }
+    batch_of(&mut env, P1, &third, 1).await;
+    assert!(env.sim.partial_saves() >= 1, "no partial save");
+    let dead = env.take_dead(Family::Overage).await;
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0].header("x-halosync-error-class"), "rejected");
+    assert!(lines_of(&env, "sub_b9", "storage_gb", P1.0).is_empty());
+    expected.extend(
+        third
+            .iter()
+            .filter(|(s, _, _)| s != "sub_b9")
+            .map(|(s, _, q)| (s.clone(), *q)),
+    );
+
+    // 4. Newer quantities for every charge (updates, and sub_b9's add),
+    //    with lost answers again.
+    env.sim.set_faults(reject(2));
+    let newer = charges(0..11, 100.0);
+    batch_of(&mut env, P1, &newer, 2).await;
+    expected = newer.iter().map(|(s, _, q)| (s.clone(), *q)).collect();
+
+    for (sub, q) in &expected {
+        assert!(
+            holds(&env, sub, "storage_gb", P1.0, *q),
+            "{sub} should hold {q}: {:#?}",
+            lines_of(&env, sub, "storage_gb", P1.0)
+        );
+    }
+    assert_eq!(
+        all_lines(&env).len(),
+        expected.len(),
+        "a charge was doubled"
+    );
+    assert_eq!(env.sim.invoices().len(), 2);
+    env.assert_no_dead(Family::Overage).await;
 }

@@ -733,6 +733,13 @@ async fn three_thousand_subscriptions_fit_one_fair_use_window() {
     )
     .await;
     let sim = &env.sim;
+    // A customer holds the id of HaloPSA's `/Currency` row, not the code.
+    let gbp = sim
+        .currencies()
+        .into_iter()
+        .find(|c| c["code"] == "GBP")
+        .map(|c| c["id"].clone())
+        .unwrap_or_default();
     let mut snapshot = Vec::new();
     let mut records = 0usize;
     for a in 0..ACCOUNTS {
@@ -748,7 +755,7 @@ async fn three_thousand_subscriptions_fit_one_fair_use_window() {
             .insert_record(
                 "Client",
                 json!({"name": format!("Customer {a}"), "inactive": false,
-                       "website": format!("https://{account}.example"), "default_currency_code": "GBP"}),
+                       "website": format!("https://{account}.example"), "default_currency_code": gbp}),
             )
             .unwrap();
         sim.insert_record(

@@ -542,6 +542,15 @@ impl Drop for TestEnv {
             let _ = w.child.wait();
         }
         remove_everything_of(&self.amqp_url, &self.prefix, &self.topology, &self.dir);
+        // Every test ends by checking that halosync spoke HaloPSA's models:
+        // a property the model lacks is dropped by HaloPSA without a word
+        // (halo-sim drops and counts it). Not while already panicking (the
+        // test's own failure is the one to read).
+        if !std::thread::panicking() {
+            if let Err(report) = no_ignored_properties(&self.sim) {
+                panic!("{report}");
+            }
+        }
     }
 }
 
@@ -593,6 +602,38 @@ pub fn remove_everything_of(amqp_url: &str, prefix: &str, topology: &Topology, d
     });
     let _ = cleanup.join();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `Err` naming, per endpoint, the properties halo-sim ignored because the
+/// request's model (HaloPSA's OpenAPI document) lacks them, or the paths
+/// halosync spelt otherwise than the document. [`TestEnv`]
+/// checks it when dropped; tests with a second simulator call it for that
+/// one.
+pub fn no_ignored_properties(sim: &SimHandle) -> Result<(), String> {
+    let misspelt = sim.misspelt_paths();
+    if !misspelt.is_empty() {
+        return Err(format!(
+            "halosync spelt paths otherwise than HaloPSA's OpenAPI document: {misspelt:?}"
+        ));
+    }
+    let ignored = sim.ignored_properties();
+    if ignored.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = ignored
+        .iter()
+        .map(|(endpoint, i)| {
+            format!(
+                "  {endpoint}: {} ignored: {}",
+                i.count,
+                i.properties.iter().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+        .collect();
+    Err(format!(
+        "halo-sim ignored properties halosync sent that HaloPSA's models lack (a real HaloPSA drops them without a word):\n{}",
+        lines.join("\n")
+    ))
 }
 
 /// A dead letter taken from a dead queue.

@@ -45,9 +45,10 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::client::record_id;
+use super::models::{body, ExternalLinkList, Int32, Item};
 use super::HaloClient;
 use crate::config::ConnectionConfig;
 use crate::error::Failure;
@@ -82,6 +83,11 @@ pub struct HaloItem {
     pub description: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseprice: Option<f64>,
+    /// HaloPSA's `Item` model has no active flag: the list's
+    /// `includeinactive`/`includeactive` parameters select by it. So this
+    /// says what the query that found the item asked for: [`list_items`]
+    /// asks for active items only (false); [`item`] cannot tell from
+    /// `GET /Item/{id}` and says false.
     #[serde(default)]
     pub inactive: bool,
 }
@@ -262,13 +268,14 @@ pub async fn set_mapping(
             let saved = halo
                 .save(
                     "/ExternalLink",
-                    json!({
-                        "halo_id": item_id,
-                        "table_id": TABLE_ID,
-                        "third_party_id": key,
-                        "third_party_type": LINK_TYPE,
-                        "third_party_desc": "halosync item mapping",
-                    }),
+                    body(&ExternalLinkList {
+                        halo_id: Some(Int32(item_id)),
+                        table_id: Some(Int32(TABLE_ID)),
+                        third_party_id: Some(key.to_string()),
+                        third_party_type: Some(LINK_TYPE.to_string()),
+                        third_party_desc: Some("halosync item mapping".into()),
+                        ..ExternalLinkList::default()
+                    })?,
                 )
                 .await?;
             let link_id = record_id(&saved).ok_or_else(|| {
@@ -298,7 +305,7 @@ pub async fn item(halo: &HaloClient, item_id: i64) -> Result<Option<HaloItem>, F
                 Value::Object(ref m) if m.contains_key("id") => v,
                 other => super::first_record(other).unwrap_or(Value::Null),
             };
-            Ok(item_of(&v).filter(|i| i.id == item_id))
+            Ok(item_of(&v, false).filter(|i| i.id == item_id))
         }
         Err(e) if e.status() == Some(404) => Ok(None),
         Err(e) => Err(e.into()),
@@ -309,7 +316,9 @@ pub async fn item(halo: &HaloClient, item_id: i64) -> Result<Option<HaloItem>, F
 /// (case-insensitive) when given, sorted by name.
 pub async fn list_items(halo: &HaloClient, search: Option<&str>) -> Result<Vec<HaloItem>, Failure> {
     let search = search.map(str::trim).filter(|s| !s.is_empty());
-    let mut query = Vec::new();
+    // Active items only (`includeinactive` defaults to false; said
+    // explicitly since the rows do not carry the state).
+    let mut query = vec![("includeinactive", "false".to_string())];
     if let Some(s) = search {
         query.push(("search", s.to_string()));
     }
@@ -317,7 +326,7 @@ pub async fn list_items(halo: &HaloClient, search: Option<&str>) -> Result<Vec<H
     let needle = search.map(str::to_lowercase);
     let mut items: Vec<HaloItem> = rows
         .iter()
-        .filter_map(item_of)
+        .filter_map(|r| item_of(r, false))
         .filter(|i| {
             needle
                 .as_deref()
@@ -328,16 +337,15 @@ pub async fn list_items(halo: &HaloClient, search: Option<&str>) -> Result<Vec<H
     Ok(items)
 }
 
-fn item_of(row: &Value) -> Option<HaloItem> {
+/// An item row; `inactive` is what the query asked for (see [`HaloItem`]).
+fn item_of(row: &Value, inactive: bool) -> Option<HaloItem> {
+    let item: Item = serde_json::from_value(row.clone()).ok()?;
     Some(HaloItem {
-        id: record_id(row)?,
-        name: text(row, "name").unwrap_or_default(),
-        description: text(row, "description").filter(|d| !d.is_empty()),
-        baseprice: row.get("baseprice").and_then(Value::as_f64),
-        inactive: row
-            .get("inactive")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        id: item.id.0,
+        name: item.name.unwrap_or_default(),
+        description: item.description.filter(|d| !d.is_empty()),
+        baseprice: item.baseprice,
+        inactive,
     })
 }
 
@@ -398,6 +406,7 @@ fn int(row: &Value, key: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn conn() -> ConnectionConfig {
         crate::config::Config::from_toml(

@@ -26,10 +26,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::client::{first_record, record_id};
 use super::links::{self, RECURRING_INVOICE};
+use super::models::{body, Int32, InvoiceDetail, InvoiceHeader};
 use super::{HaloClient, HaloError};
 use crate::error::{Failure, FailureClass};
 use crate::store::Store;
@@ -59,9 +60,15 @@ impl Invoice {
         }
     }
 
-    /// `POST` path adding lines.
+    /// `POST` path adding lines: `/RecurringInvoice/Lines` (an array of
+    /// lines); a one-off invoice has no such path in HaloPSA's document,
+    /// lines reach it through `add_lines` on `POST /Invoice`
+    /// (`[{id, add_lines: [...]}]`, see [`add`]).
     pub fn add_path(self) -> String {
-        format!("{}/Lines", self.base())
+        match self {
+            Invoice::Recurring => format!("{}/Lines", self.base()),
+            Invoice::OneOff => self.base().to_string(),
+        }
     }
 
     /// `POST` path merging lines by id.
@@ -78,12 +85,13 @@ impl Invoice {
 /// The header of a customer's halosync recurring invoice. The minimum
 /// payload HaloPSA needs is UNCONFIRMED (reference §4.4); schedule fields
 /// are left to the MSP's defaults.
-pub fn recurring_invoice_record(client_id: i64, account_id: &str) -> Value {
-    json!({
-        "client_id": client_id,
-        "reference": format!("halosync {account_id}"),
-        "notes_1": "Managed by halosync: one line per billing subscription, kept in step with the billing platform. Lines are made inactive, never removed.",
-    })
+pub fn recurring_invoice_record(client_id: i64, account_id: &str) -> InvoiceHeader {
+    InvoiceHeader {
+        client_id: Some(Int32(client_id)),
+        reference: Some(format!("halosync {account_id}")),
+        notes_1: Some("Managed by halosync: one line per billing subscription, kept in step with the billing platform. Lines are made inactive, never removed.".into()),
+        ..InvoiceHeader::default()
+    }
 }
 
 /// The id of the halosync recurring invoice of `account_id` (customer
@@ -109,9 +117,11 @@ pub async fn recurring_invoice(
         lock_ttl,
         lock_wait,
         || async {
-            let mut body = recurring_invoice_record(customer, account_id);
-            body["new_external_link"] = links::new_plain_link(&RECURRING_INVOICE, account_id);
-            let saved = halo.save("/RecurringInvoice", body).await?;
+            let header = InvoiceHeader {
+                new_external_link: Some(links::new_plain_link(&RECURRING_INVOICE, account_id)),
+                ..recurring_invoice_record(customer, account_id)
+            };
+            let saved = halo.save("/RecurringInvoice", body(&header)?).await?;
             let id = record_id(&saved).ok_or_else(|| {
                 Failure::transient("HaloPSA saved the recurring invoice but returned no id")
             })?;
@@ -174,14 +184,15 @@ pub fn carrying<'a>(header: &'a Value, marker: &str) -> Vec<&'a Value> {
 /// invoice (halo-sim has none), so it is made inactive with quantity 0 and
 /// its marker is changed so that it no longer matches its aggregate (the
 /// line stays for the MSP's history). Every family retires this way.
-pub fn retired_line(ihid: i64, line_id: i64, kept: i64, marker: &str) -> Value {
-    json!({
-        "id": line_id,
-        "ihid": ihid,
-        "qty_order": 0.0,
-        "isinactive": true,
-        MARKER_FIELD: format!("{marker} (duplicate of line {kept}, retired)"),
-    })
+pub fn retired_line(ihid: i64, line_id: i64, kept: i64, marker: &str) -> InvoiceDetail {
+    InvoiceDetail {
+        id: Some(Int32(line_id)),
+        ihid: Some(Int32(ihid)),
+        qty_order: Some(0.0),
+        isinactive: Some(true),
+        item_internal_reference: Some(format!("{marker} (duplicate of line {kept}, retired)")),
+        ..InvoiceDetail::default()
+    }
 }
 
 /// Retires the lines of one aggregate beside the one kept (the lowest id:
@@ -207,8 +218,8 @@ pub async fn retire_duplicates(
     );
     let bodies = others
         .iter()
-        .map(|&l| retired_line(ihid, l, kept, marker))
-        .collect();
+        .map(|&l| body(&retired_line(ihid, l, kept, marker)))
+        .collect::<Result<Vec<Value>, Failure>>()?;
     halo.post(&invoice.update_path(), bodies).await?;
     Ok(())
 }
@@ -241,16 +252,38 @@ pub async fn update(halo: &HaloClient, invoice: Invoice, lines: Vec<(usize, Valu
     out
 }
 
-/// Adds lines (`/Lines`), each body carrying its header (`ihid`) and its
-/// marker ([`MARKER_FIELD`]), in arrays like [`update`], never adding a line
-/// twice: see the module doc.
+/// Adds lines, each body (an [`InvoiceDetail`]) carrying its header
+/// (`ihid`) and its marker ([`MARKER_FIELD`]), in arrays like [`update`],
+/// never adding a line twice: see the module doc. Recurring lines go to
+/// `POST /RecurringInvoice/Lines`; one-off lines to `POST /Invoice` as
+/// `[{id: <header>, add_lines: [...]}]`, one element per header (each
+/// element saved with its lines, the elements of an array possibly in
+/// part, as any array: the same read-back covers both).
 pub async fn add(halo: &HaloClient, invoice: Invoice, lines: Vec<(usize, Value)>) -> Written {
     let path = invoice.add_path();
     let mut out = Vec::with_capacity(lines.len());
     let mut stack = chunks(lines);
     while let Some(chunk) = stack.pop() {
-        let bodies: Vec<Value> = chunk.iter().map(|(_, v)| v.clone()).collect();
-        let e = match halo.post(&path, bodies).await {
+        let sent = match invoice {
+            Invoice::Recurring => {
+                let bodies: Vec<Value> = chunk.iter().map(|(_, v)| v.clone()).collect();
+                halo.post(&path, bodies).await
+            }
+            Invoice::OneOff => match add_lines_bodies(&chunk) {
+                Ok(bodies) => halo.post(&path, bodies).await,
+                Err(f) => {
+                    for (k, _) in chunk {
+                        out.push((k, Err(f.clone())));
+                    }
+                    continue;
+                }
+            },
+        };
+        let e = match sent {
+            Ok(answer) if invoice == Invoice::OneOff => {
+                settle_added_to_headers(&mut out, chunk, answer);
+                continue;
+            }
             Ok(answer) => {
                 settle_saved(&mut out, chunk, answer);
                 continue;
@@ -491,6 +524,65 @@ fn split(stack: &mut Vec<Vec<(usize, Value)>>, mut chunk: Vec<(usize, Value)>) {
     let second = chunk.split_off(chunk.len() / 2);
     stack.push(second);
     stack.push(chunk);
+}
+
+/// `[{id: <header>, add_lines: [...]}]`: the lines of `chunk` grouped by
+/// header, in the order their headers first appear.
+fn add_lines_bodies(chunk: &[(usize, Value)]) -> Result<Vec<Value>, Failure> {
+    let mut order: Vec<i64> = Vec::new();
+    let mut by_header: BTreeMap<i64, Vec<Value>> = BTreeMap::new();
+    for (_, line) in chunk {
+        let Some(ihid) = line.get("ihid").and_then(Value::as_i64) else {
+            return Err(Failure::invalid(
+                "an invoice line to add names no header (ihid)",
+            ));
+        };
+        if !by_header.contains_key(&ihid) {
+            order.push(ihid);
+        }
+        by_header.entry(ihid).or_default().push(line.clone());
+    }
+    order
+        .into_iter()
+        .map(|ihid| {
+            let lines = by_header.remove(&ihid).unwrap_or_default();
+            let mut header = body(&InvoiceHeader {
+                id: Some(Int32(ihid)),
+                ..InvoiceHeader::default()
+            })?;
+            if let Some(h) = header.as_object_mut() {
+                h.insert("add_lines".into(), Value::Array(lines));
+            }
+            Ok(header)
+        })
+        .collect()
+}
+
+/// The answer of `POST /Invoice` with `add_lines` is the header(s) with
+/// their lines: each line sent is found there by its marker (the newest
+/// one carrying it, as it was just added), else reported saved without a
+/// record.
+fn settle_added_to_headers(out: &mut Written, chunk: Vec<(usize, Value)>, answer: Value) {
+    let headers = match answer {
+        Value::Array(a) => a,
+        Value::Object(_) => vec![answer],
+        _ => Vec::new(),
+    };
+    for (k, line) in chunk {
+        let ihid = line.get("ihid").and_then(Value::as_i64);
+        let found = headers
+            .iter()
+            .find(|h| record_id(h).is_some() && record_id(h) == ihid)
+            .zip(line.get(MARKER_FIELD).and_then(Value::as_str))
+            .and_then(|(h, marker)| {
+                carrying(h, marker.trim())
+                    .into_iter()
+                    .rev()
+                    .find(|l| same_content(&line, l))
+                    .cloned()
+            });
+        out.push((k, Ok(found)));
+    }
 }
 
 fn settle_saved(out: &mut Written, chunk: Vec<(usize, Value)>, answer: Value) {

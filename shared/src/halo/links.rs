@@ -28,6 +28,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::client::record_id;
+use super::models::{ExternalLinkList, Int32};
 use super::HaloClient;
 use crate::contract::Version;
 use crate::error::Failure;
@@ -101,13 +102,11 @@ pub struct Link {
 
 /// The `new_external_link` object to send with a create, so the record and
 /// its link are saved together (atomically, in one request).
-pub fn new_link(kind: &Kind, billing_id: &str, version: &Version) -> Value {
-    json!({
-        "third_party_id": billing_id,
-        "third_party_type": kind.third_party_type,
-        "table_id": kind.table_id,
-        "third_party_secondary_id": version.encode(),
-    })
+pub fn new_link(kind: &Kind, billing_id: &str, version: &Version) -> ExternalLinkList {
+    ExternalLinkList {
+        third_party_secondary_id: Some(version.encode()),
+        ..new_plain_link(kind, billing_id)
+    }
 }
 
 /// The links HaloPSA holds for `billing_id`, lowest HaloPSA id first.
@@ -545,12 +544,37 @@ pub fn marker(kind: &Kind, billing_id: &str) -> String {
 
 /// A `new_external_link` without a version, for records that are
 /// containers rather than aggregates (a customer's recurring invoice).
-pub fn new_plain_link(kind: &Kind, billing_id: &str) -> Value {
-    json!({
-        "third_party_id": billing_id,
-        "third_party_type": kind.third_party_type,
-        "table_id": kind.table_id,
-    })
+pub fn new_plain_link(kind: &Kind, billing_id: &str) -> ExternalLinkList {
+    ExternalLinkList {
+        third_party_id: Some(billing_id.to_string()),
+        third_party_type: Some(kind.third_party_type.to_string()),
+        table_id: Some(Int32(kind.table_id)),
+        ..ExternalLinkList::default()
+    }
+}
+
+/// The `POST /ExternalLink` body of a link on record `halo_id` (a new one
+/// when `link_id` is `None`), with `version` when given.
+pub fn link_record(
+    kind: &Kind,
+    billing_id: &str,
+    halo_id: i64,
+    link_id: Option<i64>,
+    version: Option<&Version>,
+) -> ExternalLinkList {
+    let secondary = version.map(Version::encode);
+    match link_id {
+        Some(id) => ExternalLinkList {
+            id: Some(Int32(id)),
+            third_party_secondary_id: secondary,
+            ..ExternalLinkList::default()
+        },
+        None => ExternalLinkList {
+            halo_id: Some(Int32(halo_id)),
+            third_party_secondary_id: secondary,
+            ..new_plain_link(kind, billing_id)
+        },
+    }
 }
 
 /// A record another family writes (the customer a subscription needs, the

@@ -4,10 +4,12 @@
 //! ([`items`]), and invoice lines written without duplicates ([`lines`]).
 
 pub mod client;
+pub mod currency;
 pub mod error;
 pub mod items;
 pub mod lines;
 pub mod links;
+pub mod models;
 pub mod ratelimit;
 pub mod token;
 

@@ -25,9 +25,22 @@
 //!   without `id` create and with `id` merge-update; a one-element POST answers
 //!   the object, a multi-element POST an array; `new_external_link` on an
 //!   entity POST creates an ExternalLink in the same (atomic) save.
+//! * **Bound to HaloPSA's OpenAPI document** (`openapi/halopsa-openapi.json`,
+//!   embedded; [`openapi`]): a path the document lacks is 404, a known path
+//!   with a method it lacks 405 (one it has that the sim does not simulate
+//!   501). Request bodies are bound to the document's model as Newtonsoft
+//!   binds them: a property the model lacks is dropped (not stored) and
+//!   counted per endpoint ([`SimHandle::ignored_properties`],
+//!   `GET /_sim/ignored`); a value of the wrong JSON type is a 400
+//!   `JsonSerializationException` naming its JSON path, with nothing saved;
+//!   numbers as text that parse are accepted and stored as numbers.
 //! * **Entities**: `Client`, `ExternalLink`, `Item`, `SoftwareLicence`,
-//!   `RecurringInvoice` (+ `/Lines`, `/updatelines`) and `Invoice`
-//!   (+ `/Lines`, `/updatelines`).
+//!   `RecurringInvoice` (+ `/Lines`, `/updatelines`), `Invoice` (lines
+//!   inline on create, `add_lines` on `POST /Invoice` to add to an
+//!   existing header, `/updatelines`) and `Currency` (seeded USD, GBP, EUR
+//!   as ids 1-3; [`SimHandle::add_currency`]). Items have no active flag in
+//!   the document: the list's `includeinactive`/`includeactive` select by
+//!   the sim's own flag, which is never shown.
 //! * **Faults** ([`Faults`]): latency, random 500s, the next N requests 503,
 //!   a rolling-window 429 with or without `Retry-After`, the 400
 //!   `Token not found` flavour of expiry, missing agent permissions (403),
@@ -39,7 +52,7 @@
 //!   stops at the first refused element with a 400 that names it; the
 //!   elements before it stay saved. `transactional_arrays` turns this off.
 //! * **Controls** under `/_sim/` (no auth): `state`, `requests`, `reset`,
-//!   `faults`, `revoke-tokens`, `items`; in process, [`SimHandle`] also
+//!   `faults`, `revoke-tokens`, `items`, `ignored`, `currencies`; in process, [`SimHandle`] also
 //!   edits records as an MSP would (`update_record`, `delete_line`,
 //!   `insert_line`) and seeds large tenants fast (`insert_record`).
 //!
@@ -73,6 +86,7 @@
 //!   counters and faults, but keeps issued tokens valid.
 //! * Denying `<area>:read` also denies writes to that area.
 
+pub mod openapi;
 mod server;
 mod state;
 mod store;
@@ -87,6 +101,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use crate::state::Ignored;
 use crate::state::Shared;
 use crate::store::Kind;
 
@@ -380,6 +395,32 @@ impl SimHandle {
     /// All items.
     pub fn items(&self) -> Vec<Value> {
         self.shared.lock().data.all(Kind::Item)
+    }
+
+    /// Properties sent that the request's model lacks (dropped by binding,
+    /// as HaloPSA's Newtonsoft binder drops them), per endpoint key: how
+    /// many and which. Also `GET /_sim/ignored`. Empty when every request
+    /// spoke the document's models.
+    pub fn ignored_properties(&self) -> BTreeMap<String, Ignored> {
+        self.shared.lock().counters.ignored.clone()
+    }
+
+    /// Requests whose path is not spelt as the document spells it (HaloPSA
+    /// routes case-insensitively, so they work), by the path as sent; also
+    /// `GET /_sim/misspelt`.
+    pub fn misspelt_paths(&self) -> BTreeMap<String, u64> {
+        self.shared.lock().counters.misspelt.clone()
+    }
+
+    /// All `/Currency` records (seeded: USD, GBP, EUR).
+    pub fn currencies(&self) -> Vec<Value> {
+        self.shared.lock().data.all(Kind::Currency)
+    }
+
+    /// Adds a currency (as an MSP would under Configuration > Financials >
+    /// Currencies); returns its id. Kept until the next reset.
+    pub fn add_currency(&self, code: &str, name: &str) -> i64 {
+        self.shared.lock().data.add_currency(code, name)
     }
 
     /// Seeds the `/Item` catalogue (kept across resets).

@@ -238,6 +238,69 @@ enum Target {
     Lines(Kind, bool),
     NotFound,
     MethodNotAllowed,
+    /// In the document, not in the simulator.
+    NotSimulated,
+}
+
+/// Routes by HaloPSA's OpenAPI document first (a path it lacks is 404, a
+/// method it lacks on a known path 405), then to what the simulator
+/// implements. Returns the endpoint key (the document's spelling, e.g.
+/// `POST /api/Invoice/updatelines`), the target and the schema of the
+/// body's elements. `authinfo` is not in the document (it is the
+/// discovery endpoint every instance serves) and is routed as before.
+/// Is the path of a known endpoint spelt otherwise than the document?
+fn bound_misspelt(method: &Method, segs: &[&str]) -> bool {
+    let Ok(spec) = crate::openapi::Spec::embedded() else {
+        return false;
+    };
+    match spec.route(method.as_str(), segs) {
+        crate::openapi::Route::Known { template, .. }
+        | crate::openapi::Route::MethodNotAllowed { template } => misspelt(&template, segs),
+        crate::openapi::Route::Unknown => false,
+    }
+}
+
+fn bound_route(method: &Method, segs: &[&str]) -> (String, Target, Option<String>) {
+    let (sim_key, target) = route(method, segs);
+    if matches!(target, Target::AuthInfo)
+        || (segs.len() == 1 && segs[0].eq_ignore_ascii_case("authinfo"))
+    {
+        return (sim_key, target, None);
+    }
+    let spec = match crate::openapi::Spec::embedded() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "the embedded OpenAPI document does not parse");
+            return (sim_key, Target::NotFound, None);
+        }
+    };
+    match spec.route(method.as_str(), segs) {
+        crate::openapi::Route::Unknown => (sim_key, Target::NotFound, None),
+        crate::openapi::Route::MethodNotAllowed { template } => (
+            format!("{method} /api{template}"),
+            Target::MethodNotAllowed,
+            None,
+        ),
+        crate::openapi::Route::Known { template, body } => {
+            let key = format!("{method} /api{template}");
+            let target = match target {
+                Target::NotFound | Target::MethodNotAllowed => Target::NotSimulated,
+                t => t,
+            };
+            (key, target, body)
+        }
+    }
+}
+
+/// Do the literal segments of `segs` differ in case from `template`'s?
+/// (HaloPSA routes case-insensitively, so such a request works; halosync
+/// should still spell paths the document's way.)
+fn misspelt(template: &str, segs: &[&str]) -> bool {
+    template
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .zip(segs)
+        .any(|(t, s)| !t.contains('{') && t != *s)
 }
 
 fn route(method: &Method, segs: &[&str]) -> (String, Target) {
@@ -394,7 +457,11 @@ async fn api(
     headers: &HeaderMap,
     body: Bytes,
 ) -> (Option<String>, Response) {
-    let (key, target) = route(method, segs);
+    let (key, target, schema) = bound_route(method, segs);
+    if bound_misspelt(method, segs) {
+        let sent = format!("{method} /api/{}", segs.join("/"));
+        *shared.lock().counters.misspelt.entry(sent).or_insert(0) += 1;
+    }
     let key = Some(key);
 
     let latency = shared.lock().faults.latency_ms;
@@ -518,6 +585,15 @@ async fn api(
                 ),
             )
         }
+        Target::NotSimulated => {
+            return (
+                key,
+                json_response(
+                    501,
+                    &json!({"ClassName": "NotImplemented", "Message": "HaloPSA has this endpoint; halo-sim does not simulate it"}),
+                ),
+            )
+        }
         Target::List(k) | Target::Get(k, _) => (*k, false),
         Target::Post(k) | Target::Delete(k, _) | Target::Lines(k, _) => (*k, true),
     };
@@ -529,28 +605,50 @@ async fn api(
     // The endpoint itself.
     let q = Query::parse(query);
     let faults = inner.faults.clone();
-    let parse_body = |body: &Bytes| -> Result<Value, ApiError> {
-        serde_json::from_slice(body).map_err(|e| {
+    let path_key = key.clone().unwrap_or_default();
+    let mut parse_body = |body: &Bytes| -> Result<Value, ApiError> {
+        let raw: Value = serde_json::from_slice(body).map_err(|e| {
             ApiError::bad_request("JsonReaderException", format!("Invalid JSON body: {e}"))
-        })
+        })?;
+        let Some(schema) = schema.as_deref() else {
+            return Ok(raw);
+        };
+        // Bound as HaloPSA's Newtonsoft binder does (openapi.rs): a wrong
+        // type refuses the whole request before anything is saved; a
+        // property the model lacks is dropped, and counted.
+        let spec =
+            crate::openapi::Spec::embedded().map_err(|e| ApiError::bad_request("Exception", e))?;
+        let bound = spec
+            .bind_array(schema, raw, crate::openapi::Mode::Newtonsoft)
+            .map_err(|m| ApiError::bad_request("JsonSerializationException", m))?;
+        if !bound.ignored.is_empty() {
+            inner.counters.record_ignored(&path_key, &bound.ignored);
+        }
+        Ok(bound.value)
     };
     let result = match target {
         Target::List(k) => Ok(inner.data.list(k, &q)),
         Target::Get(k, id) => inner.data.get(k, id, &q),
         Target::Delete(k, id) => inner.data.delete(k, id),
-        Target::Post(k) => parse_body(&body).and_then(|v| {
-            let refuse = inner.take_scheduled_refusal(&v);
-            let v = scheduled_prefix(v, refuse);
-            let saved = inner.data.post(k, v, &faults);
-            scheduled_refusal(saved, refuse)
-        }),
-        Target::Lines(k, update) => parse_body(&body).and_then(|v| {
-            let refuse = inner.take_scheduled_refusal(&v);
-            let v = scheduled_prefix(v, refuse);
-            let saved = inner.data.post_lines(k, update, v, &faults);
-            scheduled_refusal(saved, refuse)
-        }),
-        Target::AuthInfo | Target::NotFound | Target::MethodNotAllowed => {
+        Target::Post(k) => {
+            let parsed = parse_body(&body);
+            parsed.and_then(|v| {
+                let refuse = inner.take_scheduled_refusal(&v);
+                let v = scheduled_prefix(v, refuse);
+                let saved = inner.data.post(k, v, &faults);
+                scheduled_refusal(saved, refuse)
+            })
+        }
+        Target::Lines(k, update) => {
+            let parsed = parse_body(&body);
+            parsed.and_then(|v| {
+                let refuse = inner.take_scheduled_refusal(&v);
+                let v = scheduled_prefix(v, refuse);
+                let saved = inner.data.post_lines(k, update, v, &faults);
+                scheduled_refusal(saved, refuse)
+            })
+        }
+        Target::AuthInfo | Target::NotFound | Target::MethodNotAllowed | Target::NotSimulated => {
             Ok(Value::Null) // handled above
         }
     };
@@ -665,6 +763,31 @@ fn sim_control(shared: &Shared, method: &Method, segs: &[&str], body: &Bytes) ->
     match (method.clone(), what.as_str()) {
         (Method::GET, "state") => json_response(200, &shared.lock().data.snapshot()),
         (Method::GET, "requests") => json_response(200, &shared.lock().counters.to_json()),
+        (Method::GET, "misspelt") => json_response(200, &json!(shared.lock().counters.misspelt)),
+        (Method::GET, "ignored") => match serde_json::to_value(&shared.lock().counters.ignored) {
+            Ok(v) => json_response(200, &v),
+            Err(e) => json_response(500, &json!({"error": e.to_string()})),
+        },
+        (Method::GET, "currencies") => {
+            json_response(200, &Value::Array(shared.lock().data.all(Kind::Currency)))
+        }
+        (Method::POST, "currencies") => {
+            let c: Value = match serde_json::from_slice(body) {
+                Ok(v) => v,
+                Err(e) => {
+                    return json_response(400, &json!({"error": format!("invalid JSON: {e}")}))
+                }
+            };
+            let Some(code) = c.get("code").and_then(Value::as_str) else {
+                return json_response(
+                    400,
+                    &json!({"error": "expected {\"code\": \"NOK\", \"name\": ...}"}),
+                );
+            };
+            let name = c.get("name").and_then(Value::as_str).unwrap_or(code);
+            let id = shared.lock().data.add_currency(code, name);
+            json_response(200, &json!({"id": id, "code": code}))
+        }
         (Method::POST, "reset") => {
             shared.lock().reset(shared.config.faults.clone());
             tracing::info!("simulator reset");

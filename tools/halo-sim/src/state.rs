@@ -35,6 +35,21 @@ pub(crate) struct Counters {
     pub held_writes: u64,
     /// Arrival time of every `/api` request, for `max_requests_in_any_window`.
     pub api_log: Vec<Instant>,
+    /// Properties the request's model lacks, which binding dropped: per
+    /// endpoint key, how many and which (`GET /_sim/ignored`).
+    pub ignored: BTreeMap<String, Ignored>,
+    /// Requests whose path the document spells otherwise (case), by the
+    /// path as sent (`GET /_sim/misspelt`).
+    pub misspelt: BTreeMap<String, u64>,
+}
+
+/// The properties one endpoint was sent that its model lacks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ignored {
+    /// Property occurrences dropped (one per name per request).
+    pub count: u64,
+    /// Their names, as JSON paths without indices (`notes`, `lines.note`).
+    pub properties: std::collections::BTreeSet<String>,
 }
 
 impl Counters {
@@ -47,6 +62,13 @@ impl Counters {
         }
     }
 
+    pub(crate) fn record_ignored(&mut self, key: &str, names: &std::collections::BTreeSet<String>) {
+        let entry = self.ignored.entry(key.to_string()).or_default();
+        entry.count += u64::try_from(names.len()).unwrap_or(u64::MAX);
+        entry.properties.extend(names.iter().cloned());
+        tracing::warn!(endpoint = key, properties = ?names, "properties the model lacks were ignored");
+    }
+
     pub(crate) fn to_json(&self) -> Value {
         json!({
             "by_endpoint": self.by_endpoint,
@@ -57,6 +79,7 @@ impl Counters {
             "lost_responses": self.lost_responses,
             "partial_saves": self.partial_saves,
             "writes_applied": self.writes_applied,
+            "ignored": self.ignored,
         })
     }
 
@@ -101,7 +124,7 @@ impl Shared {
     pub(crate) fn new(config: SimConfig, base_url: String) -> Shared {
         let inner = Inner {
             faults: config.faults.clone(),
-            data: Data::default(),
+            data: Data::new(&BTreeMap::new()),
             seed_items: BTreeMap::new(),
             tokens: HashMap::new(),
             counters: Counters::default(),

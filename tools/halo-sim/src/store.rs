@@ -28,7 +28,16 @@ pub(crate) enum Kind {
     SoftwareLicence,
     RecurringInvoice,
     Invoice,
+    Currency,
 }
+
+/// The currencies a new simulator (and a reset) starts with: code, name,
+/// symbol; ids 1, 2, 3 in this order.
+pub(crate) const SEED_CURRENCIES: [(&str, &str, &str); 3] = [
+    ("USD", "US Dollar", "$"),
+    ("GBP", "Pound Sterling", "£"),
+    ("EUR", "Euro", "€"),
+];
 
 /// Permission areas (the login agent's role and the token's scopes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +81,7 @@ impl Kind {
             "softwarelicence" => Some(Kind::SoftwareLicence),
             "recurringinvoice" => Some(Kind::RecurringInvoice),
             "invoice" => Some(Kind::Invoice),
+            "currency" => Some(Kind::Currency),
             _ => None,
         }
     }
@@ -89,6 +99,7 @@ impl Kind {
             Kind::SoftwareLicence => "SoftwareLicence",
             Kind::RecurringInvoice => "RecurringInvoice",
             Kind::Invoice => "Invoice",
+            Kind::Currency => "Currency",
         }
     }
 
@@ -103,6 +114,10 @@ impl Kind {
             Kind::Item => Some("items"),
             Kind::SoftwareLicence => Some("licences"),
             Kind::RecurringInvoice | Kind::Invoice => Some("invoices"),
+            // The document gives no response bodies and no source shows
+            // this list: a bare array, like ExternalLink, so that clients
+            // handle both shapes.
+            Kind::Currency => None,
         }
     }
 
@@ -112,6 +127,9 @@ impl Kind {
             Kind::Item => Area::Items,
             Kind::SoftwareLicence => Area::Software,
             Kind::RecurringInvoice | Kind::Invoice => Area::Invoices,
+            // Which scope HaloPSA asks for /Currency is not documented; the
+            // customers area, since writing a customer needs it.
+            Kind::Currency => Area::Customers,
         }
     }
 
@@ -121,7 +139,7 @@ impl Kind {
             Kind::Client => 2,
             Kind::Item => 8,
             Kind::RecurringInvoice | Kind::Invoice => 995,
-            Kind::SoftwareLicence | Kind::ExternalLink => 0,
+            Kind::SoftwareLicence | Kind::ExternalLink | Kind::Currency => 0,
         }
     }
 
@@ -137,6 +155,9 @@ pub(crate) struct ApiError {
     pub body: Value,
     /// The request saved some elements before this error (no transaction).
     pub partial: bool,
+    /// The refused element's own work up to the refusal stays saved (lines
+    /// of `add_lines` before a refused one).
+    pub keep_element: bool,
 }
 
 impl ApiError {
@@ -145,6 +166,7 @@ impl ApiError {
             status: 400,
             body: json!({"ClassName": "ValidationException", "Message": message.into()}),
             partial: false,
+            keep_element: false,
         }
     }
 
@@ -153,6 +175,7 @@ impl ApiError {
             status: 400,
             body: json!({"ClassName": class, "Message": message.into()}),
             partial: false,
+            keep_element: false,
         }
     }
 
@@ -164,6 +187,7 @@ impl ApiError {
                 "Message": format!("{} {} not found", kind.name(), id),
             }),
             partial: false,
+            keep_element: false,
         }
     }
 }
@@ -287,6 +311,7 @@ pub(crate) struct Data {
     invoices: Table,
     recurring_lines: Table,
     invoice_lines: Table,
+    currencies: Table,
     /// Links created through `new_external_link`: link id -> owning record.
     link_owner: imbl::OrdMap<i64, (Kind, i64)>,
     next_client: i64,
@@ -296,6 +321,7 @@ pub(crate) struct Data {
     next_recurring: i64,
     next_invoice: i64,
     next_line: i64,
+    next_currency: i64,
 }
 
 /// Allocates the next free id, counting up (or down when `step` is -1).
@@ -313,10 +339,28 @@ fn alloc(counter: &mut i64, table: &Table, step: i64) -> i64 {
 
 impl Data {
     pub(crate) fn new(items: &BTreeMap<i64, Obj>) -> Data {
-        Data {
+        let mut data = Data {
             items: items.iter().map(|(k, v)| (*k, v.clone())).collect(),
             ..Data::default()
+        };
+        for (code, name, symbol) in SEED_CURRENCIES {
+            let id = data.add_currency(code, name);
+            if let Some(c) = data.currencies.get_mut(&id) {
+                c.insert("symbol".into(), json!(symbol));
+            }
         }
+        data
+    }
+
+    /// Adds a `/Currency` row; returns its id.
+    pub(crate) fn add_currency(&mut self, code: &str, name: &str) -> i64 {
+        let mut obj = Obj::new();
+        obj.insert("code".into(), json!(code));
+        obj.insert("name".into(), json!(name));
+        obj.insert("conversion_rate".into(), json!(1.0));
+        let id = self.new_id(Kind::Currency);
+        self.currencies.insert(id, obj);
+        id
     }
 
     fn table(&self, kind: Kind) -> &Table {
@@ -327,6 +371,7 @@ impl Data {
             Kind::SoftwareLicence => &self.licences,
             Kind::RecurringInvoice => &self.recurring,
             Kind::Invoice => &self.invoices,
+            Kind::Currency => &self.currencies,
         }
     }
 
@@ -338,6 +383,7 @@ impl Data {
             Kind::SoftwareLicence => &mut self.licences,
             Kind::RecurringInvoice => &mut self.recurring,
             Kind::Invoice => &mut self.invoices,
+            Kind::Currency => &mut self.currencies,
         }
     }
 
@@ -367,6 +413,7 @@ impl Data {
             // capture (reference §3.4): clients must not assume positive ids.
             Kind::RecurringInvoice => alloc(&mut self.next_recurring, &self.recurring, -1),
             Kind::Invoice => alloc(&mut self.next_invoice, &self.invoices, 1),
+            Kind::Currency => alloc(&mut self.next_currency, &self.currencies, 1),
         }
     }
 
@@ -437,10 +484,17 @@ impl Data {
     /// Renders a record with its computed fields (`id`, `external_links`,
     /// `client_name`, and `lines`/`total` for invoices when `with_lines`).
     fn render(&self, kind: Kind, id: i64, obj: &Obj, with_lines: bool) -> Value {
-        if kind == Kind::ExternalLink {
+        if matches!(kind, Kind::ExternalLink | Kind::Currency) {
             return self.render_link(id, obj);
         }
         let mut out = obj.clone();
+        if kind == Kind::Item {
+            // The Item model has no active flag (the list's
+            // `includeinactive`/`includeactive` parameters select by it):
+            // the simulator keeps it in `inactive`, set by seeding or an
+            // MSP's edit, and never shows it.
+            out.remove("inactive");
+        }
         out.insert("id".into(), json!(id));
         out.insert(
             "external_links".into(),
@@ -542,8 +596,12 @@ impl Data {
             }
             Kind::Item => {
                 let inactive = flag("inactive").unwrap_or(false);
-                (!inactive || q.bool("includeinactive").unwrap_or(false))
-                    && q.get("search").is_none_or(|s| name_contains(obj, s))
+                let status_ok = if inactive {
+                    q.bool("includeinactive").unwrap_or(false)
+                } else {
+                    q.bool("includeactive").unwrap_or(true)
+                };
+                status_ok && q.get("search").is_none_or(|s| name_contains(obj, s))
             }
             Kind::SoftwareLicence => {
                 let hidden = flag("is_active") == Some(false) || flag("deleted") == Some(true);
@@ -555,6 +613,7 @@ impl Data {
                     && q.get("search").is_none_or(|s| name_contains(obj, s))
             }
             Kind::RecurringInvoice | Kind::Invoice => int_eq("client_id", "client_id"),
+            Kind::Currency => true,
         }
     }
 
@@ -726,7 +785,14 @@ impl Data {
             let step = match el {
                 Value::Object(obj) => {
                     let mut work = self.clone();
-                    work.save(kind, idx, obj, faults).map(|id| (work, id))
+                    match work.save(kind, idx, obj, faults) {
+                        Ok(id) => Ok((work, id)),
+                        Err(e) if e.keep_element => {
+                            *self = work;
+                            Err(e)
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
                 _ => Err(ApiError::validation(format!(
                     "Element [{idx}] must be a JSON object"
@@ -881,10 +947,10 @@ impl Data {
         obj.remove("external_links");
         obj.remove("client_name");
         obj.remove("total");
-        let lines = if kind.has_lines() {
-            obj.remove("lines")
+        let (lines, add_lines) = if kind.has_lines() {
+            (obj.remove("lines"), obj.remove("add_lines"))
         } else {
-            None
+            (None, None)
         };
         let given_id = obj.remove("id").map(|v| (as_i64_loose(&v), v));
         let update_id = match given_id {
@@ -951,6 +1017,7 @@ impl Data {
             Kind::RecurringInvoice | Kind::Invoice => {
                 self.require_client(idx, &obj, creating)?;
             }
+            Kind::Currency => {}
         }
 
         let id = match update_id {
@@ -1004,6 +1071,33 @@ impl Data {
                     LineMode::Add
                 };
                 self.save_line(kind, lidx, id, line, mode, faults)?;
+            }
+        }
+
+        // `add_lines`: every line is added to the header (new or existing),
+        // an `id` on one is ignored. The document names the property and
+        // nothing more, so the hard reading is taken, as for arrays: lines
+        // are saved one by one, and those before a refused line stay saved
+        // (the request still fails) unless `transactional_arrays`.
+        if let Some(add) = add_lines {
+            let Value::Array(add) = add else {
+                return Err(ApiError::validation(format!(
+                    "Element [{idx}]: add_lines must be an array"
+                )));
+            };
+            for (lidx, line) in add.into_iter().enumerate() {
+                let Value::Object(line) = line else {
+                    return Err(ApiError::validation(format!(
+                        "Element [{idx}] add_lines [{lidx}] must be a JSON object"
+                    )));
+                };
+                if let Err(mut e) = self.save_line(kind, lidx, id, line, LineMode::Add, faults) {
+                    if lidx > 0 && !faults.transactional_arrays {
+                        e.partial = true;
+                        e.keep_element = true;
+                    }
+                    return Err(e);
+                }
             }
         }
 

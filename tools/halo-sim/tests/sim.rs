@@ -740,7 +740,16 @@ async fn items_and_licences() {
     .await;
     let lid = lic["id"].as_i64().unwrap();
     assert_eq!(lic["is_active"], true);
-    assert_eq!(lic["external_links"][0]["table_id"], 0);
+    // Licence_List has no `new_external_link`: dropped, as HaloPSA drops it.
+    assert_eq!(lic["external_links"], json!([]));
+    let ignored = sim.ignored_properties();
+    assert_eq!(
+        ignored["POST /api/SoftwareLicence"]
+            .properties
+            .iter()
+            .collect::<Vec<_>>(),
+        ["new_external_link"]
+    );
     let list = get_json(&sim, &tok, &format!("/SoftwareLicence?client_id={cid}")).await;
     assert_eq!(list["licences"].as_array().unwrap().len(), 1);
     post_ok(
@@ -989,4 +998,206 @@ async fn invoices_with_lines() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(sim.invoices().is_empty());
+}
+
+#[tokio::test]
+async fn a_path_or_method_the_document_lacks_is_404_or_405() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    // No /Invoice/Lines in HaloPSA's document (only /RecurringInvoice/Lines).
+    let (s, body) = post(&sim, &tok, "/Invoice/Lines", json!([{"ihid": 1}])).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+    let (s, _) = get(&sim, &tok, "/NoSuchEntity").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // /Client exists, with GET and POST only.
+    let resp = http()
+        .put(format!("{}/Client", sim.api_url()))
+        .bearer_auth(&tok)
+        .json(&json!([{"name": "x"}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(sim.counts()["POST /api/Invoice/Lines"], 1);
+    // Case does not matter to routing; a spelling other than the
+    // document's is noted.
+    assert!(sim.misspelt_paths().is_empty());
+    get_json(&sim, &tok, "/client").await;
+    assert_eq!(sim.misspelt_paths()["GET /api/client"], 1);
+}
+
+#[tokio::test]
+async fn a_property_the_model_lacks_is_ignored_and_counted() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    let client = post_ok(
+        &sim,
+        &tok,
+        "/Client",
+        json!([{"name": "Acme", "favourite_colour_of_sky": "blue", "new_external_link": {"third_party_id": "a", "nonsense": 1}}]),
+    )
+    .await;
+    let cid = client["id"].as_i64().unwrap();
+    assert!(client.get("favourite_colour_of_sky").is_none(), "{client}");
+    assert!(sim.clients()[0].get("favourite_colour_of_sky").is_none());
+    let inv = post_ok(
+        &sim,
+        &tok,
+        "/Invoice",
+        json!([{"client_id": cid, "notes": "not a field", "notes_1": "kept"}]),
+    )
+    .await;
+    assert_eq!(inv["notes_1"], "kept");
+    assert!(inv.get("notes").is_none());
+
+    let ignored = sim.ignored_properties();
+    let client_ignored = &ignored["POST /api/Client"];
+    assert_eq!(client_ignored.count, 2);
+    assert_eq!(
+        client_ignored.properties.iter().collect::<Vec<_>>(),
+        ["favourite_colour_of_sky", "new_external_link.nonsense"]
+    );
+    assert_eq!(ignored["POST /api/Invoice"].count, 1);
+    // The control endpoint gives the same.
+    let resp: Value = http()
+        .get(format!("{}/_sim/ignored", sim.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(resp["POST /api/Invoice"]["count"], 1);
+    assert_eq!(resp["POST /api/Invoice"]["properties"], json!(["notes"]));
+}
+
+#[tokio::test]
+async fn a_value_of_the_wrong_type_is_400_naming_the_path_and_nothing_is_saved() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    // Text into an int32 (Area.default_currency_code), in the second
+    // element: the whole request is refused, the first is not saved.
+    let (s, body) = post(
+        &sim,
+        &tok,
+        "/Client",
+        json!([{"name": "First"}, {"name": "Second", "default_currency_code": "USD"}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    let msg = body["Message"].as_str().unwrap_or_default();
+    assert!(msg.contains("Path '[1].default_currency_code'"), "{msg}");
+    assert!(
+        msg.contains("Could not convert string to integer: USD"),
+        "{msg}"
+    );
+    assert!(sim.clients().is_empty());
+    assert_eq!(sim.partial_saves(), 0);
+
+    // A fraction, a number out of int32 range, an object for a scalar.
+    for bad in [json!(1.5), json!(2_147_483_648_i64), json!({"id": 1})] {
+        let (s, body) = post(
+            &sim,
+            &tok,
+            "/Client",
+            json!([{"name": "X", "default_currency_code": bad}]),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body["Message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("[0].default_currency_code"));
+    }
+    assert!(sim.clients().is_empty());
+
+    // A number as text that parses is accepted, and stored as a number.
+    let c = post_ok(
+        &sim,
+        &tok,
+        "/Client",
+        json!([{"name": "Y", "default_currency_code": " 2 "}]),
+    )
+    .await;
+    assert_eq!(c["default_currency_code"], 2);
+}
+
+#[tokio::test]
+async fn currencies_are_served_and_added() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    let list = get_json(&sim, &tok, "/Currency").await;
+    let codes: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["code"].as_str())
+        .collect();
+    assert_eq!(codes, ["USD", "GBP", "EUR"]);
+    let nok = sim.add_currency("NOK", "Norwegian Krone");
+    let list = get_json(&sim, &tok, "/Currency").await;
+    assert_eq!(list[3]["id"], nok);
+    assert_eq!(list[3]["code"], "NOK");
+    assert_eq!(sim.currencies().len(), 4);
+}
+
+#[tokio::test]
+async fn add_lines_on_post_invoice_add_to_an_existing_header() {
+    let sim = start().await;
+    let tok = token(&sim, "all").await;
+    sim.insert_item(500, "Overage");
+    let client = post_ok(&sim, &tok, "/Client", json!([{"name": "Acme"}])).await;
+    let cid = client["id"].as_i64().unwrap();
+    let a = post_ok(
+        &sim,
+        &tok,
+        "/Invoice",
+        json!([{"client_id": cid, "lines": [{"_itemid": 500, "qty_order": 1, "item_shortdescription": "one"}]}]),
+    )
+    .await;
+    let b = post_ok(&sim, &tok, "/Invoice", json!([{"client_id": cid}])).await;
+    let (a, b) = (a["id"].as_i64().unwrap(), b["id"].as_i64().unwrap());
+    // Two headers in one array, the second element refused: the first
+    // element's lines stay saved (no transaction), the request fails.
+    sim.set_faults(Faults {
+        reject_names: vec!["refused".into()],
+        ..Faults::default()
+    });
+    let (s, _) = post(
+        &sim,
+        &tok,
+        "/Invoice",
+        json!([{"id": a, "add_lines": [{"_itemid": 500, "qty_order": 2, "item_shortdescription": "two"}]},
+               {"id": b, "add_lines": [{"_itemid": 500, "qty_order": 3, "item_shortdescription": "refused"}]}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(sim.partial_saves(), 1);
+    let got = get_json(&sim, &tok, &format!("/Invoice/{a}?includedetails=true")).await;
+    let descs: Vec<&str> = got["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["item_shortdescription"].as_str())
+        .collect();
+    assert_eq!(descs, ["one", "two"]);
+    let got = get_json(&sim, &tok, &format!("/Invoice/{b}?includedetails=true")).await;
+    assert_eq!(got["lines"], json!([]));
+
+    // Within one element: the add_lines before a refused one stay saved
+    // too (no transaction), and the request fails.
+    let (s, _) = post(
+        &sim,
+        &tok,
+        "/Invoice",
+        json!([{"id": b, "add_lines": [{"_itemid": 500, "qty_order": 4, "item_shortdescription": "four"},
+                                       {"_itemid": 500, "qty_order": 5, "item_shortdescription": "refused"}]}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(sim.partial_saves(), 2);
+    let got = get_json(&sim, &tok, &format!("/Invoice/{b}?includedetails=true")).await;
+    assert_eq!(got["lines"].as_array().map(Vec::len), Some(1));
+    assert_eq!(got["lines"][0]["item_shortdescription"], "four");
+    assert!(sim.ignored_properties().is_empty());
 }

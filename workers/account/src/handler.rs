@@ -19,13 +19,15 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use halosync_shared::contract::{AccountData, Envelope, Family, Version};
+use halosync_shared::halo::currency;
 use halosync_shared::halo::lines;
 use halosync_shared::halo::links::{self, Known, CUSTOMER};
+use halosync_shared::halo::models::{body, Area};
 use halosync_shared::halo::{record_id, HaloClient, HaloError};
 use halosync_shared::runtime::{Handler, Outcome, Services};
 use halosync_shared::store::Mapping;
 use halosync_shared::Failure;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::mapping::{client_record, exact_name_matches};
 
@@ -50,14 +52,18 @@ impl Handler for AccountHandler {
         let data: AccountData = event.data_as()?;
         let version = event.version()?;
         let store = &svc.store;
+        let currency = match &data.currency {
+            Some(code) => Some(currency::id(halo, store, code).await?),
+            None => None,
+        };
         let mapping = match links::resolve(store, halo, &CUSTOMER, &data.account_id).await? {
             Some(m) => m,
-            None => match adopt_or_create(svc, halo, &data, &version).await? {
+            None => match adopt_or_create(svc, halo, &data, currency, &version).await? {
                 Created::Ours => return Ok(Outcome::Applied),
                 Created::Theirs(m) | Created::Adopted(m) => m,
             },
         };
-        update(svc, halo, &data, &version, mapping).await
+        update(svc, halo, &data, currency, &version, mapping).await
     }
 
     fn batching(&self) -> bool {
@@ -89,6 +95,8 @@ const ARRAY_MAX: usize = 100;
 struct Work {
     data: AccountData,
     version: Version,
+    /// The `/Currency` id of `data.currency`.
+    currency: Option<i64>,
 }
 
 /// A batch of account events of one connection, one per account.
@@ -107,6 +115,7 @@ impl Batch {
                 Ok(Work {
                     version: e.version()?,
                     data,
+                    currency: None,
                 })
             });
             match parsed {
@@ -130,6 +139,7 @@ impl Batch {
         halo: &HaloClient,
         events: &[Envelope],
     ) -> Vec<Result<Outcome, Failure>> {
+        self.currencies(svc, halo).await;
         let live: Vec<usize> = self.live().map(|(i, _)| i).collect();
         let ids: Vec<String> = self
             .live()
@@ -177,6 +187,37 @@ impl Batch {
             });
         }
         out
+    }
+
+    /// The `/Currency` id of every event's currency: one look-up for the
+    /// batch (Redis; HaloPSA once when a code is new to the cache). A code
+    /// HaloPSA lacks fails its event `unmapped`.
+    async fn currencies(&mut self, svc: &Services, halo: &HaloClient) {
+        let codes: Vec<(usize, String)> = self
+            .live()
+            .filter_map(|(i, w)| w.data.currency.clone().map(|c| (i, c)))
+            .collect();
+        if codes.is_empty() {
+            return;
+        }
+        let wanted: Vec<&str> = codes.iter().map(|(_, c)| c.as_str()).collect();
+        let found = currency::ids(halo, &svc.store, &wanted).await;
+        for (i, code) in codes {
+            let id = match &found {
+                Ok(map) => map.get(&currency::normalise(&code)).copied().flatten(),
+                Err(f) => {
+                    self.results[i] = Some(Err(f.clone()));
+                    continue;
+                }
+            };
+            match (id, self.work.get_mut(i).and_then(Option::as_mut)) {
+                (Some(id), Some(w)) => w.currency = Some(id),
+                (None, _) => {
+                    self.results[i] = Some(Err(currency::not_set_up(&currency::normalise(&code))))
+                }
+                (Some(_), None) => {}
+            }
+        }
     }
 
     /// After an update or version array failed (resending a merge is
@@ -238,16 +279,26 @@ impl Batch {
             }
             return;
         }
-        let bodies: Vec<Value> = creates
+        let bodies: Result<Vec<Value>, Failure> = creates
             .iter()
             .filter_map(|&i| self.work(i))
             .map(|w| {
-                let mut body = client_record(&w.data, None, conn);
-                body["new_external_link"] =
-                    links::new_link(&CUSTOMER, &w.data.account_id, &w.version);
-                body
+                body(&Area {
+                    new_external_link: Some(links::new_link(
+                        &CUSTOMER,
+                        &w.data.account_id,
+                        &w.version,
+                    )),
+                    ..client_record(&w.data, w.currency, None, conn)
+                })
             })
             .collect();
+        // A value out of the model's range: each event on its own, which
+        // fails the one it is.
+        let Ok(bodies) = bodies else {
+            let _ = svc.store.not_created(&conn.name, CUSTOMER.name, &ids).await;
+            return;
+        };
         // Saved records by position, when the answer came and lines up
         // (response shape UNCONFIRMED: one object for one element).
         let saved: Vec<Value> = match halo.post_each("/Client", bodies).await {
@@ -310,34 +361,33 @@ impl Batch {
             .into_iter()
             .filter(|(i, _)| self.work(*i).is_some())
             .collect();
-        let bodies: Vec<Value> = updates
+        let bodies: Result<Vec<Value>, Failure> = updates
             .iter()
             .filter_map(|(i, m)| {
                 self.work(*i)
-                    .map(|w| client_record(&w.data, Some(m.halo_id), conn))
+                    .map(|w| body(&client_record(&w.data, w.currency, Some(m.halo_id), conn)))
             })
             .collect();
+        // A value out of the model's range: each event on its own.
+        let Ok(bodies) = bodies else { return };
         if let Err(e) = halo.post("/Client", bodies).await {
             self.array_failed(e, updates.iter().map(|(i, _)| *i), "customer update");
             return;
         }
-        let versions: Vec<Value> = updates
+        let versions: Result<Vec<Value>, Failure> = updates
             .iter()
             .filter_map(|(i, m)| self.work(*i).map(|w| (w, m)))
             .map(|(w, m)| {
-                let encoded = w.version.encode();
-                match m.link_id {
-                    Some(id) => json!({"id": id, "third_party_secondary_id": encoded}),
-                    None => json!({
-                        "halo_id": m.halo_id,
-                        "table_id": CUSTOMER.table_id,
-                        "third_party_id": w.data.account_id,
-                        "third_party_type": CUSTOMER.third_party_type,
-                        "third_party_secondary_id": encoded,
-                    }),
-                }
+                body(&links::link_record(
+                    &CUSTOMER,
+                    &w.data.account_id,
+                    m.halo_id,
+                    m.link_id,
+                    Some(&w.version),
+                ))
             })
             .collect();
+        let Ok(versions) = versions else { return };
         let saved = match halo.post("/ExternalLink", versions).await {
             Ok(s) => s,
             Err(e) => {
@@ -387,6 +437,7 @@ async fn update(
     svc: &Services,
     halo: &HaloClient,
     data: &AccountData,
+    currency: Option<i64>,
     version: &Version,
     mut mapping: Mapping,
 ) -> Result<Outcome, Failure> {
@@ -396,8 +447,13 @@ async fn update(
     {
         return Ok(Outcome::Superseded);
     }
-    let body = client_record(data, Some(mapping.halo_id), halo.connection());
-    if let Err(e) = halo.save("/Client", body).await {
+    let record = body(&client_record(
+        data,
+        currency,
+        Some(mapping.halo_id),
+        halo.connection(),
+    ))?;
+    if let Err(e) = halo.save("/Client", record).await {
         if matches!(e.status(), Some(400 | 404))
             && links::drop_if_stale(
                 &svc.store,
@@ -431,6 +487,7 @@ async fn adopt_or_create(
     svc: &Services,
     halo: &HaloClient,
     data: &AccountData,
+    currency: Option<i64>,
     version: &Version,
 ) -> Result<Created, Failure> {
     let conn = halo.connection();
@@ -486,8 +543,10 @@ async fn adopt_or_create(
             }
         }
     }
-    let mut body = client_record(data, None, conn);
-    body["new_external_link"] = links::new_link(&CUSTOMER, &data.account_id, version);
+    let record = body(&Area {
+        new_external_link: Some(links::new_link(&CUSTOMER, &data.account_id, version)),
+        ..client_record(data, currency, None, conn)
+    })?;
     svc.store
         .creating(
             &conn.name,
@@ -496,7 +555,7 @@ async fn adopt_or_create(
             svc.config().worker.http_timeout,
         )
         .await?;
-    let saved = halo.save("/Client", body).await?;
+    let saved = halo.save("/Client", record).await?;
     let created = record_id(&saved)
         .ok_or_else(|| Failure::transient("HaloPSA saved the customer but returned no id"))?;
     let (mut mapping, won) = links::settle_after_create(

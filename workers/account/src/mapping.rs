@@ -3,38 +3,37 @@
 
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::AccountData;
-use serde_json::{json, Map, Value};
+use halosync_shared::halo::models::{Area, Int32};
+use serde_json::Value;
 
-/// The `/Client` body for this account's state.
+/// The `/Client` record (`Area`) for this account's state.
 ///
 /// * `inactive` is the negation of `active` (HaloPSA's flag is `inactive`);
 ///   deactivation never deletes.
 /// * The name is written on create, and on update only when the
 ///   connection's `overwrite_names` allows it (an MSP may rename the
 ///   customer in HaloPSA).
+/// * The currency is the id of HaloPSA's `/Currency` row for the event's
+///   ISO code (`currency`, looked up by the caller through
+///   `halo::currency`): `default_currency_code` is an int32 id.
 /// * Optional fields the event leaves out or sets to null are left as they
 ///   are in HaloPSA rather than cleared: an MSP may have filled them in.
-pub fn client_record(data: &AccountData, id: Option<i64>, policy: &ConnectionConfig) -> Value {
-    let mut m = Map::new();
-    if let Some(id) = id {
-        m.insert("id".into(), json!(id));
+pub fn client_record(
+    data: &AccountData,
+    currency: Option<i64>,
+    id: Option<i64>,
+    policy: &ConnectionConfig,
+) -> Area {
+    Area {
+        id: id.map(Int32),
+        name: (id.is_none() || policy.overwrite_names).then(|| data.name.trim().to_string()),
+        inactive: Some(!data.active),
+        website: data.website.clone(),
+        tax_number: data.tax_number.clone(),
+        default_currency_code: currency.map(Int32),
+        notes: data.notes.clone(),
+        new_external_link: None,
     }
-    if id.is_none() || policy.overwrite_names {
-        m.insert("name".into(), json!(data.name.trim()));
-    }
-    m.insert("inactive".into(), json!(!data.active));
-    let optional = [
-        ("website", &data.website),
-        ("tax_number", &data.tax_number),
-        ("default_currency_code", &data.currency),
-        ("notes", &data.notes),
-    ];
-    for (key, value) in optional {
-        if let Some(v) = value {
-            m.insert(key.into(), json!(v));
-        }
-    }
-    Value::Object(m)
 }
 
 /// Exact-name matches among `/Client` rows (HaloPSA's `search` is a LIKE
@@ -55,6 +54,8 @@ pub fn exact_name_matches(rows: &[Value], name: &str) -> Vec<i64> {
 mod tests {
     use super::*;
     use halosync_shared::config::Secret;
+    use halosync_shared::halo::models::body;
+    use serde_json::json;
     use std::collections::BTreeMap;
     use std::time::Duration;
 
@@ -90,11 +91,17 @@ mod tests {
 
     #[test]
     fn create_carries_name_and_fields() {
-        let v = client_record(&account(true), None, &policy(false));
+        let v = body(&client_record(
+            &account(true),
+            Some(2),
+            None,
+            &policy(false),
+        ))
+        .unwrap();
         assert_eq!(v["name"], "Contoso Ltd");
         assert_eq!(v["inactive"], false);
         assert_eq!(v["website"], "https://contoso.example");
-        assert_eq!(v["default_currency_code"], "GBP");
+        assert_eq!(v["default_currency_code"], 2);
         assert!(v.get("id").is_none());
         assert!(
             v.get("tax_number").is_none(),
@@ -104,19 +111,25 @@ mod tests {
 
     #[test]
     fn deactivation_sets_inactive() {
-        let v = client_record(&account(false), Some(7), &policy(true));
+        let v = body(&client_record(
+            &account(false),
+            None,
+            Some(7),
+            &policy(true),
+        ))
+        .unwrap();
         assert_eq!(v["id"], 7);
         assert_eq!(v["inactive"], true);
     }
 
     #[test]
     fn update_respects_the_name_policy() {
-        assert!(client_record(&account(true), Some(7), &policy(false))
-            .get("name")
+        assert!(client_record(&account(true), None, Some(7), &policy(false))
+            .name
             .is_none());
         assert_eq!(
-            client_record(&account(true), Some(7), &policy(true))["name"],
-            "Contoso Ltd"
+            client_record(&account(true), None, Some(7), &policy(true)).name,
+            Some("Contoso Ltd".to_string())
         );
     }
 

@@ -19,7 +19,10 @@
 //!    `item_internal_reference`, applied version in
 //!    `item_external_reference`). An event not newer than the version on
 //!    its line (or in the cache) is `Superseded`.
-//! 3. Per invoice: the new lines in `POST /Invoice/Lines` arrays, the
+//!    A period without an invoice gets it created with the batch's lines
+//!    of that period inline (one `POST /Invoice`: header, link, lines).
+//! 3. Per invoice: the new lines in `POST /Invoice` arrays of
+//!    `[{id, add_lines}]` (HaloPSA has no `/Invoice/Lines`), the
 //!    updates in `POST /Invoice/updatelines` arrays, at most
 //!    `LINES_PER_REQUEST` lines each (`halo::lines`). A 400/422 answer to an array of several lines is
 //!    split in halves until the refused line is alone: it alone is
@@ -48,6 +51,7 @@ use halosync_shared::contract::{Envelope, Family, OverageData, Product, Version}
 use halosync_shared::halo::items;
 use halosync_shared::halo::lines::{self, Invoice};
 use halosync_shared::halo::links::{self, OVERAGE_INVOICE, SUBSCRIPTION};
+use halosync_shared::halo::models::{body, InvoiceDetail, InvoiceHeader};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
 use halosync_shared::store::{KeyKind, StateError};
@@ -111,11 +115,35 @@ impl Handler for OverageHandler {
         let mut results: Vec<Option<Result<Outcome, Failure>>> = vec![None; events.len()];
         let mut invoices: HashMap<String, i64> = HashMap::new();
         let mut by_invoice: BTreeMap<i64, Vec<Plan>> = BTreeMap::new();
+        // Events whose period has no invoice yet, by invoice billing id:
+        // the invoice is created with their lines inline.
+        let mut new_invoices: BTreeMap<String, Vec<Plan>> = BTreeMap::new();
         for (idx, e) in events.iter().enumerate() {
             match prepare(svc, halo, e, idx, &mut invoices).await {
                 Ok(Prepared::Done(o)) => results[idx] = Some(Ok(o)),
+                Ok(Prepared::Plan(p)) if p.ihid == NO_INVOICE => new_invoices
+                    .entry(mapping::invoice_billing_id(&p.data))
+                    .or_default()
+                    .push(*p),
                 Ok(Prepared::Plan(p)) => by_invoice.entry(p.ihid).or_default().push(*p),
                 Err(f) => results[idx] = Some(Err(f)),
+            }
+        }
+        for (_, plans) in new_invoices {
+            match create_invoice(svc, halo, plans, &mut invoices).await {
+                Ok((done, rest)) => {
+                    for (idx, r) in done {
+                        results[idx] = Some(r);
+                    }
+                    for p in rest {
+                        by_invoice.entry(p.ihid).or_default().push(p);
+                    }
+                }
+                Err((idxs, f)) => {
+                    for idx in idxs {
+                        results[idx] = Some(Err(f.clone()));
+                    }
+                }
             }
         }
         for (ihid, plans) in by_invoice {
@@ -130,6 +158,10 @@ impl Handler for OverageHandler {
     }
 }
 
+/// `Plan::ihid` of an event whose period has no invoice yet (HaloPSA's
+/// invoice ids are positive).
+const NO_INVOICE: i64 = 0;
+
 /// One event ready to be written.
 struct Plan {
     idx: usize,
@@ -137,7 +169,10 @@ struct Plan {
     version: Version,
     price: f64,
     item_id: i64,
+    /// The invoice, or [`NO_INVOICE`] while the period has none.
     ihid: i64,
+    /// The customer (for an invoice still to create).
+    customer: i64,
     cached: Option<Cached>,
 }
 
@@ -180,7 +215,9 @@ async fn prepare(
     // carrying its version, on an invoice created if need be): its version
     // must live in HaloPSA, or an older non-zero event arriving after Redis
     // was lost would put the withdrawn charge back.
-    let ihid = invoice_for(svc, halo, customer.halo_id, &data, invoices).await?;
+    let ihid = invoice_of(svc, halo, &data, invoices)
+        .await?
+        .unwrap_or(NO_INVOICE);
     let cached = cached.filter(|c| c.ihid == ihid);
     Ok(Prepared::Plan(Box::new(Plan {
         idx,
@@ -189,8 +226,99 @@ async fn prepare(
         price,
         item_id,
         ihid,
+        customer: customer.halo_id,
         cached,
     })))
+}
+
+/// The period's invoice when HaloPSA has one (Redis, else its link).
+async fn invoice_of(
+    svc: &Services,
+    halo: &HaloClient,
+    d: &OverageData,
+    memo: &mut HashMap<String, i64>,
+) -> Result<Option<i64>, Failure> {
+    let billing_id = mapping::invoice_billing_id(d);
+    if let Some(id) = memo.get(&billing_id) {
+        return Ok(Some(*id));
+    }
+    let found = links::resolve(&svc.store, halo, &OVERAGE_INVOICE, &billing_id).await?;
+    if let Some(m) = &found {
+        memo.insert(billing_id, m.halo_id);
+    }
+    Ok(found.map(|m| m.halo_id))
+}
+
+/// Events answered, and the plans still to write (on an invoice now known).
+type Created = (Vec<(usize, Result<Outcome, Failure>)>, Vec<Plan>);
+
+/// Creates the one-off invoice of a period that has none, with the first
+/// [`lines::LINES_PER_REQUEST`] lines of `plans` inline: one
+/// `POST /Invoice` for the header, its link and its lines. The events whose
+/// line went inline are answered; the others (more lines, or the invoice
+/// another worker created first) come back as plans on the invoice.
+async fn create_invoice(
+    svc: &Services,
+    halo: &HaloClient,
+    mut plans: Vec<Plan>,
+    memo: &mut HashMap<String, i64>,
+) -> Result<Created, (Vec<usize>, Failure)> {
+    let idxs: Vec<usize> = plans.iter().map(|p| p.idx).collect();
+    let Some(first) = plans.first() else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let d = first.data.clone();
+    let client_id = first.customer;
+    let inline: Vec<InvoiceDetail> = plans
+        .iter()
+        .take(lines::LINES_PER_REQUEST)
+        .map(|p| mapping::line(&p.data, p.price, None, None, p.item_id, &p.version))
+        .collect();
+    let answer: std::sync::Mutex<Option<(i64, Value)>> = std::sync::Mutex::new(None);
+    let mut inlined = inline.len();
+    let ihid = match invoice_for(svc, halo, client_id, &d, memo, inline, &answer).await {
+        Ok(id) => id,
+        // Refused: one line may be what HaloPSA refuses (an element is
+        // saved whole or not at all). The header alone, then the lines
+        // the usual way, which isolates a refused line.
+        Err(f) if f.class == halosync_shared::FailureClass::Rejected => {
+            tracing::info!(error = %f, "the invoice with its first lines was refused; creating it without lines");
+            inlined = 0;
+            invoice_for(svc, halo, client_id, &d, memo, Vec::new(), &answer)
+                .await
+                .map_err(|f| (idxs, f))?
+        }
+        Err(f) => return Err((idxs, f)),
+    };
+    let saved = answer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .filter(|(id, _)| *id == ihid);
+    for p in &mut plans {
+        p.ihid = ihid;
+        p.cached = None;
+    }
+    let Some((_, header)) = saved else {
+        // Found (or another worker's won): the lines go the usual way.
+        return Ok((Vec::new(), plans));
+    };
+    let rest = plans.split_off(plans.len().min(inlined));
+    let mut done = Vec::with_capacity(plans.len());
+    for p in plans {
+        // Saved with the header (one element is saved whole). The line's
+        // id from the answer is cached; without it the next event reads
+        // the header.
+        let line = mapping::lines_carrying(&header, &mapping::marker(&p.data))
+            .first()
+            .map(|f| f.0);
+        let r = match line {
+            Some(l) => remember(svc, halo, &p, Some(l)).await,
+            None => forget(svc, halo, &p.data).await,
+        };
+        done.push((p.idx, r.map(|_| Outcome::Applied)));
+    }
+    Ok((done, rest))
 }
 
 /// The HaloPSA item of the charge, from the connection's `[items]` map
@@ -283,13 +411,16 @@ async fn subscription_sku(
     Ok(product.sku)
 }
 
-/// The one-off invoice of (account, period), created once.
+/// The one-off invoice of (account, period), created once, with `inline`
+/// as its first lines; the answer of a create goes to `created`.
 async fn invoice_for(
     svc: &Services,
     halo: &HaloClient,
     client_id: i64,
     d: &OverageData,
     memo: &mut HashMap<String, i64>,
+    inline: Vec<InvoiceDetail>,
+    created: &std::sync::Mutex<Option<(i64, Value)>>,
 ) -> Result<i64, Failure> {
     let billing_id = mapping::invoice_billing_id(d);
     if let Some(id) = memo.get(&billing_id) {
@@ -305,12 +436,16 @@ async fn invoice_for(
         w.lock_ttl,
         w.lock_wait,
         || async {
-            let mut body = mapping::invoice_record(client_id, d);
-            body["new_external_link"] = links::new_plain_link(&OVERAGE_INVOICE, &billing_id);
-            let saved = halo.save("/Invoice", body).await?;
+            let header = InvoiceHeader {
+                new_external_link: Some(links::new_plain_link(&OVERAGE_INVOICE, &billing_id)),
+                lines: Some(inline),
+                ..mapping::invoice_record(client_id, d)
+            };
+            let saved = halo.save("/Invoice", body(&header)?).await?;
             let id = record_id(&saved).ok_or_else(|| {
                 Failure::transient("HaloPSA saved the overage invoice but returned no id")
             })?;
+            *created.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, saved));
             tracing::info!(
                 halo_id = id,
                 customer = client_id,
@@ -319,7 +454,8 @@ async fn invoice_for(
             Ok(id)
         },
         |dup| async move {
-            // Our own duplicate header, created moments ago, with no lines.
+            // Our own duplicate header, created moments ago: its lines
+            // are our own too, and go to the winner the usual way.
             halo.delete(&format!("/Invoice/{dup}"))
                 .await
                 .map(|_| ())
@@ -465,21 +601,55 @@ async fn apply_invoice(
         work.push((p, op));
     }
 
-    let mut adds: Vec<(usize, Value)> = Vec::new();
-    let mut updates: Vec<(usize, Value)> = Vec::new();
+    let mut adds: Vec<(usize, Result<Value, Failure>)> = Vec::new();
+    let mut updates: Vec<(usize, Result<Value, Failure>)> = Vec::new();
     for (k, (p, op)) in work.iter().enumerate() {
         match op {
             Op::Add => adds.push((
                 k,
-                mapping::line(&p.data, p.price, ihid, None, p.item_id, &p.version),
+                body(&mapping::line(
+                    &p.data,
+                    p.price,
+                    Some(ihid),
+                    None,
+                    p.item_id,
+                    &p.version,
+                )),
             )),
             Op::Update { line, .. } => updates.push((
                 k,
-                mapping::line(&p.data, p.price, ihid, Some(*line), p.item_id, &p.version),
+                body(&mapping::line(
+                    &p.data,
+                    p.price,
+                    Some(ihid),
+                    Some(*line),
+                    p.item_id,
+                    &p.version,
+                )),
             )),
         }
     }
     let mut written: HashMap<usize, Result<Option<i64>, Failure>> = HashMap::new();
+    let adds: Vec<(usize, Value)> = adds
+        .into_iter()
+        .filter_map(|(k, b)| match b {
+            Ok(b) => Some((k, b)),
+            Err(f) => {
+                written.insert(k, Err(f));
+                None
+            }
+        })
+        .collect();
+    let updates: Vec<(usize, Value)> = updates
+        .into_iter()
+        .filter_map(|(k, b)| match b {
+            Ok(b) => Some((k, b)),
+            Err(f) => {
+                written.insert(k, Err(f));
+                None
+            }
+        })
+        .collect();
     for (k, r) in lines::add(halo, Invoice::OneOff, adds).await {
         written.insert(k, r.map(|saved| saved.as_ref().and_then(record_id)));
     }

@@ -24,8 +24,9 @@
 
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{OverageData, Version};
+use halosync_shared::halo::models::{DateTime, Int32, InvoiceDetail, InvoiceHeader};
 use halosync_shared::Failure;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// The invoice-line field that carries the aggregate's marker.
 pub const LINE_ID_FIELD: &str = "item_internal_reference";
@@ -98,45 +99,50 @@ pub fn unmapped(conn: &ConnectionConfig, tried: &[String]) -> Failure {
     halosync_shared::halo::items::unmapped(conn, "this overage", tried)
 }
 
-/// The one-off invoice header of (customer, period), created on first need.
-pub fn invoice_record(client_id: i64, d: &OverageData) -> Value {
-    json!({
-        "client_id": client_id,
-        "invoice_date": d.period_end,
-        "reference": format!("halosync overage {} to {}", d.period_start, d.period_end),
-        "notes": format!(
+/// The one-off invoice header of (customer, period), created on first need
+/// (with the period's first lines inline: [`InvoiceHeader::lines`]). The
+/// note is `notes_1` (the model has no `notes`).
+pub fn invoice_record(client_id: i64, d: &OverageData) -> InvoiceHeader {
+    InvoiceHeader {
+        client_id: Some(Int32(client_id)),
+        invoice_date: Some(DateTime(d.period_end.clone())),
+        reference: Some(format!(
+            "halosync overage {} to {}",
+            d.period_start, d.period_end
+        )),
+        notes_1: Some(format!(
             "Managed by halosync: overage charges of account {} for {} to {}. Lines are updated by the billing platform's events.",
             d.account_id, d.period_start, d.period_end
-        ),
-    })
+        )),
+        ..InvoiceHeader::default()
+    }
 }
 
-/// The full state of the charge line (for add and update alike).
+/// The full state of the charge line (for add and update alike). `ihid`
+/// is `None` for a line sent inline with its new header.
 pub fn line(
     d: &OverageData,
     price: f64,
-    ihid: i64,
+    ihid: Option<i64>,
     line_id: Option<i64>,
     item_id: i64,
     version: &Version,
-) -> Value {
+) -> InvoiceDetail {
     let zero = d.overage_quantity <= 0.0;
-    let mut v = json!({
-        "ihid": ihid,
-        "_itemid": item_id,
-        "item_shortdescription": description(d),
-        "qty_order": if zero { 0.0 } else { d.overage_quantity },
-        "unit_price": price,
-        "startdate": d.period_start,
-        "enddate": d.period_end,
-        "isinactive": zero,
-        LINE_ID_FIELD: marker(d),
-        LINE_VERSION_FIELD: version.encode(),
-    });
-    if let Some(id) = line_id {
-        v["id"] = json!(id);
+    InvoiceDetail {
+        id: line_id.map(Int32),
+        ihid: ihid.map(Int32),
+        itemid: Some(Int32(item_id)),
+        item_shortdescription: Some(description(d)),
+        qty_order: Some(if zero { 0.0 } else { d.overage_quantity }),
+        unit_price: Some(price),
+        unit_cost: None,
+        startdate: Some(DateTime(d.period_start.clone())),
+        enddate: Some(Some(DateTime(d.period_end.clone()))),
+        isinactive: Some(zero),
+        item_internal_reference: Some(marker(d)),
+        item_external_reference: Some(version.encode()),
     }
-    v
 }
 
 /// The lines of a header (`lines` of `GET /Invoice/{id}?includedetails`),
@@ -167,6 +173,8 @@ pub fn lines_carrying(header: &Value, marker: &str) -> Vec<(i64, Option<Version>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use halosync_shared::halo::models::body;
+    use serde_json::json;
 
     fn data(q: f64) -> OverageData {
         OverageData {
@@ -186,7 +194,7 @@ mod tests {
     #[test]
     fn line_carries_period_marker_and_version() {
         let v = Version::decode("s=3;t=2026-11-23T10:00:00Z").unwrap();
-        let l = line(&data(12.5), 0.25, 7, Some(9), 1001, &v);
+        let l = body(&line(&data(12.5), 0.25, Some(7), Some(9), 1001, &v)).unwrap();
         assert_eq!(l["qty_order"], 12.5);
         assert_eq!(l["id"], 9);
         assert_eq!(l["startdate"], "2026-11-01");
@@ -201,7 +209,7 @@ mod tests {
             l["item_shortdescription"],
             "storage_gb overage 2026-11-01 to 2026-11-30: 12.5 over 100 included"
         );
-        let z = line(&data(0.0), 0.25, 7, Some(9), 1001, &v);
+        let z = body(&line(&data(0.0), 0.25, Some(7), Some(9), 1001, &v)).unwrap();
         assert_eq!(z["qty_order"], 0.0);
         assert_eq!(z["isinactive"], true);
     }

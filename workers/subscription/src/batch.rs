@@ -24,11 +24,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use halosync_shared::contract::{Envelope, Product, SubscriptionData, Version};
 use halosync_shared::halo::lines::{self, Invoice};
 use halosync_shared::halo::links::{self, Known, CUSTOMER, RECURRING_INVOICE, SUBSCRIPTION};
+use halosync_shared::halo::models::{body, InvoiceHeader};
 use halosync_shared::halo::{record_id, HaloClient};
 use halosync_shared::runtime::{Outcome, Services};
 use halosync_shared::store::Mapping;
 use halosync_shared::{Failure, FailureClass};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::invoice::{self, CachedLine};
 use crate::mapping::{licence_record, line_update, new_line, Terms};
@@ -364,10 +365,13 @@ async fn create_under_locks(
     // Licences.
     let mut licence: HashMap<usize, i64> = HashMap::new();
     for (c, chunk) in new.chunks(ARRAY_MAX).enumerate() {
-        let bodies: Vec<Value> = chunk
+        let bodies: Result<Vec<Value>, Failure> = chunk
             .iter()
             .map(|(_, w)| licence_record(&w.data, &w.terms, w.customer_id, None, &w.marker, policy))
             .collect();
+        // A value the model cannot hold: the one-event path fails the one
+        // event it is.
+        let Ok(bodies) = bodies else { continue };
         let saved = match halo.post_each("/SoftwareLicence", bodies).await {
             Ok(rows) => rows,
             Err(None) => continue,
@@ -423,8 +427,11 @@ async fn create_under_locks(
         .enumerate()
         .filter(|(k, _)| licence.contains_key(k))
         .filter_map(|(k, (_, w))| {
-            w.ihid
-                .map(|ihid| (k, new_line(&w.data, &w.terms, ihid, w.item_id, &w.marker)))
+            w.ihid.and_then(|ihid| {
+                new_line(&w.data, &w.terms, Some(ihid), w.item_id, &w.marker)
+                    .ok()
+                    .map(|l| (k, l))
+            })
         })
         .collect();
     let ihid_of: HashMap<usize, i64> = adds
@@ -459,27 +466,28 @@ async fn create_under_locks(
     let mut invoices: Vec<(String, Mapping)> = Vec::new();
     let mut scanned: Vec<i64> = Vec::new();
     for chunk in headers.chunks(ARRAY_MAX) {
-        let bodies: Vec<Value> = chunk
+        let bodies: Result<Vec<Value>, Failure> = chunk
             .iter()
             .map(|(account, ks)| {
                 let w = &new[ks[0]].1;
-                let mut body = lines::recurring_invoice_record(w.customer_id, account);
-                body["new_external_link"] = links::new_plain_link(&RECURRING_INVOICE, account);
-                body["lines"] = Value::Array(
-                    ks.iter()
-                        .map(|&k| {
-                            let w = &new[k].1;
-                            let mut l = new_line(&w.data, &w.terms, 0, w.item_id, &w.marker);
-                            if let Some(m) = l.as_object_mut() {
-                                m.remove("ihid");
-                            }
-                            l
-                        })
-                        .collect(),
-                );
-                body
+                let mut header = body(&InvoiceHeader {
+                    new_external_link: Some(links::new_plain_link(&RECURRING_INVOICE, account)),
+                    ..lines::recurring_invoice_record(w.customer_id, account)
+                })?;
+                let first_lines = ks
+                    .iter()
+                    .map(|&k| {
+                        let w = &new[k].1;
+                        new_line(&w.data, &w.terms, None, w.item_id, &w.marker)
+                    })
+                    .collect::<Result<Vec<Value>, Failure>>()?;
+                if let Some(h) = header.as_object_mut() {
+                    h.insert("lines".into(), Value::Array(first_lines));
+                }
+                Ok(header)
             })
             .collect();
+        let Ok(bodies) = bodies else { continue };
         let saved = match halo.post_each("/RecurringInvoice", bodies).await {
             Ok(rows) => rows,
             Err(None) => continue,
@@ -543,19 +551,20 @@ async fn create_under_locks(
         d
     };
     for chunk in done.chunks(ARRAY_MAX) {
-        let bodies: Vec<Value> = chunk
+        let bodies = chunk
             .iter()
             .map(|&k| {
                 let w = &new[k].1;
-                json!({
-                    "halo_id": licence[&k],
-                    "table_id": SUBSCRIPTION.table_id,
-                    "third_party_id": w.data.subscription_id,
-                    "third_party_type": SUBSCRIPTION.third_party_type,
-                    "third_party_secondary_id": w.version.encode(),
-                })
+                body(&links::link_record(
+                    &SUBSCRIPTION,
+                    &w.data.subscription_id,
+                    licence[&k],
+                    None,
+                    Some(&w.version),
+                ))
             })
-            .collect();
+            .collect::<Result<Vec<Value>, Failure>>();
+        let Ok(bodies) = bodies else { continue };
         let saved = match halo.post_each("/ExternalLink", bodies).await {
             Ok(rows) => rows,
             Err(None) => continue,
@@ -618,7 +627,7 @@ async fn apply_chunk(
     // Licences. A failed array (refused in part, lost answer) leaves all
     // its events to the one-event path: updates merge, resending is
     // harmless, and that path tells a stale mapping from a real refusal.
-    let bodies: Vec<Value> = chunk
+    let bodies: Result<Vec<Value>, Failure> = chunk
         .iter()
         .map(|(_, w)| {
             licence_record(
@@ -631,6 +640,9 @@ async fn apply_chunk(
             )
         })
         .collect();
+    // A value the model cannot hold: the one-event path fails the one
+    // event it is.
+    let Ok(bodies) = bodies else { return };
     if let Err(e) = halo.post("/SoftwareLicence", bodies).await {
         lines::settle_array_failure(e, "licence", chunk.iter().map(|(i, _)| *i), results);
         return;
@@ -641,13 +653,12 @@ async fn apply_chunk(
     let bodies: Vec<(usize, Value)> = chunk
         .iter()
         .enumerate()
-        .map(|(k, (_, w))| {
-            (
-                k,
-                line_update(
-                    &w.data, &w.terms, w.ihid, w.line, w.item_id, &w.marker, policy,
-                ),
+        .filter_map(|(k, (_, w))| {
+            line_update(
+                &w.data, &w.terms, w.ihid, w.line, w.item_id, &w.marker, policy,
             )
+            .ok()
+            .map(|l| (k, l))
         })
         .collect();
     let mut written: Vec<usize> = Vec::new();

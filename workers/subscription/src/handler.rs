@@ -252,7 +252,7 @@ impl Ctx<'_> {
             Some(m.halo_id),
             self.marker,
             self.halo.connection(),
-        );
+        )?;
         let Err(e) = self.halo.save("/SoftwareLicence", body).await else {
             return Ok(());
         };
@@ -291,7 +291,7 @@ impl Ctx<'_> {
             None,
             self.marker,
             self.halo.connection(),
-        );
+        )?;
         self.svc
             .store
             .creating(

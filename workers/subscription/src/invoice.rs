@@ -115,8 +115,8 @@ pub(crate) async fn leave_previous_invoice(cx: &Ctx<'_>, before: Before) -> Resu
         .iter()
         .flat_map(|(old, ids)| ids.iter().map(move |l| (*old, *l)))
         .enumerate()
-        .map(|(k, (old, l))| (k, moved_line(old, l, cx.marker, &cx.data.account_id)))
-        .collect();
+        .map(|(k, (old, l))| moved_line(old, l, cx.marker, &cx.data.account_id).map(|b| (k, b)))
+        .collect::<Result<_, Failure>>()?;
     if bodies.is_empty() {
         return Ok(());
     }
@@ -156,7 +156,7 @@ pub(crate) async fn sync_line(
 ) -> Result<(), Failure> {
     let ihid = recurring_invoice(cx).await?;
     if let Some(line) = cached_line(cx, ihid).await? {
-        match post_update(cx, ihid, line).await {
+        match post_update(cx, ihid, line).await? {
             Ok(()) => return Ok(()),
             Err(e) if matches!(e.status(), Some(400 | 404)) => {
                 tracing::info!(line, ihid, error = %e, "the cached line was refused; looking it up again");
@@ -249,10 +249,11 @@ async fn read_header(cx: &Ctx<'_>, ihid: i64) -> Result<Value, Failure> {
 
 /// Writes the event's state onto line `line`.
 async fn update_line(cx: &Ctx<'_>, ihid: i64, line: i64) -> Result<(), Failure> {
-    post_update(cx, ihid, line).await.map_err(Failure::from)
+    post_update(cx, ihid, line).await?.map_err(Failure::from)
 }
 
-async fn post_update(cx: &Ctx<'_>, ihid: i64, line: i64) -> Result<(), HaloError> {
+/// `Err`: the body could not be built; `Ok(Err)`: HaloPSA's answer.
+async fn post_update(cx: &Ctx<'_>, ihid: i64, line: i64) -> Result<Result<(), HaloError>, Failure> {
     let body = line_update(
         cx.data,
         cx.terms,
@@ -261,17 +262,18 @@ async fn post_update(cx: &Ctx<'_>, ihid: i64, line: i64) -> Result<(), HaloError
         cx.item_id,
         cx.marker,
         cx.halo.connection(),
-    );
-    cx.halo
+    )?;
+    Ok(cx
+        .halo
         .post("/RecurringInvoice/updatelines", vec![body])
         .await
-        .map(|_| ())
+        .map(|_| ()))
 }
 
 /// Adds the line, then re-reads the header: if another worker added one
 /// too, the lowest id is kept and ours retired.
 async fn add_line(cx: &Ctx<'_>, ihid: i64) -> Result<i64, Failure> {
-    let body = new_line(cx.data, cx.terms, ihid, cx.item_id, cx.marker);
+    let body = new_line(cx.data, cx.terms, Some(ihid), cx.item_id, cx.marker)?;
     let saved = match cx.halo.post("/RecurringInvoice/Lines", vec![body]).await {
         Ok(saved) => saved,
         Err(e) if matches!(e.status(), Some(400 | 404)) => {

@@ -48,9 +48,10 @@
 
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{SubscriptionData, Version};
+use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail, LicenceList};
 use halosync_shared::halo::record_id;
 use halosync_shared::Failure;
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 /// The licence field that carries the subscription's marker.
 pub const LICENCE_ID_FIELD: &str = "thirdparty_client_id";
@@ -75,7 +76,9 @@ pub struct Terms {
 
 impl Terms {
     pub fn of(data: &SubscriptionData, version: &Version) -> Result<Terms, Failure> {
-        let quantity = i64::try_from(data.quantity)
+        // `count` is an int32 in HaloPSA's document.
+        let quantity = i32::try_from(data.quantity)
+            .map(i64::from)
             .map_err(|_| Failure::invalid(format!("quantity {} is too large", data.quantity)))?;
         Ok(Terms {
             quantity,
@@ -131,60 +134,46 @@ pub fn licence_record(
     id: Option<i64>,
     marker: &str,
     policy: &ConnectionConfig,
-) -> Value {
+) -> Result<Value, Failure> {
     let creating = id.is_none();
-    let mut m = Map::new();
-    if let Some(id) = id {
-        m.insert("id".into(), json!(id));
-    }
-    m.insert("client_id".into(), json!(client_id));
-    if creating || policy.overwrite_names {
-        m.insert("name".into(), json!(data.product.name.trim()));
-    }
-    m.insert("count".into(), json!(terms.quantity));
-    m.insert("start_date".into(), json!(halo_date(&data.start_date)));
-    match &data.end_date {
-        Some(end) => {
-            m.insert("end_date".into(), json!(halo_date(end)));
-        }
-        None if !creating => {
-            m.insert("end_date".into(), Value::Null);
-        }
-        None => {}
-    }
-    m.insert("billing_cycle".into(), json!(data.billing_cycle));
-    m.insert("status".into(), json!(data.status));
-    m.insert("is_active".into(), json!(terms.active));
-    m.insert("product_sku".into(), json!(data.product.sku));
-    if creating || policy.overwrite_prices {
-        m.insert("price".into(), json!(terms.unit_price));
-        if let Some(cost) = terms.unit_cost {
-            m.insert("purchase_price".into(), json!(cost));
-        }
-    }
-    m.insert(LICENCE_ID_FIELD.into(), json!(marker));
-    Value::Object(m)
+    let prices = creating || policy.overwrite_prices;
+    body(&LicenceList {
+        id: id.map(Int32),
+        client_id: Some(Int32(client_id)),
+        name: (creating || policy.overwrite_names).then(|| data.product.name.trim().to_string()),
+        count: Some(Int32(terms.quantity)),
+        start_date: Some(DateTime(halo_date(&data.start_date))),
+        end_date: match &data.end_date {
+            Some(end) => Some(Some(DateTime(halo_date(end)))),
+            None if !creating => Some(None),
+            None => None,
+        },
+        billing_cycle: Some(data.billing_cycle.clone()),
+        status: Some(data.status.clone()),
+        is_active: Some(terms.active),
+        product_sku: Some(data.product.sku.clone()),
+        price: prices.then_some(terms.unit_price),
+        purchase_price: terms.unit_cost.filter(|_| prices),
+        thirdparty_client_id: Some(marker.to_string()),
+    })
 }
 
-/// A new line for `POST /RecurringInvoice/Lines`. Prices and description
-/// are always set on create.
+/// A new line for `POST /RecurringInvoice/Lines` (or, with `ihid` `None`,
+/// inline in a new header's `lines`). Prices and description are always
+/// set on create.
 pub fn new_line(
     data: &SubscriptionData,
     terms: &Terms,
-    ihid: i64,
+    ihid: Option<i64>,
     item_id: i64,
     marker: &str,
-) -> Value {
-    let mut m = line_common(data, terms, ihid, item_id, marker);
-    m.insert(
-        "item_shortdescription".into(),
-        json!(data.product.name.trim()),
-    );
-    m.insert("unit_price".into(), json!(terms.unit_price));
-    if let Some(cost) = terms.unit_cost {
-        m.insert("unit_cost".into(), json!(cost));
-    }
-    Value::Object(m)
+) -> Result<Value, Failure> {
+    body(&InvoiceDetail {
+        item_shortdescription: Some(data.product.name.trim().to_string()),
+        unit_price: Some(terms.unit_price),
+        unit_cost: terms.unit_cost,
+        ..line_common(data, terms, ihid, item_id, marker)
+    })
 }
 
 /// An existing line's update for `POST /RecurringInvoice/updatelines`:
@@ -198,57 +187,62 @@ pub fn line_update(
     item_id: i64,
     marker: &str,
     policy: &ConnectionConfig,
-) -> Value {
-    let mut m = line_common(data, terms, ihid, item_id, marker);
-    m.insert("id".into(), json!(line_id));
-    // No end (see `licence_record`): clear one an earlier event set.
-    m.entry("enddate").or_insert(Value::Null);
-    if policy.overwrite_names {
-        m.insert(
-            "item_shortdescription".into(),
-            json!(data.product.name.trim()),
-        );
-    }
-    if policy.overwrite_prices {
-        m.insert("unit_price".into(), json!(terms.unit_price));
-        if let Some(cost) = terms.unit_cost {
-            m.insert("unit_cost".into(), json!(cost));
-        }
-    }
-    Value::Object(m)
+) -> Result<Value, Failure> {
+    let common = line_common(data, terms, Some(ihid), item_id, marker);
+    body(&InvoiceDetail {
+        id: Some(Int32(line_id)),
+        // No end (see `licence_record`): clear one an earlier event set.
+        enddate: Some(common.enddate.clone().flatten()),
+        item_shortdescription: policy
+            .overwrite_names
+            .then(|| data.product.name.trim().to_string()),
+        unit_price: policy.overwrite_prices.then_some(terms.unit_price),
+        unit_cost: terms.unit_cost.filter(|_| policy.overwrite_prices),
+        ..common
+    })
 }
 
 fn line_common(
     data: &SubscriptionData,
     terms: &Terms,
-    ihid: i64,
+    ihid: Option<i64>,
     item_id: i64,
     marker: &str,
-) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("ihid".into(), json!(ihid));
-    m.insert("_itemid".into(), json!(item_id));
-    m.insert("qty_order".into(), json!(terms.quantity as f64));
-    m.insert("isinactive".into(), json!(!terms.active));
-    m.insert("startdate".into(), json!(halo_date(&data.start_date)));
-    if let Some(end) = &data.end_date {
-        m.insert("enddate".into(), json!(halo_date(end)));
+) -> InvoiceDetail {
+    InvoiceDetail {
+        ihid: ihid.map(Int32),
+        itemid: Some(Int32(item_id)),
+        qty_order: Some(terms.quantity as f64),
+        isinactive: Some(!terms.active),
+        startdate: Some(DateTime(halo_date(&data.start_date))),
+        enddate: data
+            .end_date
+            .as_ref()
+            .map(|end| Some(DateTime(halo_date(end)))),
+        item_internal_reference: Some(marker.to_string()),
+        item_external_reference: Some(terms.version.clone()),
+        ..InvoiceDetail::default()
     }
-    m.insert(LINE_ID_FIELD.into(), json!(marker));
-    m.insert(LINE_VERSION_FIELD.into(), json!(terms.version));
-    m
 }
 
 /// Retires the line a subscription had on its previous customer's invoice
 /// when it moved to another account: inactive, quantity 0, and a marker
 /// that no longer matches (the line stays for the MSP's history).
-pub fn moved_line(ihid: i64, line_id: i64, marker: &str, new_account: &str) -> Value {
-    json!({
-        "id": line_id,
-        "ihid": ihid,
-        "qty_order": 0.0,
-        "isinactive": true,
-        LINE_ID_FIELD: format!("{marker} (moved to account {new_account}, retired)"),
+pub fn moved_line(
+    ihid: i64,
+    line_id: i64,
+    marker: &str,
+    new_account: &str,
+) -> Result<Value, Failure> {
+    body(&InvoiceDetail {
+        id: Some(Int32(line_id)),
+        ihid: Some(Int32(ihid)),
+        qty_order: Some(0.0),
+        isinactive: Some(true),
+        item_internal_reference: Some(format!(
+            "{marker} (moved to account {new_account}, retired)"
+        )),
+        ..InvoiceDetail::default()
     })
 }
 
@@ -297,6 +291,7 @@ mod tests {
     use super::*;
     use halosync_shared::config::Secret;
     use halosync_shared::contract::Product;
+    use serde_json::json;
     use std::collections::BTreeMap;
     use std::time::Duration;
 
@@ -370,7 +365,8 @@ mod tests {
             None,
             MARK,
             &policy(false, false),
-        );
+        )
+        .unwrap();
         assert!(v.get("id").is_none());
         assert_eq!(v["client_id"], 7);
         assert_eq!(v["name"], "Microsoft 365 Business Premium");
@@ -392,7 +388,7 @@ mod tests {
         let mut d = sub("suspended");
         d.end_date = Some("2027-10-31".into());
         let t = Terms::of(&d, &v1()).unwrap();
-        let kept = licence_record(&d, &t, 7, Some(3), MARK, &policy(false, false));
+        let kept = licence_record(&d, &t, 7, Some(3), MARK, &policy(false, false)).unwrap();
         assert_eq!(kept["id"], 3);
         assert_eq!(kept["is_active"], false);
         assert_eq!(kept["status"], "suspended");
@@ -400,23 +396,26 @@ mod tests {
         assert!(kept.get("price").is_none());
         assert!(kept.get("purchase_price").is_none());
         assert!(kept.get("name").is_none());
-        let over = licence_record(&d, &t, 7, Some(3), MARK, &policy(true, true));
+        let over = licence_record(&d, &t, 7, Some(3), MARK, &policy(true, true)).unwrap();
         assert_eq!(over["price"], 22.0);
         assert_eq!(over["name"], "Microsoft 365 Business Premium");
         // The end date goes back to none: cleared, not left alone.
         d.end_date = None;
-        let cleared = licence_record(&d, &t, 7, Some(3), MARK, &policy(false, false));
+        let cleared = licence_record(&d, &t, 7, Some(3), MARK, &policy(false, false)).unwrap();
         assert_eq!(cleared.get("end_date"), Some(&Value::Null));
-        let line = line_update(&d, &t, -4, 9, 1001, MARK, &policy(false, false));
+        let line = line_update(&d, &t, -4, 9, 1001, MARK, &policy(false, false)).unwrap();
         assert_eq!(line.get("enddate"), Some(&Value::Null));
-        assert!(new_line(&d, &t, -4, 1001, MARK).get("enddate").is_none());
+        assert!(new_line(&d, &t, Some(-4), 1001, MARK)
+            .unwrap()
+            .get("enddate")
+            .is_none());
     }
 
     #[test]
     fn lines_follow_the_policies() {
         let d = sub("cancelled");
         let t = Terms::of(&d, &v1()).unwrap();
-        let new = new_line(&d, &t, -4, 1001, MARK);
+        let new = new_line(&d, &t, Some(-4), 1001, MARK).unwrap();
         assert_eq!(new["ihid"], -4);
         assert_eq!(new["_itemid"], 1001);
         assert_eq!(new["qty_order"], 25.0);
@@ -429,12 +428,12 @@ mod tests {
         );
         assert_eq!(new[LINE_ID_FIELD], MARK);
         assert_eq!(new[LINE_VERSION_FIELD], "s=1;t=2026-11-22T10:15:00Z");
-        let upd = line_update(&d, &t, -4, 9, 1001, MARK, &policy(false, false));
+        let upd = line_update(&d, &t, -4, 9, 1001, MARK, &policy(false, false)).unwrap();
         assert_eq!(upd["id"], 9);
         assert_eq!(upd["ihid"], -4);
         assert!(upd.get("unit_price").is_none());
         assert!(upd.get("item_shortdescription").is_none());
-        let upd = line_update(&d, &t, -4, 9, 1001, MARK, &policy(true, false));
+        let upd = line_update(&d, &t, -4, 9, 1001, MARK, &policy(true, false)).unwrap();
         assert_eq!(upd["unit_price"], 22.0);
     }
 
@@ -464,7 +463,7 @@ mod tests {
             Some(5)
         );
         assert_eq!(line_version(&header, MARK), None);
-        let retired = halosync_shared::halo::lines::retired_line(-1, 8, 7, MARK);
+        let retired = body(&halosync_shared::halo::lines::retired_line(-1, 8, 7, MARK)).unwrap();
         assert_eq!(retired["isinactive"], true);
         assert_eq!(retired["qty_order"], 0.0);
         assert_ne!(retired[LINE_ID_FIELD], MARK);

@@ -783,20 +783,25 @@ impl<'a> Batch<'a> {
     async fn write(&mut self) {
         let mut updates = Vec::new();
         let mut adds: Vec<(usize, Value)> = Vec::new();
+        let mut unbuildable: Vec<(usize, Failure)> = Vec::new();
         for i in self.live() {
             let w = self.work[i].as_ref().expect("live");
-            match w.line {
-                Some(line) => updates.push((
-                    i,
-                    line_update(
-                        &w.data, &w.product, &w.state, w.ihid, line, w.item, &w.marker,
-                    ),
-                )),
-                None => adds.push((
-                    i,
-                    new_line(&w.data, &w.product, &w.state, w.ihid, w.item, &w.marker),
-                )),
+            let built = match w.line {
+                Some(line) => line_update(
+                    &w.data, &w.product, &w.state, w.ihid, line, w.item, &w.marker,
+                )
+                .map(|b| (true, b)),
+                None => new_line(&w.data, &w.product, &w.state, w.ihid, w.item, &w.marker)
+                    .map(|b| (false, b)),
+            };
+            match built {
+                Ok((true, b)) => updates.push((i, b)),
+                Ok((false, b)) => adds.push((i, b)),
+                Err(f) => unbuildable.push((i, f)),
             }
+        }
+        for (i, f) in unbuildable {
+            self.fail(i, f);
         }
         let mut done: Vec<(usize, i64)> = Vec::new();
         for (i, result) in lines::update(self.halo, Invoice::Recurring, updates).await {

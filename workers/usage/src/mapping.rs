@@ -29,9 +29,10 @@ use std::cmp::Ordering;
 
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{UsageData, Version};
+use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail};
 use halosync_shared::halo::record_id;
 use halosync_shared::Failure;
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 /// The line field that carries the usage marker.
 pub const LINE_ID_FIELD: &str = "item_internal_reference";
@@ -118,20 +119,18 @@ fn common(
     ihid: i64,
     item_id: i64,
     marker: &str,
-) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("ihid".into(), json!(ihid));
-    m.insert("_itemid".into(), json!(item_id));
-    m.insert("qty_order".into(), json!(data.quantity));
-    m.insert(
-        "item_shortdescription".into(),
-        json!(description(product, data)),
-    );
-    m.insert("startdate".into(), json!(halo_date(&data.period_start)));
-    m.insert("enddate".into(), json!(halo_date(&data.period_end)));
-    m.insert(LINE_ID_FIELD.into(), json!(marker));
-    m.insert(APPLIED_FIELD.into(), json!(applied.encode()));
-    m
+) -> InvoiceDetail {
+    InvoiceDetail {
+        ihid: Some(Int32(ihid)),
+        itemid: Some(Int32(item_id)),
+        qty_order: Some(data.quantity),
+        item_shortdescription: Some(description(product, data)),
+        startdate: Some(DateTime(halo_date(&data.period_start))),
+        enddate: Some(Some(DateTime(halo_date(&data.period_end)))),
+        item_internal_reference: Some(marker.to_string()),
+        item_external_reference: Some(applied.encode()),
+        ..InvoiceDetail::default()
+    }
 }
 
 /// A new line for `POST /RecurringInvoice/Lines`.
@@ -142,10 +141,11 @@ pub fn new_line(
     ihid: i64,
     item_id: i64,
     marker: &str,
-) -> Value {
-    let mut m = common(data, product, applied, ihid, item_id, marker);
-    m.insert("isinactive".into(), json!(false));
-    Value::Object(m)
+) -> Result<Value, Failure> {
+    body(&InvoiceDetail {
+        isinactive: Some(false),
+        ..common(data, product, applied, ihid, item_id, marker)
+    })
 }
 
 /// An update of line `line_id` for `POST /RecurringInvoice/updatelines`.
@@ -157,10 +157,11 @@ pub fn line_update(
     line_id: i64,
     item_id: i64,
     marker: &str,
-) -> Value {
-    let mut m = common(data, product, applied, ihid, item_id, marker);
-    m.insert("id".into(), json!(line_id));
-    Value::Object(m)
+) -> Result<Value, Failure> {
+    body(&InvoiceDetail {
+        id: Some(Int32(line_id)),
+        ..common(data, product, applied, ihid, item_id, marker)
+    })
 }
 
 /// The usage lines of a header: marker → (lowest line id, applied state).
@@ -189,6 +190,7 @@ pub fn usage_lines(header: &Value) -> Vec<(String, i64, Option<Applied>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn v(seq: u64) -> Version {
         Version::decode(&format!("s={seq};t=2026-11-22T10:00:00Z")).unwrap()

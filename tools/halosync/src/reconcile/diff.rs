@@ -12,8 +12,9 @@
 //!
 //! * customer (`/Client`): `active` = not `inactive`; `name` only with
 //!   `overwrite_names` (the MSP may rename); `website`, `tax_number`,
-//!   `currency` (`default_currency_code`), `notes` only when the event
-//!   carries them (the workers never clear them).
+//!   `currency` (`default_currency_code`: the id of HaloPSA's `/Currency`
+//!   row of the event's ISO code), `notes` only when the event carries them
+//!   (the workers never clear them).
 //! * licence (`/SoftwareLicence`): `quantity` (`count`), `active`
 //!   (`is_active`), `status`, `billing_cycle`, `sku` (`product_sku`),
 //!   `start_date`, `end_date` (none = absent, null or HaloPSA's empty-date
@@ -229,6 +230,24 @@ impl<'a> Fields<'a> {
     fn text(&mut self, field: &str, want: &str, key: &str) {
         if text(self.record.get(key)).as_deref() != Some(want.trim()) {
             self.push(field, json!(want), key);
+        }
+    }
+
+    /// An ISO currency code against the `/Currency` id HaloPSA holds
+    /// (`id`: that code's row; `None`: HaloPSA has no such currency, which
+    /// is always a difference).
+    fn currency(&mut self, code: &str, id: Option<i64>, key: &str) {
+        let held = self.record.get(key).and_then(|v| match v {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        });
+        if id.is_none() || held != id {
+            let shown = match id {
+                Some(id) => json!(format!("{code} (currency {id})")),
+                None => json!(format!("{code} (not set up in HaloPSA)")),
+            };
+            self.push("currency", shown, key);
         }
     }
 
@@ -460,6 +479,12 @@ impl Ctx<'_> {
                 format!("the linked customer {halo_ids:?} is not in HaloPSA")
             };
             let policy = self.policy;
+            // The event's ISO code against the customer's `/Currency` id.
+            let currency = d.currency.as_deref().map(|code| {
+                let code = halosync_shared::halo::currency::normalise(code);
+                let id = state.currencies.get(&code).copied();
+                (code, id)
+            });
             self.record(
                 Family::Account,
                 &d.account_id,
@@ -476,12 +501,14 @@ impl Ctx<'_> {
                     for (field, value, key) in [
                         ("website", &d.website, "website"),
                         ("tax_number", &d.tax_number, "tax_number"),
-                        ("currency", &d.currency, "default_currency_code"),
                         ("notes", &d.notes, "notes"),
                     ] {
                         if let Some(v) = value {
                             f.text(field, v, key);
                         }
+                    }
+                    if let Some((code, id)) = &currency {
+                        f.currency(code, *id, "default_currency_code");
                     }
                 },
             );
@@ -861,8 +888,10 @@ mod tests {
         };
         s.clients.insert(
             7,
-            json!({"id": 7, "name": "Contoso", "inactive": false, "default_currency_code": "GBP"}),
+            json!({"id": 7, "name": "Contoso", "inactive": false, "default_currency_code": 2}),
         );
+        s.currencies.insert("GBP".into(), 2);
+        s.currencies.insert("USD".into(), 1);
         s.licences.insert(
             3,
             json!({"id": 3, "name": "M365", "count": 5, "is_active": true, "status": "active",

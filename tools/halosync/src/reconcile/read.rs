@@ -80,6 +80,8 @@ pub struct HaloState {
     pub recurring: BTreeMap<i64, Value>,
     /// One-off invoice headers with their `lines`.
     pub invoices: BTreeMap<i64, Value>,
+    /// HaloPSA's `/Currency` ids by ISO code (customers hold the id).
+    pub currencies: BTreeMap<String, i64>,
     /// With `--account`: the account's customer (None: it has none).
     pub scoped_customer: Option<i64>,
     /// Requests made.
@@ -289,6 +291,13 @@ pub async fn read(
     let mut client_filter = None;
     if scope.has(Family::Account) || account.is_some() {
         s.account_links = links(halo, progress, &CUSTOMER, account).await?;
+    }
+    if scope.has(Family::Account) {
+        // One request: a customer's currency is the id of a /Currency row,
+        // compared by the event's ISO code.
+        let body = get(halo, "/Currency", &[]).await?;
+        progress.page("currencies", 1);
+        s.currencies = halosync_shared::halo::currency::by_code(body);
     }
     if account.is_some() {
         s.scoped_customer = s.account_links.iter().map(|l| l.halo_id).min();
