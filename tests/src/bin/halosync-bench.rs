@@ -1250,7 +1250,15 @@ async fn tenants_case(mode: &str) -> Row {
             ..Default::default()
         },
         connection_extra: budget,
-        extra: format!("{}{}", connection_toml("quiet", &quiet), activity_extra()),
+        // BENCH_LANE_STALL="250ms" measures another `worker.lane_stall`.
+        extra: format!(
+            "{}{}{}",
+            connection_toml("quiet", &quiet),
+            activity_extra(),
+            std::env::var("BENCH_LANE_STALL")
+                .map(|d| format!("[worker]\nlane_stall = \"{d}\"\n"))
+                .unwrap_or_default()
+        ),
         ..Default::default()
     };
     let mut env = TestEnv::with(&format!("bench-tenants-{mode}"), opts).await;
