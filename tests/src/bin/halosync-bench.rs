@@ -1395,7 +1395,15 @@ async fn tenants_case(mode: &str) -> Row {
             ..Default::default()
         },
         connection_extra: budget,
-        extra: format!("{}{}", connection_toml("quiet", &quiet), activity_extra()),
+        // BENCH_LANE_STALL="250ms" measures another `worker.lane_stall`.
+        extra: format!(
+            "{}{}{}",
+            connection_toml("quiet", &quiet),
+            activity_extra(),
+            std::env::var("BENCH_LANE_STALL")
+                .map(|d| format!("[worker]\nlane_stall = \"{d}\"\n"))
+                .unwrap_or_default()
+        ),
         ..Default::default()
     };
     let mut env = TestEnv::with(&format!("bench-tenants-{mode}"), opts).await;
@@ -1540,6 +1548,10 @@ async fn many_connections(n: usize) -> Row {
     let rss = peak_rss_kib(env.worker(w).child.id());
     let tokens = many.token_requests();
     let _ = std::fs::remove_dir_all(&secrets);
+    // All connections share one halo-sim here, so each imported every
+    // connection's links (~350,000 id-map keys): too many for the
+    // harness's one-shot cleanup; removed in chunks first.
+    unlink_prefix(&env.prefix).await;
     Row {
         scenario: format!("tenants-{n}-connections"),
         events: n,
@@ -1550,5 +1562,32 @@ async fn many_connections(n: usize) -> Row {
             "start-up to consuming {startup:.2} s; {idle_requests} HaloPSA requests while idle; {tokens} token requests; {} customers",
             many.clients().len()
         ),
+    }
+}
+
+/// Removes every Redis key of `prefix`, in chunks (SCAN, UNLINK).
+async fn unlink_prefix(prefix: &str) {
+    let mut r = halosync_tests::redis_conn().await;
+    let mut cursor: u64 = 0;
+    loop {
+        let scanned: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}halosync:*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut r)
+            .await;
+        let Ok((next, keys)) = scanned else {
+            eprintln!("could not clean up the keys of {prefix}");
+            return;
+        };
+        if !keys.is_empty() {
+            let _: Result<i64, _> = redis::cmd("UNLINK").arg(&keys).query_async(&mut r).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
     }
 }
