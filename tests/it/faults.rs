@@ -247,10 +247,12 @@ async fn every_family_converges_once_under_every_fault() {
         subs: 6,
         last: 3,
     };
-    // Lost answers at fixed write ordinals (halo-sim's schedule), spread
-    // over the run: the whole run makes 40 or more writes (every family
-    // creates and updates), so every one of them fires, every run.
-    let lose_writes = vec![2, 5, 9, 14, 20];
+    // Lost answers at fixed write ordinals (halo-sim's schedule). The waves
+    // are fixed (a seeded shuffle) and each brings newer versions of every
+    // family: even with every batch coalesced as far as it can be, the run
+    // writes well over 9 times (19 measured with the lanes), so every
+    // scheduled loss fires, every run.
+    let lose_writes = vec![1, 3, 5, 7, 9];
     let mut env = env_with(
         "faults-all",
         Faults {

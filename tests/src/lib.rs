@@ -726,8 +726,12 @@ pub fn account_event(id: &str, account_id: &str, name: &str, active: bool, seque
 
 /// The sim's customers linked to `account_id` (through ExternalLinks).
 pub fn customers_of(env: &TestEnv, account_id: &str) -> Vec<Value> {
-    let ids: Vec<i64> = env
-        .sim
+    customers_in(&env.sim, account_id)
+}
+
+/// The customers of `sim` linked to `account_id` (through ExternalLinks).
+pub fn customers_in(sim: &SimHandle, account_id: &str) -> Vec<Value> {
+    let ids: Vec<i64> = sim
         .external_links()
         .iter()
         .filter(|l| {
@@ -735,7 +739,7 @@ pub fn customers_of(env: &TestEnv, account_id: &str) -> Vec<Value> {
         })
         .filter_map(|l| l["halo_id"].as_i64())
         .collect();
-    env.clients()
+    sim.clients()
         .into_iter()
         .filter(|c| c["id"].as_i64().is_some_and(|id| ids.contains(&id)))
         .collect()
@@ -1138,18 +1142,7 @@ pub fn connection_toml(name: &str, sim: &SimHandle) -> String {
     )
 }
 
-/// Customers of `sim` linked to `account_id` (through ExternalLinks).
+/// How many customers of `sim` are linked to `account_id`.
 pub fn linked_customers(sim: &SimHandle, account_id: &str) -> usize {
-    let ids: Vec<i64> = sim
-        .external_links()
-        .iter()
-        .filter(|l| {
-            l["third_party_id"] == account_id && l["third_party_type"] == "halosync.account"
-        })
-        .filter_map(|l| l["halo_id"].as_i64())
-        .collect();
-    sim.clients()
-        .iter()
-        .filter(|c| c["id"].as_i64().is_some_and(|id| ids.contains(&id)))
-        .count()
+    customers_in(sim, account_id).len()
 }

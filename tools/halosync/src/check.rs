@@ -549,7 +549,7 @@ fn halo_text(body: &str) -> String {
     message_from_body(body)
 }
 
-/// What HaloPSA's discovery endpoint (`GET {resource_server}/authinfo`)
+/// What HaloPSA's discovery endpoint (`GET {resource_server}/AuthInfo`)
 /// says, when it differs from the config.
 #[derive(Default)]
 struct Discovered {
@@ -558,7 +558,8 @@ struct Discovered {
 }
 
 async fn discovery(http: &reqwest::Client, conn: &ConnectionConfig) -> Discovered {
-    let url = format!("{}/authinfo", conn.resource_server);
+    // Spelt as HaloPSA's OpenAPI document spells it (routes are case-insensitive).
+    let url = format!("{}/AuthInfo", conn.resource_server);
     let Ok(resp) = http.get(&url).send().await else {
         return Discovered::default();
     };
