@@ -1998,7 +1998,15 @@ async fn spoofed_failure_headers_do_not_move_an_event_to_another_family() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    env.kill_worker(0);
+    // Stopped, not killed: the worker acks the original once the broker
+    // confirmed its dead-letter copy, and a SIGKILL between the two puts the
+    // original back in the work queue (at-least-once), which the counts
+    // below would take for the replay. SIGTERM finishes that settle first.
+    let status = env.stop_worker(0);
+    assert!(
+        status.success(),
+        "the worker did not stop cleanly: {status}"
+    );
     let (ok, out) = env.run_halosync(&["--json", "dlq", "list", "--family", "account"]);
     assert!(ok, "{out}");
     let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("json");
