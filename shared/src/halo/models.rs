@@ -1,5 +1,5 @@
 //! HaloPSA's request models, as its OpenAPI document names and types them
-//! (`tools/halo-sim/openapi/halopsa-openapi.json`): one struct per model
+//! (`shared/openapi/halopsa-openapi.json`): one struct per model
 //! halosync writes (or reads a field of), holding only the properties
 //! halosync uses. Every request body is built from these, never from a
 //! JSON map, and the conformance test below checks every field of every
@@ -241,7 +241,7 @@ mod conformance {
     //! path.
 
     use super::*;
-    use halo_sim::openapi::{Mode, Spec};
+    use halopsa_openapi::{Mode, Spec};
 
     /// A value with every field set, at the edge of its type.
     trait Sample {

@@ -25,7 +25,7 @@
 //!   without `id` create and with `id` merge-update; a one-element POST answers
 //!   the object, a multi-element POST an array; `new_external_link` on an
 //!   entity POST creates an ExternalLink in the same (atomic) save.
-//! * **Bound to HaloPSA's OpenAPI document** (`openapi/halopsa-openapi.json`,
+//! * **Bound to HaloPSA's OpenAPI document** (`shared/openapi/halopsa-openapi.json`,
 //!   embedded; [`openapi`]): a path the document lacks is 404, a known path
 //!   with a method it lacks 405 (one it has that the sim does not simulate
 //!   501). Request bodies are bound to the document's model as Newtonsoft
@@ -86,7 +86,9 @@
 //!   counters and faults, but keeps issued tokens valid.
 //! * Denying `<area>:read` also denies writes to that area.
 
-pub mod openapi;
+/// HaloPSA's document and its binding rules (crate `halopsa-openapi`,
+/// `shared/openapi/`), re-exported under the simulator's name.
+pub use halopsa_openapi as openapi;
 mod server;
 mod state;
 mod store;

@@ -1,4 +1,4 @@
-//! HaloPSA's OpenAPI document (vendored in `openapi/`, see its `SOURCE.md`)
+//! HaloPSA's OpenAPI document (vendored beside this crate's `Cargo.toml`, see its `SOURCE.md`)
 //! and request binding the way HaloPSA's Newtonsoft model binder does it.
 //!
 //! The document is the one source of which paths and methods exist and of
@@ -24,7 +24,7 @@ use serde_json::{Map, Number, Value};
 
 /// The vendored document, embedded at build time (3.6 MB of JSON; parsed
 /// once, on first use).
-pub const DOCUMENT: &str = include_str!("../openapi/halopsa-openapi.json");
+pub const DOCUMENT: &str = include_str!("../halopsa-openapi.json");
 
 static SPEC: LazyLock<Result<Spec, String>> = LazyLock::new(|| Spec::parse(DOCUMENT));
 
