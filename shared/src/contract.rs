@@ -188,6 +188,11 @@ pub struct Envelope {
     /// not part of the body.
     #[serde(skip)]
     pub repair: bool,
+    /// Set by the runtime when the message carries `x-halosync-replay-count`:
+    /// an operator replayed it, usually after fixing what it lacked, so
+    /// negative caches (a currency HaloPSA lacked) are asked again.
+    #[serde(skip)]
+    pub replayed: bool,
 }
 
 impl Envelope {
@@ -492,6 +497,7 @@ mod tests {
                 sequence: Some(17),
                 data: serde_json::json!({}),
                 repair: false,
+                replayed: false,
             };
             let err = env.version().expect_err(at);
             assert_eq!(err.class, crate::error::FailureClass::Invalid);

@@ -103,6 +103,10 @@ pub enum KeyKind {
     /// `currencies`: HaloPSA's `/Currency` ids by ISO code (no expiry;
     /// refreshed when an event names a code it lacks).
     Currencies,
+    /// `currency_missing:{code}`: HaloPSA lacked the code at the last
+    /// refresh ([`crate::halo::currency::MISSING_FOR`]): events naming it
+    /// fail without asking again until then (a replay asks at once).
+    CurrencyMissing,
     /// `subline:{subscription_id}`: the subscription's recurring line.
     SubscriptionLine,
     /// `subproduct:{subscription_id}`: the subscription's sku and item,
@@ -133,6 +137,7 @@ impl KeyKind {
             KeyKind::Token => "token",
             KeyKind::ItemMappings => "item_mappings",
             KeyKind::Currencies => "currencies",
+            KeyKind::CurrencyMissing => "currency_missing",
             KeyKind::SubscriptionLine => "subline",
             KeyKind::SubscriptionProduct => "subproduct",
             KeyKind::UsageLine => "usage_line",

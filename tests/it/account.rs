@@ -970,3 +970,57 @@ async fn currencies_are_written_as_ids_and_an_unknown_one_waits_unmapped_until_a
     );
     env.assert_no_dead(Family::Account).await;
 }
+
+/// A currency HaloPSA lacks is asked about once, not once per batch: the
+/// miss is remembered per code (`currency::MISSING_FOR`), so more events in
+/// it fail `unmapped` without another `GET /Currency`; an operator's replay
+/// asks again at once and applies them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_currency_is_not_asked_about_again_for_every_batch() {
+    let mut env = TestEnv::new("acct-ccy-miss").await;
+    env.spawn_worker(WORKER);
+    let nok_event = |i: usize| {
+        let mut e = account_event(
+            &format!("miss-{i}"),
+            &format!("acc_nok_{i}"),
+            &format!("Customer NOK {i}"),
+            true,
+            1,
+        );
+        e["data"]["currency"] = json!("NOK");
+        e
+    };
+    // One event at a time, so that each is a batch of its own.
+    for i in 0..4u32 {
+        env.publish(&nok_event(i as usize)).await;
+        let deadline = std::time::Instant::now() + T;
+        while env.dead_count(Family::Account).await < i + 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "event {i} not dead-lettered\n{}",
+                env.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(
+        env.count("GET /api/Currency"),
+        1,
+        "one look-up for four batches"
+    );
+
+    let nok = env.sim.add_currency("NOK", "Norwegian Krone");
+    let (ok, out) = env.run_halosync(&["dlq", "replay", "--class", "unmapped"]);
+    assert!(ok, "{out}");
+    env.wait_for("the four NOK customers", T, || {
+        (0..4).all(|i| customers_of(&env, &format!("acc_nok_{i}")).len() == 1)
+    })
+    .await;
+    env.wait_drained(Family::Account, T).await;
+    assert_eq!(
+        one_customer(&env, "acc_nok_3")["default_currency_code"],
+        json!(nok)
+    );
+    assert_eq!(env.count("GET /api/Currency"), 2, "the replay asked again");
+    env.assert_no_dead(Family::Account).await;
+}

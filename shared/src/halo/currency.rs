@@ -10,8 +10,13 @@
 //! one request per connection. A code the cache lacks refreshes it once
 //! (the MSP may just have added it); a code HaloPSA still lacks is an
 //! `unmapped` failure naming where to set it up, replayable once it is.
+//! That miss is remembered per code for [`MISSING_FOR`]
+//! (`KeyKind::CurrencyMissing`), so a stream of events in a currency the
+//! MSP has not set up costs one `GET /Currency` per code and period, not
+//! one per batch; an operator's replay or a repair asks again at once.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde_json::Value;
@@ -32,6 +37,43 @@ pub fn not_set_up(code: &str) -> Failure {
 /// `code` as compared: trimmed, upper case.
 pub fn normalise(code: &str) -> String {
     code.trim().to_ascii_uppercase()
+}
+
+/// How long a code HaloPSA lacked is not asked about again (unless an
+/// event is replayed or a repair).
+pub const MISSING_FOR: Duration = Duration::from_secs(30);
+
+fn missing_key(halo: &HaloClient, store: &Store, code: &str) -> String {
+    store
+        .keys()
+        .key(&halo.connection().name, KeyKind::CurrencyMissing, &[code])
+}
+
+/// Whether every code of `codes` was missing at a refresh less than
+/// [`MISSING_FOR`] ago. An unreadable Redis says no (ask HaloPSA).
+async fn all_known_missing(halo: &HaloClient, store: &Store, codes: &[&String]) -> bool {
+    let keys: Vec<String> = codes.iter().map(|c| missing_key(halo, store, c)).collect();
+    let mut r = store.redis();
+    let found: Result<Vec<Option<String>>, redis::RedisError> =
+        redis::cmd("MGET").arg(&keys).query_async(&mut r).await;
+    found.is_ok_and(|v| v.iter().all(Option::is_some))
+}
+
+/// Remembers the codes HaloPSA lacked at this refresh, for [`MISSING_FOR`].
+async fn remember_missing(halo: &HaloClient, store: &Store, codes: &[&String]) {
+    if codes.is_empty() {
+        return;
+    }
+    let mut pipe = redis::pipe();
+    for c in codes {
+        pipe.set_ex(missing_key(halo, store, c), "1", MISSING_FOR.as_secs())
+            .ignore();
+    }
+    let mut r = store.redis();
+    let written: Result<(), redis::RedisError> = pipe.query_async(&mut r).await;
+    if let Err(e) = written {
+        tracing::warn!(error = %StateError::from(e), "could not remember the missing currencies; the next event asks HaloPSA again");
+    }
 }
 
 fn cache_key(halo: &HaloClient, store: &Store) -> String {
@@ -70,11 +112,14 @@ pub async fn refresh(halo: &HaloClient, store: &Store) -> Result<BTreeMap<String
 
 /// The `/Currency` id of every code in `codes`: `Ok(None)` for a code
 /// HaloPSA does not have (see [`not_set_up`]). The cache first; HaloPSA at
-/// most once, when the cache is empty or lacks one of the codes.
+/// most once, when the cache is empty or lacks one of the codes and that
+/// code was not found missing in the last [`MISSING_FOR`]. `ask_again`
+/// (a replayed or repair event) ignores that memory.
 pub async fn ids(
     halo: &HaloClient,
     store: &Store,
     codes: &[&str],
+    ask_again: bool,
 ) -> Result<BTreeMap<String, Option<i64>>, Failure> {
     let wanted: Vec<String> = codes.iter().map(|c| normalise(c)).collect();
     if wanted.is_empty() {
@@ -82,8 +127,16 @@ pub async fn ids(
     }
     let cached = read_cache(halo, store).await;
     let map = match cached {
-        Some(m) if wanted.iter().all(|c| m.contains_key(c)) => m,
-        _ => refresh(halo, store).await?,
+        Some(m) => {
+            let lacking: Vec<&String> = wanted.iter().filter(|c| !m.contains_key(*c)).collect();
+            if lacking.is_empty() || (!ask_again && all_known_missing(halo, store, &lacking).await)
+            {
+                m
+            } else {
+                refreshed(halo, store, &wanted).await?
+            }
+        }
+        None => refreshed(halo, store, &wanted).await?,
     };
     Ok(wanted
         .into_iter()
@@ -94,9 +147,26 @@ pub async fn ids(
         .collect())
 }
 
+/// [`refresh`], then remembers which of `wanted` HaloPSA still lacks.
+async fn refreshed(
+    halo: &HaloClient,
+    store: &Store,
+    wanted: &[String],
+) -> Result<BTreeMap<String, i64>, Failure> {
+    let map = refresh(halo, store).await?;
+    let lacking: Vec<&String> = wanted.iter().filter(|c| !map.contains_key(*c)).collect();
+    remember_missing(halo, store, &lacking).await;
+    Ok(map)
+}
+
 /// The `/Currency` id of one code, or the `unmapped` failure.
-pub async fn id(halo: &HaloClient, store: &Store, code: &str) -> Result<i64, Failure> {
-    let found = ids(halo, store, &[code]).await?;
+pub async fn id(
+    halo: &HaloClient,
+    store: &Store,
+    code: &str,
+    ask_again: bool,
+) -> Result<i64, Failure> {
+    let found = ids(halo, store, &[code], ask_again).await?;
     found
         .get(&normalise(code))
         .copied()

@@ -73,7 +73,9 @@ pub(super) async fn settle_batch(
             services.config().worker.max_message_bytes,
         ) {
             Ok(mut e) => {
-                e.repair = h::get_bool(item.delivery.properties.headers().as_ref(), h::REPAIR);
+                let headers = item.delivery.properties.headers().as_ref();
+                e.repair = h::get_bool(headers, h::REPAIR);
+                e.replayed = h::get_i64(headers, h::REPLAY_COUNT).is_some_and(|n| n > 0);
                 if e.repair {
                     item.span.record("repair", true);
                 }

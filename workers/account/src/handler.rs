@@ -53,7 +53,9 @@ impl Handler for AccountHandler {
         let version = event.version()?;
         let store = &svc.store;
         let currency = match &data.currency {
-            Some(code) => Some(currency::id(halo, store, code).await?),
+            Some(code) => {
+                Some(currency::id(halo, store, code, event.repair || event.replayed).await?)
+            }
             None => None,
         };
         let mapping = match links::resolve(store, halo, &CUSTOMER, &data.account_id).await? {
@@ -97,6 +99,8 @@ struct Work {
     version: Version,
     /// The `/Currency` id of `data.currency`.
     currency: Option<i64>,
+    /// A replayed or repair event: a currency HaloPSA lacked is asked again.
+    ask_again: bool,
 }
 
 /// A batch of account events of one connection, one per account.
@@ -116,6 +120,7 @@ impl Batch {
                     version: e.version()?,
                     data,
                     currency: None,
+                    ask_again: e.repair || e.replayed,
                 })
             });
             match parsed {
@@ -201,7 +206,8 @@ impl Batch {
             return;
         }
         let wanted: Vec<&str> = codes.iter().map(|(_, c)| c.as_str()).collect();
-        let found = currency::ids(halo, &svc.store, &wanted).await;
+        let ask_again = self.live().any(|(_, w)| w.ask_again);
+        let found = currency::ids(halo, &svc.store, &wanted, ask_again).await;
         for (i, code) in codes {
             let id = match &found {
                 Ok(map) => map.get(&currency::normalise(&code)).copied().flatten(),
