@@ -162,6 +162,10 @@ pub struct WorkerSettings {
     /// parked in the delay queues without using an attempt
     /// (`runtime::lanes`).
     pub lane_stall: Duration,
+    /// How many connections' batches one process writes at once, stalled
+    /// ones not counted (`runtime::lanes`): bounds the memory of a burst
+    /// across many connections; the others' batches wait their turn.
+    pub lanes_at_once: usize,
     /// How many connections get their own `connection` label on
     /// `/metrics`; the others are counted under `connection="other"`.
     /// `0`: no per-connection series at all (every one is `"all"`).
@@ -186,6 +190,7 @@ impl Default for WorkerSettings {
             activity: true,
             flush_grace: Duration::from_secs(10),
             lane_stall: Duration::from_secs(1),
+            lanes_at_once: 32,
             metrics_connections: 100,
         }
     }
@@ -273,6 +278,7 @@ struct RawWorker {
     flush_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     lane_stall: Option<Duration>,
+    lanes_at_once: Option<usize>,
     metrics_connections: Option<usize>,
 }
 
@@ -419,6 +425,7 @@ fn worker_settings(
         activity: raw.activity.unwrap_or(d.activity),
         flush_grace: Duration::ZERO,
         lane_stall: raw.lane_stall.unwrap_or(d.lane_stall),
+        lanes_at_once: raw.lanes_at_once.unwrap_or(d.lanes_at_once),
         metrics_connections: raw.metrics_connections.unwrap_or(d.metrics_connections),
     };
     // Unless given, as long as a lost lock's write can be in flight: a
@@ -710,6 +717,12 @@ fn validate_worker(w: &WorkerSettings) -> Result<(), ConfigError> {
         return Err(ConfigError::key(
             "worker.lane_stall",
             "must be at least \"50ms\" (default \"1s\")",
+        ));
+    }
+    if w.lanes_at_once == 0 {
+        return Err(ConfigError::key(
+            "worker.lanes_at_once",
+            "must be at least 1 (default 32)",
         ));
     }
     if w.lock_ttl < Duration::from_secs(1) {

@@ -160,6 +160,28 @@ async fn a_slow_msp_does_not_hold_up_another() {
     everything_applied_once(&env, &quiet, 60, 10).await;
 }
 
+/// `worker.lanes_at_once = 1`: the slow MSP's lane takes the one turn,
+/// and gives it up once it counts as stalled, so the quiet MSP's accounts
+/// are still all applied before the slow one finished a batch.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_msp_does_not_keep_the_only_turn() {
+    let slow = Faults {
+        latency_ms: 5_000,
+        ..Default::default()
+    };
+    let (mut env, quiet) = two_msps(
+        "tenants-one-turn",
+        slow,
+        GENEROUS_BUDGET,
+        "lanes_at_once = 1\n",
+    )
+    .await;
+    env.spawn_worker("halosync-account");
+    quiet_goes_past_the_noisy_backlog(&env, &quiet, 60, 10).await;
+    env.sim.set_faults(Faults::default());
+    everything_applied_once(&env, &quiet, 60, 10).await;
+}
+
 /// The noisy MSP's budget is spent (2 requests per 10 s): its lane waits
 /// for the budget and parks its backlog without using attempts; the quiet
 /// MSP's accounts are all applied meanwhile; in the end every account of
@@ -291,7 +313,8 @@ async fn the_first_start_on_an_empty_redis_does_not_wait_out_flush_grace() {
 /// 1,000 connections in one config, secrets from files (as a Kubernetes
 /// Secret mounts them): the worker starts and, idle, sends no request and
 /// fetches no token; an event on the last connection is applied (its token
-/// fetched then, once); `/metrics` keeps `connection` labels bounded
+/// fetched then, once), seven connections taking turns two at a time
+/// (`worker.lanes_at_once = 2`); `/metrics` keeps `connection` labels bounded
 /// (`worker.metrics_connections = 5`: at most 5 names plus `other`).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_connections_cost_nothing_until_used_and_keep_metrics_bounded() {
@@ -310,7 +333,9 @@ async fn a_thousand_connections_cost_nothing_until_used_and_keep_metrics_bounded
         .map(|t| format!("tenant = \"{t}\"\n"))
         .unwrap_or_default();
     let port = halosync_tests::free_port();
-    let mut extra = format!("[worker]\nhealth_port = {port}\nmetrics_connections = 5\n");
+    // Two lanes at once: the seven connections below take turns.
+    let mut extra =
+        format!("[worker]\nhealth_port = {port}\nmetrics_connections = 5\nlanes_at_once = 2\n");
     for i in 0..1000 {
         let file = secrets.join(format!("msp{i}"));
         std::fs::write(&file, &defaults.client_secret).expect("secret file");

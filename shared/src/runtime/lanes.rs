@@ -15,6 +15,13 @@
 //!   backlog to reach everyone else's events, and the backlog comes back
 //!   after the delay tier that covers how long the lane has been stalled.
 //!
+//! * At most `worker.lanes_at_once` lanes write at once, stalled ones not
+//!   counted: a burst across hundreds of connections (each first event
+//!   fetches a token and imports the connection's links) holds the memory
+//!   of that many batches, not of one per connection, while a slow or
+//!   throttled MSP never takes a turn from the others. Due lanes take the
+//!   free turns longest-waiting first.
+//!
 //! Nothing here weakens a guarantee: a parked delivery is acked only after
 //! its copy is confirmed (else nacked with requeue), and order per
 //! aggregate does not depend on delivery order (versions decide; an older
@@ -107,11 +114,50 @@ impl Lanes {
         (self.prefetch.saturating_sub(in_flight) / (active + 1)).max(1)
     }
 
+    /// Lanes writing and not stalled: what `worker.lanes_at_once` bounds.
+    /// A stalled lane (waiting out a slow HaloPSA or a spent budget) does
+    /// not count, so it never keeps another connection from its turn.
+    pub fn moving(&self, now: Instant, stall: Duration) -> usize {
+        self.map
+            .values()
+            .filter(|l| l.stalled_for(now).is_some_and(|d| d < stall))
+            .count()
+    }
+
+    /// The idle lanes whose batch is due (full, or its wait is over),
+    /// longest waiting first, so that under `worker.lanes_at_once` every
+    /// connection gets its turn in order.
+    pub fn due(&self, now: Instant, batch_max: usize) -> Vec<String> {
+        due_order(
+            self.map
+                .iter()
+                .map(|(name, l)| (name.as_str(), l.tasks, l.pending.len(), l.deadline)),
+            now,
+            batch_max,
+        )
+    }
+
     /// Forgets lanes that hold nothing (1,000 idle connections cost no
     /// entry).
     pub fn drop_idle(&mut self) {
         self.map.retain(|_, l| l.held() > 0 || l.tasks > 0);
     }
+}
+
+/// [`Lanes::due`] on plain values: (lane, tasks, pending, deadline).
+fn due_order<'a>(
+    lanes: impl Iterator<Item = (&'a str, usize, usize, Instant)>,
+    now: Instant,
+    batch_max: usize,
+) -> Vec<String> {
+    let mut due: Vec<(&str, Instant)> = lanes
+        .filter(|(_, tasks, pending, deadline)| {
+            *tasks == 0 && *pending > 0 && (*pending >= batch_max || now >= *deadline)
+        })
+        .map(|(name, _, _, deadline)| (name, deadline))
+        .collect();
+    due.sort_by_key(|(_, deadline)| *deadline);
+    due.into_iter().map(|(name, _)| name.to_string()).collect()
 }
 
 /// The delay tier a stalled lane's deliveries are parked in: the shortest
@@ -174,6 +220,43 @@ mod tests {
         assert_eq!(lane_of(br#"{"id":"e1"}"#), "");
         assert_eq!(lane_of(b"not json"), "");
         assert_eq!(lane_of(br#"{"connection":7}"#), "");
+    }
+
+    #[test]
+    fn stalled_lanes_do_not_count_against_the_lanes_at_once_and_due_lanes_go_oldest_first() {
+        let now = Instant::now();
+        let stall = Duration::from_secs(1);
+        let mut lanes = Lanes::new(400);
+        let mut writing = Lane::new(now);
+        writing.tasks = 1;
+        writing.in_flight = 3;
+        lanes.map.insert("writing".into(), writing);
+        let mut stalled = Lane::new(now - Duration::from_secs(5));
+        stalled.tasks = 1;
+        stalled.in_flight = 3;
+        lanes.map.insert("stalled".into(), stalled);
+        assert_eq!(lanes.moving(now, stall), 1);
+        // Idle lanes with a batch are due when full or past their deadline,
+        // longest waiting first; a busy lane or an empty one never is.
+        let at = |ms: i64| {
+            if ms >= 0 {
+                now + Duration::from_millis(ms as u64)
+            } else {
+                now - Duration::from_millis(ms.unsigned_abs())
+            }
+        };
+        let candidates = [
+            ("b", 0, 1, at(-300)),
+            ("a", 0, 1, at(-900)),
+            ("full", 0, 200, at(100)),
+            ("young", 0, 1, at(100)),
+            ("busy", 1, 5, at(-2_000)),
+            ("empty", 0, 0, at(-2_000)),
+        ];
+        assert_eq!(
+            due_order(candidates.into_iter(), now, 200),
+            ["a", "b", "full"]
+        );
     }
 
     #[test]

@@ -467,6 +467,7 @@ async fn session(
     let batch_max = usize::from(w.batch_max.max(1));
     let batch_wait = w.batch_wait;
     let stall = w.lane_stall;
+    let lanes_at_once = w.lanes_at_once.max(1);
     let tiers = config.retry.delays_ms();
     // One lane per connection (`lanes.rs`): at most one batch in flight per
     // lane, lanes side by side. Within a lane the next batch fills while the
@@ -493,18 +494,24 @@ async fn session(
     };
     let lost = loop {
         let now = tokio::time::Instant::now();
-        // Lanes whose batch is due (full, or its wait is over) go now.
+        // Lanes whose batch is due (full, or its wait is over) go now,
+        // longest waiting first, as many as `lanes_at_once` allows.
+        let mut turns = lanes_at_once.saturating_sub(lanes.moving(now, stall));
         if batching {
-            for (name, lane) in lanes.map.iter_mut() {
-                let due = lane.pending.len() >= batch_max || now >= lane.deadline;
-                if lane.tasks == 0 && !lane.pending.is_empty() && due {
-                    let n = lane.pending.len().min(batch_max);
-                    let taken: Vec<Delivery> = lane.pending.drain(..n).collect();
-                    lane.tasks += 1;
-                    lane.in_flight += n;
-                    lane.progress = now;
-                    spawn_task(name.clone(), taken);
+            for name in lanes.due(now, batch_max) {
+                if turns == 0 {
+                    break;
                 }
+                let Some(lane) = lanes.map.get_mut(&name) else {
+                    continue;
+                };
+                let n = lane.pending.len().min(batch_max);
+                let taken: Vec<Delivery> = lane.pending.drain(..n).collect();
+                lane.tasks += 1;
+                lane.in_flight += n;
+                lane.progress = now;
+                turns -= 1;
+                spawn_task(name, taken);
             }
         }
         // A stalled lane keeps at most its fair share: the rest is parked,
@@ -523,15 +530,17 @@ async fn session(
         }
         lanes.drop_idle();
         // The next moment something is due without a delivery or a task
-        // finishing: an idle lane's batch deadline, a busy lane becoming
-        // stalled while it holds pending deliveries.
+        // finishing: an idle lane's batch deadline (while a turn is free),
+        // a busy lane becoming stalled while it holds pending deliveries or
+        // while due lanes wait for a turn (a stalled lane gives its turn).
+        let waiting_for_turn = turns == 0 && !lanes.due(now, batch_max).is_empty();
         let wake = lanes
             .map
             .values()
-            .filter(|l| !l.pending.is_empty())
+            .filter(|l| !l.pending.is_empty() || (waiting_for_turn && l.tasks > 0))
             .filter_map(|l| {
                 if l.tasks == 0 {
-                    Some(l.deadline)
+                    Some(l.deadline).filter(|_| turns > 0)
                 } else {
                     Some(l.progress + stall).filter(|t| *t > now)
                 }
