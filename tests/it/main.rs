@@ -5,8 +5,9 @@
 //! (127.0.0.1:6379), with halo-sim in process and the workspace's binaries
 //! as child processes, and fail loudly, never skip, when a service is
 //! missing. Each test isolates itself (its own queue, exchange and Redis
-//! key prefix), so they run in parallel; `outages::*` restarts the shared
-//! RabbitMQ and runs alone (`deploy/local/test-parallel.sh`).
+//! key prefix), so they run in parallel (`deploy/local/test-parallel.sh`);
+//! none stops or restarts a shared service: `outages::*` brings its own
+//! RabbitMQ node (`PrivateRabbit`).
 //!
 //! One area: `cargo test -p halosync-tests --test it -- account::`
 

@@ -45,6 +45,27 @@ use serde_json::Value;
 static ACTIVITY_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The config lines that turn the activity log off, when asked to.
+/// One `[worker]` table: `activity = false` under `--no-activity`, the
+/// `BENCH_LANE_STALL` and `BENCH_LANES_AT_ONCE` overrides, then `lines`.
+fn worker_table(lines: &str) -> String {
+    let mut t = String::new();
+    if ACTIVITY_OFF.load(std::sync::atomic::Ordering::SeqCst) {
+        t.push_str("activity = false\n");
+    }
+    if let Ok(d) = std::env::var("BENCH_LANE_STALL") {
+        t.push_str(&format!("lane_stall = \"{d}\"\n"));
+    }
+    if let Ok(n) = std::env::var("BENCH_LANES_AT_ONCE") {
+        t.push_str(&format!("lanes_at_once = {n}\n"));
+    }
+    t.push_str(lines);
+    if t.is_empty() {
+        t
+    } else {
+        format!("[worker]\n{t}")
+    }
+}
+
 fn activity_extra() -> String {
     if ACTIVITY_OFF.load(std::sync::atomic::Ordering::SeqCst) {
         "[worker]\nactivity = false\n".into()
@@ -1351,14 +1372,22 @@ const QUIET_EVENTS: usize = 30;
 /// The noisy MSP's backlog in the `tenants` cases.
 const NOISY_EVENTS: usize = 3000;
 
+/// `BENCH_TENANT_CASES="slow,1000"` runs only those cases (default: all:
+/// idle, slow, throttled, down, 1000).
 async fn tenants_bench() -> Vec<Row> {
+    let wanted = std::env::var("BENCH_TENANT_CASES").unwrap_or_default();
+    let run = |case: &str| wanted.is_empty() || wanted.split(',').any(|c| c.trim() == case);
     let mut rows = Vec::new();
     for mode in ["idle", "slow", "throttled", "down"] {
-        eprintln!("  tenants: noisy MSP {mode}...");
-        rows.push(tenants_case(mode).await);
+        if run(mode) {
+            eprintln!("  tenants: noisy MSP {mode}...");
+            rows.push(tenants_case(mode).await);
+        }
     }
-    eprintln!("  tenants: 1,000 connections...");
-    rows.push(many_connections(1000).await);
+    if run("1000") {
+        eprintln!("  tenants: 1,000 connections...");
+        rows.push(many_connections(1000).await);
+    }
     rows
 }
 
@@ -1396,14 +1425,7 @@ async fn tenants_case(mode: &str) -> Row {
         },
         connection_extra: budget,
         // BENCH_LANE_STALL="250ms" measures another `worker.lane_stall`.
-        extra: format!(
-            "{}{}{}",
-            connection_toml("quiet", &quiet),
-            activity_extra(),
-            std::env::var("BENCH_LANE_STALL")
-                .map(|d| format!("[worker]\nlane_stall = \"{d}\"\n"))
-                .unwrap_or_default()
-        ),
+        extra: format!("{}{}", connection_toml("quiet", &quiet), worker_table("")),
         ..Default::default()
     };
     let mut env = TestEnv::with(&format!("bench-tenants-{mode}"), opts).await;
@@ -1513,7 +1535,8 @@ async fn many_connections(n: usize) -> Row {
             file = file.display(),
         ));
     }
-    extra.push_str(&activity_extra());
+    // BENCH_LANES_AT_ONCE=200 measures another `worker.lanes_at_once`.
+    extra.push_str(&worker_table(""));
     let opts = EnvOptions {
         extra,
         ..Default::default()
