@@ -163,8 +163,9 @@ pub struct WorkerSettings {
     /// (`runtime::lanes`).
     pub lane_stall: Duration,
     /// How many connections' batches one process writes at once, stalled
-    /// ones not counted (`runtime::lanes`): bounds the memory of a burst
-    /// across many connections; the others' batches wait their turn.
+    /// ones not counted (up to four times as many writing in all;
+    /// `runtime::lanes`): bounds the memory of a burst across many
+    /// connections; the others' batches wait their turn.
     pub lanes_at_once: usize,
     /// How many connections get their own `connection` label on
     /// `/metrics`; the others are counted under `connection="other"`.
@@ -190,7 +191,7 @@ impl Default for WorkerSettings {
             activity: true,
             flush_grace: Duration::from_secs(10),
             lane_stall: Duration::from_secs(1),
-            lanes_at_once: 32,
+            lanes_at_once: 16,
             metrics_connections: 100,
         }
     }
@@ -722,7 +723,7 @@ fn validate_worker(w: &WorkerSettings) -> Result<(), ConfigError> {
     if w.lanes_at_once == 0 {
         return Err(ConfigError::key(
             "worker.lanes_at_once",
-            "must be at least 1 (default 32)",
+            "must be at least 1 (default 16)",
         ));
     }
     if w.lock_ttl < Duration::from_secs(1) {

@@ -16,7 +16,7 @@
 //!   after the delay tier that covers how long the lane has been stalled.
 //!
 //! * At most `worker.lanes_at_once` lanes write at once, stalled ones not
-//!   counted: a burst across hundreds of connections (each first event
+//!   counted (up to four times as many writing in all): a burst across hundreds of connections (each first event
 //!   fetches a token and imports the connection's links) holds the memory
 //!   of that many batches, not of one per connection, while a slow or
 //!   throttled MSP never takes a turn from the others. Due lanes take the
@@ -124,6 +124,22 @@ impl Lanes {
             .count()
     }
 
+    /// Lanes writing, stalled or not.
+    pub fn writing(&self) -> usize {
+        self.map.values().filter(|l| l.tasks > 0).count()
+    }
+
+    /// How many more lanes may start a batch now: `at_once` counts the
+    /// lanes moving ([`Lanes::moving`]); stalled ones are not counted, up
+    /// to [`WRITING_PER_TURN`] × `at_once` lanes writing in all, so that a
+    /// process starved of CPU (where every lane looks stalled) does not
+    /// start every connection at once.
+    pub fn turns(&self, now: Instant, stall: Duration, at_once: usize) -> usize {
+        let moving = at_once.saturating_sub(self.moving(now, stall));
+        let writing = (at_once * WRITING_PER_TURN).saturating_sub(self.writing());
+        moving.min(writing)
+    }
+
     /// The idle lanes whose batch is due (full, or its wait is over),
     /// longest waiting first, so that under `worker.lanes_at_once` every
     /// connection gets its turn in order.
@@ -143,6 +159,9 @@ impl Lanes {
         self.map.retain(|_, l| l.held() > 0 || l.tasks > 0);
     }
 }
+
+/// Lanes writing in all (stalled ones included) per `worker.lanes_at_once`.
+pub(super) const WRITING_PER_TURN: usize = 4;
 
 /// [`Lanes::due`] on plain values: (lane, tasks, pending, deadline).
 fn due_order<'a>(
@@ -236,6 +255,19 @@ mod tests {
         stalled.in_flight = 3;
         lanes.map.insert("stalled".into(), stalled);
         assert_eq!(lanes.moving(now, stall), 1);
+        assert_eq!(lanes.writing(), 2);
+        // One turn of 2 taken by the writing lane; the stalled one is free.
+        assert_eq!(lanes.turns(now, stall, 2), 1);
+        // One turn, taken by the moving lane.
+        assert_eq!(lanes.turns(now, stall, 1), 0);
+        for i in 0..6 {
+            let mut l = Lane::new(now - Duration::from_secs(5));
+            l.tasks = 1;
+            lanes.map.insert(format!("stalled{i}"), l);
+        }
+        // 8 writing, 7 stalled: the ceiling of 4 × 2 is reached.
+        assert_eq!(lanes.turns(now, stall, 2), 0);
+        assert_eq!(lanes.turns(now, stall, 3), 2);
         // Idle lanes with a batch are due when full or past their deadline,
         // longest waiting first; a busy lane or an empty one never is.
         let at = |ms: i64| {

@@ -496,7 +496,7 @@ async fn session(
         let now = tokio::time::Instant::now();
         // Lanes whose batch is due (full, or its wait is over) go now,
         // longest waiting first, as many as `lanes_at_once` allows.
-        let mut turns = lanes_at_once.saturating_sub(lanes.moving(now, stall));
+        let mut turns = lanes.turns(now, stall, lanes_at_once);
         if batching {
             for name in lanes.due(now, batch_max) {
                 if turns == 0 {
