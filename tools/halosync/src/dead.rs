@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use halosync_shared::amqp::headers as h;
-use halosync_shared::error::{DEAD_CLASS_EXHAUSTED, DEAD_CLASS_POISON};
 use halosync_shared::halo::error::message_from_body;
+use halosync_shared::ErrorClass;
 use halosync_shared::Family;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
@@ -28,17 +28,6 @@ use serde_json::Value;
 
 use crate::table::shell_word;
 use crate::{FilterArgs, GroupBy};
-
-/// The classes a dead letter can be filed under.
-pub const CLASSES: [&str; 7] = [
-    "transient",
-    "dependency",
-    "invalid",
-    "unmapped",
-    "rejected",
-    DEAD_CLASS_EXHAUSTED,
-    DEAD_CLASS_POISON,
-];
 
 /// `--family` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -234,7 +223,7 @@ impl DeadLetter {
                 ),
                 None => "the broker's delivery limit dead-lettered it (workers kept dying while holding it)".to_string(),
             };
-            (DEAD_CLASS_POISON.to_string(), Some(m))
+            (ErrorClass::Poison.as_str().to_string(), Some(m))
         } else {
             (
                 h::get_str(headers, h::ERROR_CLASS).unwrap_or_else(|| "unknown".to_string()),
@@ -359,7 +348,7 @@ impl DeadLetter {
 #[derive(Clone, Debug)]
 pub struct Filter {
     pub families: Vec<Family>,
-    pub classes: Vec<String>,
+    pub classes: Vec<ErrorClass>,
     pub connections: Vec<String>,
     pub event_ids: Vec<String>,
     /// The folded error message of one failure group.
@@ -385,7 +374,7 @@ impl Filter {
     }
 
     pub fn matches(&self, d: &DeadLetter, message_id: Option<&str>) -> bool {
-        if !self.classes.is_empty() && !self.classes.iter().any(|c| c == &d.class) {
+        if !self.classes.is_empty() && !self.classes.iter().any(|c| c.as_str() == d.class) {
             return false;
         }
         if !self.connections.is_empty()
@@ -438,7 +427,8 @@ impl Filter {
                 out.push(format!("{flag} {}", shell_word(&values.join(","))));
             }
         };
-        multi("--class", &self.classes);
+        let classes: Vec<String> = self.classes.iter().map(|c| c.to_string()).collect();
+        multi("--class", &classes);
         multi("--connection", &self.connections);
         multi("--event-id", &self.event_ids);
         if let Some(e) = &self.error {
@@ -663,7 +653,7 @@ mod tests {
         let f = Filter::new(&args, now);
         assert!(f.matches(&d1, None) && !f.matches(&d2, None));
         let args = FilterArgs {
-            class: vec!["rejected".into()],
+            class: vec![ErrorClass::Rejected],
             connection: vec!["acme".into()],
             event_id: vec!["evt_2".into()],
             ..Default::default()

@@ -36,7 +36,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::dead::{parse_since, FamilyArg, Since, CLASSES};
+use crate::dead::{parse_since, FamilyArg, Since};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use halosync_shared::{ErrorClass, Settled};
 
 const ROOT_EXAMPLES: &str = "\
 Examples:
@@ -258,8 +260,8 @@ struct ActivityArgs {
     aggregate: Option<String>,
     /// Only this outcome.
     #[arg(long, value_name = "OUTCOME",
-          value_parser = clap::builder::PossibleValuesParser::new(halosync_shared::activity::OUTCOMES))]
-    outcome: Option<String>,
+          value_parser = PossibleValuesParser::new(Settled::LABELS).try_map(|s| s.parse::<Settled>()))]
+    outcome: Option<Settled>,
     /// Only this family.
     #[arg(long, value_enum, value_name = "FAMILY")]
     family: Option<FamilyArg>,
@@ -411,8 +413,8 @@ pub struct FilterArgs {
     pub family: Vec<FamilyArg>,
     /// Only this failure class (x-halosync-error-class; `poison` = the broker's delivery limit).
     #[arg(long, value_delimiter = ',', value_name = "CLASS",
-          value_parser = clap::builder::PossibleValuesParser::new(CLASSES))]
-    pub class: Vec<String>,
+          value_parser = PossibleValuesParser::new(ErrorClass::LABELS).try_map(|s| s.parse::<ErrorClass>()))]
+    pub class: Vec<ErrorClass>,
     /// Only events of this connection (header or envelope).
     #[arg(long, value_delimiter = ',', value_name = "NAME")]
     pub connection: Vec<String>,

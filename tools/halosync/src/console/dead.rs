@@ -14,9 +14,10 @@ use maud::{html, Markup};
 
 use super::auth::SignedIn;
 use super::{layout, operator, problem, viewer, Form, Shared};
-use crate::dead::{self, parse_since, DeadLetter, FamilyArg, Filter, CLASSES};
+use crate::dead::{self, parse_since, DeadLetter, FamilyArg, Filter};
 use crate::dlq::{self, Action, Progress};
 use crate::{FilterArgs, GroupBy};
+use halosync_shared::ErrorClass;
 
 /// How long a page waits for another listing to finish with the dead
 /// queues before saying that a job holds them.
@@ -103,14 +104,9 @@ impl DeadQuery {
                 format!("unknown family {f:?}: use account, subscription, usage or overage")
             })?);
         }
-        let class = list_of(&self.class);
-        for c in &class {
-            if !CLASSES.contains(&c.as_str()) {
-                return Err(format!(
-                    "unknown class {c:?}: use one of {}",
-                    CLASSES.join(", ")
-                ));
-            }
+        let mut class = Vec::new();
+        for c in list_of(&self.class) {
+            class.push(c.parse::<ErrorClass>().map_err(|e| e.to_string())?);
         }
         let since = match nonempty(&self.since) {
             Some(s) => Some(parse_since(s)?),
@@ -184,7 +180,7 @@ fn filter_form(q: &DeadQuery) -> Markup {
             } }
             label { "Class" select name="class" {
                 option value="" { "all" }
-                @for c in CLASSES { option value=(c) selected[q.class.as_deref() == Some(c)] { (c) } }
+                @for c in ErrorClass::LABELS { option value=(c) selected[q.class.as_deref() == Some(*c)] { (c) } }
             } }
             label { "Connection" input type="text" name="connection" value=(v(&q.connection)) placeholder="acme"; }
             label { "Event id" input type="text" name="event_id" value=(v(&q.event_id)) placeholder="evt_…"; }
