@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use halosync_shared::amqp::headers as h;
 use halosync_shared::halo::error::message_from_body;
 use halosync_shared::ErrorClass;
@@ -27,7 +28,43 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::table::shell_word;
-use crate::{FilterArgs, GroupBy};
+
+/// The filters every `dlq` command takes.
+#[derive(Debug, clap::Args, Clone, Default)]
+pub struct FilterArgs {
+    /// Only these families' dead queues (repeat or comma-separate) [default: all four].
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "FAMILY")]
+    pub family: Vec<FamilyArg>,
+    /// Only this failure class (x-halosync-error-class; `poison` = the broker's delivery limit).
+    #[arg(long, value_delimiter = ',', value_name = "CLASS",
+          value_parser = PossibleValuesParser::new(ErrorClass::LABELS).try_map(|s| s.parse::<ErrorClass>()))]
+    pub class: Vec<ErrorClass>,
+    /// Only events of this connection (header or envelope).
+    #[arg(long, value_delimiter = ',', value_name = "NAME")]
+    pub connection: Vec<String>,
+    /// Only this event id (header, message_id or envelope id).
+    #[arg(long, value_delimiter = ',', value_name = "ID")]
+    pub event_id: Vec<String>,
+    /// Only this failure group: the error message with numbers folded to `#`,
+    /// as `dlq list --group-by error` prints it.
+    #[arg(long, value_name = "TEXT")]
+    pub error: Option<String>,
+    /// Only dead letters whose last failure is this recent: a duration (30m,
+    /// 1h, 2d, 1h30m) or an RFC 3339 time (2026-11-22T10:00:00Z).
+    #[arg(long, value_name = "WHEN", value_parser = parse_since)]
+    pub since: Option<Since>,
+    /// At most this many dead letters (oldest first).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    /// By failure class.
+    Class,
+    /// By class and error message (numbers folded), like ServicePulse's failure groups.
+    Error,
+}
 
 /// `--family` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -38,8 +38,8 @@ use serde_json::json;
 
 use crate::broker;
 use crate::dead::{self, replay_headers, DeadLetter, FamilyArg, Filter};
+use crate::dead::{FilterArgs, GroupBy};
 use crate::table::{self, one_line, plural, shell_word, when};
-use crate::{FilterArgs, GroupBy};
 
 /// How long to wait for returned dead letters to be ready again.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -30,8 +30,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::dead::DeadLetter;
+use crate::dead::FilterArgs;
 use crate::table;
-use crate::FilterArgs;
 
 /// A connection's HaloPSA client and the Redis store it shares with the
 /// workers (token cache, rate budget, item-mapping cache).

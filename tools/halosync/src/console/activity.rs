@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{Duration as Days, Utc};
 use halosync_shared::activity::{self, ActivityFilter};
@@ -15,8 +15,9 @@ use halosync_shared::Settled;
 use maud::{html, Markup};
 use serde::{Deserialize, Serialize};
 
+use super::access::Viewer;
 use super::overview::Overview;
-use super::{layout, problem, viewer, Shared};
+use super::{layout, problem, Shared};
 use crate::dead::parse_since;
 
 const PER_PAGE: usize = 50;
@@ -138,14 +139,10 @@ fn outcome_class(o: Settled) -> &'static str {
 
 pub async fn page(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    Viewer(who): Viewer,
     Query(q): Query<ActivityQuery>,
 ) -> Response {
     let page_no = super::page_number(q.page.as_deref());
-    let who = match viewer(&app, &headers, &q.url("/activity", Some(page_no))) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
     let filter = match q.filter() {
         Ok(f) => f,
         Err(e) => {
@@ -207,13 +204,9 @@ pub async fn page(
 
 pub async fn csv(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    Viewer(who): Viewer,
     Query(q): Query<ActivityQuery>,
 ) -> Response {
-    let who = match viewer(&app, &headers, &q.url("/activity", None)) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
     let filter = match q.filter() {
         Ok(f) => f,
         Err(e) => return problem(StatusCode::BAD_REQUEST, Some(&who), "Bad filter", &e),

@@ -6,17 +6,18 @@ use std::collections::BTreeMap;
 
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::Utc;
 use clap::ValueEnum;
 use maud::{html, Markup};
 
+use super::access::{Operator, Viewer};
 use super::auth::SignedIn;
-use super::{layout, operator, problem, viewer, Form, Shared};
+use super::{layout, problem, Form, Shared};
 use crate::dead::{self, parse_since, DeadLetter, FamilyArg, Filter};
+use crate::dead::{FilterArgs, GroupBy};
 use crate::dlq::{self, Action, Progress};
-use crate::{FilterArgs, GroupBy};
 use halosync_shared::ErrorClass;
 
 /// How long a page waits for another listing to finish with the dead
@@ -208,15 +209,10 @@ fn action_buttons(who: &SignedIn, q: &DeadQuery, count: usize, label: &str) -> M
 
 pub async fn list(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    Viewer(who): Viewer,
     RawQuery(raw): RawQuery,
 ) -> Response {
     let q = DeadQuery::from_query(raw.as_deref());
-    let here = format!("/dead?{}", q.query_string());
-    let who = match viewer(&app, &headers, &here) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
     let args = match q.args() {
         Ok(a) => a,
         Err(e) => {
@@ -328,15 +324,10 @@ pub async fn list(
 
 pub async fn show(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    Viewer(who): Viewer,
     RawQuery(raw): RawQuery,
 ) -> Response {
     let q = DeadQuery::from_query(raw.as_deref());
-    let here = format!("/dead/show?{}", q.query_string());
-    let who = match viewer(&app, &headers, &here) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
     let args = match q.args() {
         Ok(a) if !a.event_id.is_empty() => a,
         Ok(_) => {
@@ -459,12 +450,7 @@ fn dry(action: Action) -> Action {
 }
 
 /// Step 1 of replay / purge: count what would be affected and ask.
-pub async fn confirm(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let form = Form::parse(&body);
-    let who = match operator(&app, &headers, &form) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
+pub async fn confirm(State(app): State<Shared>, Operator { who, form }: Operator) -> Response {
     let (action, q) = match requested(&form) {
         Ok(x) => x,
         Err(e) => return problem(StatusCode::BAD_REQUEST, Some(&who), "Nothing to do", &e),
@@ -536,12 +522,7 @@ pub async fn confirm(State(app): State<Shared>, headers: HeaderMap, body: Bytes)
 }
 
 /// Step 2: confirmed; record it and start the job.
-pub async fn run(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let form = Form::parse(&body);
-    let who = match operator(&app, &headers, &form) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
+pub async fn run(State(app): State<Shared>, Operator { who, form }: Operator) -> Response {
     let (action, q) = match requested(&form) {
         Ok(x) => x,
         Err(e) => return problem(StatusCode::BAD_REQUEST, Some(&who), "Nothing to do", &e),
