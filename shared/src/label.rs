@@ -9,6 +9,9 @@
 //! | [`crate::error::FailureClass`] | how an attempt failed (DESIGN §3) |
 //! | [`crate::error::ErrorClass`] | what a retry or dead-letter copy is filed under (`x-halosync-error-class`) |
 //! | [`crate::outcome::Settled`] | how a message was settled (activity, `halosync_messages_total`) |
+//!
+//! Other crates declare theirs with `halosync_shared::labelled!` (the
+//! operator's tool: what happened to a dead letter).
 
 use std::fmt;
 
@@ -26,6 +29,7 @@ pub struct UnknownLabel {
 /// Declares a `Copy` enum whose every variant has one label, and derives
 /// from it `ALL`, `LABELS`, `as_str`, `FromStr` (an [`UnknownLabel`] for
 /// anything else), `Display`, and serde as the label.
+#[macro_export]
 macro_rules! labelled {
     (
         $(#[$meta:meta])*
@@ -73,21 +77,24 @@ macro_rules! labelled {
             }
         }
 
-        impl serde::Serialize for $name {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        impl $crate::label::__serde::Serialize for $name {
+            fn serialize<S: $crate::label::__serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 s.serialize_str(self.as_str())
             }
         }
 
-        impl<'de> serde::Deserialize<'de> for $name {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        impl<'de> $crate::label::__serde::Deserialize<'de> for $name {
+            fn deserialize<D: $crate::label::__serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 d.deserialize_str($crate::label::LabelVisitor::<$name>::new())
             }
         }
     };
 }
 
-pub(crate) use labelled;
+pub use crate::labelled;
+/// serde, for [`labelled!`] in crates that do not name it themselves.
+#[doc(hidden)]
+pub use serde as __serde;
 
 /// Reads a label for serde (borrowed or owned text alike).
 #[doc(hidden)]

@@ -17,7 +17,7 @@ use super::auth::SignedIn;
 use super::{layout, problem, Form, Shared};
 use crate::dead::{self, parse_since, DeadLetter, FamilyArg, Filter};
 use crate::dead::{FilterArgs, GroupBy};
-use crate::dlq::{self, Action, Progress};
+use crate::dlq::{self, Action, Handled, Progress};
 use halosync_shared::ErrorClass;
 
 /// How long a page waits for another listing to finish with the dead
@@ -476,10 +476,14 @@ pub async fn confirm(State(app): State<Shared>, Operator { who, form }: Operator
             )
         }
     };
-    let n = scan.done.iter().filter(|d| d.outcome != "failed").count();
+    let n = scan
+        .done
+        .iter()
+        .filter(|d| d.outcome != Handled::Failed)
+        .count();
     let unable = scan.done.len() - n;
     let mut per_family: BTreeMap<&str, usize> = BTreeMap::new();
-    for d in scan.done.iter().filter(|d| d.outcome != "failed") {
+    for d in scan.done.iter().filter(|d| d.outcome != Handled::Failed) {
         *per_family.entry(d.letter.family.as_str()).or_default() += 1;
     }
     let purge = matches!(action, Action::Purge { .. });

@@ -28,7 +28,7 @@ use super::access::{Operator, Viewer};
 use super::auth::SignedIn;
 use super::{layout, problem, Shared};
 use crate::dead::Filter;
-use crate::dlq::{self, problem_text, Action, Progress};
+use crate::dlq::{self, problem_text, Action, Handled, Progress};
 
 /// How a job ended.
 #[derive(Clone, Debug, Serialize)]
@@ -163,10 +163,14 @@ pub fn start(
                 let done: Vec<String> = scan
                     .done
                     .iter()
-                    .filter(|d| matches!(d.outcome.as_str(), "replayed" | "purged"))
+                    .filter(|d| d.outcome.removed())
                     .filter_map(|d| d.letter.event_id.clone())
                     .collect();
-                let failed = scan.done.iter().filter(|d| d.outcome == "failed").count();
+                let failed = scan
+                    .done
+                    .iter()
+                    .filter(|d| d.outcome == Handled::Failed)
+                    .count();
                 let past = if run.verb() == "replay" {
                     "replayed"
                 } else {
