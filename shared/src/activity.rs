@@ -69,6 +69,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp;
+use crate::error::ErrorClass;
+use crate::outcome::Settled;
 
 /// How long the log is kept (the stream's `x-max-age`, and the index).
 pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -84,15 +86,6 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 pub const MESSAGE_EXCERPT: usize = 300;
 /// Default bound of [`ActivityLog`]'s in-memory index.
 pub const DEFAULT_MAX_RECORDS: usize = 1_000_000;
-/// The outcomes a record can have (the runtime's log `outcome` values).
-pub const OUTCOMES: [&str; 6] = [
-    "applied",
-    "superseded",
-    "duplicate",
-    "retried",
-    "dead-lettered",
-    "requeued",
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivityError {
@@ -126,12 +119,11 @@ pub struct ActivityRecord {
     pub event_type: String,
     /// The aggregate key (DESIGN §1), e.g. `sub_1` or `sub_1:storage_gb:2026-11-01`.
     pub aggregate: String,
-    /// One of [`OUTCOMES`].
-    pub outcome: String,
+    pub outcome: Settled,
     /// The failure class (`transient`, ..., or the dead-letter class such
     /// as `exhausted`), for retried and dead-lettered messages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub class: Option<String>,
+    pub class: Option<ErrorClass>,
     /// The failure message, with HaloPSA's own text where there was one
     /// (at most [`MESSAGE_EXCERPT`] bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,8 +145,6 @@ impl ActivityRecord {
             + self.event_id.capacity()
             + self.event_type.capacity()
             + self.aggregate.capacity()
-            + self.outcome.capacity()
-            + self.class.as_ref().map_or(0, String::capacity)
             + self.message.as_ref().map_or(0, String::capacity)
             + self.worker.capacity()
     }
@@ -474,9 +464,9 @@ pub struct ActivityFilter {
     /// This family exactly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub family: Option<String>,
-    /// This outcome exactly (one of [`OUTCOMES`]).
+    /// This outcome exactly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<String>,
+    pub outcome: Option<Settled>,
     /// Settled at or after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<DateTime<Utc>>,
@@ -494,7 +484,7 @@ impl ActivityFilter {
             && opt(&self.aggregate).is_none_or(|w| r.aggregate.contains(w))
             && opt(&self.connection).is_none_or(|w| r.connection == w)
             && opt(&self.family).is_none_or(|w| r.family == w)
-            && opt(&self.outcome).is_none_or(|w| r.outcome == w)
+            && self.outcome.is_none_or(|w| r.outcome == w)
             && self.since.is_none_or(|t| r.time >= t)
             && self.until.is_none_or(|t| r.time < t)
     }
@@ -518,7 +508,7 @@ pub struct ActivityPage {
 pub struct ActivityCount {
     pub connection: String,
     pub family: String,
-    pub outcome: String,
+    pub outcome: Settled,
     pub count: u64,
 }
 
@@ -527,7 +517,7 @@ pub struct ActivityCount {
 pub struct DayCount {
     pub day: NaiveDate,
     pub total: u64,
-    pub by_outcome: BTreeMap<String, u64>,
+    pub by_outcome: BTreeMap<Settled, u64>,
 }
 
 /// Index state, shared with the tailing task.
@@ -717,13 +707,13 @@ impl ActivityLog {
     /// Records since `since` (all held when `None`), per (connection,
     /// family, outcome), sorted by those.
     pub fn counts(&self, since: Option<DateTime<Utc>>) -> Vec<ActivityCount> {
-        let mut map: BTreeMap<(String, String, String), u64> = BTreeMap::new();
+        let mut map: BTreeMap<(String, String, Settled), u64> = BTreeMap::new();
         if let Ok(i) = self.index.read() {
             for r in i.records.iter().rev() {
                 if since.is_some_and(|s| r.time < s) {
                     break;
                 }
-                *map.entry((r.connection.clone(), r.family.clone(), r.outcome.clone()))
+                *map.entry((r.connection.clone(), r.family.clone(), r.outcome))
                     .or_default() += 1;
             }
         }
@@ -759,7 +749,7 @@ impl ActivityLog {
                 let n = (day - first).num_days();
                 if let Some(d) = usize::try_from(n).ok().and_then(|n| out.get_mut(n)) {
                     d.total += 1;
-                    *d.by_outcome.entry(r.outcome.clone()).or_default() += 1;
+                    *d.by_outcome.entry(r.outcome).or_default() += 1;
                 }
             }
         }
@@ -817,8 +807,8 @@ pub fn write_csv<W: Write>(rows: &[ActivityRecord], out: W) -> Result<(), Activi
             &r.event_id,
             &r.event_type,
             &r.aggregate,
-            &r.outcome,
-            r.class.as_deref().unwrap_or(""),
+            r.outcome.as_str(),
+            r.class.map_or("", ErrorClass::as_str),
             &status,
             &attempts,
             &r.worker,
@@ -985,7 +975,7 @@ mod tests {
             event_id: id.into(),
             event_type: "subscription.created".into(),
             aggregate: format!("sub_{id}"),
-            outcome: outcome.into(),
+            outcome: outcome.parse().expect("an outcome"),
             class: None,
             message: Some("a, \"quoted\"\nmessage".into()),
             halo_status: Some(400),
@@ -1074,8 +1064,14 @@ mod tests {
             event_id: Some("123".into()),
             ..Default::default()
         }));
+        // The outcome matches exactly: a part of one is no outcome at all.
+        assert!("appl".parse::<Settled>().is_err());
         assert!(!f(ActivityFilter {
-            outcome: Some("appl".into()),
+            outcome: Some(Settled::Retried),
+            ..Default::default()
+        }));
+        assert!(f(ActivityFilter {
+            outcome: Some(Settled::Applied),
             ..Default::default()
         }));
         assert!(f(ActivityFilter {

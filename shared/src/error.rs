@@ -9,65 +9,79 @@
 use std::fmt;
 use std::time::Duration;
 
-/// What happens to a message that could not be applied (DESIGN §3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FailureClass {
-    /// Network, timeout, 5xx, 429, Redis or broker hiccup: retried with
-    /// growing delays, then dead-lettered as `exhausted`.
-    Transient,
-    /// Something this event needs is not in HaloPSA yet: retried like
-    /// transient over a longer horizon, then dead-lettered as `dependency`.
-    Dependency,
-    /// Not JSON, not valid against the schema, unknown type or connection,
-    /// oversized: dead-lettered at once.
-    Invalid,
-    /// No HaloPSA item mapping, ambiguous customer match: dead-lettered at
-    /// once, replayed after the mapping is added.
-    Unmapped,
-    /// HaloPSA 400 validation error or 403 permission error: dead-lettered at
-    /// once with HaloPSA's message.
-    Rejected,
+use crate::label::labelled;
+
+labelled! {
+    /// What happens to a message that could not be applied (DESIGN §3).
+    pub enum FailureClass ("failure class") {
+        /// Network, timeout, 5xx, 429, Redis or broker hiccup: retried with
+        /// growing delays, then dead-lettered as `exhausted`.
+        Transient = "transient",
+        /// Something this event needs is not in HaloPSA yet: retried like
+        /// transient over a longer horizon, then dead-lettered as `dependency`.
+        Dependency = "dependency",
+        /// Not JSON, not valid against the schema, unknown type or connection,
+        /// oversized: dead-lettered at once.
+        Invalid = "invalid",
+        /// No HaloPSA item mapping, ambiguous customer match: dead-lettered at
+        /// once, replayed after the mapping is added.
+        Unmapped = "unmapped",
+        /// HaloPSA 400 validation error or 403 permission error: dead-lettered at
+        /// once with HaloPSA's message.
+        Rejected = "rejected",
+    }
 }
 
 impl FailureClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureClass::Transient => "transient",
-            FailureClass::Dependency => "dependency",
-            FailureClass::Invalid => "invalid",
-            FailureClass::Unmapped => "unmapped",
-            FailureClass::Rejected => "rejected",
-        }
-    }
-
     /// Whether a failure of this class goes through the retry tiers.
     pub fn is_retried(self) -> bool {
         matches!(self, FailureClass::Transient | FailureClass::Dependency)
     }
 }
 
-impl fmt::Display for FailureClass {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+labelled! {
+    /// The class a retry or dead-letter copy is filed under
+    /// (`x-halosync-error-class`), which the activity log, the
+    /// `halosync_dead_letters_total` metric, `halosync dlq --class` and the
+    /// console's filters name. A retry copy carries its failure's class
+    /// (`From<FailureClass>`); a dead letter too, except that a transient
+    /// failure that ran out of attempts is filed as `exhausted`, and the
+    /// broker's own delivery-limit dead letters are read back as `poison` by
+    /// the operator's tool.
+    pub enum ErrorClass ("class") {
+        Transient = "transient",
+        Dependency = "dependency",
+        Invalid = "invalid",
+        Unmapped = "unmapped",
+        Rejected = "rejected",
+        /// A transient failure past `retry.max_attempts`.
+        Exhausted = "exhausted",
+        /// The quorum queue's delivery limit (never a worker's).
+        Poison = "poison",
     }
 }
 
-/// The class a dead letter is filed under (`x-halosync-error-class`). It is
-/// the failure class, except that a transient failure that ran out of
-/// attempts is filed as `exhausted`, and the broker's own delivery-limit
-/// dead letters are read back as `poison` by the operator's tool.
-pub const DEAD_CLASS_EXHAUSTED: &str = "exhausted";
-pub const DEAD_CLASS_POISON: &str = "poison";
+impl From<FailureClass> for ErrorClass {
+    fn from(c: FailureClass) -> ErrorClass {
+        match c {
+            FailureClass::Transient => ErrorClass::Transient,
+            FailureClass::Dependency => ErrorClass::Dependency,
+            FailureClass::Invalid => ErrorClass::Invalid,
+            FailureClass::Unmapped => ErrorClass::Unmapped,
+            FailureClass::Rejected => ErrorClass::Rejected,
+        }
+    }
+}
+
 /// Every class a worker files a dead letter under (`poison` is the
-/// broker's, never a worker's): the `class` label values of
-/// `halosync_dead_letters_total`.
-pub const DEAD_LETTER_CLASSES: [&str; 5] = [
-    "invalid",
-    "unmapped",
-    "rejected",
-    DEAD_CLASS_EXHAUSTED,
-    "dependency",
+/// broker's, never a worker's; `transient` is exhausted first): the `class`
+/// label values of `halosync_dead_letters_total`.
+pub const DEAD_LETTER_CLASSES: [ErrorClass; 5] = [
+    ErrorClass::Invalid,
+    ErrorClass::Unmapped,
+    ErrorClass::Rejected,
+    ErrorClass::Exhausted,
+    ErrorClass::Dependency,
 ];
 
 /// One failed attempt at a message, ready to be retried or dead-lettered.

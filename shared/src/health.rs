@@ -120,18 +120,12 @@ async fn readiness(s: &AppState) -> Result<(), String> {
 /// that "nothing applied" is a zero rather than a missing series.
 pub fn register_zeroes(family: &str, connections: impl IntoIterator<Item = String>) {
     let family = family.to_string();
-    for outcome in [
-        "applied",
-        "superseded",
-        "duplicate",
-        "retried",
-        "dead-lettered",
-    ] {
-        metrics::counter!("halosync_messages_total", "family" => family.clone(), "outcome" => outcome)
+    for outcome in crate::outcome::Settled::ALL {
+        metrics::counter!("halosync_messages_total", "family" => family.clone(), "outcome" => outcome.as_str())
             .absolute(0);
     }
     for class in crate::error::DEAD_LETTER_CLASSES {
-        metrics::counter!("halosync_dead_letters_total", "family" => family.clone(), "class" => class)
+        metrics::counter!("halosync_dead_letters_total", "family" => family.clone(), "class" => class.as_str())
             .absolute(0);
     }
     let mut labels: Vec<String> = connections

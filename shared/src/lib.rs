@@ -6,6 +6,8 @@
 //! | [`contract`] | the event envelope, families, versions, schema validation |
 //! | [`config`] | the TOML configuration and its checks |
 //! | [`error`] | failure classes (DESIGN §3) |
+//! | [`label`] | the labelled enums: one spelling per failure class and outcome |
+//! | [`outcome`] | how a message was settled |
 //! | [`amqp`] | RabbitMQ topology, headers, the confirmed publisher |
 //! | [`runtime`] | the consume loop: validate, dedupe, lock, apply, settle |
 //! | [`halo`] | the HaloPSA client: tokens, rate budget, requests, links |
@@ -25,7 +27,9 @@ pub mod contract;
 pub mod error;
 pub mod halo;
 pub mod health;
+pub mod label;
 pub mod outage;
+pub mod outcome;
 pub mod reload;
 pub mod runtime;
 pub mod store;
@@ -34,5 +38,6 @@ pub mod tls;
 
 pub use config::Config;
 pub use contract::{Contract, Envelope, Family, Version};
-pub use error::{Failure, FailureClass};
+pub use error::{ErrorClass, Failure, FailureClass};
+pub use outcome::Settled;
 pub use runtime::{Handler, Outcome, Services};

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use halo_sim::Faults;
 use halosync_shared::activity::{ActivityFilter, ActivityLog};
 use halosync_shared::contract::Family;
+use halosync_shared::Settled;
 use halosync_tests::{account_event, customers_of, PrivateRedis, TestEnv, AMQP_URL, CONNECTION};
 use serde_json::{json, Value};
 
@@ -218,14 +219,16 @@ async fn every_outcome_is_recorded_with_its_fields_and_can_be_searched_paged_and
     let counts = log.counts(None);
     let applied: u64 = counts
         .iter()
-        .filter(|c| c.outcome == "applied" && c.family == "account" && c.connection == CONNECTION)
+        .filter(|c| {
+            c.outcome == Settled::Applied && c.family == "account" && c.connection == CONNECTION
+        })
         .map(|c| c.count)
         .sum();
     assert_eq!(applied, 2, "{counts:?}");
     let days = log.daily(30);
     assert_eq!(days.len(), 30);
     assert_eq!(days[29].total, 6, "today's tile: {:?}", days[29]);
-    assert_eq!(days[29].by_outcome.get("retried"), Some(&1));
+    assert_eq!(days[29].by_outcome.get(&Settled::Retried), Some(&1));
     let mut live = log.subscribe();
     env.publish(&account_event("a-live", "acc_4", "Tailspin", true, 1))
         .await;
@@ -240,7 +243,7 @@ async fn every_outcome_is_recorded_with_its_fields_and_can_be_searched_paged_and
     })
     .await
     .expect("a live record");
-    assert_eq!(got.outcome, "applied");
+    assert_eq!(got.outcome, Settled::Applied);
     let page = log.query(
         &ActivityFilter {
             event_id: Some("a-live".into()),

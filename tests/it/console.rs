@@ -1920,7 +1920,7 @@ async fn csv_exports_neutralise_formula_cells_in_the_console_and_the_cli() {
         event_id: "evt_csv_1".into(),
         event_type: "account.created".into(),
         aggregate: formula.into(),
-        outcome: "applied".into(),
+        outcome: halosync_shared::Settled::Applied,
         class: None,
         message: Some("@SUM(1+1)".into()),
         halo_status: None,

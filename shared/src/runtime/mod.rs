@@ -43,9 +43,10 @@ use redis::aio::ConnectionManager;
 
 use crate::config::{Config, ConnectionConfig};
 use crate::contract::{Contract, Envelope, Family};
-use crate::error::{excerpt, Failure};
+use crate::error::{excerpt, ErrorClass, Failure};
 use crate::halo::{self, HaloClient};
 use crate::outage::{Backoff, Health, Report};
+use crate::outcome::Settled;
 use crate::store::{self, Keys, Store};
 
 mod batch;
@@ -66,10 +67,7 @@ pub enum Outcome {
 
 impl Outcome {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Applied => "applied",
-            Outcome::Superseded => "superseded",
-        }
+        Acked::from(self).as_str()
     }
 }
 
@@ -698,10 +696,10 @@ async fn finish(
     started: Instant,
 ) {
     let decided = match &decision {
-        Decision::Ack(o) => o.as_str(),
-        Decision::Retry(_) => "retried",
-        Decision::Dead(_) => "dead-lettered",
-        Decision::Requeue(_) => "requeued",
+        Decision::Ack(o) => Settled::from(*o),
+        Decision::Retry(_) => Settled::Retried,
+        Decision::Dead(_) => Settled::DeadLettered,
+        Decision::Requeue(_) => Settled::Requeued,
     };
     let requeue_reason = match &decision {
         Decision::Requeue(r) => Some(r.clone()),
@@ -720,26 +718,27 @@ async fn finish(
     // What really happened: a retry past its last attempt is dead-lettered
     // (as `exhausted` or `dependency`), a copy that could not be published
     // leaves the message requeued.
-    let (outcome, class): (&'static str, Option<&'static str>) = match &settled {
-        Ok(Some((_, Moved::Dead(label)))) => ("dead-lettered", Some(*label)),
-        Ok(Some((f, Moved::Retried))) => ("retried", Some(f.class.as_str())),
-        Ok(Some((f, Moved::Requeued))) => ("requeued", Some(f.class.as_str())),
+    let (outcome, class): (Settled, Option<ErrorClass>) = match &settled {
+        Ok(Some((_, Moved::Dead(class)))) => (Settled::DeadLettered, Some(*class)),
+        Ok(Some((f, Moved::Retried))) => (Settled::Retried, Some(f.class.into())),
+        Ok(Some((f, Moved::Requeued))) => (Settled::Requeued, Some(f.class.into())),
         Ok(None) => (decided, None),
-        Err(_) => ("requeued", None),
+        Err(_) => (Settled::Requeued, None),
     };
+    let outcome_label = outcome.as_str();
     let elapsed = started.elapsed();
     let duration_ms = elapsed.as_millis() as u64;
     let family = family.as_str();
-    metrics::counter!("halosync_messages_total", "family" => family, "outcome" => outcome)
+    metrics::counter!("halosync_messages_total", "family" => family, "outcome" => outcome_label)
         .increment(1);
     if event.is_some_and(|e| e.repair) {
-        metrics::counter!("halosync_repairs_total", "family" => family, "outcome" => outcome)
+        metrics::counter!("halosync_repairs_total", "family" => family, "outcome" => outcome_label)
             .increment(1);
     }
     metrics::histogram!("halosync_processing_seconds", "family" => family)
         .record(elapsed.as_secs_f64());
-    if let (Ok(Some(_)), "dead-lettered", Some(label)) = (&settled, outcome, class) {
-        metrics::counter!("halosync_dead_letters_total", "family" => family, "class" => label)
+    if let (Ok(Some(_)), Settled::DeadLettered, Some(class)) = (&settled, outcome, class) {
+        metrics::counter!("halosync_dead_letters_total", "family" => family, "class" => class.as_str())
             .increment(1);
     }
     let mut record = ActivityRecord {
@@ -756,8 +755,8 @@ async fn finish(
         }),
         event_type: event.map(|e| e.event_type.clone()).unwrap_or_default(),
         aggregate: aggregate.unwrap_or_default().to_string(),
-        outcome: outcome.to_string(),
-        class: class.map(str::to_string),
+        outcome,
+        class,
         message: None,
         halo_status: None,
         attempts: attempts_before + 1,
@@ -774,11 +773,12 @@ async fn finish(
     services.activity.record(record);
     match settled {
         Ok(Some((f, _))) => {
-            tracing::warn!(outcome, duration_ms, class = class.unwrap_or(f.class.as_str()), error = %f.message, halo_status = f.halo_status, "message settled")
+            let class = class.unwrap_or(f.class.into()).as_str();
+            tracing::warn!(outcome = outcome_label, duration_ms, class, error = %f.message, halo_status = f.halo_status, "message settled")
         }
-        Ok(None) => tracing::info!(outcome, duration_ms, "message settled"),
+        Ok(None) => tracing::info!(outcome = outcome_label, duration_ms, "message settled"),
         Err(e) => {
-            tracing::error!(outcome, duration_ms, error = %e, "could not settle the message; the broker will redeliver it")
+            tracing::error!(outcome = outcome_label, duration_ms, error = %e, "could not settle the message; the broker will redeliver it")
         }
     }
 }
@@ -788,7 +788,7 @@ enum Moved {
     /// To a delay queue.
     Retried,
     /// To the dead queue, filed under this class.
-    Dead(&'static str),
+    Dead(ErrorClass),
     /// Nowhere: its copy could not be published, so it was requeued.
     Requeued,
 }
@@ -846,7 +846,7 @@ async fn apply_decision(
 ) -> Result<Option<(Failure, Moved)>, lapin::Error> {
     let config = services.config();
     // Where it goes is decided by `settle::plan` alone; this carries it out.
-    let (failure, target, class_label, attempts) =
+    let (failure, target, dead_class, attempts) =
         match settle::plan(decision, attempts_before, &config.retry) {
             Plan::Ack(_) => {
                 delivery.acker.ack(BasicAckOptions::default()).await?;
@@ -870,7 +870,7 @@ async fn apply_decision(
             } => (
                 failure,
                 services.topology.retry_queue(family, delay_ms),
-                "",
+                None,
                 attempts,
             ),
             Plan::Dead {
@@ -880,7 +880,7 @@ async fn apply_decision(
             } => (
                 failure,
                 services.topology.dead_queue(family),
-                class,
+                Some(class),
                 attempts,
             ),
         };
@@ -890,7 +890,7 @@ async fn apply_decision(
         delivery,
         event,
         &failure,
-        class_label,
+        dead_class.unwrap_or(failure.class.into()),
         attempts,
     );
     let properties = delivery
@@ -904,10 +904,9 @@ async fn apply_decision(
     {
         Ok(()) => {
             delivery.acker.ack(BasicAckOptions::default()).await?;
-            let moved = if class_label.is_empty() {
-                Moved::Retried
-            } else {
-                Moved::Dead(class_label)
+            let moved = match dead_class {
+                None => Moved::Retried,
+                Some(class) => Moved::Dead(class),
             };
             Ok(Some((failure, moved)))
         }
@@ -932,19 +931,14 @@ fn failure_headers(
     delivery: &Delivery,
     event: Option<&Envelope>,
     failure: &Failure,
-    class_label: &str,
+    class: ErrorClass,
     attempts: u32,
 ) -> FieldTable {
     let trusted = trusted_headers(delivery);
     let old = trusted.as_ref();
     let mut t = old.cloned().unwrap_or_default();
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
-    let class = if class_label.is_empty() {
-        failure.class.as_str()
-    } else {
-        class_label
-    };
-    h::set_str(&mut t, h::ERROR_CLASS, class);
+    h::set_str(&mut t, h::ERROR_CLASS, class.as_str());
     h::set_str(&mut t, h::ERROR_MESSAGE, &excerpt(&failure.message, 2000));
     match failure.halo_status {
         Some(s) => h::set_i64(&mut t, h::HALO_STATUS, s as i64),

@@ -5,7 +5,8 @@
 //! ack, or nack with requeue), for single messages and batches alike.
 
 use crate::config::RetrySettings;
-use crate::error::{Failure, FailureClass, DEAD_CLASS_EXHAUSTED};
+use crate::error::{ErrorClass, Failure, FailureClass};
+use crate::outcome::Settled;
 
 use super::Outcome;
 
@@ -22,10 +23,16 @@ pub enum Acked {
 
 impl Acked {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Acked::Applied => "applied",
-            Acked::Superseded => "superseded",
-            Acked::Duplicate => "duplicate",
+        Settled::from(self).as_str()
+    }
+}
+
+impl From<Acked> for Settled {
+    fn from(a: Acked) -> Settled {
+        match a {
+            Acked::Applied => Settled::Applied,
+            Acked::Superseded => Settled::Superseded,
+            Acked::Duplicate => Settled::Duplicate,
         }
     }
 }
@@ -76,7 +83,7 @@ pub enum Plan {
     /// A copy to the dead queue, filed under `class`, carrying `attempts`.
     Dead {
         failure: Failure,
-        class: &'static str,
+        class: ErrorClass,
         attempts: u32,
     },
     Requeue(String),
@@ -100,7 +107,7 @@ pub fn plan(decision: Decision, attempts_before: u32, retry: &RetrySettings) -> 
         Decision::Ack(a) => Plan::Ack(a),
         Decision::Requeue(reason) => Plan::Requeue(reason),
         Decision::Dead(failure) => Plan::Dead {
-            class: failure.class.as_str(),
+            class: failure.class.into(),
             failure,
             attempts: attempts_before + 1,
         },
@@ -116,8 +123,8 @@ pub fn plan(decision: Decision, attempts_before: u32, retry: &RetrySettings) -> 
             };
             if attempts >= limit && !failure.throttled {
                 let class = match failure.class {
-                    FailureClass::Dependency => FailureClass::Dependency.as_str(),
-                    _ => DEAD_CLASS_EXHAUSTED,
+                    FailureClass::Dependency => ErrorClass::Dependency,
+                    _ => ErrorClass::Exhausted,
                 };
                 Plan::Dead {
                     failure,
@@ -204,9 +211,9 @@ mod tests {
     #[test]
     fn final_classes_are_dead_lettered_at_once_under_their_own_class() {
         for (f, class) in [
-            (Failure::invalid("x"), "invalid"),
-            (Failure::unmapped("x"), "unmapped"),
-            (Failure::rejected("x"), "rejected"),
+            (Failure::invalid("x"), ErrorClass::Invalid),
+            (Failure::unmapped("x"), ErrorClass::Unmapped),
+            (Failure::rejected("x"), ErrorClass::Rejected),
         ] {
             for before in [0, 2, 9] {
                 assert_eq!(
@@ -242,7 +249,7 @@ mod tests {
                 plan(Decision::Retry(f.clone()), before, &settings()),
                 Plan::Dead {
                     failure: f.clone(),
-                    class: "exhausted",
+                    class: ErrorClass::Exhausted,
                     attempts: before + 1
                 }
             );
@@ -270,7 +277,7 @@ mod tests {
             plan(Decision::Retry(f.clone()), 5, &settings()),
             Plan::Dead {
                 failure: f,
-                class: "dependency",
+                class: ErrorClass::Dependency,
                 attempts: 6
             }
         );

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use halosync_shared::activity::{self, ActivityFilter, ActivityLog, ActivityPage};
-use halosync_shared::Config;
+use halosync_shared::{Config, Settled};
 
 use crate::dead::Since;
 use crate::table;
@@ -28,7 +28,7 @@ pub struct Options {
     pub connection: Option<String>,
     pub event_id: Option<String>,
     pub aggregate: Option<String>,
-    pub outcome: Option<String>,
+    pub outcome: Option<Settled>,
     pub family: Option<String>,
     pub since: Option<Since>,
     pub until: Option<Since>,
@@ -46,7 +46,7 @@ impl Options {
             aggregate: self.aggregate.clone(),
             connection: self.connection.clone(),
             family: self.family.clone(),
-            outcome: self.outcome.clone(),
+            outcome: self.outcome,
             since: self.since.as_ref().map(|s| s.cutoff(now)),
             until: self.until.as_ref().map(|s| s.cutoff(now)),
         }
@@ -63,7 +63,7 @@ impl Options {
         push("--connection", &self.connection);
         push("--event-id", &self.event_id);
         push("--aggregate", &self.aggregate);
-        push("--outcome", &self.outcome);
+        push("--outcome", &self.outcome.map(|o| o.as_str().to_string()));
         push("--family", &self.family);
         if let Some(s) = &self.since {
             out.push(format!("--since {}", table::shell_word(&s.as_arg())));
@@ -124,7 +124,7 @@ pub fn render(page: &ActivityPage, o: &Options) -> String {
         .rows
         .iter()
         .map(|r| {
-            let mut detail = r.class.clone().unwrap_or_default();
+            let mut detail = r.class.map(|c| c.to_string()).unwrap_or_default();
             if let Some(s) = r.halo_status {
                 detail = format!("{detail} HTTP {s}").trim().to_string();
             }
@@ -139,7 +139,7 @@ pub fn render(page: &ActivityPage, o: &Options) -> String {
                 r.family.clone(),
                 r.event_id.clone(),
                 r.aggregate.clone(),
-                r.outcome.clone(),
+                r.outcome.to_string(),
                 r.attempts.to_string(),
                 detail,
             ]

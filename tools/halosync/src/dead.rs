@@ -17,9 +17,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use halosync_shared::amqp::headers as h;
-use halosync_shared::error::{DEAD_CLASS_EXHAUSTED, DEAD_CLASS_POISON};
 use halosync_shared::halo::error::message_from_body;
+use halosync_shared::ErrorClass;
 use halosync_shared::Family;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
@@ -27,18 +28,43 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::table::shell_word;
-use crate::{FilterArgs, GroupBy};
 
-/// The classes a dead letter can be filed under.
-pub const CLASSES: [&str; 7] = [
-    "transient",
-    "dependency",
-    "invalid",
-    "unmapped",
-    "rejected",
-    DEAD_CLASS_EXHAUSTED,
-    DEAD_CLASS_POISON,
-];
+/// The filters every `dlq` command takes.
+#[derive(Debug, clap::Args, Clone, Default)]
+pub struct FilterArgs {
+    /// Only these families' dead queues (repeat or comma-separate) [default: all four].
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "FAMILY")]
+    pub family: Vec<FamilyArg>,
+    /// Only this failure class (x-halosync-error-class; `poison` = the broker's delivery limit).
+    #[arg(long, value_delimiter = ',', value_name = "CLASS",
+          value_parser = PossibleValuesParser::new(ErrorClass::LABELS).try_map(|s| s.parse::<ErrorClass>()))]
+    pub class: Vec<ErrorClass>,
+    /// Only events of this connection (header or envelope).
+    #[arg(long, value_delimiter = ',', value_name = "NAME")]
+    pub connection: Vec<String>,
+    /// Only this event id (header, message_id or envelope id).
+    #[arg(long, value_delimiter = ',', value_name = "ID")]
+    pub event_id: Vec<String>,
+    /// Only this failure group: the error message with numbers folded to `#`,
+    /// as `dlq list --group-by error` prints it.
+    #[arg(long, value_name = "TEXT")]
+    pub error: Option<String>,
+    /// Only dead letters whose last failure is this recent: a duration (30m,
+    /// 1h, 2d, 1h30m) or an RFC 3339 time (2026-11-22T10:00:00Z).
+    #[arg(long, value_name = "WHEN", value_parser = parse_since)]
+    pub since: Option<Since>,
+    /// At most this many dead letters (oldest first).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    /// By failure class.
+    Class,
+    /// By class and error message (numbers folded), like ServicePulse's failure groups.
+    Error,
+}
 
 /// `--family` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -234,7 +260,7 @@ impl DeadLetter {
                 ),
                 None => "the broker's delivery limit dead-lettered it (workers kept dying while holding it)".to_string(),
             };
-            (DEAD_CLASS_POISON.to_string(), Some(m))
+            (ErrorClass::Poison.as_str().to_string(), Some(m))
         } else {
             (
                 h::get_str(headers, h::ERROR_CLASS).unwrap_or_else(|| "unknown".to_string()),
@@ -359,7 +385,7 @@ impl DeadLetter {
 #[derive(Clone, Debug)]
 pub struct Filter {
     pub families: Vec<Family>,
-    pub classes: Vec<String>,
+    pub classes: Vec<ErrorClass>,
     pub connections: Vec<String>,
     pub event_ids: Vec<String>,
     /// The folded error message of one failure group.
@@ -385,7 +411,7 @@ impl Filter {
     }
 
     pub fn matches(&self, d: &DeadLetter, message_id: Option<&str>) -> bool {
-        if !self.classes.is_empty() && !self.classes.iter().any(|c| c == &d.class) {
+        if !self.classes.is_empty() && !self.classes.iter().any(|c| c.as_str() == d.class) {
             return false;
         }
         if !self.connections.is_empty()
@@ -438,7 +464,8 @@ impl Filter {
                 out.push(format!("{flag} {}", shell_word(&values.join(","))));
             }
         };
-        multi("--class", &self.classes);
+        let classes: Vec<String> = self.classes.iter().map(|c| c.to_string()).collect();
+        multi("--class", &classes);
         multi("--connection", &self.connections);
         multi("--event-id", &self.event_ids);
         if let Some(e) = &self.error {
@@ -663,7 +690,7 @@ mod tests {
         let f = Filter::new(&args, now);
         assert!(f.matches(&d1, None) && !f.matches(&d2, None));
         let args = FilterArgs {
-            class: vec!["rejected".into()],
+            class: vec![ErrorClass::Rejected],
             connection: vec!["acme".into()],
             event_id: vec!["evt_2".into()],
             ..Default::default()

@@ -38,8 +38,8 @@ use serde_json::json;
 
 use crate::broker;
 use crate::dead::{self, replay_headers, DeadLetter, FamilyArg, Filter};
+use crate::dead::{FilterArgs, GroupBy};
 use crate::table::{self, one_line, plural, shell_word, when};
-use crate::{FilterArgs, GroupBy};
 
 /// How long to wait for returned dead letters to be ready again.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,14 +82,32 @@ enum Mode<'a> {
     },
 }
 
+halosync_shared::labelled! {
+    /// What happened to one matching dead letter (`halosync dlq`'s output,
+    /// the console's jobs and confirmations).
+    pub enum Handled ("dead-letter outcome") {
+        Listed = "listed",
+        WouldReplay = "would replay",
+        Replayed = "replayed",
+        WouldPurge = "would purge",
+        Purged = "purged",
+        Failed = "failed",
+    }
+}
+
+impl Handled {
+    /// Whether the dead letter left its dead queue.
+    pub fn removed(self) -> bool {
+        matches!(self, Handled::Replayed | Handled::Purged)
+    }
+}
+
 /// What happened to one matching dead letter.
 #[derive(Clone, Debug, Serialize)]
 pub struct Done {
     #[serde(flatten)]
     pub letter: DeadLetter,
-    /// `listed`, `would replay`, `replayed`, `would purge`, `purged`,
-    /// `failed`.
-    pub outcome: String,
+    pub outcome: Handled,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replayed_to: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -345,12 +363,12 @@ enum Settled {
 }
 
 fn record(done: Done, out: &mut Scan, progress: &Progress, removed: &mut u32) {
-    if matches!(done.outcome.as_str(), "replayed" | "purged") {
+    if done.outcome.removed() {
         *removed += 1;
         out.removed += 1;
         progress.removed.fetch_add(1, Ordering::Relaxed);
     }
-    if done.outcome == "failed" {
+    if done.outcome == Handled::Failed {
         progress.failed.fetch_add(1, Ordering::Relaxed);
         if done.problem.as_deref().is_some_and(is_fatal) && out.stopped.is_none() {
             out.stopped = done.problem.clone();
@@ -367,16 +385,16 @@ async fn flush(
     removed: &mut u32,
 ) {
     for f in in_flight.drain(..) {
-        let done = |letter, outcome: &str, problem: Option<String>| Done {
+        let done = |letter, outcome: Handled, problem: Option<String>| Done {
             letter,
-            outcome: outcome.to_string(),
+            outcome,
             replayed_to: Some(f.target.clone()),
             problem,
         };
         let d = match f.pending.confirmed().await {
             Ok(()) => match f.acker.ack(BasicAckOptions::default()).await {
-                Ok(_) => done(f.letter, "replayed", None),
-                Err(e) => done(f.letter, "failed", Some(format!(
+                Ok(_) => done(f.letter, Handled::Replayed, None),
+                Err(e) => done(f.letter, Handled::Failed, Some(format!(
                     "{FATAL}republished, but could not remove it from the dead queue ({e}); it may be replayed twice, which the workers absorb (same event id)"
                 ))),
             },
@@ -387,7 +405,7 @@ async fn flush(
                     if fatal { FATAL } else { "" },
                     f.target
                 );
-                done(f.letter, "failed", Some(problem))
+                done(f.letter, Handled::Failed, Some(problem))
             }
         };
         record(d, out, progress, removed);
@@ -417,21 +435,21 @@ async fn settle_now(
     letter: DeadLetter,
     mode: &Mode<'_>,
 ) -> Result<Done, InFlight> {
-    let done = |letter, outcome: &str| Done {
+    let done = |letter, outcome: Handled| Done {
         letter,
-        outcome: outcome.to_string(),
+        outcome,
         replayed_to: None,
         problem: None,
     };
     Ok(match mode {
-        Mode::Read => done(letter, "listed"),
-        Mode::Purge { dry_run: true } => done(letter, "would purge"),
+        Mode::Read => done(letter, Handled::Listed),
+        Mode::Purge { dry_run: true } => done(letter, Handled::WouldPurge),
         Mode::Purge { dry_run: false } => {
             match delivery.acker.ack(BasicAckOptions::default()).await {
-                Ok(_) => done(letter, "purged"),
+                Ok(_) => done(letter, Handled::Purged),
                 Err(e) => Done {
                     problem: Some(format!("{FATAL}could not remove it: {e}")),
-                    ..done(letter, "failed")
+                    ..done(letter, Handled::Failed)
                 },
             }
         }
@@ -445,14 +463,14 @@ async fn settle_now(
                     problem: Some(
                         "no routing key: it has neither x-halosync-original-routing-key, a `type` property nor an envelope `type`; left in the dead queue".into(),
                     ),
-                    ..done(letter, "failed")
+                    ..done(letter, Handled::Failed)
                 });
             };
             let target = format!("{exchange} [{routing_key}]");
             if *dry_run {
                 return Ok(Done {
                     replayed_to: Some(target),
-                    ..done(letter, "would replay")
+                    ..done(letter, Handled::WouldReplay)
                 });
             }
             let mut props = delivery
@@ -484,7 +502,7 @@ async fn settle_now(
                             "{}republish to {target} failed: {e}; it stays in the dead queue",
                             if fatal { FATAL } else { "" }
                         )),
-                        ..done(letter, "failed")
+                        ..done(letter, Handled::Failed)
                     }
                 }
             }
@@ -826,7 +844,7 @@ pub async fn purge(
             );
         } else {
             for d in &scan.done {
-                println!("would purge {}", describe(&d.letter));
+                println!("{} {}", Handled::WouldPurge, describe(&d.letter));
             }
         }
         let what = if filter.is_empty() {
@@ -868,9 +886,13 @@ fn report_changes(
     verb: &str,
     past: &str,
 ) -> anyhow::Result<ExitCode> {
-    let failed: Vec<&Done> = scan.done.iter().filter(|d| d.outcome == "failed").collect();
+    let failed: Vec<&Done> = scan
+        .done
+        .iter()
+        .filter(|d| d.outcome == Handled::Failed)
+        .collect();
     let mut per_family: BTreeMap<&str, usize> = BTreeMap::new();
-    for d in scan.done.iter().filter(|d| d.outcome != "failed") {
+    for d in scan.done.iter().filter(|d| d.outcome != Handled::Failed) {
         *per_family.entry(d.letter.family.as_str()).or_default() += 1;
     }
     let ok = failed.is_empty() && scan.stopped.is_none();
@@ -900,7 +922,7 @@ fn report_changes(
             .as_deref()
             .map(|t| format!(" → {t}"))
             .unwrap_or_default();
-        let count = if verb == "replay" && d.outcome != "failed" {
+        let count = if verb == "replay" && d.outcome != Handled::Failed {
             format!(", replay #{}", d.letter.replay_count.saturating_add(1))
         } else {
             String::new()

@@ -1,42 +1,22 @@
-//! `halosync`: the operator's tool (DESIGN §7).
-//!
-//! | command | what it does | module |
-//! |---|---|---|
-//! | `publish` | validate JSON events against `schemas/`, publish them with confirms | [`publish`] |
-//! | `dlq list / show / replay / purge` | dead letters, grouped, replayed, purged | [`dlq`], [`dead`] |
-//! | `check` | HaloPSA connection test: token, then each permission the workers need; the TLS handshake and login of RabbitMQ, Redis and HaloPSA | [`check`], [`tls_check`] |
-//! | `topology` | declare every exchange and queue (idempotent) | [`status`] |
-//! | `status` | queue depths, consumers, retry tiers, dead letters, unrouted | [`status`] |
-//! | `console` | the operator's web console (sign-in, roles, audit) | [`console`] |
-//! | `activity` | every settled message of the last 30 days, searched and paged | [`activity`] |
-//! | `mappings list / set / unmapped`, `items` | item mappings stored in HaloPSA; HaloPSA's items | [`mappings`] |
-//! | `reconcile` | compare HaloPSA with a snapshot of the billing platform; `--repair` republishes the drifted | [`reconcile`] |
+//! `halosync`: the operator's tool (DESIGN §7), the command line of the
+//! `halosync_cli` library (`lib.rs`): this file parses the arguments and
+//! calls the library's operations; the library never calls back here.
 //!
 //! Exit codes: 0 success, 1 the command ran and something failed (an
 //! invalid event, a nacked publish, a failed check, a refused purge), 2 a
 //! bad command line (clap). `reconcile` follows DESIGN §8: 0 in step, 1
 //! drift found, 2 it could not run (bad snapshot, unreachable service).
 
-mod activity;
-mod broker;
-mod check;
-mod console;
-mod dead;
-mod dlq;
-mod mappings;
-mod publish;
-mod reconcile;
-mod settings;
-mod status;
-mod table;
-mod tls_check;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::dead::{parse_since, FamilyArg, Since, CLASSES};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use halosync_cli::dead::{parse_since, FamilyArg, FilterArgs, GroupBy, Since};
+use halosync_cli::settings::with_connection;
+use halosync_cli::{activity, check, console, dlq, mappings, publish, reconcile, settings, status};
+use halosync_shared::Settled;
 
 const ROOT_EXAMPLES: &str = "\
 Examples:
@@ -258,8 +238,8 @@ struct ActivityArgs {
     aggregate: Option<String>,
     /// Only this outcome.
     #[arg(long, value_name = "OUTCOME",
-          value_parser = clap::builder::PossibleValuesParser::new(halosync_shared::activity::OUTCOMES))]
-    outcome: Option<String>,
+          value_parser = PossibleValuesParser::new(Settled::LABELS).try_map(|s| s.parse::<Settled>()))]
+    outcome: Option<Settled>,
     /// Only this family.
     #[arg(long, value_enum, value_name = "FAMILY")]
     family: Option<FamilyArg>,
@@ -401,43 +381,6 @@ Examples:
   halosync dlq purge --class invalid --yes
   halosync dlq purge --event-id evt_01JD3V6Q8Y --yes")]
     Purge(PurgeArgs),
-}
-
-/// The filters every `dlq` command takes.
-#[derive(Debug, Args, Clone, Default)]
-pub struct FilterArgs {
-    /// Only these families' dead queues (repeat or comma-separate) [default: all four].
-    #[arg(long, value_enum, value_delimiter = ',', value_name = "FAMILY")]
-    pub family: Vec<FamilyArg>,
-    /// Only this failure class (x-halosync-error-class; `poison` = the broker's delivery limit).
-    #[arg(long, value_delimiter = ',', value_name = "CLASS",
-          value_parser = clap::builder::PossibleValuesParser::new(CLASSES))]
-    pub class: Vec<String>,
-    /// Only events of this connection (header or envelope).
-    #[arg(long, value_delimiter = ',', value_name = "NAME")]
-    pub connection: Vec<String>,
-    /// Only this event id (header, message_id or envelope id).
-    #[arg(long, value_delimiter = ',', value_name = "ID")]
-    pub event_id: Vec<String>,
-    /// Only this failure group: the error message with numbers folded to `#`,
-    /// as `dlq list --group-by error` prints it.
-    #[arg(long, value_name = "TEXT")]
-    pub error: Option<String>,
-    /// Only dead letters whose last failure is this recent: a duration (30m,
-    /// 1h, 2d, 1h30m) or an RFC 3339 time (2026-11-22T10:00:00Z).
-    #[arg(long, value_name = "WHEN", value_parser = parse_since)]
-    pub since: Option<Since>,
-    /// At most this many dead letters (oldest first).
-    #[arg(long, value_name = "N")]
-    pub limit: Option<usize>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum GroupBy {
-    /// By failure class.
-    Class,
-    /// By class and error message (numbers folded), like ServicePulse's failure groups.
-    Error,
 }
 
 #[derive(Debug, Args)]
@@ -634,38 +577,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mappings::cli_items(&config, &name, a.search.as_deref(), json).await
         }
     }
-}
-
-/// The config with the connection named, or with the only one configured.
-fn with_connection(
-    config_path: Option<&std::path::Path>,
-    name: Option<&str>,
-) -> anyhow::Result<(halosync_shared::Config, String)> {
-    let (_, text) = settings::read(config_path)?;
-    let names = settings::connection_names(&text);
-    let name = match (name, names.as_slice()) {
-        (Some(n), _) if names.iter().any(|c| c == n) => n.to_string(),
-        (Some(n), []) => anyhow::bail!(
-            "no connection {n:?} is configured: add a [connections.{n}] table to halosync.toml, or point --config / HALOSYNC_CONFIG at yours"
-        ),
-        (Some(n), some) => anyhow::bail!(
-            "no connection {n:?} is configured; configured: {}; use e.g. --connection {}",
-            some.join(", "),
-            some[0]
-        ),
-        (None, [only]) => only.clone(),
-        (None, []) => anyhow::bail!(
-            "no HaloPSA connection is configured: add a [connections.NAME] table to halosync.toml and pass --connection NAME, or point --config / HALOSYNC_CONFIG at yours"
-        ),
-        (None, many) => anyhow::bail!(
-            "{} connections are configured ({}); say which with e.g. --connection {}",
-            many.len(),
-            many.join(", "),
-            many[0]
-        ),
-    };
-    let loaded = settings::load(config_path, settings::Need::Connection(name.clone()))?;
-    Ok((loaded.config, name))
 }
 
 #[cfg(test)]

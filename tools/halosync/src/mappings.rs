@@ -25,13 +25,13 @@ use halosync_shared::config::ConnectionConfig;
 use halosync_shared::halo::items::{self, HaloItem, ItemMapping, MappingChange};
 use halosync_shared::halo::{self, HaloClient};
 use halosync_shared::store::{self, Keys, Store};
-use halosync_shared::{Config, Family};
+use halosync_shared::{Config, ErrorClass, Family};
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::dead::DeadLetter;
+use crate::dead::FilterArgs;
 use crate::table;
-use crate::FilterArgs;
 
 /// A connection's HaloPSA client and the Redis store it shares with the
 /// workers (token cache, rate budget, item-mapping cache).
@@ -126,7 +126,10 @@ pub fn sku_of(d: &DeadLetter) -> Option<(String, Vec<String>)> {
 pub fn group_unmapped(letters: &[DeadLetter]) -> Vec<UnmappedSku> {
     let mut groups: BTreeMap<(String, String), UnmappedSku> = BTreeMap::new();
     let mut families: BTreeMap<(String, String), BTreeSet<Family>> = BTreeMap::new();
-    for d in letters.iter().filter(|d| d.class == "unmapped") {
+    for d in letters
+        .iter()
+        .filter(|d| d.class == ErrorClass::Unmapped.as_str())
+    {
         let Some((sku, keys)) = sku_of(d) else {
             continue;
         };
@@ -196,7 +199,7 @@ pub async fn unmapped_skus(
     connection: Option<&str>,
 ) -> anyhow::Result<Vec<UnmappedSku>> {
     let args = FilterArgs {
-        class: vec!["unmapped".into()],
+        class: vec![ErrorClass::Unmapped],
         connection: connection.map(|c| vec![c.to_string()]).unwrap_or_default(),
         ..Default::default()
     };
@@ -208,7 +211,7 @@ pub async fn unmapped_skus(
 /// (an [`UnmappedSku`]'s `connection` and `event_ids`).
 pub fn replay_filter(connection: &str, event_ids: &[String]) -> FilterArgs {
     FilterArgs {
-        class: vec!["unmapped".into()],
+        class: vec![ErrorClass::Unmapped],
         connection: vec![connection.to_string()],
         event_id: event_ids.to_vec(),
         ..Default::default()
@@ -584,6 +587,6 @@ mod tests {
         assert_eq!(az.keys, ["overage:seats", "AZ-1:seats", "AZ-1"]);
         let f = replay_filter(&az.connection, &az.event_ids);
         assert_eq!(f.event_id, ["e3"]);
-        assert_eq!(f.class, ["unmapped"]);
+        assert_eq!(f.class, [ErrorClass::Unmapped]);
     }
 }

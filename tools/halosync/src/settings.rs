@@ -129,6 +129,38 @@ pub fn raw_connection_key(text: &str, name: &str, key: &str) -> Option<toml::Val
         .cloned()
 }
 
+/// The config with the connection named, or with the only one configured.
+pub fn with_connection(
+    config_path: Option<&std::path::Path>,
+    name: Option<&str>,
+) -> anyhow::Result<(halosync_shared::Config, String)> {
+    let (_, text) = read(config_path)?;
+    let names = connection_names(&text);
+    let name = match (name, names.as_slice()) {
+        (Some(n), _) if names.iter().any(|c| c == n) => n.to_string(),
+        (Some(n), []) => anyhow::bail!(
+            "no connection {n:?} is configured: add a [connections.{n}] table to halosync.toml, or point --config / HALOSYNC_CONFIG at yours"
+        ),
+        (Some(n), some) => anyhow::bail!(
+            "no connection {n:?} is configured; configured: {}; use e.g. --connection {}",
+            some.join(", "),
+            some[0]
+        ),
+        (None, [only]) => only.clone(),
+        (None, []) => anyhow::bail!(
+            "no HaloPSA connection is configured: add a [connections.NAME] table to halosync.toml and pass --connection NAME, or point --config / HALOSYNC_CONFIG at yours"
+        ),
+        (None, many) => anyhow::bail!(
+            "{} connections are configured ({}); say which with e.g. --connection {}",
+            many.len(),
+            many.join(", "),
+            many[0]
+        ),
+    };
+    let loaded = load(config_path, Need::Connection(name.clone()))?;
+    Ok((loaded.config, name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

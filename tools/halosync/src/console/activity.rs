@@ -7,15 +7,17 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{Duration as Days, Utc};
 use halosync_shared::activity::{self, ActivityFilter};
+use halosync_shared::Settled;
 use maud::{html, Markup};
 use serde::{Deserialize, Serialize};
 
+use super::access::Viewer;
 use super::overview::Overview;
-use super::{layout, problem, viewer, Shared};
+use super::{layout, problem, Shared};
 use crate::dead::parse_since;
 
 const PER_PAGE: usize = 50;
@@ -61,15 +63,10 @@ impl ActivityQuery {
                 None => Ok(None),
             }
         };
-        let outcome = clean(&self.outcome);
-        if let Some(o) = &outcome {
-            if !activity::OUTCOMES.contains(&o.as_str()) {
-                return Err(format!(
-                    "unknown outcome {o:?}: use one of {}",
-                    activity::OUTCOMES.join(", ")
-                ));
-            }
-        }
+        let outcome = match clean(&self.outcome) {
+            Some(o) => Some(o.parse::<Settled>().map_err(|e| e.to_string())?),
+            None => None,
+        };
         Ok(ActivityFilter {
             event_id: clean(&self.event_id),
             aggregate: clean(&self.aggregate),
@@ -121,7 +118,7 @@ fn filter_form(q: &ActivityQuery) -> Markup {
             } }
             label { "Outcome" select name="outcome" {
                 option value="" { "all" }
-                @for o in activity::OUTCOMES { option value=(o) selected[q.outcome.as_deref() == Some(o)] { (o) } }
+                @for o in Settled::LABELS { option value=(o) selected[q.outcome.as_deref() == Some(*o)] { (o) } }
             } }
             label { "Since" input type="text" name="since" value=(v(&q.since)) placeholder="24h, 7d, 2026-11-20"; }
             label { "Until" input type="text" name="until" value=(v(&q.until)) placeholder="1h, 2026-11-21"; }
@@ -131,25 +128,21 @@ fn filter_form(q: &ActivityQuery) -> Markup {
     }
 }
 
-fn outcome_class(o: &str) -> &'static str {
+fn outcome_class(o: Settled) -> &'static str {
     match o {
-        "applied" => "ok",
-        "dead-lettered" => "bad",
-        "retried" | "requeued" => "warn",
-        _ => "",
+        Settled::Applied => "ok",
+        Settled::DeadLettered => "bad",
+        Settled::Retried | Settled::Requeued => "warn",
+        Settled::Superseded | Settled::Duplicate => "",
     }
 }
 
 pub async fn page(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    Viewer(who): Viewer,
     Query(q): Query<ActivityQuery>,
 ) -> Response {
     let page_no = super::page_number(q.page.as_deref());
-    let who = match viewer(&app, &headers, &q.url("/activity", Some(page_no))) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
     let filter = match q.filter() {
         Ok(f) => f,
         Err(e) => {
@@ -192,7 +185,7 @@ pub async fn page(
                             td { (r.event_type) }
                             td { (r.connection) }
                             td { code { (r.aggregate) } }
-                            td { span class={"pill " (outcome_class(&r.outcome))} { (r.outcome) } @if let Some(c) = &r.class { " " span.muted { (c) } } }
+                            td { span class={"pill " (outcome_class(r.outcome))} { (r.outcome) } @if let Some(c) = &r.class { " " span.muted { (c) } } }
                             td.num { (r.attempts) }
                             td.muted { (r.message.clone().unwrap_or_default()) }
                         }
@@ -211,13 +204,9 @@ pub async fn page(
 
 pub async fn csv(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    Viewer(who): Viewer,
     Query(q): Query<ActivityQuery>,
 ) -> Response {
-    let who = match viewer(&app, &headers, &q.url("/activity", None)) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
     let filter = match q.filter() {
         Ok(f) => f,
         Err(e) => return problem(StatusCode::BAD_REQUEST, Some(&who), "Bad filter", &e),
@@ -269,11 +258,11 @@ pub async fn fill_overview(app: &Shared, o: &mut Overview) {
     let mut per: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
     for c in log.counts(Some(Utc::now() - Days::hours(24))) {
         let e = per.entry(c.connection.clone()).or_default();
-        match c.outcome.as_str() {
-            "applied" => e.0 += c.count,
-            "superseded" => e.1 += c.count,
-            "dead-lettered" => e.2 += c.count,
-            _ => {}
+        match c.outcome {
+            Settled::Applied => e.0 += c.count,
+            Settled::Superseded => e.1 += c.count,
+            Settled::DeadLettered => e.2 += c.count,
+            Settled::Duplicate | Settled::Retried | Settled::Requeued => {}
         }
     }
     for (name, row) in o.connections.iter_mut() {
@@ -284,7 +273,7 @@ pub async fn fill_overview(app: &Shared, o: &mut Overview) {
         let last = log.query(
             &ActivityFilter {
                 connection: Some(name.clone()),
-                outcome: Some("applied".into()),
+                outcome: Some(Settled::Applied),
                 ..Default::default()
             },
             1,
@@ -304,9 +293,13 @@ pub async fn fill_overview(app: &Shared, o: &mut Overview) {
         .into_iter()
         .map(|d| Day {
             date: d.day.format("%b %d").to_string(),
-            applied: d.by_outcome.get("applied").copied().unwrap_or(0),
-            superseded: d.by_outcome.get("superseded").copied().unwrap_or(0),
-            failed: d.by_outcome.get("dead-lettered").copied().unwrap_or(0),
+            applied: d.by_outcome.get(&Settled::Applied).copied().unwrap_or(0),
+            superseded: d.by_outcome.get(&Settled::Superseded).copied().unwrap_or(0),
+            failed: d
+                .by_outcome
+                .get(&Settled::DeadLettered)
+                .copied()
+                .unwrap_or(0),
         })
         .collect();
 }

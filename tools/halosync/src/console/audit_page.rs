@@ -2,12 +2,13 @@
 //! and action (in the URL), paged.
 
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use maud::html;
 use serde::Deserialize;
 
-use super::{layout, problem, viewer, Shared};
+use super::access::Viewer;
+use super::{layout, problem, Shared};
 
 const PER_PAGE: usize = 50;
 
@@ -20,13 +21,9 @@ pub struct AuditQuery {
 
 pub async fn page(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    Viewer(who): Viewer,
     Query(q): Query<AuditQuery>,
 ) -> Response {
-    let who = match viewer(&app, &headers, "/audit") {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
     let entries = match app.audit.read_all().await {
         Ok(e) => e,
         Err(e) => {

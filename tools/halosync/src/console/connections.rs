@@ -3,14 +3,14 @@
 //! very steps of `halosync check` ([`crate::check::report`]) against the
 //! config file as it is now, so an edited file is tested at once.
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
 
+use super::access::{Operator, Viewer};
 use super::auth::SignedIn;
-use super::{layout, operator, problem, viewer, Form, Shared};
+use super::{layout, problem, Shared};
 use crate::check::{self, Report};
 use crate::settings::{connection_names, raw_connection_key};
 
@@ -108,19 +108,11 @@ fn view(app: &Shared, who: &SignedIn, result: Option<(&str, &Report)>) -> Markup
     )
 }
 
-pub async fn list(State(app): State<Shared>, headers: HeaderMap) -> Response {
-    match viewer(&app, &headers, "/connections") {
-        Ok(who) => view(&app, &who, None).into_response(),
-        Err(r) => r,
-    }
+pub async fn list(State(app): State<Shared>, Viewer(who): Viewer) -> Response {
+    view(&app, &who, None).into_response()
 }
 
-pub async fn test(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let form = Form::parse(&body);
-    let who = match operator(&app, &headers, &form) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
+pub async fn test(State(app): State<Shared>, Operator { who, form }: Operator) -> Response {
     let Some(name) = form.get("connection").map(str::to_string) else {
         return problem(
             StatusCode::BAD_REQUEST,

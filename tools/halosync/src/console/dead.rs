@@ -6,17 +6,19 @@ use std::collections::BTreeMap;
 
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::Utc;
 use clap::ValueEnum;
 use maud::{html, Markup};
 
+use super::access::{Operator, Viewer};
 use super::auth::SignedIn;
-use super::{layout, operator, problem, viewer, Form, Shared};
-use crate::dead::{self, parse_since, DeadLetter, FamilyArg, Filter, CLASSES};
-use crate::dlq::{self, Action, Progress};
-use crate::{FilterArgs, GroupBy};
+use super::{layout, problem, Form, Shared};
+use crate::dead::{self, parse_since, DeadLetter, FamilyArg, Filter};
+use crate::dead::{FilterArgs, GroupBy};
+use crate::dlq::{self, Action, Handled, Progress};
+use halosync_shared::ErrorClass;
 
 /// How long a page waits for another listing to finish with the dead
 /// queues before saying that a job holds them.
@@ -103,14 +105,9 @@ impl DeadQuery {
                 format!("unknown family {f:?}: use account, subscription, usage or overage")
             })?);
         }
-        let class = list_of(&self.class);
-        for c in &class {
-            if !CLASSES.contains(&c.as_str()) {
-                return Err(format!(
-                    "unknown class {c:?}: use one of {}",
-                    CLASSES.join(", ")
-                ));
-            }
+        let mut class = Vec::new();
+        for c in list_of(&self.class) {
+            class.push(c.parse::<ErrorClass>().map_err(|e| e.to_string())?);
         }
         let since = match nonempty(&self.since) {
             Some(s) => Some(parse_since(s)?),
@@ -184,7 +181,7 @@ fn filter_form(q: &DeadQuery) -> Markup {
             } }
             label { "Class" select name="class" {
                 option value="" { "all" }
-                @for c in CLASSES { option value=(c) selected[q.class.as_deref() == Some(c)] { (c) } }
+                @for c in ErrorClass::LABELS { option value=(c) selected[q.class.as_deref() == Some(*c)] { (c) } }
             } }
             label { "Connection" input type="text" name="connection" value=(v(&q.connection)) placeholder="acme"; }
             label { "Event id" input type="text" name="event_id" value=(v(&q.event_id)) placeholder="evt_…"; }
@@ -212,15 +209,10 @@ fn action_buttons(who: &SignedIn, q: &DeadQuery, count: usize, label: &str) -> M
 
 pub async fn list(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    Viewer(who): Viewer,
     RawQuery(raw): RawQuery,
 ) -> Response {
     let q = DeadQuery::from_query(raw.as_deref());
-    let here = format!("/dead?{}", q.query_string());
-    let who = match viewer(&app, &headers, &here) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
     let args = match q.args() {
         Ok(a) => a,
         Err(e) => {
@@ -332,15 +324,10 @@ pub async fn list(
 
 pub async fn show(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    Viewer(who): Viewer,
     RawQuery(raw): RawQuery,
 ) -> Response {
     let q = DeadQuery::from_query(raw.as_deref());
-    let here = format!("/dead/show?{}", q.query_string());
-    let who = match viewer(&app, &headers, &here) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
     let args = match q.args() {
         Ok(a) if !a.event_id.is_empty() => a,
         Ok(_) => {
@@ -463,12 +450,7 @@ fn dry(action: Action) -> Action {
 }
 
 /// Step 1 of replay / purge: count what would be affected and ask.
-pub async fn confirm(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let form = Form::parse(&body);
-    let who = match operator(&app, &headers, &form) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
+pub async fn confirm(State(app): State<Shared>, Operator { who, form }: Operator) -> Response {
     let (action, q) = match requested(&form) {
         Ok(x) => x,
         Err(e) => return problem(StatusCode::BAD_REQUEST, Some(&who), "Nothing to do", &e),
@@ -494,10 +476,14 @@ pub async fn confirm(State(app): State<Shared>, headers: HeaderMap, body: Bytes)
             )
         }
     };
-    let n = scan.done.iter().filter(|d| d.outcome != "failed").count();
+    let n = scan
+        .done
+        .iter()
+        .filter(|d| d.outcome != Handled::Failed)
+        .count();
     let unable = scan.done.len() - n;
     let mut per_family: BTreeMap<&str, usize> = BTreeMap::new();
-    for d in scan.done.iter().filter(|d| d.outcome != "failed") {
+    for d in scan.done.iter().filter(|d| d.outcome != Handled::Failed) {
         *per_family.entry(d.letter.family.as_str()).or_default() += 1;
     }
     let purge = matches!(action, Action::Purge { .. });
@@ -540,12 +526,7 @@ pub async fn confirm(State(app): State<Shared>, headers: HeaderMap, body: Bytes)
 }
 
 /// Step 2: confirmed; record it and start the job.
-pub async fn run(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let form = Form::parse(&body);
-    let who = match operator(&app, &headers, &form) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
+pub async fn run(State(app): State<Shared>, Operator { who, form }: Operator) -> Response {
     let (action, q) = match requested(&form) {
         Ok(x) => x,
         Err(e) => return problem(StatusCode::BAD_REQUEST, Some(&who), "Nothing to do", &e),

@@ -15,9 +15,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{DateTime, Utc};
@@ -25,10 +24,11 @@ use futures::stream::Stream;
 use maud::html;
 use serde::Serialize;
 
+use super::access::{Operator, Viewer};
 use super::auth::SignedIn;
-use super::{layout, operator, problem, viewer, Form, Shared};
+use super::{layout, problem, Shared};
 use crate::dead::Filter;
-use crate::dlq::{self, problem_text, Action, Progress};
+use crate::dlq::{self, problem_text, Action, Handled, Progress};
 
 /// How a job ended.
 #[derive(Clone, Debug, Serialize)]
@@ -163,10 +163,14 @@ pub fn start(
                 let done: Vec<String> = scan
                     .done
                     .iter()
-                    .filter(|d| matches!(d.outcome.as_str(), "replayed" | "purged"))
+                    .filter(|d| d.outcome.removed())
                     .filter_map(|d| d.letter.event_id.clone())
                     .collect();
-                let failed = scan.done.iter().filter(|d| d.outcome == "failed").count();
+                let failed = scan
+                    .done
+                    .iter()
+                    .filter(|d| d.outcome == Handled::Failed)
+                    .count();
                 let past = if run.verb() == "replay" {
                     "replayed"
                 } else {
@@ -229,11 +233,7 @@ pub fn start(
     job
 }
 
-pub async fn list(State(app): State<Shared>, headers: HeaderMap) -> Response {
-    let who = match viewer(&app, &headers, "/jobs") {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
+pub async fn list(State(app): State<Shared>, Viewer(who): Viewer) -> Response {
     let jobs = app.jobs.all();
     let body = html! {
         h1 { "Jobs" }
@@ -274,13 +274,9 @@ fn state_class(state: &str) -> &'static str {
 
 pub async fn page(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    Viewer(who): Viewer,
     Path(id): Path<String>,
 ) -> Response {
-    let who = match viewer(&app, &headers, &format!("/jobs/{id}")) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
     let Some(job) = app.jobs.get(&id) else {
         return problem(
             StatusCode::NOT_FOUND,
@@ -323,10 +319,9 @@ pub async fn page(
 
 pub async fn live(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    Viewer(who): Viewer,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
-    let who = viewer(&app, &headers, "/jobs")?;
     let job = app
         .jobs
         .get(&id)
@@ -354,15 +349,9 @@ pub async fn live(
 
 pub async fn cancel(
     State(app): State<Shared>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    Operator { who, .. }: Operator,
 ) -> Response {
-    let form = Form::parse(&body);
-    let who = match operator(&app, &headers, &form) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
     match app.jobs.get(&id) {
         Some(job) => {
             // Audited under whoever cancels (the job's own entries stay

@@ -8,16 +8,17 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use halosync_shared::ErrorClass;
 use maud::{html, Markup};
 use serde::Deserialize;
 
+use super::access::{Operator, Viewer};
 use super::auth::SignedIn;
 use super::overview::Overview;
-use super::{layout, operator, problem, viewer, Form, Shared};
+use super::{layout, problem, Shared};
 use crate::mappings::{self, UnmappedSku};
 
 /// The overview's unmapped count is re-read at most this often (reading
@@ -123,13 +124,9 @@ fn choose_form(
 
 pub async fn page(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    Viewer(who): Viewer,
     Query(q): Query<MappingsQuery>,
 ) -> Response {
-    let who = match viewer(&app, &headers, "/mappings") {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
     let names: Vec<String> = app.config.connections.keys().cloned().collect();
     let chosen = q
         .connection
@@ -205,12 +202,7 @@ pub async fn page(
     layout::page("Item mappings", "/mappings", &who, body).into_response()
 }
 
-pub async fn set(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let form = Form::parse(&body);
-    let who = match operator(&app, &headers, &form) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
+pub async fn set(State(app): State<Shared>, Operator { who, form }: Operator) -> Response {
     let (Some(connection), Some(key)) = (form.get("connection"), form.get("key")) else {
         return problem(
             StatusCode::BAD_REQUEST,
@@ -292,7 +284,7 @@ pub async fn set(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> 
                 p { b #waiting { (ids.len()) } " dead letters were waiting for " code { (key) } ". Replay them now?" }
                 form.inline method="post" action="/dead/action" {
                     (layout::csrf(&who))
-                    input type="hidden" name="class" value="unmapped";
+                    input type="hidden" name="class" value=(ErrorClass::Unmapped.as_str());
                     input type="hidden" name="connection" value=(connection);
                     @for id in &ids { input type="hidden" name="id" value=(id); }
                     button.btn #replay-sku name="action" value="replay" type="submit" { "Replay " (ids.len()) " dead letters" }

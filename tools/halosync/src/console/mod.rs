@@ -12,12 +12,14 @@
 //! |---|---|
 //! | [`settings`] | the `[console]` table: users, roles, audit file |
 //! | [`auth`] | sessions, CSRF, sign-in rate limit |
+//! | [`access`] | the extractors that sign-in and roles are checked by (`Viewer`, `Operator`) |
 //! | [`passwords`] | the few threads that check passwords |
 //! | [`audit`] | the durable audit trail |
 //! | [`jobs`] | server-side replay / purge runs with progress |
 //! | [`layout`] | page shell, CSS, script |
 //! | [`overview`], [`dead`], [`connections`], [`audit_page`], [`activity`], [`mappings`], [`reconcile`] | the pages |
 
+pub mod access;
 pub mod activity;
 pub mod audit;
 pub mod audit_page;
@@ -314,51 +316,6 @@ pub fn problem(status: StatusCode, who: Option<&SignedIn>, title: &str, message:
         None => layout::bare(title, body),
     };
     html_response(status, markup)
-}
-
-/// The signed-in user of a page request, or a redirect to the sign-in form.
-// The rejection is axum's own Response, returned as is by every handler;
-// boxing it would only add noise at each call.
-#[allow(clippy::result_large_err)]
-pub fn viewer(app: &App, headers: &HeaderMap, here: &str) -> Result<SignedIn, Response> {
-    app.auth.signed_in(headers).ok_or_else(|| {
-        let next = serde_urlencoded::to_string([("next", here)]).unwrap_or_default();
-        Redirect::to(&format!("/login?{next}")).into_response()
-    })
-}
-
-/// A state-changing request: signed in (401), the session's CSRF token
-/// (403) and the operator role (403), in that order.
-#[allow(clippy::result_large_err)]
-pub fn operator(app: &App, headers: &HeaderMap, form: &Form) -> Result<SignedIn, Response> {
-    let Some(who) = app.auth.signed_in(headers) else {
-        return Err(problem(
-            StatusCode::UNAUTHORIZED,
-            None,
-            "Not signed in",
-            "Sign in first: this action needs an operator's session.",
-        ));
-    };
-    if !Auth::csrf_ok(&who, form.get("csrf")) {
-        return Err(problem(
-            StatusCode::FORBIDDEN,
-            Some(&who),
-            "Refused: missing or wrong CSRF token",
-            "The form did not carry this session's security token (it may be from an old page or another site). Reload the page and try again.",
-        ));
-    }
-    if !who.is_operator() {
-        return Err(problem(
-            StatusCode::FORBIDDEN,
-            Some(&who),
-            "Refused: operators only",
-            &format!(
-                "{} is signed in as a viewer, who can look but not change anything. Ask an operator, or sign in as one.",
-                who.user
-            ),
-        ));
-    }
-    Ok(who)
 }
 
 /// The highest page number a list accepts (`?page=` beyond it shows this
@@ -664,13 +621,8 @@ async fn logout(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> R
     let Some(who) = app.auth.signed_in(&headers) else {
         return Redirect::to("/login").into_response();
     };
-    if !Auth::csrf_ok(&who, form.get("csrf")) {
-        return problem(
-            StatusCode::FORBIDDEN,
-            Some(&who),
-            "Refused: missing or wrong CSRF token",
-            "Reload the page and sign out again.",
-        );
+    if let Err(refused) = access::csrf_checked(&who, &form, "Reload the page and sign out again.") {
+        return refused;
     }
     let cookie = app.auth.end(&who.session, &headers);
     (

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -25,10 +25,12 @@ use futures::stream::Stream;
 use halosync_shared::halo::ratelimit::RateLimiter;
 use halosync_shared::halo::token::TokenProvider;
 use halosync_shared::store::{KeyKind, Keys};
+use halosync_shared::Settled;
 use maud::html;
 use serde::Serialize;
 
-use super::{activity, layout, mappings, problem, viewer, App, Shared};
+use super::access::Viewer;
+use super::{activity, layout, mappings, problem, App, Shared};
 
 /// How often the live numbers are read.
 pub const INTERVAL: Duration = Duration::from_secs(2);
@@ -264,11 +266,7 @@ pub async fn gather(app: &Shared) -> Overview {
     o
 }
 
-pub async fn page(State(app): State<Shared>, headers: HeaderMap) -> Response {
-    let who = match viewer(&app, &headers, "/") {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
+pub async fn page(State(app): State<Shared>, Viewer(who): Viewer) -> Response {
     let o = gather(&app).await;
     let body = html! {
         div #overview data-sse="/live/overview" {
@@ -322,7 +320,7 @@ pub async fn page(State(app): State<Shared>, headers: HeaderMap) -> Response {
             h2 { "Last 30 days" }
             div.daily #daily {
                 @for d in &o.daily {
-                    div.d { b { (d.date) } span title="applied" { "✔ " (d.applied) } br; span.muted title="superseded" { "≈ " (d.superseded) } br; span.f title="failed (dead-lettered)" { "✘ " (d.failed) } }
+                    div.d { b { (d.date) } span title=(Settled::Applied) { "✔ " (d.applied) } br; span.muted title=(Settled::Superseded) { "≈ " (d.superseded) } br; span.f title={"failed (" (Settled::DeadLettered) ")"} { "✘ " (d.failed) } }
                 }
             }
         }
@@ -332,9 +330,8 @@ pub async fn page(State(app): State<Shared>, headers: HeaderMap) -> Response {
 
 pub async fn live(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    Viewer(who): Viewer,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
-    let who = viewer(&app, &headers, "/")?;
     let Some(slot) = Live::claim(&app, &who.session) else {
         return Err(problem(
             StatusCode::TOO_MANY_REQUESTS,

@@ -5,11 +5,11 @@
 //! (`--repair`), where its snapshot is.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
 
-use super::{layout, viewer, Shared};
+use super::access::Viewer;
+use super::{layout, Shared};
 use crate::reconcile::diff::DriftKind;
 use crate::reconcile::report::{what, Report};
 use crate::table;
@@ -80,11 +80,7 @@ fn view(name: &str, report: &anyhow::Result<Option<Report>>) -> Markup {
     }
 }
 
-pub async fn page(State(app): State<Shared>, headers: HeaderMap) -> Response {
-    let who = match viewer(&app, &headers, "/reconcile") {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
+pub async fn page(State(app): State<Shared>, Viewer(who): Viewer) -> Response {
     let mut redis = app.redis.clone();
     let mut cards = Vec::new();
     for name in app.config.connections.keys() {

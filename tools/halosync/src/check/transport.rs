@@ -13,7 +13,7 @@ use halosync_shared::tls::probe::{self, Handshake};
 use halosync_shared::tls::{clients, redact_url, ConnectError};
 use halosync_shared::{amqp, store, Config};
 
-use crate::check::Item;
+use super::item::Item;
 use crate::settings::{self, Need};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
