@@ -321,32 +321,13 @@ async fn a_thousand_connections_cost_nothing_until_used_and_keep_metrics_bounded
     let many = SimHandle::start(SimConfig::default())
         .await
         .expect("halo-sim must start");
-    let secrets = std::env::temp_dir().join(format!(
-        "halosync-tenants-secrets-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&secrets).expect("secrets dir");
-    let defaults = SimConfig::default();
-    let tenant = defaults
-        .tenant
-        .as_ref()
-        .map(|t| format!("tenant = \"{t}\"\n"))
-        .unwrap_or_default();
     let port = halosync_tests::free_port();
     // Two lanes at once: the seven connections below take turns.
     let mut extra =
         format!("[worker]\nhealth_port = {port}\nmetrics_connections = 5\nlanes_at_once = 2\n");
-    for i in 0..1000 {
-        let file = secrets.join(format!("msp{i}"));
-        std::fs::write(&file, &defaults.client_secret).expect("secret file");
-        extra.push_str(&format!(
-            "[connections.msp{i}]\nresource_server = \"{api}\"\nauth_server = \"{auth}/\"\n{tenant}client_id = \"{id}\"\nclient_secret_file = \"{file}\"\n{GENEROUS_BUDGET}\n",
-            api = many.api_url(),
-            auth = many.auth_url(),
-            id = defaults.client_id,
-            file = file.display(),
-        ));
-    }
+    let (connections, secrets) =
+        halosync_tests::connections_with_secret_files(&many, 1000, GENEROUS_BUDGET);
+    extra.push_str(&connections);
     let opts = EnvOptions {
         extra,
         ..Default::default()
