@@ -11,8 +11,8 @@ use std::time::Duration;
 use halo_sim::{Faults, SimConfig, SimHandle};
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, customers_of, overage_event, shuffle, subscription_event, usage_event,
-    EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
+    account_event, customers_in, customers_of, overage_event, shuffle, subscription_event,
+    usage_event, EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
 };
 use serde_json::Value;
 
@@ -73,22 +73,6 @@ fn lines_by_marker(headers: Vec<Value>) -> BTreeMap<String, Vec<Value>> {
         }
     }
     out
-}
-
-/// The customers of `sim` linked to `account_id`.
-fn sim_customers_of(sim: &SimHandle, account_id: &str) -> Vec<Value> {
-    let ids: Vec<i64> = sim
-        .external_links()
-        .iter()
-        .filter(|l| {
-            l["third_party_id"] == account_id && l["third_party_type"] == "halosync.account"
-        })
-        .filter_map(|l| l["halo_id"].as_i64())
-        .collect();
-    sim.clients()
-        .into_iter()
-        .filter(|c| c["id"].as_i64().is_some_and(|id| ids.contains(&id)))
-        .collect()
 }
 
 /// What the world of [`every_family_converges_once_under_every_fault`]
@@ -176,7 +160,7 @@ impl Expect {
             return Err(format!("{} customers: {clients:#?}", clients.len()));
         }
         for a in 0..self.accounts {
-            let c = sim_customers_of(sim, &format!("acc_{a}"));
+            let c = customers_in(sim, &format!("acc_{a}"));
             if c.len() != 1 || c[0]["name"] != self.name(a, self.last).as_str() {
                 return Err(format!("acc_{a}: {c:#?}"));
             }
