@@ -196,6 +196,19 @@ impl Browser {
         }
     }
 
+    /// A browser `name` signed in to `console` as `who`.
+    async fn signed_in(console: &Console, name: &str, who: (&str, &str)) -> Browser {
+        let b = Browser::start(name).await;
+        b.sign_in(console, who).await;
+        b
+    }
+
+    /// The audit page's trail (`query`: its filter, e.g. `?action=test`).
+    async fn audit(&self, console: &Console, query: &str) -> String {
+        self.goto(&console.at(&format!("/audit{query}"))).await;
+        self.text("#audit").await
+    }
+
     fn c(&self) -> &Client {
         self.client.as_ref().expect("browser client")
     }
@@ -660,8 +673,7 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
     }
 
     // Sign-ins are in the audit trail.
-    b.goto(&console.at("/audit")).await;
-    let audit = b.text("#audit").await;
+    let audit = b.audit(&console, "").await;
     assert!(
         audit.contains("sign-in") && audit.contains(VICTOR.0),
         "{audit}"
@@ -725,8 +737,7 @@ client_secret_env = "{SECRET_ENV}"
         id = SimConfig::default().client_id,
     );
     let console = Console::start(&env, &extra, &[(WRONG_SECRET_ENV, "not-the-secret")]).await;
-    let b = Browser::start("connections").await;
-    b.sign_in(&console, ALICE).await;
+    let b = Browser::signed_in(&console, "connections", ALICE).await;
     b.goto(&console.at("/connections")).await;
     let page = b.body().await;
     assert!(
@@ -785,8 +796,7 @@ client_secret_env = "{SECRET_ENV}"
     b.shot("05-missing-permission").await;
 
     // Each test is in the audit trail, with who ran it.
-    b.goto(&console.at("/audit?action=test")).await;
-    let audit = b.text("#audit").await;
+    let audit = b.audit(&console, "?action=test").await;
     for name in ["acme", "wrongsecret", "notenant", "noperm"] {
         assert!(
             audit.contains(&format!("connection {name}")),
@@ -824,8 +834,7 @@ async fn replaying_a_group_of_5000_dead_letters_runs_server_side_with_progress()
     )
     .await;
     let console = Console::start(&env, "", &[]).await;
-    let b = Browser::start("bulk").await;
-    b.sign_in(&console, ALICE).await;
+    let b = Browser::signed_in(&console, "bulk", ALICE).await;
     b.goto(&console.at("/dead")).await;
     let groups = b
         .wait_text("#groups", "5000", Duration::from_secs(120))
@@ -898,8 +907,7 @@ async fn replaying_a_group_of_5000_dead_letters_runs_server_side_with_progress()
         "the other group stays"
     );
     // Who did it, how many, with the event ids.
-    b.goto(&console.at("/audit?action=replay")).await;
-    let audit = b.text("#audit").await;
+    let audit = b.audit(&console, "?action=replay").await;
     assert!(
         audit.contains(ALICE.0) && audit.contains("5000") && audit.contains("evt_bulk_"),
         "{audit}"
@@ -937,8 +945,7 @@ async fn overview_numbers_equal_the_broker_and_halo_sim_after_a_run_with_failure
     let dead = env.depth(&env.topology.dead_queue(Family::Account)).await;
     assert_eq!(dead, 2);
     let console = Console::start(&env, "", &[]).await;
-    let b = Browser::start("overview").await;
-    b.sign_in(&console, VICTOR).await;
+    let b = Browser::signed_in(&console, "overview", VICTOR).await;
     b.goto(&console.at("/")).await;
     assert_eq!(b.text("#total-dead").await, dead.to_string());
     assert_eq!(
@@ -1029,8 +1036,7 @@ async fn activity_page_searches_pages_exports_and_survives_flushall() {
     env.wait_drained(Family::Account, Duration::from_secs(90))
         .await;
     let console = Console::start(&env, "", &[]).await;
-    let b = Browser::start("activity").await;
-    b.sign_in(&console, VICTOR).await;
+    let b = Browser::signed_in(&console, "activity", VICTOR).await;
     b.goto(&console.at("/activity")).await;
     b.wait_text("#activity-total", "61 matching", Duration::from_secs(30))
         .await;
@@ -1080,8 +1086,7 @@ async fn activity_page_searches_pages_exports_and_survives_flushall() {
     drop(console);
     redis.flushall().await;
     let console = Console::start(&env, "", &[]).await;
-    let b = Browser::start("activity-after-flushall").await;
-    b.sign_in(&console, VICTOR).await;
+    let b = Browser::signed_in(&console, "activity-after-flushall", VICTOR).await;
     b.goto(&console.at("/activity")).await;
     b.wait_text("#activity-total", "61 matching", Duration::from_secs(30))
         .await;
@@ -1134,8 +1139,7 @@ async fn an_unmapped_sku_is_mapped_on_the_page_replayed_and_applied_exactly_once
     assert_eq!(licences(&env), 0);
 
     let console = Console::start(&env, "", &[]).await;
-    let b = Browser::start("mappings").await;
-    b.sign_in(&console, ALICE).await;
+    let b = Browser::signed_in(&console, "mappings", ALICE).await;
     b.goto(&console.at("/mappings")).await;
     let t = b
         .wait_text("#unmapped", "ACME-BACKUP-1TB", Duration::from_secs(30))
@@ -1192,8 +1196,7 @@ async fn an_unmapped_sku_is_mapped_on_the_page_replayed_and_applied_exactly_once
     assert_eq!(licences(&env), 1, "applied exactly once");
     assert_eq!(env.depth(&dead).await, 0);
     // Who did it.
-    b.goto(&console.at("/audit")).await;
-    let audit = b.text("#audit").await;
+    let audit = b.audit(&console, "").await;
     assert!(
         audit.contains("mapping") && audit.contains("ACME-BACKUP-1TB → item 2001"),
         "{audit}"
@@ -1253,8 +1256,7 @@ async fn reconcile_page_shows_the_last_report() {
     );
 
     let console = Console::start(&env, "", &[]).await;
-    let b = Browser::start("reconcile").await;
-    b.sign_in(&console, VICTOR).await;
+    let b = Browser::signed_in(&console, "reconcile", VICTOR).await;
     b.goto(&console.at("/reconcile")).await;
     let t = b
         .wait_text("#drifted", "2 aggregates drifted", Duration::from_secs(10))

@@ -518,36 +518,29 @@ async fn overage_charges_whose_answer_is_lost_or_saved_in_part_are_applied_once(
     .await;
     env.stop_worker(a);
     let marker = |k: usize| format!("halosync.overage:sub_{k}:storage_gb:{}", OCT.0);
+    // `sub_k`'s October storage charge `o{k}` of `overage`.
+    let charge = |k: usize, overage: f64| {
+        overage_event(
+            &format!("o{k}"),
+            &format!("sub_{k}"),
+            "acc_0",
+            "storage_gb",
+            OCT,
+            overage,
+            "0.25",
+            1,
+        )
+    };
     let w = env.spawn_worker(OVERAGE);
     // The invoice first, with one charge.
-    env.publish(&overage_event(
-        "o0",
-        "sub_0",
-        "acc_0",
-        "storage_gb",
-        OCT,
-        1.0,
-        "0.25",
-        1,
-    ))
-    .await;
+    env.publish(&charge(0, 1.0)).await;
     env.wait_drained(Family::Overage, Duration::from_secs(30))
         .await;
     env.stop_worker(w);
     // Round 1: 6 new charges, one refused in the middle (sub_5's 6.0 is
     // the fourth of the array): HaloPSA saves the three before it.
     for k in 2..8 {
-        env.publish(&overage_event(
-            &format!("o{k}"),
-            &format!("sub_{k}"),
-            "acc_0",
-            "storage_gb",
-            OCT,
-            k as f64 + 1.0,
-            "0.25",
-            1,
-        ))
-        .await;
+        env.publish(&charge(k, k as f64 + 1.0)).await;
     }
     let w = env.spawn_worker(OVERAGE);
     env.wait_drained(Family::Overage, Duration::from_secs(30))
@@ -575,17 +568,7 @@ async fn overage_charges_whose_answer_is_lost_or_saved_in_part_are_applied_once(
         ..Default::default()
     });
     for k in 10..18 {
-        env.publish(&overage_event(
-            &format!("o{k}"),
-            &format!("sub_{k}"),
-            "acc_0",
-            "storage_gb",
-            OCT,
-            k as f64,
-            "0.25",
-            1,
-        ))
-        .await;
+        env.publish(&charge(k, k as f64)).await;
     }
     env.spawn_worker(OVERAGE);
     env.wait_drained(Family::Overage, Duration::from_secs(30))

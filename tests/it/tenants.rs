@@ -13,8 +13,8 @@ use std::time::Duration;
 use halo_sim::{Faults, SimConfig, SimHandle};
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, connection_toml, linked_customers, subscription_event, usage_event, EnvOptions,
-    TestEnv, CONNECTION, GENEROUS_BUDGET,
+    account_event, connection_toml, linked_customers, recurring_lines, subscription_event,
+    usage_event, EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
 };
 use serde_json::Value;
 
@@ -275,10 +275,8 @@ async fn a_usage_event_before_its_subscription_goes_on_once_the_subscription_is_
     env.publish(&subscription_event("s1", "sub_1", "acc_1", 5, "active", 1))
         .await;
     let usage_line = |env: &TestEnv| {
-        env.sim
-            .recurring_invoices()
-            .iter()
-            .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
+        recurring_lines(&env.sim)
+            .into_iter()
             .any(|l| l["item_internal_reference"] == "halosync.usage:sub_1:storage_gb")
     };
     env.wait_for("the usage line", T, || usage_line(&env)).await;

@@ -31,8 +31,8 @@ use halo_sim::{Faults, SimConfig};
 use halosync_shared::amqp::publisher::event_properties;
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, connection_toml, customers_of, items_toml, linked_customers, subscription_event,
-    EnvOptions, TestEnv, AMQP_URL, CONNECTION, GENEROUS_BUDGET,
+    account_event, connection_toml, customers_of, items_toml, linked_customers, recurring_lines,
+    subscription_event, EnvOptions, TestEnv, AMQP_URL, CONNECTION, GENEROUS_BUDGET,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -542,10 +542,8 @@ async fn usage_bench(n: usize) -> Vec<Row> {
         (out, round - 1)
     };
     let usage_lines_at = |env: &TestEnv, qty: f64| {
-        env.sim
-            .recurring_invoices()
-            .iter()
-            .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
+        recurring_lines(&env.sim)
+            .into_iter()
             .filter(|l| {
                 l["item_internal_reference"]
                     .as_str()
@@ -1250,10 +1248,8 @@ async fn subscription_bench(subs: usize, rounds: u64) -> Vec<Row> {
     // Subscriptions whose line carries version `seq`.
     let versioned = |env: &TestEnv, seq: u64| {
         let prefix = format!("s={seq};");
-        env.sim
-            .recurring_invoices()
-            .iter()
-            .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
+        recurring_lines(&env.sim)
+            .into_iter()
             .filter(|l| {
                 l["item_internal_reference"]
                     .as_str()
