@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use halo_sim::{Faults, RateLimit, SimConfig};
+use halo_sim::{Faults, SimConfig};
 use halosync_shared::contract::Family;
 use halosync_tests::{
     account_event, customers_of, EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
@@ -193,16 +193,8 @@ async fn tokens_expire_and_are_revoked_mid_stream() {
         if wave == 2 {
             tokio::time::sleep(Duration::from_millis(2500)).await;
         }
-        for i in wave * 20..(wave + 1) * 20 {
-            env.publish(&account_event(
-                &format!("e{i}"),
-                &format!("acc_{i}"),
-                "C",
-                true,
-                1,
-            ))
+        env.publish_accounts("e", wave * 20..(wave + 1) * 20, 1, |_| "C".to_string())
             .await;
-        }
         let want = (wave + 1) * 20;
         env.wait_for("the wave's customers", Duration::from_secs(30), || {
             env.clients().len() >= want
@@ -227,16 +219,8 @@ async fn eight_workers_starting_together_make_one_token_request() {
         env.spawn_worker(WORKER);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    for i in 0..40 {
-        env.publish(&account_event(
-            &format!("e{i}"),
-            &format!("acc_{i}"),
-            "C",
-            true,
-            1,
-        ))
+    env.publish_accounts("e", 0..40, 1, |_| "C".to_string())
         .await;
-    }
     env.wait_drained(Family::Account, T).await;
     assert_eq!(env.clients().len(), 40);
     assert_eq!(env.sim.token_requests(), 1, "{}", env.logs());
@@ -247,39 +231,27 @@ async fn fivexx_and_429_are_retried_then_applied() {
     let mut env = TestEnv::with(
         "acct-5xx",
         EnvOptions {
-            sim: SimConfig {
-                faults: Faults {
-                    fail_next: 3,
-                    rate_limit: Some(RateLimit {
-                        requests: 3,
-                        window_secs: 1,
-                        retry_after: false,
-                    }),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            // a budget far above HaloPSA's, so that 429s do happen
-            connection_extra: "requests_per_window = 1000\nwindow_seconds = 1".into(),
             // One event per batch: ten arrays of one (one request each)
             // meet HaloPSA's limit of 3 a second (one array of ten would not).
             extra: "[worker]\nbatch_max = 1\n".into(),
             max_attempts: 12,
-            ..Default::default()
+            ..EnvOptions::rate_limited(
+                3,
+                1,
+                false,
+                Faults {
+                    fail_next: 3,
+                    ..Default::default()
+                },
+                // a budget far above HaloPSA's, so that 429s do happen
+                "requests_per_window = 1000\nwindow_seconds = 1",
+            )
         },
     )
     .await;
     env.spawn_worker(WORKER);
-    for i in 0..10 {
-        env.publish(&account_event(
-            &format!("e{i}"),
-            &format!("acc_{i}"),
-            "C",
-            true,
-            1,
-        ))
+    env.publish_accounts("e", 0..10, 1, |_| "C".to_string())
         .await;
-    }
     env.wait_for("all ten applied", Duration::from_secs(60), || {
         env.clients().len() == 10
     })
@@ -304,29 +276,18 @@ async fn persistent_failure_is_dead_lettered_as_exhausted() {
     let mut env = TestEnv::with(
         "acct-exh",
         EnvOptions {
-            sim: SimConfig {
-                faults: Faults {
-                    error_rate: 1.0,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
             max_attempts: 3,
-            ..Default::default()
+            ..EnvOptions::faults(Faults {
+                error_rate: 1.0,
+                ..Default::default()
+            })
         },
     )
     .await;
     env.spawn_worker(WORKER);
     env.publish(&account_event("e1", "acc_1", "C", true, 1))
         .await;
-    let mut dead = Vec::new();
-    for _ in 0..100 {
-        dead.extend(env.take_dead(Family::Account).await);
-        if !dead.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dead = env.take_dead_at_least(Family::Account, 1).await;
     assert_eq!(dead.len(), 1, "{}", env.logs());
     let d = &dead[0];
     assert_eq!(d.header("x-halosync-error-class"), "exhausted");
@@ -383,14 +344,7 @@ async fn invalid_messages_are_dead_lettered_at_once_with_the_reason() {
 
     env.wait_for("good one applied", T, || env.clients().len() == 1)
         .await;
-    let mut dead = Vec::new();
-    for _ in 0..100 {
-        dead.extend(env.take_dead(Family::Account).await);
-        if dead.len() >= 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dead = env.take_dead_at_least(Family::Account, 5).await;
     assert_eq!(dead.len(), 5, "{dead:#?}");
     let reason = |needle: &str| {
         dead.iter()
@@ -425,16 +379,8 @@ async fn sigkill_with_messages_in_flight_loses_and_doubles_nothing() {
         }),
     )
     .await;
-    for i in 0..N {
-        env.publish(&account_event(
-            &format!("e{i}"),
-            &format!("acc_{i}"),
-            &format!("C{i}"),
-            true,
-            1,
-        ))
+    env.publish_accounts("e", 0..N, 1, |i| format!("C{i}"))
         .await;
-    }
     let first = env.spawn_worker(WORKER);
     env.wait_for("a write held after the first", T, || {
         env.sim.held_writes() > 0
@@ -486,16 +432,8 @@ async fn broker_connection_dropped_worker_reconnects() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(closed > 0, "no worker connection found to close");
-    for i in 2..=20 {
-        env.publish(&account_event(
-            &format!("e{i}"),
-            &format!("acc_{i}"),
-            "C",
-            true,
-            1,
-        ))
+    env.publish_accounts("e", 2..=20, 1, |_| "C".to_string())
         .await;
-    }
     env.wait_for("applied after reconnect", Duration::from_secs(40), || {
         env.clients().len() == 20
     })
@@ -507,16 +445,8 @@ async fn broker_connection_dropped_worker_reconnects() {
 async fn sigterm_finishes_in_flight_work_and_exits_zero() {
     let mut env = TestEnv::with("acct-term", EnvOptions::latency(30)).await;
     let w = env.spawn_worker(WORKER);
-    for i in 0..60 {
-        env.publish(&account_event(
-            &format!("e{i}"),
-            &format!("acc_{i}"),
-            "C",
-            true,
-            1,
-        ))
+    env.publish_accounts("e", 0..60, 1, |_| "C".to_string())
         .await;
-    }
     env.wait_for("some applied", T, || env.clients().len() >= 5)
         .await;
     let status = env.stop_worker(w);
@@ -606,12 +536,7 @@ async fn customer_deleted_in_halopsa_is_recreated_not_dead_lettered() {
     env.wait_drained(Family::Account, T).await;
     // The HaloPSA side loses everything (a deleted customer, or a fresh
     // instance), while Redis still maps acc_1 to the old id.
-    let reset = reqwest::Client::new()
-        .post(format!("{}/_sim/reset", env.sim.base_url()))
-        .send()
-        .await
-        .unwrap();
-    assert!(reset.status().is_success());
+    env.reset_halo().await;
     assert!(env.clients().is_empty());
     env.publish(&account_event("e2", "acc_1", "Contoso Two", true, 2))
         .await;
@@ -624,19 +549,8 @@ async fn customer_deleted_in_halopsa_is_recreated_not_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn worker_serves_metrics_health_and_readiness() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut env = TestEnv::with(
-        "acct-metrics",
-        EnvOptions {
-            extra: format!("[worker]\nhealth_port = {port}\n"),
-            ..Default::default()
-        },
-    )
-    .await;
+    let port = halosync_tests::free_port();
+    let mut env = TestEnv::with("acct-metrics", EnvOptions::health_port(port)).await;
     env.spawn_worker(WORKER);
     let http = reqwest::Client::new();
     let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
@@ -702,37 +616,23 @@ async fn four_workers_together_stay_within_a_tight_shared_budget() {
     let mut env = TestEnv::with(
         "acct-budget",
         EnvOptions {
-            sim: SimConfig {
-                faults: Faults {
-                    rate_limit: Some(RateLimit {
-                        requests: 12,
-                        window_secs: 2,
-                        retry_after: true,
-                    }),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            connection_extra: "requests_per_window = 12\nwindow_seconds = 2".into(),
             extra: "[worker]\nrate_margin = \"300ms\"\n".into(),
             max_attempts: 20,
-            ..Default::default()
+            ..EnvOptions::rate_limited(
+                12,
+                2,
+                true,
+                Faults::default(),
+                "requests_per_window = 12\nwindow_seconds = 2",
+            )
         },
     )
     .await;
     for _ in 0..4 {
         env.spawn_worker(WORKER);
     }
-    for i in 0..16 {
-        env.publish(&account_event(
-            &format!("e{i}"),
-            &format!("acc_{i}"),
-            "C",
-            true,
-            1,
-        ))
+    env.publish_accounts("e", 0..16, 1, |_| "C".to_string())
         .await;
-    }
     env.wait_for("all applied", Duration::from_secs(90), || {
         env.clients().len() == 16
     })
@@ -763,15 +663,11 @@ async fn account_events_coalesce_and_a_partly_saved_or_lost_array_doubles_nothin
     let mut env = TestEnv::with(
         "acct-coalesce",
         EnvOptions {
-            sim: SimConfig {
-                faults: Faults {
-                    reject_names: vec!["Refused 7".into()],
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
             extra: "[worker]\nbatch_max = 200\nbatch_wait = \"500ms\"\n".into(),
-            ..Default::default()
+            ..EnvOptions::faults(Faults {
+                reject_names: vec!["Refused 7".into()],
+                ..Default::default()
+            })
         },
     )
     .await;
@@ -797,16 +693,7 @@ async fn account_events_coalesce_and_a_partly_saved_or_lost_array_doubles_nothin
         };
 
     // 1. A partly saved array.
-    for a in 0..30 {
-        env.publish(&account_event(
-            &format!("c{a}"),
-            &format!("acc_{a}"),
-            &name(a, 1),
-            true,
-            1,
-        ))
-        .await;
-    }
+    env.publish_accounts("c", 0..30, 1, |a| name(a, 1)).await;
     let w = env.spawn_worker(WORKER);
     env.wait_for("29 customers", T, || one_each(&env, 0..30, 1).is_ok())
         .await;
@@ -828,26 +715,8 @@ async fn account_events_coalesce_and_a_partly_saved_or_lost_array_doubles_nothin
 
     // 2. Clean arrays: 20 new, 20 updated.
     let before = env.sim.counts();
-    for a in 30..50 {
-        env.publish(&account_event(
-            &format!("c{a}"),
-            &format!("acc_{a}"),
-            &name(a, 1),
-            true,
-            1,
-        ))
-        .await;
-    }
-    for a in 10..30 {
-        env.publish(&account_event(
-            &format!("u{a}"),
-            &format!("acc_{a}"),
-            &name(a, 2),
-            true,
-            2,
-        ))
-        .await;
-    }
+    env.publish_accounts("c", 30..50, 1, |a| name(a, 1)).await;
+    env.publish_accounts("u", 10..30, 2, |a| name(a, 2)).await;
     let w = env.spawn_worker(WORKER);
     env.wait_for("40 events applied", T, || {
         one_each(&env, 30..50, 1).is_ok() && one_each(&env, 10..30, 2).is_ok()
@@ -875,16 +744,7 @@ async fn account_events_coalesce_and_a_partly_saved_or_lost_array_doubles_nothin
     faults.lose_next = 1;
     env.sim.set_faults(faults);
     let before_posts = env.count("POST /api/Client");
-    for a in 50..60 {
-        env.publish(&account_event(
-            &format!("c{a}"),
-            &format!("acc_{a}"),
-            &name(a, 1),
-            true,
-            1,
-        ))
-        .await;
-    }
+    env.publish_accounts("c", 50..60, 1, |a| name(a, 1)).await;
     env.spawn_worker(WORKER);
     env.wait_for("10 more customers", T, || one_each(&env, 50..60, 1).is_ok())
         .await;

@@ -240,6 +240,15 @@ impl World {
             .await;
     }
 
+    /// The event ids of every message of `queue`, in order (taken, as
+    /// [`World::drain`] does).
+    async fn drain_ids(&self, queue: &str) -> Vec<String> {
+        snapshot(&self.drain(queue).await)
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .collect()
+    }
+
     /// Takes every message of `queue` (acked: the test is done with them).
     async fn drain(&self, queue: &str) -> Vec<lapin::message::Delivery> {
         let ch = self.conn.create_channel().await.expect("channel");
@@ -704,10 +713,7 @@ async fn dry_run_and_purge_without_yes_change_nothing() {
 
     assert_eq!(w.ready(&sub_dead).await, 5);
     assert_eq!(w.ready(&w.topology.dead_queue(Family::Account)).await, 2);
-    let ids: Vec<String> = snapshot(&w.drain(&sub_dead).await)
-        .into_iter()
-        .map(|(id, _, _)| id)
-        .collect();
+    let ids = w.drain_ids(&sub_dead).await;
     assert_eq!(ids, ["evt_s1", "evt_s2", "evt_s3", "evt_s4", "evt_s5"]);
 }
 
@@ -757,10 +763,7 @@ async fn replay_moves_matching_dead_letters_back_without_failure_headers() {
             "body unchanged"
         );
     }
-    let left: Vec<String> = snapshot(&w.drain(&sub_dead).await)
-        .into_iter()
-        .map(|(id, _, _)| id)
-        .collect();
+    let left = w.drain_ids(&sub_dead).await;
     assert_eq!(left, ["evt_s2", "evt_s4"], "the others stay, in order");
 
     // The poison one replays too (by its type), and --limit is honoured.
@@ -790,10 +793,9 @@ async fn replay_keeps_the_dead_letter_when_the_republish_fails() {
     let out = w.run(&["dlq", "replay", "--event-id", "evt_s3"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("stopped early"), "{}", stderr(&out));
-    let ids: Vec<String> = snapshot(&w.drain(&w.topology.dead_queue(Family::Subscription)).await)
-        .into_iter()
-        .map(|(id, _, _)| id)
-        .collect();
+    let ids = w
+        .drain_ids(&w.topology.dead_queue(Family::Subscription))
+        .await;
     assert_eq!(ids, ["evt_s1", "evt_s2", "evt_s3", "evt_s4", "evt_s5"]);
 }
 
@@ -810,10 +812,9 @@ async fn purge_with_yes_deletes_only_the_matching_dead_letters() {
         "{}",
         stdout(&out)
     );
-    let ids: Vec<String> = snapshot(&w.drain(&w.topology.dead_queue(Family::Subscription)).await)
-        .into_iter()
-        .map(|(id, _, _)| id)
-        .collect();
+    let ids = w
+        .drain_ids(&w.topology.dead_queue(Family::Subscription))
+        .await;
     assert_eq!(ids, ["evt_s2"]);
     assert_eq!(w.ready(&w.topology.dead_queue(Family::Account)).await, 2);
 }
@@ -952,6 +953,15 @@ async fn sim_world(sim_tenant: Option<&str>, conn_extra: &str) -> Sim {
 }
 
 impl Sim {
+    /// `halosync check` with the right secret: its output, once it exited
+    /// with `code`.
+    async fn check_exits(&self, code: i32) -> String {
+        let out = self.check("right-secret", false).await;
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(code), "{text}");
+        text
+    }
+
     async fn check(&self, secret: &str, json: bool) -> Output {
         let mut args = vec!["check", "--connection", "acme"];
         if json {
@@ -964,9 +974,7 @@ impl Sim {
 #[tokio::test(flavor = "multi_thread")]
 async fn check_is_all_green_with_the_right_settings() {
     let s = sim_world(Some("acme"), "tenant = \"acme\"\nscope = \"all\"\n").await;
-    let out = s.check("right-secret", false).await;
-    let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let text = s.check_exits(0).await;
     assert!(
         text.contains("✔ token (scope all, expires in 3600 s)"),
         "{text}"
@@ -1016,9 +1024,7 @@ async fn check_explains_a_wrong_secret() {
 #[tokio::test(flavor = "multi_thread")]
 async fn check_explains_a_missing_tenant_on_a_hosted_instance() {
     let s = sim_world(Some("acme"), "").await;
-    let out = s.check("right-secret", false).await;
-    let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let text = s.check_exits(1).await;
     assert!(text.contains("✘ token: 500 HTML error page"), "{text}");
     assert!(
         text.contains("a Halo-hosted instance does when the tenant is missing"),
@@ -1033,9 +1039,7 @@ async fn check_explains_a_missing_tenant_on_a_hosted_instance() {
 #[tokio::test(flavor = "multi_thread")]
 async fn check_accepts_a_not_set_tenant_on_premise() {
     let s = sim_world(None, "tenant = \"Not set\"\n").await;
-    let out = s.check("right-secret", false).await;
-    let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let text = s.check_exits(0).await;
     assert!(
         text.contains("tenant \"Not set\" means on-premise"),
         "{text}"
@@ -1050,9 +1054,7 @@ async fn check_accepts_an_auth_server_with_a_trailing_slash() {
         "tenant = \"acme\"\nauth_server = \"{auth}/\"\n",
     )
     .await;
-    let out = s.check("right-secret", false).await;
-    let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let text = s.check_exits(0).await;
     assert!(text.contains("ends with a slash"), "{text}");
     assert!(
         text.contains(&format!("{}/token?tenant=acme", s.sim.auth_url())),
@@ -1067,9 +1069,7 @@ async fn check_names_the_missing_permission() {
         deny: vec!["items:read".into()],
         ..Default::default()
     });
-    let out = s.check("right-secret", false).await;
-    let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let text = s.check_exits(1).await;
     assert!(
         text.contains("✘ items: 403 You do not have permission"),
         "{text}"
@@ -1098,9 +1098,7 @@ async fn check_explains_an_insufficient_scope() {
         "tenant = \"acme\"\nscope = \"read:customers\"\n",
     )
     .await;
-    let out = s.check("right-secret", false).await;
-    let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let text = s.check_exits(1).await;
     assert!(text.contains("✔ token (scope read:customers"), "{text}");
     assert!(text.contains("✔ customers"), "{text}");
     assert!(text.contains("✘ software licences: 403"), "{text}");
@@ -1117,9 +1115,7 @@ async fn check_explains_an_insufficient_scope() {
 #[tokio::test(flavor = "multi_thread")]
 async fn check_explains_an_empty_scope() {
     let s = sim_world(Some("acme"), "tenant = \"acme\"\nscope = \"\"\n").await;
-    let out = s.check("right-secret", false).await;
-    let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let text = s.check_exits(1).await;
     assert!(text.contains("connections.acme.scope"), "{text}");
     assert!(text.contains("401 on every call"), "{text}");
 }

@@ -17,8 +17,9 @@ use halo_sim::{Faults, SimConfig, SimHandle};
 use halosync_shared::amqp::headers as h;
 use halosync_shared::Family;
 use halosync_tests::{
-    account_event, binary_path, customers_of, subscription_event, EnvOptions, PrivateRedis,
-    TestEnv, CONNECTION, GENEROUS_BUDGET, SECRET_ENV,
+    account_event, binary_path, customers_of, free_port, hash_password, hidden_field, login_token,
+    page_text, subscription_event, EnvOptions, PrivateRedis, TestEnv, CONNECTION, GENEROUS_BUDGET,
+    SECRET_ENV,
 };
 use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
@@ -30,13 +31,6 @@ const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const ALICE: (&str, &str) = ("alice", "alice-operator-pw");
 const VICTOR: (&str, &str) = ("victor", "victor-viewer-pw");
 const WRONG_SECRET_ENV: &str = "HALOSYNC_TEST_WRONG_SECRET";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// `target/` (the test runs from target/debug/deps).
 fn target_dir() -> PathBuf {
@@ -51,25 +45,6 @@ fn screenshot_dir() -> PathBuf {
     let d = target_dir().join("console-screenshots");
     std::fs::create_dir_all(&d).expect("screenshot dir");
     d
-}
-
-fn hash(password: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new(binary_path("halosync"))
-        .args(["console", "--hash-password"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run halosync console --hash-password");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(password.as_bytes())
-        .expect("write password");
-    let out = child.wait_with_output().expect("hash output");
-    assert!(out.status.success(), "--hash-password failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A `halosync console` child on a free port.
@@ -101,8 +76,8 @@ impl Console {
             .args(["console", "--listen", &format!("127.0.0.1:{port}")])
             .current_dir(&env.dir)
             .env(SECRET_ENV, SimConfig::default().client_secret)
-            .env("H_ALICE", hash(ALICE.1))
-            .env("H_VICTOR", hash(VICTOR.1))
+            .env("H_ALICE", hash_password(ALICE.1))
+            .env("H_VICTOR", hash_password(VICTOR.1))
             .env("RUST_LOG", "info")
             .env_remove("HALOSYNC_CONFIG")
             .env_remove("HALOSYNC_PREFIX")
@@ -219,6 +194,19 @@ impl Browser {
             profile,
             name: name.to_string(),
         }
+    }
+
+    /// A browser `name` signed in to `console` as `who`.
+    async fn signed_in(console: &Console, name: &str, who: (&str, &str)) -> Browser {
+        let b = Browser::start(name).await;
+        b.sign_in(console, who).await;
+        b
+    }
+
+    /// The audit page's trail (`query`: its filter, e.g. `?action=test`).
+    async fn audit(&self, console: &Console, query: &str) -> String {
+        self.goto(&console.at(&format!("/audit{query}"))).await;
+        self.text("#audit").await
     }
 
     fn c(&self) -> &Client {
@@ -442,15 +430,6 @@ fn http_client(address: [u8; 4]) -> reqwest::Client {
         .expect("http client")
 }
 
-/// The value of the hidden field `name` in a page.
-fn hidden_field(page: &str, name: &str) -> String {
-    page.split(&format!("name=\"{name}\" value=\""))
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .unwrap_or_else(|| panic!("no {name} field in the page:\n{page}"))
-        .to_string()
-}
-
 /// Signs in as a browser does: the form (with its token and cookie) is
 /// fetched first, then posted with `fields` added.
 async fn post_sign_in(
@@ -458,23 +437,40 @@ async fn post_sign_in(
     console: &Console,
     fields: &[(&str, &str)],
 ) -> reqwest::Response {
-    let page = client
-        .get(console.at("/login"))
-        .send()
-        .await
-        .expect("sign-in form")
-        .text()
-        .await
-        .expect("sign-in form text");
-    let token = hidden_field(&page, "login_token");
+    post_sign_in_with(client, console, None, fields).await
+}
+
+/// [`post_sign_in`] with one more request header (`Origin`,
+/// `X-Forwarded-Proto`).
+async fn post_sign_in_with(
+    client: &reqwest::Client,
+    console: &Console,
+    header: Option<(&str, &str)>,
+    fields: &[(&str, &str)],
+) -> reqwest::Response {
+    let token = login_token(client, &console.at("/login")).await;
     let mut form: Vec<(&str, &str)> = vec![("login_token", token.as_str())];
     form.extend_from_slice(fields);
+    let mut request = client.post(console.at("/login")).form(&form);
+    if let Some((name, value)) = header {
+        request = request.header(name, value);
+    }
+    request.send().await.expect("sign in")
+}
+
+/// `POST`s `form` to the console's `path` through `client`.
+async fn post_form(
+    client: &reqwest::Client,
+    console: &Console,
+    path: &str,
+    form: &[(&str, &str)],
+) -> reqwest::Response {
     client
-        .post(console.at("/login"))
-        .form(&form)
+        .post(console.at(path))
+        .form(form)
         .send()
         .await
-        .expect("sign in")
+        .expect("post")
 }
 
 /// A reqwest client signed in as `who` (cookies kept), and its CSRF token
@@ -483,14 +479,7 @@ async fn http_session(console: &Console, who: (&str, &str)) -> (reqwest::Client,
     let client = http_client([127, 0, 0, 1]);
     let r = post_sign_in(&client, console, &[("user", who.0), ("password", who.1)]).await;
     assert_eq!(r.status(), 303, "sign-in as {} must succeed", who.0);
-    let page = client
-        .get(console.at("/connections"))
-        .send()
-        .await
-        .expect("page")
-        .text()
-        .await
-        .expect("page text");
+    let page = page_text(&client, &console.at("/connections")).await;
     let csrf = hidden_field(&page, "csrf");
     (client, csrf)
 }
@@ -544,63 +533,68 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
 
     // ... and the request itself is refused with 403, CSRF token or not.
     let (viewer, csrf) = http_session(&console, VICTOR).await;
-    let r = viewer
-        .post(console.at("/dead/action"))
-        .form(&[
+    let r = post_form(
+        &viewer,
+        &console,
+        "/dead/action",
+        &[
             ("csrf", csrf.as_str()),
             ("action", "replay"),
             ("event_id", "evt_auth_1"),
-        ])
-        .send()
-        .await
-        .expect("post");
+        ],
+    )
+    .await;
     assert_eq!(r.status(), 403);
     assert!(r.text().await.unwrap_or_default().contains("viewer"));
-    let r = viewer
-        .post(console.at("/dead/run"))
-        .form(&[
+    let r = post_form(
+        &viewer,
+        &console,
+        "/dead/run",
+        &[
             ("csrf", csrf.as_str()),
             ("action", "purge"),
             ("event_id", "evt_auth_1"),
             ("expected", "1"),
             ("confirm_word", "purge"),
-        ])
-        .send()
-        .await
-        .expect("post");
+        ],
+    )
+    .await;
     assert_eq!(r.status(), 403);
 
     // An operator without the CSRF token is refused too; with it, asked to confirm.
     let (op, csrf) = http_session(&console, ALICE).await;
-    let r = op
-        .post(console.at("/dead/action"))
-        .form(&[("action", "replay"), ("event_id", "evt_auth_1")])
-        .send()
-        .await
-        .expect("post");
+    let r = post_form(
+        &op,
+        &console,
+        "/dead/action",
+        &[("action", "replay"), ("event_id", "evt_auth_1")],
+    )
+    .await;
     assert_eq!(r.status(), 403);
     assert!(r.text().await.unwrap_or_default().contains("CSRF"));
-    let r = op
-        .post(console.at("/dead/action"))
-        .form(&[
+    let r = post_form(
+        &op,
+        &console,
+        "/dead/action",
+        &[
             ("csrf", "0".repeat(64).as_str()),
             ("action", "replay"),
             ("event_id", "evt_auth_1"),
-        ])
-        .send()
-        .await
-        .expect("post");
+        ],
+    )
+    .await;
     assert_eq!(r.status(), 403, "a wrong token is no token");
-    let r = op
-        .post(console.at("/dead/action"))
-        .form(&[
+    let r = post_form(
+        &op,
+        &console,
+        "/dead/action",
+        &[
             ("csrf", csrf.as_str()),
             ("action", "replay"),
             ("event_id", "evt_auth_1"),
-        ])
-        .send()
-        .await
-        .expect("post");
+        ],
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert!(r
         .text()
@@ -618,16 +612,17 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("client");
-    let r = anon
-        .post(console.at("/dead/run"))
-        .form(&[
+    let r = post_form(
+        &anon,
+        &console,
+        "/dead/run",
+        &[
             ("action", "purge"),
             ("expected", "1"),
             ("confirm_word", "purge"),
-        ])
-        .send()
-        .await
-        .expect("post");
+        ],
+    )
+    .await;
     assert_eq!(r.status(), 401);
 
     // Sign-in attempts are rate-limited (5 per window here), per user name
@@ -658,26 +653,13 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
     // The address is locked out for now, even for a right password.
     assert_eq!(r.status(), 429);
     let fresh = http_client([127, 0, 0, 2]);
-    let page = fresh
-        .get(console.at("/login"))
-        .send()
-        .await
-        .expect("form")
-        .text()
-        .await
-        .expect("form text");
-    let token = hidden_field(&page, "login_token");
-    let r = fresh
-        .post(console.at("/login"))
-        .header("x-forwarded-proto", "https")
-        .form(&[
-            ("login_token", token.as_str()),
-            ("user", VICTOR.0),
-            ("password", VICTOR.1),
-        ])
-        .send()
-        .await
-        .expect("post");
+    let r = post_sign_in_with(
+        &fresh,
+        &console,
+        Some(("x-forwarded-proto", "https")),
+        &[("user", VICTOR.0), ("password", VICTOR.1)],
+    )
+    .await;
     assert_eq!(r.status(), 303, "another address is not locked out");
     // The session cookie's flags (Secure: the request came through TLS).
     let cookie = r
@@ -691,8 +673,7 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
     }
 
     // Sign-ins are in the audit trail.
-    b.goto(&console.at("/audit")).await;
-    let audit = b.text("#audit").await;
+    let audit = b.audit(&console, "").await;
     assert!(
         audit.contains("sign-in") && audit.contains(VICTOR.0),
         "{audit}"
@@ -756,8 +737,7 @@ client_secret_env = "{SECRET_ENV}"
         id = SimConfig::default().client_id,
     );
     let console = Console::start(&env, &extra, &[(WRONG_SECRET_ENV, "not-the-secret")]).await;
-    let b = Browser::start("connections").await;
-    b.sign_in(&console, ALICE).await;
+    let b = Browser::signed_in(&console, "connections", ALICE).await;
     b.goto(&console.at("/connections")).await;
     let page = b.body().await;
     assert!(
@@ -816,8 +796,7 @@ client_secret_env = "{SECRET_ENV}"
     b.shot("05-missing-permission").await;
 
     // Each test is in the audit trail, with who ran it.
-    b.goto(&console.at("/audit?action=test")).await;
-    let audit = b.text("#audit").await;
+    let audit = b.audit(&console, "?action=test").await;
     for name in ["acme", "wrongsecret", "notenant", "noperm"] {
         assert!(
             audit.contains(&format!("connection {name}")),
@@ -855,8 +834,7 @@ async fn replaying_a_group_of_5000_dead_letters_runs_server_side_with_progress()
     )
     .await;
     let console = Console::start(&env, "", &[]).await;
-    let b = Browser::start("bulk").await;
-    b.sign_in(&console, ALICE).await;
+    let b = Browser::signed_in(&console, "bulk", ALICE).await;
     b.goto(&console.at("/dead")).await;
     let groups = b
         .wait_text("#groups", "5000", Duration::from_secs(120))
@@ -929,8 +907,7 @@ async fn replaying_a_group_of_5000_dead_letters_runs_server_side_with_progress()
         "the other group stays"
     );
     // Who did it, how many, with the event ids.
-    b.goto(&console.at("/audit?action=replay")).await;
-    let audit = b.text("#audit").await;
+    let audit = b.audit(&console, "?action=replay").await;
     assert!(
         audit.contains(ALICE.0) && audit.contains("5000") && audit.contains("evt_bulk_"),
         "{audit}"
@@ -954,16 +931,8 @@ async fn replaying_a_group_of_5000_dead_letters_runs_server_side_with_progress()
 async fn overview_numbers_equal_the_broker_and_halo_sim_after_a_run_with_failures() {
     let mut env = TestEnv::new("con-over").await;
     env.spawn_worker("halosync-account");
-    for i in 0..6 {
-        env.publish(&account_event(
-            &format!("evt_ok_{i}"),
-            &format!("acc_{i}"),
-            &format!("Customer {i}"),
-            true,
-            1,
-        ))
+    env.publish_accounts("evt_ok_", 0..6, 1, |i| format!("Customer {i}"))
         .await;
-    }
     // Failures: an unknown connection and a schema violation are dead-lettered at once.
     let mut bad = account_event("evt_bad_conn", "acc_x", "X", true, 1);
     bad["connection"] = json!("nosuch");
@@ -976,8 +945,7 @@ async fn overview_numbers_equal_the_broker_and_halo_sim_after_a_run_with_failure
     let dead = env.depth(&env.topology.dead_queue(Family::Account)).await;
     assert_eq!(dead, 2);
     let console = Console::start(&env, "", &[]).await;
-    let b = Browser::start("overview").await;
-    b.sign_in(&console, VICTOR).await;
+    let b = Browser::signed_in(&console, "overview", VICTOR).await;
     b.goto(&console.at("/")).await;
     assert_eq!(b.text("#total-dead").await, dead.to_string());
     assert_eq!(
@@ -1068,8 +1036,7 @@ async fn activity_page_searches_pages_exports_and_survives_flushall() {
     env.wait_drained(Family::Account, Duration::from_secs(90))
         .await;
     let console = Console::start(&env, "", &[]).await;
-    let b = Browser::start("activity").await;
-    b.sign_in(&console, VICTOR).await;
+    let b = Browser::signed_in(&console, "activity", VICTOR).await;
     b.goto(&console.at("/activity")).await;
     b.wait_text("#activity-total", "61 matching", Duration::from_secs(30))
         .await;
@@ -1119,8 +1086,7 @@ async fn activity_page_searches_pages_exports_and_survives_flushall() {
     drop(console);
     redis.flushall().await;
     let console = Console::start(&env, "", &[]).await;
-    let b = Browser::start("activity-after-flushall").await;
-    b.sign_in(&console, VICTOR).await;
+    let b = Browser::signed_in(&console, "activity-after-flushall", VICTOR).await;
     b.goto(&console.at("/activity")).await;
     b.wait_text("#activity-total", "61 matching", Duration::from_secs(30))
         .await;
@@ -1173,8 +1139,7 @@ async fn an_unmapped_sku_is_mapped_on_the_page_replayed_and_applied_exactly_once
     assert_eq!(licences(&env), 0);
 
     let console = Console::start(&env, "", &[]).await;
-    let b = Browser::start("mappings").await;
-    b.sign_in(&console, ALICE).await;
+    let b = Browser::signed_in(&console, "mappings", ALICE).await;
     b.goto(&console.at("/mappings")).await;
     let t = b
         .wait_text("#unmapped", "ACME-BACKUP-1TB", Duration::from_secs(30))
@@ -1231,8 +1196,7 @@ async fn an_unmapped_sku_is_mapped_on_the_page_replayed_and_applied_exactly_once
     assert_eq!(licences(&env), 1, "applied exactly once");
     assert_eq!(env.depth(&dead).await, 0);
     // Who did it.
-    b.goto(&console.at("/audit")).await;
-    let audit = b.text("#audit").await;
+    let audit = b.audit(&console, "").await;
     assert!(
         audit.contains("mapping") && audit.contains("ACME-BACKUP-1TB → item 2001"),
         "{audit}"
@@ -1292,8 +1256,7 @@ async fn reconcile_page_shows_the_last_report() {
     );
 
     let console = Console::start(&env, "", &[]).await;
-    let b = Browser::start("reconcile").await;
-    b.sign_in(&console, VICTOR).await;
+    let b = Browser::signed_in(&console, "reconcile", VICTOR).await;
     b.goto(&console.at("/reconcile")).await;
     let t = b
         .wait_text("#drifted", "2 aggregates drifted", Duration::from_secs(10))
@@ -1496,54 +1459,29 @@ async fn every_response_carries_the_security_headers_and_next_stays_on_the_conso
 
     // Sign-in CSRF: no token, or another site's Origin, is refused.
     let c = http_client([127, 0, 1, 201]);
-    let r = c
-        .post(console.at("/login"))
-        .form(&[("user", VICTOR.0), ("password", VICTOR.1)])
-        .send()
-        .await
-        .expect("post");
+    let r = post_form(
+        &c,
+        &console,
+        "/login",
+        &[("user", VICTOR.0), ("password", VICTOR.1)],
+    )
+    .await;
     assert_eq!(r.status(), 403, "no sign-in token");
-    let page = c
-        .get(console.at("/login"))
-        .send()
-        .await
-        .expect("form")
-        .text()
-        .await
-        .expect("form");
-    let token = hidden_field(&page, "login_token");
-    let r = c
-        .post(console.at("/login"))
-        .header("origin", "https://evil.example")
-        .form(&[
-            ("login_token", token.as_str()),
-            ("user", VICTOR.0),
-            ("password", VICTOR.1),
-        ])
-        .send()
-        .await
-        .expect("post");
+    let r = post_sign_in_with(
+        &c,
+        &console,
+        Some(("origin", "https://evil.example")),
+        &[("user", VICTOR.0), ("password", VICTOR.1)],
+    )
+    .await;
     assert_eq!(r.status(), 403, "a cross-site form");
-    let page = c
-        .get(console.at("/login"))
-        .send()
-        .await
-        .expect("form")
-        .text()
-        .await
-        .expect("form");
-    let token = hidden_field(&page, "login_token");
-    let r = c
-        .post(console.at("/login"))
-        .header("origin", console.url.as_str())
-        .form(&[
-            ("login_token", token.as_str()),
-            ("user", VICTOR.0),
-            ("password", VICTOR.1),
-        ])
-        .send()
-        .await
-        .expect("post");
+    let r = post_sign_in_with(
+        &c,
+        &console,
+        Some(("origin", console.url.as_str())),
+        &[("user", VICTOR.0), ("password", VICTOR.1)],
+    )
+    .await;
     assert_eq!(r.status(), 303, "the console's own form");
 }
 
@@ -1557,15 +1495,7 @@ async fn sign_ins_are_counted_before_the_password_check_and_a_flood_keeps_memory
 
     // 40 at once for one user from one address: 39 wrong, 1 right.
     let client = http_client([127, 0, 0, 5]);
-    let page = client
-        .get(console.at("/login"))
-        .send()
-        .await
-        .expect("form")
-        .text()
-        .await
-        .expect("form");
-    let token = hidden_field(&page, "login_token");
+    let token = login_token(&client, &console.at("/login")).await;
     let attempts = (0..40).map(|i| {
         let password = if i == 20 { ALICE.1 } else { "wrong-password" };
         client
@@ -1616,15 +1546,7 @@ async fn sign_ins_are_counted_before_the_password_check_and_a_flood_keeps_memory
         let login = login.clone();
         async move {
             let c = http_client([127, 0, 2, 1 + i]);
-            let page = c
-                .get(&login)
-                .send()
-                .await
-                .expect("form")
-                .text()
-                .await
-                .expect("form");
-            let token = hidden_field(&page, "login_token");
+            let token = login_token(&c, &login).await;
             (c, token)
         }
     }))
@@ -1728,12 +1650,7 @@ async fn live_streams_are_capped_share_one_collector_and_end_with_the_session() 
     );
 
     // Signing out ends the session's streams.
-    let r = client
-        .post(console.at("/logout"))
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .expect("logout");
+    let r = post_form(&client, &console, "/logout", &[("csrf", csrf.as_str())]).await;
     assert_eq!(r.status(), 303);
     let t = Instant::now();
     for mut r in accepted {
@@ -1807,14 +1724,7 @@ async fn a_dead_letter_whose_id_holds_a_comma_is_the_only_one_replayed_or_purged
     let console = Console::start(&env, "", &[]).await;
     let (op, csrf) = http_session(&console, ALICE).await;
     // The list page's checkbox carries the id as it is.
-    let page = op
-        .get(console.at("/dead"))
-        .send()
-        .await
-        .expect("page")
-        .text()
-        .await
-        .expect("page");
+    let page = page_text(&op, &console.at("/dead")).await;
     assert!(page.contains(r#"name="id" value="evt_a,evt_b""#), "{page}");
     let mut job = String::new();
     for (action, left) in [("replay", 2), ("purge", 1)] {
@@ -1823,12 +1733,13 @@ async fn a_dead_letter_whose_id_holds_a_comma_is_the_only_one_replayed_or_purged
         } else {
             "evt_b"
         };
-        let r = op
-            .post(console.at("/dead/action"))
-            .form(&[("csrf", csrf.as_str()), ("action", action), ("id", id)])
-            .send()
-            .await
-            .expect("confirm");
+        let r = post_form(
+            &op,
+            &console,
+            "/dead/action",
+            &[("csrf", csrf.as_str()), ("action", action), ("id", id)],
+        )
+        .await;
         let text = r.text().await.expect("confirm page");
         assert!(
             text.contains(&format!(
@@ -1875,12 +1786,13 @@ async fn a_dead_letter_whose_id_holds_a_comma_is_the_only_one_replayed_or_purged
         );
     }
     // A cancel is audited under whoever asked for it.
-    let r = op
-        .post(console.at(&format!("/jobs/{job}/cancel")))
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .expect("cancel");
+    let r = post_form(
+        &op,
+        &console,
+        &format!("/jobs/{job}/cancel"),
+        &[("csrf", csrf.as_str())],
+    )
+    .await;
     assert_eq!(r.status(), 303);
     let cancels: Vec<_> = audit_entries(&env)
         .into_iter()
@@ -1947,14 +1859,7 @@ async fn csv_exports_neutralise_formula_cells_in_the_console_and_the_cli() {
     let (viewer, _) = http_session(&console, VICTOR).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let text = viewer
-            .get(console.at("/activity.csv"))
-            .send()
-            .await
-            .expect("csv")
-            .text()
-            .await
-            .expect("csv");
+        let text = page_text(&viewer, &console.at("/activity.csv")).await;
         if text.contains("evt_csv_1") {
             check(&text, "/activity.csv");
             break;

@@ -11,8 +11,8 @@ use std::time::Duration;
 use halo_sim::{Faults, SimConfig, SimHandle};
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, customers_of, overage_event, shuffle, subscription_event, usage_event,
-    EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
+    account_event, customers_in, customers_of, overage_event, shuffle, subscription_event,
+    usage_event, EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
 };
 use serde_json::Value;
 
@@ -73,22 +73,6 @@ fn lines_by_marker(headers: Vec<Value>) -> BTreeMap<String, Vec<Value>> {
         }
     }
     out
-}
-
-/// The customers of `sim` linked to `account_id`.
-fn sim_customers_of(sim: &SimHandle, account_id: &str) -> Vec<Value> {
-    let ids: Vec<i64> = sim
-        .external_links()
-        .iter()
-        .filter(|l| {
-            l["third_party_id"] == account_id && l["third_party_type"] == "halosync.account"
-        })
-        .filter_map(|l| l["halo_id"].as_i64())
-        .collect();
-    sim.clients()
-        .into_iter()
-        .filter(|c| c["id"].as_i64().is_some_and(|id| ids.contains(&id)))
-        .collect()
 }
 
 /// What the world of [`every_family_converges_once_under_every_fault`]
@@ -176,7 +160,7 @@ impl Expect {
             return Err(format!("{} customers: {clients:#?}", clients.len()));
         }
         for a in 0..self.accounts {
-            let c = sim_customers_of(sim, &format!("acc_{a}"));
+            let c = customers_in(sim, &format!("acc_{a}"));
             if c.len() != 1 || c[0]["name"] != self.name(a, self.last).as_str() {
                 return Err(format!("acc_{a}: {c:#?}"));
             }
@@ -534,36 +518,29 @@ async fn overage_charges_whose_answer_is_lost_or_saved_in_part_are_applied_once(
     .await;
     env.stop_worker(a);
     let marker = |k: usize| format!("halosync.overage:sub_{k}:storage_gb:{}", OCT.0);
+    // `sub_k`'s October storage charge `o{k}` of `overage`.
+    let charge = |k: usize, overage: f64| {
+        overage_event(
+            &format!("o{k}"),
+            &format!("sub_{k}"),
+            "acc_0",
+            "storage_gb",
+            OCT,
+            overage,
+            "0.25",
+            1,
+        )
+    };
     let w = env.spawn_worker(OVERAGE);
     // The invoice first, with one charge.
-    env.publish(&overage_event(
-        "o0",
-        "sub_0",
-        "acc_0",
-        "storage_gb",
-        OCT,
-        1.0,
-        "0.25",
-        1,
-    ))
-    .await;
+    env.publish(&charge(0, 1.0)).await;
     env.wait_drained(Family::Overage, Duration::from_secs(30))
         .await;
     env.stop_worker(w);
     // Round 1: 6 new charges, one refused in the middle (sub_5's 6.0 is
     // the fourth of the array): HaloPSA saves the three before it.
     for k in 2..8 {
-        env.publish(&overage_event(
-            &format!("o{k}"),
-            &format!("sub_{k}"),
-            "acc_0",
-            "storage_gb",
-            OCT,
-            k as f64 + 1.0,
-            "0.25",
-            1,
-        ))
-        .await;
+        env.publish(&charge(k, k as f64 + 1.0)).await;
     }
     let w = env.spawn_worker(OVERAGE);
     env.wait_drained(Family::Overage, Duration::from_secs(30))
@@ -591,17 +568,7 @@ async fn overage_charges_whose_answer_is_lost_or_saved_in_part_are_applied_once(
         ..Default::default()
     });
     for k in 10..18 {
-        env.publish(&overage_event(
-            &format!("o{k}"),
-            &format!("sub_{k}"),
-            "acc_0",
-            "storage_gb",
-            OCT,
-            k as f64,
-            "0.25",
-            1,
-        ))
-        .await;
+        env.publish(&charge(k, k as f64)).await;
     }
     env.spawn_worker(OVERAGE);
     env.wait_drained(Family::Overage, Duration::from_secs(30))

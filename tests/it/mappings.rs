@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, customers_of, subscription_event, EnvOptions, TestEnv, CONNECTION,
-    GENEROUS_BUDGET,
+    account_event, customers_of, recurring_lines, subscription_event, EnvOptions, TestEnv,
+    CONNECTION, GENEROUS_BUDGET,
 };
 use serde_json::{json, Value};
 
@@ -69,10 +69,8 @@ fn licences(env: &TestEnv, sub: &str) -> Vec<Value> {
 /// Every recurring-invoice line carrying the subscription's marker.
 fn lines(env: &TestEnv, sub: &str) -> Vec<Value> {
     let marker = format!("halosync.subscription:{sub}");
-    env.sim
-        .recurring_invoices()
+    recurring_lines(&env.sim)
         .into_iter()
-        .flat_map(|i| i["lines"].as_array().cloned().unwrap_or_default())
         .filter(|l| l["item_internal_reference"] == marker.as_str())
         .collect()
 }
@@ -316,10 +314,8 @@ async fn usage_lines_use_halopsa_mappings_in_chain_order() {
     }
     let usage_line = |metric: &str| {
         let marker = format!("halosync.usage:sub_1:{metric}");
-        env.sim
-            .recurring_invoices()
+        recurring_lines(&env.sim)
             .into_iter()
-            .flat_map(|i| i["lines"].as_array().cloned().unwrap_or_default())
             .find(|l| l["item_internal_reference"] == marker.as_str())
     };
     env.wait_for("both usage lines", T, || {

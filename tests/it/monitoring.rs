@@ -16,19 +16,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use halosync_shared::contract::Family;
-use halosync_tests::{account_event, EnvOptions, TestEnv, CONNECTION, SECRET_ENV};
+use halosync_tests::{
+    account_event, free_port, usage_event, EnvOptions, TestEnv, CONNECTION, SECRET_ENV,
+};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(30);
 /// A second connection whose client id HaloPSA does not know.
 const BROKEN: &str = "broken";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free local port")
-}
 
 fn monitoring_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring")
@@ -249,26 +244,6 @@ async fn wait_metrics(
     }
 }
 
-fn usage_event(id: &str) -> Value {
-    json!({
-        "id": id,
-        "type": "usage.reported",
-        "schema_version": 1,
-        "connection": CONNECTION,
-        "occurred_at": "2026-11-22T10:15:00.123Z",
-        "sequence": 1,
-        "data": {
-            "subscription_id": "sub_not_there_yet",
-            "account_id": "acc_1",
-            "metric": "storage_gb",
-            "period_start": "2026-11-01",
-            "period_end": "2026-11-30",
-            "quantity": 3.5,
-            "unit": "GB"
-        }
-    })
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn alerts_and_dashboard_use_only_metrics_the_workers_export_and_fire_on_real_failures() {
     let account_port = free_port();
@@ -344,7 +319,16 @@ async fn alerts_and_dashboard_use_only_metrics_the_workers_export_and_fire_on_re
     let mut on_broken = account_event("mon-broken", "acc_2", "Globex", true, 1);
     on_broken["connection"] = json!(BROKEN);
     env.publish(&on_broken).await;
-    env.publish(&usage_event("mon-usage")).await;
+    env.publish(&usage_event(
+        "mon-usage",
+        "sub_not_there_yet",
+        "acc_1",
+        "storage_gb",
+        ("2026-11-01", "2026-11-30"),
+        3.5,
+        1,
+    ))
+    .await;
     env.wait_for("the account applied", T, || env.clients().len() == 1)
         .await;
 

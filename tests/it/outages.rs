@@ -22,14 +22,7 @@ use serde_json::Value;
 async fn a_worker_started_with_redis_down_waits_then_becomes_ready_and_processes() {
     let mut redis = PrivateRedis::unstarted();
     let health = free_port();
-    let mut env = TestEnv::with(
-        "redisdown",
-        EnvOptions {
-            extra: format!("[worker]\nhealth_port = {health}\n"),
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut env = TestEnv::with("redisdown", EnvOptions::health_port(health)).await;
     let w = env.spawn_worker_with("halosync-account", &[("REDIS_URL", &redis.url())]);
 
     // It serves /readyz at once, not ready, naming what it waits for.
@@ -38,16 +31,8 @@ async fn a_worker_started_with_redis_down_waits_then_becomes_ready_and_processes
         !body.contains(&redis.url()) || !body.contains('@'),
         "{body}"
     );
-    for i in 0..5 {
-        env.publish(&account_event(
-            &format!("e{i}"),
-            &format!("acc_{i}"),
-            &format!("Customer {i}"),
-            true,
-            1,
-        ))
+    env.publish_accounts("e", 0..5, 1, |i| format!("Customer {i}"))
         .await;
-    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         env.worker(w).child.try_wait().expect("wait").is_none(),
@@ -100,14 +85,7 @@ async fn start_broker_front(port: u16) -> tokio::task::JoinHandle<()> {
 async fn a_worker_started_with_the_broker_down_waits_then_consumes() {
     let broker_port = free_port();
     let health = free_port();
-    let mut env = TestEnv::with(
-        "brokerdown",
-        EnvOptions {
-            extra: format!("[worker]\nhealth_port = {health}\n"),
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut env = TestEnv::with("brokerdown", EnvOptions::health_port(health)).await;
     let url = format!("amqp://guest:guest@127.0.0.1:{broker_port}/%2f");
     let w = env.spawn_worker_with("halosync-account", &[("AMQP_URL", &url)]);
     let body = wait_readyz(&env, health, 503, "rabbitmq unreachable").await;
@@ -115,16 +93,8 @@ async fn a_worker_started_with_the_broker_down_waits_then_consumes() {
         !body.contains("guest:guest"),
         "no password in /readyz: {body}"
     );
-    for i in 0..5 {
-        env.publish(&account_event(
-            &format!("e{i}"),
-            &format!("acc_{i}"),
-            &format!("Customer {i}"),
-            true,
-            1,
-        ))
+    env.publish_accounts("e", 0..5, 1, |i| format!("Customer {i}"))
         .await;
-    }
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         env.worker(w).child.try_wait().expect("wait").is_none(),

@@ -12,7 +12,8 @@ use std::time::Duration;
 use halo_sim::{Faults, SimConfig};
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, customers_of, overage_event, EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
+    api_requests, customers_of, delta, overage_event, seed_accounts, EnvOptions, TestEnv,
+    CONNECTION, GENEROUS_BUDGET,
 };
 use serde_json::Value;
 
@@ -25,6 +26,19 @@ const P2: (&str, &str) = ("2026-11-01", "2026-11-30");
 
 fn marker(sub: &str, metric: &str, start: &str) -> String {
     format!("halosync.overage:{sub}:{metric}:{start}")
+}
+
+/// An `overage.detected` event of `acc_1`'s subscription `sub`.
+fn charge(
+    id: &str,
+    sub: &str,
+    metric: &str,
+    period: (&str, &str),
+    overage: f64,
+    price: &str,
+    sequence: u64,
+) -> Value {
+    overage_event(id, sub, "acc_1", metric, period, overage, price, sequence)
 }
 
 fn description(metric: &str, period: (&str, &str), overage: f64) -> String {
@@ -53,23 +67,6 @@ async fn env_with(name: &str, faults: Faults, extra: &str) -> TestEnv {
     .await;
     env.sim.insert_item(ITEM, "Overage");
     env
-}
-
-async fn seed_accounts(env: &TestEnv, accounts: &[&str]) {
-    for (i, a) in accounts.iter().enumerate() {
-        env.publish(&account_event(
-            &format!("acc-e{i}"),
-            a,
-            &format!("Customer {a}"),
-            true,
-            1,
-        ))
-        .await;
-    }
-    env.wait_for("customers created", T, || {
-        accounts.iter().all(|a| customers_of(env, a).len() == 1)
-    })
-    .await;
 }
 
 fn all_lines(env: &TestEnv) -> Vec<Value> {
@@ -105,22 +102,6 @@ fn holds(env: &TestEnv, sub: &str, metric: &str, start: &str, qty: f64) -> bool 
     lines.len() == 1 && lines[0]["qty_order"].as_f64() == Some(qty)
 }
 
-fn api_requests(env: &TestEnv) -> BTreeMap<String, u64> {
-    env.sim
-        .counts()
-        .into_iter()
-        .filter(|(k, _)| k.contains(" /api/"))
-        .collect()
-}
-
-fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
-        .filter(|(_, v)| *v > 0)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn one_charge_per_subscription_metric_period_updated_in_place_none_for_zero() {
     let mut env = env_with("ovg-life", Faults::default(), "").await;
@@ -130,17 +111,8 @@ async fn one_charge_per_subscription_metric_period_updated_in_place_none_for_zer
     let customer = customers_of(&env, "acc_1")[0]["id"].as_i64().unwrap();
 
     // First charge: a line on a new one-off invoice of the customer.
-    env.publish(&overage_event(
-        "o1",
-        "sub_1",
-        "acc_1",
-        "storage_gb",
-        P1,
-        10.0,
-        "0.25",
-        1,
-    ))
-    .await;
+    env.publish(&charge("o1", "sub_1", "storage_gb", P1, 10.0, "0.25", 1))
+        .await;
     env.wait_for("first charge", T, || {
         holds(&env, "sub_1", "storage_gb", P1.0, 10.0)
     })
@@ -161,32 +133,14 @@ async fn one_charge_per_subscription_metric_period_updated_in_place_none_for_zer
     let line_id = line["id"].clone();
 
     // A newer version updates the same line; an older one changes nothing.
-    env.publish(&overage_event(
-        "o2",
-        "sub_1",
-        "acc_1",
-        "storage_gb",
-        P1,
-        25.0,
-        "0.30",
-        2,
-    ))
-    .await;
+    env.publish(&charge("o2", "sub_1", "storage_gb", P1, 25.0, "0.30", 2))
+        .await;
     env.wait_for("updated in place", T, || {
         holds(&env, "sub_1", "storage_gb", P1.0, 25.0)
     })
     .await;
-    env.publish(&overage_event(
-        "o-old",
-        "sub_1",
-        "acc_1",
-        "storage_gb",
-        P1,
-        99.0,
-        "0.25",
-        1,
-    ))
-    .await;
+    env.publish(&charge("o-old", "sub_1", "storage_gb", P1, 99.0, "0.25", 1))
+        .await;
     env.wait_drained(Family::Overage, T).await;
     let lines = lines_of(&env, "sub_1", "storage_gb", P1.0);
     assert_eq!(lines.len(), 1, "{lines:#?}");
@@ -196,28 +150,10 @@ async fn one_charge_per_subscription_metric_period_updated_in_place_none_for_zer
 
     // Another metric of the same period: a second line on the same invoice.
     // Another period: its own invoice.
-    env.publish(&overage_event(
-        "o3",
-        "sub_1",
-        "acc_1",
-        "api_calls",
-        P1,
-        5.0,
-        "0.01",
-        1,
-    ))
-    .await;
-    env.publish(&overage_event(
-        "o4",
-        "sub_1",
-        "acc_1",
-        "storage_gb",
-        P2,
-        7.0,
-        "0.25",
-        1,
-    ))
-    .await;
+    env.publish(&charge("o3", "sub_1", "api_calls", P1, 5.0, "0.01", 1))
+        .await;
+    env.publish(&charge("o4", "sub_1", "storage_gb", P2, 7.0, "0.25", 1))
+        .await;
     env.wait_for("other metric and period", T, || {
         holds(&env, "sub_1", "api_calls", P1.0, 5.0)
             && holds(&env, "sub_1", "storage_gb", P2.0, 7.0)
@@ -229,42 +165,15 @@ async fn one_charge_per_subscription_metric_period_updated_in_place_none_for_zer
 
     // Zero overage where there was no charge: an inactive line of quantity
     // 0 that carries the version (so that it survives a lost Redis) ...
-    env.publish(&overage_event(
-        "z1",
-        "sub_2",
-        "acc_1",
-        "storage_gb",
-        P1,
-        0.0,
-        "0.25",
-        2,
-    ))
-    .await;
+    env.publish(&charge("z1", "sub_2", "storage_gb", P1, 0.0, "0.25", 2))
+        .await;
     // ... and an earlier charge zeroed and made inactive, never a second line.
-    env.publish(&overage_event(
-        "z2",
-        "sub_1",
-        "acc_1",
-        "storage_gb",
-        P1,
-        0.0,
-        "0.30",
-        3,
-    ))
-    .await;
+    env.publish(&charge("z2", "sub_1", "storage_gb", P1, 0.0, "0.30", 3))
+        .await;
     env.wait_drained(Family::Overage, T).await;
     // An older non-zero version arriving after the zero one is superseded.
-    env.publish(&overage_event(
-        "z1-old",
-        "sub_2",
-        "acc_1",
-        "storage_gb",
-        P1,
-        9.0,
-        "0.25",
-        1,
-    ))
-    .await;
+    env.publish(&charge("z1-old", "sub_2", "storage_gb", P1, 9.0, "0.25", 1))
+        .await;
     env.wait_drained(Family::Overage, T).await;
     let none = lines_of(&env, "sub_2", "storage_gb", P1.0);
     assert_eq!(none.len(), 1, "{none:#?}");
@@ -281,10 +190,9 @@ async fn one_charge_per_subscription_metric_period_updated_in_place_none_for_zer
     // With Redis lost, a redelivered old event still changes nothing: the
     // version is on the line.
     env.flush_redis().await;
-    env.publish(&overage_event(
+    env.publish(&charge(
         "o-old2",
         "sub_1",
-        "acc_1",
         "storage_gb",
         P1,
         50.0,
@@ -292,10 +200,9 @@ async fn one_charge_per_subscription_metric_period_updated_in_place_none_for_zer
         2,
     ))
     .await;
-    env.publish(&overage_event(
+    env.publish(&charge(
         "z1-old2",
         "sub_2",
-        "acc_1",
         "storage_gb",
         P1,
         9.0,
@@ -522,34 +429,14 @@ async fn the_item_follows_the_subscriptions_sku_when_the_metric_has_no_mapping()
     .await;
     env.wait_drained(Family::Subscription, T).await;
     // `<sku>:<metric>` first, then `<sku>`.
-    env.publish(&overage_event(
-        "b1",
-        "sub_1",
-        "acc_1",
-        "bandwidth",
-        P1,
-        3.0,
-        "1.50",
-        1,
-    ))
-    .await;
-    env.publish(&overage_event(
-        "c1", "sub_1", "acc_1", "calls", P1, 4.0, "0.10", 1,
-    ))
-    .await;
+    env.publish(&charge("b1", "sub_1", "bandwidth", P1, 3.0, "1.50", 1))
+        .await;
+    env.publish(&charge("c1", "sub_1", "calls", P1, 4.0, "0.10", 1))
+        .await;
     // A subscription HaloPSA does not have yet: dependency, retried, then
     // dead-lettered as such.
-    env.publish(&overage_event(
-        "m1",
-        "sub_missing",
-        "acc_1",
-        "calls",
-        P1,
-        4.0,
-        "0.10",
-        1,
-    ))
-    .await;
+    env.publish(&charge("m1", "sub_missing", "calls", P1, 4.0, "0.10", 1))
+        .await;
     env.wait_drained(Family::Overage, T).await;
     let b = lines_of(&env, "sub_1", "bandwidth", P1.0);
     assert_eq!(b.len(), 1, "{b:#?}");

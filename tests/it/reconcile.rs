@@ -21,10 +21,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use halo_sim::{Faults, RateLimit, SimConfig};
+use halo_sim::Faults;
 use halosync_tests::{
     account_event, binary_path, customers_of, overage_event, subscription_event, usage_event,
-    EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET, SECRET_ENV,
+    EnvOptions, TestEnv, ALL_WORKERS, CONNECTION, SECRET_ENV,
 };
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -178,24 +178,11 @@ const USAGE_MARKER: &str = "halosync.usage:sub_qty:storage_gb";
 async fn setup(name: &str) -> (TestEnv, Vec<Value>) {
     let mut env = TestEnv::with(
         name,
-        EnvOptions {
-            // `[connections.acme.items]` must come last.
-            connection_extra: format!(
-                "{GENEROUS_BUDGET}\noverwrite_prices = true\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n"
-            ),
-            ..Default::default()
-        },
+        EnvOptions::mapping("overwrite_prices = true", &[("MS-365-BP", ITEM)]),
     )
     .await;
     env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
-    for w in [
-        "halosync-account",
-        "halosync-subscription",
-        "halosync-usage",
-        "halosync-overage",
-    ] {
-        env.spawn_worker(w);
-    }
+    env.spawn_workers(&ALL_WORKERS);
     let mut events = vec![
         account_event("e-acc-1", "acc_1", "Contoso Ltd", true, 1),
         account_event("e-acc-2", "acc_2", "Fabrikam Inc", true, 1),
@@ -715,21 +702,13 @@ async fn three_thousand_subscriptions_fit_one_fair_use_window() {
     const PER_ACCOUNT: usize = 100;
     let env = TestEnv::with(
         "rec-3000",
-        EnvOptions {
-            sim: SimConfig {
-                faults: Faults {
-                    rate_limit: Some(RateLimit {
-                        requests: 300,
-                        window_secs: 300,
-                        retry_after: true,
-                    }),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            connection_extra: "requests_per_window = 300\nwindow_seconds = 300".into(),
-            ..Default::default()
-        },
+        EnvOptions::rate_limited(
+            300,
+            300,
+            true,
+            Faults::default(),
+            "requests_per_window = 300\nwindow_seconds = 300",
+        ),
     )
     .await;
     let sim = &env.sim;

@@ -13,7 +13,7 @@ use halosync_shared::amqp::headers;
 use halosync_shared::contract::Family;
 use halosync_tests::{
     account_event, customers_of, overage_event, subscription_event, usage_event, EnvOptions,
-    TestEnv, CONNECTION, GENEROUS_BUDGET,
+    TestEnv, ALL_WORKERS,
 };
 use lapin::types::FieldTable;
 use serde_json::{json, Value};
@@ -26,24 +26,19 @@ const PERIOD: (&str, &str) = ("2026-11-01", "2026-11-30");
 async fn env(name: &str) -> TestEnv {
     let mut env = TestEnv::with(
         name,
-        EnvOptions {
-            connection_extra: format!(
-                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n\"MS-365-BP:storage_gb\" = {STORAGE}\n\"overage:storage_gb\" = {STORAGE}\n"
-            ),
-            ..Default::default()
-        },
+        EnvOptions::mapping(
+            "",
+            &[
+                ("MS-365-BP", ITEM),
+                ("MS-365-BP:storage_gb", STORAGE),
+                ("overage:storage_gb", STORAGE),
+            ],
+        ),
     )
     .await;
     env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
     env.sim.insert_item(STORAGE, "Storage");
-    for w in [
-        "halosync-account",
-        "halosync-subscription",
-        "halosync-usage",
-        "halosync-overage",
-    ] {
-        env.spawn_worker(w);
-    }
+    env.spawn_workers(&ALL_WORKERS);
     env
 }
 

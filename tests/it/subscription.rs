@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use halo_sim::{Faults, SimConfig};
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, customers_of, subscription_event, EnvOptions, TestEnv, CONNECTION,
-    GENEROUS_BUDGET,
+    account_event, api_requests, customers_of, delta, recurring_lines, seed_accounts,
+    subscription_event, EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
 };
 use serde_json::{json, Value};
 
@@ -55,24 +55,6 @@ async fn env_with(name: &str, policy: &str, latency_ms: u64) -> TestEnv {
     env
 }
 
-/// Creates the customers of `accounts` through the account worker.
-async fn seed_accounts(env: &TestEnv, accounts: &[String]) {
-    for (i, a) in accounts.iter().enumerate() {
-        env.publish(&account_event(
-            &format!("acc-e{i}"),
-            a,
-            &format!("Customer {a}"),
-            true,
-            1,
-        ))
-        .await;
-    }
-    env.wait_for("customers created", T, || {
-        accounts.iter().all(|a| customers_of(env, a).len() == 1)
-    })
-    .await;
-}
-
 fn customer_id(env: &TestEnv, account: &str) -> i64 {
     let found = customers_of(env, account);
     assert_eq!(found.len(), 1, "customer of {account}: {found:?}");
@@ -99,11 +81,7 @@ fn lines_of(env: &TestEnv, sub: &str) -> Vec<Value> {
 }
 
 fn all_lines(env: &TestEnv) -> Vec<Value> {
-    env.sim
-        .recurring_invoices()
-        .into_iter()
-        .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
-        .collect()
+    recurring_lines(&env.sim)
 }
 
 /// The halosync recurring invoices linked to an account.
@@ -141,22 +119,6 @@ fn one_each(env: &TestEnv, sub: &str) -> (Value, Value) {
     })
 }
 
-fn api_requests(env: &TestEnv) -> BTreeMap<String, u64> {
-    env.sim
-        .counts()
-        .into_iter()
-        .filter(|(k, _)| k.contains(" /api/"))
-        .collect()
-}
-
-fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
-        .filter(|(_, v)| *v > 0)
-        .collect()
-}
-
 /// The state a subscription event describes, as the licence and line must
 /// hold it.
 fn holds(licence: &Value, line: &Value, quantity: u64, status: &str) -> bool {
@@ -173,7 +135,7 @@ async fn lifecycle_created_quantity_up_and_down_suspended_active_cancelled() {
     let mut env = env_with("sub-life", "", 0).await;
     env.spawn_worker(ACCOUNTS);
     env.spawn_worker(WORKER);
-    seed_accounts(&env, &["acc_1".into()]).await;
+    seed_accounts(&env, &["acc_1"]).await;
     let customer = customer_id(&env, "acc_1");
 
     let steps: [(u64, &str, &str); 6] = [
@@ -472,7 +434,7 @@ async fn subscriptions_waiting_for_their_account_ask_once_per_recheck_and_go_on_
     assert!(env.sim.licences().is_empty());
     // The account arrives: every subscription follows within seconds.
     env.spawn_worker(ACCOUNTS);
-    seed_accounts(&env, &["acc_late".into()]).await;
+    seed_accounts(&env, &["acc_late"]).await;
     let arrived = Instant::now();
     env.wait_for("all applied", Duration::from_secs(30), || {
         (0..SUBS).all(|s| {
@@ -530,7 +492,7 @@ async fn account_that_never_arrives_is_dead_lettered_as_dependency_ready_for_rep
     assert!(env.sim.licences().is_empty());
     // The account arrives later; the operator replays the group.
     env.spawn_worker(ACCOUNTS);
-    seed_accounts(&env, &["acc_never".into()]).await;
+    seed_accounts(&env, &["acc_never"]).await;
     let (ok, out) = env.run_halosync(&[
         "dlq",
         "replay",
@@ -590,7 +552,7 @@ async fn unmapped_sku_is_dead_lettered_at_once_naming_the_sku_and_halopsa_is_onl
     env.stop_worker(worker);
     env.spawn_worker(WORKER);
     env.spawn_worker(ACCOUNTS);
-    seed_accounts(&env, &["acc_1".into()]).await;
+    seed_accounts(&env, &["acc_1"]).await;
     let (ok, out) = env.run_halosync(&["dlq", "replay", "--class", "unmapped"]);
     assert!(ok, "{out}");
     env.wait_for("applied after the mapping was added", T, || {
@@ -631,7 +593,7 @@ async fn halopsa_losing_everything_is_rebuilt_once_the_account_is_back() {
     let mut env = env_with("sub-reset", "", 0).await;
     env.spawn_worker(ACCOUNTS);
     env.spawn_worker(WORKER);
-    seed_accounts(&env, &["acc_1".into()]).await;
+    seed_accounts(&env, &["acc_1"]).await;
     env.publish(&subscription_event("s1", "sub_1", "acc_1", 4, "active", 1))
         .await;
     env.wait_for("created", T, || records(&env, "sub_1").is_some())
@@ -639,12 +601,7 @@ async fn halopsa_losing_everything_is_rebuilt_once_the_account_is_back() {
     env.wait_drained(Family::Subscription, T).await;
     // HaloPSA loses the customer, licence, invoice and links (a deleted
     // customer, or a fresh instance) while Redis still maps them.
-    let reset = reqwest::Client::new()
-        .post(format!("{}/_sim/reset", env.sim.base_url()))
-        .send()
-        .await
-        .unwrap();
-    assert!(reset.status().is_success());
+    env.reset_halo().await;
     env.publish(&subscription_event("s2", "sub_1", "acc_1", 6, "active", 2))
         .await;
     // The licence is gone (retried afresh), then so is the customer: a
@@ -676,7 +633,7 @@ async fn msp_price_edit(name: &str, overwrite_prices: bool) -> (Value, Value) {
     let mut env = env_with(name, &format!("overwrite_prices = {overwrite_prices}"), 0).await;
     env.spawn_worker(ACCOUNTS);
     env.spawn_worker(WORKER);
-    seed_accounts(&env, &["acc_1".into()]).await;
+    seed_accounts(&env, &["acc_1"]).await;
     env.publish(&subscription_event("s1", "sub_1", "acc_1", 10, "active", 1))
         .await;
     env.wait_for("created", T, || records(&env, "sub_1").is_some())
@@ -730,7 +687,7 @@ async fn requests_per_event_in_steady_state() {
     let mut env = env_with("sub-reqs", "", 0).await;
     env.spawn_worker(ACCOUNTS);
     env.spawn_worker(WORKER);
-    seed_accounts(&env, &["acc_0".into()]).await;
+    seed_accounts(&env, &["acc_0"]).await;
     // Nothing of the account worker's may fall into the counts.
     env.wait_drained(Family::Account, T).await;
     let measure = async |what: &str, events: Vec<Value>| {
@@ -887,7 +844,7 @@ async fn an_end_date_that_goes_back_to_none_is_cleared_in_halopsa() {
     let mut env = env_with("sub-end-date", "", 0).await;
     env.spawn_worker(ACCOUNTS);
     env.spawn_worker(WORKER);
-    seed_accounts(&env, &["acc_1".into()]).await;
+    seed_accounts(&env, &["acc_1"]).await;
     let mut ending = subscription_event("e1", "sub_1", "acc_1", 5, "active", 1);
     ending["data"]["end_date"] = json!("2027-10-31");
     env.publish(&ending).await;
@@ -915,7 +872,7 @@ async fn a_subscription_moved_to_another_account_leaves_the_old_invoice_warm_and
     let mut env = env_with("sub-move", "", 0).await;
     env.spawn_worker(ACCOUNTS);
     env.spawn_worker(WORKER);
-    seed_accounts(&env, &["acc_1".into(), "acc_2".into()]).await;
+    seed_accounts(&env, &["acc_1", "acc_2"]).await;
     // The line of `sub_1` on `account`'s invoice: (active lines carrying
     // the marker, retired lines that carried it).
     let on = |env: &TestEnv, account: &str| {
@@ -979,6 +936,21 @@ async fn a_subscription_moved_to_another_account_leaves_the_old_invoice_warm_and
     env.assert_no_dead(Family::Subscription).await;
 }
 
+/// The array tests' options: HaloPSA refuses the product named "Refused
+/// product", `MS-365-BP` is mapped, batches of up to 200.
+fn array_options() -> EnvOptions {
+    EnvOptions {
+        connection_extra: format!(
+            "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n"
+        ),
+        extra: "[worker]\nbatch_max = 200\nbatch_wait = \"500ms\"\n".into(),
+        ..EnvOptions::faults(Faults {
+            reject_names: vec!["Refused product".into()],
+            ..Default::default()
+        })
+    }
+}
+
 /// #9 item 4: subscription events coalesce. Known subscriptions, updated
 /// while no worker runs, are taken as batches:
 /// 1. 20 updates, one of which HaloPSA refuses (halo-sim saves the licence
@@ -993,27 +965,10 @@ async fn a_subscription_moved_to_another_account_leaves_the_old_invoice_warm_and
 async fn subscription_events_coalesce_and_a_partly_saved_or_lost_array_doubles_nothing() {
     const SUBS: usize = 20;
     const REFUSED: usize = 7;
-    let mut env = TestEnv::with(
-        "sub-coalesce",
-        EnvOptions {
-            sim: SimConfig {
-                faults: Faults {
-                    reject_names: vec!["Refused product".into()],
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            connection_extra: format!(
-                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n"
-            ),
-            extra: "[worker]\nbatch_max = 200\nbatch_wait = \"500ms\"\n".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut env = TestEnv::with("sub-coalesce", array_options()).await;
     env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
     env.spawn_worker(ACCOUNTS);
-    seed_accounts(&env, &["acc_0".into(), "acc_1".into()]).await;
+    seed_accounts(&env, &["acc_0", "acc_1"]).await;
     let event = |s: usize, v: u64, name: Option<&str>| {
         let mut e = subscription_event(
             &format!("s{s}-{v}"),
@@ -1142,24 +1097,7 @@ async fn subscription_events_coalesce_and_a_partly_saved_or_lost_array_doubles_n
 async fn new_subscriptions_are_created_in_arrays_and_a_partly_saved_or_lost_array_doubles_nothing()
 {
     const REFUSED: usize = 7;
-    let mut env = TestEnv::with(
-        "sub-create",
-        EnvOptions {
-            sim: SimConfig {
-                faults: Faults {
-                    reject_names: vec!["Refused product".into()],
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            connection_extra: format!(
-                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n"
-            ),
-            extra: "[worker]\nbatch_max = 200\nbatch_wait = \"500ms\"\n".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut env = TestEnv::with("sub-create", array_options()).await;
     env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
     env.spawn_worker(ACCOUNTS);
     let accounts: Vec<String> = (0..10).map(|a| format!("acc_{a}")).collect();

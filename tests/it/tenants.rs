@@ -13,8 +13,8 @@ use std::time::Duration;
 use halo_sim::{Faults, SimConfig, SimHandle};
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, connection_toml, linked_customers, subscription_event, usage_event, EnvOptions,
-    TestEnv, CONNECTION, GENEROUS_BUDGET,
+    account_event, connection_toml, linked_customers, recurring_lines, subscription_event,
+    usage_event, EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
 };
 use serde_json::Value;
 
@@ -275,10 +275,8 @@ async fn a_usage_event_before_its_subscription_goes_on_once_the_subscription_is_
     env.publish(&subscription_event("s1", "sub_1", "acc_1", 5, "active", 1))
         .await;
     let usage_line = |env: &TestEnv| {
-        env.sim
-            .recurring_invoices()
-            .iter()
-            .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
+        recurring_lines(&env.sim)
+            .into_iter()
             .any(|l| l["item_internal_reference"] == "halosync.usage:sub_1:storage_gb")
     };
     env.wait_for("the usage line", T, || usage_line(&env)).await;
@@ -321,32 +319,13 @@ async fn a_thousand_connections_cost_nothing_until_used_and_keep_metrics_bounded
     let many = SimHandle::start(SimConfig::default())
         .await
         .expect("halo-sim must start");
-    let secrets = std::env::temp_dir().join(format!(
-        "halosync-tenants-secrets-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&secrets).expect("secrets dir");
-    let defaults = SimConfig::default();
-    let tenant = defaults
-        .tenant
-        .as_ref()
-        .map(|t| format!("tenant = \"{t}\"\n"))
-        .unwrap_or_default();
     let port = halosync_tests::free_port();
     // Two lanes at once: the seven connections below take turns.
     let mut extra =
         format!("[worker]\nhealth_port = {port}\nmetrics_connections = 5\nlanes_at_once = 2\n");
-    for i in 0..1000 {
-        let file = secrets.join(format!("msp{i}"));
-        std::fs::write(&file, &defaults.client_secret).expect("secret file");
-        extra.push_str(&format!(
-            "[connections.msp{i}]\nresource_server = \"{api}\"\nauth_server = \"{auth}/\"\n{tenant}client_id = \"{id}\"\nclient_secret_file = \"{file}\"\n{GENEROUS_BUDGET}\n",
-            api = many.api_url(),
-            auth = many.auth_url(),
-            id = defaults.client_id,
-            file = file.display(),
-        ));
-    }
+    let (connections, secrets) =
+        halosync_tests::connections_with_secret_files(&many, 1000, GENEROUS_BUDGET);
+    extra.push_str(&connections);
     let opts = EnvOptions {
         extra,
         ..Default::default()

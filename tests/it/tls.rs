@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use halosync_shared::tls::RedisAccess;
 use halosync_tests::tls::{Pki, TlsProxy, TlsRedis, P12_PASSWORD};
-use halosync_tests::{account_event, binary_path, customers_of, TestEnv};
+use halosync_tests::{
+    account_event, binary_path, customers_of, hash_password, login_token, page_text, TestEnv,
+};
 
 const WORKER: &str = "halosync-account";
 const T: Duration = Duration::from_secs(30);
@@ -360,26 +362,6 @@ async fn a_pkcs12_client_certificate_works_and_a_missing_one_is_explained() {
     assert!(text.contains("amqp_client_cert_file"), "{text}");
 }
 
-/// `halosync console --hash-password` for `password`.
-fn hash_password(password: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new(binary_path("halosync"))
-        .args(["console", "--hash-password"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("run halosync console --hash-password");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(password.as_bytes())
-        .expect("write password");
-    let out = child.wait_with_output().expect("hash output");
-    assert!(out.status.success(), "--hash-password failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// Kills the console child at the end of the test, whatever happens.
 struct Child(std::process::Child);
 
@@ -496,20 +478,7 @@ async fn activity_console_mappings_and_reconcile_connect_as_configured() {
         assert!(Instant::now() < deadline, "the console did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let form = client
-        .get(format!("{base}/login"))
-        .send()
-        .await
-        .expect("form")
-        .text()
-        .await
-        .expect("form");
-    let token = form
-        .split("name=\"login_token\" value=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .expect("login token")
-        .to_string();
+    let token = login_token(&client, &format!("{base}/login")).await;
     let r = client
         .post(format!("{base}/login"))
         .form(&[
@@ -521,14 +490,7 @@ async fn activity_console_mappings_and_reconcile_connect_as_configured() {
         .await
         .expect("sign in");
     assert_eq!(r.status(), 303);
-    let page = client
-        .get(format!("{base}/"))
-        .send()
-        .await
-        .expect("overview")
-        .text()
-        .await
-        .expect("overview");
+    let page = page_text(&client, &format!("{base}/")).await;
     assert!(page.contains("family-account"), "{page}");
     for problem in ["queues:", "budget:", "activity log:"] {
         assert!(
@@ -538,14 +500,7 @@ async fn activity_console_mappings_and_reconcile_connect_as_configured() {
     }
     let deadline = Instant::now() + T;
     loop {
-        let page = client
-            .get(format!("{base}/activity?event_id=tls-p1"))
-            .send()
-            .await
-            .expect("activity")
-            .text()
-            .await
-            .expect("activity");
+        let page = page_text(&client, &format!("{base}/activity?event_id=tls-p1")).await;
         if page.contains("<code>tls-p1</code>") && page.contains("applied</span>") {
             break;
         }
@@ -555,14 +510,7 @@ async fn activity_console_mappings_and_reconcile_connect_as_configured() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let page = client
-        .get(format!("{base}/mappings"))
-        .send()
-        .await
-        .expect("mappings")
-        .text()
-        .await
-        .expect("mappings");
+    let page = page_text(&client, &format!("{base}/mappings")).await;
     assert!(
         page.contains("TLS-SKU"),
         "the mapping set above, read over TLS:\n{page}"

@@ -8,8 +8,8 @@ use std::time::Duration;
 use halo_sim::{Faults, SimConfig};
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, shuffle, subscription_event, usage_event, EnvOptions, TestEnv, CONNECTION,
-    GENEROUS_BUDGET,
+    account_event, recurring_lines, shuffle, subscription_event, usage_event, EnvOptions, TestEnv,
+    CONNECTION, GENEROUS_BUDGET,
 };
 use serde_json::{json, Value};
 
@@ -87,11 +87,7 @@ async fn seed(env: &mut TestEnv, accounts: usize, subs: usize) -> Vec<(String, S
 }
 
 fn all_lines(env: &TestEnv) -> Vec<Value> {
-    env.sim
-        .recurring_invoices()
-        .into_iter()
-        .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
-        .collect()
+    recurring_lines(&env.sim)
 }
 
 fn subscription_lines(env: &TestEnv) -> usize {

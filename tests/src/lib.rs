@@ -6,6 +6,7 @@
 //! queues and Redis keys, so tests run in parallel on one broker and one
 //! Redis, and it deletes everything of its prefix when dropped.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -70,6 +71,48 @@ impl Default for EnvOptions {
 }
 
 impl EnvOptions {
+    /// Default options whose connection maps these skus (or
+    /// `overage:<metric>`, `<sku>:<metric>` keys) to HaloPSA items, after
+    /// `policy` lines (e.g. `overwrite_prices = true`) of `[connections.acme]`,
+    /// with the generous budget.
+    pub fn mapping(policy: &str, items: &[(&str, i64)]) -> EnvOptions {
+        EnvOptions {
+            connection_extra: items_toml(&format!("{GENEROUS_BUDGET}\n{policy}"), items),
+            ..Default::default()
+        }
+    }
+
+    /// Default options with halo-sim under `faults` and HaloPSA's rate
+    /// limit: 429 past `requests` in `window_secs` (with `Retry-After`
+    /// when `retry_after`); `budget` is the connection's own budget.
+    pub fn rate_limited(
+        requests: u64,
+        window_secs: u64,
+        retry_after: bool,
+        faults: halo_sim::Faults,
+        budget: &str,
+    ) -> EnvOptions {
+        EnvOptions {
+            connection_extra: budget.into(),
+            ..EnvOptions::faults(halo_sim::Faults {
+                rate_limit: Some(halo_sim::RateLimit {
+                    requests,
+                    window_secs,
+                    retry_after,
+                }),
+                ..faults
+            })
+        }
+    }
+
+    /// Default options with the workers' health endpoint on `port`.
+    pub fn health_port(port: u16) -> EnvOptions {
+        EnvOptions {
+            extra: format!("[worker]\nhealth_port = {port}\n"),
+            ..Default::default()
+        }
+    }
+
     /// Default options with halo-sim started under these faults.
     pub fn faults(faults: halo_sim::Faults) -> EnvOptions {
         EnvOptions {
@@ -110,6 +153,26 @@ pub struct TestEnv {
 pub struct Worker {
     pub child: Child,
     pub log: PathBuf,
+}
+
+/// Every worker binary, one per family.
+pub const ALL_WORKERS: [&str; 4] = [
+    "halosync-account",
+    "halosync-subscription",
+    "halosync-usage",
+    "halosync-overage",
+];
+
+/// A `connection_extra` mapping skus (or `overage:<metric>`,
+/// `<sku>:<metric>` keys) to HaloPSA items: `lines` of `[connections.acme]`
+/// (budget, policy), then `[connections.acme.items]` (it must come last:
+/// nothing of the parent table may follow its header).
+pub fn items_toml(lines: &str, items: &[(&str, i64)]) -> String {
+    let mut toml = format!("{}\n[connections.{CONNECTION}.items]\n", lines.trim_end());
+    for (key, item) in items {
+        toml.push_str(&format!("\"{key}\" = {item}\n"));
+    }
+    toml
 }
 
 impl TestEnv {
@@ -238,6 +301,11 @@ client_secret_env = "{SECRET_ENV}"
         self.workers.len() - 1
     }
 
+    /// Starts each of `binaries` once; their indexes, in order.
+    pub fn spawn_workers(&mut self, binaries: &[&str]) -> Vec<usize> {
+        binaries.iter().map(|b| self.spawn_worker(b)).collect()
+    }
+
     pub fn worker(&mut self, index: usize) -> &mut Worker {
         &mut self.workers[index]
     }
@@ -285,6 +353,27 @@ client_secret_env = "{SECRET_ENV}"
             .publish_raw(id, ty, &body, FieldTable::default())
             .await
             .expect("publish confirmed");
+    }
+
+    /// Publishes, for each `a` of `accounts`, the event `{id}{a}` of the
+    /// active account `acc_{a}` named `name(a)`, at `sequence`.
+    pub async fn publish_accounts(
+        &self,
+        id: &str,
+        accounts: impl IntoIterator<Item = usize>,
+        sequence: u64,
+        name: impl Fn(usize) -> String,
+    ) {
+        for a in accounts {
+            self.publish(&account_event(
+                &format!("{id}{a}"),
+                &format!("acc_{a}"),
+                &name(a),
+                true,
+                sequence,
+            ))
+            .await;
+        }
     }
 
     /// Publishes a raw body with a routing key (to test invalid input).
@@ -368,6 +457,20 @@ client_secret_env = "{SECRET_ENV}"
                 .expect("ack");
         }
         out
+    }
+
+    /// Takes (and acks) dead letters of `family` until there are at least
+    /// `n`, for up to about ten seconds; all it took.
+    pub async fn take_dead_at_least(&self, family: Family, n: usize) -> Vec<DeadLetter> {
+        let mut dead = Vec::new();
+        for _ in 0..100 {
+            dead.extend(self.take_dead(family).await);
+            if dead.len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        dead
     }
 
     /// Panics when `family`'s dead queue holds anything, naming each dead
@@ -522,6 +625,17 @@ client_secret_env = "{SECRET_ENV}"
             }
         }
         closed
+    }
+
+    /// HaloPSA loses everything (through halo-sim's `/_sim/reset`, as a
+    /// deleted record or a fresh instance would), Redis keeps its mappings.
+    pub async fn reset_halo(&self) {
+        let reset = reqwest::Client::new()
+            .post(format!("{}/_sim/reset", self.sim.base_url()))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST /_sim/reset: {e}"));
+        assert!(reset.status().is_success());
     }
 
     /// Customers in the sim, excluding nothing.
@@ -1128,6 +1242,18 @@ fn with_flush_grace(extra: &str) -> String {
 /// generous budget; append it to [`EnvOptions::extra`] for a test or bench
 /// with several MSPs.
 pub fn connection_toml(name: &str, sim: &SimHandle) -> String {
+    connection_table(
+        name,
+        sim,
+        &format!("client_secret_env = \"{SECRET_ENV}\""),
+        GENEROUS_BUDGET,
+    )
+}
+
+/// The TOML table of connection `name` on `sim` (default credentials), its
+/// secret as `secret_line` says (`client_secret_env = ...` or
+/// `client_secret_file = ...`), then `budget`.
+fn connection_table(name: &str, sim: &SimHandle, secret_line: &str, budget: &str) -> String {
     let defaults = SimConfig::default();
     let tenant = defaults
         .tenant
@@ -1135,14 +1261,139 @@ pub fn connection_toml(name: &str, sim: &SimHandle) -> String {
         .map(|t| format!("tenant = \"{t}\"\n"))
         .unwrap_or_default();
     format!(
-        "[connections.{name}]\nresource_server = \"{api}\"\nauth_server = \"{auth}/\"\n{tenant}client_id = \"{id}\"\nclient_secret_env = \"{SECRET_ENV}\"\n{GENEROUS_BUDGET}\n",
+        "[connections.{name}]\nresource_server = \"{api}\"\nauth_server = \"{auth}/\"\n{tenant}client_id = \"{id}\"\n{secret_line}\n{budget}\n",
         api = sim.api_url(),
         auth = sim.auth_url(),
         id = defaults.client_id,
     )
 }
 
+/// `n` connections `msp0` .. `msp{n-1}`, all on `sim`, each with its secret
+/// in a file of its own (as a Kubernetes Secret mounts them) and `budget`:
+/// the TOML to append to [`EnvOptions::extra`], and the directory of the
+/// secret files (the caller removes it).
+pub fn connections_with_secret_files(sim: &SimHandle, n: usize, budget: &str) -> (String, PathBuf) {
+    let secrets = std::env::temp_dir().join(format!(
+        "halosync-secrets-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&secrets).expect("secrets dir");
+    let secret = SimConfig::default().client_secret;
+    let mut toml = String::new();
+    for i in 0..n {
+        let file = secrets.join(format!("msp{i}"));
+        std::fs::write(&file, &secret).expect("secret file");
+        toml.push_str(&connection_table(
+            &format!("msp{i}"),
+            sim,
+            &format!("client_secret_file = \"{}\"", file.display()),
+            budget,
+        ));
+    }
+    (toml, secrets)
+}
+
+/// Creates the customers of `accounts` through the account worker (which
+/// must be running) and waits until each has exactly one.
+pub async fn seed_accounts<A: AsRef<str>>(env: &TestEnv, accounts: &[A]) {
+    for (i, a) in accounts.iter().enumerate() {
+        let a = a.as_ref();
+        env.publish(&account_event(
+            &format!("acc-e{i}"),
+            a,
+            &format!("Customer {a}"),
+            true,
+            1,
+        ))
+        .await;
+    }
+    env.wait_for("customers created", Duration::from_secs(30), || {
+        accounts
+            .iter()
+            .all(|a| customers_of(env, a.as_ref()).len() == 1)
+    })
+    .await;
+}
+
+/// Every line of every recurring invoice of `sim`.
+pub fn recurring_lines(sim: &SimHandle) -> Vec<Value> {
+    sim.recurring_invoices()
+        .into_iter()
+        .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// `halosync console --hash-password` for `password`.
+pub fn hash_password(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(binary_path("halosync"))
+        .args(["console", "--hash-password"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run halosync console --hash-password");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(password.as_bytes())
+        .expect("write password");
+    let out = child.wait_with_output().expect("hash output");
+    assert!(out.status.success(), "--hash-password failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The body of `GET url` through `client` (a console page).
+pub async fn page_text(client: &reqwest::Client, url: &str) -> String {
+    client
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url} (body): {e}"))
+}
+
+/// The value of the hidden field `name` in a page.
+pub fn hidden_field(page: &str, name: &str) -> String {
+    page.split(&format!("name=\"{name}\" value=\""))
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or_else(|| panic!("no {name} field in the page:\n{page}"))
+        .to_string()
+}
+
+/// The sign-in token of the console's sign-in form at `login_url`, fetched
+/// through `client` (which keeps the cookie that goes with it).
+pub async fn login_token(client: &reqwest::Client, login_url: &str) -> String {
+    hidden_field(&page_text(client, login_url).await, "login_token")
+}
+
 /// How many customers of `sim` are linked to `account_id`.
 pub fn linked_customers(sim: &SimHandle, account_id: &str) -> usize {
     customers_in(sim, account_id).len()
+}
+
+/// HaloPSA API requests so far, per endpoint (`POST /api/Client`, ...),
+/// not counting the token endpoint.
+pub fn api_requests(env: &TestEnv) -> BTreeMap<String, u64> {
+    env.sim
+        .counts()
+        .into_iter()
+        .filter(|(k, _)| k.contains(" /api/"))
+        .collect()
+}
+
+/// The requests per endpoint from `before` to `after` (of
+/// [`api_requests`]), endpoints with none left out.
+pub fn delta(
+    after: &BTreeMap<String, u64>,
+    before: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect()
 }

@@ -31,8 +31,8 @@ use halo_sim::{Faults, SimConfig};
 use halosync_shared::amqp::publisher::event_properties;
 use halosync_shared::contract::Family;
 use halosync_tests::{
-    account_event, connection_toml, customers_of, linked_customers, subscription_event, EnvOptions,
-    TestEnv, AMQP_URL, CONNECTION, GENEROUS_BUDGET,
+    account_event, connection_toml, customers_of, items_toml, linked_customers, recurring_lines,
+    subscription_event, EnvOptions, TestEnv, AMQP_URL, CONNECTION, GENEROUS_BUDGET,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -71,6 +71,16 @@ fn activity_extra() -> String {
         "[worker]\nactivity = false\n".into()
     } else {
         String::new()
+    }
+}
+
+/// A bench world's options: the connection's budget `budget` and its
+/// `items` mapping, the activity log as asked.
+fn bench_options(budget: &str, items: &[(&str, i64)]) -> EnvOptions {
+    EnvOptions {
+        connection_extra: items_toml(budget, items),
+        extra: activity_extra(),
+        ..Default::default()
     }
 }
 
@@ -464,13 +474,7 @@ async fn usage_bench(n: usize) -> Vec<Row> {
     const ITEM: i64 = 1001;
     let mut env = TestEnv::with(
         "bench-usage",
-        EnvOptions {
-            connection_extra: format!(
-                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n"
-            ),
-            extra: activity_extra(),
-            ..Default::default()
-        },
+        bench_options(GENEROUS_BUDGET, &[("MS-365-BP", ITEM)]),
     )
     .await;
     env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
@@ -559,10 +563,8 @@ async fn usage_bench(n: usize) -> Vec<Row> {
         (out, round - 1)
     };
     let usage_lines_at = |env: &TestEnv, qty: f64| {
-        env.sim
-            .recurring_invoices()
-            .iter()
-            .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
+        recurring_lines(&env.sim)
+            .into_iter()
             .filter(|l| {
                 l["item_internal_reference"]
                     .as_str()
@@ -703,19 +705,9 @@ async fn onboard(customers: usize, (limit, window): (u32, u64)) -> Row {
     let mut env = TestEnv::with(
         "bench-onboard",
         EnvOptions {
-            sim: SimConfig {
-                faults: Faults {
-                    rate_limit: Some(halo_sim::RateLimit {
-                        requests: u64::from(limit),
-                        window_secs: window,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            connection_extra: format!(
-                "requests_per_window = {limit}\nwindow_seconds = {window}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n\"MS-365-BP:storage_gb\" = {STORAGE_ITEM}\n"
+            connection_extra: items_toml(
+                &format!("requests_per_window = {limit}\nwindow_seconds = {window}"),
+                &[("MS-365-BP", ITEM), ("MS-365-BP:storage_gb", STORAGE_ITEM)],
             ),
             extra: activity_extra(),
             // Subscriptions and usage wait for their customer: give them
@@ -725,7 +717,14 @@ async fn onboard(customers: usize, (limit, window): (u32, u64)) -> Row {
             // As deployed (the default): a missing customer or licence is
             // asked for at most once a minute.
             dependency_recheck: Duration::from_secs(60),
-            ..Default::default()
+            ..EnvOptions::faults(Faults {
+                rate_limit: Some(halo_sim::RateLimit {
+                    requests: u64::from(limit),
+                    window_secs: window,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
         },
     )
     .await;
@@ -991,26 +990,15 @@ async fn trickle(gap: Duration) -> Vec<Row> {
     const STORAGE_ITEM: i64 = 2001;
     let mut env = TestEnv::with(
         "bench-trickle",
-        EnvOptions {
-            connection_extra: format!(
-                "requests_per_window = 300\nwindow_seconds = 300\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n\"MS-365-BP:storage_gb\" = {STORAGE_ITEM}\n"
-            ),
-            extra: activity_extra(),
-            ..Default::default()
-        },
+        bench_options(
+            "requests_per_window = 300\nwindow_seconds = 300",
+            &[("MS-365-BP", ITEM), ("MS-365-BP:storage_gb", STORAGE_ITEM)],
+        ),
     )
     .await;
     env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
     env.sim.insert_item(STORAGE_ITEM, "Storage");
-    let workers: Vec<usize> = [
-        "halosync-account",
-        "halosync-subscription",
-        "halosync-usage",
-        "halosync-overage",
-    ]
-    .iter()
-    .map(|w| env.spawn_worker(w))
-    .collect();
+    let workers = env.spawn_workers(&halosync_tests::ALL_WORKERS);
     let n = TRICKLE_EVENTS;
     let period = ("2026-11-01", "2026-11-30");
     let line_qty = |env: &TestEnv, marker: &str, qty: f64| {
@@ -1061,102 +1049,87 @@ async fn trickle(gap: Duration) -> Vec<Row> {
             })
             .collect(),
     ));
-    cases.push((
-        "subscription create, customer's first",
+    // Subscription `{sub}{i}` of `acc_t{i}` at `qty`: its licence and its line.
+    let subscription_case = move |id: &str, sub: &str, qty: u64, seq: u64| -> Vec<(Value, Check)> {
         (0..n)
             .map(|i| {
-                let s = format!("sub_t{i}");
-                let ev =
-                    subscription_event(&format!("tc{i}"), &s, &format!("acc_t{i}"), 5, "active", 1);
+                let s = format!("{sub}{i}");
+                let ev = subscription_event(
+                    &format!("{id}{i}"),
+                    &s,
+                    &format!("acc_t{i}"),
+                    qty,
+                    "active",
+                    seq,
+                );
                 let check: Check = Box::new(move |env| {
-                    licence_count(env, &s, 5)
-                        && line_qty(env, &format!("halosync.subscription:{s}"), 5.0)
+                    licence_count(env, &s, qty as i64)
+                        && line_qty(env, &format!("halosync.subscription:{s}"), qty as f64)
                 });
                 (ev, check)
             })
-            .collect(),
+            .collect()
+    };
+    cases.push((
+        "subscription create, customer's first",
+        subscription_case("tc", "sub_t", 5, 1),
     ));
     cases.push((
         "subscription create, another",
-        (0..n)
-            .map(|i| {
-                let s = format!("sub_u{i}");
-                let ev =
-                    subscription_event(&format!("td{i}"), &s, &format!("acc_t{i}"), 7, "active", 1);
-                let check: Check = Box::new(move |env| {
-                    licence_count(env, &s, 7)
-                        && line_qty(env, &format!("halosync.subscription:{s}"), 7.0)
-                });
-                (ev, check)
-            })
-            .collect(),
+        subscription_case("td", "sub_u", 7, 1),
     ));
     cases.push((
         "subscription update",
+        subscription_case("te", "sub_t", 9, 2),
+    ));
+    // `n` events, each applied once a line carrying its marker holds `qty`.
+    let line_case = move |qty: f64, event: &dyn Fn(usize) -> (Value, String)| {
         (0..n)
             .map(|i| {
-                let s = format!("sub_t{i}");
-                let ev =
-                    subscription_event(&format!("te{i}"), &s, &format!("acc_t{i}"), 9, "active", 2);
-                let check: Check = Box::new(move |env| {
-                    licence_count(env, &s, 9)
-                        && line_qty(env, &format!("halosync.subscription:{s}"), 9.0)
-                });
+                let (ev, marker) = event(i);
+                let check: Check = Box::new(move |env| line_qty(env, &marker, qty));
                 (ev, check)
             })
-            .collect(),
-    ));
+            .collect::<Vec<_>>()
+    };
     for (case, seq, qty) in [
         ("usage, first line", 1u64, 10.0),
         ("usage, update", 2, 12.0),
     ] {
-        cases.push((
-            case,
-            (0..n)
-                .map(|i| {
-                    let s = format!("sub_t{i}");
-                    let ev = halosync_tests::usage_event(
-                        &format!("tu{seq}-{i}"),
-                        &s,
-                        &format!("acc_t{i}"),
-                        "storage_gb",
-                        period,
-                        qty,
-                        seq,
-                    );
-                    let check: Check = Box::new(move |env| {
-                        line_qty(env, &format!("halosync.usage:{s}:storage_gb"), qty)
-                    });
-                    (ev, check)
-                })
-                .collect(),
-        ));
+        let usage = |i: usize| {
+            let s = format!("sub_t{i}");
+            let ev = halosync_tests::usage_event(
+                &format!("tu{seq}-{i}"),
+                &s,
+                &format!("acc_t{i}"),
+                "storage_gb",
+                period,
+                qty,
+                seq,
+            );
+            (ev, format!("halosync.usage:{s}:storage_gb"))
+        };
+        cases.push((case, line_case(qty, &usage)));
     }
     for (case, seq, qty) in [
         ("overage, first charge", 1u64, 3.0),
         ("overage, update", 2, 4.0),
     ] {
-        cases.push((
-            case,
-            (0..n)
-                .map(|i| {
-                    let s = format!("sub_t{i}");
-                    let ev = halosync_tests::overage_event(
-                        &format!("to{seq}-{i}"),
-                        &s,
-                        &format!("acc_t{i}"),
-                        "storage_gb",
-                        period,
-                        qty,
-                        "0.50",
-                        seq,
-                    );
-                    let check: Check =
-                        Box::new(move |env| line_qty(env, &format!("halosync.overage:{s}"), qty));
-                    (ev, check)
-                })
-                .collect(),
-        ));
+        let overage = |i: usize| {
+            let s = format!("sub_t{i}");
+            let ev = halosync_tests::overage_event(
+                &format!("to{seq}-{i}"),
+                &s,
+                &format!("acc_t{i}"),
+                "storage_gb",
+                period,
+                qty,
+                "0.50",
+                seq,
+            );
+            (ev, format!("halosync.overage:{s}"))
+        };
+        cases.push((case, line_case(qty, &overage)));
     }
     let requests = |env: &TestEnv| -> u64 { env.sim.counts().values().sum() };
     let mut rows = Vec::new();
@@ -1257,13 +1230,7 @@ async fn subscription_bench(subs: usize, rounds: u64) -> Vec<Row> {
     let t = Duration::from_secs(120);
     let mut env = TestEnv::with(
         "bench-sub",
-        EnvOptions {
-            connection_extra: format!(
-                "{GENEROUS_BUDGET}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n"
-            ),
-            extra: activity_extra(),
-            ..Default::default()
-        },
+        bench_options(GENEROUS_BUDGET, &[("MS-365-BP", ITEM)]),
     )
     .await;
     env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
@@ -1302,10 +1269,8 @@ async fn subscription_bench(subs: usize, rounds: u64) -> Vec<Row> {
     // Subscriptions whose line carries version `seq`.
     let versioned = |env: &TestEnv, seq: u64| {
         let prefix = format!("s={seq};");
-        env.sim
-            .recurring_invoices()
-            .iter()
-            .flat_map(|h| h["lines"].as_array().cloned().unwrap_or_default())
+        recurring_lines(&env.sim)
+            .into_iter()
             .filter(|l| {
                 l["item_internal_reference"]
                     .as_str()
@@ -1512,29 +1477,11 @@ async fn many_connections(n: usize) -> Row {
     let many = halo_sim::SimHandle::start(SimConfig::default())
         .await
         .expect("halo-sim must start");
-    let secrets = std::env::temp_dir().join(format!(
-        "halosync-bench-secrets-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&secrets).expect("secrets dir");
-    let defaults = SimConfig::default();
-    let tenant = defaults
-        .tenant
-        .as_ref()
-        .map(|t| format!("tenant = \"{t}\"\n"))
-        .unwrap_or_default();
-    let mut extra = String::new();
-    for i in 0..n {
-        let file = secrets.join(format!("msp{i}"));
-        std::fs::write(&file, &defaults.client_secret).expect("secret file");
-        extra.push_str(&format!(
-            "[connections.msp{i}]\nresource_server = \"{api}\"\nauth_server = \"{auth}/\"\n{tenant}client_id = \"{id}\"\nclient_secret_file = \"{file}\"\nrequests_per_window = 1000\nwindow_seconds = 60\n",
-            api = many.api_url(),
-            auth = many.auth_url(),
-            id = defaults.client_id,
-            file = file.display(),
-        ));
-    }
+    let (mut extra, secrets) = halosync_tests::connections_with_secret_files(
+        &many,
+        n,
+        "requests_per_window = 1000\nwindow_seconds = 60",
+    );
     // BENCH_LANES_AT_ONCE=200 measures another `worker.lanes_at_once`.
     extra.push_str(&worker_table(""));
     let opts = EnvOptions {
