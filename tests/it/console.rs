@@ -602,10 +602,12 @@ async fn signing_in_is_required_viewers_cannot_act_and_csrf_is_enforced() {
         .unwrap_or_default()
         .contains("Replay 1 dead letters?"));
     // Nothing moved: the dead letter is still there.
-    assert_eq!(
-        env.depth(&env.topology.dead_queue(Family::Account)).await,
-        1
-    );
+    env.wait_depth(
+        &env.topology.dead_queue(Family::Account),
+        1,
+        "nothing moved",
+    )
+    .await;
 
     // Not signed in at all: 401 for a state-changing request.
     let anon = reqwest::Client::builder()
@@ -851,12 +853,12 @@ async fn replaying_a_group_of_5000_dead_letters_runs_server_side_with_progress()
         .await;
     assert_eq!(n, "5000");
     b.shot("02-confirm").await;
-    assert_eq!(
-        env.depth(&env.topology.dead_queue(Family::Subscription))
-            .await,
+    env.wait_depth(
+        &env.topology.dead_queue(Family::Subscription),
         N as u32,
-        "asking changes nothing"
-    );
+        "asking changes nothing",
+    )
+    .await;
     b.click("#go").await;
     b.wait_text("#job-state", "", Duration::from_secs(10)).await;
     assert!(b.path().await.starts_with("/jobs/"));
@@ -901,11 +903,12 @@ async fn replaying_a_group_of_5000_dead_letters_runs_server_side_with_progress()
             .await,
         N as u32
     );
-    assert_eq!(
-        env.depth(&env.topology.dead_queue(Family::Account)).await,
+    env.wait_depth(
+        &env.topology.dead_queue(Family::Account),
         1,
-        "the other group stays"
-    );
+        "the other group stays",
+    )
+    .await;
     // Who did it, how many, with the event ids.
     let audit = b.audit(&console, "?action=replay").await;
     assert!(

@@ -433,6 +433,27 @@ client_secret_env = "{SECRET_ENV}"
         .unwrap_or_else(|e| panic!("queue {queue}: {e}"))
     }
 
+    /// Waits (10 s at most) until `queue` holds `expected` ready messages,
+    /// else panics with `what` and the last count. For a dead queue while
+    /// a console runs: reading dead letters (a page, the overview's
+    /// collector, a job) holds them unacknowledged for a moment and then
+    /// returns them, so the ready count dips below what the queue holds.
+    /// A letter that really left never comes back, so this still fails.
+    pub async fn wait_depth(&self, queue: &str, expected: u32, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = self.depth(queue).await;
+            if n == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {queue} holds {n} ready messages, not {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Takes (and acks) every message of a family's dead queue.
     pub async fn take_dead(&self, family: Family) -> Vec<DeadLetter> {
         let ch = self.publisher.channel();
