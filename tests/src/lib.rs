@@ -943,8 +943,38 @@ impl TestEnv {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A free TCP port on 127.0.0.1 for a server a test starts (a worker's
+/// health port, a console), bound once here to check it, then released.
+///
+/// Taken below the kernel's ephemeral range, in order, never the same
+/// twice in one run: a port the kernel hands out for `:0` is also what it
+/// picks as the local port of outgoing connections, so between this
+/// check and the server's bind another test's connection to RabbitMQ or
+/// Redis could take it ("Address already in use"). Below the range only
+/// another listener can.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // 32768 is Linux's default start of the range.
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_low.min(65_536));
+    if high > low + 1_000 {
+        let span = high - low;
+        // Processes running side by side start at different places.
+        let start = (std::process::id() % 16) * (span / 16);
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::SeqCst);
+            let port = low + (start + n) % span;
+            if let Ok(p) = u16::try_from(port) {
+                if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                    return p;
+                }
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

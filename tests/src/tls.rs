@@ -111,13 +111,7 @@ impl Pki {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+pub use crate::free_port;
 
 /// A TLS-only redis-server of this test (no plain-text port), with
 /// `default` disabled and one ACL user, killed on drop.
