@@ -1412,10 +1412,16 @@ async fn tenants_case(mode: &str) -> Row {
     let started = Instant::now();
     let mut waiting: Vec<(String, Instant)> = Vec::new();
     let mut latencies: Vec<f64> = Vec::new();
-    let poll = |waiting: &mut Vec<(String, Instant)>, latencies: &mut Vec<f64>| {
+    // (quiet event number, latency): the slowest are named in the note.
+    let mut slowest: Vec<(String, f64)> = Vec::new();
+    let mut poll = |waiting: &mut Vec<(String, Instant)>, latencies: &mut Vec<f64>| {
         waiting.retain(|(acc, t0)| {
             if linked_customers(&quiet, acc) > 0 {
                 latencies.push(t0.elapsed().as_secs_f64());
+                slowest.push((
+                    acc.trim_start_matches("quiet_").to_string(),
+                    t0.elapsed().as_secs_f64(),
+                ));
                 false
             } else {
                 true
@@ -1441,6 +1447,13 @@ async fn tenants_case(mode: &str) -> Row {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let worst = slowest
+        .iter()
+        .take(3)
+        .map(|(i, l)| format!("#{i} {l:.2} s"))
+        .collect::<Vec<_>>()
+        .join(", ");
     latencies.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| -> String {
         if latencies.is_empty() {
@@ -1457,7 +1470,7 @@ async fn tenants_case(mode: &str) -> Row {
         requests: None,
         peak_rss_kib: peak_rss_kib(env.worker(w).child.id()),
         note: format!(
-            "noisy MSP {mode}: quiet MSP publish→applied p50 {} / p95 {}{}; noisy applied meanwhile: {noisy_applied}",
+            "noisy MSP {mode}: quiet MSP publish→applied p50 {} / p95 {}{}; slowest {worst}; noisy applied meanwhile: {noisy_applied}",
             pct(0.50),
             pct(0.95),
             if waiting.is_empty() {
