@@ -1,7 +1,7 @@
 //! The overage worker's [`Handler`]: one charge per (subscription, metric,
 //! period), as a line on the customer's one-off invoice of that period.
 //!
-//! The runtime batches (`batching() -> true`): it validates, dedupes, keeps
+//! The runtime hands over batches: it validates, dedupes, keeps
 //! the newest event per aggregate `"{subscription_id}:{metric}:{period_start}"`,
 //! holds those aggregates' locks and settles every message from the result
 //! returned here for it. A batch of one connection is applied as:
@@ -74,10 +74,6 @@ impl Handler for OverageHandler {
         Ok(mapping::aggregate(&event.data_as::<OverageData>()?))
     }
 
-    fn batching(&self) -> bool {
-        true
-    }
-
     /// A repair reads the one-off invoice again: the cached line goes.
     async fn forget_cached(
         &self,
@@ -92,18 +88,6 @@ impl Handler for OverageHandler {
             .await
             .map_err(StateError::from)?;
         Ok(())
-    }
-
-    async fn apply(
-        &self,
-        svc: &Services,
-        halo: &HaloClient,
-        event: &Envelope,
-    ) -> Result<Outcome, Failure> {
-        self.apply_batch(svc, halo, std::slice::from_ref(event))
-            .await
-            .pop()
-            .unwrap_or_else(|| Err(Failure::transient("no result (bug)")))
     }
 
     async fn apply_batch(

@@ -98,10 +98,6 @@ impl Handler for UsageHandler {
         Ok(format!("{}:{}", d.subscription_id, d.metric))
     }
 
-    fn batching(&self) -> bool {
-        true
-    }
-
     /// A repair reads the customer's recurring invoice again: its cached
     /// line and the invoice's "every usage line cached" mark go.
     async fn forget_cached(
@@ -124,18 +120,6 @@ impl Handler for UsageHandler {
         let mut r = svc.store.redis();
         let _: () = r.del(doomed).await.map_err(StateError::from)?;
         Ok(())
-    }
-
-    async fn apply(
-        &self,
-        svc: &Services,
-        halo: &HaloClient,
-        event: &Envelope,
-    ) -> Result<Outcome, Failure> {
-        self.apply_batch(svc, halo, std::slice::from_ref(event))
-            .await
-            .pop()
-            .unwrap_or_else(|| Err(Failure::transient("no result (bug)")))
     }
 
     async fn apply_batch(
