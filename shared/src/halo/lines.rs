@@ -158,7 +158,20 @@ pub async fn find_or_create(
     halo: &HaloClient,
     spec: &HeaderSpec<'_>,
 ) -> Result<i64, Failure> {
+    Ok(find_or_create_answered(store, halo, spec).await?.0)
+}
+
+/// [`find_or_create`], with the answer HaloPSA gave to the create when
+/// this call created the header that is kept (the header with the lines
+/// `spec.record` carried inline, so that their ids need no read); `None`
+/// when the header was found, or another worker's create won.
+pub async fn find_or_create_answered(
+    store: &Store,
+    halo: &HaloClient,
+    spec: &HeaderSpec<'_>,
+) -> Result<(i64, Option<Value>), Failure> {
     let path = spec.invoice.base();
+    let answer: std::sync::Mutex<Option<(i64, Value)>> = std::sync::Mutex::new(None);
     let mapping = links::resolve_or_create(
         store,
         halo,
@@ -177,6 +190,7 @@ pub async fn find_or_create(
                     "HaloPSA saved a header on {path} but returned no id"
                 ))
             })?;
+            *answer.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, saved));
             tracing::info!(
                 halo_id = id,
                 kind = spec.kind.name,
@@ -185,7 +199,9 @@ pub async fn find_or_create(
             Ok(id)
         },
         |dup| async move {
-            // Our own duplicate header, created moments ago, with no lines.
+            // Our own duplicate header, created moments ago: its lines
+            // (if any went inline) are our own too, and go to the winner
+            // the usual way.
             halo.delete(&spec.invoice.header_path(dup))
                 .await
                 .map(|_| ())
@@ -193,7 +209,12 @@ pub async fn find_or_create(
         },
     )
     .await?;
-    Ok(mapping.halo_id)
+    let answer = answer
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .filter(|(id, _)| *id == mapping.halo_id)
+        .map(|(_, saved)| saved);
+    Ok((mapping.halo_id, answer))
 }
 
 /// Whether a request about one record failed because HaloPSA has no such

@@ -414,44 +414,23 @@ async fn invoice_for(
         return Ok(*id);
     }
     let config = svc.config();
-    let w = &config.worker;
-    let m = links::resolve_or_create(
-        &svc.store,
-        halo,
-        &OVERAGE_INVOICE,
-        &billing_id,
-        w.lock_ttl,
-        w.lock_wait,
-        || async {
-            let header = InvoiceHeader {
-                new_external_link: Some(links::new_plain_link(&OVERAGE_INVOICE, &billing_id)),
-                lines: Some(inline),
-                ..mapping::invoice_record(client_id, d)
-            };
-            let saved = halo.save("/Invoice", body(&header)?).await?;
-            let id = record_id(&saved).ok_or_else(|| {
-                Failure::transient("HaloPSA saved the overage invoice but returned no id")
-            })?;
-            *created.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, saved));
-            tracing::info!(
-                halo_id = id,
-                customer = client_id,
-                "created the one-off overage invoice"
-            );
-            Ok(id)
+    let spec = HeaderSpec {
+        invoice: Invoice::OneOff,
+        kind: &OVERAGE_INVOICE,
+        billing_id: &billing_id,
+        record: InvoiceHeader {
+            lines: Some(inline),
+            ..mapping::invoice_record(client_id, d)
         },
-        |dup| async move {
-            // Our own duplicate header, created moments ago: its lines
-            // are our own too, and go to the winner the usual way.
-            halo.delete(&format!("/Invoice/{dup}"))
-                .await
-                .map(|_| ())
-                .map_err(Failure::from)
-        },
-    )
-    .await?;
-    memo.insert(billing_id, m.halo_id);
-    Ok(m.halo_id)
+        lock_ttl: config.worker.lock_ttl,
+        lock_wait: config.worker.lock_wait,
+    };
+    let (id, answer) = lines::find_or_create_answered(&svc.store, halo, &spec).await?;
+    if let Some(saved) = answer {
+        *created.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, saved));
+    }
+    memo.insert(billing_id, id);
+    Ok(id)
 }
 
 fn cache_key(svc: &Services, halo: &HaloClient, d: &OverageData) -> String {
