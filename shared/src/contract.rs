@@ -310,15 +310,7 @@ impl Contract {
 
     /// Parses and validates one message body.
     pub fn validate(&self, body: &[u8], max_bytes: usize) -> Result<Envelope, ContractError> {
-        if body.len() > max_bytes {
-            return Err(ContractError::Oversized {
-                size: body.len(),
-                max: max_bytes,
-            });
-        }
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| ContractError::NotJson(e.to_string()))?;
-        self.validate_value(value)
+        self.validate_value(parse_body(body, max_bytes)?)
     }
 
     pub fn validate_value(&self, value: Value) -> Result<Envelope, ContractError> {
@@ -342,6 +334,21 @@ impl Contract {
         }
         serde_json::from_value(value).map_err(|e| ContractError::Envelope(e.to_string()))
     }
+}
+
+/// The first step of [`Contract::validate`]: the body as JSON, refused
+/// unread when larger than `max_bytes`. The runtime parses each delivery
+/// once, with this, as it arrives (its lane is the envelope's
+/// `connection`), and validates the parsed value later
+/// ([`Contract::validate_value`]).
+pub fn parse_body(body: &[u8], max_bytes: usize) -> Result<Value, ContractError> {
+    if body.len() > max_bytes {
+        return Err(ContractError::Oversized {
+            size: body.len(),
+            max: max_bytes,
+        });
+    }
+    serde_json::from_slice(body).map_err(|e| ContractError::NotJson(e.to_string()))
 }
 
 /// The first few validation errors as `path: message; ...`, or `None`.

@@ -32,14 +32,6 @@ impl Handler for Recorder {
     fn aggregate(&self, event: &Envelope) -> Result<String, Failure> {
         Ok(event.data_as::<AccountData>()?.account_id)
     }
-    fn batching(&self) -> bool {
-        true
-    }
-    async fn apply(&self, _: &Services, _: &HaloClient, _: &Envelope) -> Result<Outcome, Failure> {
-        Err(Failure::rejected(
-            "a batching handler is only called through apply_batch",
-        ))
-    }
     async fn apply_batch(
         &self,
         _: &Services,

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use halo_sim::Faults;
+use halosync_shared::contract::Family;
 use halosync_tests::{
     account_event, binary_path, customers_of, overage_event, subscription_event, usage_event,
     EnvOptions, TestEnv, ALL_WORKERS, CONNECTION, SECRET_ENV,
@@ -533,6 +534,25 @@ async fn reports_each_msp_edit_as_its_own_drift() {
     );
 }
 
+/// Runs `reconcile` (no repair) until it exits 0, failing after `T` with
+/// the last report and the workers' logs.
+async fn until_clean(env: &TestEnv, config: &Path, snap: &Path) {
+    let deadline = Instant::now() + T;
+    loop {
+        let r = reconcile(env, config, snap, &[]);
+        if r.code == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still drifted after the repair events: {:#}\nworker logs:\n{}",
+            r.report,
+            halosync_tests::tail(&env.logs(), 40)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// The round trip: `--repair` republishes, the workers apply the repairs,
 /// and the next reconcile is clean. Needs the worker side of DESIGN §8
 /// (a repair is applied even when its version equals the applied one, is
@@ -593,20 +613,7 @@ async fn drift_is_repaired_by_repair_events() {
     assert_eq!(r.report["repair"]["published"], 6, "{:#}", r.report);
 
     // The workers apply the repairs; the next reconcile is clean.
-    let deadline = Instant::now() + T;
-    loop {
-        let r = reconcile(&env, &config, &snap, &[]);
-        if r.code == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still drifted after the repair events: {:#}\nworker logs:\n{}",
-            r.report,
-            halosync_tests::tail(&env.logs(), 40)
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    until_clean(&env, &config, &snap).await;
     let lines = lines_of(&env, &marker("sub_dup"));
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(
@@ -626,6 +633,54 @@ async fn drift_is_repaired_by_repair_events() {
         false,
         "active again"
     );
+}
+
+/// Issue 22: the MSP deletes the customer's halosync recurring invoice and
+/// the overage invoice in HaloPSA (`DELETE /RecurringInvoice/{id}`,
+/// `DELETE /Invoice/{id}`: the lines go, the links stay) while Redis still
+/// caches their ids. `--repair` reports and republishes; the workers find
+/// or create each invoice again and put every line back, nothing is
+/// dead-lettered, and the next reconcile is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_invoice_is_put_back_by_repair_events() {
+    let (env, events) = setup("rec-deleted-invoice").await;
+    let all: Vec<&Value> = events.iter().collect();
+    let snap = write_snapshot(&env, "all.jsonl", &all);
+    let config = env.config_path.clone();
+    let (recurring, _) = lines_of(&env, &marker("sub_qty")).remove(0);
+    assert!(env.sim.delete_record("RecurringInvoice", recurring));
+    let one_off: Vec<i64> = env
+        .sim
+        .invoices()
+        .iter()
+        .filter_map(|i| i["id"].as_i64())
+        .collect();
+    assert_eq!(one_off.len(), 1, "one overage invoice");
+    assert!(env.sim.delete_record("Invoice", one_off[0]));
+    assert_eq!(overage_lines(&env), 0);
+
+    let r = reconcile(&env, &config, &snap, &["--repair"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    until_clean(&env, &config, &snap).await;
+    for s in SUBS {
+        assert_eq!(lines_of(&env, &marker(s)).len(), 1, "{s}: its line back");
+    }
+    assert_eq!(lines_of(&env, USAGE_MARKER).len(), 1, "the usage line back");
+    assert_eq!(overage_lines(&env), 1, "the charge back");
+    assert_eq!(
+        env.sim.recurring_invoices().len(),
+        1,
+        "one recurring invoice"
+    );
+    assert_eq!(env.sim.invoices().len(), 1, "one overage invoice");
+    for f in [
+        Family::Account,
+        Family::Subscription,
+        Family::Usage,
+        Family::Overage,
+    ] {
+        env.assert_no_dead(f).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

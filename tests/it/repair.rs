@@ -275,3 +275,142 @@ async fn a_normal_event_newer_than_a_repair_wins_whichever_comes_first() {
         "the older repair is logged as superseded"
     );
 }
+
+/// The ids of the recurring (or one-off) invoice headers HaloPSA has, and
+/// the records the `halosync.<kind>` ExternalLinks of `billing_id` point at.
+fn headers_and_links(
+    env: &TestEnv,
+    kind: &str,
+    billing_id: &str,
+    one_off: bool,
+) -> (Vec<i64>, Vec<i64>) {
+    let headers: Vec<i64> = if one_off {
+        env.sim.invoices()
+    } else {
+        env.sim.recurring_invoices()
+    }
+    .iter()
+    .filter_map(|h| h["id"].as_i64())
+    .collect();
+    let links: Vec<i64> = env
+        .sim
+        .external_links()
+        .iter()
+        .filter(|l| {
+            l["third_party_type"] == format!("halosync.{kind}").as_str()
+                && l["third_party_id"] == billing_id
+        })
+        .filter_map(|l| l["halo_id"].as_i64())
+        .collect();
+    (headers, links)
+}
+
+/// The MSP deletes both invoices (as `DELETE /RecurringInvoice/{id}` and
+/// `DELETE /Invoice/{id}` do: the lines go, the links stay) while their
+/// ids are cached; asserts each family's line is back onto one header
+/// found or created again, and nothing was dead-lettered.
+async fn delete_both_invoices(env: &TestEnv, markers: [&str; 3]) {
+    let [sub_marker, _, overage_marker] = markers;
+    let recurring = live_lines(env, sub_marker)[0]["ihid"]
+        .as_i64()
+        .expect("the recurring invoice");
+    let one_off = live_lines(env, overage_marker)[0]["ihid"]
+        .as_i64()
+        .expect("the overage invoice");
+    assert!(env.sim.delete_record("RecurringInvoice", recurring));
+    assert!(env.sim.delete_record("Invoice", one_off));
+    for m in markers {
+        assert!(live_lines(env, m).is_empty(), "{m}: gone with its invoice");
+    }
+}
+
+async fn assert_put_back(env: &TestEnv, markers: [&str; 3], quantities: [f64; 3]) {
+    env.wait_for("every line back on an invoice", T, || {
+        markers.iter().zip(quantities).all(|(m, q)| {
+            let l = live_lines(env, m);
+            l.len() == 1 && l[0]["qty_order"] == q
+        })
+    })
+    .await;
+    drained(env).await;
+    for f in FAMILIES {
+        env.assert_no_dead(f).await;
+    }
+    for (kind, billing_id, one_off) in [
+        ("recurring_invoice", "acc_1", false),
+        ("overage_invoice", "acc_1:2026-11-01", true),
+    ] {
+        let (headers, links) = headers_and_links(env, kind, billing_id, one_off);
+        assert_eq!(headers.len(), 1, "{kind}: one header, {headers:?}");
+        assert_eq!(
+            links, headers,
+            "{kind}: one link, onto the header HaloPSA has"
+        );
+    }
+}
+
+/// Issue 22: an invoice the MSP deleted in HaloPSA while its id was cached
+/// in Redis is found or created again, and every family's line put back
+/// on it, by the next event and, deleted again, by a repair of the same
+/// versions (what `halosync reconcile --repair` publishes); nothing is
+/// dead-lettered and each invoice ends with one header and one link.
+#[tokio::test]
+async fn an_invoice_the_msp_deleted_is_created_again_by_the_next_event_and_by_a_repair() {
+    let env = env("repair-deleted-invoice").await;
+    let markers = [
+        "halosync.subscription:sub_1",
+        "halosync.usage:sub_1:storage_gb",
+        "halosync.overage:sub_1:storage_gb:2026-11-01",
+    ];
+    env.publish(&account_event("a1", "acc_1", "Contoso Ltd", true, 1))
+        .await;
+    env.wait_for("the customer", T, || customers_of(&env, "acc_1").len() == 1)
+        .await;
+    env.publish(&subscription_event("s1", "sub_1", "acc_1", 5, "active", 1))
+        .await;
+    env.wait_for("the subscription's line", T, || {
+        live_lines(&env, markers[0]).len() == 1
+    })
+    .await;
+    env.publish(&usage_event(
+        "u1",
+        "sub_1",
+        "acc_1",
+        "storage_gb",
+        PERIOD,
+        10.0,
+        1,
+    ))
+    .await;
+    env.publish(&overage_event(
+        "o1",
+        "sub_1",
+        "acc_1",
+        "storage_gb",
+        PERIOD,
+        3.0,
+        "0.50",
+        1,
+    ))
+    .await;
+    assert_put_back(&env, markers, [5.0, 10.0, 3.0]).await;
+
+    // Deleted; the next event of each family.
+    delete_both_invoices(&env, markers).await;
+    let next = [
+        subscription_event("s2", "sub_1", "acc_1", 6, "active", 2),
+        usage_event("u2", "sub_1", "acc_1", "storage_gb", PERIOD, 11.0, 2),
+        overage_event("o2", "sub_1", "acc_1", "storage_gb", PERIOD, 4.0, "0.50", 2),
+    ];
+    for e in &next {
+        env.publish(e).await;
+    }
+    assert_put_back(&env, markers, [6.0, 11.0, 4.0]).await;
+
+    // Deleted again; the same versions as repairs.
+    delete_both_invoices(&env, markers).await;
+    for e in &next {
+        publish_repair(&env, e).await;
+    }
+    assert_put_back(&env, markers, [6.0, 11.0, 4.0]).await;
+}

@@ -29,11 +29,12 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::client::{first_record, record_id};
-use super::links::{self, RECURRING_INVOICE};
+use super::links::{self, Kind, RECURRING_INVOICE};
 use super::models::{body, Int32, InvoiceDetail, InvoiceHeader};
 use super::{HaloClient, HaloError};
+use crate::contract::Version;
 use crate::error::{Failure, FailureClass};
-use crate::store::Store;
+use crate::store::{Mapping, Store};
 
 /// The line field that carries the aggregate's marker
 /// (`halosync.<kind>:<billing id>`), on both kinds of invoice.
@@ -94,13 +95,47 @@ pub fn recurring_invoice_record(client_id: i64, account_id: &str) -> InvoiceHead
     }
 }
 
+/// An invoice header halosync writes lines on, as the lines engine needs
+/// it: where it lives, the link that finds it (`kind`, `billing_id`), and
+/// the header to save when there is none (first need, or the MSP deleted
+/// it). One rule for every family: a header is found (Redis, else its
+/// link), or created once under the lock `{kind.name}:{billing_id}`, and
+/// found or created again when it is gone ([`header`]).
+#[derive(Clone, Debug)]
+pub struct HeaderSpec<'a> {
+    pub invoice: Invoice,
+    pub kind: &'a Kind,
+    pub billing_id: &'a str,
+    /// Saved with [`links::new_plain_link`] when created.
+    pub record: InvoiceHeader,
+    pub lock_ttl: Duration,
+    pub lock_wait: Duration,
+}
+
+impl<'a> HeaderSpec<'a> {
+    /// The customer's halosync recurring invoice of `account_id`, which the
+    /// subscription and usage lines share ([`recurring_invoice_record`]).
+    pub fn recurring(
+        account_id: &'a str,
+        customer: i64,
+        lock_ttl: Duration,
+        lock_wait: Duration,
+    ) -> HeaderSpec<'a> {
+        HeaderSpec {
+            invoice: Invoice::Recurring,
+            kind: &RECURRING_INVOICE,
+            billing_id: account_id,
+            record: recurring_invoice_record(customer, account_id),
+            lock_ttl,
+            lock_wait,
+        }
+    }
+}
+
 /// The id of the halosync recurring invoice of `account_id` (customer
-/// `customer`), which the subscription and usage lines share: found through
-/// its `halosync.recurring_invoice` link (Redis, then HaloPSA, so it is found
-/// again after Redis is lost), else created once with the link in the same
-/// request, under the lock `recurring_invoice:<account_id>`
-/// ([`links::resolve_or_create`]: concurrent creates converge on the lowest
-/// id). Its ids may be negative and are never assumed positive.
+/// `customer`), which the subscription and usage lines share: see
+/// [`find_or_create`]. Its ids may be negative and are never assumed
+/// positive.
 pub async fn recurring_invoice(
     store: &Store,
     halo: &HaloClient,
@@ -109,39 +144,236 @@ pub async fn recurring_invoice(
     lock_ttl: Duration,
     lock_wait: Duration,
 ) -> Result<i64, Failure> {
+    let spec = HeaderSpec::recurring(account_id, customer, lock_ttl, lock_wait);
+    find_or_create(store, halo, &spec).await
+}
+
+/// The id of the header of `spec`: found through its link (Redis, then
+/// HaloPSA, so it is found again after Redis is lost), else created once
+/// with the link in the same request, under the lock
+/// `{kind.name}:{billing_id}` ([`links::resolve_or_create`]: concurrent
+/// creates converge on the earliest link, the loser deletes its own).
+pub async fn find_or_create(
+    store: &Store,
+    halo: &HaloClient,
+    spec: &HeaderSpec<'_>,
+) -> Result<i64, Failure> {
+    Ok(find_or_create_answered(store, halo, spec).await?.0)
+}
+
+/// [`find_or_create`], with the answer HaloPSA gave to the create when
+/// this call created the header that is kept (the header with the lines
+/// `spec.record` carried inline, so that their ids need no read); `None`
+/// when the header was found, or another worker's create won.
+pub async fn find_or_create_answered(
+    store: &Store,
+    halo: &HaloClient,
+    spec: &HeaderSpec<'_>,
+) -> Result<(i64, Option<Value>), Failure> {
+    let path = spec.invoice.base();
+    let answer: std::sync::Mutex<Option<(i64, Value)>> = std::sync::Mutex::new(None);
     let mapping = links::resolve_or_create(
         store,
         halo,
-        &RECURRING_INVOICE,
-        account_id,
-        lock_ttl,
-        lock_wait,
+        spec.kind,
+        spec.billing_id,
+        spec.lock_ttl,
+        spec.lock_wait,
         || async {
             let header = InvoiceHeader {
-                new_external_link: Some(links::new_plain_link(&RECURRING_INVOICE, account_id)),
-                ..recurring_invoice_record(customer, account_id)
+                new_external_link: Some(links::new_plain_link(spec.kind, spec.billing_id)),
+                ..spec.record.clone()
             };
-            let saved = halo.save("/RecurringInvoice", body(&header)?).await?;
+            let saved = halo.save(path, body(&header)?).await?;
             let id = record_id(&saved).ok_or_else(|| {
-                Failure::transient("HaloPSA saved the recurring invoice but returned no id")
+                Failure::transient(format!(
+                    "HaloPSA saved a header on {path} but returned no id"
+                ))
             })?;
+            *answer.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, saved));
             tracing::info!(
                 halo_id = id,
-                customer,
-                "created the customer's halosync recurring invoice"
+                kind = spec.kind.name,
+                "created an invoice header"
             );
             Ok(id)
         },
         |dup| async move {
-            // Our own duplicate header, created moments ago, with no lines.
-            halo.delete(&format!("/RecurringInvoice/{dup}"))
+            // Our own duplicate header, created moments ago: its lines
+            // (if any went inline) are our own too, and go to the winner
+            // the usual way.
+            halo.delete(&spec.invoice.header_path(dup))
                 .await
                 .map(|_| ())
                 .map_err(Failure::from)
         },
     )
     .await?;
-    Ok(mapping.halo_id)
+    let answer = answer
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .filter(|(id, _)| *id == mapping.halo_id)
+        .map(|(_, saved)| saved);
+    Ok((mapping.halo_id, answer))
+}
+
+/// Whether a request about one record failed because HaloPSA has no such
+/// record (the answer HaloPSA gives for an id it does not hold).
+pub fn gone(e: &HaloError) -> bool {
+    matches!(e.status(), Some(400 | 404))
+}
+
+/// An invoice header as HaloPSA holds it, read by [`header`].
+#[derive(Clone, Debug)]
+pub struct Header {
+    /// Its id.
+    pub ihid: i64,
+    /// The header with its lines.
+    pub body: Value,
+    /// The header asked for was gone (deleted by the MSP): this one was
+    /// found or created again in its place, maybe under the same id
+    /// (HaloPSA may hand an id out again), so that nothing cached about
+    /// the old one's lines holds.
+    pub again: bool,
+}
+
+/// The header `ihid` of `spec` with its lines: `ihid` itself, or, when
+/// HaloPSA no longer has it (the MSP deleted it while its id was cached),
+/// the header found or created again ([`found_or_created_again`]).
+/// Callers use the id returned, and drop whatever they cached about lines
+/// of `ihid` when [`Header::again`].
+pub async fn header(
+    store: &Store,
+    halo: &HaloClient,
+    spec: &HeaderSpec<'_>,
+    ihid: i64,
+) -> Result<Header, Failure> {
+    match read_header(halo, spec.invoice, ihid).await {
+        Ok(body) => Ok(Header {
+            ihid,
+            body,
+            again: false,
+        }),
+        Err(e) if gone(&e) => found_or_created_again(store, halo, spec, ihid).await,
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// After HaloPSA answered "no such record" for header `gone_id` of
+/// `spec`: under the header's lock, each link of the billing id is
+/// followed, earliest first: the first whose header HaloPSA has is the
+/// header (the mapping is set to it), and a link whose header HaloPSA does
+/// not have either is deleted (so that neither a worker nor an import
+/// follows it again). With no header left, one is created the usual way
+/// ([`find_or_create`]). So a 404 from a transient cause creates nothing
+/// (the header is read again, under the lock, before anything is
+/// deleted), and two workers that both saw it gone converge on one new
+/// header (the second finds the first's link).
+pub async fn found_or_created_again(
+    store: &Store,
+    halo: &HaloClient,
+    spec: &HeaderSpec<'_>,
+    gone_id: i64,
+) -> Result<Header, Failure> {
+    let conn = &halo.connection().name;
+    let (kind, billing_id) = (spec.kind, spec.billing_id);
+    let lock = store
+        .lock(
+            conn,
+            &format!("{}:{billing_id}", kind.name),
+            spec.lock_ttl,
+            spec.lock_wait,
+        )
+        .await?;
+    let found = async {
+        for link in links::find_by_creation(halo, kind, billing_id).await? {
+            match read_header(halo, spec.invoice, link.halo_id).await {
+                Ok(body) => {
+                    let m = Mapping {
+                        halo_id: link.halo_id,
+                        link_id: Some(link.id),
+                        version: link.version.as_ref().map(Version::encode),
+                    };
+                    store.set_mapping(conn, kind.name, billing_id, &m).await?;
+                    return Ok(Some(Header {
+                        ihid: link.halo_id,
+                        body,
+                        again: true,
+                    }));
+                }
+                Err(e) if gone(&e) => {
+                    tracing::warn!(
+                        halo_id = link.halo_id,
+                        link = link.id,
+                        kind = kind.name,
+                        billing_id,
+                        "the invoice header is gone from HaloPSA (deleted there); its link is removed and the header found or created again"
+                    );
+                    match halo.delete(&format!("/ExternalLink/{}", link.id)).await {
+                        Ok(_) => {}
+                        Err(e) if gone(&e) => {}
+                        Err(e) => return Err(Failure::from(e)),
+                    }
+                }
+                Err(e) => return Err(Failure::from(e)),
+            }
+        }
+        // No header left: the mapping (of `gone_id`, or of a link just
+        // deleted) goes, so that the create below does not trust it.
+        store.forget_mapping(conn, kind.name, billing_id).await?;
+        Ok::<_, Failure>(None)
+    }
+    .await;
+    if let Err(e) = lock.release().await {
+        tracing::warn!(error = %e, "could not release a lock; it expires on its own");
+    }
+    if let Some(found) = found? {
+        return Ok(found);
+    }
+    let created = find_or_create(store, halo, spec).await?;
+    tracing::info!(
+        gone = gone_id,
+        halo_id = created,
+        kind = kind.name,
+        billing_id,
+        "an invoice header deleted in HaloPSA was created again"
+    );
+    match read_header(halo, spec.invoice, created).await {
+        Ok(body) => Ok(Header {
+            ihid: created,
+            body,
+            again: true,
+        }),
+        Err(e) => Err(Failure::transient(format!(
+            "the invoice header {created} created again in place of {gone_id} could not be read ({e}); retried"
+        ))),
+    }
+}
+
+/// After HaloPSA refused a write of lines onto header `ihid` of `spec`
+/// (`refusal`, `rejected`): was the header deleted? One `GET` tells (only
+/// on a refusal, never on the hot path). Gone: the header is found or
+/// created again ([`found_or_created_again`]) and the event is retried
+/// (transient), its lines going onto that header; there: the refusal is
+/// the line's, and stands.
+pub async fn refusal_unless_header_gone(
+    store: &Store,
+    halo: &HaloClient,
+    spec: &HeaderSpec<'_>,
+    ihid: i64,
+    refusal: Failure,
+) -> Failure {
+    if refusal.class != FailureClass::Rejected {
+        return refusal;
+    }
+    match header(store, halo, spec, ihid).await {
+        Ok(h) if !h.again => refusal,
+        Ok(h) => Failure::transient(format!(
+            "invoice {ihid} is gone from HaloPSA (deleted there); its lines go onto invoice {}, on the retry",
+            h.ihid
+        )),
+        Err(f) => f,
+    }
 }
 
 /// `GET /<Invoice>/{ihid}?includedetails=true`: the header with its lines.
@@ -679,5 +911,211 @@ mod tests {
             body: String::new()
         }));
         assert!(refused(&status(400)) && !refused(&status(500)));
+    }
+}
+
+/// The header rule ([`header`], [`found_or_created_again`],
+/// [`refusal_unless_header_gone`]) against halo-sim in process and Redis.
+#[cfg(test)]
+mod header_tests {
+    use super::*;
+    use crate::halo::links::OVERAGE_INVOICE;
+    use crate::halo::testkit::{Kit, CONNECTION};
+    use serde_json::json;
+
+    const ACCOUNT: &str = "acc_1";
+
+    fn customer(kit: &Kit) -> i64 {
+        kit.sim
+            .insert_record("Client", json!({"name": "Contoso Ltd"}))
+            .expect("a customer")
+    }
+
+    fn recurring(kit: &Kit, customer: i64) -> HeaderSpec<'static> {
+        let w = &kit.config.worker;
+        HeaderSpec::recurring(ACCOUNT, customer, w.lock_ttl, w.lock_wait)
+    }
+
+    fn one_off(kit: &Kit, customer: i64) -> HeaderSpec<'static> {
+        let w = &kit.config.worker;
+        HeaderSpec {
+            invoice: Invoice::OneOff,
+            kind: &OVERAGE_INVOICE,
+            billing_id: "acc_1:2026-11-01",
+            record: InvoiceHeader {
+                client_id: Some(Int32(customer)),
+                ..InvoiceHeader::default()
+            },
+            lock_ttl: w.lock_ttl,
+            lock_wait: w.lock_wait,
+        }
+    }
+
+    /// The headers HaloPSA has of the spec's kind of invoice.
+    fn headers(kit: &Kit, spec: &HeaderSpec<'_>) -> Vec<i64> {
+        match spec.invoice {
+            Invoice::Recurring => kit.sim.recurring_invoices(),
+            Invoice::OneOff => kit.sim.invoices(),
+        }
+        .iter()
+        .filter_map(record_id)
+        .collect()
+    }
+
+    /// The records the spec's links point at.
+    fn linked(kit: &Kit, spec: &HeaderSpec<'_>) -> Vec<i64> {
+        kit.sim
+            .external_links()
+            .iter()
+            .filter(|l| {
+                l["third_party_type"] == spec.kind.third_party_type
+                    && l["third_party_id"] == spec.billing_id
+            })
+            .filter_map(|l| l["halo_id"].as_i64())
+            .collect()
+    }
+
+    async fn mapped(kit: &Kit, spec: &HeaderSpec<'_>) -> Option<i64> {
+        kit.store
+            .mapping(CONNECTION, spec.kind.name, spec.billing_id)
+            .await
+            .expect("redis")
+            .map(|m| m.halo_id)
+    }
+
+    fn creates(kit: &Kit, spec: &HeaderSpec<'_>) -> u64 {
+        kit.count(&format!("POST /api{}", spec.invoice.base()))
+    }
+
+    #[tokio::test]
+    async fn a_header_halopsa_has_is_read_as_it_is() {
+        let kit = Kit::start().await;
+        let spec = recurring(&kit, customer(&kit));
+        let id = find_or_create(&kit.store, &kit.halo, &spec)
+            .await
+            .expect("created");
+        let h = header(&kit.store, &kit.halo, &spec, id)
+            .await
+            .expect("read");
+        assert_eq!((h.ihid, h.again), (id, false));
+        assert_eq!(record_id(&h.body), Some(id));
+        assert_eq!(
+            find_or_create(&kit.store, &kit.halo, &spec).await.ok(),
+            Some(id)
+        );
+        assert_eq!(creates(&kit, &spec), 1, "created once");
+        kit.cleanup().await;
+    }
+
+    /// Both kinds of invoice: deleted by the MSP (the lines go, the link
+    /// stays), the header is created again once, its dead link removed,
+    /// Redis mapped to the new one.
+    #[tokio::test]
+    async fn a_header_the_msp_deleted_is_created_again_and_its_dead_link_removed() {
+        let kit = Kit::start().await;
+        let c = customer(&kit);
+        for spec in [recurring(&kit, c), one_off(&kit, c)] {
+            let entity = match spec.invoice {
+                Invoice::Recurring => "RecurringInvoice",
+                Invoice::OneOff => "Invoice",
+            };
+            let old = find_or_create(&kit.store, &kit.halo, &spec)
+                .await
+                .expect("created");
+            assert!(kit.sim.delete_record(entity, old));
+            assert_eq!(linked(&kit, &spec), vec![old], "{entity}: the link stays");
+            let h = header(&kit.store, &kit.halo, &spec, old)
+                .await
+                .expect("again");
+            assert!(h.again, "{entity}");
+            assert_ne!(h.ihid, old, "{entity}");
+            assert_eq!(headers(&kit, &spec), vec![h.ihid], "{entity}: one header");
+            assert_eq!(linked(&kit, &spec), vec![h.ihid], "{entity}: one live link");
+            assert_eq!(mapped(&kit, &spec).await, Some(h.ihid), "{entity}");
+            assert_eq!(creates(&kit, &spec), 2, "{entity}: created once more");
+            let now = header(&kit.store, &kit.halo, &spec, h.ihid)
+                .await
+                .expect("read");
+            assert!(!now.again, "{entity}: found as it is from then on");
+        }
+        kit.cleanup().await;
+    }
+
+    /// A cached id HaloPSA does not have while the link names a live
+    /// header (Redis holding another instance's ids, a 404 of another
+    /// cause): the live header is found, nothing created or deleted.
+    #[tokio::test]
+    async fn a_wrong_cached_id_finds_the_live_header_and_creates_nothing() {
+        let kit = Kit::start().await;
+        let spec = recurring(&kit, customer(&kit));
+        let id = find_or_create(&kit.store, &kit.halo, &spec)
+            .await
+            .expect("created");
+        let wrong = Mapping {
+            halo_id: -999,
+            link_id: None,
+            version: None,
+        };
+        kit.store
+            .set_mapping(CONNECTION, spec.kind.name, spec.billing_id, &wrong)
+            .await
+            .expect("redis");
+        let h = header(&kit.store, &kit.halo, &spec, -999)
+            .await
+            .expect("found");
+        assert_eq!((h.ihid, h.again), (id, true));
+        assert_eq!(creates(&kit, &spec), 1, "nothing created");
+        assert_eq!(
+            kit.count("DELETE /api/ExternalLink/{id}"),
+            0,
+            "nothing deleted"
+        );
+        assert_eq!(linked(&kit, &spec), vec![id]);
+        assert_eq!(mapped(&kit, &spec).await, Some(id));
+        kit.cleanup().await;
+    }
+
+    /// Two workers that both saw the header gone converge on one new
+    /// header: the second, under the lock, finds the first one's link.
+    #[tokio::test]
+    async fn workers_that_both_saw_a_header_gone_create_one() {
+        let kit = Kit::start().await;
+        let spec = recurring(&kit, customer(&kit));
+        let old = find_or_create(&kit.store, &kit.halo, &spec)
+            .await
+            .expect("created");
+        assert!(kit.sim.delete_record("RecurringInvoice", old));
+        let (a, b) = tokio::join!(
+            found_or_created_again(&kit.store, &kit.halo, &spec, old),
+            found_or_created_again(&kit.store, &kit.halo, &spec, old),
+        );
+        let (a, b) = (a.expect("a"), b.expect("b"));
+        assert_eq!(a.ihid, b.ihid);
+        assert_eq!(headers(&kit, &spec), vec![a.ihid], "one header");
+        assert_eq!(linked(&kit, &spec), vec![a.ihid], "one link");
+        assert_eq!(creates(&kit, &spec), 2);
+        kit.cleanup().await;
+    }
+
+    /// A line write refused on a header HaloPSA has stays refused (one
+    /// GET to tell); on a deleted one it is retried, the header created
+    /// again.
+    #[tokio::test]
+    async fn a_refusal_stands_unless_the_header_is_gone() {
+        let kit = Kit::start().await;
+        let spec = recurring(&kit, customer(&kit));
+        let id = find_or_create(&kit.store, &kit.halo, &spec)
+            .await
+            .expect("created");
+        let refusal = || Failure::rejected("HaloPSA refused the line");
+        let f = refusal_unless_header_gone(&kit.store, &kit.halo, &spec, id, refusal()).await;
+        assert_eq!(f.class, FailureClass::Rejected);
+        assert_eq!(creates(&kit, &spec), 1);
+        assert!(kit.sim.delete_record("RecurringInvoice", id));
+        let f = refusal_unless_header_gone(&kit.store, &kit.halo, &spec, id, refusal()).await;
+        assert_eq!(f.class, FailureClass::Transient, "{f}");
+        assert_eq!(headers(&kit, &spec).len(), 1, "created again");
+        assert_ne!(headers(&kit, &spec), vec![id]);
+        kit.cleanup().await;
     }
 }

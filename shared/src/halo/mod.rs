@@ -11,6 +11,8 @@ pub mod lines;
 pub mod links;
 pub mod models;
 pub mod ratelimit;
+#[cfg(test)]
+pub(crate) mod testkit;
 pub mod token;
 
 use std::sync::Arc;

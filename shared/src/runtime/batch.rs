@@ -16,11 +16,12 @@ use std::time::Instant;
 use lapin::message::Delivery;
 use tracing::Instrument;
 
+use super::lanes::Received;
 use super::settle::{Acked, Decision};
 use super::{attempts_of, check, finish, message_span, record_event, Handler, Services};
 use crate::amqp::headers as h;
 use crate::amqp::Publisher;
-use crate::contract::{Envelope, Family, Version};
+use crate::contract::{ContractError, Envelope, Family, Version};
 use crate::error::Failure;
 use crate::halo::client::WRITE_FENCE;
 use crate::halo::ratelimit::SERVING_ACCOUNTS;
@@ -29,6 +30,8 @@ use crate::store::LockFence;
 
 struct Item {
     delivery: Delivery,
+    /// The body as parsed on arrival, until it is validated.
+    body: Option<Result<serde_json::Value, ContractError>>,
     attempts_before: u32,
     span: tracing::Span,
     event: Option<Envelope>,
@@ -40,7 +43,7 @@ pub(super) async fn settle_batch(
     services: Arc<Services>,
     handler: Arc<dyn Handler>,
     publisher: Publisher,
-    deliveries: Vec<Delivery>,
+    deliveries: Vec<Received>,
 ) {
     let started = Instant::now();
     let family = handler.family();
@@ -48,11 +51,12 @@ pub(super) async fn settle_batch(
         .record(deliveries.len() as f64);
     let mut items: Vec<Item> = deliveries
         .into_iter()
-        .map(|delivery| {
+        .map(|Received { delivery, body }| {
             let attempts_before = attempts_of(&delivery);
             let span = message_span(family, &delivery, attempts_before);
             Item {
                 delivery,
+                body: Some(body),
                 attempts_before,
                 span,
                 event: None,
@@ -68,10 +72,11 @@ pub(super) async fn settle_batch(
     for i in 0..items.len() {
         let item = &mut items[i];
         let _g = item.span.enter();
-        let event = match services.contract.validate(
-            &item.delivery.data,
-            services.config().worker.max_message_bytes,
-        ) {
+        let parsed = item
+            .body
+            .take()
+            .unwrap_or_else(|| Err(ContractError::NotJson("not parsed (bug)".into())));
+        let event = match parsed.and_then(|v| services.contract.validate_value(v)) {
             Ok(mut e) => {
                 let headers = item.delivery.properties.headers().as_ref();
                 e.repair = h::get_bool(headers, h::REPAIR);

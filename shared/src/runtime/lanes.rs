@@ -34,29 +34,50 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::time::Instant;
 
+use serde_json::Value;
+
 use crate::amqp::Publisher;
-use crate::contract::Family;
+use crate::contract::{self, ContractError, Family};
 
 use super::Services;
 
-/// The lane a delivery belongs to: its envelope's `connection`, read
-/// without validating the rest (the pipeline validates). A body that does
-/// not say goes to the lane `""` and is dead-lettered there as `invalid`.
-pub(super) fn lane_of(body: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct Peek {
-        connection: Option<String>,
+/// A delivery with its body parsed, once, as it arrives: its lane reads
+/// the envelope's `connection` from it and the pipeline validates it
+/// (`Contract::validate_value`), neither parsing the bytes again.
+pub(super) struct Received {
+    pub delivery: Delivery,
+    /// The body as JSON, or why it is not (dead-lettered as `invalid`).
+    pub body: Result<Value, ContractError>,
+}
+
+impl Received {
+    pub fn new(delivery: Delivery, max_bytes: usize) -> Received {
+        let body = contract::parse_body(&delivery.data, max_bytes);
+        Received { delivery, body }
     }
-    serde_json::from_slice::<Peek>(body)
+
+    /// The lane it belongs to: see [`lane_of`].
+    pub fn lane(&self) -> String {
+        lane_of(&self.body)
+    }
+}
+
+/// The lane of a parsed body: its envelope's `connection`, read without
+/// validating the rest (the pipeline validates). A body that does not
+/// say goes to the lane `""` and is dead-lettered there as `invalid`.
+pub(super) fn lane_of(body: &Result<Value, ContractError>) -> String {
+    body.as_ref()
         .ok()
-        .and_then(|p| p.connection)
+        .and_then(|v| v.get("connection"))
+        .and_then(Value::as_str)
         .unwrap_or_default()
+        .to_string()
 }
 
 /// One connection's deliveries in this process.
 pub(super) struct Lane {
     /// Received, waiting for the lane's next batch.
-    pub pending: Vec<Delivery>,
+    pub pending: Vec<Received>,
     /// When the pending batch goes even if not full.
     pub deadline: Instant,
     /// Deliveries in flight (being processed).
@@ -232,6 +253,7 @@ mod tests {
 
     #[test]
     fn the_lane_is_the_envelope_connection() {
+        let lane_of = |body: &[u8]| lane_of(&contract::parse_body(body, 1 << 20));
         assert_eq!(
             lane_of(br#"{"id":"e1","connection":"acme","data":{}}"#),
             "acme"
@@ -239,6 +261,11 @@ mod tests {
         assert_eq!(lane_of(br#"{"id":"e1"}"#), "");
         assert_eq!(lane_of(b"not json"), "");
         assert_eq!(lane_of(br#"{"connection":7}"#), "");
+        assert_eq!(
+            super::lane_of(&contract::parse_body(br#"{"connection":"acme"}"#, 4)),
+            "",
+            "an oversized body is not read"
+        );
     }
 
     #[test]

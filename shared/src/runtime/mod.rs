@@ -71,20 +71,16 @@ impl Outcome {
     }
 }
 
-/// One family's mapping logic. The runtime has already validated the
-/// event, checked the ledger and taken the aggregate's lock.
+/// One family's mapping logic, batch-only: the runtime hands over what
+/// the broker had ready for one connection (at most `worker.batch_max`, or
+/// what arrived within `worker.batch_wait` of the first; a single message
+/// is a batch of one), validated, with only the newest event per
+/// aggregate, the ledger checked and those aggregates' locks held.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     fn family(&self) -> Family;
     /// The aggregate key (DESIGN §1) the lock and ordering apply to.
     fn aggregate(&self, event: &Envelope) -> Result<String, Failure>;
-    /// Brings HaloPSA to this event's state, idempotently.
-    async fn apply(
-        &self,
-        ctx: &Services,
-        halo: &HaloClient,
-        event: &Envelope,
-    ) -> Result<Outcome, Failure>;
 
     /// Drops what Redis caches of this event's records in HaloPSA (line
     /// ids, "scanned" marks), before a repair (DESIGN §8) is applied, so
@@ -99,28 +95,15 @@ pub trait Handler: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Whether the runtime hands this handler batches (usage, overage):
-    /// what the broker has ready, bounded by `worker.batch_max` and
-    /// `worker.batch_wait_ms`, with only the newest event per aggregate.
-    fn batching(&self) -> bool {
-        false
-    }
-
-    /// Applies several events of one connection, each of a different
-    /// aggregate, whose locks the runtime holds. Returns one result per
-    /// event, in order. The default applies them one by one.
+    /// Brings HaloPSA to the state of several events of one connection,
+    /// each of a different aggregate, idempotently. Returns one result per
+    /// event, in order.
     async fn apply_batch(
         &self,
         ctx: &Services,
         halo: &HaloClient,
         events: &[Envelope],
-    ) -> Vec<Result<Outcome, Failure>> {
-        let mut out = Vec::with_capacity(events.len());
-        for e in events {
-            out.push(self.apply(ctx, halo, e).await);
-        }
-        out
-    }
+    ) -> Vec<Result<Outcome, Failure>>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -432,14 +415,10 @@ async fn session(
     }
     let publisher =
         Publisher::on_channel(conn.create_channel().await?, services.topology.clone()).await?;
-    // A batching worker needs room for a whole batch, and the next one
-    // filling while the first is written.
+    // Room for a whole batch, and the next one filling while the first is
+    // written.
     let w = &config.worker;
-    let prefetch = if handler.batching() {
-        w.prefetch.max(w.batch_max.saturating_mul(2))
-    } else {
-        w.prefetch
-    };
+    let prefetch = w.prefetch.max(w.batch_max.saturating_mul(2));
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
@@ -461,9 +440,9 @@ async fn session(
     }
     tracing::info!(queue = %services.topology.work_queue(family), prefetch, "consuming");
     let tracker = TaskTracker::new();
-    let batching = handler.batching();
     let batch_max = usize::from(w.batch_max.max(1));
     let batch_wait = w.batch_wait;
+    let max_bytes = w.max_message_bytes;
     let stall = w.lane_stall;
     let lanes_at_once = w.lanes_at_once.max(1);
     let tiers = config.retry.delays_ms();
@@ -475,7 +454,7 @@ async fn session(
     // beyond its fair share of the window, so the others keep flowing.
     let mut lanes = lanes::Lanes::new(usize::from(prefetch));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(String, usize)>();
-    let spawn_task = |lane_name: String, taken: Vec<Delivery>| {
+    let spawn_task = |lane_name: String, taken: Vec<lanes::Received>| {
         let (services, handler, publisher) = (services.clone(), handler.clone(), publisher.clone());
         let done_tx = done_tx.clone();
         tracker.spawn(async move {
@@ -495,22 +474,20 @@ async fn session(
         // Lanes whose batch is due (full, or its wait is over) go now,
         // longest waiting first, as many as `lanes_at_once` allows.
         let mut turns = lanes.turns(now, stall, lanes_at_once);
-        if batching {
-            for name in lanes.due(now, batch_max) {
-                if turns == 0 {
-                    break;
-                }
-                let Some(lane) = lanes.map.get_mut(&name) else {
-                    continue;
-                };
-                let n = lane.pending.len().min(batch_max);
-                let taken: Vec<Delivery> = lane.pending.drain(..n).collect();
-                lane.tasks += 1;
-                lane.in_flight += n;
-                lane.progress = now;
-                turns -= 1;
-                spawn_task(name, taken);
+        for name in lanes.due(now, batch_max) {
+            if turns == 0 {
+                break;
             }
+            let Some(lane) = lanes.map.get_mut(&name) else {
+                continue;
+            };
+            let n = lane.pending.len().min(batch_max);
+            let taken: Vec<lanes::Received> = lane.pending.drain(..n).collect();
+            lane.tasks += 1;
+            lane.in_flight += n;
+            lane.progress = now;
+            turns -= 1;
+            spawn_task(name, taken);
         }
         // A stalled lane keeps at most its fair share: the rest is parked,
         // newest first (the oldest go next when the lane moves again).
@@ -521,8 +498,8 @@ async fn session(
             };
             let keep = share.min(batch_max);
             while lane.pending.len() > keep {
-                if let Some(d) = lane.pending.pop() {
-                    spawn_park(d, lanes::park_delay(&tiers, stalled_for));
+                if let Some(r) = lane.pending.pop() {
+                    spawn_park(r.delivery, lanes::park_delay(&tiers, stalled_for));
                 }
             }
         }
@@ -557,36 +534,20 @@ async fn session(
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let now = tokio::time::Instant::now();
-                    let name = lanes::lane_of(&delivery.data);
+                    let received = lanes::Received::new(delivery, max_bytes);
+                    let name = received.lane();
                     let share = lanes.fair_share();
                     let lane = lanes.map.entry(name.clone()).or_insert_with(|| lanes::Lane::new(now));
                     let stalled = lane.stalled_for(now).filter(|d| *d >= stall);
-                    if batching {
-                        match stalled {
-                            Some(d) if lane.pending.len() >= share.min(batch_max) => {
-                                spawn_park(delivery, lanes::park_delay(&tiers, d));
-                            }
-                            _ => {
-                                if lane.pending.is_empty() {
-                                    lane.deadline = now + batch_wait;
-                                }
-                                lane.pending.push(delivery);
-                            }
+                    match stalled {
+                        Some(d) if lane.pending.len() >= share.min(batch_max) => {
+                            spawn_park(received.delivery, lanes::park_delay(&tiers, d));
                         }
-                    } else {
-                        match stalled {
-                            Some(d) if lane.in_flight >= share => {
-                                spawn_park(delivery, lanes::park_delay(&tiers, d));
+                        _ => {
+                            if lane.pending.is_empty() {
+                                lane.deadline = now + batch_wait;
                             }
-                            _ => {
-                                // A single message is a batch of one: one pipeline.
-                                if lane.tasks == 0 {
-                                    lane.progress = now;
-                                }
-                                lane.tasks += 1;
-                                lane.in_flight += 1;
-                                spawn_task(name, vec![delivery]);
-                            }
+                            lane.pending.push(received);
                         }
                     }
                 }

@@ -462,6 +462,18 @@ impl SimHandle {
         self.shared.lock().data.remove_line(entity, id)
     }
 
+    /// Deletes a record as `DELETE /<entity>/{id}` does (an MSP deleting
+    /// it in HaloPSA; an invoice goes with its lines, the ExternalLinks
+    /// pointing at it stay): `entity` is `Client`, `SoftwareLicence`,
+    /// `RecurringInvoice`, `Invoice`, `ExternalLink` or `Item`. Returns
+    /// whether it existed.
+    pub fn delete_record(&self, entity: &str, id: i64) -> bool {
+        let Some(kind) = store::Kind::from_name(entity) else {
+            return false;
+        };
+        self.shared.lock().data.delete(kind, id).is_ok()
+    }
+
     /// Stops the server and waits (at most 5 s) for it to finish.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {

@@ -33,17 +33,10 @@ use crate::mapping::{client_record, exact_name_matches};
 
 pub struct AccountHandler;
 
-#[async_trait]
-impl Handler for AccountHandler {
-    fn family(&self) -> Family {
-        Family::Account
-    }
-
-    fn aggregate(&self, event: &Envelope) -> Result<String, Failure> {
-        Ok(event.data_as::<AccountData>()?.account_id)
-    }
-
-    async fn apply(
+impl AccountHandler {
+    /// One event on its own: what a batch's arrays left open, and every
+    /// event when accounts are adopted by name (a look-up per account).
+    async fn apply_one(
         &self,
         svc: &Services,
         halo: &HaloClient,
@@ -67,9 +60,16 @@ impl Handler for AccountHandler {
         };
         update(svc, halo, &data, currency, &version, mapping).await
     }
+}
 
-    fn batching(&self) -> bool {
-        true
+#[async_trait]
+impl Handler for AccountHandler {
+    fn family(&self) -> Family {
+        Family::Account
+    }
+
+    fn aggregate(&self, event: &Envelope) -> Result<String, Failure> {
+        Ok(event.data_as::<AccountData>()?.account_id)
     }
 
     async fn apply_batch(
@@ -82,7 +82,7 @@ impl Handler for AccountHandler {
         if halo.connection().match_existing_by_name {
             let mut out = Vec::with_capacity(events.len());
             for e in events {
-                out.push(self.apply(svc, halo, e).await);
+                out.push(self.apply_one(svc, halo, e).await);
             }
             return out;
         }
@@ -188,7 +188,7 @@ impl Batch {
         for (i, r) in self.results.into_iter().enumerate() {
             out.push(match r {
                 Some(r) => r,
-                None => handler.apply(svc, halo, &events[i]).await,
+                None => handler.apply_one(svc, halo, &events[i]).await,
             });
         }
         out

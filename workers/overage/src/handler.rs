@@ -1,7 +1,7 @@
 //! The overage worker's [`Handler`]: one charge per (subscription, metric,
 //! period), as a line on the customer's one-off invoice of that period.
 //!
-//! The runtime batches (`batching() -> true`): it validates, dedupes, keeps
+//! The runtime hands over batches: it validates, dedupes, keeps
 //! the newest event per aggregate `"{subscription_id}:{metric}:{period_start}"`,
 //! holds those aggregates' locks and settles every message from the result
 //! returned here for it. A batch of one connection is applied as:
@@ -49,7 +49,7 @@ use std::collections::{BTreeMap, HashMap};
 use async_trait::async_trait;
 use halosync_shared::contract::{Envelope, Family, OverageData, Product, Version};
 use halosync_shared::halo::items;
-use halosync_shared::halo::lines::{self, Invoice};
+use halosync_shared::halo::lines::{self, HeaderSpec, Invoice};
 use halosync_shared::halo::links::{self, OVERAGE_INVOICE, SUBSCRIPTION};
 use halosync_shared::halo::models::{body, InvoiceDetail, InvoiceHeader};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
@@ -74,10 +74,6 @@ impl Handler for OverageHandler {
         Ok(mapping::aggregate(&event.data_as::<OverageData>()?))
     }
 
-    fn batching(&self) -> bool {
-        true
-    }
-
     /// A repair reads the one-off invoice again: the cached line goes.
     async fn forget_cached(
         &self,
@@ -92,18 +88,6 @@ impl Handler for OverageHandler {
             .await
             .map_err(StateError::from)?;
         Ok(())
-    }
-
-    async fn apply(
-        &self,
-        svc: &Services,
-        halo: &HaloClient,
-        event: &Envelope,
-    ) -> Result<Outcome, Failure> {
-        self.apply_batch(svc, halo, std::slice::from_ref(event))
-            .await
-            .pop()
-            .unwrap_or_else(|| Err(Failure::transient("no result (bug)")))
     }
 
     async fn apply_batch(
@@ -173,6 +157,8 @@ struct Plan {
     ihid: i64,
     /// The customer (for an invoice still to create).
     customer: i64,
+    /// The billing id of the period's invoice (its link).
+    invoice: String,
     cached: Option<Cached>,
 }
 
@@ -221,6 +207,7 @@ async fn prepare(
     let cached = cached.filter(|c| c.ihid == ihid);
     Ok(Prepared::Plan(Box::new(Plan {
         idx,
+        invoice: mapping::invoice_billing_id(&data),
         data,
         version,
         price,
@@ -427,44 +414,23 @@ async fn invoice_for(
         return Ok(*id);
     }
     let config = svc.config();
-    let w = &config.worker;
-    let m = links::resolve_or_create(
-        &svc.store,
-        halo,
-        &OVERAGE_INVOICE,
-        &billing_id,
-        w.lock_ttl,
-        w.lock_wait,
-        || async {
-            let header = InvoiceHeader {
-                new_external_link: Some(links::new_plain_link(&OVERAGE_INVOICE, &billing_id)),
-                lines: Some(inline),
-                ..mapping::invoice_record(client_id, d)
-            };
-            let saved = halo.save("/Invoice", body(&header)?).await?;
-            let id = record_id(&saved).ok_or_else(|| {
-                Failure::transient("HaloPSA saved the overage invoice but returned no id")
-            })?;
-            *created.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, saved));
-            tracing::info!(
-                halo_id = id,
-                customer = client_id,
-                "created the one-off overage invoice"
-            );
-            Ok(id)
+    let spec = HeaderSpec {
+        invoice: Invoice::OneOff,
+        kind: &OVERAGE_INVOICE,
+        billing_id: &billing_id,
+        record: InvoiceHeader {
+            lines: Some(inline),
+            ..mapping::invoice_record(client_id, d)
         },
-        |dup| async move {
-            // Our own duplicate header, created moments ago: its lines
-            // are our own too, and go to the winner the usual way.
-            halo.delete(&format!("/Invoice/{dup}"))
-                .await
-                .map(|_| ())
-                .map_err(Failure::from)
-        },
-    )
-    .await?;
-    memo.insert(billing_id, m.halo_id);
-    Ok(m.halo_id)
+        lock_ttl: config.worker.lock_ttl,
+        lock_wait: config.worker.lock_wait,
+    };
+    let (id, answer) = lines::find_or_create_answered(&svc.store, halo, &spec).await?;
+    if let Some(saved) = answer {
+        *created.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, saved));
+    }
+    memo.insert(billing_id, id);
+    Ok(id)
 }
 
 fn cache_key(svc: &Services, halo: &HaloClient, d: &OverageData) -> String {
@@ -539,14 +505,25 @@ enum Op {
 async fn apply_invoice(
     svc: &Services,
     halo: &HaloClient,
-    ihid: i64,
-    plans: Vec<Plan>,
+    mut ihid: i64,
+    mut plans: Vec<Plan>,
 ) -> Vec<(usize, Result<Outcome, Failure>)> {
     let mut out = Vec::new();
     // Events the cache cannot place need the header's lines.
     let header = if plans.iter().any(|p| p.cached.is_none()) {
-        match read_header(svc, halo, ihid, &plans[0].data).await {
-            Ok(h) => Some(h),
+        match header_of(svc, halo, ihid, &plans[0]).await {
+            Ok(h) => {
+                if h.again {
+                    // Deleted by the MSP, found or created again: the
+                    // lines go onto it, whatever was cached of the old one.
+                    ihid = h.ihid;
+                    for p in &mut plans {
+                        p.ihid = h.ihid;
+                        p.cached = None;
+                    }
+                }
+                Some(h.body)
+            }
             Err(f) => {
                 return plans.into_iter().map(|p| (p.idx, Err(f.clone()))).collect();
             }
@@ -662,7 +639,7 @@ async fn apply_invoice(
         .enumerate()
         .any(|(k, (_, op))| matches!(op, Op::Add) && matches!(written.get(&k), Some(Ok(None))));
     let reread = if missing_ids {
-        read_header(svc, halo, ihid, &work[0].0.data).await.ok()
+        lines::read_header(halo, Invoice::OneOff, ihid).await.ok()
     } else {
         None
     };
@@ -694,7 +671,16 @@ async fn apply_invoice(
                         Err(e) => Err(e),
                     }
                 }
-                Some(Err(f)) => Err(f),
+                // Refused: because the MSP deleted the invoice (found or
+                // created again, the event retried onto it), else final.
+                Some(Err(f)) => Err(lines::refusal_unless_header_gone(
+                    &svc.store,
+                    halo,
+                    &spec_of(svc, &p),
+                    ihid,
+                    f,
+                )
+                .await),
                 None => Err(Failure::transient("line not written (bug)")),
             },
             Op::Update { line, from_cache } => match written.remove(&k) {
@@ -721,32 +707,27 @@ async fn apply_invoice(
     out
 }
 
-/// `GET /Invoice/{ihid}?includedetails=true`. A header gone from HaloPSA
-/// has its mapping dropped and the events are retried afresh.
-async fn read_header(
+/// The invoice `ihid` of `p`'s period with its lines, and its id: `ihid`,
+/// or the invoice found or created again when the MSP deleted it
+/// ([`lines::header`]).
+async fn header_of(
     svc: &Services,
     halo: &HaloClient,
     ihid: i64,
-    d: &OverageData,
-) -> Result<Value, Failure> {
-    match halo
-        .get(
-            &format!("/Invoice/{ihid}"),
-            &[("includedetails", "true".into())],
-        )
-        .await
-    {
-        Ok(body) => first_record(body)
-            .ok_or_else(|| Failure::transient(format!("HaloPSA returned no invoice {ihid}"))),
-        Err(e) if matches!(e.status(), Some(400 | 404)) => {
-            let billing_id = mapping::invoice_billing_id(d);
-            if links::drop_if_stale(&svc.store, halo, &OVERAGE_INVOICE, &billing_id, ihid).await? {
-                return Err(Failure::transient(format!(
-                    "overage invoice {ihid} of {billing_id} is gone from HaloPSA; the stale mapping was dropped and the events are retried afresh"
-                )));
-            }
-            Err(e.into())
-        }
-        Err(e) => Err(e.into()),
+    p: &Plan,
+) -> Result<lines::Header, Failure> {
+    lines::header(&svc.store, halo, &spec_of(svc, p), ihid).await
+}
+
+/// The one-off invoice of `p`'s period, as the lines engine needs it.
+fn spec_of<'a>(svc: &Services, p: &'a Plan) -> HeaderSpec<'a> {
+    let config = svc.config();
+    HeaderSpec {
+        invoice: Invoice::OneOff,
+        kind: &OVERAGE_INVOICE,
+        billing_id: &p.invoice,
+        record: mapping::invoice_record(p.customer, &p.data),
+        lock_ttl: config.worker.lock_ttl,
+        lock_wait: config.worker.lock_wait,
     }
 }

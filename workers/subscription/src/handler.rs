@@ -47,17 +47,10 @@ use crate::mapping::{licence_record, licences_carrying, line_version, Terms, LIC
 
 pub struct SubscriptionHandler;
 
-#[async_trait]
-impl Handler for SubscriptionHandler {
-    fn family(&self) -> Family {
-        Family::Subscription
-    }
-
-    fn aggregate(&self, event: &Envelope) -> Result<String, Failure> {
-        Ok(event.data_as::<SubscriptionData>()?.subscription_id)
-    }
-
-    async fn apply(
+impl SubscriptionHandler {
+    /// One event on its own: a new subscription, and whatever a batch's
+    /// arrays did not finish.
+    async fn apply_one(
         &self,
         svc: &Services,
         halo: &HaloClient,
@@ -133,13 +126,18 @@ impl Handler for SubscriptionHandler {
         .await;
         Ok(Outcome::Applied)
     }
+}
 
-    fn batching(&self) -> bool {
-        true
+#[async_trait]
+impl Handler for SubscriptionHandler {
+    fn family(&self) -> Family {
+        Family::Subscription
     }
 
-    /// Known subscriptions in arrays ([`crate::batch`]); the rest, and
-    /// whatever an array did not finish, one event at a time.
+    fn aggregate(&self, event: &Envelope) -> Result<String, Failure> {
+        Ok(event.data_as::<SubscriptionData>()?.subscription_id)
+    }
+
     /// A repair reads the customer's recurring invoice again: the cached
     /// line may be gone, or have a duplicate beside it.
     async fn forget_cached(
@@ -153,6 +151,8 @@ impl Handler for SubscriptionHandler {
         Ok(())
     }
 
+    /// Known subscriptions in arrays ([`crate::batch`]); the rest, and
+    /// whatever an array did not finish, one event at a time.
     async fn apply_batch(
         &self,
         svc: &Services,
@@ -166,7 +166,7 @@ impl Handler for SubscriptionHandler {
         for (e, r) in events.iter().zip(done) {
             out.push(match r {
                 Some(r) => r,
-                None => self.apply(svc, halo, e).await,
+                None => self.apply_one(svc, halo, e).await,
             });
         }
         out

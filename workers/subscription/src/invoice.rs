@@ -22,7 +22,7 @@
 //!   ([`lines::retired_line`]), with a warning in the log.
 
 use halosync_shared::contract::Product;
-use halosync_shared::halo::lines::{self, Invoice};
+use halosync_shared::halo::lines::{self, Header, HeaderSpec, Invoice};
 use halosync_shared::halo::links::{self, CUSTOMER, RECURRING_INVOICE};
 use halosync_shared::halo::{first_record, record_id, HaloError};
 use halosync_shared::runtime::Services;
@@ -169,9 +169,12 @@ pub(crate) async fn sync_line(
         let line = add_line(cx, ihid).await?;
         return remember_line(cx, ihid, line).await;
     }
-    let header = match header.filter(|h| record_id(h) == Some(ihid)) {
-        Some(h) => h,
-        None => read_header(cx, ihid).await?,
+    let (ihid, header) = match header.filter(|h| record_id(h) == Some(ihid)) {
+        Some(h) => (ihid, h),
+        None => {
+            let h = header_of(cx, ihid).await?;
+            (h.ihid, h.body)
+        }
     };
     let line = match lines_carrying(&header, cx.marker).split_first() {
         Some((&kept, others)) => {
@@ -192,59 +195,35 @@ pub(crate) async fn header_unless_cached(cx: &Ctx<'_>) -> Result<Option<Value>, 
     if cached_line(cx, ihid).await?.is_some() {
         return Ok(None);
     }
-    read_header(cx, ihid).await.map(Some)
+    header_of(cx, ihid).await.map(|h| Some(h.body))
 }
 
 /// The id of the customer's halosync recurring invoice, created once
-/// (shared with the usage worker: `halo::lines::recurring_invoice`).
+/// (shared with the usage worker: `halo::lines::find_or_create`).
 pub(crate) async fn recurring_invoice(cx: &Ctx<'_>) -> Result<i64, Failure> {
-    let config = cx.svc.config();
-    let w = &config.worker;
-    lines::recurring_invoice(
-        &cx.svc.store,
-        cx.halo,
-        &cx.data.account_id,
-        cx.customer_id,
-        w.lock_ttl,
-        w.lock_wait,
-    )
-    .await
+    lines::find_or_create(&cx.svc.store, cx.halo, &spec(cx)).await
 }
 
-/// `GET /RecurringInvoice/{ihid}?includedetails=true`. A header that is
-/// gone from HaloPSA (deleted there, or Redis holding another instance's
-/// ids) has its mapping dropped and the event is retried afresh.
-async fn read_header(cx: &Ctx<'_>, ihid: i64) -> Result<Value, Failure> {
-    let path = format!("/RecurringInvoice/{ihid}");
-    match cx
-        .halo
-        .get(&path, &[("includedetails", "true".into())])
-        .await
-    {
-        // Normally the bare object; unwrap an envelope defensively (§2).
-        Ok(body) => first_record(body).ok_or_else(|| {
-            Failure::transient(format!("HaloPSA returned no recurring invoice {ihid}"))
-        }),
-        Err(e) if matches!(e.status(), Some(400 | 404)) => {
-            if links::drop_if_stale(
-                &cx.svc.store,
-                cx.halo,
-                &RECURRING_INVOICE,
-                &cx.data.account_id,
-                ihid,
-            )
-            .await?
-            {
-                forget_line(cx).await?;
-                return Err(Failure::transient(format!(
-                    "recurring invoice {ihid} of account {} is gone from HaloPSA; the stale mapping was dropped and the event is retried afresh",
-                    cx.data.account_id
-                )));
-            }
-            Err(e.into())
-        }
-        Err(e) => Err(e.into()),
+/// The customer's halosync recurring invoice, as the lines engine needs it.
+fn spec<'a>(cx: &'a Ctx<'_>) -> HeaderSpec<'a> {
+    let config = cx.svc.config();
+    HeaderSpec::recurring(
+        &cx.data.account_id,
+        cx.customer_id,
+        config.worker.lock_ttl,
+        config.worker.lock_wait,
+    )
+}
+
+/// The customer's invoice `ihid` with its lines, and its id: `ihid`, or
+/// the invoice found or created again when the MSP deleted it
+/// ([`lines::header`]; the cached line, on the gone one, is dropped).
+async fn header_of(cx: &Ctx<'_>, ihid: i64) -> Result<Header, Failure> {
+    let header = lines::header(&cx.svc.store, cx.halo, &spec(cx), ihid).await?;
+    if header.again {
+        forget_line(cx).await?;
     }
+    Ok(header)
 }
 
 /// Writes the event's state onto line `line`.
@@ -276,20 +255,32 @@ async fn add_line(cx: &Ctx<'_>, ihid: i64) -> Result<i64, Failure> {
     let body = new_line(cx.data, cx.terms, Some(ihid), cx.item_id, cx.marker)?;
     let saved = match cx.halo.post("/RecurringInvoice/Lines", vec![body]).await {
         Ok(saved) => saved,
-        Err(e) if matches!(e.status(), Some(400 | 404)) => {
-            // A header that is gone makes this a stale mapping (retried
-            // afresh by read_header), not a refusal of the line.
-            read_header(cx, ihid).await?;
-            return Err(e.into());
+        Err(e) => {
+            // A header that is gone (deleted by the MSP) is found or
+            // created again and the event retried, not a refusal of the line.
+            let refusal = Failure::from(e);
+            return Err(lines::refusal_unless_header_gone(
+                &cx.svc.store,
+                cx.halo,
+                &spec(cx),
+                ihid,
+                refusal,
+            )
+            .await);
         }
-        Err(e) => return Err(e.into()),
     };
     let created = first_record(saved)
         .as_ref()
         .and_then(record_id)
         .ok_or_else(|| Failure::transient("HaloPSA saved the line but returned no id"))?;
-    let header = read_header(cx, ihid).await?;
-    match lines_carrying(&header, cx.marker).split_first() {
+    let header = header_of(cx, ihid).await?;
+    if header.again {
+        return Err(Failure::transient(format!(
+            "invoice {ihid} went from HaloPSA right after a line was added to it; retried on invoice {}",
+            header.ihid
+        )));
+    }
+    match lines_carrying(&header.body, cx.marker).split_first() {
         None => tracing::warn!(
             line = created,
             ihid,

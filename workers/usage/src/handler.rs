@@ -61,9 +61,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use async_trait::async_trait;
 use halosync_shared::contract::{Envelope, Family, Product, UsageData};
 use halosync_shared::halo::items;
-use halosync_shared::halo::lines::{self, Invoice};
+use halosync_shared::halo::lines::{self, Header, HeaderSpec, Invoice};
 use halosync_shared::halo::links::{self, Known, RECURRING_INVOICE, SUBSCRIPTION, USAGE};
-use halosync_shared::halo::{first_record, record_id, HaloClient};
+use halosync_shared::halo::{record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
 use halosync_shared::store::{KeyKind, StateError};
 use halosync_shared::{Failure, FailureClass};
@@ -98,10 +98,6 @@ impl Handler for UsageHandler {
         Ok(format!("{}:{}", d.subscription_id, d.metric))
     }
 
-    fn batching(&self) -> bool {
-        true
-    }
-
     /// A repair reads the customer's recurring invoice again: its cached
     /// line and the invoice's "every usage line cached" mark go.
     async fn forget_cached(
@@ -124,18 +120,6 @@ impl Handler for UsageHandler {
         let mut r = svc.store.redis();
         let _: () = r.del(doomed).await.map_err(StateError::from)?;
         Ok(())
-    }
-
-    async fn apply(
-        &self,
-        svc: &Services,
-        halo: &HaloClient,
-        event: &Envelope,
-    ) -> Result<Outcome, Failure> {
-        self.apply_batch(svc, halo, std::slice::from_ref(event))
-            .await
-            .pop()
-            .unwrap_or_else(|| Err(Failure::transient("no result (bug)")))
     }
 
     async fn apply_batch(
@@ -597,7 +581,9 @@ impl<'a> Batch<'a> {
         }
         for (ihid, members) in by_header {
             match self.read_header(ihid, &members).await {
-                Ok(header) => {
+                Ok(Header {
+                    ihid, body: header, ..
+                }) => {
                     let found = usage_lines(&header);
                     self.remember_header(ihid, &found).await;
                     // Lines beside the lowest carrying one of our markers
@@ -742,41 +728,32 @@ impl<'a> Batch<'a> {
         }
     }
 
-    /// `GET /RecurringInvoice/{ihid}?includedetails=true`; a header gone
-    /// from HaloPSA has its mapping dropped, and the events are retried.
-    async fn read_header(&self, ihid: i64, members: &[usize]) -> Result<Value, Failure> {
-        let path = format!("/RecurringInvoice/{ihid}");
-        match self
-            .halo
-            .get(&path, &[("includedetails", "true".into())])
-            .await
-        {
-            Ok(body) => first_record(body).ok_or_else(|| {
-                Failure::transient(format!("HaloPSA returned no recurring invoice {ihid}"))
-            }),
-            Err(e) if matches!(e.status(), Some(400 | 404)) => {
-                let account = members
-                    .first()
-                    .and_then(|i| self.work[*i].as_ref())
-                    .map(|w| w.data.account_id.clone())
-                    .unwrap_or_default();
-                if links::drop_if_stale(
-                    &self.svc.store,
-                    self.halo,
-                    &RECURRING_INVOICE,
-                    &account,
-                    ihid,
-                )
-                .await?
-                {
-                    return Err(Failure::transient(format!(
-                        "recurring invoice {ihid} of account {account} is gone from HaloPSA; the stale mapping was dropped and the event is retried afresh"
-                    )));
-                }
-                Err(e.into())
+    /// The invoice of `members` (`ihid`, read with its lines), and its id:
+    /// `ihid`, or the invoice found or created again when the MSP deleted
+    /// it ([`lines::header`]), which the members then go onto.
+    async fn read_header(&mut self, ihid: i64, members: &[usize]) -> Result<Header, Failure> {
+        let Some(spec) = self.spec_of(members.first().copied()) else {
+            return Err(Failure::transient("no event for the invoice (bug)"));
+        };
+        let header = lines::header(&self.svc.store, self.halo, &spec, ihid).await?;
+        for &i in members {
+            if let Some(w) = self.work[i].as_mut() {
+                w.ihid = header.ihid;
             }
-            Err(e) => Err(e.into()),
         }
+        Ok(header)
+    }
+
+    /// The recurring invoice of event `i`, as the lines engine needs it.
+    fn spec_of(&self, i: Option<usize>) -> Option<HeaderSpec<'_>> {
+        let w = self.work[i?].as_ref()?;
+        let config = self.svc.config();
+        Some(HeaderSpec::recurring(
+            &w.data.account_id,
+            w.customer,
+            config.worker.lock_ttl,
+            config.worker.lock_wait,
+        ))
     }
 
     /// Step 5: the writes, in arrays, split on a refusal.
@@ -872,7 +849,25 @@ impl<'a> Batch<'a> {
                         Failure::transient("HaloPSA saved the line but returned no id"),
                     ),
                 },
-                Err(f) => self.fail(i, f),
+                Err(f) => {
+                    // A refusal because the MSP deleted the invoice: found
+                    // or created again, the event retried onto it.
+                    let ihid = self.work[i].as_ref().map(|w| w.ihid).unwrap_or_default();
+                    let f = match self.spec_of(Some(i)) {
+                        Some(spec) => {
+                            lines::refusal_unless_header_gone(
+                                &self.svc.store,
+                                self.halo,
+                                &spec,
+                                ihid,
+                                f,
+                            )
+                            .await
+                        }
+                        None => f,
+                    };
+                    self.fail(i, f)
+                }
             }
         }
         // Cache what is now on the lines, in one round trip.
