@@ -86,6 +86,9 @@ impl HaloClient {
     /// Books one request's fate in the outage tracker: a network error or
     /// a 5xx is a failure to reach HaloPSA; any other answer means it is up.
     fn note_reachability(&self, failure: Option<&str>) {
+        if failure.is_some() {
+            self.limiter.pulse().failed();
+        }
         let Some(h) = &self.health else { return };
         let service = format!("halopsa:{}", self.conn.name);
         match failure {
@@ -105,6 +108,12 @@ impl HaloClient {
 
     pub fn connection(&self) -> &ConnectionConfig {
         &self.conn
+    }
+
+    /// When this connection's HaloPSA last answered and until when its
+    /// budget holds requests back: what the runtime's lanes read.
+    pub fn pulse(&self) -> &Arc<super::pulse::Pulse> {
+        self.limiter.pulse()
     }
 
     pub fn tokens(&self) -> &TokenProvider {
@@ -250,6 +259,8 @@ impl HaloClient {
                     Err(e) => {
                         if matches!(e, HaloError::Network(_)) {
                             self.note_reachability(Some(&e.to_string()));
+                        } else if matches!(e, HaloError::Token { status, .. } if status >= 500) {
+                            self.limiter.pulse().failed();
                         }
                         return Err(e);
                     }
@@ -291,6 +302,9 @@ impl HaloClient {
                     }
                 };
                 let status = response.status().as_u16();
+                if status < 500 && status != 429 {
+                    self.limiter.pulse().answered();
+                }
                 self.note_reachability((status >= 500).then(|| format!("{method} {path} answered {status}")).as_deref());
                 metrics::counter!("halosync_halo_requests_total", "connection" => crate::health::connection_label(&self.conn.name),
                     "method" => method.to_string(), "endpoint" => endpoint.clone(), "status" => status.to_string()).increment(1);

@@ -10,6 +10,7 @@ pub mod items;
 pub mod lines;
 pub mod links;
 pub mod models;
+pub mod pulse;
 pub mod ratelimit;
 #[cfg(test)]
 pub(crate) mod testkit;

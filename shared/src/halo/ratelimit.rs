@@ -9,11 +9,13 @@
 //! The window is padded by `rate_margin_ms` so that requests granted at a
 //! window's edge still land inside HaloPSA's window after network delay.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
 use super::error::HaloError;
+use super::pulse::Pulse;
 
 /// Grants a slot (returns minus the slots now used, so always < 0) or says
 /// how many ms until one frees (> 0). The used count feeds
@@ -119,6 +121,8 @@ pub struct RateLimiter {
     window: Duration,
     max_wait: Duration,
     connection: String,
+    /// Told how long a full budget holds requests back (see `pulse.rs`).
+    pulse: Arc<Pulse>,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -150,7 +154,14 @@ impl RateLimiter {
             window: window + margin,
             max_wait,
             connection: connection.to_string(),
+            pulse: Arc::default(),
         }
+    }
+
+    /// This connection's pulse: when HaloPSA last answered and until when
+    /// the budget holds requests back.
+    pub fn pulse(&self) -> &Arc<Pulse> {
+        &self.pulse
     }
 
     /// Waits for a slot. Returns how long it waited, or
@@ -180,6 +191,7 @@ impl RateLimiter {
             // Full (or paused after a 429): the budget is all used.
             self.record_use(u64::from(self.limit));
             let wait = Duration::from_millis(wait_ms as u64);
+            self.pulse.held_until(std::time::Instant::now() + wait);
             if started.elapsed() + wait > self.max_wait {
                 return Err(HaloError::BudgetExhausted(self.connection.clone()));
             }

@@ -4,9 +4,11 @@
 //! * Each lane batches its own connection's deliveries and has at most
 //!   one batch in flight (a non-batching handler: its messages one by
 //!   one); lanes run side by side.
-//! * A lane is **stalled** when it has work in flight and none of it
-//!   finished for `worker.lane_stall` (slow answers, a spent budget, a
-//!   HaloPSA that times out). A stalled lane may hold only its fair share
+//! * A lane is **stalled** when it has work in flight and made no
+//!   progress for `worker.lane_stall`: no task finished and its HaloPSA
+//!   answered no request (slow answers, a HaloPSA that times out), or at
+//!   once when its rate budget holds its requests back for longer than
+//!   that (`halo/pulse.rs`). A stalled lane may hold only its fair share
 //!   of the process's free prefetch window; what it holds beyond that is
 //!   **parked**: a copy goes to a delay queue with its attempt count
 //!   unchanged (like a throttled retry: no attempt used, never
@@ -28,6 +30,7 @@
 //! event that comes back after a newer one is superseded).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::message::Delivery;
@@ -38,6 +41,7 @@ use serde_json::Value;
 
 use crate::amqp::Publisher;
 use crate::contract::{self, ContractError, Family};
+use crate::halo::pulse::Pulse;
 
 use super::Services;
 
@@ -76,6 +80,9 @@ pub(super) fn lane_of(body: &Result<Value, ContractError>) -> String {
 
 /// One connection's deliveries in this process.
 pub(super) struct Lane {
+    /// The connection's HaloPSA pulse (when it last answered, how long its
+    /// budget holds requests back); none for a connection not configured.
+    pub pulse: Option<Arc<Pulse>>,
     /// Received, waiting for the lane's next batch.
     pub pending: Vec<Received>,
     /// When the pending batch goes even if not full.
@@ -86,16 +93,22 @@ pub(super) struct Lane {
     pub tasks: usize,
     /// The last time a task of this lane finished, or the lane went busy.
     pub progress: Instant,
+    /// Since when the lane has been slow: set when a batch finished while
+    /// it was stalled, cleared when one finishes without (see
+    /// [`Lane::finished`]).
+    pub slow_since: Option<Instant>,
 }
 
 impl Lane {
-    pub fn new(now: Instant) -> Lane {
+    pub fn new(now: Instant, pulse: Option<Arc<Pulse>>) -> Lane {
         Lane {
+            pulse,
             pending: Vec::new(),
             deadline: now,
             in_flight: 0,
             tasks: 0,
             progress: now,
+            slow_since: None,
         }
     }
 
@@ -104,10 +117,81 @@ impl Lane {
         self.in_flight + self.pending.len()
     }
 
-    /// How long it has had work in flight without any of it finishing;
-    /// `None` when nothing is in flight.
-    pub fn stalled_for(&self, now: Instant) -> Option<Duration> {
-        (self.tasks > 0).then(|| now.saturating_duration_since(self.progress))
+    /// Whether its HaloPSA answers at a healthy pace (`Pulse::healthy`).
+    fn healthy(&self, now: Instant, stall: Duration) -> bool {
+        self.pulse
+            .as_ref()
+            .is_some_and(|p| p.healthy(now.into_std(), stall))
+    }
+
+    /// The last sign of progress: a task finishing (or the lane going
+    /// busy), or its HaloPSA answering at a healthy pace. A healthy HaloPSA
+    /// answers many times a second while a long batch is written, so a
+    /// batch that takes seconds does not make its lane look stalled; a
+    /// slow one answers once in seconds, which is no progress.
+    pub fn last_progress(&self, now: Instant, stall: Duration) -> Instant {
+        let answered = self
+            .pulse
+            .as_ref()
+            .filter(|_| self.healthy(now, stall))
+            .and_then(|p| p.last_answer())
+            .map(Instant::from_std);
+        answered.map_or(self.progress, |a| a.max(self.progress))
+    }
+
+    /// How long the lane has not been able to make progress, the longest
+    /// of: work in flight without progress ([`Lane::last_progress`]);
+    /// since it became slow ([`Lane::slow_since`]) unless its HaloPSA
+    /// answers at a healthy pace again; how long every request to its
+    /// HaloPSA has failed, at least `stall` (down, idle or not: at once);
+    /// how much longer its rate
+    /// budget holds requests back (known in advance, so a lane waiting on a
+    /// spent budget is stalled at once, for as long as the wait). `None`
+    /// when idle and its HaloPSA not failing.
+    pub fn stalled_for(&self, now: Instant, stall: Duration) -> Option<Duration> {
+        let (held, failing) = self.pulse.as_ref().map_or((Duration::ZERO, None), |p| {
+            (p.held_for(now.into_std()), p.failing_for(now.into_std()))
+        });
+        let busy = (self.tasks > 0).then(|| {
+            let since_progress = now.saturating_duration_since(self.last_progress(now, stall));
+            let slow = self
+                .slow_since
+                .filter(|_| !self.healthy(now, stall))
+                .map(|t| now.saturating_duration_since(t))
+                .unwrap_or_default();
+            since_progress.max(slow).max(held)
+        });
+        match (busy, failing) {
+            (None, None) => None,
+            // Failing counts as stalled at once: its events would only fail
+            // and use an attempt each, while parked they use none.
+            (busy, failing) => Some(
+                busy.unwrap_or_default()
+                    .max(failing.map_or(Duration::ZERO, |d| d.max(stall))),
+            ),
+        }
+    }
+
+    /// Whether it counts as stalled now.
+    pub fn stalled(&self, now: Instant, stall: Duration) -> bool {
+        self.stalled_for(now, stall).is_some_and(|d| d >= stall)
+    }
+
+    /// A task of `n` deliveries finished. A lane that finished a batch
+    /// while stalled stays slow: its next batch counts as stalled from the
+    /// start (else each batch of a HaloPSA answering in 5 s would hold the
+    /// window for `lane_stall` again), until a batch finishes without
+    /// stalling (its HaloPSA answers at a healthy pace again).
+    pub fn finished(&mut self, n: usize, now: Instant, stall: Duration) {
+        match self.stalled_for(now, stall).filter(|d| *d >= stall) {
+            Some(d) => {
+                self.slow_since.get_or_insert(now - d);
+            }
+            None => self.slow_since = None,
+        }
+        self.tasks = self.tasks.saturating_sub(1);
+        self.in_flight = self.in_flight.saturating_sub(n);
+        self.progress = now;
     }
 }
 
@@ -141,7 +225,7 @@ impl Lanes {
     pub fn moving(&self, now: Instant, stall: Duration) -> usize {
         self.map
             .values()
-            .filter(|l| l.stalled_for(now).is_some_and(|d| d < stall))
+            .filter(|l| l.tasks > 0 && !l.stalled(now, stall))
             .count()
     }
 
@@ -175,11 +259,20 @@ impl Lanes {
     }
 
     /// Forgets lanes that hold nothing (1,000 idle connections cost no
-    /// entry).
-    pub fn drop_idle(&mut self) {
-        self.map.retain(|_, l| l.held() > 0 || l.tasks > 0);
+    /// entry), except a slow one's for [`SLOW_REMEMBERED`] (its backlog
+    /// comes back from parking and must find it slow, not start afresh).
+    pub fn drop_idle(&mut self, now: Instant) {
+        self.map.retain(|_, l| {
+            l.held() > 0
+                || l.tasks > 0
+                || (l.slow_since.is_some()
+                    && now.saturating_duration_since(l.progress) < SLOW_REMEMBERED)
+        });
     }
 }
+
+/// How long an idle lane that was slow is remembered as slow.
+pub(super) const SLOW_REMEMBERED: Duration = Duration::from_secs(600);
 
 /// Lanes writing in all (stalled ones included) per `worker.lanes_at_once`.
 pub(super) const WRITING_PER_TURN: usize = 4;
@@ -273,11 +366,11 @@ mod tests {
         let now = Instant::now();
         let stall = Duration::from_secs(1);
         let mut lanes = Lanes::new(400);
-        let mut writing = Lane::new(now);
+        let mut writing = Lane::new(now, None);
         writing.tasks = 1;
         writing.in_flight = 3;
         lanes.map.insert("writing".into(), writing);
-        let mut stalled = Lane::new(now - Duration::from_secs(5));
+        let mut stalled = Lane::new(now - Duration::from_secs(5), None);
         stalled.tasks = 1;
         stalled.in_flight = 3;
         lanes.map.insert("stalled".into(), stalled);
@@ -288,7 +381,7 @@ mod tests {
         // One turn, taken by the moving lane.
         assert_eq!(lanes.turns(now, stall, 1), 0);
         for i in 0..6 {
-            let mut l = Lane::new(now - Duration::from_secs(5));
+            let mut l = Lane::new(now - Duration::from_secs(5), None);
             l.tasks = 1;
             lanes.map.insert(format!("stalled{i}"), l);
         }
@@ -319,6 +412,63 @@ mod tests {
     }
 
     #[test]
+    fn a_lane_is_stalled_by_silence_a_slow_pace_a_spent_budget_or_failures_and_moves_at_a_healthy_pace(
+    ) {
+        let stall = Duration::from_secs(1);
+        let pulse = Arc::new(Pulse::default());
+        let busy_since = Instant::now() - Duration::from_secs(3);
+        let mut lane = Lane::new(busy_since, Some(pulse.clone()));
+        lane.tasks = 1;
+        // Three seconds without a task finishing and no answer: stalled.
+        assert!(lane.stalled(Instant::now(), stall));
+        // One answer after that silence is a slow HaloPSA, not progress.
+        pulse.answered();
+        assert!(lane.stalled(Instant::now(), stall));
+        // Answers at a healthy pace (a long batch of a healthy HaloPSA):
+        // moving although no task finished for three seconds.
+        pulse.answered();
+        assert!(!lane.stalled(Instant::now(), stall));
+        // Its budget holds requests back for 4 s: stalled now, for that long.
+        let now = Instant::now();
+        pulse.held_until(now.into_std() + Duration::from_secs(4));
+        let held = lane.stalled_for(now, stall).unwrap_or_default();
+        assert!(held > Duration::from_millis(3_900), "{held:?}");
+        assert_eq!(park_delay(&[1_000, 5_000, 30_000], held), 5_000);
+        // A batch that finishes while stalled leaves the lane slow: its
+        // next batch is stalled from the start, not after `stall` again.
+        let later = now + Duration::from_secs(5);
+        lane.finished(0, later, stall);
+        assert!(lane.slow_since.is_some());
+        lane.tasks = 1;
+        lane.progress = later;
+        assert!(lane.stalled(later, stall));
+        // Idle and not failing, it is never stalled.
+        lane.tasks = 0;
+        assert_eq!(lane.stalled_for(later, stall), None);
+        // Every request failing (HaloPSA down): stalled at once, even while
+        // idle, for as long as the failures last.
+        pulse.failed();
+        assert!(lane.stalled(Instant::now(), stall), "at once");
+        let failing = lane.stalled_for(Instant::now() + Duration::from_secs(2), stall);
+        assert!(
+            failing.is_some_and(|d| d >= Duration::from_millis(1_990)),
+            "{failing:?}"
+        );
+        // A slow lane whose HaloPSA answers at a healthy pace again: the
+        // batch that finishes then ends the slowness.
+        let fresh = Arc::new(Pulse::default());
+        let mut lane = Lane::new(Instant::now(), Some(fresh.clone()));
+        lane.slow_since = Some(Instant::now() - Duration::from_secs(30));
+        lane.tasks = 1;
+        assert!(lane.stalled(Instant::now(), stall), "slow and silent");
+        fresh.answered();
+        fresh.answered();
+        assert!(!lane.stalled(Instant::now(), stall));
+        lane.finished(0, Instant::now(), stall);
+        assert_eq!(lane.slow_since, None);
+    }
+
+    #[test]
     fn parks_for_the_tier_that_covers_the_stall() {
         let tiers = [1_000, 5_000, 30_000];
         assert_eq!(park_delay(&tiers, Duration::from_millis(10)), 1_000);
@@ -332,15 +482,16 @@ mod tests {
     #[test]
     fn a_stalled_lane_gets_a_share_of_the_free_window() {
         let now = Instant::now();
+        let stall = Duration::from_secs(1);
         let mut lanes = Lanes::new(400);
         assert_eq!(lanes.fair_share(), 400);
-        let mut noisy = Lane::new(now);
+        let mut noisy = Lane::new(now, None);
         noisy.in_flight = 200;
         noisy.tasks = 1;
         lanes.map.insert("noisy".into(), noisy);
         // 200 free, noisy and one unseen connection.
         assert_eq!(lanes.fair_share(), 100);
-        let mut quiet = Lane::new(now);
+        let mut quiet = Lane::new(now, None);
         quiet.in_flight = 1;
         quiet.tasks = 1;
         lanes.map.insert("quiet".into(), quiet);
@@ -349,11 +500,11 @@ mod tests {
             l.in_flight = 0;
             l.tasks = 0;
         }
-        assert_eq!(lanes.map["quiet"].stalled_for(now), None);
-        lanes.drop_idle();
+        assert_eq!(lanes.map["quiet"].stalled_for(now, stall), None);
+        lanes.drop_idle(now);
         assert_eq!(lanes.map.len(), 1);
         assert_eq!(
-            lanes.map["noisy"].stalled_for(now + Duration::from_secs(2)),
+            lanes.map["noisy"].stalled_for(now + Duration::from_secs(2), stall),
             Some(Duration::from_secs(2))
         );
     }

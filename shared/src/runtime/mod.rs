@@ -493,7 +493,7 @@ async fn session(
         // newest first (the oldest go next when the lane moves again).
         let share = lanes.fair_share();
         for lane in lanes.map.values_mut() {
-            let Some(stalled_for) = lane.stalled_for(now).filter(|d| *d >= stall) else {
+            let Some(stalled_for) = lane.stalled_for(now, stall).filter(|d| *d >= stall) else {
                 continue;
             };
             let keep = share.min(batch_max);
@@ -503,7 +503,7 @@ async fn session(
                 }
             }
         }
-        lanes.drop_idle();
+        lanes.drop_idle(now);
         // The next moment something is due without a delivery or a task
         // finishing: an idle lane's batch deadline (while a turn is free),
         // a busy lane becoming stalled while it holds pending deliveries or
@@ -517,7 +517,7 @@ async fn session(
                 if l.tasks == 0 {
                     Some(l.deadline).filter(|_| turns > 0)
                 } else {
-                    Some(l.progress + stall).filter(|t| *t > now)
+                    Some(l.last_progress(now, stall) + stall).filter(|t| *t > now)
                 }
             })
             .min();
@@ -526,9 +526,7 @@ async fn session(
             _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
             Some((name, n)) = done_rx.recv() => {
                 if let Some(lane) = lanes.map.get_mut(&name) {
-                    lane.tasks = lane.tasks.saturating_sub(1);
-                    lane.in_flight = lane.in_flight.saturating_sub(n);
-                    lane.progress = tokio::time::Instant::now();
+                    lane.finished(n, tokio::time::Instant::now(), stall);
                 }
             }
             next = consumer.next() => match next {
@@ -537,8 +535,10 @@ async fn session(
                     let received = lanes::Received::new(delivery, max_bytes);
                     let name = received.lane();
                     let share = lanes.fair_share();
-                    let lane = lanes.map.entry(name.clone()).or_insert_with(|| lanes::Lane::new(now));
-                    let stalled = lane.stalled_for(now).filter(|d| *d >= stall);
+                    let lane = lanes.map.entry(name.clone()).or_insert_with(|| {
+                        lanes::Lane::new(now, services.halo(&name).map(|c| c.pulse().clone()))
+                    });
+                    let stalled = lane.stalled_for(now, stall).filter(|d| *d >= stall);
                     match stalled {
                         Some(d) if lane.pending.len() >= share.min(batch_max) => {
                             spawn_park(received.delivery, lanes::park_delay(&tiers, d));
