@@ -22,7 +22,7 @@ pub use client::{first_record, record_id, HaloClient};
 pub use error::HaloError;
 
 use crate::config::{ConnectionConfig, WorkerSettings};
-use crate::store::{KeyKind, Keys};
+use crate::store::Keys;
 
 /// Builds the client of one connection, sharing `http` and `redis`.
 pub fn client_for(
@@ -37,7 +37,7 @@ pub fn client_for(
     let tokens = token::TokenProvider::new(conn.clone(), http.clone(), redis.clone(), keys);
     let limiter = ratelimit::RateLimiter::new(
         redis,
-        keys.key(&conn.name, KeyKind::RateLimit, &[]),
+        keys.rate_limit(&conn.name),
         &conn.name,
         conn.requests_per_window,
         conn.window,

@@ -65,7 +65,10 @@ pub struct App {
     pub auth: Auth,
     pub audit: AuditLog,
     pub jobs: jobs::Jobs,
+    /// For the rate budgets and tokens (`halo::ratelimit`, `halo::token`).
     pub redis: redis::aio::ConnectionManager,
+    /// Everything else halosync keeps in Redis (the reconcile reports).
+    pub store: halosync_shared::store::Store,
     /// Verified against when the user name is unknown, so that the answer
     /// takes as long as for a known one (no user-name probing by timing).
     pub dummy_hash: String,
@@ -132,6 +135,11 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<&str>) -> anyhow::
     if let Some(e) = &activity_error {
         tracing::warn!(error = %e, "activity log unavailable");
     }
+    let store = halosync_shared::store::Store::new(
+        redis.clone(),
+        halosync_shared::store::Keys::new(&loaded.config.prefix),
+        loaded.config.worker.ledger_ttl,
+    );
     let app = Arc::new(App {
         config: loaded.config,
         config_path: config_path.map(Path::to_path_buf),
@@ -139,6 +147,7 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<&str>) -> anyhow::
         auth: Auth::new(&settings),
         audit,
         jobs: jobs::Jobs::default(),
+        store,
         redis,
         dummy_hash: settings::hash_password(&auth::random_token())?,
         activity,
