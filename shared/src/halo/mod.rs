@@ -57,3 +57,37 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, HaloError> {
         .build()
         .map_err(|e| HaloError::Network(format!("building the HTTP client: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    /// Architecture Invariant: the HaloPSA client knows nothing of the
+    /// runtime (the runtime calls it, never the reverse; the write fence is
+    /// a `halo::client` task-local the runtime sets). Checked over every
+    /// source file of `halo/`, new ones included.
+    #[test]
+    fn halo_knows_nothing_of_the_runtime() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/halo");
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir:?}: {e}"));
+        let mut read = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            // Spelt in two halves, so that this test does not find itself.
+            let needles = [concat!("runtime", "::"), concat!("Serv", "ices")];
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                assert!(
+                    !needles.iter().any(|w| code.contains(w)),
+                    "{}:{}: halo/ uses the runtime: {line}",
+                    path.display(),
+                    n + 1
+                );
+            }
+            read += 1;
+        }
+        assert!(read >= 10, "read {read} files of {dir:?}");
+    }
+}

@@ -51,7 +51,7 @@ use halosync_shared::Config;
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use self::audit::{AuditLog, Entry};
+use self::audit::{AuditLog, AuditOutcome, Entry};
 use self::auth::{Auth, SignedIn};
 use self::settings::ConsoleSettings;
 
@@ -376,7 +376,7 @@ pub async fn record(
     who: &SignedIn,
     action: &str,
     target: &str,
-    outcome: &str,
+    outcome: AuditOutcome,
     count: usize,
     event_ids: Vec<String>,
     detail: Option<String>,
@@ -388,7 +388,7 @@ pub async fn record(
         role: who.role.as_str().to_string(),
         action: action.to_string(),
         target: target.to_string(),
-        outcome: outcome.to_string(),
+        outcome,
         count,
         event_ids,
         detail,
@@ -501,14 +501,14 @@ const CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Audits a sign-in that did not succeed; the user name is the one given
 /// (as data, in the entry's field).
-async fn audit_failed_sign_in(app: &App, user: &str, ip: std::net::IpAddr, outcome: &str) {
+async fn audit_failed_sign_in(app: &App, user: &str, ip: std::net::IpAddr, outcome: AuditOutcome) {
     let entry = Entry {
         at: Utc::now(),
         user: user.to_string(),
         role: String::new(),
         action: "sign-in".into(),
         target: ip.to_string(),
-        outcome: outcome.into(),
+        outcome,
         count: 0,
         event_ids: vec![],
         detail: None,
@@ -532,13 +532,7 @@ async fn login(
     let ip = app.auth.client_ip(peer.ip(), &headers);
     if !auth::same_origin(&headers) || !auth::login_token_ok(&headers, form.get("login_token")) {
         tracing::warn!(user = %user, client = %ip, "sign-in refused: cross-origin or without the form's token");
-        audit_failed_sign_in(
-            &app,
-            &user,
-            ip,
-            "refused: no sign-in token or another origin",
-        )
-        .await;
+        audit_failed_sign_in(&app, &user, ip, AuditOutcome::RefusedCrossOrigin).await;
         return login_answer(
             &app,
             &headers,
@@ -550,7 +544,7 @@ async fn login(
     }
     if let Err(wait) = app.auth.begin_attempt(&user, ip) {
         tracing::warn!(user = %user, client = %ip, wait_seconds = wait, "sign-in refused: too many attempts");
-        audit_failed_sign_in(&app, &user, ip, "refused: too many attempts").await;
+        audit_failed_sign_in(&app, &user, ip, AuditOutcome::RefusedTooManyAttempts).await;
         return login_answer(
             &app,
             &headers,
@@ -574,7 +568,7 @@ async fn login(
     // stays flat under a flood).
     let Some(ok) = app.passwords.verify(password, hash, CHECK_WAIT).await else {
         tracing::warn!(user = %user, client = %ip, "sign-in refused: too many at once");
-        audit_failed_sign_in(&app, &user, ip, "refused: too many at once").await;
+        audit_failed_sign_in(&app, &user, ip, AuditOutcome::RefusedTooManyAtOnce).await;
         return login_answer(
             &app,
             &headers,
@@ -595,7 +589,7 @@ async fn login(
                 role: u.role.as_str().into(),
                 action: "sign-in".into(),
                 target: ip.to_string(),
-                outcome: "ok".into(),
+                outcome: AuditOutcome::Succeeded,
                 count: 0,
                 event_ids: vec![],
                 detail: None,
@@ -612,7 +606,7 @@ async fn login(
         }
         _ => {
             tracing::warn!(user = %user, client = %ip, "sign-in failed");
-            audit_failed_sign_in(&app, &user, ip, "failed").await;
+            audit_failed_sign_in(&app, &user, ip, AuditOutcome::Failed).await;
             login_answer(
                 &app,
                 &headers,
