@@ -110,6 +110,7 @@ async fn readiness(s: &AppState) -> Result<(), String> {
         return Err("starting".into());
     };
     services.store.ping().await.map_err(|e| match e {
+        // Redis's own error, as `/readyz` always said it.
         StateError::Redis(e) => format!("redis unavailable: {e}"),
         e => format!("redis unavailable: {e}"),
     })

@@ -1,8 +1,15 @@
 //! Redis state shared by every worker process (DESIGN §5): the
 //! processed-event ledger, the billing id → HaloPSA id map with the applied
-//! version, and per-aggregate locks. The OAuth token cache and the rate
-//! limiter live beside the HaloPSA client (`halo::token`,
-//! `halo::ratelimit`) but use the same key scheme.
+//! version, and per-aggregate locks; in [`caches`], the typed caches beside
+//! them (invoice lines, products, currencies, item mappings). The OAuth
+//! token cache and the rate limiter live beside the HaloPSA client
+//! (`halo::token`, `halo::ratelimit`) but use the same key scheme: they
+//! are handed a connection and their key ([`Keys::token`],
+//! [`Keys::rate_limit`]).
+//!
+//! Nothing else touches Redis: `Store` keeps its connection to itself and
+//! [`Keys`] builds a key only for this module, so a worker names a cache
+//! and an id, never a key or a command.
 //!
 //! Every key is `{prefix}halosync:{connection}:{kind}:{...}`. Redis is a
 //! cache and a coordinator, never the source of truth: everything here can
@@ -18,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::contract::Version;
 use crate::error::Failure;
 
-mod caches;
+pub mod caches;
 pub use caches::{Cache, Marks, One, OverageLine, SubscriptionLine, UsageLine};
 
 #[derive(Debug, thiserror::Error)]
