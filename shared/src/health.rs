@@ -20,6 +20,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::outage::Health;
 use crate::runtime::Services;
+use crate::store::StateError;
 
 /// Installs the global Prometheus recorder (once per process).
 pub fn install_recorder() -> Option<PrometheusHandle> {
@@ -108,10 +109,11 @@ async fn readiness(s: &AppState) -> Result<(), String> {
     let Some(services) = s.services.get() else {
         return Err("starting".into());
     };
-    let mut r = services.store.redis();
-    let ping: Result<String, _> = redis::cmd("PING").query_async(&mut r).await;
-    ping.map(|_| ())
-        .map_err(|e| format!("redis unavailable: {e}"))
+    services.store.ping().await.map_err(|e| match e {
+        // Redis's own error, as `/readyz` always said it.
+        StateError::Redis(e) => format!("redis unavailable: {e}"),
+        e => format!("redis unavailable: {e}"),
+    })
 }
 
 /// Registers at zero the counters that alerts compare over time, so that

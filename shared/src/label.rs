@@ -9,9 +9,11 @@
 //! | [`crate::error::FailureClass`] | how an attempt failed (DESIGN §3) |
 //! | [`crate::error::ErrorClass`] | what a retry or dead-letter copy is filed under (`x-halosync-error-class`) |
 //! | [`crate::outcome::Settled`] | how a message was settled (activity, `halosync_messages_total`) |
+//! | [`crate::reload::Reloaded`] | how a config reload ended (`halosync_config_reloads_total`) |
 //!
 //! Other crates declare theirs with `halosync_shared::labelled!` (the
-//! operator's tool: what happened to a dead letter).
+//! operator's tool: what happened to a dead letter, `dlq::Handled`; how an
+//! audited console action went, `console::audit::AuditOutcome`).
 
 use std::fmt;
 
@@ -124,6 +126,7 @@ where
 mod tests {
     use crate::error::{ErrorClass, FailureClass};
     use crate::outcome::Settled;
+    use crate::reload::Reloaded;
 
     /// Every label reads back as its value, in text and in JSON, and the
     /// labels of one enum are distinct.
@@ -159,6 +162,7 @@ mod tests {
         round_trips(FailureClass::ALL, FailureClass::LABELS);
         round_trips(ErrorClass::ALL, ErrorClass::LABELS);
         round_trips(Settled::ALL, Settled::LABELS);
+        round_trips(Reloaded::ALL, Reloaded::LABELS);
     }
 
     /// The wire format (DESIGN §3, the activity stream, the metrics):
@@ -192,6 +196,7 @@ mod tests {
                 "requeued"
             ]
         );
+        assert_eq!(Reloaded::LABELS, ["applied", "refused"]);
         let err = "done".parse::<Settled>().expect_err("unknown");
         assert_eq!(
             err.to_string(),

@@ -88,12 +88,24 @@ pub async fn watch(path: PathBuf, services: Arc<Services>, shutdown: Cancellatio
     }
 }
 
+crate::label::labelled! {
+    /// How a reload ended: the `result` label of
+    /// `halosync_config_reloads_total`.
+    pub enum Reloaded ("reload result") {
+        /// The new configuration is in force.
+        Applied = "applied",
+        /// The file failed its checks; the running configuration stays.
+        Refused = "refused",
+    }
+}
+
 /// One reload: read and check the file, then apply it or keep the old one.
 async fn reload_once(path: &Path, services: &Services, trigger: Trigger) {
     let loaded = Config::load(Some(path)).and_then(|c| c.require_connections().map(|_| c));
     match loaded {
         Err(e) => {
-            metrics::counter!("halosync_config_reloads_total", "result" => "refused").increment(1);
+            metrics::counter!("halosync_config_reloads_total", "result" => Reloaded::Refused.as_str())
+                .increment(1);
             metrics::gauge!("halosync_config_reload_ok").set(0.0);
             tracing::error!(error = %e, trigger = ?trigger, path = %path.display(),
                 "config reload refused; the running configuration stays in force");
@@ -103,7 +115,8 @@ async fn reload_once(path: &Path, services: &Services, trigger: Trigger) {
                 tracing::warn!(warning = %w, "deprecated configuration");
             }
             let summary = services.reload(config).await;
-            metrics::counter!("halosync_config_reloads_total", "result" => "applied").increment(1);
+            metrics::counter!("halosync_config_reloads_total", "result" => Reloaded::Applied.as_str())
+                .increment(1);
             metrics::gauge!("halosync_config_reload_ok").set(1.0);
             if !summary.needs_restart.is_empty() {
                 tracing::warn!(keys = ?summary.needs_restart,

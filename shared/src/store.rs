@@ -1,8 +1,15 @@
 //! Redis state shared by every worker process (DESIGN §5): the
 //! processed-event ledger, the billing id → HaloPSA id map with the applied
-//! version, and per-aggregate locks. The OAuth token cache and the rate
-//! limiter live beside the HaloPSA client (`halo::token`,
-//! `halo::ratelimit`) but use the same key scheme.
+//! version, and per-aggregate locks; in [`caches`], the typed caches beside
+//! them (invoice lines, products, currencies, item mappings). The OAuth
+//! token cache and the rate limiter live beside the HaloPSA client
+//! (`halo::token`, `halo::ratelimit`) but use the same key scheme: they
+//! are handed a connection and their key ([`Keys::token`],
+//! [`Keys::rate_limit`]).
+//!
+//! Nothing else touches Redis: `Store` keeps its connection to itself and
+//! [`Keys`] builds a key only for this module, so a worker names a cache
+//! and an id, never a key or a command.
 //!
 //! Every key is `{prefix}halosync:{connection}:{kind}:{...}`. Redis is a
 //! cache and a coordinator, never the source of truth: everything here can
@@ -17,6 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::contract::Version;
 use crate::error::Failure;
+
+pub mod caches;
+pub use caches::{Cache, Marks, One, OverageLine, SubscriptionLine, UsageLine};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -160,7 +170,9 @@ impl Keys {
             prefix: prefix.to_string(),
         }
     }
-    pub fn key(&self, connection: &str, kind: KeyKind, parts: &[&str]) -> String {
+    /// Private: a key is built here, from its kind, and nowhere else;
+    /// other modules call a named method (below, or a [`Store`] method).
+    fn key(&self, connection: &str, kind: KeyKind, parts: &[&str]) -> String {
         let mut k = format!("{}halosync:{}:{}", self.prefix, connection, kind.as_str());
         for p in parts {
             k.push(':');
@@ -171,6 +183,23 @@ impl Keys {
     /// The pattern matching every key of this prefix (for cleanup in tests).
     pub fn pattern(&self) -> String {
         format!("{}halosync:*", self.prefix)
+    }
+    /// The connection's shared request budget (`halo::ratelimit`), and its
+    /// `:cooldown` and `:learnt` keys beside it.
+    pub fn rate_limit(&self, connection: &str) -> String {
+        self.key(connection, KeyKind::RateLimit, &[])
+    }
+    /// The connection's shared OAuth token (`halo::token`).
+    pub fn token(&self, connection: &str) -> String {
+        self.key(connection, KeyKind::Token, &[])
+    }
+    /// The lock of the connection's token refresh (`halo::token`).
+    pub fn token_lock(&self, connection: &str) -> String {
+        self.key(connection, KeyKind::Token, &["lock"])
+    }
+    /// Where the connection's last reconcile report is kept.
+    pub fn reconcile_report(&self, connection: &str) -> String {
+        self.key(connection, KeyKind::Reconcile, &["last"])
     }
 }
 
@@ -275,10 +304,6 @@ impl Store {
             ledger_ttl,
             seen_epoch: Default::default(),
         }
-    }
-
-    pub fn redis(&self) -> ConnectionManager {
-        self.redis.clone()
     }
 
     pub fn keys(&self) -> &Keys {
@@ -747,6 +772,17 @@ impl Store {
 }
 
 impl Store {
+    /// Removes every key of this store's prefix (tests only: a shared
+    /// Redis is never flushed).
+    #[cfg(test)]
+    pub(crate) async fn remove_everything(&self) {
+        let mut r = self.redis.clone();
+        let keys: Vec<String> = r.keys(self.keys.pattern()).await.unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = r.del(keys).await;
+        }
+    }
+
     /// Takes the locks of a batch's aggregates, given in the order every
     /// worker takes them (sorted), within `wait` for all of them together.
     /// One pipelined round trip tries them all (a batch of 200 no longer
@@ -967,11 +1003,18 @@ mod tests {
     }
 
     async fn cleanup(s: &Store) {
-        let mut r = s.redis();
-        let keys: Vec<String> = r.keys(s.keys().pattern()).await.expect("keys");
-        if !keys.is_empty() {
-            let _: () = r.del(keys).await.expect("del");
-        }
+        s.remove_everything().await;
+    }
+
+    /// Where a reconcile report is kept (the console's Reconcile page
+    /// reads it): the store's scheme, so a test's or deployment's prefix
+    /// and its cleanup pattern `{prefix}halosync:*` cover it.
+    #[test]
+    fn the_last_report_key_follows_the_store_scheme() {
+        assert_eq!(
+            Keys::new("t-x.").reconcile_report("acme"),
+            "t-x.halosync:acme:reconcile:last"
+        );
     }
 
     #[tokio::test]

@@ -18,14 +18,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use redis::AsyncCommands;
 use serde_json::Value;
 
 use super::client::list_rows;
 use super::models::Currency;
 use super::HaloClient;
 use crate::error::Failure;
-use crate::store::{KeyKind, StateError, Store};
+use crate::store::Store;
 
 /// The failure of a code HaloPSA does not have.
 pub fn not_set_up(code: &str) -> Failure {
@@ -43,20 +42,14 @@ pub fn normalise(code: &str) -> String {
 /// event is replayed or a repair).
 pub const MISSING_FOR: Duration = Duration::from_secs(30);
 
-fn missing_key(halo: &HaloClient, store: &Store, code: &str) -> String {
-    store
-        .keys()
-        .key(&halo.connection().name, KeyKind::CurrencyMissing, &[code])
-}
-
 /// Whether every code of `codes` was missing at a refresh less than
 /// [`MISSING_FOR`] ago. An unreadable Redis says no (ask HaloPSA).
 async fn all_known_missing(halo: &HaloClient, store: &Store, codes: &[&String]) -> bool {
-    let keys: Vec<String> = codes.iter().map(|c| missing_key(halo, store, c)).collect();
-    let mut r = store.redis();
-    let found: Result<Vec<Option<String>>, redis::RedisError> =
-        redis::cmd("MGET").arg(&keys).query_async(&mut r).await;
-    found.is_ok_and(|v| v.iter().all(Option::is_some))
+    store
+        .missing_currencies(&halo.connection().name)
+        .marked(codes)
+        .await
+        .is_ok_and(|v| v.iter().all(|m| *m))
 }
 
 /// Remembers the codes HaloPSA lacked at this refresh, for [`MISSING_FOR`].
@@ -64,32 +57,20 @@ async fn remember_missing(halo: &HaloClient, store: &Store, codes: &[&String]) {
     if codes.is_empty() {
         return;
     }
-    let mut pipe = redis::pipe();
-    for c in codes {
-        pipe.set_ex(missing_key(halo, store, c), "1", MISSING_FOR.as_secs())
-            .ignore();
-    }
-    let mut r = store.redis();
-    let written: Result<(), redis::RedisError> = pipe.query_async(&mut r).await;
+    let written = store
+        .missing_currencies(&halo.connection().name)
+        .mark(codes, Some(MISSING_FOR))
+        .await;
     if let Err(e) = written {
-        tracing::warn!(error = %StateError::from(e), "could not remember the missing currencies; the next event asks HaloPSA again");
+        tracing::warn!(error = %e, "could not remember the missing currencies; the next event asks HaloPSA again");
     }
-}
-
-fn cache_key(halo: &HaloClient, store: &Store) -> String {
-    store
-        .keys()
-        .key(&halo.connection().name, KeyKind::Currencies, &[])
 }
 
 async fn read_cache(halo: &HaloClient, store: &Store) -> Option<BTreeMap<String, i64>> {
-    let mut r = store.redis();
-    let text: Result<Option<String>, redis::RedisError> = r.get(cache_key(halo, store)).await;
-    match text {
-        Ok(Some(t)) => serde_json::from_str(&t).ok(),
-        Ok(None) => None,
+    match store.currencies(&halo.connection().name).get().await {
+        Ok(map) => map,
         Err(e) => {
-            tracing::warn!(error = %StateError::from(e), "could not read the cached currencies; asking HaloPSA");
+            tracing::warn!(error = %e, "could not read the cached currencies; asking HaloPSA");
             None
         }
     }
@@ -100,12 +81,12 @@ async fn read_cache(halo: &HaloClient, store: &Store) -> Option<BTreeMap<String,
 pub async fn refresh(halo: &HaloClient, store: &Store) -> Result<BTreeMap<String, i64>, Failure> {
     let body = halo.get("/Currency", &[]).await?;
     let map = by_code(body);
-    if let Ok(text) = serde_json::to_string(&map) {
-        let mut r = store.redis();
-        let written: Result<(), redis::RedisError> = r.set(cache_key(halo, store), text).await;
-        if let Err(e) = written {
-            tracing::warn!(error = %StateError::from(e), "could not cache the currencies; the next event asks HaloPSA again");
-        }
+    let written = store
+        .currencies(&halo.connection().name)
+        .set(&map, None)
+        .await;
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "could not cache the currencies; the next event asks HaloPSA again");
     }
     Ok(map)
 }

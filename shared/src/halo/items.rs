@@ -43,7 +43,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -52,7 +51,7 @@ use super::models::{body, ExternalLinkList, Int32, Item};
 use super::HaloClient;
 use crate::config::ConnectionConfig;
 use crate::error::Failure;
-use crate::store::{KeyKind, StateError, Store};
+use crate::store::Store;
 
 /// `third_party_type` of the item-mapping ExternalLinks.
 pub const LINK_TYPE: &str = "halosync.item";
@@ -143,28 +142,20 @@ async fn cached_mappings(
     halo: &HaloClient,
     store: &Store,
 ) -> Result<BTreeMap<String, i64>, Failure> {
-    let key = cache_key(halo, store);
-    let mut r = store.redis();
     // Losing Redis costs speed, never correctness: without the cache, ask
     // HaloPSA.
-    let hit: Option<String> = match r.get(&key).await {
+    let hit = match store.item_mappings(&halo.connection().name).get().await {
         Ok(hit) => hit,
         Err(e) => {
             tracing::debug!(error = %e, "item-mapping cache unavailable; reading HaloPSA");
             None
         }
     };
-    if let Some(map) = hit.and_then(|s| serde_json::from_str(&s).ok()) {
+    if let Some(map) = hit {
         return Ok(map);
     }
     let mappings = list_mappings(halo).await?;
     Ok(write_cache(halo, store, &mappings).await)
-}
-
-fn cache_key(halo: &HaloClient, store: &Store) -> String {
-    store
-        .keys()
-        .key(&halo.connection().name, KeyKind::ItemMappings, &[])
 }
 
 /// Caches `mappings` for [`CACHE_TTL`] and returns them as a map. A cache
@@ -178,13 +169,12 @@ async fn write_cache(
         .iter()
         .map(|m| (m.key.clone(), m.item_id))
         .collect();
-    let text = serde_json::to_string(&map).unwrap_or_else(|_| "{}".into());
-    let mut r = store.redis();
-    let written: Result<(), redis::RedisError> = r
-        .set_ex(cache_key(halo, store), text, CACHE_TTL.as_secs())
+    let written = store
+        .item_mappings(&halo.connection().name)
+        .set(&map, Some(CACHE_TTL))
         .await;
     if let Err(e) = written {
-        tracing::warn!(error = %StateError::from(e), ttl_secs = CACHE_TTL.as_secs(),
+        tracing::warn!(error = %e, ttl_secs = CACHE_TTL.as_secs(),
             "could not cache the item mappings; workers see a change within the cache's TTL");
     }
     map

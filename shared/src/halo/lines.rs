@@ -280,7 +280,7 @@ pub async fn found_or_created_again(
     let lock = store
         .lock(
             conn,
-            &format!("{}:{billing_id}", kind.name),
+            &kind.create_lock(billing_id),
             spec.lock_ttl,
             spec.lock_wait,
         )

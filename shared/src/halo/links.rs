@@ -45,6 +45,14 @@ pub struct Kind {
     pub table_id: i64,
 }
 
+impl Kind {
+    /// The aggregate lock (`Store::lock`) under which one record of this
+    /// kind is found or created: `<name>:<billing_id>`.
+    pub fn create_lock(&self, billing_id: &str) -> String {
+        format!("{}:{billing_id}", self.name)
+    }
+}
+
 /// Customer (`/Client`, table `Area` = 2) per billing account.
 pub const CUSTOMER: Kind = Kind {
     name: "account",
@@ -744,12 +752,7 @@ where
         return Ok(m);
     }
     let lock = store
-        .lock(
-            conn,
-            &format!("{}:{billing_id}", kind.name),
-            lock_ttl,
-            lock_wait,
-        )
+        .lock(conn, &kind.create_lock(billing_id), lock_ttl, lock_wait)
         .await?;
     let result = async {
         // Another worker may have finished while we waited for the lock.

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use halo_sim::{SimConfig, SimHandle};
-use redis::AsyncCommands;
 
 use super::HaloClient;
 use crate::config::{Config, Env};
@@ -89,14 +88,7 @@ window_seconds = 60
             ignored.is_empty(),
             "properties HaloPSA's models lack: {ignored:?}"
         );
-        let mut r = self.store.redis();
-        let keys: Vec<String> = r
-            .keys(self.store.keys().pattern())
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<(), _> = r.del(keys).await;
-        }
+        self.store.remove_everything().await;
         self.sim.shutdown().await;
     }
 

@@ -18,7 +18,7 @@ use tokio::sync::Mutex;
 use super::error::{message_from_body, HaloError, BODY_EXCERPT};
 use crate::config::ConnectionConfig;
 use crate::error::excerpt;
-use crate::store::{KeyKind, Keys};
+use crate::store::Keys;
 
 /// Refresh this long before HaloPSA's `expires_in` runs out (halocli uses
 /// 60 s, WYRE 120 s; reference §1.3).
@@ -74,8 +74,8 @@ impl TokenProvider {
         keys: &Keys,
     ) -> TokenProvider {
         TokenProvider {
-            key: keys.key(&conn.name, KeyKind::Token, &[]),
-            lock_key: keys.key(&conn.name, KeyKind::Token, &["lock"]),
+            key: keys.token(&conn.name),
+            lock_key: keys.token_lock(&conn.name),
             conn,
             http,
             redis,

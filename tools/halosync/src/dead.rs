@@ -194,6 +194,71 @@ fn parse_time(text: Option<String>) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// What a dead letter is filed under: its `x-halosync-error-class`, or the
+/// broker's `poison`. Read once, here; a header halosync did not write
+/// (another version's, or a hand-published message's) is kept as it reads,
+/// and a missing one is `unknown`. Serialised (`--json`) as that text.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LetterClass {
+    /// One of halosync's classes.
+    Filed(ErrorClass),
+    /// No `x-halosync-error-class` header.
+    Unknown,
+    /// A header none of halosync's classes spells.
+    Other(String),
+}
+
+impl LetterClass {
+    /// What a dead letter without the header is listed as.
+    pub const UNKNOWN: &'static str = "unknown";
+
+    /// The class of a letter whose `x-halosync-error-class` header is `header`.
+    pub fn read(header: Option<String>) -> LetterClass {
+        match header {
+            None => LetterClass::Unknown,
+            Some(text) => match text.parse::<ErrorClass>() {
+                Ok(class) => LetterClass::Filed(class),
+                Err(_) if text == Self::UNKNOWN => LetterClass::Unknown,
+                Err(_) => LetterClass::Other(text),
+            },
+        }
+    }
+
+    /// Halosync's class, if the letter carries one.
+    pub fn class(&self) -> Option<ErrorClass> {
+        match self {
+            LetterClass::Filed(c) => Some(*c),
+            LetterClass::Unknown | LetterClass::Other(_) => None,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            LetterClass::Filed(c) => c.as_str(),
+            LetterClass::Unknown => Self::UNKNOWN,
+            LetterClass::Other(text) => text,
+        }
+    }
+}
+
+impl std::fmt::Display for LetterClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for LetterClass {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for LetterClass {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// One dead letter as the operator sees it.
 #[derive(Clone, Debug, Serialize)]
 pub struct DeadLetter {
@@ -205,7 +270,7 @@ pub struct DeadLetter {
     #[serde(rename = "type")]
     pub event_type: Option<String>,
     pub connection: Option<String>,
-    pub class: String,
+    pub class: LetterClass,
     pub error_message: Option<String>,
     pub halo_status: Option<i64>,
     /// HaloPSA's own message, read out of the body excerpt.
@@ -260,10 +325,10 @@ impl DeadLetter {
                 ),
                 None => "the broker's delivery limit dead-lettered it (workers kept dying while holding it)".to_string(),
             };
-            (ErrorClass::Poison.as_str().to_string(), Some(m))
+            (LetterClass::Filed(ErrorClass::Poison), Some(m))
         } else {
             (
-                h::get_str(headers, h::ERROR_CLASS).unwrap_or_else(|| "unknown".to_string()),
+                LetterClass::read(h::get_str(headers, h::ERROR_CLASS)),
                 worker_message,
             )
         };
@@ -411,7 +476,7 @@ impl Filter {
     }
 
     pub fn matches(&self, d: &DeadLetter, message_id: Option<&str>) -> bool {
-        if !self.classes.is_empty() && !self.classes.iter().any(|c| c.as_str() == d.class) {
+        if !self.classes.is_empty() && !self.classes.iter().any(|c| d.class.class() == Some(*c)) {
             return false;
         }
         if !self.connections.is_empty()
@@ -484,7 +549,7 @@ impl Filter {
 /// A failure group: dead letters with the same class (and error).
 #[derive(Clone, Debug, Serialize)]
 pub struct Group {
-    pub class: String,
+    pub class: LetterClass,
     /// The error message with numbers folded to `#` (`--group-by error`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -517,7 +582,7 @@ pub fn fold_numbers(text: &str) -> String {
 
 /// Groups dead letters; the biggest group first, then the most recent.
 pub fn group(letters: &[DeadLetter], by: GroupBy) -> Vec<Group> {
-    let mut groups: BTreeMap<(String, Option<String>), Group> = BTreeMap::new();
+    let mut groups: BTreeMap<(LetterClass, Option<String>), Group> = BTreeMap::new();
     for d in letters {
         let error = match by {
             GroupBy::Class => None,
@@ -549,7 +614,7 @@ pub fn group(letters: &[DeadLetter], by: GroupBy) -> Vec<Group> {
         b.count
             .cmp(&a.count)
             .then(b.last_failure_at.cmp(&a.last_failure_at))
-            .then(a.class.cmp(&b.class))
+            .then(a.class.as_str().cmp(b.class.as_str()))
     });
     out
 }
@@ -612,6 +677,27 @@ mod tests {
             r#"{{"id":"{id}","type":"subscription.created","connection":"acme","data":{{}}}}"#
         );
         (props, body.into_bytes())
+    }
+
+    /// A letter's class is read once into the enum and written back as the
+    /// header spelt it (`--json`, the tables, the console).
+    #[test]
+    fn a_letters_class_reads_and_prints_as_its_header() {
+        for c in ErrorClass::ALL {
+            let l = LetterClass::read(Some(c.as_str().to_string()));
+            assert_eq!(l, LetterClass::Filed(*c));
+            assert_eq!(l.class(), Some(*c));
+            assert_eq!(
+                serde_json::to_string(&l).unwrap(),
+                format!("\"{}\"", c.as_str())
+            );
+        }
+        assert_eq!(LetterClass::read(None), LetterClass::Unknown);
+        assert_eq!(LetterClass::read(None).to_string(), "unknown");
+        let odd = LetterClass::read(Some("from-elsewhere".into()));
+        assert_eq!(odd, LetterClass::Other("from-elsewhere".into()));
+        assert_eq!(odd.class(), None);
+        assert_eq!(serde_json::to_string(&odd).unwrap(), "\"from-elsewhere\"");
     }
 
     #[test]

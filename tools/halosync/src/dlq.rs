@@ -591,7 +591,7 @@ pub async fn list(
                     GroupBy::Class => format!("{id}: {}", g.sample_message),
                     GroupBy::Error => id.to_string(),
                 };
-                let mut row = vec![g.count.to_string(), g.class.clone()];
+                let mut row = vec![g.count.to_string(), g.class.to_string()];
                 if by == GroupBy::Error {
                     row.push(one_line(g.error.as_deref().unwrap_or(""), 90));
                 }
@@ -646,7 +646,7 @@ pub async fn list(
                 d.event_id.clone().unwrap_or_else(|| "-".into()),
                 d.event_type.clone().unwrap_or_else(|| "-".into()),
                 d.connection.clone().unwrap_or_else(|| "-".into()),
-                d.class.clone(),
+                d.class.to_string(),
                 d.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
                 when(d.last_failure_at.as_ref(), &now),
                 one_line(&d.reason(), 100),
@@ -743,7 +743,7 @@ fn print_letter(d: &DeadLetter, queue_len: Option<u32>, now: &chrono::DateTime<U
     };
     let fields = [
         ("queue", pos),
-        ("class", d.class.clone()),
+        ("class", d.class.to_string()),
         ("error", d.error_message.clone().unwrap_or_else(dash)),
         ("HaloPSA says", halo),
         ("attempts", d.attempts.map_or_else(dash, |a| a.to_string())),

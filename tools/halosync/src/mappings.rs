@@ -128,7 +128,7 @@ pub fn group_unmapped(letters: &[DeadLetter]) -> Vec<UnmappedSku> {
     let mut families: BTreeMap<(String, String), BTreeSet<Family>> = BTreeMap::new();
     for d in letters
         .iter()
-        .filter(|d| d.class == ErrorClass::Unmapped.as_str())
+        .filter(|d| d.class.class() == Some(ErrorClass::Unmapped))
     {
         let Some((sku, keys)) = sku_of(d) else {
             continue;

@@ -54,10 +54,8 @@ use halosync_shared::halo::links::{self, OVERAGE_INVOICE, SUBSCRIPTION};
 use halosync_shared::halo::models::{body, InvoiceDetail, InvoiceHeader};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
-use halosync_shared::store::{KeyKind, StateError};
+use halosync_shared::store::OverageLine as Cached;
 use halosync_shared::Failure;
-use redis::AsyncCommands;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::mapping;
@@ -82,12 +80,7 @@ impl Handler for OverageHandler {
         event: &Envelope,
     ) -> Result<(), Failure> {
         let d: OverageData = event.data_as()?;
-        let mut r = svc.store.redis();
-        let _: () = r
-            .del(cache_key(svc, halo, &d))
-            .await
-            .map_err(StateError::from)?;
-        Ok(())
+        forget(svc, halo, &d).await
     }
 
     async fn apply_batch(
@@ -165,15 +158,6 @@ struct Plan {
 enum Prepared {
     Done(Outcome),
     Plan(Box<Plan>),
-}
-
-/// An aggregate's charge as cached in Redis. `line: None`: the line was
-/// added but its id is not known (the header is read to find it).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Cached {
-    ihid: i64,
-    line: Option<i64>,
-    version: String,
 }
 
 async fn prepare(
@@ -311,7 +295,7 @@ async fn create_invoice(
 /// The HaloPSA item of the charge, from the connection's `[items]` map
 /// (then, in the same key order, the mappings stored in HaloPSA:
 /// `halo::items`): `overage:<metric>` (no request needed), else the subscription's sku
-/// (from its licence: `product_sku`, cached in Redis under `KeyKind::SubscriptionProduct`, shared with the usage worker) as `<sku>:<metric>`,
+/// (from its licence: `product_sku`, cached in `Store::subscription_products`, shared with the usage worker) as `<sku>:<metric>`,
 /// then `<sku>`. A subscription not in HaloPSA yet is a `dependency`; no
 /// key mapped is `unmapped`, naming the keys tried.
 async fn item_for(svc: &Services, halo: &HaloClient, d: &OverageData) -> Result<i64, Failure> {
@@ -348,14 +332,8 @@ async fn subscription_sku(
     halo: &HaloClient,
     d: &OverageData,
 ) -> Result<String, Failure> {
-    let key = svc.store.keys().key(
-        &halo.connection().name,
-        KeyKind::SubscriptionProduct,
-        &[&d.subscription_id],
-    );
-    let mut r = svc.store.redis();
-    let hit: Option<String> = r.get(&key).await.map_err(StateError::from)?;
-    if let Some(p) = hit.and_then(|s| serde_json::from_str::<Product>(&s).ok()) {
+    let products = svc.store.subscription_products(&halo.connection().name);
+    if let Some(p) = products.get(&d.subscription_id).await? {
         return Ok(p.sku);
     }
     let not_yet = || {
@@ -391,10 +369,7 @@ async fn subscription_sku(
             (!sku.is_empty()).then_some(Product { sku, name })
         })
         .ok_or_else(|| Failure::dependency(not_yet()))?;
-    let _: () = r
-        .set(&key, serde_json::to_string(&product).unwrap_or_default())
-        .await
-        .map_err(StateError::from)?;
+    products.set(&d.subscription_id, &product).await?;
     Ok(product.sku)
 }
 
@@ -433,26 +408,19 @@ async fn invoice_for(
     Ok(id)
 }
 
-fn cache_key(svc: &Services, halo: &HaloClient, d: &OverageData) -> String {
-    svc.store.keys().key(
-        &halo.connection().name,
-        KeyKind::OverageLine,
-        &[&mapping::aggregate(d)],
-    )
-}
-
+/// An aggregate's charge as cached in Redis (`store::OverageLine`).
+/// `line: None`: the line was added but its id is not known (the header
+/// is read to find it).
 async fn cached(
     svc: &Services,
     halo: &HaloClient,
     d: &OverageData,
 ) -> Result<Option<Cached>, Failure> {
-    let mut r = svc.store.redis();
-    let raw: Option<String> = r
-        .get(cache_key(svc, halo, d))
-        .await
-        .map_err(StateError::from)?;
-    // A value we cannot read is treated as absent: HaloPSA has the truth.
-    Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
+    Ok(svc
+        .store
+        .overage_lines(&halo.connection().name)
+        .get(&mapping::aggregate(d))
+        .await?)
 }
 
 async fn remember(
@@ -472,26 +440,23 @@ async fn write_cache(
     line: Option<i64>,
     version: &Version,
 ) -> Result<(), Failure> {
-    let value = serde_json::to_string(&Cached {
+    let value = Cached {
         ihid,
         line,
         version: version.encode(),
-    })
-    .unwrap_or_default();
-    let mut r = svc.store.redis();
-    let _: () = r
-        .set(cache_key(svc, halo, d), value)
-        .await
-        .map_err(StateError::from)?;
+    };
+    svc.store
+        .overage_lines(&halo.connection().name)
+        .set(&mapping::aggregate(d), &value)
+        .await?;
     Ok(())
 }
 
 async fn forget(svc: &Services, halo: &HaloClient, d: &OverageData) -> Result<(), Failure> {
-    let mut r = svc.store.redis();
-    let _: () = r
-        .del(cache_key(svc, halo, d))
-        .await
-        .map_err(StateError::from)?;
+    svc.store
+        .overage_lines(&halo.connection().name)
+        .forget(&mapping::aggregate(d))
+        .await?;
     Ok(())
 }
 

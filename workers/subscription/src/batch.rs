@@ -27,11 +27,11 @@ use halosync_shared::halo::links::{self, Known, CUSTOMER, RECURRING_INVOICE, SUB
 use halosync_shared::halo::models::{body, InvoiceHeader};
 use halosync_shared::halo::{record_id, HaloClient};
 use halosync_shared::runtime::{Outcome, Services};
-use halosync_shared::store::Mapping;
+use halosync_shared::store::{Mapping, SubscriptionLine};
 use halosync_shared::{Failure, FailureClass};
 use serde_json::Value;
 
-use crate::invoice::{self, CachedLine};
+use crate::invoice;
 use crate::mapping::{licence_record, line_update, new_line, Terms};
 
 /// The most records one array POST carries (HaloPSA documents no limit,
@@ -124,7 +124,7 @@ pub(crate) async fn apply(
             links::known_many(store, halo, &CUSTOMER, &accounts).await?,
             links::known_many(store, halo, &SUBSCRIPTION, &subs).await?,
             links::known_many(store, halo, &RECURRING_INVOICE, &accounts).await?,
-            invoice::cached_lines(svc, &conn, &subs).await?,
+            store.subscription_lines(&conn).get_many(&subs).await?,
         ))
     }
     .await;
@@ -294,7 +294,7 @@ async fn create(
         let lock = store
             .lock(
                 &conn,
-                &format!("{}:{account}", RECURRING_INVOICE.name),
+                &RECURRING_INVOICE.create_lock(account),
                 lock_ttl,
                 std::time::Duration::from_millis(50),
             )
@@ -574,7 +574,7 @@ async fn create_under_locks(
             }
         };
         let mut maps: Vec<(String, Mapping)> = Vec::new();
-        let mut cache: Vec<(String, CachedLine)> = Vec::new();
+        let mut cache: Vec<(String, SubscriptionLine)> = Vec::new();
         let mut products: Vec<(&str, &Product)> = Vec::new();
         let mut applied: Vec<usize> = Vec::new();
         for (&k, row) in chunk.iter().zip(&saved) {
@@ -591,7 +591,7 @@ async fn create_under_locks(
             if let Some((ihid, Some(l))) = line.get(&k) {
                 cache.push((
                     w.data.subscription_id.clone(),
-                    CachedLine {
+                    SubscriptionLine {
                         ihid: *ihid,
                         line: *l,
                     },
@@ -603,7 +603,7 @@ async fn create_under_locks(
         let pairs: Vec<(&str, &Mapping)> = maps.iter().map(|(s, m)| (s.as_str(), m)).collect();
         let r = async {
             store.set_mappings(&conn, SUBSCRIPTION.name, &pairs).await?;
-            invoice::remember_lines(svc, &conn, &cache).await
+            store.subscription_lines(&conn).set_many(&cache).await
         }
         .await
         .map_err(Failure::from);
@@ -670,9 +670,12 @@ async fn apply_chunk(
             // retried from the invoice's lines, on the one-event path.
             Err(f) if f.class == FailureClass::Rejected => {
                 let w = &chunk[k].1;
-                if let Err(e) =
-                    invoice::forget_line_of(svc, &policy.name, &w.data.subscription_id).await
-                {
+                let forgot = svc
+                    .store
+                    .subscription_lines(&policy.name)
+                    .forget(&w.data.subscription_id)
+                    .await;
+                if let Err(e) = forgot {
                     results[chunk[k].0] = Some(Err(e.into()));
                 }
             }
@@ -706,7 +709,7 @@ async fn apply_chunk(
 }
 
 /// Seeds the cache the usage and overage workers read for a subscription's
-/// sku (`KeyKind::SubscriptionProduct`), so they need not read the licence.
+/// sku (`Store::subscription_products`), so they need not read the licence.
 async fn seed_products(svc: &Services, halo: &HaloClient, chunk: &[(usize, Warm)]) {
     let products: Vec<(&str, &Product)> = chunk
         .iter()

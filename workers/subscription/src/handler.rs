@@ -147,7 +147,10 @@ impl Handler for SubscriptionHandler {
         event: &Envelope,
     ) -> Result<(), Failure> {
         let data: SubscriptionData = event.data_as()?;
-        invoice::forget_line_of(svc, &halo.connection().name, &data.subscription_id).await?;
+        svc.store
+            .subscription_lines(&halo.connection().name)
+            .forget(&data.subscription_id)
+            .await?;
         Ok(())
     }
 

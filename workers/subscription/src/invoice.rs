@@ -11,7 +11,7 @@
 //!   `GET /RecurringInvoice/{id}?includedetails=true`, added with
 //!   `POST /RecurringInvoice/Lines`, updated with
 //!   `POST /RecurringInvoice/updatelines`. Its id is cached in Redis
-//!   (`…:subline:<subscription_id>` = `{"ihid", "line"}`) so that the steady
+//!   (`Store::subscription_lines`: `{"ihid", "line"}`) so that the steady
 //!   state needs no GET; the cache is only a shortcut, rebuilt from the
 //!   header's lines when missing or refused.
 //! * **One line per subscription**: the aggregate lock prevents two adds;
@@ -26,10 +26,8 @@ use halosync_shared::halo::lines::{self, Header, HeaderSpec, Invoice};
 use halosync_shared::halo::links::{self, CUSTOMER, RECURRING_INVOICE};
 use halosync_shared::halo::{first_record, record_id, HaloError};
 use halosync_shared::runtime::Services;
-use halosync_shared::store::{KeyKind, StateError};
+use halosync_shared::store::SubscriptionLine;
 use halosync_shared::Failure;
-use redis::AsyncCommands;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::handler::Ctx;
@@ -50,9 +48,7 @@ pub(crate) enum Before {
 /// `GET /SoftwareLicence/{id}` tells the licence's customer, so a move is
 /// seen whatever Redis has forgotten.
 pub(crate) async fn before(cx: &Ctx<'_>, licence: i64) -> Result<Option<Before>, Failure> {
-    let mut r = cx.svc.store.redis();
-    let raw: Option<String> = r.get(line_key(cx)).await.map_err(StateError::from)?;
-    if let Some(c) = raw.and_then(|s| serde_json::from_str::<CachedLine>(&s).ok()) {
+    if let Some(c) = lines_of(cx).get(&cx.data.subscription_id).await? {
         return Ok(Some(Before::Line {
             ihid: c.ihid,
             line: c.line,
@@ -307,76 +303,9 @@ async fn retire(cx: &Ctx<'_>, ihid: i64, kept: i64, lines: &[i64]) -> Result<(),
     lines::retire_duplicates(cx.halo, Invoice::Recurring, ihid, kept, lines, cx.marker).await
 }
 
-/// A subscription's line as cached in Redis.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct CachedLine {
-    pub ihid: i64,
-    pub line: i64,
-}
-
-fn line_key(cx: &Ctx<'_>) -> String {
-    line_key_of(cx.svc, &cx.halo.connection().name, &cx.data.subscription_id)
-}
-
-fn line_key_of(svc: &Services, conn: &str, subscription_id: &str) -> String {
-    svc.store
-        .keys()
-        .key(conn, KeyKind::SubscriptionLine, &[subscription_id])
-}
-
-/// The cached lines of many subscriptions, in one round trip. A value that
-/// cannot be read is absent: HaloPSA has the truth.
-pub(crate) async fn cached_lines(
-    svc: &Services,
-    conn: &str,
-    subscription_ids: &[String],
-) -> Result<Vec<Option<CachedLine>>, StateError> {
-    if subscription_ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let keys: Vec<String> = subscription_ids
-        .iter()
-        .map(|s| line_key_of(svc, conn, s))
-        .collect();
-    let mut r = svc.store.redis();
-    let raw: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut r).await?;
-    Ok(raw
-        .into_iter()
-        .map(|v| v.and_then(|s| serde_json::from_str(&s).ok()))
-        .collect())
-}
-
-/// Drops the cached line of a subscription (after HaloPSA refused it).
-pub(crate) async fn forget_line_of(
-    svc: &Services,
-    conn: &str,
-    subscription_id: &str,
-) -> Result<(), StateError> {
-    let mut r = svc.store.redis();
-    let _: () = r.del(line_key_of(svc, conn, subscription_id)).await?;
-    Ok(())
-}
-
-/// Caches many subscriptions' lines, in one round trip.
-pub(crate) async fn remember_lines(
-    svc: &Services,
-    conn: &str,
-    lines: &[(String, CachedLine)],
-) -> Result<(), StateError> {
-    if lines.is_empty() {
-        return Ok(());
-    }
-    let mut pipe = redis::pipe();
-    for (sub, line) in lines {
-        pipe.set(
-            line_key_of(svc, conn, sub),
-            serde_json::to_string(line).unwrap_or_default(),
-        )
-        .ignore();
-    }
-    let mut r = svc.store.redis();
-    let _: () = pipe.query_async(&mut r).await?;
-    Ok(())
+/// The subscriptions' cached lines (`store::SubscriptionLine`).
+fn lines_of<'s>(cx: &'s Ctx<'_>) -> halosync_shared::store::Cache<'s, SubscriptionLine> {
+    cx.svc.store.subscription_lines(&cx.halo.connection().name)
 }
 
 /// Tells the usage worker that these invoices, just created, hold no usage
@@ -386,67 +315,45 @@ pub(crate) async fn seed_usage_scanned(svc: &Services, conn: &str, ihids: &[i64]
     if ihids.is_empty() {
         return;
     }
-    let mut pipe = redis::pipe();
-    for ihid in ihids {
-        pipe.set(
-            svc.store
-                .keys()
-                .key(conn, KeyKind::UsageScanned, &[&ihid.to_string()]),
-            "1",
-        )
-        .ignore();
-    }
-    let mut r = svc.store.redis();
-    let res: Result<(), redis::RedisError> = pipe.query_async(&mut r).await;
-    if let Err(e) = res {
+    if let Err(e) = svc.store.usage_scanned(conn).mark(ihids, None).await {
         tracing::warn!(error = %e, "could not tell the usage worker that the new invoices hold no usage line");
     }
 }
 
 /// Seeds the cache the usage and overage workers read for a subscription's
-/// product (`KeyKind::SubscriptionProduct`), so that they need not read the
+/// product (`Store::subscription_products`), so that they need not read the
 /// licence from HaloPSA. Only a shortcut: a failure is logged, not fatal.
 pub(crate) async fn seed_products(svc: &Services, conn: &str, products: &[(&str, &Product)]) {
     if products.is_empty() {
         return;
     }
-    let mut pipe = redis::pipe();
-    for (sub, product) in products {
-        pipe.set(
-            svc.store
-                .keys()
-                .key(conn, KeyKind::SubscriptionProduct, &[sub]),
-            serde_json::to_string(product).unwrap_or_default(),
-        )
-        .ignore();
-    }
-    let mut r = svc.store.redis();
-    let res: Result<(), redis::RedisError> = pipe.query_async(&mut r).await;
-    if let Err(e) = res {
+    if let Err(e) = svc
+        .store
+        .subscription_products(conn)
+        .set_many(products)
+        .await
+    {
         tracing::warn!(error = %e, "could not seed the subscriptions' products for the usage and overage workers");
     }
 }
 
 /// The cached line of this subscription, if it is on header `ihid`.
 async fn cached_line(cx: &Ctx<'_>, ihid: i64) -> Result<Option<i64>, Failure> {
-    let mut r = cx.svc.store.redis();
-    let raw: Option<String> = r.get(line_key(cx)).await.map_err(StateError::from)?;
-    // A value we cannot read is treated as absent: HaloPSA has the truth.
-    Ok(raw
-        .and_then(|s| serde_json::from_str::<CachedLine>(&s).ok())
+    Ok(lines_of(cx)
+        .get(&cx.data.subscription_id)
+        .await?
         .filter(|c| c.ihid == ihid)
         .map(|c| c.line))
 }
 
 async fn remember_line(cx: &Ctx<'_>, ihid: i64, line: i64) -> Result<(), Failure> {
-    let value = serde_json::to_string(&CachedLine { ihid, line }).unwrap_or_default();
-    let mut r = cx.svc.store.redis();
-    let _: () = r.set(line_key(cx), value).await.map_err(StateError::from)?;
+    lines_of(cx)
+        .set(&cx.data.subscription_id, &SubscriptionLine { ihid, line })
+        .await?;
     Ok(())
 }
 
 async fn forget_line(cx: &Ctx<'_>) -> Result<(), Failure> {
-    let mut r = cx.svc.store.redis();
-    let _: () = r.del(line_key(cx)).await.map_err(StateError::from)?;
+    lines_of(cx).forget(&cx.data.subscription_id).await?;
     Ok(())
 }

@@ -65,10 +65,8 @@ use halosync_shared::halo::lines::{self, Header, HeaderSpec, Invoice};
 use halosync_shared::halo::links::{self, Known, RECURRING_INVOICE, SUBSCRIPTION, USAGE};
 use halosync_shared::halo::{record_id, HaloClient};
 use halosync_shared::runtime::{Handler, Outcome, Services};
-use halosync_shared::store::{KeyKind, StateError};
+use halosync_shared::store::{Cache, UsageLine as CachedLine};
 use halosync_shared::{Failure, FailureClass};
-use redis::AsyncCommands;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::mapping::{item_keys, line_update, new_line, usage_lines, Applied};
@@ -108,17 +106,14 @@ impl Handler for UsageHandler {
     ) -> Result<(), Failure> {
         let d: UsageData = event.data_as()?;
         let conn = &halo.connection().name;
-        let keys = svc.store.keys();
-        let mut doomed = vec![keys.key(conn, KeyKind::UsageLine, &[&d.subscription_id, &d.metric])];
-        if let Some(inv) = svc
+        let invoice = svc
             .store
             .mapping(conn, RECURRING_INVOICE.name, &d.account_id)
-            .await?
-        {
-            doomed.push(keys.key(conn, KeyKind::UsageScanned, &[&inv.halo_id.to_string()]));
-        }
-        let mut r = svc.store.redis();
-        let _: () = r.del(doomed).await.map_err(StateError::from)?;
+            .await?;
+        svc.store
+            .usage_lines(conn)
+            .forget_with_scan(&self.aggregate(event)?, invoice.map(|m| m.halo_id))
+            .await?;
         Ok(())
     }
 
@@ -135,6 +130,8 @@ impl Handler for UsageHandler {
 /// One event on its way through the batch.
 struct Work {
     data: UsageData,
+    /// `<subscription_id>:<metric>` ([`Handler::aggregate`]).
+    aggregate: String,
     state: Applied,
     marker: String,
     ihid: i64,
@@ -144,19 +141,6 @@ struct Work {
     line: Option<i64>,
     /// `line` came from the Redis cache, not from reading the header.
     from_cache: bool,
-}
-
-/// The cached usage line of an aggregate.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct CachedLine {
-    ihid: i64,
-    line: i64,
-    applied: String,
-    /// Written just before `POST /RecurringInvoice/Lines`: the line may
-    /// exist without its id being known (a worker killed mid-request), so
-    /// the header must be read before adding again.
-    #[serde(default)]
-    pending: bool,
 }
 
 struct Batch<'a> {
@@ -184,9 +168,10 @@ impl<'a> Batch<'a> {
             match parsed {
                 Ok((data, version)) => {
                     results.push(None);
-                    let marker =
-                        links::marker(&USAGE, &format!("{}:{}", data.subscription_id, data.metric));
+                    let aggregate = format!("{}:{}", data.subscription_id, data.metric);
+                    let marker = links::marker(&USAGE, &aggregate);
                     work.push(Some(Work {
+                        aggregate,
                         state: Applied {
                             period_start: data.period_start.clone(),
                             version,
@@ -226,11 +211,9 @@ impl<'a> Batch<'a> {
             .collect()
     }
 
-    fn key(&self, kind: KeyKind, parts: &[&str]) -> String {
-        self.svc
-            .store
-            .keys()
-            .key(&self.halo.connection().name, kind, parts)
+    /// The cached usage lines (`store::UsageLine`), by aggregate.
+    fn cached_lines(&self) -> Cache<'a, CachedLine> {
+        self.svc.store.usage_lines(&self.halo.connection().name)
     }
 
     async fn run(mut self, cold: &tokio::sync::Mutex<()>) -> Vec<Result<Outcome, Failure>> {
@@ -360,17 +343,17 @@ impl<'a> Batch<'a> {
         if subs.is_empty() {
             return false;
         }
-        let keys: Vec<String> = subs
-            .iter()
-            .map(|s| self.key(KeyKind::SubscriptionProduct, &[s]))
-            .collect();
         let mut known: HashMap<String, Result<Product, Failure>> = HashMap::new();
-        let mut r = self.svc.store.redis();
-        let cached: Result<Vec<Option<String>>, _> = r.mget(&keys).await;
+        let cached = self
+            .svc
+            .store
+            .subscription_products(&self.halo.connection().name)
+            .get_many(&subs)
+            .await;
         let cached = match cached {
             Ok(c) => c,
             Err(e) => {
-                let f: Failure = StateError::from(e).into();
+                let f: Failure = e.into();
                 for i in live {
                     self.fail(i, f.clone());
                 }
@@ -386,8 +369,8 @@ impl<'a> Batch<'a> {
                 (w.data.subscription_id.clone(), w.customer)
             })
             .collect();
-        for (sub, raw) in subs.iter().zip(cached) {
-            if let Some(p) = raw.and_then(|s| serde_json::from_str::<Product>(&s).ok()) {
+        for (sub, hit) in subs.iter().zip(cached) {
+            if let Some(p) = hit {
                 known.insert(sub.clone(), Ok(p));
                 continue;
             }
@@ -508,21 +491,14 @@ impl<'a> Batch<'a> {
         if live.is_empty() {
             return false;
         }
-        let keys: Vec<String> = live
+        let aggregates: Vec<&str> = live
             .iter()
-            .map(|i| {
-                let w = self.work[*i].as_ref().expect("live");
-                self.key(
-                    KeyKind::UsageLine,
-                    &[&w.data.subscription_id, &w.data.metric],
-                )
-            })
+            .map(|i| self.work[*i].as_ref().expect("live").aggregate.as_str())
             .collect();
-        let mut r = self.svc.store.redis();
-        let cached: Vec<Option<String>> = match r.mget(&keys).await {
+        let cached = match self.cached_lines().get_many(&aggregates).await {
             Ok(c) => c,
             Err(e) => {
-                let f: Failure = StateError::from(e).into();
+                let f: Failure = e.into();
                 for i in live {
                     self.fail(i, f.clone());
                 }
@@ -531,12 +507,9 @@ impl<'a> Batch<'a> {
         };
         let mut by_header: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
         let mut pending_ihids: HashSet<i64> = HashSet::new();
-        for (&i, raw) in live.iter().zip(cached) {
+        for (&i, hit) in live.iter().zip(cached) {
             let ihid = self.work[i].as_ref().expect("live").ihid;
-            match raw
-                .and_then(|s| serde_json::from_str::<CachedLine>(&s).ok())
-                .filter(|c| c.ihid == ihid)
-            {
+            match hit.filter(|c| c.ihid == ihid) {
                 Some(c) if !c.pending => {
                     let applied = Applied::decode(&c.applied);
                     self.settle_line(i, c.line, applied);
@@ -559,14 +532,16 @@ impl<'a> Batch<'a> {
             .filter(|h| !pending_ihids.contains(h))
             .collect();
         if !ihids.is_empty() {
-            let keys: Vec<String> = ihids
-                .iter()
-                .map(|h| self.key(KeyKind::UsageScanned, &[&h.to_string()]))
-                .collect();
-            match r.mget::<_, Vec<Option<String>>>(&keys).await {
+            let scanned = self
+                .svc
+                .store
+                .usage_scanned(&self.halo.connection().name)
+                .marked(&ihids)
+                .await;
+            match scanned {
                 Ok(scanned) => {
                     for (h, seen) in ihids.iter().zip(scanned) {
-                        if seen.is_some() {
+                        if seen {
                             by_header.remove(h);
                         }
                     }
@@ -641,7 +616,7 @@ impl<'a> Batch<'a> {
     /// the header as scanned. The lowest line id per marker is kept.
     async fn remember_header(&self, ihid: i64, found: &[(String, i64, Option<Applied>)]) {
         let prefix = format!("{}:", USAGE.third_party_type);
-        let mut pipe = redis::pipe();
+        let mut lines: Vec<(&str, CachedLine)> = Vec::new();
         let mut seen = HashSet::new();
         for (marker, line, applied) in found {
             let Some(aggregate) = marker.strip_prefix(&prefix) else {
@@ -650,24 +625,17 @@ impl<'a> Batch<'a> {
             if !seen.insert(aggregate) {
                 continue;
             }
-            let value = serde_json::to_string(&CachedLine {
-                ihid,
-                line: *line,
-                applied: applied.as_ref().map(Applied::encode).unwrap_or_default(),
-                pending: false,
-            })
-            .unwrap_or_default();
-            pipe.cmd("SET")
-                .arg(self.key(KeyKind::UsageLine, &[aggregate]))
-                .arg(value)
-                .arg("NX")
-                .ignore();
+            lines.push((
+                aggregate,
+                CachedLine {
+                    ihid,
+                    line: *line,
+                    applied: applied.as_ref().map(Applied::encode).unwrap_or_default(),
+                    pending: false,
+                },
+            ));
         }
-        pipe.set(self.key(KeyKind::UsageScanned, &[&ihid.to_string()]), "1")
-            .ignore();
-        let mut r = self.svc.store.redis();
-        let res: Result<(), _> = pipe.query_async(&mut r).await;
-        if let Err(e) = res {
+        if let Err(e) = self.cached_lines().remember_scanned(ihid, &lines).await {
             tracing::warn!(error = %e, "could not cache the header's usage lines");
         }
     }
@@ -688,8 +656,7 @@ impl<'a> Batch<'a> {
     /// subscriptions need no listing in later batches.
     async fn cache_products(&self, rows: &[Value]) {
         let prefix = format!("{}:", SUBSCRIPTION.third_party_type);
-        let mut pipe = redis::pipe();
-        let mut any = false;
+        let mut products: Vec<(&str, Product)> = Vec::new();
         for row in rows {
             let Some(sub) = row
                 .get(LICENCE_ID_FIELD)
@@ -712,19 +679,16 @@ impl<'a> Batch<'a> {
                     .unwrap_or(sku)
                     .to_string(),
             };
-            pipe.set(
-                self.key(KeyKind::SubscriptionProduct, &[sub]),
-                serde_json::to_string(&p).unwrap_or_default(),
-            )
-            .ignore();
-            any = true;
+            products.push((sub, p));
         }
-        if any {
-            let mut r = self.svc.store.redis();
-            let res: Result<(), _> = pipe.query_async(&mut r).await;
-            if let Err(e) = res {
-                tracing::warn!(error = %e, "could not cache the subscriptions' skus");
-            }
+        let cached = self
+            .svc
+            .store
+            .subscription_products(&self.halo.connection().name)
+            .set_many(&products)
+            .await;
+        if let Err(e) = cached {
+            tracing::warn!(error = %e, "could not cache the subscriptions' skus");
         }
     }
 
@@ -808,30 +772,21 @@ impl<'a> Batch<'a> {
             // Intent first: a worker killed between the POST and the cache
             // write leaves a pending entry, so the replay reads the header
             // (and finds the line by its marker) instead of adding again.
-            let mut pipe = redis::pipe();
-            for (i, _) in &adds {
-                if let Some(w) = self.work[*i].as_ref() {
-                    let value = serde_json::to_string(&CachedLine {
+            let pending: Vec<(&str, CachedLine)> = adds
+                .iter()
+                .filter_map(|(i, _)| self.work[*i].as_ref())
+                .map(|w| {
+                    let value = CachedLine {
                         ihid: w.ihid,
                         line: 0,
                         applied: String::new(),
                         pending: true,
-                    })
-                    .unwrap_or_default();
-                    pipe.set(
-                        self.key(
-                            KeyKind::UsageLine,
-                            &[&w.data.subscription_id, &w.data.metric],
-                        ),
-                        value,
-                    )
-                    .ignore();
-                }
-            }
-            let mut r = self.svc.store.redis();
-            let res: Result<(), _> = pipe.query_async(&mut r).await;
-            if let Err(e) = res {
-                let f: Failure = StateError::from(e).into();
+                    };
+                    (w.aggregate.as_str(), value)
+                })
+                .collect();
+            if let Err(e) = self.cached_lines().set_many(&pending).await {
+                let f: Failure = e.into();
                 for (i, _) in std::mem::take(&mut adds) {
                     self.fail(i, f.clone());
                 }
@@ -871,34 +826,22 @@ impl<'a> Batch<'a> {
             }
         }
         // Cache what is now on the lines, in one round trip.
-        let mut pipe = redis::pipe();
-        for (i, line) in &done {
-            let Some(w) = self.work[*i].as_ref() else {
-                continue;
-            };
-            let value = serde_json::to_string(&CachedLine {
-                ihid: w.ihid,
-                line: *line,
-                applied: w.state.encode(),
-                pending: false,
+        let lines: Vec<(&str, CachedLine)> = done
+            .iter()
+            .filter_map(|(i, line)| Some((self.work[*i].as_ref()?, *line)))
+            .map(|(w, line)| {
+                let value = CachedLine {
+                    ihid: w.ihid,
+                    line,
+                    applied: w.state.encode(),
+                    pending: false,
+                };
+                (w.aggregate.as_str(), value)
             })
-            .unwrap_or_default();
-            pipe.set(
-                self.key(
-                    KeyKind::UsageLine,
-                    &[&w.data.subscription_id, &w.data.metric],
-                ),
-                value,
-            )
-            .ignore();
-        }
-        if !done.is_empty() {
-            let mut r = self.svc.store.redis();
-            let res: Result<(), _> = pipe.query_async(&mut r).await;
-            if let Err(e) = res {
-                // HaloPSA has the truth; the next event reads the header.
-                tracing::warn!(error = %e, "could not cache the usage lines");
-            }
+            .collect();
+        if let Err(e) = self.cached_lines().set_many(&lines).await {
+            // HaloPSA has the truth; the next event reads the header.
+            tracing::warn!(error = %e, "could not cache the usage lines");
         }
         for (i, _) in done {
             self.results[i] = Some(Ok(Outcome::Applied));
@@ -908,16 +851,9 @@ impl<'a> Batch<'a> {
 
     async fn forget(&self, i: usize) {
         if let Some(w) = self.work[i].as_ref() {
-            let mut r = self.svc.store.redis();
-            let res: Result<(), _> = redis::pipe()
-                .del(self.key(
-                    KeyKind::UsageLine,
-                    &[&w.data.subscription_id, &w.data.metric],
-                ))
-                .ignore()
-                .del(self.key(KeyKind::UsageScanned, &[&w.ihid.to_string()]))
-                .ignore()
-                .query_async(&mut r)
+            let res = self
+                .cached_lines()
+                .forget_with_scan(&w.aggregate, Some(w.ihid))
                 .await;
             if let Err(e) = res {
                 tracing::warn!(error = %e, "could not drop a cached usage line");

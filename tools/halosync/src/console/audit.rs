@@ -17,6 +17,44 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+halosync_shared::labelled! {
+    /// How an audited action went: an audit entry's `outcome` (the audit
+    /// file's JSON, as written since the console first kept one) and how a
+    /// console job ended.
+    #[allow(clippy::enum_variant_names)]
+    pub enum AuditOutcome ("audit outcome") {
+        /// A job (replay, purge) was started.
+        Started = "started",
+        Done = "done",
+        Failed = "failed",
+        Cancelled = "cancelled",
+        /// A connection test passed, or a sign-in.
+        Succeeded = "ok",
+        /// A job's cancellation was asked for.
+        Asked = "asked",
+        /// A sign-in form without the form's token or from another origin.
+        RefusedCrossOrigin = "refused: no sign-in token or another origin",
+        /// A sign-in over the limit of attempts.
+        RefusedTooManyAttempts = "refused: too many attempts",
+        /// A sign-in over the limit of password checks at once.
+        RefusedTooManyAtOnce = "refused: too many at once",
+    }
+}
+
+impl AuditOutcome {
+    /// The pill an outcome is shown in (`ok`, `bad`, `warn`).
+    pub fn pill(self) -> &'static str {
+        match self {
+            AuditOutcome::Done | AuditOutcome::Succeeded => "ok",
+            AuditOutcome::Failed
+            | AuditOutcome::RefusedCrossOrigin
+            | AuditOutcome::RefusedTooManyAttempts
+            | AuditOutcome::RefusedTooManyAtOnce => "bad",
+            AuditOutcome::Started | AuditOutcome::Cancelled | AuditOutcome::Asked => "warn",
+        }
+    }
+}
+
 /// One recorded action (or one stage of it: a job is recorded when it
 /// starts and again when it ends).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -28,8 +66,7 @@ pub struct Entry {
     pub action: String,
     /// What it applied to, in words (the filter, the connection, the sku).
     pub target: String,
-    /// `started`, `done`, `failed`, `cancelled`, `ok`, `refused`.
-    pub outcome: String,
+    pub outcome: AuditOutcome,
     /// How many dead letters (or checks, or mappings) it touched.
     pub count: usize,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -136,6 +173,35 @@ impl AuditLog {
 mod tests {
     use super::*;
 
+    /// The audit file's spellings: entries written before stay readable.
+    #[test]
+    fn every_outcome_round_trips_in_the_audit_files_spelling() {
+        assert_eq!(
+            AuditOutcome::LABELS,
+            [
+                "started",
+                "done",
+                "failed",
+                "cancelled",
+                "ok",
+                "asked",
+                "refused: no sign-in token or another origin",
+                "refused: too many attempts",
+                "refused: too many at once",
+            ]
+        );
+        for (o, label) in AuditOutcome::ALL.iter().zip(AuditOutcome::LABELS) {
+            let json = serde_json::to_string(o).unwrap();
+            assert_eq!(json, format!("\"{label}\""));
+            assert_eq!(serde_json::from_str::<AuditOutcome>(&json).unwrap(), *o);
+            assert_eq!(label.parse::<AuditOutcome>(), Ok(*o));
+        }
+        let line = r#"{"at":"2026-01-02T03:04:05Z","user":"u","role":"operator","action":"sign-in","target":"1.2.3.4","outcome":"refused: too many attempts","count":0}"#;
+        let e: Entry = serde_json::from_str(line).unwrap();
+        assert_eq!(e.outcome, AuditOutcome::RefusedTooManyAttempts);
+        assert_eq!(serde_json::to_string(&e).unwrap(), line);
+    }
+
     #[tokio::test]
     async fn entries_come_back_newest_first_and_survive_reopening() {
         let dir = std::env::temp_dir().join(format!("audit-{}", uuid::Uuid::new_v4().simple()));
@@ -147,7 +213,7 @@ mod tests {
             role: "operator".into(),
             action: "replay".into(),
             target: "class unmapped".into(),
-            outcome: "done".into(),
+            outcome: AuditOutcome::Done,
             count: 2,
             event_ids: vec!["evt_1".into(), "evt_2".into()],
             detail: None,

@@ -85,7 +85,7 @@ pub async fn page(
                             td { b { (e.user) } " " span.pill { (e.role) } }
                             td { (e.action) }
                             td { (e.target) @if let Some(j) = &e.job { " " a href={"/jobs/" (j)} { "job " (j) } } }
-                            td { span class={"pill " (match e.outcome.as_str() { "done" | "ok" => "ok", "failed" | "refused" => "bad", _ => "warn" })} { (e.outcome) } }
+                            td { span class={"pill " (e.outcome.pill())} { (e.outcome) } }
                             td.num { (e.count) }
                             td { @for id in e.event_ids.iter().take(5) { code { (id) } " " } @if e.event_ids.len() > 5 { span.muted { "+" (e.event_ids.len() - 5) " more" } } }
                             td.muted { (e.detail.clone().unwrap_or_default()) }

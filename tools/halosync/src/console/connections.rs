@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
 
 use super::access::{Operator, Viewer};
+use super::audit::AuditOutcome;
 use super::auth::SignedIn;
 use super::{layout, problem, Shared};
 use crate::check::{self, Report};
@@ -138,7 +139,11 @@ pub async fn test(State(app): State<Shared>, Operator { who, form }: Operator) -
         &who,
         "test",
         &format!("connection {name}"),
-        if report.ok { "ok" } else { "failed" },
+        if report.ok {
+            AuditOutcome::Succeeded
+        } else {
+            AuditOutcome::Failed
+        },
         report.checks.len(),
         vec![],
         detail,

@@ -13,6 +13,7 @@ use clap::ValueEnum;
 use maud::{html, Markup};
 
 use super::access::{Operator, Viewer};
+use super::audit::AuditOutcome;
 use super::auth::SignedIn;
 use super::{layout, problem, Form, Shared};
 use crate::dead::{self, parse_since, DeadLetter, FamilyArg, Filter};
@@ -268,7 +269,7 @@ pub async fn list(
                 thead { tr { th.num { "Count" } th { "Class" } th { "Cause" } th { "Families" } th { "First failure" } th { "Last failure" } th { "Sample" } th {} } }
                 tbody {
                     @for g in &groups {
-                        @let gq = DeadQuery { class: Some(g.class.clone()), error: g.error.clone(), ..q.clone() };
+                        @let gq = DeadQuery { class: Some(g.class.to_string()), error: g.error.clone(), ..q.clone() };
                         tr.group {
                             td.num { b { (g.count) } }
                             td { span.pill.bad { (g.class) } }
@@ -561,7 +562,7 @@ pub async fn run(State(app): State<Shared>, Operator { who, form }: Operator) ->
         &who,
         verb,
         &target,
-        "started",
+        AuditOutcome::Started,
         expected,
         q.event_ids(),
         None,

@@ -25,6 +25,7 @@ use maud::html;
 use serde::Serialize;
 
 use super::access::{Operator, Viewer};
+use super::audit::AuditOutcome;
 use super::auth::SignedIn;
 use super::{layout, problem, Shared};
 use crate::dead::Filter;
@@ -34,9 +35,48 @@ use crate::dlq::{self, problem_text, Action, Handled, Progress};
 #[derive(Clone, Debug, Serialize)]
 pub struct Ended {
     pub at: DateTime<Utc>,
-    /// `done`, `failed`, `cancelled`.
-    pub outcome: String,
+    /// Done, failed or cancelled.
+    pub outcome: AuditOutcome,
     pub message: String,
+}
+
+/// Where a job is: running, or ended as its audit entry says. Shown, and
+/// sent to the page's live progress, as `running` or the outcome's label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobState {
+    Running,
+    Ended(AuditOutcome),
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Ended(o) => o.as_str(),
+        }
+    }
+
+    /// The pill it is shown in.
+    fn pill(self) -> &'static str {
+        match self {
+            JobState::Running => "warn",
+            JobState::Ended(AuditOutcome::Done) => "ok",
+            JobState::Ended(AuditOutcome::Failed) => "bad",
+            JobState::Ended(_) => "",
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for JobState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 pub struct Job {
@@ -75,8 +115,7 @@ impl Job {
             finished: ended.is_some(),
             state: ended
                 .as_ref()
-                .map(|e| e.outcome.clone())
-                .unwrap_or_else(|| "running".into()),
+                .map_or(JobState::Running, |e| JobState::Ended(e.outcome)),
             message: ended.map(|e| e.message).unwrap_or_default(),
         }
     }
@@ -93,7 +132,7 @@ pub struct Snapshot {
     pub failed: usize,
     pub expected: usize,
     pub finished: bool,
-    pub state: String,
+    pub state: JobState,
     pub message: String,
 }
 
@@ -193,17 +232,17 @@ pub fn start(
                     ));
                 }
                 let outcome = match &scan.stopped {
-                    Some(why) if why.contains("cancelled") => "cancelled",
+                    Some(why) if why.contains("cancelled") => AuditOutcome::Cancelled,
                     Some(why) => {
                         message.push_str(&format!("; stopped early: {}", problem_text(why)));
-                        "failed"
+                        AuditOutcome::Failed
                     }
-                    None if failed > 0 => "failed",
-                    None => "done",
+                    None if failed > 0 => AuditOutcome::Failed,
+                    None => AuditOutcome::Done,
                 };
-                (outcome.to_string(), message, done)
+                (outcome, message, done)
             }
-            Err(e) => ("failed".to_string(), format!("{e:#}"), Vec::new()),
+            Err(e) => (AuditOutcome::Failed, format!("{e:#}"), Vec::new()),
         };
         let count = ids.len();
         if let Err(resp) = super::record(
@@ -211,7 +250,7 @@ pub fn start(
             &who,
             run.verb(),
             &run.target,
-            &outcome,
+            outcome,
             count,
             ids,
             Some(message.clone()),
@@ -252,7 +291,7 @@ pub async fn list(State(app): State<Shared>, Viewer(who): Viewer) -> Response {
                             td { (j.user) }
                             td { (j.target) }
                             td.num { (s.removed) " / " (j.expected) }
-                            td { span class={"pill " (state_class(&s.state))} { (s.state) } }
+                            td { span class={"pill " (s.state.pill())} { (s.state) } }
                             td { (layout::when(Some(&j.started))) }
                         }
                     }
@@ -261,15 +300,6 @@ pub async fn list(State(app): State<Shared>, Viewer(who): Viewer) -> Response {
         }
     };
     layout::page("Jobs", "/jobs", &who, body).into_response()
-}
-
-fn state_class(state: &str) -> &'static str {
-    match state {
-        "done" => "ok",
-        "failed" => "bad",
-        "running" => "warn",
-        _ => "",
-    }
 }
 
 pub async fn page(
@@ -361,7 +391,7 @@ pub async fn cancel(
                 &who,
                 "cancel",
                 &format!("job {id}"),
-                "asked",
+                AuditOutcome::Asked,
                 0,
                 vec![],
                 None,
@@ -381,5 +411,28 @@ pub async fn cancel(
             "No such job",
             "See the Jobs page.",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The page's live progress reads these spellings.
+    #[test]
+    fn a_jobs_state_is_running_or_its_audit_outcome() {
+        assert_eq!(
+            serde_json::to_string(&JobState::Running).unwrap(),
+            "\"running\""
+        );
+        for (o, label) in [
+            (AuditOutcome::Done, "done"),
+            (AuditOutcome::Failed, "failed"),
+            (AuditOutcome::Cancelled, "cancelled"),
+        ] {
+            let s = JobState::Ended(o);
+            assert_eq!(s.to_string(), label);
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{label}\""));
+        }
     }
 }

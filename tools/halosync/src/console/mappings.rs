@@ -16,6 +16,7 @@ use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::access::{Operator, Viewer};
+use super::audit::AuditOutcome;
 use super::auth::SignedIn;
 use super::overview::Overview;
 use super::{layout, problem, Shared};
@@ -236,8 +237,8 @@ pub async fn set(State(app): State<Shared>, Operator { who, form }: Operator) ->
     };
     let result = mappings::set_mapping(&halo, key, item_id).await;
     let (outcome, detail) = match &result {
-        Ok(r) => ("done", r.describe()),
-        Err(e) => ("failed", format!("{e:#}")),
+        Ok(r) => (AuditOutcome::Done, r.describe()),
+        Err(e) => (AuditOutcome::Failed, format!("{e:#}")),
     };
     if let Err(r) = super::record(
         &app,

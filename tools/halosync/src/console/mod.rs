@@ -51,7 +51,7 @@ use halosync_shared::Config;
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use self::audit::{AuditLog, Entry};
+use self::audit::{AuditLog, AuditOutcome, Entry};
 use self::auth::{Auth, SignedIn};
 use self::settings::ConsoleSettings;
 
@@ -65,7 +65,10 @@ pub struct App {
     pub auth: Auth,
     pub audit: AuditLog,
     pub jobs: jobs::Jobs,
+    /// For the rate budgets and tokens (`halo::ratelimit`, `halo::token`).
     pub redis: redis::aio::ConnectionManager,
+    /// Everything else halosync keeps in Redis (the reconcile reports).
+    pub store: halosync_shared::store::Store,
     /// Verified against when the user name is unknown, so that the answer
     /// takes as long as for a known one (no user-name probing by timing).
     pub dummy_hash: String,
@@ -132,6 +135,11 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<&str>) -> anyhow::
     if let Some(e) = &activity_error {
         tracing::warn!(error = %e, "activity log unavailable");
     }
+    let store = halosync_shared::store::Store::new(
+        redis.clone(),
+        halosync_shared::store::Keys::new(&loaded.config.prefix),
+        loaded.config.worker.ledger_ttl,
+    );
     let app = Arc::new(App {
         config: loaded.config,
         config_path: config_path.map(Path::to_path_buf),
@@ -139,6 +147,7 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<&str>) -> anyhow::
         auth: Auth::new(&settings),
         audit,
         jobs: jobs::Jobs::default(),
+        store,
         redis,
         dummy_hash: settings::hash_password(&auth::random_token())?,
         activity,
@@ -367,7 +376,7 @@ pub async fn record(
     who: &SignedIn,
     action: &str,
     target: &str,
-    outcome: &str,
+    outcome: AuditOutcome,
     count: usize,
     event_ids: Vec<String>,
     detail: Option<String>,
@@ -379,7 +388,7 @@ pub async fn record(
         role: who.role.as_str().to_string(),
         action: action.to_string(),
         target: target.to_string(),
-        outcome: outcome.to_string(),
+        outcome,
         count,
         event_ids,
         detail,
@@ -492,14 +501,14 @@ const CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Audits a sign-in that did not succeed; the user name is the one given
 /// (as data, in the entry's field).
-async fn audit_failed_sign_in(app: &App, user: &str, ip: std::net::IpAddr, outcome: &str) {
+async fn audit_failed_sign_in(app: &App, user: &str, ip: std::net::IpAddr, outcome: AuditOutcome) {
     let entry = Entry {
         at: Utc::now(),
         user: user.to_string(),
         role: String::new(),
         action: "sign-in".into(),
         target: ip.to_string(),
-        outcome: outcome.into(),
+        outcome,
         count: 0,
         event_ids: vec![],
         detail: None,
@@ -523,13 +532,7 @@ async fn login(
     let ip = app.auth.client_ip(peer.ip(), &headers);
     if !auth::same_origin(&headers) || !auth::login_token_ok(&headers, form.get("login_token")) {
         tracing::warn!(user = %user, client = %ip, "sign-in refused: cross-origin or without the form's token");
-        audit_failed_sign_in(
-            &app,
-            &user,
-            ip,
-            "refused: no sign-in token or another origin",
-        )
-        .await;
+        audit_failed_sign_in(&app, &user, ip, AuditOutcome::RefusedCrossOrigin).await;
         return login_answer(
             &app,
             &headers,
@@ -541,7 +544,7 @@ async fn login(
     }
     if let Err(wait) = app.auth.begin_attempt(&user, ip) {
         tracing::warn!(user = %user, client = %ip, wait_seconds = wait, "sign-in refused: too many attempts");
-        audit_failed_sign_in(&app, &user, ip, "refused: too many attempts").await;
+        audit_failed_sign_in(&app, &user, ip, AuditOutcome::RefusedTooManyAttempts).await;
         return login_answer(
             &app,
             &headers,
@@ -565,7 +568,7 @@ async fn login(
     // stays flat under a flood).
     let Some(ok) = app.passwords.verify(password, hash, CHECK_WAIT).await else {
         tracing::warn!(user = %user, client = %ip, "sign-in refused: too many at once");
-        audit_failed_sign_in(&app, &user, ip, "refused: too many at once").await;
+        audit_failed_sign_in(&app, &user, ip, AuditOutcome::RefusedTooManyAtOnce).await;
         return login_answer(
             &app,
             &headers,
@@ -586,7 +589,7 @@ async fn login(
                 role: u.role.as_str().into(),
                 action: "sign-in".into(),
                 target: ip.to_string(),
-                outcome: "ok".into(),
+                outcome: AuditOutcome::Succeeded,
                 count: 0,
                 event_ids: vec![],
                 detail: None,
@@ -603,7 +606,7 @@ async fn login(
         }
         _ => {
             tracing::warn!(user = %user, client = %ip, "sign-in failed");
-            audit_failed_sign_in(&app, &user, ip, "failed").await;
+            audit_failed_sign_in(&app, &user, ip, AuditOutcome::Failed).await;
             login_answer(
                 &app,
                 &headers,

@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::Stream;
 use halosync_shared::halo::ratelimit::RateLimiter;
 use halosync_shared::halo::token::TokenProvider;
-use halosync_shared::store::{KeyKind, Keys};
+use halosync_shared::store::Keys;
 use halosync_shared::Settled;
 use maud::html;
 use serde::Serialize;
@@ -221,7 +221,7 @@ pub async fn gather(app: &Shared) -> Overview {
         };
         let limiter = RateLimiter::new(
             app.redis.clone(),
-            keys.key(name, KeyKind::RateLimit, &[]),
+            keys.rate_limit(name),
             name,
             conn.requests_per_window,
             conn.window,

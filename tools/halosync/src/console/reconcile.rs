@@ -81,10 +81,9 @@ fn view(name: &str, report: &anyhow::Result<Option<Report>>) -> Markup {
 }
 
 pub async fn page(State(app): State<Shared>, Viewer(who): Viewer) -> Response {
-    let mut redis = app.redis.clone();
     let mut cards = Vec::new();
     for name in app.config.connections.keys() {
-        let report = crate::reconcile::last_report(&mut redis, &app.config.prefix, name).await;
+        let report = crate::reconcile::last_report(&app.store, name).await;
         cards.push(view(name, &report));
     }
     let body = html! {

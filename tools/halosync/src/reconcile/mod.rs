@@ -28,10 +28,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use chrono::Utc;
 use halosync_shared::amqp::headers;
-use halosync_shared::store::{KeyKind, Keys};
+use halosync_shared::store::Store;
 use halosync_shared::{Config, Contract, Family};
 use lapin::types::{AMQPValue, FieldTable};
-use redis::AsyncCommands;
 
 use self::diff::{DriftKind, Policy};
 use self::read::{Progress, Scope};
@@ -54,22 +53,11 @@ pub const DRIFT: u8 = 1;
 /// Exit status when the command could not run (DESIGN §8).
 pub const CANNOT_RUN: u8 = 2;
 
-/// Where the last report of a connection is kept:
-/// `{prefix}halosync:{connection}:reconcile:last` ([`KeyKind::Reconcile`],
-/// so a test's or deployment's prefix, and its cleanup pattern
-/// `{prefix}halosync:*`, cover it).
-pub fn last_report_key(prefix: &str, connection: &str) -> String {
-    Keys::new(prefix).key(connection, KeyKind::Reconcile, &["last"])
-}
-
-/// The last report of `connection`, if one was kept.
-pub async fn last_report(
-    redis: &mut redis::aio::ConnectionManager,
-    prefix: &str,
-    connection: &str,
-) -> anyhow::Result<Option<Report>> {
-    let text: Option<String> = redis
-        .get(last_report_key(prefix, connection))
+/// The last report of `connection`, if one was kept (in Redis, under the
+/// store's key for it, `Keys::reconcile_report`).
+pub async fn last_report(store: &Store, connection: &str) -> anyhow::Result<Option<Report>> {
+    let text = store
+        .last_reconcile_report(connection)
         .await
         .context("reading the last reconcile report from Redis")?;
     match text {
@@ -129,7 +117,7 @@ pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<ExitCode> {
     // 2. HaloPSA, through the shared token cache and rate budget, connected
     //    as `halosync mappings` does.
     let halo = crate::mappings::connect(config, &conn.name).await?;
-    let (client, redis) = (halo.client, halo.store.redis());
+    let (client, store) = (halo.client, halo.store);
     let mut progress = Progress::new();
     let state = read::read(&client, &scope, &mut progress)
         .await
@@ -236,13 +224,9 @@ pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<ExitCode> {
 
     // 5. Kept for the console; a failure to keep it does not hide the
     //    report.
-    let mut r = redis;
     match serde_json::to_string(&report.stored()) {
         Ok(json) => {
-            let set: redis::RedisResult<()> = r
-                .set(last_report_key(&config.prefix, &conn.name), json)
-                .await;
-            if let Err(e) = set {
+            if let Err(e) = store.keep_reconcile_report(&conn.name, &json).await {
                 eprintln!("warning: the report could not be kept in Redis for the console: {e}");
             }
         }
@@ -261,15 +245,4 @@ pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(DRIFT)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_last_report_key_follows_the_store_scheme() {
-        assert_eq!(
-            super::last_report_key("t-x.", "acme"),
-            "t-x.halosync:acme:reconcile:last"
-        );
-    }
 }
