@@ -508,6 +508,25 @@ pub struct ConnectionConfig {
     pub items: BTreeMap<String, i64>,
 }
 
+/// What a connection lets halosync overwrite of what an MSP may have
+/// changed in HaloPSA (its `overwrite_prices` and `overwrite_names`): the
+/// policy the workers' mapping writes under, and so the one
+/// `halosync reconcile` compares under.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub overwrite_prices: bool,
+    pub overwrite_names: bool,
+}
+
+impl From<&ConnectionConfig> for Policy {
+    fn from(conn: &ConnectionConfig) -> Policy {
+        Policy {
+            overwrite_prices: conn.overwrite_prices,
+            overwrite_names: conn.overwrite_names,
+        }
+    }
+}
+
 impl ConnectionConfig {
     /// Whether a token minted for `self` is still good for `other`: the
     /// same application, secret, tenant, authorisation server and scope.

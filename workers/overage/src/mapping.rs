@@ -12,14 +12,11 @@
 //! * **Price**: the event's `unit_price`, always (not subject to
 //!   `overwrite_prices`): the overage charge is computed by the billing
 //!   platform; an MSP who wants another price changes it there.
-//! * **Zero overage**: no line is created; an existing line (an earlier,
-//!   non-zero version) gets `qty_order` 0 and `isinactive: true`. A zero
-//!   overage of a period without an invoice creates none; its version is
-//!   then kept in Redis only (so after a Redis loss an older non-zero event
-//!   arriving late would add the line: accepted, as the billing platform
-//!   publishes newer state after it anyway). Lines are
-//!   never deleted (HaloPSA documents no line delete; invoice data is the
-//!   MSP's).
+//! * **Zero overage** ([`is_zero`]): written too, as a line of `qty_order`
+//!   0 with `isinactive: true` carrying its version (on an invoice created
+//!   if need be), so that an older non-zero event arriving after Redis was
+//!   lost does not put the withdrawn charge back. Lines are never deleted
+//!   (HaloPSA documents no line delete; invoice data is the MSP's).
 
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{OverageData, Version};
@@ -115,6 +112,12 @@ pub fn invoice_record(client_id: i64, d: &OverageData) -> InvoiceHeader {
     }
 }
 
+/// Whether the overage charges nothing (not positive): its line is
+/// inactive, quantity 0.
+pub fn is_zero(d: &OverageData) -> bool {
+    d.overage_quantity <= 0.0
+}
+
 /// The full state of the charge line (for add and update alike). `ihid`
 /// is `None` for a line sent inline with its new header.
 pub fn line(
@@ -125,7 +128,7 @@ pub fn line(
     item_id: i64,
     version: &Version,
 ) -> InvoiceDetail {
-    let zero = d.overage_quantity <= 0.0;
+    let zero = is_zero(d);
     InvoiceDetail {
         id: line_id.map(Int32),
         ihid: ihid.map(Int32),

@@ -49,7 +49,7 @@
 //! [`lines::VERSION_FIELD`]: halosync_shared::halo::lines::VERSION_FIELD
 //! [`lines::carrying`]: halosync_shared::halo::lines::carrying
 
-use halosync_shared::config::ConnectionConfig;
+use halosync_shared::config::Policy;
 use halosync_shared::contract::{SubscriptionData, Version};
 use halosync_shared::halo::lines;
 use halosync_shared::halo::links::{self, LICENCE_MARKER_FIELD};
@@ -123,8 +123,9 @@ pub fn licence_record(
     client_id: i64,
     id: Option<i64>,
     marker: &str,
-    policy: &ConnectionConfig,
+    policy: impl Into<Policy>,
 ) -> Result<Value, Failure> {
+    let policy = policy.into();
     let creating = id.is_none();
     let prices = creating || policy.overwrite_prices;
     body(&LicenceList {
@@ -176,8 +177,9 @@ pub fn line_update(
     line_id: i64,
     item_id: i64,
     marker: &str,
-    policy: &ConnectionConfig,
+    policy: impl Into<Policy>,
 ) -> Result<Value, Failure> {
+    let policy = policy.into();
     let common = line_common(data, terms, Some(ihid), item_id, marker);
     body(&InvoiceDetail {
         id: Some(Int32(line_id)),
@@ -259,7 +261,7 @@ pub fn line_version(header: &Value, marker: &str) -> Option<Version> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use halosync_shared::config::Secret;
+    use halosync_shared::config::{ConnectionConfig, Secret};
     use halosync_shared::contract::Product;
     use serde_json::json;
     use std::collections::BTreeMap;

@@ -184,8 +184,7 @@ impl<'a> Batch<'a> {
             match parsed {
                 Ok((data, version)) => {
                     results.push(None);
-                    let marker =
-                        links::marker(&USAGE, &format!("{}:{}", data.subscription_id, data.metric));
+                    let marker = crate::mapping::marker(&data);
                     work.push(Some(Work {
                         state: Applied {
                             period_start: data.period_start.clone(),

@@ -32,6 +32,7 @@ use std::cmp::Ordering;
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{UsageData, Version};
 use halosync_shared::halo::lines;
+use halosync_shared::halo::links::{self, USAGE};
 use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail};
 use halosync_shared::Failure;
 use serde_json::Value;
@@ -68,6 +69,18 @@ impl Applied {
             other => other == Ordering::Less,
         }
     }
+}
+
+/// The billing id of a usage line: `<subscription_id>:<metric>` (one line
+/// per subscription and metric, showing the current period).
+pub fn line_key(data: &UsageData) -> String {
+    format!("{}:{}", data.subscription_id, data.metric)
+}
+
+/// The line's marker, `halosync.usage:<subscription_id>:<metric>`
+/// ([`links::marker`] of [`USAGE`]).
+pub fn marker(data: &UsageData) -> String {
+    links::marker(&USAGE, &line_key(data))
 }
 
 /// The item-map keys of a usage line, in order: `"<sku>:<metric>"`, then
