@@ -895,7 +895,9 @@ mod tests {
     use super::super::read::LinkRow;
     use super::super::snapshot;
     use super::*;
+    use halosync_shared::contract::Envelope;
     use halosync_shared::Contract;
+    use serde::de::DeserializeOwned;
 
     const ACC: &str = r#"{"id":"e1","type":"account.updated","schema_version":1,"connection":"acme","occurred_at":"2026-11-22T10:15:00Z","sequence":3,"data":{"account_id":"acc_1","name":"Contoso","active":true,"currency":"GBP"}}"#;
     const SUB: &str = r#"{"id":"e2","type":"subscription.updated","schema_version":1,"connection":"acme","occurred_at":"2026-11-22T10:15:00Z","sequence":4,"data":{"subscription_id":"sub_1","account_id":"acc_1","product":{"sku":"MS-365-BP","name":"M365"},"quantity":5,"unit_price":"22.00","currency":"GBP","billing_cycle":"monthly","start_date":"2026-11-01","end_date":null,"status":"active"}}"#;
@@ -917,38 +919,63 @@ mod tests {
         }
     }
 
-    /// HaloPSA exactly as the workers leave `ACC`, `SUB` and `USAGE_NEW`.
+    /// The event of a snapshot line, and its typed data.
+    fn event<T: DeserializeOwned>(line: &str) -> (Envelope, T) {
+        let e: Envelope = serde_json::from_str(line).unwrap();
+        let d = e.data_as::<T>().unwrap();
+        (e, d)
+    }
+
+    /// A record body the workers' mapping built, with the id HaloPSA gave it.
+    fn saved(mut record: Value, id: i64) -> Value {
+        record["id"] = json!(id);
+        record
+    }
+
+    /// HaloPSA exactly as the workers leave `ACC`, `SUB` and `USAGE_NEW`:
+    /// every record built by the worker's own mapping function, as created.
     fn in_step() -> HaloState {
+        use halosync_subscription::mapping as subscription;
+        use halosync_usage::mapping as usage;
         let mut s = HaloState {
             account_links: vec![link("acc_1", 7, 1)],
             subscription_links: vec![link("sub_1", 3, 2)],
             recurring_links: vec![link("acc_1", -1, 3)],
             ..Default::default()
         };
-        s.clients.insert(
-            7,
-            json!({"id": 7, "name": "Contoso", "inactive": false, "default_currency_code": 2}),
-        );
+        let (_, acc) = event::<AccountData>(ACC);
+        let customer = halosync_account::mapping::client_record(&acc, Some(2), None, PRICES);
+        s.clients.insert(7, saved(body(&customer).unwrap(), 7));
         s.currencies.insert("GBP".into(), 2);
         s.currencies.insert("USD".into(), 1);
-        s.licences.insert(
-            3,
-            json!({"id": 3, "name": "M365", "count": 5, "is_active": true, "status": "active",
-                   "billing_cycle": "monthly", "product_sku": "MS-365-BP", "price": 22.0,
-                   "start_date": "2026-11-01T00:00:00", "end_date": "1899-12-30T00:00:00",
-                   "thirdparty_client_id": "halosync.subscription:sub_1"}),
-        );
+        let (e, sub) = event::<SubscriptionData>(SUB);
+        let terms = subscription::Terms::of(&sub, &e.version().unwrap()).unwrap();
+        let mark = links::marker(&SUBSCRIPTION, "sub_1");
+        let mut licence =
+            subscription::licence_record(&sub, &terms, 7, None, &mark, PRICES).unwrap();
+        // HaloPSA answers "no end date" with its empty-date sentinel.
+        licence["end_date"] = json!("1899-12-30T00:00:00");
+        s.licences.insert(3, saved(licence, 3));
+        let line = subscription::new_line(&sub, &terms, Some(-1), 1001, &mark).unwrap();
+        let (e, use_new) = event::<UsageData>(USAGE_NEW);
+        let applied = Applied {
+            period_start: use_new.period_start.clone(),
+            version: e.version().unwrap(),
+        };
+        let usage_line = usage::new_line(
+            &use_new,
+            "M365",
+            &applied,
+            -1,
+            1002,
+            &usage::marker(&use_new),
+        )
+        .unwrap();
+        // A duplicate a worker retired: not halosync's any more.
+        let retired = body(&lines::retired_line(-1, 12, 10, &mark)).unwrap();
         s.recurring.insert(
             -1,
-            json!({"id": -1, "lines": [
-                {"id": 10, "qty_order": 5.0, "isinactive": false, "startdate": "2026-11-01T00:00:00",
-                 "unit_price": 22.0, "item_shortdescription": "M365",
-                 "item_internal_reference": "halosync.subscription:sub_1"},
-                {"id": 11, "qty_order": 7.5, "startdate": "2026-11-01T00:00:00", "enddate": "2026-11-30T00:00:00",
-                 "item_internal_reference": "halosync.usage:sub_1:gb", "item_external_reference": "p=2026-11-01;s=1"},
-                {"id": 12, "qty_order": 0.0, "isinactive": true,
-                 "item_internal_reference": "halosync.subscription:sub_1 (duplicate of line 10, retired)"}
-            ]}),
+            json!({"id": -1, "lines": [saved(line, 10), saved(usage_line, 11), retired]}),
         );
         s
     }
@@ -998,9 +1025,8 @@ mod tests {
             .as_array_mut()
             .unwrap();
         lines.retain(|l| l["id"] != 11); // usage line deleted
-        let dup = json!({"id": 20, "qty_order": 5.0, "isinactive": false, "startdate": "2026-11-01",
-                         "unit_price": 22.0, "item_shortdescription": "M365",
-                         "item_internal_reference": "halosync.subscription:sub_1"});
+                                         // The same line again, as a worker racing without the lock adds it.
+        let dup = saved(lines[0].clone(), 20);
         lines.push(dup);
         lines.push(json!({"id": 30, "qty_order": 1.0, "item_internal_reference": "halosync.subscription:sub_9"}));
         let d = diff(&s, &h, &all(), PRICES);
@@ -1047,11 +1073,68 @@ mod tests {
         assert_eq!(d[2].halo_ids, vec![10, 20]);
         assert_eq!(d[1].fields[0].snapshot, json!(5));
         assert_eq!(d[1].fields[0].halo, json!(9));
-        assert_eq!(d[1].applied_version.as_deref(), Some("s=1"));
+        // The newer of link and line: the line the worker wrote carries the
+        // event's version, which the link's older one does not outrank.
+        assert_eq!(
+            d[1].applied_version.as_deref(),
+            Some("s=4;t=2026-11-22T10:15:00Z")
+        );
         assert_eq!(d[1].event_id.as_deref(), Some("e2"));
         assert!(
             d[3].event_id.is_none(),
             "an orphan has no event to repair with"
+        );
+    }
+
+    #[test]
+    fn the_applied_version_is_the_link_s_without_one_on_the_line() {
+        let s = snap(&[SUB]);
+        let mut h = in_step();
+        h.licences.get_mut(&3).unwrap()["count"] = json!(9);
+        let line = &mut h.recurring.get_mut(&-1).unwrap()["lines"][0];
+        line.as_object_mut().unwrap().remove(lines::VERSION_FIELD);
+        let scope = Scope {
+            families: [Family::Subscription].into_iter().collect(),
+            account: None,
+        };
+        let d = diff(&s, &h, &scope, PRICES);
+        assert_eq!(d.len(), 1, "{d:#?}");
+        assert_eq!(d[0].applied_version.as_deref(), Some("s=1"));
+    }
+
+    #[test]
+    fn an_event_the_mapping_refuses_differs_with_the_refusal() {
+        // `count` is an int32 in HaloPSA: the worker refuses this quantity.
+        let s = snap(&[&SUB.replace("\"quantity\":5", "\"quantity\":3000000000")]);
+        let scope = Scope {
+            families: [Family::Subscription].into_iter().collect(),
+            account: None,
+        };
+        let d = diff(&s, &in_step(), &scope, PRICES);
+        assert_eq!(
+            kinds(&d),
+            vec![
+                (
+                    Family::Subscription,
+                    "sub_1",
+                    DriftKind::Differs,
+                    "licence",
+                    vec![]
+                ),
+                (
+                    Family::Subscription,
+                    "sub_1",
+                    DriftKind::Differs,
+                    "recurring line",
+                    vec![]
+                ),
+            ]
+        );
+        assert!(
+            d[0].detail.starts_with("the workers refuse this event")
+                && d[0].detail.contains("quantity 3000000000 is too large"),
+            "{}",
+            d[0].detail
         );
     }
 
@@ -1123,16 +1206,25 @@ mod tests {
 
     #[test]
     fn a_positive_overage_needs_its_line() {
-        let s = snap(&[&OVER_ZERO.replace("\"overage_quantity\":0", "\"overage_quantity\":4")]);
+        let positive = OVER_ZERO.replace("\"overage_quantity\":0", "\"overage_quantity\":4");
+        let s = snap(&[&positive]);
         let mut h = HaloState {
             overage_invoice_links: vec![link("acc_1:2026-11-01", 5, 9)],
             ..Default::default()
         };
-        h.invoices.insert(
-            5,
-            json!({"id": 5, "lines": [{"id": 40, "qty_order": 4.0, "unit_price": 0.75, "isinactive": false,
-                   "item_internal_reference": "halosync.overage:sub_1:gb:2026-11-01"}]}),
+        let (e, d) = event::<OverageData>(&positive);
+        let price = halosync_overage::mapping::unit_price(&d).unwrap();
+        let written = halosync_overage::mapping::line(
+            &d,
+            price,
+            Some(5),
+            Some(40),
+            1003,
+            &e.version().unwrap(),
         );
+        let mut line = body(&written).unwrap();
+        line["unit_price"] = json!(0.75); // the MSP's own price
+        h.invoices.insert(5, json!({"id": 5, "lines": [line]}));
         let scope = Scope {
             families: [Family::Overage].into_iter().collect(),
             account: None,
