@@ -156,8 +156,9 @@ pub struct WorkerSettings {
     /// be in flight; a fresh deployment also waits it once. Losing Redis
     /// costs this much speed, never correctness.
     pub flush_grace: Duration,
-    /// A connection whose work in flight has not moved for this long is
-    /// stalled (slow answers, a spent budget, an outage): it keeps only its
+    /// A connection whose work in flight has not moved for this long (no
+    /// batch finished, no two answers of its HaloPSA less than this apart)
+    /// is stalled (slow answers, a spent budget, an outage): it keeps only its
     /// fair share of the prefetch window, and its other deliveries are
     /// parked in the delay queues without using an attempt
     /// (`runtime::lanes`).
@@ -190,7 +191,7 @@ impl Default for WorkerSettings {
             batch_wait: Duration::from_millis(200),
             activity: true,
             flush_grace: Duration::from_secs(10),
-            lane_stall: Duration::from_secs(1),
+            lane_stall: Duration::from_millis(500),
             lanes_at_once: 16,
             metrics_connections: 100,
         }
@@ -506,6 +507,25 @@ pub struct ConnectionConfig {
     pub overwrite_names: bool,
     /// Product sku (or `sku:metric`) -> HaloPSA item id.
     pub items: BTreeMap<String, i64>,
+}
+
+/// What a connection lets halosync overwrite of what an MSP may have
+/// changed in HaloPSA (its `overwrite_prices` and `overwrite_names`): the
+/// policy the workers' mapping writes under, and so the one
+/// `halosync reconcile` compares under.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub overwrite_prices: bool,
+    pub overwrite_names: bool,
+}
+
+impl From<&ConnectionConfig> for Policy {
+    fn from(conn: &ConnectionConfig) -> Policy {
+        Policy {
+            overwrite_prices: conn.overwrite_prices,
+            overwrite_names: conn.overwrite_names,
+        }
+    }
 }
 
 impl ConnectionConfig {

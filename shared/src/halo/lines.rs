@@ -37,8 +37,21 @@ use crate::error::{Failure, FailureClass};
 use crate::store::{Mapping, Store};
 
 /// The line field that carries the aggregate's marker
-/// (`halosync.<kind>:<billing id>`), on both kinds of invoice.
+/// (`halosync.<kind>:<billing id>`, [`links::marker`]), on both kinds of
+/// invoice: a free string on the line that, unlike the descriptions, is
+/// not printed on the customer's invoice. UNCONFIRMED: whether HaloPSA
+/// refills it from the item's internal reference when it is sent
+/// explicitly.
 pub const MARKER_FIELD: &str = "item_internal_reference";
+
+/// The line field that carries the applied version of the event the line
+/// shows (every family that writes lines: [`Version::encode`], the usage
+/// lines with their period before it), written in the same request as the
+/// line's state, so that ordering survives a lost Redis without an
+/// ExternalLink write per event. UNCONFIRMED: that HaloPSA keeps free text
+/// there and returns it with `includedetails=true` (§4.5 lists the field,
+/// not its semantics; halo-sim stores it verbatim).
+pub const VERSION_FIELD: &str = "item_external_reference";
 
 /// Lines per POST (HaloPSA documents no limit; this keeps a refused array
 /// cheap to bisect and a request body small).
@@ -391,25 +404,78 @@ pub async fn read_header(
         .ok_or_else(|| HaloError::Unexpected(format!("no invoice {ihid} in the answer"), path))
 }
 
-/// The lines of a header carrying `marker` exactly, lowest id first.
-pub fn carrying<'a>(header: &'a Value, marker: &str) -> Vec<&'a Value> {
-    let mut found: Vec<&Value> = header
+/// The lines of a header: its `lines`, the one property HaloPSA's
+/// document gives an invoice header's lines (`InvoiceHeader.lines`, on
+/// both kinds of invoice, read with `includedetails=true`); none when it
+/// has no such array.
+pub fn lines_of(header: &Value) -> &[Value] {
+    header
         .get("lines")
         .and_then(Value::as_array)
-        .map(|lines| {
-            lines
-                .iter()
-                .filter(|l| {
-                    l.get(MARKER_FIELD)
-                        .and_then(Value::as_str)
-                        .is_some_and(|m| m.trim() == marker)
-                })
-                .filter(|l| record_id(l).is_some())
-                .collect()
-        })
-        .unwrap_or_default();
-    found.sort_by_key(|l| record_id(l).unwrap_or(i64::MAX));
-    found
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// A line's marker ([`MARKER_FIELD`]), trimmed ([`links::marker_in`]).
+pub fn marker_of(line: &Value) -> Option<&str> {
+    links::marker_in(line, MARKER_FIELD)
+}
+
+/// The text of a line's applied version ([`VERSION_FIELD`]), as written.
+pub fn version_text(line: &Value) -> Option<&str> {
+    line.get(VERSION_FIELD).and_then(Value::as_str)
+}
+
+/// A line's applied version ([`VERSION_FIELD`]), when it is one
+/// [`Version::encode`] wrote.
+pub fn version_of(line: &Value) -> Option<Version> {
+    version_text(line).and_then(Version::decode)
+}
+
+/// **The lines of a header carrying `marker`**, lowest id first: the one
+/// rule every family and `halosync reconcile` find a line by. The marker
+/// is compared trimmed ([`marker_of`]) and exactly otherwise, never as a
+/// prefix: a retired duplicate ([`retired_line`]) or a moved line has text
+/// appended to its marker and is not counted, and `sub_1` never finds
+/// `sub_10`. Lines without an id are skipped.
+pub fn carrying<'a>(header: &'a Value, marker: &str) -> Vec<&'a Value> {
+    marked(header)
+        .into_iter()
+        .filter(|(m, _, _)| *m == marker)
+        .map(|(_, _, line)| line)
+        .collect()
+}
+
+/// The ids of the lines of a header carrying `marker` ([`carrying`]),
+/// lowest first, each once.
+pub fn ids_carrying(header: &Value, marker: &str) -> Vec<i64> {
+    let mut ids: Vec<i64> = carrying(header, marker)
+        .into_iter()
+        .filter_map(record_id)
+        .collect();
+    ids.dedup();
+    ids
+}
+
+/// Every line of a header carrying a marker, whatever the aggregate, with
+/// its marker ([`marker_of`]) and id, lowest id first. Lines without an id
+/// are skipped.
+pub fn marked(header: &Value) -> Vec<(&str, i64, &Value)> {
+    let mut out: Vec<(&str, i64, &Value)> = lines_of(header)
+        .iter()
+        .filter_map(|l| Some((marker_of(l)?, record_id(l)?, l)))
+        .collect();
+    out.sort_by_key(|(_, id, _)| *id);
+    out
+}
+
+/// The newest applied version among `lines` ([`version_of`]); `None` when
+/// none carries one (written before versions moved onto the line).
+pub fn newest_version<'a>(lines: impl IntoIterator<Item = &'a Value>) -> Option<Version> {
+    lines
+        .into_iter()
+        .filter_map(version_of)
+        .max_by(|a, b| a.compare(b))
 }
 
 /// A duplicate line made harmless: HaloPSA documents no line DELETE on an
@@ -593,8 +659,8 @@ async fn read_back(
             .get("ihid")
             .and_then(Value::as_i64)
             .and_then(|ihid| headers.get(&ihid))
-            .zip(body.get(MARKER_FIELD).and_then(Value::as_str))
-            .and_then(|(h, marker)| carrying(h, marker.trim()).first().map(|l| (*l).clone()));
+            .zip(marker_of(&body))
+            .and_then(|(h, marker)| carrying(h, marker).first().map(|l| (*l).clone()));
         match found {
             Some(line) if same_content(&body, &line) => out.push((k, Ok(Some(line)))),
             Some(line) => {
@@ -805,9 +871,9 @@ fn settle_added_to_headers(out: &mut Written, chunk: Vec<(usize, Value)>, answer
         let found = headers
             .iter()
             .find(|h| record_id(h).is_some() && record_id(h) == ihid)
-            .zip(line.get(MARKER_FIELD).and_then(Value::as_str))
+            .zip(marker_of(&line))
             .and_then(|(h, marker)| {
-                carrying(h, marker.trim())
+                carrying(h, marker)
                     .into_iter()
                     .rev()
                     .find(|l| same_content(&line, l))
@@ -859,7 +925,36 @@ mod tests {
             .filter_map(|l| record_id(l))
             .collect();
         assert_eq!(ids, vec![4, 9]);
+        assert_eq!(ids_carrying(&h, "halosync.usage:s1:gb"), vec![4, 9]);
         assert!(carrying(&json!({}), "x").is_empty());
+        // Exact, never a prefix; only the `lines` the document names.
+        assert!(carrying(&h, "halosync.usage:s1").is_empty());
+        assert!(carrying(&json!({"details": h["lines"]}), "halosync.usage:s1:gb").is_empty());
+        // Every marked line with an id, lowest first, marker trimmed.
+        let all: Vec<(&str, i64)> = marked(&h).into_iter().map(|(m, id, _)| (m, id)).collect();
+        assert_eq!(
+            all,
+            vec![
+                ("halosync.usage:s1:gb", 4),
+                ("halosync.usage:s1:gb (duplicate of line 4, retired)", 5),
+                ("halosync.usage:s1:gb", 9),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_newest_version_a_line_carries() {
+        let h = json!({"lines": [
+            {"id": 8, MARKER_FIELD: "m", VERSION_FIELD: "s=3;t=2026-11-22T10:15:00Z"},
+            {"id": 7, MARKER_FIELD: "m", VERSION_FIELD: "s=5;t=2026-11-22T10:15:00Z"},
+            {"id": 6, MARKER_FIELD: "m", VERSION_FIELD: "not a version"},
+            {"id": 5, MARKER_FIELD: "other", VERSION_FIELD: "s=9;t=2026-11-22T10:15:00Z"},
+        ]});
+        let newest = newest_version(carrying(&h, "m")).and_then(|v| v.sequence);
+        assert_eq!(newest, Some(5));
+        assert_eq!(version_text(&h["lines"][2]), Some("not a version"));
+        assert_eq!(version_of(&h["lines"][2]), None);
+        assert_eq!(newest_version(carrying(&h, "none")), None);
     }
 
     #[test]

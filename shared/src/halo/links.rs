@@ -90,6 +90,16 @@ pub const USAGE: Kind = Kind {
     table_id: 0,
 };
 
+/// An overage charge (subscription, metric, period) on the one-off invoice
+/// of its period. Never linked with an ExternalLink: only its [`marker`]
+/// (`halosync.overage:<subscription_id>:<metric>:<period_start>`) is
+/// written, on the line itself (see the overage worker).
+pub const OVERAGE: Kind = Kind {
+    name: "overage",
+    third_party_type: "halosync.overage",
+    table_id: 0,
+};
+
 /// halosync's one-off invoice (`/Invoice`) per (billing account, period):
 /// the one the overage charges of that period go on. `third_party_id` is
 /// `<account_id>:<period_start>`. Table `InvoiceHeader` = 995 (as for
@@ -550,6 +560,30 @@ pub fn marker(kind: &Kind, billing_id: &str) -> String {
     format!("{}:{billing_id}", kind.third_party_type)
 }
 
+/// The marker `record` carries in `field` (a licence's
+/// [`LICENCE_MARKER_FIELD`], a line's
+/// [`lines::MARKER_FIELD`](super::lines::MARKER_FIELD)), trimmed: HaloPSA
+/// may hand a free string back padded, halosync never writes one so. A
+/// record carries a marker when this is the marker exactly.
+pub fn marker_in<'a>(record: &'a Value, field: &str) -> Option<&'a str> {
+    record.get(field).and_then(Value::as_str).map(str::trim)
+}
+
+/// The billing id a marker of `kind` names: the inverse of [`marker`], on
+/// the text trimmed. `None` for another kind's marker, and for a retired
+/// one: a duplicate or a moved line has text appended after a space (`…
+/// (duplicate of line 4, retired)`), so an id holding whitespace is not
+/// read as live (the reading `halosync reconcile` has always used; the
+/// workers themselves find a line by its whole marker,
+/// [`lines::carrying`](super::lines::carrying)).
+pub fn billing_id_of<'a>(kind: &Kind, marker: &'a str) -> Option<&'a str> {
+    let id = marker
+        .trim()
+        .strip_prefix(kind.third_party_type)?
+        .strip_prefix(':')?;
+    (!id.is_empty() && !id.contains(char::is_whitespace)).then_some(id)
+}
+
 /// A `new_external_link` without a version, for records that are
 /// containers rather than aggregates (a customer's recurring invoice).
 pub fn new_plain_link(kind: &Kind, billing_id: &str) -> ExternalLinkList {
@@ -833,5 +867,36 @@ fn int_field(v: &Value, key: &str) -> Option<i64> {
         Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
         Value::String(s) => s.parse().ok(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_marker_names_its_billing_id_unless_retired() {
+        let m = marker(&SUBSCRIPTION, "sub_1");
+        assert_eq!(billing_id_of(&SUBSCRIPTION, &m), Some("sub_1"));
+        assert_eq!(
+            billing_id_of(&SUBSCRIPTION, &format!(" {m} ")),
+            Some("sub_1")
+        );
+        assert_eq!(billing_id_of(&USAGE, &m), None, "another kind's");
+        assert_eq!(
+            billing_id_of(
+                &SUBSCRIPTION,
+                &format!("{m} (duplicate of line 4, retired)")
+            ),
+            None
+        );
+        assert_eq!(billing_id_of(&SUBSCRIPTION, "halosync.subscription:"), None);
+        assert_eq!(
+            billing_id_of(&SUBSCRIPTION, "halosync.subscriptions:x"),
+            None
+        );
+        let o = marker(&OVERAGE, "sub_1:gb:2026-11-01");
+        assert_eq!(o, "halosync.overage:sub_1:gb:2026-11-01");
+        assert_eq!(billing_id_of(&OVERAGE, &o), Some("sub_1:gb:2026-11-01"));
     }
 }

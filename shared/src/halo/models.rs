@@ -58,7 +58,11 @@ impl Serialize for Int32 {
 pub struct DateTime(pub String);
 
 impl DateTime {
-    /// A billing date (`YYYY-MM-DD`) as HaloPSA's midnight date-time.
+    /// A billing date (`YYYY-MM-DD`) as HaloPSA's midnight date-time,
+    /// the one spelling of a contract date on a licence or a recurring
+    /// line. Sent without a zone, like the dates HaloPSA itself returns, so
+    /// that a calendar day is not shifted by the tenant's time zone (how
+    /// HaloPSA reads zoned input dates is UNCONFIRMED, reference §2).
     pub fn midnight(date: &str) -> DateTime {
         DateTime(format!("{date}T00:00:00"))
     }

@@ -1,7 +1,7 @@
 //! Billing account → HaloPSA `Client` record (reference §4.1). Pure, so
 //! that the field mapping and the MSP-data policy are tested on their own.
 
-use halosync_shared::config::ConnectionConfig;
+use halosync_shared::config::Policy;
 use halosync_shared::contract::AccountData;
 use halosync_shared::halo::models::{Area, Int32};
 use serde_json::Value;
@@ -22,8 +22,9 @@ pub fn client_record(
     data: &AccountData,
     currency: Option<i64>,
     id: Option<i64>,
-    policy: &ConnectionConfig,
+    policy: impl Into<Policy>,
 ) -> Area {
+    let policy = policy.into();
     Area {
         id: id.map(Int32),
         name: (id.is_none() || policy.overwrite_names).then(|| data.name.trim().to_string()),
@@ -53,7 +54,7 @@ pub fn exact_name_matches(rows: &[Value], name: &str) -> Vec<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use halosync_shared::config::Secret;
+    use halosync_shared::config::{ConnectionConfig, Secret};
     use halosync_shared::halo::models::body;
     use serde_json::json;
     use std::collections::BTreeMap;

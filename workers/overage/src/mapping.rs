@@ -1,47 +1,41 @@
 //! What an overage event becomes in HaloPSA: the one-off invoice header and
 //! the charge line (reference §3.5, §4.5). Pure functions, unit-tested.
 //!
-//! * **Marker**: [`LINE_ID_FIELD`] (`item_internal_reference`) holds
-//!   `halosync.overage:<subscription_id>:<metric>:<period_start>`, matched
-//!   exactly on `GET /Invoice/{id}?includedetails=true`.
-//! * **Applied version**: [`LINE_VERSION_FIELD`] (`item_external_reference`)
+//! * **Marker**: [`lines::MARKER_FIELD`] (`item_internal_reference`) holds
+//!   [`marker`], `halosync.overage:<subscription_id>:<metric>:<period_start>`,
+//!   found on `GET /Invoice/{id}?includedetails=true` by
+//!   [`lines::carrying`], the rule every family's lines are found by.
+//! * **Applied version**: [`lines::VERSION_FIELD`] (`item_external_reference`)
 //!   holds the encoded version of the event the line shows, written in the
 //!   same request as the line's state, so ordering survives a lost Redis
-//!   without a per-event ExternalLink write. UNCONFIRMED: that HaloPSA keeps
-//!   free text in `item_external_reference` (§4.5 lists the field, not its
-//!   semantics; halo-sim stores it verbatim).
+//!   without a per-event ExternalLink write.
 //! * **Price**: the event's `unit_price`, always (not subject to
 //!   `overwrite_prices`): the overage charge is computed by the billing
 //!   platform; an MSP who wants another price changes it there.
-//! * **Zero overage**: no line is created; an existing line (an earlier,
-//!   non-zero version) gets `qty_order` 0 and `isinactive: true`. A zero
-//!   overage of a period without an invoice creates none; its version is
-//!   then kept in Redis only (so after a Redis loss an older non-zero event
-//!   arriving late would add the line: accepted, as the billing platform
-//!   publishes newer state after it anyway). Lines are
-//!   never deleted (HaloPSA documents no line delete; invoice data is the
-//!   MSP's).
+//! * **Zero overage** ([`is_zero`]): written too, as a line of `qty_order`
+//!   0 with `isinactive: true` carrying its version (on an invoice created
+//!   if need be), so that an older non-zero event arriving after Redis was
+//!   lost does not put the withdrawn charge back. Lines are never deleted
+//!   (HaloPSA documents no line delete; invoice data is the MSP's).
 
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{OverageData, Version};
+use halosync_shared::halo::lines;
+use halosync_shared::halo::links::{self, OVERAGE};
 use halosync_shared::halo::models::{DateTime, Int32, InvoiceDetail, InvoiceHeader};
+use halosync_shared::halo::record_id;
 use halosync_shared::Failure;
 use serde_json::Value;
-
-/// The invoice-line field that carries the aggregate's marker.
-pub const LINE_ID_FIELD: &str = "item_internal_reference";
-/// The invoice-line field that carries the applied event version.
-pub const LINE_VERSION_FIELD: &str = "item_external_reference";
-/// Prefix of the marker (kind-qualified, like `links::marker`).
-pub const MARKER_PREFIX: &str = "halosync.overage";
 
 /// `"{subscription_id}:{metric}:{period_start}"` (DESIGN §1).
 pub fn aggregate(d: &OverageData) -> String {
     format!("{}:{}:{}", d.subscription_id, d.metric, d.period_start)
 }
 
+/// The line's marker, `halosync.overage:<aggregate>` ([`links::marker`]
+/// of [`OVERAGE`]).
 pub fn marker(d: &OverageData) -> String {
-    format!("{MARKER_PREFIX}:{}", aggregate(d))
+    links::marker(&OVERAGE, &aggregate(d))
 }
 
 /// `third_party_id` of the one-off invoice of (account, period).
@@ -118,6 +112,12 @@ pub fn invoice_record(client_id: i64, d: &OverageData) -> InvoiceHeader {
     }
 }
 
+/// Whether the overage charges nothing (not positive): its line is
+/// inactive, quantity 0.
+pub fn is_zero(d: &OverageData) -> bool {
+    d.overage_quantity <= 0.0
+}
+
 /// The full state of the charge line (for add and update alike). `ihid`
 /// is `None` for a line sent inline with its new header.
 pub fn line(
@@ -128,7 +128,7 @@ pub fn line(
     item_id: i64,
     version: &Version,
 ) -> InvoiceDetail {
-    let zero = d.overage_quantity <= 0.0;
+    let zero = is_zero(d);
     InvoiceDetail {
         id: line_id.map(Int32),
         ihid: ihid.map(Int32),
@@ -145,29 +145,20 @@ pub fn line(
     }
 }
 
-/// The lines of a header (`lines` of `GET /Invoice/{id}?includedetails`),
-/// whatever the key, carrying `marker`: `(line id, applied version)`,
-/// lowest id first.
+/// The lines of a header (`GET /Invoice/{id}?includedetails=true`)
+/// carrying `marker`: `(line id, applied version)`, lowest id first.
+///
+/// Found by [`lines::carrying`], the one rule of every family: the marker
+/// compared trimmed and exactly otherwise, in the header's `lines` (the
+/// one property HaloPSA's document gives them). This worker used to
+/// compare untrimmed and to look in `invoice_lines` and `details` too,
+/// keys the document does not have; the shared, robust reading replaced
+/// that (a padded marker HaloPSA hands back is still ours).
 pub fn lines_carrying(header: &Value, marker: &str) -> Vec<(i64, Option<Version>)> {
-    let rows = ["lines", "invoice_lines", "details"]
-        .iter()
-        .find_map(|k| header.get(*k).and_then(Value::as_array))
-        .cloned()
-        .unwrap_or_default();
-    let mut out: Vec<(i64, Option<Version>)> = rows
-        .iter()
-        .filter(|l| l.get(LINE_ID_FIELD).and_then(Value::as_str) == Some(marker))
-        .filter_map(|l| {
-            let id = halosync_shared::halo::record_id(l)?;
-            let v = l
-                .get(LINE_VERSION_FIELD)
-                .and_then(Value::as_str)
-                .and_then(Version::decode);
-            Some((id, v))
-        })
-        .collect();
-    out.sort_by_key(|(id, _)| *id);
-    out
+    lines::carrying(header, marker)
+        .into_iter()
+        .filter_map(|l| Some((record_id(l)?, lines::version_of(l))))
+        .collect()
 }
 
 #[cfg(test)]
@@ -201,10 +192,10 @@ mod tests {
         assert_eq!(l["enddate"], "2026-11-30");
         assert_eq!(l["isinactive"], false);
         assert_eq!(
-            l[LINE_ID_FIELD],
+            l[lines::MARKER_FIELD],
             "halosync.overage:sub_1:storage_gb:2026-11-01"
         );
-        assert_eq!(l[LINE_VERSION_FIELD], v.encode());
+        assert_eq!(l[lines::VERSION_FIELD], v.encode());
         assert_eq!(
             l["item_shortdescription"],
             "storage_gb overage 2026-11-01 to 2026-11-30: 12.5 over 100 included"
@@ -217,13 +208,20 @@ mod tests {
     #[test]
     fn finds_lines_by_exact_marker() {
         let h = json!({"lines": [
-            {"id": 5, LINE_ID_FIELD: "halosync.overage:sub_1:storage_gb:2026-11-01", LINE_VERSION_FIELD: "s=2;t=2026-11-23T10:00:00Z"},
-            {"id": 3, LINE_ID_FIELD: "halosync.overage:sub_1:storage_gb:2026-11-01x"},
+            {"id": 5, lines::MARKER_FIELD: "halosync.overage:sub_1:storage_gb:2026-11-01", lines::VERSION_FIELD: "s=2;t=2026-11-23T10:00:00Z"},
+            {"id": 3, lines::MARKER_FIELD: "halosync.overage:sub_1:storage_gb:2026-11-01x"},
         ]});
         let found = lines_carrying(&h, "halosync.overage:sub_1:storage_gb:2026-11-01");
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].0, 5);
         assert_eq!(found[0].1.as_ref().unwrap().sequence, Some(2));
+        // Compared trimmed (the rule of every family), in `lines` only.
+        let padded = json!({"lines": [
+            {"id": 4, lines::MARKER_FIELD: " halosync.overage:sub_1:storage_gb:2026-11-01 "},
+        ]});
+        let m = marker(&data(1.0));
+        assert_eq!(lines_carrying(&padded, &m), vec![(4, None)]);
+        assert!(lines_carrying(&json!({"details": padded["lines"]}), &m).is_empty());
     }
 
     #[test]

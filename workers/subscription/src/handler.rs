@@ -43,7 +43,8 @@ use halosync_shared::store::Mapping;
 use halosync_shared::Failure;
 
 use crate::invoice;
-use crate::mapping::{licence_record, licences_carrying, line_version, Terms, LICENCE_ID_FIELD};
+use crate::mapping::{licence_record, licences_carrying, line_version, Terms};
+use halosync_shared::halo::links::LICENCE_MARKER_FIELD as LICENCE_ID_FIELD;
 
 pub struct SubscriptionHandler;
 

@@ -7,7 +7,7 @@
 //!   different aggregate locks, so the find-or-create runs under the lock
 //!   `recurring_invoice:<account_id>` ([`links::resolve_or_create`]); its
 //!   ids may be negative and are never assumed positive.
-//! * **The line**: found by the marker in [`LINE_ID_FIELD`] on
+//! * **The line**: found by the marker in [`lines::MARKER_FIELD`] on
 //!   `GET /RecurringInvoice/{id}?includedetails=true`, added with
 //!   `POST /RecurringInvoice/Lines`, updated with
 //!   `POST /RecurringInvoice/updatelines`. Its id is cached in Redis
@@ -31,7 +31,7 @@ use halosync_shared::Failure;
 use serde_json::Value;
 
 use crate::handler::Ctx;
-use crate::mapping::{line_update, lines_carrying, moved_line, new_line, LINE_ID_FIELD};
+use crate::mapping::{line_update, moved_line, new_line};
 
 /// Where the subscription's line was before this event, read before the
 /// licence is updated (an update moves the licence to the event's
@@ -99,7 +99,7 @@ pub(crate) async fn leave_previous_invoice(cx: &Ctx<'_>, before: Before) -> Resu
                     continue;
                 }
                 match lines::read_header(cx.halo, Invoice::Recurring, m.halo_id).await {
-                    Ok(header) => out.push((m.halo_id, lines_carrying(&header, cx.marker))),
+                    Ok(header) => out.push((m.halo_id, lines::ids_carrying(&header, cx.marker))),
                     Err(e) if matches!(e.status(), Some(400 | 404)) => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -172,7 +172,7 @@ pub(crate) async fn sync_line(
             (h.ihid, h.body)
         }
     };
-    let line = match lines_carrying(&header, cx.marker).split_first() {
+    let line = match lines::ids_carrying(&header, cx.marker).split_first() {
         Some((&kept, others)) => {
             retire(cx, ihid, kept, others).await?;
             update_line(cx, ihid, kept).await?;
@@ -276,11 +276,11 @@ async fn add_line(cx: &Ctx<'_>, ihid: i64) -> Result<i64, Failure> {
             header.ihid
         )));
     }
-    match lines_carrying(&header.body, cx.marker).split_first() {
+    match lines::ids_carrying(&header.body, cx.marker).split_first() {
         None => tracing::warn!(
             line = created,
             ihid,
-            field = LINE_ID_FIELD,
+            field = lines::MARKER_FIELD,
             "the new line is not listed with its subscription marker: HaloPSA did not keep the field, so only the Redis cache can find it again"
         ),
         Some((&kept, others)) if kept != created => {

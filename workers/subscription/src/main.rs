@@ -3,11 +3,6 @@
 //! subscription on the customer's halosync recurring invoice
 //! (`/RecurringInvoice`). Run as many copies as needed.
 
-mod batch;
-mod handler;
-mod invoice;
-mod mapping;
-
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -15,7 +10,7 @@ use std::sync::Arc;
 async fn main() -> ExitCode {
     halosync_shared::boot::worker_main(
         "halosync-subscription",
-        Arc::new(handler::SubscriptionHandler),
+        Arc::new(halosync_subscription::SubscriptionHandler),
     )
     .await
 }

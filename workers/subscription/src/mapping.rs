@@ -12,7 +12,7 @@
 //! creating the licence and writing its link), and what lets two workers
 //! that both created one agree on a single survivor.
 //!
-//! * Licence: [`LICENCE_ID_FIELD`] = `thirdparty_client_id`. Of the
+//! * Licence: [`LICENCE_MARKER_FIELD`] = `thirdparty_client_id`. Of the
 //!   Licence_List fields the reference lists (§4.3), the third-party
 //!   identifiers are `thirdparty_client_id`, `product_sku`,
 //!   `vendor_product_sku`, `snowid`, `parent_id` and `tenant_id`.
@@ -27,14 +27,13 @@
 //!   has no GET filter, so the licences of the customer are listed
 //!   (`client_id`, `includeinactive=true`, paged) and matched here.
 //!   UNCONFIRMED: that HaloPSA keeps the field and returns it in lists.
-//! * Line: [`LINE_ID_FIELD`] = `item_internal_reference`: a free string
-//!   on the line that, unlike the descriptions, is not printed on the
-//!   customer's invoice. UNCONFIRMED: whether HaloPSA refills it from the
-//!   item's internal reference when it is sent explicitly.
+//! * Line: [`lines::MARKER_FIELD`] = `item_internal_reference`, the
+//!   field every family's lines carry their marker in, found by
+//!   [`lines::carrying`].
 //!
 //! # Where the applied version lives
 //!
-//! On the line, in [`LINE_VERSION_FIELD`] (`item_external_reference`, as
+//! On the line, in [`lines::VERSION_FIELD`] (`item_external_reference`, as
 //! the usage and overage lines carry theirs), written in the same request
 //! as the quantity: a known subscription's update is then two requests
 //! (licence, line), not three. The line is written after the licence, so
@@ -45,20 +44,19 @@
 //! whenever Redis does not know the line ([`line_version`]).
 //!
 //! [`links::marker`]: halosync_shared::halo::links::marker
+//! [`LICENCE_MARKER_FIELD`]: halosync_shared::halo::links::LICENCE_MARKER_FIELD
+//! [`lines::MARKER_FIELD`]: halosync_shared::halo::lines::MARKER_FIELD
+//! [`lines::VERSION_FIELD`]: halosync_shared::halo::lines::VERSION_FIELD
+//! [`lines::carrying`]: halosync_shared::halo::lines::carrying
 
-use halosync_shared::config::ConnectionConfig;
+use halosync_shared::config::Policy;
 use halosync_shared::contract::{SubscriptionData, Version};
+use halosync_shared::halo::lines;
+use halosync_shared::halo::links::{self, LICENCE_MARKER_FIELD};
 use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail, LicenceList};
 use halosync_shared::halo::record_id;
 use halosync_shared::Failure;
 use serde_json::Value;
-
-/// The licence field that carries the subscription's marker.
-pub const LICENCE_ID_FIELD: &str = "thirdparty_client_id";
-/// The recurring-invoice line field that carries the subscription's marker.
-pub const LINE_ID_FIELD: &str = "item_internal_reference";
-/// The recurring-invoice line field that carries the applied version.
-pub const LINE_VERSION_FIELD: &str = "item_external_reference";
 
 /// What the event's data becomes, checked before any HaloPSA request so
 /// that a bad value never leaves a half-applied event.
@@ -103,14 +101,6 @@ fn money(field: &str, text: &str) -> Result<f64, Failure> {
         .ok_or_else(|| Failure::invalid(format!("{field} {text:?} is not a decimal number")))
 }
 
-/// A contract date (`YYYY-MM-DD`) as a HaloPSA date-time. Sent without a
-/// zone, like the dates HaloPSA itself returns, so that a calendar day is
-/// not shifted by the tenant's time zone (how HaloPSA reads zoned input
-/// dates is UNCONFIRMED, reference §2).
-pub fn halo_date(date: &str) -> String {
-    format!("{date}T00:00:00")
-}
-
 /// The `/SoftwareLicence` body for this subscription's state.
 ///
 /// * `count` = quantity; `is_active` = status is `active` (suspended and
@@ -133,8 +123,9 @@ pub fn licence_record(
     client_id: i64,
     id: Option<i64>,
     marker: &str,
-    policy: &ConnectionConfig,
+    policy: impl Into<Policy>,
 ) -> Result<Value, Failure> {
+    let policy = policy.into();
     let creating = id.is_none();
     let prices = creating || policy.overwrite_prices;
     body(&LicenceList {
@@ -142,9 +133,9 @@ pub fn licence_record(
         client_id: Some(Int32(client_id)),
         name: (creating || policy.overwrite_names).then(|| data.product.name.trim().to_string()),
         count: Some(Int32(terms.quantity)),
-        start_date: Some(DateTime(halo_date(&data.start_date))),
+        start_date: Some(DateTime::midnight(&data.start_date)),
         end_date: match &data.end_date {
-            Some(end) => Some(Some(DateTime(halo_date(end)))),
+            Some(end) => Some(Some(DateTime::midnight(end))),
             None if !creating => Some(None),
             None => None,
         },
@@ -186,8 +177,9 @@ pub fn line_update(
     line_id: i64,
     item_id: i64,
     marker: &str,
-    policy: &ConnectionConfig,
+    policy: impl Into<Policy>,
 ) -> Result<Value, Failure> {
+    let policy = policy.into();
     let common = line_common(data, terms, Some(ihid), item_id, marker);
     body(&InvoiceDetail {
         id: Some(Int32(line_id)),
@@ -214,11 +206,11 @@ fn line_common(
         itemid: Some(Int32(item_id)),
         qty_order: Some(terms.quantity as f64),
         isinactive: Some(!terms.active),
-        startdate: Some(DateTime(halo_date(&data.start_date))),
+        startdate: Some(DateTime::midnight(&data.start_date)),
         enddate: data
             .end_date
             .as_ref()
-            .map(|end| Some(DateTime(halo_date(end)))),
+            .map(|end| Some(DateTime::midnight(end))),
         item_internal_reference: Some(marker.to_string()),
         item_external_reference: Some(terms.version.clone()),
         ..InvoiceDetail::default()
@@ -246,39 +238,12 @@ pub fn moved_line(
     })
 }
 
-/// Ids of the licences carrying `marker`, lowest first.
+/// Ids of the licences carrying `marker` in [`LICENCE_MARKER_FIELD`]
+/// ([`links::marker_in`]: trimmed, exactly otherwise), lowest first.
 pub fn licences_carrying(rows: &[Value], marker: &str) -> Vec<i64> {
-    ids_carrying(rows.iter(), LICENCE_ID_FIELD, marker)
-}
-
-/// Ids of the lines of a recurring-invoice header carrying `marker`,
-/// lowest first.
-/// The newest version carried by the header's lines that carry `marker`
-/// (`None` when no such line carries one: written before versions moved
-/// onto the line, or the line is gone).
-pub fn line_version(header: &Value, marker: &str) -> Option<Version> {
-    header
-        .get("lines")
-        .and_then(Value::as_array)?
-        .iter()
-        .filter(|l| l.get(LINE_ID_FIELD).and_then(Value::as_str).map(str::trim) == Some(marker))
-        .filter_map(|l| l.get(LINE_VERSION_FIELD).and_then(Value::as_str))
-        .filter_map(Version::decode)
-        .max_by(|a, b| a.compare(b))
-}
-
-pub fn lines_carrying(header: &Value, marker: &str) -> Vec<i64> {
-    let lines = header
-        .get("lines")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    ids_carrying(lines.iter(), LINE_ID_FIELD, marker)
-}
-
-fn ids_carrying<'a>(rows: impl Iterator<Item = &'a Value>, field: &str, marker: &str) -> Vec<i64> {
     let mut ids: Vec<i64> = rows
-        .filter(|r| r.get(field).and_then(Value::as_str).map(str::trim) == Some(marker))
+        .iter()
+        .filter(|r| links::marker_in(r, LICENCE_MARKER_FIELD) == Some(marker))
         .filter_map(record_id)
         .collect();
     ids.sort_unstable();
@@ -286,10 +251,17 @@ fn ids_carrying<'a>(rows: impl Iterator<Item = &'a Value>, field: &str, marker: 
     ids
 }
 
+/// The newest version carried by the header's lines that carry `marker`
+/// (`None` when no such line carries one: written before versions moved
+/// onto the line, or the line is gone).
+pub fn line_version(header: &Value, marker: &str) -> Option<Version> {
+    lines::newest_version(lines::carrying(header, marker))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use halosync_shared::config::Secret;
+    use halosync_shared::config::{ConnectionConfig, Secret};
     use halosync_shared::contract::Product;
     use serde_json::json;
     use std::collections::BTreeMap;
@@ -380,7 +352,7 @@ mod tests {
         assert_eq!(v["product_sku"], "MS-365-BP");
         assert_eq!(v["price"], 22.0);
         assert_eq!(v["purchase_price"], 18.7);
-        assert_eq!(v[LICENCE_ID_FIELD], MARK);
+        assert_eq!(v[LICENCE_MARKER_FIELD], MARK);
     }
 
     #[test]
@@ -426,8 +398,8 @@ mod tests {
             new["item_shortdescription"],
             "Microsoft 365 Business Premium"
         );
-        assert_eq!(new[LINE_ID_FIELD], MARK);
-        assert_eq!(new[LINE_VERSION_FIELD], "s=1;t=2026-11-22T10:15:00Z");
+        assert_eq!(new[lines::MARKER_FIELD], MARK);
+        assert_eq!(new[lines::VERSION_FIELD], "s=1;t=2026-11-22T10:15:00Z");
         let upd = line_update(&d, &t, -4, 9, 1001, MARK, &policy(false, false)).unwrap();
         assert_eq!(upd["id"], 9);
         assert_eq!(upd["ihid"], -4);
@@ -440,23 +412,23 @@ mod tests {
     #[test]
     fn markers_match_exactly() {
         let rows = vec![
-            json!({"id": 5, LICENCE_ID_FIELD: MARK}),
-            json!({"id": 2, LICENCE_ID_FIELD: MARK}),
-            json!({"id": 3, LICENCE_ID_FIELD: "halosync.subscription:sub_10"}),
+            json!({"id": 5, LICENCE_MARKER_FIELD: MARK}),
+            json!({"id": 2, LICENCE_MARKER_FIELD: MARK}),
+            json!({"id": 3, LICENCE_MARKER_FIELD: "halosync.subscription:sub_10"}),
             json!({"id": 4}),
         ];
         assert_eq!(licences_carrying(&rows, MARK), vec![2, 5]);
         let header = json!({"id": -1, "lines": [
-            {"id": 8, LINE_ID_FIELD: MARK},
-            {"id": 6, LINE_ID_FIELD: format!("{MARK} (duplicate of line 5, retired)")},
-            {"id": 7, LINE_ID_FIELD: MARK},
+            {"id": 8, lines::MARKER_FIELD: MARK},
+            {"id": 6, lines::MARKER_FIELD: format!("{MARK} (duplicate of line 5, retired)")},
+            {"id": 7, lines::MARKER_FIELD: MARK},
         ]});
-        assert_eq!(lines_carrying(&header, MARK), vec![7, 8]);
+        assert_eq!(lines::ids_carrying(&header, MARK), vec![7, 8]);
         // The newest version a line of the subscription carries.
         let versioned = json!({"id": -1, "lines": [
-            {"id": 8, LINE_ID_FIELD: MARK, LINE_VERSION_FIELD: "s=3;t=2026-11-22T10:15:00Z"},
-            {"id": 7, LINE_ID_FIELD: MARK, LINE_VERSION_FIELD: "s=5;t=2026-11-22T10:15:00Z"},
-            {"id": 6, LINE_ID_FIELD: "other", LINE_VERSION_FIELD: "s=9;t=2026-11-22T10:15:00Z"},
+            {"id": 8, lines::MARKER_FIELD: MARK, lines::VERSION_FIELD: "s=3;t=2026-11-22T10:15:00Z"},
+            {"id": 7, lines::MARKER_FIELD: MARK, lines::VERSION_FIELD: "s=5;t=2026-11-22T10:15:00Z"},
+            {"id": 6, lines::MARKER_FIELD: "other", lines::VERSION_FIELD: "s=9;t=2026-11-22T10:15:00Z"},
         ]});
         assert_eq!(
             line_version(&versioned, MARK).and_then(|v| v.sequence),
@@ -466,7 +438,7 @@ mod tests {
         let retired = body(&halosync_shared::halo::lines::retired_line(-1, 8, 7, MARK)).unwrap();
         assert_eq!(retired["isinactive"], true);
         assert_eq!(retired["qty_order"], 0.0);
-        assert_ne!(retired[LINE_ID_FIELD], MARK);
-        assert!(lines_carrying(&json!({}), MARK).is_empty());
+        assert_ne!(retired[lines::MARKER_FIELD], MARK);
+        assert!(lines::ids_carrying(&json!({}), MARK).is_empty());
     }
 }

@@ -71,8 +71,8 @@ use serde_json::Value;
 
 use crate::mapping::{item_keys, line_update, new_line, usage_lines, Applied};
 
-/// The licence field the subscription worker writes its marker into.
-const LICENCE_ID_FIELD: &str = "thirdparty_client_id";
+// The licence field the subscription worker writes its marker into.
+use halosync_shared::halo::links::LICENCE_MARKER_FIELD as LICENCE_ID_FIELD;
 
 /// `cold` serialises the lookups of concurrent batches of this process
 /// (the runtime writes one batch while the next fills): the second batch
@@ -168,8 +168,8 @@ impl<'a> Batch<'a> {
             match parsed {
                 Ok((data, version)) => {
                     results.push(None);
-                    let aggregate = format!("{}:{}", data.subscription_id, data.metric);
-                    let marker = links::marker(&USAGE, &aggregate);
+                    let aggregate = crate::mapping::line_key(&data);
+                    let marker = crate::mapping::marker(&data);
                     work.push(Some(Work {
                         aggregate,
                         state: Applied {

@@ -3,16 +3,18 @@
 //!
 //! # Fields on the line (reference §4.5)
 //!
-//! * [`LINE_ID_FIELD`] = `item_internal_reference` carries the marker
+//! * [`lines::MARKER_FIELD`] = `item_internal_reference` carries the marker
 //!   `halosync.usage:<subscription_id>:<metric>` (the same field the
 //!   subscription worker uses for `halosync.subscription:<id>`; the kinds
 //!   differ, so the markers never match each other).
-//! * [`APPLIED_FIELD`] = `item_external_reference` carries the applied
-//!   period and event version, `p=<period_start>;s=<sequence>;t=<occurred_at>`,
-//!   written in the same `updatelines` request as the quantity. That makes
-//!   the version durable without an ExternalLink write per event.
-//!   UNCONFIRMED: that HaloPSA keeps a free string in
-//!   `item_external_reference` and returns it with `includedetails=true`.
+//! * [`lines::VERSION_FIELD`] = `item_external_reference` carries the applied
+//!   period and event version, `p=<period_start>;s=<sequence>;t=<occurred_at>`
+//!   ([`Applied`]), written in the same `updatelines` request as the
+//!   quantity. That makes the version durable without an ExternalLink write
+//!   per event.
+//!
+//! [`lines::MARKER_FIELD`]: halosync_shared::halo::lines::MARKER_FIELD
+//! [`lines::VERSION_FIELD`]: halosync_shared::halo::lines::VERSION_FIELD
 //!
 //! # Which event wins
 //!
@@ -29,15 +31,12 @@ use std::cmp::Ordering;
 
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{UsageData, Version};
+use halosync_shared::halo::lines;
+use halosync_shared::halo::links::{self, USAGE};
 use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail};
-use halosync_shared::halo::record_id;
 use halosync_shared::Failure;
 use serde_json::Value;
 
-/// The line field that carries the usage marker.
-pub const LINE_ID_FIELD: &str = "item_internal_reference";
-/// The line field that carries the applied period and version.
-pub const APPLIED_FIELD: &str = "item_external_reference";
 /// The applied state of a usage line: its period and event version.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Applied {
@@ -59,24 +58,29 @@ impl Applied {
         })
     }
 
-    /// Period first (`YYYY-MM-DD` sorts as text), then the event version.
-    pub fn compare(&self, other: &Applied) -> Ordering {
-        self.period_start
-            .cmp(&other.period_start)
-            .then_with(|| self.version.compare(&other.version))
-    }
-
     /// True when an event with state `self` changes nothing because
-    /// `applied` is already on the line.
+    /// `applied` is already on the line: an older period (`YYYY-MM-DD`
+    /// sorts as text), or within the
+    /// same period the contract's rule ([`Version::is_superseded_by`],
+    /// a repair included).
     pub fn is_superseded_by(&self, applied: &Applied) -> bool {
-        match self.compare(applied) {
-            Ordering::Greater => false,
-            // The same state again: a duplicate, unless it is a repair
-            // (DESIGN §8), which rewrites what HaloPSA drifted from.
-            Ordering::Equal => !self.version.repair,
-            Ordering::Less => true,
+        match self.period_start.cmp(&applied.period_start) {
+            Ordering::Equal => self.version.is_superseded_by(&applied.version),
+            other => other == Ordering::Less,
         }
     }
+}
+
+/// The billing id of a usage line: `<subscription_id>:<metric>` (one line
+/// per subscription and metric, showing the current period).
+pub fn line_key(data: &UsageData) -> String {
+    format!("{}:{}", data.subscription_id, data.metric)
+}
+
+/// The line's marker, `halosync.usage:<subscription_id>:<metric>`
+/// ([`links::marker`] of [`USAGE`]).
+pub fn marker(data: &UsageData) -> String {
+    links::marker(&USAGE, &line_key(data))
 }
 
 /// The item-map keys of a usage line, in order: `"<sku>:<metric>"`, then
@@ -106,10 +110,6 @@ pub fn description(product: &str, data: &UsageData) -> String {
     )
 }
 
-fn halo_date(date: &str) -> String {
-    format!("{date}T00:00:00")
-}
-
 /// The fields written on every add and update. The unit price comes from
 /// the item (set by HaloPSA on add) and is never sent.
 fn common(
@@ -125,8 +125,8 @@ fn common(
         itemid: Some(Int32(item_id)),
         qty_order: Some(data.quantity),
         item_shortdescription: Some(description(product, data)),
-        startdate: Some(DateTime(halo_date(&data.period_start))),
-        enddate: Some(Some(DateTime(halo_date(&data.period_end)))),
+        startdate: Some(DateTime::midnight(&data.period_start)),
+        enddate: Some(Some(DateTime::midnight(&data.period_end))),
         item_internal_reference: Some(marker.to_string()),
         item_external_reference: Some(applied.encode()),
         ..InvoiceDetail::default()
@@ -164,27 +164,16 @@ pub fn line_update(
     })
 }
 
-/// The usage lines of a header: marker → (lowest line id, applied state).
+/// The marked lines of a header ([`lines::marked`]), lowest id first:
+/// (marker, line id, applied state).
 pub fn usage_lines(header: &Value) -> Vec<(String, i64, Option<Applied>)> {
-    let lines = header
-        .get("lines")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let mut out: Vec<(String, i64, Option<Applied>)> = lines
-        .iter()
-        .filter_map(|l| {
-            let marker = l.get(LINE_ID_FIELD)?.as_str()?.trim().to_string();
-            let id = record_id(l)?;
-            let applied = l
-                .get(APPLIED_FIELD)
-                .and_then(Value::as_str)
-                .and_then(Applied::decode);
-            Some((marker, id, applied))
+    lines::marked(header)
+        .into_iter()
+        .map(|(marker, id, line)| {
+            let applied = lines::version_text(line).and_then(Applied::decode);
+            (marker.to_string(), id, applied)
         })
-        .collect();
-    out.sort_by_key(|(_, id, _)| *id);
-    out
+        .collect()
 }
 
 #[cfg(test)]
@@ -229,8 +218,8 @@ mod tests {
     #[test]
     fn usage_lines_are_found_by_marker() {
         let h = json!({"lines": [
-            {"id": 9, LINE_ID_FIELD: "halosync.usage:s1:gb", APPLIED_FIELD: "p=2026-11-01;s=3;t=2026-11-22T10:00:00Z"},
-            {"id": 4, LINE_ID_FIELD: "halosync.subscription:s1"},
+            {"id": 9, lines::MARKER_FIELD: "halosync.usage:s1:gb", lines::VERSION_FIELD: "p=2026-11-01;s=3;t=2026-11-22T10:00:00Z"},
+            {"id": 4, lines::MARKER_FIELD: "halosync.subscription:s1"},
             {"id": 5}
         ]});
         let found = usage_lines(&h);

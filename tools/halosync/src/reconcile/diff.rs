@@ -2,61 +2,72 @@
 //! HaloPSA's state (what the workers wrote, as the MSP left it). Pure, so
 //! every drift kind is unit-tested without a network.
 //!
-//! # Which fields, and why these
+//! # What is expected, and which fields are compared
 //!
-//! The expected values are computed from the event directly, following the
-//! workers' mapping modules (`workers/*/src/mapping.rs`), which live in the
-//! worker binaries and cannot be called from here; the rules are restated
-//! next to each comparison, and the integration tests check them against
-//! what the real workers write:
+//! The expected HaloPSA values are computed by **the workers' own mapping
+//! functions** (the worker crates are libraries), called as the worker
+//! calls them for an update of the record found, under the connection's
+//! [`Policy`]: the account's `client_record`, the subscription's
+//! `licence_record` and `line_update`, the usage `line_update`, the
+//! overage `line`. A field the mapping leaves out of that update (a price
+//! without `overwrite_prices`, a name without `overwrite_names`, an
+//! optional account field the event does not carry) is not compared, so
+//! the policies are the mapping's, not restated here. Inputs that only
+//! feed fields not compared (a line's header, item and description, a
+//! licence's customer) are taken from the record itself. An event the
+//! mapping refuses (a value HaloPSA cannot hold) is reported as differing,
+//! with the refusal: the workers would dead-letter it.
 //!
-//! * customer (`/Client`): `active` = not `inactive`; `name` only with
-//!   `overwrite_names` (the MSP may rename); `website`, `tax_number`,
-//!   `currency` (`default_currency_code`: the id of HaloPSA's `/Currency`
-//!   row of the event's ISO code), `notes` only when the event carries them
-//!   (the workers never clear them).
+//! The fields compared:
+//!
+//! * customer (`/Client`): `name`, `active` (not `inactive`), `website`,
+//!   `tax_number`, `notes`; `currency` (`default_currency_code`: the id of
+//!   HaloPSA's `/Currency` row of the event's ISO code) whenever the event
+//!   carries one, a code HaloPSA lacks always differing.
 //! * licence (`/SoftwareLicence`): `quantity` (`count`), `active`
 //!   (`is_active`), `status`, `billing_cycle`, `sku` (`product_sku`),
 //!   `start_date`, `end_date` (none = absent, null or HaloPSA's empty-date
-//!   sentinel); `unit_price` (`price`) and `unit_cost` (`purchase_price`)
-//!   only with `overwrite_prices`; `name` only with `overwrite_names`.
+//!   sentinel), `unit_price` (`price`), `unit_cost` (`purchase_price`),
+//!   `name`.
 //! * subscription line (recurring invoice): `quantity` (`qty_order`),
 //!   `active` (not `isinactive`), `start_date`/`end_date`
-//!   (`startdate`/`enddate`); `unit_price`/`unit_cost` only with
-//!   `overwrite_prices`; `name` (`item_shortdescription`) only with
-//!   `overwrite_names`.
+//!   (`startdate`/`enddate`), `unit_price`, `unit_cost`, `name`
+//!   (`item_shortdescription`).
 //! * usage line: `quantity`, `period_start`, `period_end` of the newest
-//!   period of the (subscription, metric) in the snapshot: the worker keeps
-//!   one line per (subscription, metric) showing the current period, so
-//!   older periods are not compared. Its price comes from the item.
-//! * overage line: `quantity` (0 when the overage is not positive),
-//!   `unit_price` (always: the charge is the billing platform's), `active`.
-//!   A non-positive overage with no line is in step (the worker creates
-//!   none).
+//!   period of the (subscription, metric) in the snapshot (the usage
+//!   mapping's `Applied::is_superseded_by`): the worker keeps one line per
+//!   (subscription, metric) showing the current period, so older periods
+//!   are not compared. Its price comes from the item.
+//! * overage line: `quantity`, `unit_price` (always: the charge is the
+//!   billing platform's), `active`. A zero overage with no line is in
+//!   step: it bills nothing.
 //!
-//! Versions are context only (the snapshot's, and the applied one on the
-//! link or line): an aggregate is in step when its state fields are.
+//! Money and quantities are shown as the event spells them. Versions are
+//! context only (the snapshot's, and the applied one on the link or line):
+//! an aggregate is in step when its state fields are.
 //!
-//! A line or licence is halosync's when it carries a marker
-//! (`halosync.<kind>:<id>`) exactly: the workers retire a duplicate or a
-//! moved line by appending text to its marker, and those are not counted.
+//! A line or licence is halosync's when it carries a marker of its kind
+//! ([`links::billing_id_of`], on the lines of [`lines::marked`]): the
+//! workers retire a duplicate or a moved line by appending text to its
+//! marker, and those are not counted.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use halosync_shared::contract::{AccountData, OverageData, SubscriptionData, UsageData, Version};
-use halosync_shared::halo::lines::MARKER_FIELD;
-use halosync_shared::halo::links::LICENCE_MARKER_FIELD;
-use halosync_shared::halo::record_id;
-use halosync_shared::Family;
+pub use halosync_shared::config::Policy;
+use halosync_shared::contract::{AccountData, OverageData, SubscriptionData, UsageData};
+use halosync_shared::halo::links::{
+    self, Kind, LICENCE_MARKER_FIELD, OVERAGE, SUBSCRIPTION, USAGE,
+};
+use halosync_shared::halo::models::body;
+use halosync_shared::halo::{lines, record_id};
+use halosync_shared::{Failure, Family, Version};
+use halosync_subscription::mapping::Terms;
+use halosync_usage::mapping::Applied;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::read::{HaloState, LinkRow, Scope};
 use super::snapshot::{Entry, Snapshot};
-
-/// The line field where the usage and overage workers keep the applied
-/// version.
-const LINE_VERSION_FIELD: &str = "item_external_reference";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -125,18 +136,19 @@ pub struct Drift {
     pub detail: String,
 }
 
-/// The connection's policies that decide what counts as drift.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Policy {
-    pub overwrite_prices: bool,
-    pub overwrite_names: bool,
-}
-
 // ----- value helpers ---------------------------------------------------------
 
 fn num(v: Option<&Value>) -> Option<f64> {
     match v? {
         Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn int(v: Option<&Value>) -> Option<i64> {
+    match v? {
+        Value::Number(n) => n.as_i64(),
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
@@ -186,7 +198,11 @@ fn halo_value(v: Option<&Value>) -> Value {
     v.cloned().unwrap_or(Value::Null)
 }
 
-/// Collects the fields of one record that differ.
+/// Collects the fields of one HaloPSA record (`record`) that differ from
+/// what the workers' mapping would write over it (`want`, a request body).
+/// Each comparison names the field as a person reads it (`field`) and the
+/// HaloPSA property (`key`); a property absent from `want` is one the
+/// mapping does not write on an update, and is not compared.
 struct Fields<'a> {
     record: &'a Value,
     out: Vec<FieldDiff>,
@@ -208,7 +224,10 @@ impl<'a> Fields<'a> {
         });
     }
 
-    fn qty(&mut self, field: &str, want: f64, key: &str) {
+    fn qty(&mut self, field: &str, want: &Value, key: &str) {
+        let Some(want) = num(want.get(key)) else {
+            return;
+        };
         if !qty_eq(want, num(self.record.get(key))) {
             // Whole quantities shown as the event has them (`5`, not `5.0`).
             let shown = if want.fract() == 0.0 && want.abs() < 1e15 {
@@ -220,28 +239,31 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn money(&mut self, field: &str, shown: &str, key: &str) {
-        let want = shown.trim().parse::<f64>().unwrap_or(f64::NAN);
+    /// A price; `shown` is the event's decimal text.
+    fn money(&mut self, field: &str, shown: Option<&str>, want: &Value, key: &str) {
+        let Some(want) = num(want.get(key)) else {
+            return;
+        };
         if !money_eq(want, num(self.record.get(key))) {
-            self.push(field, json!(shown), key);
+            self.push(field, shown.map_or(json!(want), |s| json!(s)), key);
         }
     }
 
-    fn text(&mut self, field: &str, want: &str, key: &str) {
+    fn text(&mut self, field: &str, want: &Value, key: &str) {
+        let Some(want) = want.get(key).and_then(Value::as_str) else {
+            return;
+        };
         if text(self.record.get(key)).as_deref() != Some(want.trim()) {
             self.push(field, json!(want), key);
         }
     }
 
-    /// An ISO currency code against the `/Currency` id HaloPSA holds
-    /// (`id`: that code's row; `None`: HaloPSA has no such currency, which
-    /// is always a difference).
-    fn currency(&mut self, code: &str, id: Option<i64>, key: &str) {
-        let held = self.record.get(key).and_then(|v| match v {
-            Value::Number(n) => n.as_i64(),
-            Value::String(s) => s.trim().parse().ok(),
-            _ => None,
-        });
+    /// An ISO currency code against the `/Currency` id HaloPSA holds: the
+    /// mapping's id (`want`), or none when HaloPSA has no such currency,
+    /// which is always a difference.
+    fn currency(&mut self, code: &str, want: &Value, key: &str) {
+        let id = int(want.get(key));
+        let held = int(self.record.get(key));
         if id.is_none() || held != id {
             let shown = match id {
                 Some(id) => json!(format!("{code} (currency {id})")),
@@ -252,7 +274,10 @@ impl<'a> Fields<'a> {
     }
 
     /// `active` against a HaloPSA flag that means `negated ? inactive : active`.
-    fn active(&mut self, want: bool, key: &str, negated: bool) {
+    fn active(&mut self, want: &Value, key: &str, negated: bool) {
+        let Some(want) = flag(want.get(key)).map(|f| f != negated) else {
+            return;
+        };
         let halo = flag(self.record.get(key)).map(|f| f != negated);
         if halo != Some(want) {
             self.out.push(FieldDiff {
@@ -263,49 +288,42 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn date(&mut self, field: &str, want: Option<&str>, key: &str) {
+    /// A date; `null` in `want` is "no date" (an update clearing one).
+    fn date(&mut self, field: &str, want: &Value, key: &str) {
+        let Some(want) = want.get(key) else {
+            return;
+        };
+        let want = day(Some(want));
         let halo = day(self.record.get(key));
-        if halo.as_deref() != want {
+        if halo != want {
             self.out.push(FieldDiff {
                 field: field.to_string(),
-                snapshot: want.map_or(Value::Null, |d| json!(d)),
+                snapshot: want.map_or(Value::Null, Value::String),
                 halo: halo.map_or(Value::Null, Value::String),
             });
         }
+    }
+
+    /// The record's own `key` as an id (for inputs of the mapping that
+    /// feed no compared field), 0 when it has none.
+    fn own_id(&self, key: &str) -> i64 {
+        int(self.record.get(key)).unwrap_or_default()
     }
 }
 
 // ----- indexes ----------------------------------------------------------------
 
-/// The billing id of an exact halosync marker (`<type>:<id>`), rejecting
-/// retired markers (the workers append ` (… retired)`).
-fn marked<'a>(value: Option<&'a Value>, third_party_type: &str) -> Option<&'a str> {
-    let m = value?.as_str()?.trim();
-    let id = m.strip_prefix(third_party_type)?.strip_prefix(':')?;
-    (!id.is_empty() && !id.contains(char::is_whitespace)).then_some(id)
-}
-
-fn header_lines(header: &Value) -> impl Iterator<Item = &Value> {
-    ["lines", "invoice_lines", "details"]
-        .iter()
-        .find_map(|k| header.get(*k).and_then(Value::as_array))
-        .into_iter()
-        .flatten()
-}
-
-/// Lines of the given headers carrying a marker of `third_party_type`:
-/// billing id → lines (lowest id first).
+/// Lines of the given headers carrying a marker of `kind`: billing id →
+/// lines (lowest id first).
 fn lines_by_marker<'a>(
     headers: impl Iterator<Item = &'a Value>,
-    third_party_type: &str,
+    kind: &Kind,
 ) -> BTreeMap<String, Vec<&'a Value>> {
     let mut out: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
     for h in headers {
-        for l in header_lines(h) {
-            if let (Some(id), Some(_)) =
-                (marked(l.get(MARKER_FIELD), third_party_type), record_id(l))
-            {
-                out.entry(id.to_string()).or_default().push(l);
+        for (marker, _, line) in lines::marked(h) {
+            if let Some(id) = links::billing_id_of(kind, marker) {
+                out.entry(id.to_string()).or_default().push(line);
             }
         }
     }
@@ -336,6 +354,14 @@ fn invoice_of<'a>(state: &'a HaloState, account: &str) -> Option<&'a Value> {
 
 fn ids(records: &[&Value]) -> Vec<i64> {
     records.iter().filter_map(|r| record_id(r)).collect()
+}
+
+/// The applied version text of the first of `lines` ([`lines::version_text`]).
+fn line_applied(lines: &[&Value]) -> Option<String> {
+    lines
+        .first()
+        .and_then(|l| lines::version_text(l))
+        .map(|t| t.trim().to_string())
 }
 
 fn in_account(scope: &Scope, account_id: &str) -> bool {
@@ -381,6 +407,9 @@ fn drift(
 
 impl Ctx<'_> {
     /// Missing / duplicated / differs for one record kind of one aggregate.
+    /// `compare` computes what the workers' mapping would write over the
+    /// record (its `Fields::record`) and compares it, or returns the
+    /// mapping's refusal of the event.
     #[allow(clippy::too_many_arguments)]
     fn record(
         &mut self,
@@ -391,7 +420,7 @@ impl Ctx<'_> {
         found: &[&Value],
         applied: Option<String>,
         missing_detail: &str,
-        compare: impl Fn(&mut Fields),
+        compare: impl Fn(&mut Fields) -> Result<(), Failure>,
     ) {
         let Some(first) = found.first() else {
             let mut d = drift(family, aggregate, DriftKind::Missing, record, Some(entry));
@@ -417,20 +446,24 @@ impl Ctx<'_> {
             self.out.push(d);
         }
         let mut f = Fields::new(first);
-        compare(&mut f);
-        if !f.out.is_empty() {
-            let mut d = drift(family, aggregate, DriftKind::Differs, record, Some(entry));
-            d.halo_ids = record_id(first).into_iter().collect();
-            d.applied_version = applied;
-            d.detail = f
+        let refused = compare(&mut f).err();
+        if f.out.is_empty() && refused.is_none() {
+            return;
+        }
+        let mut d = drift(family, aggregate, DriftKind::Differs, record, Some(entry));
+        d.halo_ids = record_id(first).into_iter().collect();
+        d.applied_version = applied;
+        d.detail = match refused {
+            Some(refusal) => format!("the workers refuse this event ({refusal})"),
+            None => f
                 .out
                 .iter()
                 .map(|x| x.field.as_str())
                 .collect::<Vec<_>>()
-                .join(", ");
-            d.fields = f.out;
-            self.out.push(d);
-        }
+                .join(", "),
+        };
+        d.fields = f.out;
+        self.out.push(d);
     }
 
     fn orphan(
@@ -450,6 +483,7 @@ impl Ctx<'_> {
     }
 
     fn accounts(&mut self, entries: &[&Entry]) {
+        use halosync_account::mapping::client_record;
         let state = self.state;
         let links = links_by_billing(&state.account_links);
         let mut seen = BTreeSet::new();
@@ -479,7 +513,8 @@ impl Ctx<'_> {
                 format!("the linked customer {halo_ids:?} is not in HaloPSA")
             };
             let policy = self.policy;
-            // The event's ISO code against the customer's `/Currency` id.
+            // The event's ISO code, and the id of HaloPSA's `/Currency` row
+            // of it (what the worker looks up through `halo::currency`).
             let currency = d.currency.as_deref().map(|code| {
                 let code = halosync_shared::halo::currency::normalise(code);
                 let id = state.currencies.get(&code).copied();
@@ -494,22 +529,22 @@ impl Ctx<'_> {
                 applied,
                 &detail,
                 |f| {
-                    if policy.overwrite_names {
-                        f.text("name", &d.name, "name");
+                    let id = record_id(f.record);
+                    let want = body(&client_record(
+                        &d,
+                        currency.as_ref().and_then(|c| c.1),
+                        id,
+                        policy,
+                    ))?;
+                    f.text("name", &want, "name");
+                    f.active(&want, "inactive", true);
+                    f.text("website", &want, "website");
+                    f.text("tax_number", &want, "tax_number");
+                    f.text("notes", &want, "notes");
+                    if let Some((code, _)) = &currency {
+                        f.currency(code, &want, "default_currency_code");
                     }
-                    f.active(d.active, "inactive", true);
-                    for (field, value, key) in [
-                        ("website", &d.website, "website"),
-                        ("tax_number", &d.tax_number, "tax_number"),
-                        ("notes", &d.notes, "notes"),
-                    ] {
-                        if let Some(v) = value {
-                            f.text(field, v, key);
-                        }
-                    }
-                    if let Some((code, id)) = &currency {
-                        f.currency(code, *id, "default_currency_code");
-                    }
+                    Ok(())
                 },
             );
         }
@@ -540,8 +575,8 @@ impl Ctx<'_> {
     }
 
     fn subscriptions(&mut self, entries: &[&Entry]) {
+        use halosync_subscription::mapping::{licence_record, line_update};
         let state = self.state;
-        let prefix = "halosync.subscription";
         let links = links_by_billing(&state.subscription_links);
         // Licences by subscription: linked ones and marked ones.
         let mut licences: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
@@ -554,7 +589,8 @@ impl Ctx<'_> {
             }
         }
         for (id, l) in &state.licences {
-            if let Some(sub) = marked(l.get(LICENCE_MARKER_FIELD), prefix) {
+            let marker = links::marker_in(l, LICENCE_MARKER_FIELD);
+            if let Some(sub) = marker.and_then(|m| links::billing_id_of(&SUBSCRIPTION, m)) {
                 licences.entry(sub.to_string()).or_default().insert(*id);
             }
         }
@@ -564,13 +600,12 @@ impl Ctx<'_> {
                 continue;
             };
             seen.insert(d.subscription_id.clone());
+            let marker = links::marker(&SUBSCRIPTION, &d.subscription_id);
             // The line on the account's recurring invoice.
             let header = invoice_of(state, &d.account_id);
-            let lines = header
-                .map(|h| lines_by_marker(std::iter::once(h), prefix))
+            let line_found: Vec<&Value> = header
+                .map(|h| lines::carrying(h, &marker))
                 .unwrap_or_default();
-            let line_found: Vec<&Value> =
-                lines.get(&d.subscription_id).cloned().unwrap_or_default();
             // The applied version: the link's, or the line's when newer (a
             // known subscription's update carries it on the line only).
             let on_link = links
@@ -580,11 +615,11 @@ impl Ctx<'_> {
             let applied = on_link
                 .iter()
                 .cloned()
-                .chain(line_found.iter().filter_map(|l| {
-                    l.get("item_external_reference")
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                }))
+                .chain(
+                    line_found
+                        .iter()
+                        .filter_map(|l| lines::version_text(l).map(str::to_string)),
+                )
                 .filter_map(|t| Version::decode(&t).map(|v| (v, t)))
                 .max_by(|a, b| a.0.compare(&b.0))
                 .map(|(_, t)| t)
@@ -594,8 +629,7 @@ impl Ctx<'_> {
                 .map(|ids| ids.iter().filter_map(|id| state.licences.get(id)).collect())
                 .unwrap_or_default();
             let policy = self.policy;
-            let active = d.status == "active";
-            let quantity = d.quantity as f64;
+            let terms = Terms::of(&d, &e.version);
             self.record(
                 Family::Subscription,
                 &d.subscription_id,
@@ -605,52 +639,48 @@ impl Ctx<'_> {
                 applied.clone(),
                 "no licence carries this subscription",
                 |f| {
-                    f.qty("quantity", quantity, "count");
-                    f.active(active, "is_active", false);
-                    f.text("status", &d.status, "status");
-                    f.text("billing_cycle", &d.billing_cycle, "billing_cycle");
-                    f.text("sku", &d.product.sku, "product_sku");
-                    f.date("start_date", Some(&d.start_date), "start_date");
-                    f.date("end_date", d.end_date.as_deref(), "end_date");
-                    if policy.overwrite_prices {
-                        f.money("unit_price", &d.unit_price, "price");
-                        if let Some(c) = &d.unit_cost {
-                            f.money("unit_cost", c, "purchase_price");
-                        }
-                    }
-                    if policy.overwrite_names {
-                        f.text("name", &d.product.name, "name");
-                    }
+                    let terms = terms.clone()?;
+                    let (customer, id) = (f.own_id("client_id"), record_id(f.record));
+                    let want = licence_record(&d, &terms, customer, id, &marker, policy)?;
+                    f.qty("quantity", &want, "count");
+                    f.active(&want, "is_active", false);
+                    f.text("status", &want, "status");
+                    f.text("billing_cycle", &want, "billing_cycle");
+                    f.text("sku", &want, "product_sku");
+                    f.date("start_date", &want, "start_date");
+                    f.date("end_date", &want, "end_date");
+                    f.money("unit_price", Some(&d.unit_price), &want, "price");
+                    f.money("unit_cost", d.unit_cost.as_deref(), &want, "purchase_price");
+                    f.text("name", &want, "name");
+                    Ok(())
                 },
             );
-            let found = line_found;
             let detail = if header.is_some() {
                 "no line of the account's recurring invoice carries this subscription"
             } else {
                 "the account has no halosync recurring invoice, so no line"
             };
+            let ihid = header.and_then(record_id).unwrap_or_default();
             self.record(
                 Family::Subscription,
                 &d.subscription_id,
                 e,
                 "recurring line",
-                &found,
+                &line_found,
                 applied,
                 detail,
                 |f| {
-                    f.qty("quantity", quantity, "qty_order");
-                    f.active(active, "isinactive", true);
-                    f.date("start_date", Some(&d.start_date), "startdate");
-                    f.date("end_date", d.end_date.as_deref(), "enddate");
-                    if policy.overwrite_prices {
-                        f.money("unit_price", &d.unit_price, "unit_price");
-                        if let Some(c) = &d.unit_cost {
-                            f.money("unit_cost", c, "unit_cost");
-                        }
-                    }
-                    if policy.overwrite_names {
-                        f.text("name", &d.product.name, "item_shortdescription");
-                    }
+                    let terms = terms.clone()?;
+                    let (line, item) = (f.own_id("id"), f.own_id("_itemid"));
+                    let want = line_update(&d, &terms, ihid, line, item, &marker, policy)?;
+                    f.qty("quantity", &want, "qty_order");
+                    f.active(&want, "isinactive", true);
+                    f.date("start_date", &want, "startdate");
+                    f.date("end_date", &want, "enddate");
+                    f.money("unit_price", Some(&d.unit_price), &want, "unit_price");
+                    f.money("unit_cost", d.unit_cost.as_deref(), &want, "unit_cost");
+                    f.text("name", &want, "item_shortdescription");
+                    Ok(())
                 },
             );
         }
@@ -674,7 +704,7 @@ impl Ctx<'_> {
             );
         }
         let headers = our_headers(self.scope, state);
-        for (sub, lines) in lines_by_marker(headers.into_iter(), prefix) {
+        for (sub, lines) in lines_by_marker(headers.into_iter(), &SUBSCRIPTION) {
             if seen.contains(&sub) {
                 continue;
             }
@@ -684,37 +714,39 @@ impl Ctx<'_> {
     }
 
     fn usage(&mut self, entries: &[&Entry]) {
+        use halosync_usage::mapping::{line_key, line_update, marker};
         let state = self.state;
-        let prefix = "halosync.usage";
-        // The newest period per (subscription, metric).
-        let mut newest: BTreeMap<String, (&Entry, UsageData)> = BTreeMap::new();
+        // The newest period per (subscription, metric): the state the
+        // worker's line shows.
+        let mut newest: BTreeMap<String, (&Entry, UsageData, Applied)> = BTreeMap::new();
         for e in entries {
             let Ok(d) = e.event.data_as::<UsageData>() else {
                 continue;
             };
-            let key = format!("{}:{}", d.subscription_id, d.metric);
+            let state = Applied {
+                period_start: d.period_start.clone(),
+                version: e.version.clone(),
+            };
+            let key = line_key(&d);
             let newer = match newest.get(&key) {
                 None => true,
-                Some((k, kd)) => {
-                    d.period_start > kd.period_start
-                        || (d.period_start == kd.period_start
-                            && !e.version.is_superseded_by(&k.version))
-                }
+                Some((_, _, kept)) => !state.is_superseded_by(kept),
             };
             if newer {
-                newest.insert(key, (e, d));
+                newest.insert(key, (e, d, state));
             }
         }
         let mut seen = BTreeSet::new();
-        for (key, (e, d)) in &newest {
+        for (key, (e, d, applied_state)) in &newest {
             seen.insert(key.clone());
+            let marker = marker(d);
             let header = invoice_of(state, &d.account_id);
-            let lines = header
-                .map(|h| lines_by_marker(std::iter::once(h), prefix))
+            let found: Vec<&Value> = header
+                .map(|h| lines::carrying(h, &marker))
                 .unwrap_or_default();
-            let found: Vec<&Value> = lines.get(key).cloned().unwrap_or_default();
-            let applied = found.first().and_then(|l| text(l.get(LINE_VERSION_FIELD)));
+            let applied = line_applied(&found);
             let aggregate = format!("{key}:{}", d.period_start);
+            let ihid = header.and_then(record_id).unwrap_or_default();
             self.record(
                 Family::Usage,
                 &aggregate,
@@ -724,51 +756,55 @@ impl Ctx<'_> {
                 applied,
                 "no line of the account's recurring invoice carries this usage",
                 |f| {
-                    f.qty("quantity", d.quantity, "qty_order");
-                    f.date("period_start", Some(&d.period_start), "startdate");
-                    f.date("period_end", Some(&d.period_end), "enddate");
+                    let (line, item) = (f.own_id("id"), f.own_id("_itemid"));
+                    // The product only names the line (not compared).
+                    let want = line_update(d, "", applied_state, ihid, line, item, &marker)?;
+                    f.qty("quantity", &want, "qty_order");
+                    f.date("period_start", &want, "startdate");
+                    f.date("period_end", &want, "enddate");
+                    Ok(())
                 },
             );
         }
         let headers = our_headers(self.scope, state);
-        for (key, lines) in lines_by_marker(headers.into_iter(), prefix) {
+        for (key, lines) in lines_by_marker(headers.into_iter(), &USAGE) {
             if seen.contains(&key) {
                 continue;
             }
-            let applied = lines.first().and_then(|l| text(l.get(LINE_VERSION_FIELD)));
+            let applied = line_applied(&lines);
             self.orphan(Family::Usage, &key, "usage line", ids(&lines), applied,
                 "a halosync usage line whose subscription and metric are not in the snapshot (never deleted)".into());
         }
     }
 
     fn overage(&mut self, entries: &[&Entry]) {
+        use halosync_overage::mapping::{
+            aggregate, invoice_billing_id, is_zero, line, marker, unit_price,
+        };
         let state = self.state;
-        let prefix = "halosync.overage";
         let invoice_links = links_by_billing(&state.overage_invoice_links);
         let mut seen = BTreeSet::new();
         for e in entries {
             let Ok(d) = e.event.data_as::<OverageData>() else {
                 continue;
             };
-            let aggregate = format!("{}:{}:{}", d.subscription_id, d.metric, d.period_start);
+            let aggregate = aggregate(&d);
             seen.insert(aggregate.clone());
-            let zero = d.overage_quantity <= 0.0;
             let header = invoice_links
-                .get(format!("{}:{}", d.account_id, d.period_start).as_str())
+                .get(invoice_billing_id(&d).as_str())
                 .and_then(|v| {
                     v.iter()
                         .filter_map(|l| state.invoices.get(&l.halo_id))
                         .min_by_key(|h| record_id(h))
                 });
-            let lines = header
-                .map(|h| lines_by_marker(std::iter::once(h), prefix))
+            let found: Vec<&Value> = header
+                .map(|h| lines::carrying(h, &marker(&d)))
                 .unwrap_or_default();
-            let found: Vec<&Value> = lines.get(&aggregate).cloned().unwrap_or_default();
-            if found.is_empty() && zero {
-                continue; // the worker writes no line for a zero overage
+            if found.is_empty() && is_zero(&d) {
+                continue; // bills nothing: in step without a line
             }
-            let applied = found.first().and_then(|l| text(l.get(LINE_VERSION_FIELD)));
-            let quantity = if zero { 0.0 } else { d.overage_quantity };
+            let applied = line_applied(&found);
+            let ihid = header.and_then(record_id);
             self.record(
                 Family::Overage,
                 &aggregate,
@@ -778,17 +814,20 @@ impl Ctx<'_> {
                 applied,
                 "no line of the period's halosync invoice carries this overage",
                 |f| {
-                    f.qty("quantity", quantity, "qty_order");
-                    f.money("unit_price", &d.unit_price, "unit_price");
-                    f.active(!zero, "isinactive", true);
+                    let (id, item) = (record_id(f.record), f.own_id("_itemid"));
+                    let want = body(&line(&d, unit_price(&d)?, ihid, id, item, &e.version))?;
+                    f.qty("quantity", &want, "qty_order");
+                    f.money("unit_price", Some(&d.unit_price), &want, "unit_price");
+                    f.active(&want, "isinactive", true);
+                    Ok(())
                 },
             );
         }
-        for (aggregate, lines) in lines_by_marker(state.invoices.values(), prefix) {
+        for (aggregate, lines) in lines_by_marker(state.invoices.values(), &OVERAGE) {
             if seen.contains(&aggregate) {
                 continue;
             }
-            let applied = lines.first().and_then(|l| text(l.get(LINE_VERSION_FIELD)));
+            let applied = line_applied(&lines);
             self.orphan(
                 Family::Overage,
                 &aggregate,
@@ -856,7 +895,9 @@ mod tests {
     use super::super::read::LinkRow;
     use super::super::snapshot;
     use super::*;
+    use halosync_shared::contract::Envelope;
     use halosync_shared::Contract;
+    use serde::de::DeserializeOwned;
 
     const ACC: &str = r#"{"id":"e1","type":"account.updated","schema_version":1,"connection":"acme","occurred_at":"2026-11-22T10:15:00Z","sequence":3,"data":{"account_id":"acc_1","name":"Contoso","active":true,"currency":"GBP"}}"#;
     const SUB: &str = r#"{"id":"e2","type":"subscription.updated","schema_version":1,"connection":"acme","occurred_at":"2026-11-22T10:15:00Z","sequence":4,"data":{"subscription_id":"sub_1","account_id":"acc_1","product":{"sku":"MS-365-BP","name":"M365"},"quantity":5,"unit_price":"22.00","currency":"GBP","billing_cycle":"monthly","start_date":"2026-11-01","end_date":null,"status":"active"}}"#;
@@ -878,38 +919,63 @@ mod tests {
         }
     }
 
-    /// HaloPSA exactly as the workers leave `ACC`, `SUB` and `USAGE_NEW`.
+    /// The event of a snapshot line, and its typed data.
+    fn event<T: DeserializeOwned>(line: &str) -> (Envelope, T) {
+        let e: Envelope = serde_json::from_str(line).unwrap();
+        let d = e.data_as::<T>().unwrap();
+        (e, d)
+    }
+
+    /// A record body the workers' mapping built, with the id HaloPSA gave it.
+    fn saved(mut record: Value, id: i64) -> Value {
+        record["id"] = json!(id);
+        record
+    }
+
+    /// HaloPSA exactly as the workers leave `ACC`, `SUB` and `USAGE_NEW`:
+    /// every record built by the worker's own mapping function, as created.
     fn in_step() -> HaloState {
+        use halosync_subscription::mapping as subscription;
+        use halosync_usage::mapping as usage;
         let mut s = HaloState {
             account_links: vec![link("acc_1", 7, 1)],
             subscription_links: vec![link("sub_1", 3, 2)],
             recurring_links: vec![link("acc_1", -1, 3)],
             ..Default::default()
         };
-        s.clients.insert(
-            7,
-            json!({"id": 7, "name": "Contoso", "inactive": false, "default_currency_code": 2}),
-        );
+        let (_, acc) = event::<AccountData>(ACC);
+        let customer = halosync_account::mapping::client_record(&acc, Some(2), None, PRICES);
+        s.clients.insert(7, saved(body(&customer).unwrap(), 7));
         s.currencies.insert("GBP".into(), 2);
         s.currencies.insert("USD".into(), 1);
-        s.licences.insert(
-            3,
-            json!({"id": 3, "name": "M365", "count": 5, "is_active": true, "status": "active",
-                   "billing_cycle": "monthly", "product_sku": "MS-365-BP", "price": 22.0,
-                   "start_date": "2026-11-01T00:00:00", "end_date": "1899-12-30T00:00:00",
-                   "thirdparty_client_id": "halosync.subscription:sub_1"}),
-        );
+        let (e, sub) = event::<SubscriptionData>(SUB);
+        let terms = subscription::Terms::of(&sub, &e.version().unwrap()).unwrap();
+        let mark = links::marker(&SUBSCRIPTION, "sub_1");
+        let mut licence =
+            subscription::licence_record(&sub, &terms, 7, None, &mark, PRICES).unwrap();
+        // HaloPSA answers "no end date" with its empty-date sentinel.
+        licence["end_date"] = json!("1899-12-30T00:00:00");
+        s.licences.insert(3, saved(licence, 3));
+        let line = subscription::new_line(&sub, &terms, Some(-1), 1001, &mark).unwrap();
+        let (e, use_new) = event::<UsageData>(USAGE_NEW);
+        let applied = Applied {
+            period_start: use_new.period_start.clone(),
+            version: e.version().unwrap(),
+        };
+        let usage_line = usage::new_line(
+            &use_new,
+            "M365",
+            &applied,
+            -1,
+            1002,
+            &usage::marker(&use_new),
+        )
+        .unwrap();
+        // A duplicate a worker retired: not halosync's any more.
+        let retired = body(&lines::retired_line(-1, 12, 10, &mark)).unwrap();
         s.recurring.insert(
             -1,
-            json!({"id": -1, "lines": [
-                {"id": 10, "qty_order": 5.0, "isinactive": false, "startdate": "2026-11-01T00:00:00",
-                 "unit_price": 22.0, "item_shortdescription": "M365",
-                 "item_internal_reference": "halosync.subscription:sub_1"},
-                {"id": 11, "qty_order": 7.5, "startdate": "2026-11-01T00:00:00", "enddate": "2026-11-30T00:00:00",
-                 "item_internal_reference": "halosync.usage:sub_1:gb", "item_external_reference": "p=2026-11-01;s=1"},
-                {"id": 12, "qty_order": 0.0, "isinactive": true,
-                 "item_internal_reference": "halosync.subscription:sub_1 (duplicate of line 10, retired)"}
-            ]}),
+            json!({"id": -1, "lines": [saved(line, 10), saved(usage_line, 11), retired]}),
         );
         s
     }
@@ -959,9 +1025,8 @@ mod tests {
             .as_array_mut()
             .unwrap();
         lines.retain(|l| l["id"] != 11); // usage line deleted
-        let dup = json!({"id": 20, "qty_order": 5.0, "isinactive": false, "startdate": "2026-11-01",
-                         "unit_price": 22.0, "item_shortdescription": "M365",
-                         "item_internal_reference": "halosync.subscription:sub_1"});
+                                         // The same line again, as a worker racing without the lock adds it.
+        let dup = saved(lines[0].clone(), 20);
         lines.push(dup);
         lines.push(json!({"id": 30, "qty_order": 1.0, "item_internal_reference": "halosync.subscription:sub_9"}));
         let d = diff(&s, &h, &all(), PRICES);
@@ -1008,11 +1073,68 @@ mod tests {
         assert_eq!(d[2].halo_ids, vec![10, 20]);
         assert_eq!(d[1].fields[0].snapshot, json!(5));
         assert_eq!(d[1].fields[0].halo, json!(9));
-        assert_eq!(d[1].applied_version.as_deref(), Some("s=1"));
+        // The newer of link and line: the line the worker wrote carries the
+        // event's version, which the link's older one does not outrank.
+        assert_eq!(
+            d[1].applied_version.as_deref(),
+            Some("s=4;t=2026-11-22T10:15:00Z")
+        );
         assert_eq!(d[1].event_id.as_deref(), Some("e2"));
         assert!(
             d[3].event_id.is_none(),
             "an orphan has no event to repair with"
+        );
+    }
+
+    #[test]
+    fn the_applied_version_is_the_link_s_without_one_on_the_line() {
+        let s = snap(&[SUB]);
+        let mut h = in_step();
+        h.licences.get_mut(&3).unwrap()["count"] = json!(9);
+        let line = &mut h.recurring.get_mut(&-1).unwrap()["lines"][0];
+        line.as_object_mut().unwrap().remove(lines::VERSION_FIELD);
+        let scope = Scope {
+            families: [Family::Subscription].into_iter().collect(),
+            account: None,
+        };
+        let d = diff(&s, &h, &scope, PRICES);
+        assert_eq!(d.len(), 1, "{d:#?}");
+        assert_eq!(d[0].applied_version.as_deref(), Some("s=1"));
+    }
+
+    #[test]
+    fn an_event_the_mapping_refuses_differs_with_the_refusal() {
+        // `count` is an int32 in HaloPSA: the worker refuses this quantity.
+        let s = snap(&[&SUB.replace("\"quantity\":5", "\"quantity\":3000000000")]);
+        let scope = Scope {
+            families: [Family::Subscription].into_iter().collect(),
+            account: None,
+        };
+        let d = diff(&s, &in_step(), &scope, PRICES);
+        assert_eq!(
+            kinds(&d),
+            vec![
+                (
+                    Family::Subscription,
+                    "sub_1",
+                    DriftKind::Differs,
+                    "licence",
+                    vec![]
+                ),
+                (
+                    Family::Subscription,
+                    "sub_1",
+                    DriftKind::Differs,
+                    "recurring line",
+                    vec![]
+                ),
+            ]
+        );
+        assert!(
+            d[0].detail.starts_with("the workers refuse this event")
+                && d[0].detail.contains("quantity 3000000000 is too large"),
+            "{}",
+            d[0].detail
         );
     }
 
@@ -1084,16 +1206,25 @@ mod tests {
 
     #[test]
     fn a_positive_overage_needs_its_line() {
-        let s = snap(&[&OVER_ZERO.replace("\"overage_quantity\":0", "\"overage_quantity\":4")]);
+        let positive = OVER_ZERO.replace("\"overage_quantity\":0", "\"overage_quantity\":4");
+        let s = snap(&[&positive]);
         let mut h = HaloState {
             overage_invoice_links: vec![link("acc_1:2026-11-01", 5, 9)],
             ..Default::default()
         };
-        h.invoices.insert(
-            5,
-            json!({"id": 5, "lines": [{"id": 40, "qty_order": 4.0, "unit_price": 0.75, "isinactive": false,
-                   "item_internal_reference": "halosync.overage:sub_1:gb:2026-11-01"}]}),
+        let (e, d) = event::<OverageData>(&positive);
+        let price = halosync_overage::mapping::unit_price(&d).unwrap();
+        let written = halosync_overage::mapping::line(
+            &d,
+            price,
+            Some(5),
+            Some(40),
+            1003,
+            &e.version().unwrap(),
         );
+        let mut line = body(&written).unwrap();
+        line["unit_price"] = json!(0.75); // the MSP's own price
+        h.invoices.insert(5, json!({"id": 5, "lines": [line]}));
         let scope = Scope {
             families: [Family::Overage].into_iter().collect(),
             account: None,

@@ -126,11 +126,7 @@ pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<ExitCode> {
     let state = state?;
 
     // 3. The comparison.
-    let policy = Policy {
-        overwrite_prices: conn.overwrite_prices,
-        overwrite_names: conn.overwrite_names,
-    };
-    let drifts = diff::diff(&snap, &state, &scope, policy);
+    let drifts = diff::diff(&snap, &state, &scope, Policy::from(conn));
     let aggregates = snap
         .entries
         .iter()
