@@ -90,6 +90,14 @@ pub(crate) async fn apply(
             Err(f) => results[i] = Some(Err(f)),
         }
     }
+    // 1a. The products, before any licence or link is written: a usage or
+    //     overage event that finds a subscription's link finds its product
+    //     too, and never lists the customer's licences for it.
+    let products: Vec<(&str, &Product)> = parsed
+        .iter()
+        .map(|(_, d, _, _)| (d.subscription_id.as_str(), &d.product))
+        .collect();
+    invoice::seed_products(svc, &conn, &products).await;
     // 1b. Item mappings, once per sku (the config's, else HaloPSA's,
     //     cached), before anything else: an unmapped sku is dead-lettered
     //     at once, whatever else is missing, as on the one-event path.
@@ -575,7 +583,6 @@ async fn create_under_locks(
         };
         let mut maps: Vec<(String, Mapping)> = Vec::new();
         let mut cache: Vec<(String, SubscriptionLine)> = Vec::new();
-        let mut products: Vec<(&str, &Product)> = Vec::new();
         let mut applied: Vec<usize> = Vec::new();
         for (&k, row) in chunk.iter().zip(&saved) {
             let Some(link) = record_id(row) else { continue };
@@ -597,7 +604,6 @@ async fn create_under_locks(
                     },
                 ));
             }
-            products.push((w.data.subscription_id.as_str(), &w.data.product));
             applied.push(k);
         }
         let pairs: Vec<(&str, &Mapping)> = maps.iter().map(|(s, m)| (s.as_str(), m)).collect();
@@ -607,7 +613,6 @@ async fn create_under_locks(
         }
         .await
         .map_err(Failure::from);
-        invoice::seed_products(svc, &conn, &products).await;
         for k in applied {
             tracing::info!(halo_id = licence[&k], subscription = %new[k].1.data.subscription_id, "created the licence and its line");
             results[new[k].0] = Some(r.clone().map(|_| Outcome::Applied));
@@ -647,7 +652,6 @@ async fn apply_chunk(
         lines::settle_array_failure(e, "licence", chunk.iter().map(|(i, _)| *i), results);
         return;
     }
-    seed_products(svc, halo, chunk).await;
 
     // Lines: merged by id, split to isolate a refused one.
     let bodies: Vec<(usize, Value)> = chunk
@@ -706,14 +710,4 @@ async fn apply_chunk(
     for k in written {
         results[chunk[k].0] = Some(r.clone());
     }
-}
-
-/// Seeds the cache the usage and overage workers read for a subscription's
-/// sku (`Store::subscription_products`), so they need not read the licence.
-async fn seed_products(svc: &Services, halo: &HaloClient, chunk: &[(usize, Warm)]) {
-    let products: Vec<(&str, &Product)> = chunk
-        .iter()
-        .map(|(_, w)| (w.data.subscription_id.as_str(), &w.data.product))
-        .collect();
-    invoice::seed_products(svc, &halo.connection().name, &products).await;
 }

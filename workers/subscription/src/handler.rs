@@ -119,12 +119,6 @@ impl SubscriptionHandler {
         };
         invoice::sync_line(&cx, new_licence, header).await?;
         cx.record_version(&mut mapping, &version).await?;
-        invoice::seed_products(
-            svc,
-            &halo.connection().name,
-            &[(data.subscription_id.as_str(), &data.product)],
-        )
-        .await;
         Ok(Outcome::Applied)
     }
 }
