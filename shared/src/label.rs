@@ -73,17 +73,7 @@ macro_rules! labelled {
             }
         }
 
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl $crate::label::__serde::Serialize for $name {
-            fn serialize<S: $crate::label::__serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(self.as_str())
-            }
-        }
+        $crate::label::written_as_label!($name);
 
         impl<'de> $crate::label::__serde::Deserialize<'de> for $name {
             fn deserialize<D: $crate::label::__serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -93,7 +83,30 @@ macro_rules! labelled {
     };
 }
 
+/// `Display` and `Serialize` of a type as its `as_str()`: what every
+/// label is written as (a [`labelled!`] enum, or a type wrapping one).
+#[macro_export]
+macro_rules! written_as_label {
+    ($name:ty) => {
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl $crate::label::__serde::Serialize for $name {
+            fn serialize<S: $crate::label::__serde::Serializer>(
+                &self,
+                s: S,
+            ) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
 pub use crate::labelled;
+pub use crate::written_as_label;
 /// serde, for [`labelled!`] in crates that do not name it themselves.
 #[doc(hidden)]
 pub use serde as __serde;

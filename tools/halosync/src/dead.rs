@@ -241,17 +241,7 @@ impl LetterClass {
     }
 }
 
-impl std::fmt::Display for LetterClass {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl Serialize for LetterClass {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
+halosync_shared::label::written_as_label!(LetterClass);
 
 impl PartialEq<&str> for LetterClass {
     fn eq(&self, other: &&str) -> bool {
