@@ -340,6 +340,12 @@ async fn alerts_and_dashboard_use_only_metrics_the_workers_export_and_fire_on_re
             && t.contains(&format!(
                 "halosync_token_requests_total{{connection=\"{BROKEN}\",status=\"401\"}}"
             ))
+            // The customer is in halo-sim as soon as it answered, but the
+            // worker records the request's latency only once it has read
+            // the answer: wait for that too rather than race it.
+            && t.contains(&format!(
+                "halosync_halo_request_seconds_bucket{{connection=\"{CONNECTION}\",method=\"POST\",endpoint=\"/Client\""
+            ))
     })
     .await;
     let usage_text = wait_metrics(&http, usage_port, "a usage batch", &env, |t| {
