@@ -97,6 +97,9 @@ pub(super) struct Lane {
     /// it was stalled, cleared when one finishes without (see
     /// [`Lane::finished`]).
     pub slow_since: Option<Instant>,
+    /// The stall being reported: since when, and how many deliveries were
+    /// parked during it (one log line when it starts, one when it ends).
+    pub stall: Option<(Instant, usize)>,
 }
 
 impl Lane {
@@ -109,6 +112,44 @@ impl Lane {
             tasks: 0,
             progress: now,
             slow_since: None,
+            stall: None,
+        }
+    }
+
+    /// Counts a delivery parked during the current stall.
+    pub fn parked(&mut self) {
+        if let Some((_, parked)) = &mut self.stall {
+            *parked += 1;
+        }
+    }
+
+    /// Logs the lane's stall starting or ending (for the operator: which
+    /// MSP's HaloPSA held its own events back, for how long, and how many
+    /// were parked meanwhile), once each.
+    pub fn report(&mut self, name: &str, now: Instant, stall: Duration) {
+        match (
+            self.stalled_for(now, stall).filter(|d| *d >= stall),
+            self.stall,
+        ) {
+            (Some(d), None) => {
+                self.stall = Some((now, 0));
+                tracing::warn!(
+                    connection = name,
+                    stalled_ms = d.as_millis() as u64,
+                    held = self.held(),
+                    "connection stalled (HaloPSA slow, failing or out of budget): its deliveries beyond a fair share are parked"
+                );
+            }
+            (None, Some((since, parked))) => {
+                self.stall = None;
+                tracing::info!(
+                    connection = name,
+                    stalled_ms = now.saturating_duration_since(since).as_millis() as u64,
+                    parked,
+                    "connection moving again"
+                );
+            }
+            _ => {}
         }
     }
 
@@ -217,6 +258,13 @@ impl Lanes {
         let in_flight: usize = self.map.values().map(|l| l.in_flight).sum();
         let active = self.map.values().filter(|l| l.held() > 0).count();
         (self.prefetch.saturating_sub(in_flight) / (active + 1)).max(1)
+    }
+
+    /// Logs every lane's stall starting or ending ([`Lane::report`]).
+    pub fn report(&mut self, now: Instant, stall: Duration) {
+        for (name, lane) in self.map.iter_mut() {
+            lane.report(name, now, stall);
+        }
     }
 
     /// Lanes writing and not stalled: what `worker.lanes_at_once` bounds.
@@ -466,6 +514,27 @@ mod tests {
         assert!(!lane.stalled(Instant::now(), stall));
         lane.finished(0, Instant::now(), stall);
         assert_eq!(lane.slow_since, None);
+    }
+
+    #[test]
+    fn a_stall_is_reported_once_when_it_starts_and_counts_what_it_parked_until_it_ends() {
+        let stall = Duration::from_secs(1);
+        let now = Instant::now();
+        let mut lane = Lane::new(now - Duration::from_secs(3), None);
+        lane.parked();
+        assert_eq!(lane.stall, None, "nothing counted outside a stall");
+        lane.tasks = 1;
+        lane.report("noisy", now, stall);
+        let started = lane.stall.map(|(since, _)| since);
+        assert_eq!(started, Some(now));
+        lane.parked();
+        lane.parked();
+        lane.report("noisy", now + Duration::from_secs(1), stall);
+        assert_eq!(lane.stall, Some((now, 2)), "one stall, reported once");
+        lane.finished(0, now + Duration::from_secs(2), stall);
+        lane.slow_since = None;
+        lane.report("noisy", now + Duration::from_secs(2), stall);
+        assert_eq!(lane.stall, None, "moving again");
     }
 
     #[test]

@@ -491,6 +491,7 @@ async fn session(
         }
         // A stalled lane keeps at most its fair share: the rest is parked,
         // newest first (the oldest go next when the lane moves again).
+        lanes.report(now, stall);
         let share = lanes.fair_share();
         for lane in lanes.map.values_mut() {
             let Some(stalled_for) = lane.stalled_for(now, stall).filter(|d| *d >= stall) else {
@@ -499,6 +500,7 @@ async fn session(
             let keep = share.min(batch_max);
             while lane.pending.len() > keep {
                 if let Some(r) = lane.pending.pop() {
+                    lane.parked();
                     spawn_park(r.delivery, lanes::park_delay(&tiers, stalled_for));
                 }
             }
@@ -538,9 +540,11 @@ async fn session(
                     let lane = lanes.map.entry(name.clone()).or_insert_with(|| {
                         lanes::Lane::new(now, services.halo(&name).map(|c| c.pulse().clone()))
                     });
+                    lane.report(&name, now, stall);
                     let stalled = lane.stalled_for(now, stall).filter(|d| *d >= stall);
                     match stalled {
                         Some(d) if lane.pending.len() >= share.min(batch_max) => {
+                            lane.parked();
                             spawn_park(received.delivery, lanes::park_delay(&tiers, d));
                         }
                         _ => {

@@ -23,6 +23,7 @@
 //! `--no-activity` runs the workers with `worker.activity = false`, to
 //! measure what recording the activity log costs (compare with and without).
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -1463,6 +1464,16 @@ async fn tenants_case(mode: &str) -> Row {
         format!("{:.2} s", latencies[i])
     };
     let noisy_applied = env.sim.clients().len();
+    // BENCH_KEEP_LOGS=DIR keeps the worker's log (the lanes' stall and
+    // "moving again" lines) as DIR/tenants-<case>.log.
+    if let Ok(dir) = std::env::var("BENCH_KEEP_LOGS") {
+        let to = Path::new(&dir).join(format!("tenants-{mode}.log"));
+        if let Err(e) =
+            std::fs::create_dir_all(&dir).and_then(|_| std::fs::copy(&env.worker(w).log, &to))
+        {
+            eprintln!("  could not keep the worker log as {}: {e}", to.display());
+        }
+    }
     Row {
         scenario: format!("tenants-{mode}"),
         events: QUIET_EVENTS,
