@@ -30,25 +30,31 @@ fn marker(sub: &str) -> String {
 /// An environment whose connection maps `MS-365-BP` and `MS-TEAMS`, with
 /// `policy` lines (e.g. `overwrite_prices = false`) in `[connections.acme]`.
 async fn env_with(name: &str, policy: &str, latency_ms: u64) -> TestEnv {
-    let env = TestEnv::with(
-        name,
-        EnvOptions {
-            sim: SimConfig {
-                faults: Faults {
-                    latency_ms,
-                    ..Default::default()
-                },
+    env_of(name, options(policy, latency_ms)).await
+}
+
+/// The options of [`env_with`], for a test that changes one more.
+fn options(policy: &str, latency_ms: u64) -> EnvOptions {
+    EnvOptions {
+        sim: SimConfig {
+            faults: Faults {
+                latency_ms,
                 ..Default::default()
             },
-            // `[connections.acme.items]` must come last: nothing of the
-            // parent table may follow its header.
-            connection_extra: format!(
-                "{GENEROUS_BUDGET}\n{policy}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n\"MS-TEAMS\" = {TEAMS_ITEM}\n"
-            ),
             ..Default::default()
         },
-    )
-    .await;
+        // `[connections.acme.items]` must come last: nothing of the
+        // parent table may follow its header.
+        connection_extra: format!(
+            "{GENEROUS_BUDGET}\n{policy}\n[connections.{CONNECTION}.items]\n\"MS-365-BP\" = {ITEM}\n\"MS-TEAMS\" = {TEAMS_ITEM}\n"
+        ),
+        ..Default::default()
+    }
+}
+
+/// A test world with `opts` and the two items mapped.
+async fn env_of(name: &str, opts: EnvOptions) -> TestEnv {
+    let env = TestEnv::with(name, opts).await;
     env.sim.insert_item(ITEM, "Microsoft 365 Business Premium");
     env.sim
         .insert_item(TEAMS_ITEM, "Microsoft Teams Essentials");
@@ -590,7 +596,25 @@ async fn unmapped_sku_is_dead_lettered_at_once_naming_the_sku_and_halopsa_is_onl
 
 #[tokio::test(flavor = "multi_thread")]
 async fn halopsa_losing_everything_is_rebuilt_once_the_account_is_back() {
-    let mut env = env_with("sub-reset", "", 0).await;
+    // The subscription event waits for the account as a `dependency`,
+    // using an attempt each time it comes back from the first delay tier:
+    // the default horizon of a test world (6 attempts, each back after
+    // 0.2 s, two of them used before the test publishes the account) is
+    // about a second, less than publishing the account and applying it
+    // may take on a loaded machine (this test failed once under a load of
+    // 15; measured unloaded: 0.3 s from the dependency failure to the
+    // customer), and then the event is dead-lettered before the account
+    // is back. What is tested here is the rebuild, not
+    // the horizon (`account_that_never_arrives_is_dead_lettered_as_dependency…`
+    // tests that): a horizon of a minute.
+    let mut env = env_of(
+        "sub-reset",
+        EnvOptions {
+            dependency_max_attempts: 80,
+            ..options("", 0)
+        },
+    )
+    .await;
     env.spawn_worker(ACCOUNTS);
     env.spawn_worker(WORKER);
     seed_accounts(&env, &["acc_1"]).await;
