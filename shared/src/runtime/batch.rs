@@ -23,8 +23,7 @@ use crate::amqp::headers as h;
 use crate::amqp::Publisher;
 use crate::contract::{ContractError, Envelope, Family, Version};
 use crate::error::Failure;
-use crate::halo::client::WRITE_FENCE;
-use crate::halo::ratelimit::SERVING_ACCOUNTS;
+use crate::halo::ratelimit::Priority;
 use crate::halo::HaloClient;
 use crate::store::LockFence;
 
@@ -294,25 +293,22 @@ async fn run_connection(
             [only] => items[only].span.clone(),
             _ => tracing::info_span!("batch", connection = conn, size = events.len()),
         };
-        // Every write checks, just before it goes out, that all of the
-        // batch's locks are still ours (`halo::client::WRITE_FENCE`).
-        let fence = LockFence::of(&locks);
+        // The handler writes through a client fenced with the batch's
+        // locks: every write checks, just before it goes out, that all of
+        // them are still ours. The account worker's writes come first in
+        // the budget (`halo::ratelimit::Priority`): every other family
+        // waits for its customers.
+        let writes = if family == Family::Account {
+            Priority::Accounts
+        } else {
+            Priority::Writes
+        };
+        let halo = halo.fenced(LockFence::of(&locks), writes);
         let task = {
             let services = services.clone();
             let handler = handler.clone();
-            let halo = halo.clone();
-            // The account worker's writes come first in the budget
-            // (`halo::ratelimit::Priority`): every other family waits for
-            // its customers.
-            let accounts = handler.family() == Family::Account;
             tokio::spawn(
-                SERVING_ACCOUNTS
-                    .scope(
-                        accounts,
-                        WRITE_FENCE.scope(fence, async move {
-                            handler.apply_batch(&services, &halo, &events).await
-                        }),
-                    )
+                async move { handler.apply_batch(&services, &halo, &events).await }
                     .instrument(span),
             )
         };
