@@ -236,7 +236,7 @@ impl Batch {
         events: impl Iterator<Item = usize>,
         what: &str,
     ) -> bool {
-        lines::settle_array_failure(e, what, events, &mut self.results)
+        lines::settle_array_failure(e, what, events, |i, f| self.results[i] = Some(Err(f)))
     }
 
     /// Events not decided yet.

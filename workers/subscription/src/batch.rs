@@ -384,8 +384,12 @@ async fn create_under_locks(
             Ok(rows) => rows,
             Err(None) => continue,
             Err(Some(e)) => {
-                if lines::settle_array_failure(e, "licence", chunk.iter().map(|(i, _)| *i), results)
-                {
+                if lines::settle_array_failure(
+                    e,
+                    "licence",
+                    chunk.iter().map(|(i, _)| *i),
+                    |i, f| results[i] = Some(Err(f)),
+                ) {
                     let ids: Vec<String> = chunk
                         .iter()
                         .map(|(_, w)| w.data.subscription_id.clone())
@@ -503,7 +507,9 @@ async fn create_under_locks(
                 let events = chunk
                     .iter()
                     .flat_map(|(_, ks)| ks.iter().map(|&k| new[k].0));
-                if lines::settle_array_failure(e, "invoice", events, results) {
+                if lines::settle_array_failure(e, "invoice", events, |i, f| {
+                    results[i] = Some(Err(f))
+                }) {
                     let ids: Vec<String> = chunk.iter().map(|(a, _)| a.to_string()).collect();
                     let _ = store.not_created(&conn, RECURRING_INVOICE.name, &ids).await;
                 }
@@ -577,7 +583,12 @@ async fn create_under_locks(
             Ok(rows) => rows,
             Err(None) => continue,
             Err(Some(e)) => {
-                lines::settle_array_failure(e, "version", chunk.iter().map(|&k| new[k].0), results);
+                lines::settle_array_failure(
+                    e,
+                    "version",
+                    chunk.iter().map(|&k| new[k].0),
+                    |i, f| results[i] = Some(Err(f)),
+                );
                 continue;
             }
         };
@@ -649,7 +660,9 @@ async fn apply_chunk(
     // event it is.
     let Ok(bodies) = bodies else { return };
     if let Err(e) = halo.post("/SoftwareLicence", bodies).await {
-        lines::settle_array_failure(e, "licence", chunk.iter().map(|(i, _)| *i), results);
+        lines::settle_array_failure(e, "licence", chunk.iter().map(|(i, _)| *i), |i, f| {
+            results[i] = Some(Err(f))
+        });
         return;
     }
 
