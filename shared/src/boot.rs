@@ -29,7 +29,7 @@ pub struct WorkerArgs {
 /// each with backoff (one log line a minute) and starts consuming when they
 /// are there. SIGHUP, or a change of the config file, reloads the config
 /// ([`crate::reload`]).
-pub async fn worker_main(service: &'static str, handler: Arc<dyn Handler>) -> ExitCode {
+pub async fn worker_main<H: Handler>(service: &'static str, handler: Arc<H>) -> ExitCode {
     let args = WorkerArgs::parse();
     let _telemetry = crate::telemetry::init(service);
     let config =
@@ -74,9 +74,9 @@ pub async fn worker_main(service: &'static str, handler: Arc<dyn Handler>) -> Ex
         shutdown.clone(),
     ));
     crate::health::limit_connection_labels(services.config().worker.metrics_connections);
-    crate::health::register_zeroes(handler.family().as_str(), services.connection_names());
+    crate::health::register_zeroes(H::FAMILY.as_str(), services.connection_names());
     let config = services.config();
-    tracing::info!(family = %handler.family(), worker = %services.worker_id,
+    tracing::info!(family = %H::FAMILY, worker = %services.worker_id,
         connections = config.connections.len(), prefix = %config.prefix, "worker starting");
     runtime::run(services.clone(), handler, shutdown).await;
     // The last messages' activity records are still buffered.

@@ -229,6 +229,40 @@ impl Envelope {
     }
 }
 
+/// An event as its handler gets it: the envelope's fields, its version,
+/// and its `data` parsed into the family's type (`AccountData`, ...),
+/// once, by the runtime ([`Event::of`]), after schema validation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event<T> {
+    pub id: String,
+    pub event_type: String,
+    pub connection: String,
+    /// [`Envelope::version`] (its `repair` set like [`Event::repair`]).
+    pub version: Version,
+    /// A repair (`x-halosync-repair`, DESIGN §8): see [`Envelope::repair`].
+    pub repair: bool,
+    /// Replayed by an operator: see [`Envelope::replayed`].
+    pub replayed: bool,
+    pub data: T,
+}
+
+impl<T: for<'de> Deserialize<'de>> Event<T> {
+    /// The typed event of a validated envelope. `data` that does not fit
+    /// `T`, or a time that is no version, is `invalid` (with serde's
+    /// message for the data).
+    pub fn of(envelope: &Envelope) -> Result<Event<T>, Failure> {
+        Ok(Event {
+            version: envelope.version()?,
+            data: envelope.data_as()?,
+            id: envelope.id.clone(),
+            event_type: envelope.event_type.clone(),
+            connection: envelope.connection.clone(),
+            repair: envelope.repair,
+            replayed: envelope.replayed,
+        })
+    }
+}
+
 /// Why a body is not a valid event.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ContractError {

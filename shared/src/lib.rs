@@ -37,7 +37,7 @@ pub mod telemetry;
 pub mod tls;
 
 pub use config::Config;
-pub use contract::{Contract, Envelope, Family, Version};
+pub use contract::{Contract, Envelope, Event, Family, Version};
 pub use error::{ErrorClass, Failure, FailureClass};
 pub use outcome::Settled;
 pub use runtime::{Handler, Outcome, Services};

@@ -914,14 +914,21 @@ async fn renew(redis: ConnectionManager, key: String, token: String, ttl: Durati
 /// its key to the taker's token. A lock is lost when Redis is flushed (or
 /// restarted empty) or when it expired; another worker may then hold the
 /// aggregate, and a write of ours could land after one of theirs.
-#[derive(Clone)]
 ///
 /// One fence covers every lock of a batch: a batch's write (an array may
 /// mix aggregates) goes out only while all of them are still held.
+#[derive(Clone)]
 pub struct LockFence {
     redis: Option<ConnectionManager>,
     /// (key, token) of each lock.
     held: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for LockFence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&str> = self.held.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("LockFence").field("locks", &keys).finish()
+    }
 }
 
 impl LockFence {

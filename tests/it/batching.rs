@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use halosync_shared::config::{Config, Env};
-use halosync_shared::contract::{AccountData, Envelope, Family};
+use halosync_shared::contract::{AccountData, Event, Family};
 use halosync_shared::halo::HaloClient;
-use halosync_shared::runtime::{self, Handler, Outcome, Services};
+use halosync_shared::runtime::{self, Batch, Handler, Outcome, Results, Services};
 use halosync_shared::Failure;
 use halosync_tests::{account_event, EnvOptions, TestEnv};
 use tokio_util::sync::CancellationToken;
@@ -26,39 +26,33 @@ struct Recorder {
 
 #[async_trait]
 impl Handler for Recorder {
-    fn family(&self) -> Family {
-        Family::Account
+    const FAMILY: Family = Family::Account;
+    type Data = AccountData;
+
+    fn aggregate(data: &AccountData) -> String {
+        data.account_id.clone()
     }
-    fn aggregate(&self, event: &Envelope) -> Result<String, Failure> {
-        Ok(event.data_as::<AccountData>()?.account_id)
-    }
+
     async fn apply_batch(
         &self,
         _: &Services,
         _: &HaloClient,
-        events: &[Envelope],
-    ) -> Vec<Result<Outcome, Failure>> {
+        mut events: Batch<Event<AccountData>>,
+    ) -> Results {
         self.batches.lock().unwrap().push(
             events
-                .iter()
-                .map(|e| {
-                    (
-                        e.data["account_id"].as_str().unwrap_or("").to_string(),
-                        e.sequence.unwrap_or(0),
-                    )
-                })
+                .open()
+                .map(|e| (e.data.account_id.clone(), e.version.sequence.unwrap_or(0)))
                 .collect(),
         );
-        events
-            .iter()
-            .map(|e| {
-                if e.data["name"] == "reject me" {
-                    Err(Failure::rejected("HaloPSA said no"))
-                } else {
-                    Ok(Outcome::Applied)
-                }
-            })
-            .collect()
+        for e in events.open() {
+            if e.data.name == "reject me" {
+                e.settle(Err(Failure::rejected("HaloPSA said no")));
+            } else {
+                e.settle(Ok(Outcome::Applied));
+            }
+        }
+        events.finish()
     }
 }
 

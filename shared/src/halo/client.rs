@@ -10,23 +10,12 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::error::{message_from_body, HaloError, BODY_EXCERPT};
-use super::ratelimit::{Priority, RateLimiter, SERVING_ACCOUNTS};
+use super::ratelimit::{Priority, RateLimiter};
 use super::token::TokenProvider;
 use crate::config::ConnectionConfig;
 use crate::error::excerpt;
 use crate::outage::{Health, Report};
 use crate::store::LockFence;
-
-tokio::task_local! {
-    /// The aggregate lock of the message this task is applying, set by the
-    /// runtime around a handler. Every write (any method but GET) checks it
-    /// right before the request goes out, after waiting for the rate budget
-    /// and the token, so that a worker whose lock was lost (Redis flushed,
-    /// or the lock expired) stops instead of writing after the aggregate's
-    /// new holder began: an older version's write can then only land after
-    /// a newer one's if it was already on the wire. Handlers need do nothing.
-    pub static WRITE_FENCE: LockFence;
-}
 
 /// Rows per page when listing (reference §2: libraries use 100–1000; the
 /// server maximum is UNCONFIRMED, so stay modest).
@@ -35,12 +24,23 @@ pub const PAGE_SIZE: usize = 100;
 /// `page_no` and return page 1 forever).
 const MAX_PAGES: usize = 1000;
 
-#[derive(Debug)]
+/// One connection's client. Cloning it is cheap (the token, the budget
+/// and the HTTP client are shared), which is how a client for one batch is
+/// made: [`HaloClient::fenced`].
+///
+/// **Every write carries a fence** (any method but GET): the client a
+/// worker holds ([`HaloClient::new`], `halo::client_for`) has none, and
+/// its writes are refused without a request ([`HaloError::Unfenced`]):
+/// it fails closed. The runtime hands each batch's handler
+/// [`HaloClient::fenced`] with that batch's aggregate locks, and whatever
+/// legitimately writes without aggregate locks (the operator's tool)
+/// says so at the call site with [`HaloClient::unfenced`].
+#[derive(Clone, Debug)]
 pub struct HaloClient {
     conn: Arc<ConnectionConfig>,
     http: reqwest::Client,
-    tokens: TokenProvider,
-    limiter: RateLimiter,
+    tokens: Arc<TokenProvider>,
+    limiter: Arc<RateLimiter>,
     /// How long every process pauses after a 429 without `Retry-After`.
     rate_limited_pause: Duration,
     /// Where an outage of this connection is reported (`/readyz`, one log
@@ -50,9 +50,33 @@ pub struct HaloClient {
     /// the wire: the shorter of the HTTP timeout and the lock TTL, so that
     /// after a lost Redis `worker.flush_grace` need not wait longer.
     fenced_write_timeout: Option<Duration>,
+    /// What this client's writes must hold to go out.
+    fence: Fence,
+    /// The budget class of this client's writes (a GET is always a
+    /// [`Priority::Lookups`]).
+    writes: Priority,
+}
+
+/// What a write must hold to go out.
+#[derive(Clone, Debug)]
+enum Fence {
+    /// Nothing: every write is refused (a client as built, before the
+    /// runtime or an explicit [`HaloClient::unfenced`] says otherwise).
+    Missing,
+    /// Every lock of one batch: checked right before each write goes out,
+    /// after waiting for the rate budget and the token, so that a worker
+    /// whose lock was lost (Redis flushed, or the lock expired) stops
+    /// instead of writing after the aggregate's new holder began: an older
+    /// version's write can then only land after a newer one's if it was
+    /// already on the wire. A check that cannot reach Redis refuses too.
+    Locks(LockFence),
+    /// Writes no aggregate lock covers, on purpose: why.
+    Unfenced(&'static str),
 }
 
 impl HaloClient {
+    /// A client whose writes are refused until it is [`fenced`](Self::fenced)
+    /// or explicitly [`unfenced`](Self::unfenced); GETs go out as they are.
     pub fn new(
         conn: Arc<ConnectionConfig>,
         http: reqwest::Client,
@@ -63,11 +87,36 @@ impl HaloClient {
         HaloClient {
             conn,
             http,
-            tokens,
-            limiter,
+            tokens: Arc::new(tokens),
+            limiter: Arc::new(limiter),
             rate_limited_pause,
             health: None,
             fenced_write_timeout: None,
+            fence: Fence::Missing,
+            writes: Priority::Writes,
+        }
+    }
+
+    /// This client for one batch: its writes go out only while every lock
+    /// of `fence` is still held, with `writes` as their budget class (the
+    /// account worker's [`Priority::Accounts`]); each is cut off after the
+    /// fenced write timeout.
+    pub fn fenced(&self, fence: LockFence, writes: Priority) -> HaloClient {
+        HaloClient {
+            fence: Fence::Locks(fence),
+            writes,
+            ..self.clone()
+        }
+    }
+
+    /// This client for writes that no aggregate lock covers, `why` saying
+    /// why (the operator setting an item mapping, a test of the HaloPSA
+    /// engines): the one way to write without a fence, visible where it is
+    /// called.
+    pub fn unfenced(&self, why: &'static str) -> HaloClient {
+        HaloClient {
+            fence: Fence::Unfenced(why),
+            ..self.clone()
         }
     }
 
@@ -227,6 +276,24 @@ impl HaloClient {
         Ok((max_requests >= MAX_PAGES).then_some(rows))
     }
 
+    /// The locks a request must find still held right before it goes out:
+    /// none for a GET or an explicitly unfenced write; a write of a client
+    /// without a fence is refused here, before it takes a slot of the
+    /// budget or a token.
+    fn locks_to_check(&self, method: &Method, path: &str) -> Result<Option<&LockFence>, HaloError> {
+        if *method == Method::GET {
+            return Ok(None);
+        }
+        match &self.fence {
+            Fence::Missing => Err(HaloError::Unfenced(format!("{method} {path}"))),
+            Fence::Unfenced(why) => {
+                tracing::debug!(why, "{method} {path} without a fence");
+                Ok(None)
+            }
+            Fence::Locks(locks) => Ok(Some(locks)),
+        }
+    }
+
     async fn send(
         &self,
         method: Method,
@@ -236,15 +303,14 @@ impl HaloClient {
     ) -> Result<Value, HaloError> {
         let span = tracing::info_span!("halo.request", http.method = %method, path = %path, status = tracing::field::Empty);
         async {
+            let locks = self.locks_to_check(&method, path)?;
+            let priority = if method == Method::GET {
+                Priority::Lookups
+            } else {
+                self.writes
+            };
             let mut refreshed = false;
             loop {
-                let priority = if method == Method::GET {
-                    Priority::Lookups
-                } else if SERVING_ACCOUNTS.try_with(|a| *a).unwrap_or(false) {
-                    Priority::Accounts
-                } else {
-                    Priority::Writes
-                };
                 let waited = self.limiter.acquire(priority).await?;
                 metrics::histogram!("halosync_rate_wait_seconds", "connection" => crate::health::connection_label(&self.conn.name))
                     .record(waited.as_secs_f64());
@@ -265,18 +331,16 @@ impl HaloClient {
                         return Err(e);
                     }
                 };
-                let mut fenced = false;
-                if method != Method::GET {
-                    if let Ok(fence) = WRITE_FENCE.try_with(LockFence::clone) {
-                        match fence.still_held().await {
-                            Ok(true) => fenced = true,
-                            Ok(false) => {
-                                return Err(HaloError::Fenced(format!("{method} {path}")))
-                            }
-                            Err(e) => return Err(HaloError::State(e.to_string())),
-                        }
-                    }
-                }
+                // Right before it goes out: a lost lock (or Redis not
+                // answering) stops the write.
+                let fenced = match locks {
+                    Some(locks) => match locks.still_held().await {
+                        Ok(true) => true,
+                        Ok(false) => return Err(HaloError::Fenced(format!("{method} {path}"))),
+                        Err(e) => return Err(HaloError::State(e.to_string())),
+                    },
+                    None => false,
+                };
                 let url = format!("{}{}", self.conn.resource_server, path);
                 let mut req = self
                     .http
@@ -478,6 +542,80 @@ pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Dura
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The write fence, against halo-sim and the shared Redis: a write goes
+/// out only with a fence whose locks are all held, or explicitly
+/// unfenced; a GET never needs one.
+#[cfg(test)]
+mod fence_tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::super::ratelimit::Priority;
+    use super::super::testkit::{Kit, CONNECTION};
+    use super::HaloError;
+
+    const WRITE: &str = "POST /api/Client";
+    const READ: &str = "GET /api/Client";
+
+    async fn write(halo: &super::HaloClient) -> Result<serde_json::Value, HaloError> {
+        halo.post("/Client", vec![json!({"name": "Fenced Ltd"})])
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_client_without_a_fence_refuses_every_write_without_a_request() {
+        let kit = Kit::start().await;
+        let e = write(&kit.base).await.expect_err("refused");
+        assert!(matches!(e, HaloError::Unfenced(_)), "{e}");
+        assert!(
+            e.to_string().starts_with("bug: POST /Client was refused"),
+            "{e}"
+        );
+        assert_eq!(kit.count(WRITE), 0);
+        // Not even a token was asked for it.
+        assert_eq!(kit.sim.token_requests(), 0);
+        // A GET needs no fence.
+        kit.base.get("/Client", &[]).await.expect("read");
+        assert_eq!(kit.count(READ), 1);
+        kit.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn a_write_goes_out_while_its_locks_are_held_and_not_after_one_is_lost() {
+        let kit = Kit::start().await;
+        let ttl = Duration::from_secs(10);
+        let a = kit.store.lock(CONNECTION, "account:a", ttl, Duration::ZERO);
+        let b = kit.store.lock(CONNECTION, "account:b", ttl, Duration::ZERO);
+        let locks = [a.await.expect("a"), b.await.expect("b")];
+        let fence = crate::store::LockFence::of(&locks);
+        let halo = kit.base.fenced(fence, Priority::Accounts);
+        write(&halo).await.expect("held: sent");
+        assert_eq!(kit.count(WRITE), 1);
+
+        // One of the batch's locks is lost (released, as after it expired
+        // and another worker took and released it): nothing more is sent.
+        let [a, b] = locks;
+        b.release().await.expect("release");
+        let e = write(&halo).await.expect_err("fenced");
+        assert!(matches!(e, HaloError::Fenced(_)), "{e}");
+        assert_eq!(kit.count(WRITE), 1);
+        // A GET is never fenced.
+        halo.get("/Client", &[]).await.expect("read");
+        assert_eq!(kit.count(READ), 1);
+        a.release().await.expect("release");
+        kit.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn an_explicitly_unfenced_client_writes() {
+        let kit = Kit::start().await;
+        write(&kit.base.unfenced("a test")).await.expect("sent");
+        assert_eq!(kit.count(WRITE), 1);
+        kit.cleanup().await;
+    }
 }
 
 #[cfg(test)]

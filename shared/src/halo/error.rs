@@ -47,10 +47,15 @@ pub enum HaloError {
     /// Redis trouble in the token cache or the rate limiter.
     #[error("shared state unavailable: {0}")]
     State(String),
-    /// The write was not sent: the message's aggregate lock is no longer
-    /// ours (see `halo::client::WRITE_FENCE`).
+    /// The write was not sent: one of the batch's aggregate locks is no
+    /// longer ours (see [`HaloClient::fenced`](super::HaloClient::fenced)).
     #[error("lost the aggregate lock (Redis flushed or the lock expired) before writing {0}; retried so that an older version never overwrites a newer one")]
     Fenced(String),
+    /// The write was not sent: the client carries no write fence. A bug:
+    /// a worker writes only through the client the runtime fenced for its
+    /// batch, anything else through an explicitly unfenced one.
+    #[error("bug: {0} was refused because this HaloPSA client carries no write fence (a worker writes only through the client the runtime fences with the batch's aggregate locks; a write without locks must say so with HaloClient::unfenced)")]
+    Unfenced(String),
 }
 
 impl HaloError {

@@ -523,15 +523,16 @@ pub async fn retire_duplicates(
 }
 
 /// Per line: the record HaloPSA saved for it (`None` when the answer did not
-/// give one per line), or its failure. Keyed by the caller's index.
-pub type Written = Vec<(usize, Result<Option<Value>, Failure>)>;
+/// give one per line), or its failure, under the key the caller sent it
+/// with (its event, or its index): one entry per line sent.
+pub type Written<K> = Vec<(K, Result<Option<Value>, Failure>)>;
 
 /// Merges lines by id (`/updatelines`), in arrays of at most
 /// [`LINES_PER_REQUEST`], lines of several headers sharing a request. A
 /// refused array is split in halves until the refused line is alone, so one
 /// bad line never fails the others; resending a merge is harmless, so
 /// nothing is read back.
-pub async fn update(halo: &HaloClient, invoice: Invoice, lines: Vec<(usize, Value)>) -> Written {
+pub async fn update<K>(halo: &HaloClient, invoice: Invoice, lines: Vec<(K, Value)>) -> Written<K> {
     let path = invoice.update_path();
     let mut out = Vec::with_capacity(lines.len());
     let mut stack = chunks(lines);
@@ -557,7 +558,7 @@ pub async fn update(halo: &HaloClient, invoice: Invoice, lines: Vec<(usize, Valu
 /// `[{id: <header>, add_lines: [...]}]`, one element per header (each
 /// element saved with its lines, the elements of an array possibly in
 /// part, as any array: the same read-back covers both).
-pub async fn add(halo: &HaloClient, invoice: Invoice, lines: Vec<(usize, Value)>) -> Written {
+pub async fn add<K>(halo: &HaloClient, invoice: Invoice, lines: Vec<(K, Value)>) -> Written<K> {
     let path = invoice.add_path();
     let mut out = Vec::with_capacity(lines.len());
     let mut stack = chunks(lines);
@@ -624,12 +625,12 @@ pub async fn add(halo: &HaloClient, invoice: Invoice, lines: Vec<(usize, Value)>
 /// Reads back the headers of `chunk` and settles the lines found there
 /// (an update where the content differs). Returns what is not there, or
 /// the chunk and the failure when a header could not be read.
-async fn read_back(
+async fn read_back<K>(
     halo: &HaloClient,
     invoice: Invoice,
-    chunk: Vec<(usize, Value)>,
-    out: &mut Written,
-) -> Result<Vec<(usize, Value)>, (Vec<(usize, Value)>, Failure)> {
+    chunk: Vec<(K, Value)>,
+    out: &mut Written<K>,
+) -> Result<Vec<(K, Value)>, (Vec<(K, Value)>, Failure)> {
     let mut headers: BTreeMap<i64, Value> = BTreeMap::new();
     for (_, body) in &chunk {
         let Some(ihid) = body.get("ihid").and_then(Value::as_i64) else {
@@ -653,7 +654,9 @@ async fn read_back(
         }
     }
     let mut unsaved = Vec::new();
-    let mut differing: Vec<(usize, Value)> = Vec::new();
+    // Keyed by the caller's key and the line found: the answer of an
+    // update may not carry the line, whose id is then kept.
+    let mut differing: Vec<((K, Option<i64>), Value)> = Vec::new();
     for (k, body) in chunk {
         let found = body
             .get("ihid")
@@ -664,11 +667,12 @@ async fn read_back(
         match found {
             Some(line) if same_content(&body, &line) => out.push((k, Ok(Some(line)))),
             Some(line) => {
+                let id = record_id(&line);
                 let mut merge = body;
-                if let (Some(m), Some(id)) = (merge.as_object_mut(), record_id(&line)) {
+                if let (Some(m), Some(id)) = (merge.as_object_mut(), id) {
                     m.insert("id".into(), id.into());
                 }
-                differing.push((k, merge));
+                differing.push(((k, id), merge));
             }
             None => unsaved.push((k, body)),
         }
@@ -678,13 +682,7 @@ async fn read_back(
             lines = differing.len(),
             "lines found on read-back with other content; updated in place, not added again"
         );
-        let ids: BTreeMap<usize, Option<i64>> = differing
-            .iter()
-            .map(|(k, b)| (*k, b.get("id").and_then(Value::as_i64)))
-            .collect();
-        for (k, r) in update(halo, invoice, differing).await {
-            // The answer of an update may not carry the line: keep its id.
-            let id = ids.get(&k).copied().flatten();
+        for ((k, id), r) in update(halo, invoice, differing).await {
             out.push((
                 k,
                 r.map(|saved| saved.or_else(|| id.map(|id| serde_json::json!({ "id": id })))),
@@ -764,16 +762,17 @@ pub fn after_array_failure(e: HaloError, what: &str) -> AfterArray {
     }
 }
 
-/// Applies [`after_array_failure`] to a batch's results: on a retry
-/// together, `events` get the failure; on one by one, their results stay
-/// empty (the caller's one-event path takes them). Returns whether HaloPSA
-/// certainly saved nothing (so that a create's marks can be taken back).
-/// Shared by every batch that writes arrays (accounts, subscriptions).
-pub fn settle_array_failure<T: Clone>(
+/// Applies [`after_array_failure`] to the events of a failed array: on a
+/// retry together, each of `events` is failed with the failure (`fail`);
+/// on one by one, none is (they are left to the caller's one-event path).
+/// Returns whether HaloPSA certainly saved nothing (so that a create's
+/// marks can be taken back). Shared by every batch that writes arrays
+/// (accounts, subscriptions).
+pub fn settle_array_failure<K>(
     e: HaloError,
     what: &str,
-    events: impl Iterator<Item = usize>,
-    results: &mut [Option<Result<T, Failure>>],
+    events: impl IntoIterator<Item = K>,
+    mut fail: impl FnMut(K, Failure),
 ) -> bool {
     match after_array_failure(e, what) {
         AfterArray::OneByOne => false,
@@ -781,8 +780,8 @@ pub fn settle_array_failure<T: Clone>(
             failure,
             saved_nothing,
         } => {
-            for i in events {
-                results[i] = Some(Err(failure.clone()));
+            for event in events {
+                fail(event, failure.clone());
             }
             saved_nothing
         }
@@ -806,7 +805,7 @@ fn answer_may_be_lost(e: &HaloError) -> bool {
 }
 
 /// Chunks of at most [`LINES_PER_REQUEST`], the first on top of the stack.
-fn chunks(mut rest: Vec<(usize, Value)>) -> Vec<Vec<(usize, Value)>> {
+fn chunks<K>(mut rest: Vec<(K, Value)>) -> Vec<Vec<(K, Value)>> {
     let mut stack = Vec::new();
     while !rest.is_empty() {
         let tail = rest.split_off(rest.len().min(LINES_PER_REQUEST));
@@ -818,7 +817,7 @@ fn chunks(mut rest: Vec<(usize, Value)>) -> Vec<Vec<(usize, Value)>> {
 }
 
 /// Pushes the halves of `chunk`, the first half on top.
-fn split(stack: &mut Vec<Vec<(usize, Value)>>, mut chunk: Vec<(usize, Value)>) {
+fn split<K>(stack: &mut Vec<Vec<(K, Value)>>, mut chunk: Vec<(K, Value)>) {
     let second = chunk.split_off(chunk.len() / 2);
     stack.push(second);
     stack.push(chunk);
@@ -826,7 +825,7 @@ fn split(stack: &mut Vec<Vec<(usize, Value)>>, mut chunk: Vec<(usize, Value)>) {
 
 /// `[{id: <header>, add_lines: [...]}]`: the lines of `chunk` grouped by
 /// header, in the order their headers first appear.
-fn add_lines_bodies(chunk: &[(usize, Value)]) -> Result<Vec<Value>, Failure> {
+fn add_lines_bodies<K>(chunk: &[(K, Value)]) -> Result<Vec<Value>, Failure> {
     let mut order: Vec<i64> = Vec::new();
     let mut by_header: BTreeMap<i64, Vec<Value>> = BTreeMap::new();
     for (_, line) in chunk {
@@ -860,7 +859,7 @@ fn add_lines_bodies(chunk: &[(usize, Value)]) -> Result<Vec<Value>, Failure> {
 /// their lines: each line sent is found there by its marker (the newest
 /// one carrying it, as it was just added), else reported saved without a
 /// record.
-fn settle_added_to_headers(out: &mut Written, chunk: Vec<(usize, Value)>, answer: Value) {
+fn settle_added_to_headers<K>(out: &mut Written<K>, chunk: Vec<(K, Value)>, answer: Value) {
     let headers = match answer {
         Value::Array(a) => a,
         Value::Object(_) => vec![answer],
@@ -883,7 +882,7 @@ fn settle_added_to_headers(out: &mut Written, chunk: Vec<(usize, Value)>, answer
     }
 }
 
-fn settle_saved(out: &mut Written, chunk: Vec<(usize, Value)>, answer: Value) {
+fn settle_saved<K>(out: &mut Written<K>, chunk: Vec<(K, Value)>, answer: Value) {
     let saved = match answer {
         Value::Array(a) => a,
         Value::Object(_) => vec![answer],
@@ -897,7 +896,7 @@ fn settle_saved(out: &mut Written, chunk: Vec<(usize, Value)>, answer: Value) {
     }
 }
 
-fn fail_all(out: &mut Written, chunk: Vec<(usize, Value)>, path: &str, e: HaloError) {
+fn fail_all<K>(out: &mut Written<K>, chunk: Vec<(K, Value)>, path: &str, e: HaloError) {
     let f = Failure::from(e);
     if chunk.len() == 1 && f.class == FailureClass::Rejected {
         tracing::warn!(path, error = %f, "HaloPSA refused the line");

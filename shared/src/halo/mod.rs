@@ -25,7 +25,9 @@ pub use error::HaloError;
 use crate::config::{ConnectionConfig, WorkerSettings};
 use crate::store::Keys;
 
-/// Builds the client of one connection, sharing `http` and `redis`.
+/// Builds the client of one connection, sharing `http` and `redis`. Its
+/// writes are refused until it is fenced (`HaloClient::fenced`) or
+/// explicitly unfenced.
 pub fn client_for(
     conn: &ConnectionConfig,
     http: reqwest::Client,
@@ -62,9 +64,10 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, HaloError> {
 #[cfg(test)]
 mod tests {
     /// Architecture Invariant: the HaloPSA client knows nothing of the
-    /// runtime (the runtime calls it, never the reverse; the write fence is
-    /// a `halo::client` task-local the runtime sets). Checked over every
-    /// source file of `halo/`, new ones included.
+    /// runtime (the runtime calls it, never the reverse; the write fence and
+    /// the write priority are values the runtime gives a batch's client,
+    /// `HaloClient::fenced`). Checked over every source file of `halo/`,
+    /// new ones included.
     #[test]
     fn halo_knows_nothing_of_the_runtime() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/halo");

@@ -77,8 +77,9 @@ return {learnt, 1}
 /// coordination beyond the one Lua call every request already makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Priority {
-    /// A write of the account worker: every other family waits for
-    /// customers, so it may use the whole window.
+    /// A write of the account worker (the runtime fences its batches'
+    /// clients with it: `HaloClient::fenced`): every other family waits
+    /// for customers, so it may use the whole window.
     Accounts,
     /// Any other write: leaves 5 % of the window to accounts.
     Writes,
@@ -95,13 +96,6 @@ impl Priority {
             Priority::Lookups => 10,
         }
     }
-}
-
-tokio::task_local! {
-    /// Set by the runtime around the account worker's handler, so that its
-    /// writes take [`Priority::Accounts`]; unset, a write is
-    /// [`Priority::Writes`].
-    pub static SERVING_ACCOUNTS: bool;
 }
 
 /// How many windows a limit learnt from a 429 holds before the configured

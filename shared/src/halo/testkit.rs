@@ -4,7 +4,6 @@
 //! [`Kit::cleanup`]. Only built for tests.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use halo_sim::{SimConfig, SimHandle};
@@ -27,7 +26,12 @@ impl Env for SecretEnv {
 pub struct Kit {
     pub sim: SimHandle,
     pub store: Store,
-    pub halo: Arc<HaloClient>,
+    /// The client as a worker holds it: its writes are refused until it is
+    /// fenced.
+    pub base: HaloClient,
+    /// The engines' tests write without aggregate locks: explicitly
+    /// unfenced.
+    pub halo: HaloClient,
     pub config: Config,
 }
 
@@ -63,7 +67,7 @@ window_seconds = 60
             .await
             .unwrap_or_else(|e| panic!("Redis must be running at {url}: {e}"));
         let keys = Keys::new(&prefix);
-        let halo = super::client_for(
+        let base = super::client_for(
             &config.connections[CONNECTION],
             reqwest::Client::new(),
             redis.clone(),
@@ -75,7 +79,9 @@ window_seconds = 60
         Kit {
             sim,
             store,
-            halo: Arc::new(halo),
+            halo: base
+                .unfenced("unit tests of the HaloPSA engines: no runtime, no aggregate locks"),
+            base,
             config,
         }
     }

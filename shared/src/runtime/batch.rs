@@ -1,14 +1,20 @@
 //! The one pipeline every message goes through. A single message is a
-//! batch of one; a batching handler (usage, overage) gets what the broker
-//! had ready (at most `worker.batch_max`, or what arrived within
-//! `worker.batch_wait` of the first message). Here each message is
-//! validated and deduplicated, only the newest event per aggregate goes to
-//! the handler (the others are acked as superseded: the newest carries the
-//! full state), the ledger and the aggregate locks are checked and taken,
-//! every write the handler makes is fenced by those locks, and every
-//! message is settled with the same guarantees: acked only after its
-//! effect is written, or after its retry or dead-letter copy is confirmed.
+//! batch of one; otherwise the handler gets what the broker had ready (at
+//! most `worker.batch_max`, or what arrived within `worker.batch_wait` of
+//! the first message). Here each message is validated and its `data`
+//! parsed, once, into the family's type; only the newest event per
+//! aggregate goes to the handler (the others are acked as superseded: the
+//! newest carries the full state); the ledger and the aggregate locks are
+//! checked and taken; the handler writes through a client fenced by those
+//! locks; and every message is settled with the same guarantees: acked
+//! only after its effect is written, or after its retry or dead-letter
+//! copy is confirmed.
+//!
+//! Each delivery is an [`Item`] that moves through the phases until a
+//! phase decides it: the decided ones are collected with their
+//! [`Decision`] and settled together at the end.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,133 +23,119 @@ use lapin::message::Delivery;
 use tracing::Instrument;
 
 use super::lanes::Received;
+use super::results::Batch;
 use super::settle::{Acked, Decision};
-use super::{attempts_of, check, finish, message_span, record_event, Handler, Services};
+use super::{attempts_of, finish, message_span, record_event, Handler, Services};
 use crate::amqp::headers as h;
 use crate::amqp::Publisher;
-use crate::contract::{ContractError, Envelope, Family, Version};
+use crate::contract::{Envelope, Event, Family};
 use crate::error::Failure;
-use crate::halo::client::WRITE_FENCE;
-use crate::halo::ratelimit::SERVING_ACCOUNTS;
+use crate::halo::ratelimit::Priority;
 use crate::halo::HaloClient;
 use crate::store::LockFence;
 
+/// One delivery, from its arrival until it is settled.
 struct Item {
     delivery: Delivery,
-    /// The body as parsed on arrival, until it is validated.
-    body: Option<Result<serde_json::Value, ContractError>>,
     attempts_before: u32,
     span: tracing::Span,
-    event: Option<Envelope>,
-    decision: Option<Decision>,
+    /// The envelope, once the body is a valid event.
+    envelope: Option<Envelope>,
+    /// The event's aggregate, once its data is read.
+    aggregate: Option<String>,
+}
+
+/// A delivery whose event goes on towards its handler.
+struct Valid<D> {
+    item: Item,
+    event: Event<D>,
+    aggregate: String,
+    /// Its connection's client.
+    halo: Arc<HaloClient>,
+}
+
+/// A delivery after the checks: valid, or dead-lettered with why not.
+enum Checked<D> {
+    Valid(Valid<D>),
+    Invalid(Item, Failure),
+}
+
+impl<D> Valid<D> {
+    /// The item and its typed event, apart: the event goes to the handler.
+    fn split(self) -> (Item, Event<D>) {
+        let mut item = self.item;
+        item.aggregate = Some(self.aggregate);
+        (item, self.event)
+    }
+
+    /// The item, settled with `decision` before reaching the handler.
+    fn decided(self, decision: Decision) -> (Item, Decision) {
+        (self.split().0, decision)
+    }
 }
 
 /// Processes and settles one batch of deliveries.
-pub(super) async fn settle_batch(
+pub(super) async fn settle_batch<H: Handler>(
     services: Arc<Services>,
-    handler: Arc<dyn Handler>,
+    handler: Arc<H>,
     publisher: Publisher,
     deliveries: Vec<Received>,
 ) {
     let started = Instant::now();
-    let family = handler.family();
+    let family = H::FAMILY;
     metrics::histogram!("halosync_batch_size", "family" => family.as_str())
         .record(deliveries.len() as f64);
-    let mut items: Vec<Item> = deliveries
-        .into_iter()
-        .map(|Received { delivery, body }| {
-            let attempts_before = attempts_of(&delivery);
-            let span = message_span(family, &delivery, attempts_before);
-            Item {
-                delivery,
-                body: Some(body),
-                attempts_before,
-                span,
-                event: None,
-                decision: None,
-            }
-        })
-        .collect();
+    let mut decided: Vec<(Item, Decision)> = Vec::with_capacity(deliveries.len());
 
-    // 1. Validate and check; group the rest by connection and aggregate,
-    //    keeping the newest version of each aggregate.
-    // (connection, aggregate) -> (index of the newest item, its version)
-    let mut newest: HashMap<(String, String), (usize, Version)> = HashMap::new();
-    for i in 0..items.len() {
-        let item = &mut items[i];
-        let _g = item.span.enter();
-        let parsed = item
-            .body
-            .take()
-            .unwrap_or_else(|| Err(ContractError::NotJson("not parsed (bug)".into())));
-        let event = match parsed.and_then(|v| services.contract.validate_value(v)) {
-            Ok(mut e) => {
-                let headers = item.delivery.properties.headers().as_ref();
-                e.repair = h::get_bool(headers, h::REPAIR);
-                e.replayed = h::get_i64(headers, h::REPLAY_COUNT).is_some_and(|n| n > 0);
-                if e.repair {
-                    item.span.record("repair", true);
-                }
-                e
-            }
-            Err(e) => {
-                item.decision = Some(Decision::Dead(e.into()));
+    // 1. Validate and check; keep the newest version of each aggregate
+    //    of each connection.
+    let mut newest: HashMap<(String, String), Valid<H::Data>> = HashMap::new();
+    for received in deliveries {
+        let valid = match validate::<H>(&services, received) {
+            Checked::Valid(valid) => valid,
+            Checked::Invalid(item, failure) => {
+                decided.push((item, Decision::Dead(failure)));
                 continue;
             }
         };
-        record_event(&event);
-        let checked = check(&services, handler.as_ref(), &event)
-            .and_then(|(_, aggregate)| event.version().map(|v| (aggregate, v)));
-        let (aggregate, version) = match checked {
-            Ok(x) => x,
-            Err(f) => {
-                item.event = Some(event);
-                item.decision = Some(Decision::Dead(f));
-                continue;
+        let key = (valid.event.connection.clone(), valid.aggregate.clone());
+        match newest.entry(key) {
+            Entry::Vacant(slot) => {
+                slot.insert(valid);
             }
-        };
-        let key = (event.connection.clone(), aggregate);
-        item.event = Some(event);
-        drop(_g);
-        match newest.get(&key) {
-            Some((_, v)) if version.is_superseded_by(v) => {
-                items[i].decision = Some(Decision::Ack(Acked::Superseded));
-            }
-            Some((j, _)) => {
-                items[*j].decision = Some(Decision::Ack(Acked::Superseded));
-                newest.insert(key, (i, version));
-            }
-            None => {
-                newest.insert(key, (i, version));
+            Entry::Occupied(mut kept) => {
+                let older = if valid
+                    .event
+                    .version
+                    .is_superseded_by(&kept.get().event.version)
+                {
+                    valid
+                } else {
+                    kept.insert(valid)
+                };
+                decided.push(older.decided(Decision::Ack(Acked::Superseded)));
             }
         }
     }
 
     // 2. Per connection: ledger, locks, one apply_batch.
-    let mut by_conn: HashMap<String, Vec<(usize, String)>> = HashMap::new();
-    for ((conn, aggregate), (i, _)) in newest {
-        by_conn.entry(conn).or_default().push((i, aggregate));
+    let mut by_conn: HashMap<String, Vec<Valid<H::Data>>> = HashMap::new();
+    for ((conn, _), valid) in newest {
+        by_conn.entry(conn).or_default().push(valid);
     }
     for (conn, mut members) in by_conn {
         // Every worker takes a batch's locks in one order (the aggregate
         // key), so two batches sharing aggregates never wait on each other
         // in a cycle: one gets all it needs and finishes, the other follows.
-        members.sort_by(|a, b| a.1.cmp(&b.1));
-        let Some(halo) = services.halo(&conn) else {
-            continue;
-        };
-        run_connection(&services, &handler, halo, &conn, &mut items, members).await;
+        members.sort_by(|a, b| a.aggregate.cmp(&b.aggregate));
+        decided.extend(run_connection(&services, &handler, &conn, members).await);
     }
 
     // 3. Settle every message in its own span, all at once: each one's
     //    ack (or retry or dead-letter copy, then ack) is independent of the
     //    others', and waiting for 200 acks one after another was most of a
     //    batch's time.
-    let settles = items.into_iter().map(|item| {
-        let decision = item
-            .decision
-            .unwrap_or_else(|| Decision::Requeue("not decided (bug)".into()));
-        let aggregate = item.event.as_ref().and_then(|e| handler.aggregate(e).ok());
+    let settles = decided.into_iter().map(|(item, decision)| {
         let (services, publisher) = (&services, &publisher);
         async move {
             finish(
@@ -152,8 +144,8 @@ pub(super) async fn settle_batch(
                 publisher,
                 &item.delivery,
                 item.attempts_before,
-                item.event.as_ref(),
-                aggregate.as_deref(),
+                item.envelope.as_ref(),
+                item.aggregate.as_deref(),
                 decision,
                 started,
             )
@@ -164,76 +156,138 @@ pub(super) async fn settle_batch(
     futures::future::join_all(settles).await;
 }
 
-async fn run_connection(
+/// The checks every event passes before its handler: a valid body, the
+/// handler's family, `data` of the family's type (parsed here, the one
+/// time), a configured connection. What fails one is dead-lettered
+/// `invalid`.
+fn validate<H: Handler>(
+    services: &Services,
+    Received { delivery, body }: Received,
+) -> Checked<H::Data> {
+    let attempts_before = attempts_of(&delivery);
+    let span = message_span(H::FAMILY, &delivery, attempts_before);
+    let _in_span = span.enter();
+    let mut item = Item {
+        delivery,
+        attempts_before,
+        span: span.clone(),
+        envelope: None,
+        aggregate: None,
+    };
+    let mut envelope = match body.and_then(|v| services.contract.validate_value(v)) {
+        Ok(e) => e,
+        Err(e) => return Checked::Invalid(item, e.into()),
+    };
+    let headers = item.delivery.properties.headers().as_ref();
+    envelope.repair = h::get_bool(headers, h::REPAIR);
+    envelope.replayed = h::get_i64(headers, h::REPLAY_COUNT).is_some_and(|n| n > 0);
+    if envelope.repair {
+        span.record("repair", true);
+    }
+    record_event(&envelope);
+    let envelope = &*item.envelope.insert(envelope);
+    if envelope.family() != Some(H::FAMILY) {
+        let f = Failure::invalid(format!(
+            "type {} is not handled by the {} worker (it was published to the wrong queue)",
+            envelope.event_type,
+            H::FAMILY
+        ));
+        return Checked::Invalid(item, f);
+    }
+    let event = match Event::<H::Data>::of(envelope) {
+        Ok(event) => event,
+        Err(f) => return Checked::Invalid(item, f),
+    };
+    let aggregate = H::aggregate(&event.data);
+    span.record("aggregate", aggregate.as_str());
+    let Some(halo) = services.halo(&envelope.connection) else {
+        let known = services.connection_names();
+        let f = Failure::invalid(format!(
+            "unknown connection {:?}; configured connections: {}",
+            envelope.connection,
+            if known.is_empty() {
+                "(none)".to_string()
+            } else {
+                known.join(", ")
+            }
+        ));
+        item.aggregate = Some(aggregate);
+        return Checked::Invalid(item, f);
+    };
+    Checked::Valid(Valid {
+        item,
+        event,
+        aggregate,
+        halo,
+    })
+}
+
+/// One connection's events of the batch, each of its own aggregate, in
+/// the aggregates' order: ledger, locks, the wait after a lost Redis,
+/// repairs, then one `apply_batch`. Returns every item with its decision.
+async fn run_connection<H: Handler>(
     services: &Arc<Services>,
-    handler: &Arc<dyn Handler>,
-    halo: Arc<HaloClient>,
+    handler: &Arc<H>,
     conn: &str,
-    items: &mut [Item],
-    members: Vec<(usize, String)>,
-) {
-    let family = handler.family();
+    members: Vec<Valid<H::Data>>,
+) -> Vec<(Item, Decision)> {
+    let mut decided = Vec::with_capacity(members.len());
+    let Some(halo) = members.first().map(|m| m.halo.clone()) else {
+        return decided;
+    };
     let config = services.config();
     let w = &config.worker;
     // Ledger: ids already processed are duplicates.
-    let ids: Vec<String> = members
-        .iter()
-        .map(|(i, _)| {
-            items[*i]
-                .event
-                .as_ref()
-                .map(|e| e.id.clone())
-                .unwrap_or_default()
-        })
-        .collect();
-    match services.store.processed_many(conn, &ids).await {
-        Ok(seen) => {
-            for ((i, _), seen) in members.iter().zip(seen) {
-                // A repair carries the id of the snapshot's event, which
-                // may well have been applied before: that is the point.
-                let repair = items[*i].event.as_ref().is_some_and(|e| e.repair);
-                if seen && !repair {
-                    items[*i].decision = Some(Decision::Ack(Acked::Duplicate));
-                }
-            }
-        }
+    let ids: Vec<String> = members.iter().map(|m| m.event.id.clone()).collect();
+    let mut seen = match services.store.processed_many(conn, &ids).await {
+        Ok(seen) => seen.into_iter(),
         Err(e) => {
             let f: Failure = e.into();
-            for (i, _) in &members {
-                items[*i].decision = Some(Decision::Retry(f.clone()));
-            }
-            return;
+            decided.extend(
+                members
+                    .into_iter()
+                    .map(|m| m.decided(Decision::Retry(f.clone()))),
+            );
+            return decided;
+        }
+    };
+    let mut fresh = Vec::with_capacity(members.len());
+    for m in members {
+        // A repair carries the id of the snapshot's event, which may well
+        // have been applied before: that is the point.
+        if seen.next() == Some(true) && !m.event.repair {
+            decided.push(m.decided(Decision::Ack(Acked::Duplicate)));
+        } else {
+            fresh.push(m);
         }
     }
     // Locks: an aggregate another worker holds is retried later (without
     // using up an attempt). `worker.lock_wait` bounds the whole batch's wait,
     // not each lock's, so that one busy aggregate delays the others by at
     // most that; a batch of one waits exactly as long as a single message.
-    let mut locks = Vec::new();
-    let mut work: Vec<usize> = Vec::new();
-    let wanted: Vec<(usize, String)> = members
+    let names: Vec<String> = fresh
         .iter()
-        .filter(|(i, _)| items[*i].decision.is_none())
-        .map(|(i, aggregate)| (*i, format!("{family}:{aggregate}")))
+        .map(|m| format!("{}:{}", H::FAMILY, m.aggregate))
         .collect();
-    let names: Vec<String> = wanted.iter().map(|(_, a)| a.clone()).collect();
     let taken = services
         .store
         .lock_many(conn, &names, w.lock_ttl, w.lock_wait)
         .await;
-    for ((i, _), lock) in wanted.into_iter().zip(taken) {
+    let mut locks = Vec::with_capacity(fresh.len());
+    let mut live = Vec::with_capacity(fresh.len());
+    for (m, lock) in fresh.into_iter().zip(taken) {
         match lock {
             Ok(l) => {
                 locks.push(l);
-                work.push(i);
+                live.push(m);
             }
-            Err(e) => items[i].decision = Some(Decision::Retry(e.into())),
+            Err(e) => decided.push(m.decided(Decision::Retry(e.into()))),
         }
     }
     // Redis lost moments ago: locks held before were lost with it, and a
     // write their holders had on the wire may still land. Wait until it
     // must have (`worker.flush_grace`) before reading or writing HaloPSA.
-    if !work.is_empty() {
+    if !live.is_empty() {
         match services.store.memory_age().await {
             // The very first start of a deployment: Redis has no epoch,
             // this process never saw one (it was not running when Redis
@@ -267,89 +321,95 @@ async fn run_connection(
             Ok(_) => {}
             Err(e) => {
                 let f: Failure = e.into();
-                for i in work.drain(..) {
-                    items[i].decision = Some(Decision::Retry(f.clone()));
-                }
+                decided.extend(
+                    live.drain(..)
+                        .map(|m| m.decided(Decision::Retry(f.clone()))),
+                );
             }
         }
     }
+    // The handler's client, fenced with the batch's locks: every write
+    // checks, just before it goes out, that all of them are still ours.
+    // The account worker's writes come first in the budget
+    // (`halo::ratelimit::Priority`): every other family waits for its
+    // customers.
+    let writes = if H::FAMILY == Family::Account {
+        Priority::Accounts
+    } else {
+        Priority::Writes
+    };
+    let halo = halo.fenced(LockFence::of(&locks), writes);
     // A repair reads HaloPSA's state instead of trusting what Redis
     // cached of it (line ids, "no line yet"): the caches are what drifted.
-    for i in &work {
-        if let Some(e) = items[*i].event.as_ref().filter(|e| e.repair) {
-            if let Err(f) = handler.forget_cached(services, &halo, e).await {
-                items[*i].decision = Some(Decision::Retry(f));
+    let mut ready = Vec::with_capacity(live.len());
+    for m in live {
+        if m.event.repair {
+            if let Err(f) = handler.forget_cached(services, &halo, &m.event).await {
+                decided.push(m.decided(Decision::Retry(f)));
+                continue;
             }
         }
+        ready.push(m);
     }
-    work.retain(|i| items[*i].decision.is_none());
-    if !work.is_empty() {
-        let events: Vec<Envelope> = work
-            .iter()
-            .filter_map(|i| items[*i].event.clone())
-            .collect();
-        // A batch of one runs in its message's span (its HaloPSA requests
-        // continue the publisher's trace); a larger one in a batch span.
-        let span = match work[..] {
-            [only] => items[only].span.clone(),
-            _ => tracing::info_span!("batch", connection = conn, size = events.len()),
-        };
-        // Every write checks, just before it goes out, that all of the
-        // batch's locks are still ours (`halo::client::WRITE_FENCE`).
-        let fence = LockFence::of(&locks);
-        let task = {
-            let services = services.clone();
-            let handler = handler.clone();
-            let halo = halo.clone();
-            // The account worker's writes come first in the budget
-            // (`halo::ratelimit::Priority`): every other family waits for
-            // its customers.
-            let accounts = handler.family() == Family::Account;
-            tokio::spawn(
-                SERVING_ACCOUNTS
-                    .scope(
-                        accounts,
-                        WRITE_FENCE.scope(fence, async move {
-                            handler.apply_batch(&services, &halo, &events).await
-                        }),
-                    )
-                    .instrument(span),
-            )
-        };
-        match task.await {
-            Ok(results) if results.len() == work.len() => {
-                let mut done = Vec::new();
-                for (i, result) in work.iter().zip(results) {
-                    let decision = Decision::of(result);
-                    if let Decision::Ack(outcome) = &decision {
-                        if let Some(e) = &items[*i].event {
-                            done.push((e.id.clone(), outcome.as_str()));
-                        }
-                    }
-                    items[*i].decision = Some(decision);
-                }
-                if let Err(e) = services.store.mark_processed_many(conn, &done).await {
-                    tracing::warn!(error = %e, "could not record the batch in the ledger");
-                }
-            }
-            Ok(results) => {
-                let msg = format!(
-                    "handler returned {} results for {} events (bug)",
-                    results.len(),
-                    work.len()
-                );
-                for i in &work {
-                    items[*i].decision = Some(Decision::Requeue(msg.clone()));
-                }
-            }
-            Err(e) => {
-                for i in &work {
-                    items[*i].decision = Some(Decision::Requeue(format!("handler panicked: {e}")));
-                }
-            }
-        }
+    if !ready.is_empty() {
+        decided.extend(apply(services, handler, halo, conn, ready).await);
     }
     if let Err(e) = services.store.release_many(locks).await {
         tracing::warn!(error = %e, "could not release the batch's aggregate locks; they expire on their own");
+    }
+    decided
+}
+
+/// One `apply_batch` of `ready` (locks held), its results recorded in the
+/// ledger. A handler that panics leaves its events requeued.
+async fn apply<H: Handler>(
+    services: &Arc<Services>,
+    handler: &Arc<H>,
+    halo: HaloClient,
+    conn: &str,
+    ready: Vec<Valid<H::Data>>,
+) -> Vec<(Item, Decision)> {
+    // A batch of one runs in its message's span (its HaloPSA requests
+    // continue the publisher's trace); a larger one in a batch span.
+    let span = match &ready[..] {
+        [only] => only.item.span.clone(),
+        _ => tracing::info_span!("batch", connection = conn, size = ready.len()),
+    };
+    let (items, events): (Vec<Item>, Vec<Event<H::Data>>) =
+        ready.into_iter().map(Valid::split).unzip();
+    let task = {
+        let (services, handler) = (services.clone(), handler.clone());
+        tokio::spawn(
+            async move {
+                handler
+                    .apply_batch(&services, &halo, Batch::new(events))
+                    .await
+            }
+            .instrument(span),
+        )
+    };
+    match task.await {
+        // One result per event, in order (`Batch::finish`).
+        Ok(results) => {
+            let decided: Vec<(Item, Decision)> =
+                items.into_iter().zip(results.decisions()).collect();
+            let done: Vec<(String, &str)> = decided
+                .iter()
+                .filter_map(|(item, decision)| match decision {
+                    Decision::Ack(outcome) => {
+                        Some((item.envelope.as_ref()?.id.clone(), outcome.as_str()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if let Err(e) = services.store.mark_processed_many(conn, &done).await {
+                tracing::warn!(error = %e, "could not record the batch in the ledger");
+            }
+            decided
+        }
+        Err(e) => items
+            .into_iter()
+            .map(|item| (item, Decision::Requeue(format!("handler panicked: {e}"))))
+            .collect(),
     }
 }

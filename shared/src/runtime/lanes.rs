@@ -2,8 +2,7 @@
 //! MSP's slow, throttled or failing HaloPSA delays only that MSP's events.
 //!
 //! * Each lane batches its own connection's deliveries and has at most
-//!   one batch in flight (a non-batching handler: its messages one by
-//!   one); lanes run side by side.
+//!   one batch in flight; lanes run side by side.
 //! * A lane is **stalled** when it has work in flight and made no
 //!   progress for `worker.lane_stall`: no task finished and its HaloPSA
 //!   answered no request (slow answers, a HaloPSA that times out), or at

@@ -40,9 +40,10 @@ use crate::amqp::headers::{self as h};
 use crate::amqp::{self, Publisher, Topology};
 use arc_swap::ArcSwap;
 use redis::aio::ConnectionManager;
+use serde::de::DeserializeOwned;
 
 use crate::config::{Config, ConnectionConfig};
-use crate::contract::{Contract, Envelope, Family};
+use crate::contract::{Contract, Envelope, Event, Family};
 use crate::error::{excerpt, ErrorClass, Failure};
 use crate::halo::{self, HaloClient};
 use crate::outage::{Backoff, Health, Report};
@@ -51,8 +52,10 @@ use crate::store::{self, Keys, Store};
 
 mod batch;
 mod lanes;
+mod results;
 pub mod settle;
 
+pub use results::{Batch, Open, Results};
 pub use settle::{retry_delay, Acked};
 use settle::{Decision, Plan};
 
@@ -71,16 +74,24 @@ impl Outcome {
     }
 }
 
-/// One family's mapping logic, batch-only: the runtime hands over what
-/// the broker had ready for one connection (at most `worker.batch_max`, or
-/// what arrived within `worker.batch_wait` of the first; a single message
-/// is a batch of one), validated, with only the newest event per
-/// aggregate, the ledger checked and those aggregates' locks held.
+/// One family's mapping logic, batch-only and typed: the runtime hands
+/// over what the broker had ready for one connection (at most
+/// `worker.batch_max`, or what arrived within `worker.batch_wait` of the
+/// first; a single message is a batch of one), validated, each event's
+/// `data` parsed once into [`Handler::Data`], with only the newest event
+/// per aggregate, the ledger checked and those aggregates' locks held, and
+/// a HaloPSA client fenced with those locks.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
-    fn family(&self) -> Family;
+    /// The family whose events this handler applies.
+    const FAMILY: Family;
+    /// The family's event data (`AccountData`, ...): what the runtime
+    /// parses each event's `data` into, once, after schema validation (a
+    /// `data` that does not fit is dead-lettered `invalid`).
+    type Data: DeserializeOwned + Send + Sync + 'static;
+
     /// The aggregate key (DESIGN §1) the lock and ordering apply to.
-    fn aggregate(&self, event: &Envelope) -> Result<String, Failure>;
+    fn aggregate(data: &Self::Data) -> String;
 
     /// Drops what Redis caches of this event's records in HaloPSA (line
     /// ids, "scanned" marks), before a repair (DESIGN §8) is applied, so
@@ -90,20 +101,21 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         _ctx: &Services,
         _halo: &HaloClient,
-        _event: &Envelope,
+        _event: &Event<Self::Data>,
     ) -> Result<(), Failure> {
         Ok(())
     }
 
     /// Brings HaloPSA to the state of several events of one connection,
-    /// each of a different aggregate, idempotently. Returns one result per
-    /// event, in order.
+    /// each of a different aggregate, idempotently, writing through `halo`
+    /// (fenced by the batch's locks): one result per event, which
+    /// [`Batch::finish`] guarantees.
     async fn apply_batch(
         &self,
         ctx: &Services,
         halo: &HaloClient,
-        events: &[Envelope],
-    ) -> Vec<Result<Outcome, Failure>>;
+        events: Batch<Event<Self::Data>>,
+    ) -> Results;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -360,7 +372,11 @@ impl Services {
 
 /// Runs until `shutdown` is cancelled; reconnects after the broker drops
 /// or while it is down (backoff to 10 s, one log line a minute, not ready).
-pub async fn run(services: Arc<Services>, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+pub async fn run<H: Handler>(
+    services: Arc<Services>,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         let started = Instant::now();
@@ -399,12 +415,12 @@ enum SessionError {
     Cancelled,
 }
 
-async fn session(
+async fn session<H: Handler>(
     services: &Arc<Services>,
-    handler: &Arc<dyn Handler>,
+    handler: &Arc<H>,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let family = handler.family();
+    let family = H::FAMILY;
     let config = services.config();
     let name = format!("halosync-{family}:{}{}", config.prefix, services.worker_id);
     let conn = amqp::connect_with(&config.amqp_url, &config.amqp_access, &name).await?;
@@ -764,38 +780,6 @@ fn record_event(event: &Envelope) {
     span.record("event_id", event.id.as_str());
     span.record("event_type", event.event_type.as_str());
     span.record("connection", event.connection.as_str());
-}
-
-/// The checks every valid event passes before its handler: right family,
-/// a configured connection, an aggregate key. Returns the connection's
-/// client and the aggregate.
-fn check(
-    services: &Services,
-    handler: &dyn Handler,
-    event: &Envelope,
-) -> Result<(Arc<HaloClient>, String), Failure> {
-    let family = handler.family();
-    if event.family() != Some(family) {
-        return Err(Failure::invalid(format!(
-            "type {} is not handled by the {family} worker (it was published to the wrong queue)",
-            event.event_type
-        )));
-    }
-    let Some(halo) = services.halo(&event.connection) else {
-        let known = services.connection_names();
-        return Err(Failure::invalid(format!(
-            "unknown connection {:?}; configured connections: {}",
-            event.connection,
-            if known.is_empty() {
-                "(none)".to_string()
-            } else {
-                known.join(", ")
-            }
-        )));
-    };
-    let aggregate = handler.aggregate(event)?;
-    tracing::Span::current().record("aggregate", aggregate.as_str());
-    Ok((halo, aggregate))
 }
 
 /// Settles the delivery. Returns the failure that was retried or

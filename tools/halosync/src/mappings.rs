@@ -34,7 +34,8 @@ use crate::dead::FilterArgs;
 use crate::table;
 
 /// A connection's HaloPSA client and the Redis store it shares with the
-/// workers (token cache, rate budget, item-mapping cache).
+/// workers (token cache, rate budget, item-mapping cache). The client
+/// reads; a write goes through [`HaloClient::unfenced`] where it is made.
 pub struct Halo {
     pub client: HaloClient,
     pub store: Store,
@@ -319,7 +320,11 @@ pub async fn set_mapping(halo: &Halo, key: &str, item_id: i64) -> anyhow::Result
             conn.name
         );
     };
-    let change = items::set_mapping(&halo.client, &halo.store, key, item_id).await?;
+    // An item mapping is no aggregate's: no worker writes it under a lock.
+    let writer = halo
+        .client
+        .unfenced("the operator sets an item mapping: no aggregate lock covers it");
+    let change = items::set_mapping(&writer, &halo.store, key, item_id).await?;
     Ok(SetResult {
         connection: conn.name.clone(),
         key: key.trim().to_string(),

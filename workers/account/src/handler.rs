@@ -1,7 +1,7 @@
 //! The account worker's [`Handler`]: create, update, deactivate or adopt
 //! one HaloPSA customer per billing account.
 //!
-//! Events coalesce (`batching`), a batch of one included: a batch of N
+//! Events coalesce, a batch of one included: a batch of N
 //! accounts costs, on the happy path, one `POST /Client` array for the new
 //! customers (each with its `new_external_link`, version inside) and, for
 //! the known ones, one `POST /Client` array and one `POST /ExternalLink`
@@ -18,13 +18,13 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use halosync_shared::contract::{AccountData, Envelope, Family, Version};
+use halosync_shared::contract::{AccountData, Event, Family, Version};
 use halosync_shared::halo::currency;
 use halosync_shared::halo::lines;
 use halosync_shared::halo::links::{self, Known, CUSTOMER};
 use halosync_shared::halo::models::{body, Area};
 use halosync_shared::halo::{record_id, HaloClient, HaloError};
-use halosync_shared::runtime::{Handler, Outcome, Services};
+use halosync_shared::runtime::{Batch, Handler, Open, Outcome, Results, Services};
 use halosync_shared::store::Mapping;
 use halosync_shared::Failure;
 use serde_json::Value;
@@ -33,61 +33,62 @@ use crate::mapping::{client_record, exact_name_matches};
 
 pub struct AccountHandler;
 
-impl AccountHandler {
-    /// One event on its own: what a batch's arrays left open, and every
-    /// event when accounts are adopted by name (a look-up per account).
-    async fn apply_one(
-        &self,
-        svc: &Services,
-        halo: &HaloClient,
-        event: &Envelope,
-    ) -> Result<Outcome, Failure> {
-        let data: AccountData = event.data_as()?;
-        let version = event.version()?;
-        let store = &svc.store;
-        let currency = match &data.currency {
-            Some(code) => {
-                Some(currency::id(halo, store, code, event.repair || event.replayed).await?)
-            }
-            None => None,
-        };
-        let mapping = match links::resolve(store, halo, &CUSTOMER, &data.account_id).await? {
-            Some(m) => m,
-            None => match adopt_or_create(svc, halo, &data, currency, &version).await? {
-                Created::Ours => return Ok(Outcome::Applied),
-                Created::Theirs(m) | Created::Adopted(m) => m,
-            },
-        };
-        update(svc, halo, &data, currency, &version, mapping).await
-    }
-}
-
 #[async_trait]
 impl Handler for AccountHandler {
-    fn family(&self) -> Family {
-        Family::Account
-    }
+    const FAMILY: Family = Family::Account;
+    type Data = AccountData;
 
-    fn aggregate(&self, event: &Envelope) -> Result<String, Failure> {
-        Ok(event.data_as::<AccountData>()?.account_id)
+    fn aggregate(data: &AccountData) -> String {
+        data.account_id.clone()
     }
 
     async fn apply_batch(
         &self,
         svc: &Services,
         halo: &HaloClient,
-        events: &[Envelope],
-    ) -> Vec<Result<Outcome, Failure>> {
+        events: Batch<Event<AccountData>>,
+    ) -> Results {
+        let mut batch = events.map(|event| {
+            Ok(Work {
+                event,
+                currency: None,
+            })
+        });
         // Adopting by name is a look-up per account: one at a time.
-        if halo.connection().match_existing_by_name {
-            let mut out = Vec::with_capacity(events.len());
-            for e in events {
-                out.push(self.apply_one(svc, halo, e).await);
-            }
-            return out;
+        if !halo.connection().match_existing_by_name {
+            in_arrays(svc, halo, &mut batch).await;
         }
-        Batch::new(events).run(self, svc, halo, events).await
+        // What the arrays left open goes the one-event way.
+        for open in batch.open() {
+            let result = apply_one(svc, halo, &open.event).await;
+            open.settle(result);
+        }
+        batch.finish()
     }
+}
+
+/// One event on its own: what a batch's arrays left open, and every event
+/// when accounts are adopted by name (a look-up per account).
+async fn apply_one(
+    svc: &Services,
+    halo: &HaloClient,
+    event: &Event<AccountData>,
+) -> Result<Outcome, Failure> {
+    let data = &event.data;
+    let version = &event.version;
+    let store = &svc.store;
+    let currency = match &data.currency {
+        Some(code) => Some(currency::id(halo, store, code, event.repair || event.replayed).await?),
+        None => None,
+    };
+    let mapping = match links::resolve(store, halo, &CUSTOMER, &data.account_id).await? {
+        Some(m) => m,
+        None => match adopt_or_create(svc, halo, data, currency, version).await? {
+            Created::Ours => return Ok(Outcome::Applied),
+            Created::Theirs(m) | Created::Adopted(m) => m,
+        },
+    };
+    update(svc, halo, data, currency, version, mapping).await
 }
 
 /// The most records one array POST carries.
@@ -95,337 +96,255 @@ const ARRAY_MAX: usize = 100;
 
 /// One event of a batch.
 struct Work {
-    data: AccountData,
-    version: Version,
+    event: Event<AccountData>,
     /// The `/Currency` id of `data.currency`.
     currency: Option<i64>,
-    /// A replayed or repair event: a currency HaloPSA lacked is asked again.
-    ask_again: bool,
 }
 
-/// A batch of account events of one connection, one per account.
-struct Batch {
-    /// `None` where the event could not be read (its result says why).
-    work: Vec<Option<Work>>,
-    results: Vec<Option<Result<Outcome, Failure>>>,
-}
-
-impl Batch {
-    fn new(events: &[Envelope]) -> Batch {
-        let mut work = Vec::with_capacity(events.len());
-        let mut results = Vec::with_capacity(events.len());
-        for e in events {
-            let parsed = e.data_as::<AccountData>().and_then(|data| {
-                Ok(Work {
-                    version: e.version()?,
-                    data,
-                    currency: None,
-                    ask_again: e.repair || e.replayed,
-                })
-            });
-            match parsed {
-                Ok(w) => {
-                    work.push(Some(w));
-                    results.push(None);
-                }
-                Err(f) => {
-                    work.push(None);
-                    results.push(Some(Err(f)));
-                }
+/// The batch's events in arrays: identity for the batch from
+/// [`links::known_many`], then one create array for the accounts known
+/// absent and one update array for the known ones (each at most
+/// [`ARRAY_MAX`]). What they do not settle stays open.
+async fn in_arrays(svc: &Services, halo: &HaloClient, batch: &mut Batch<Work>) {
+    currencies(svc, halo, batch).await;
+    let open: Vec<Open<'_, Work>> = batch.open().collect();
+    let ids: Vec<String> = open
+        .iter()
+        .map(|w| w.event.data.account_id.clone())
+        .collect();
+    let known = match links::known_many(&svc.store, halo, &CUSTOMER, &ids).await {
+        Ok(known) => known,
+        Err(f) => {
+            for w in open {
+                w.settle(Err(f.clone()));
             }
-        }
-        Batch { work, results }
-    }
-
-    async fn run(
-        mut self,
-        handler: &AccountHandler,
-        svc: &Services,
-        halo: &HaloClient,
-        events: &[Envelope],
-    ) -> Vec<Result<Outcome, Failure>> {
-        self.currencies(svc, halo).await;
-        let live: Vec<usize> = self.live().map(|(i, _)| i).collect();
-        let ids: Vec<String> = self
-            .live()
-            .map(|(_, w)| w.data.account_id.clone())
-            .collect();
-        match links::known_many(&svc.store, halo, &CUSTOMER, &ids).await {
-            Ok(known) => {
-                let (mut creates, mut updates) = (Vec::new(), Vec::new());
-                for (i, k) in live.into_iter().zip(known) {
-                    let Some(w) = self.work(i) else { continue };
-                    match k {
-                        Known::Absent => creates.push(i),
-                        Known::Mapped(m)
-                            if m.version()
-                                .is_some_and(|applied| w.version.is_superseded_by(&applied)) =>
-                        {
-                            self.results[i] = Some(Ok(Outcome::Superseded));
-                        }
-                        Known::Mapped(m) => updates.push((i, m)),
-                        // Asked one by one, below.
-                        Known::Unsure | Known::Creating => {}
-                    }
-                }
-                // Arrays of at most 100 (HaloPSA's largest array is not
-                // documented: UNCONFIRMED; 100 is the page size it serves).
-                for chunk in creates.chunks(ARRAY_MAX) {
-                    self.create(svc, halo, chunk).await;
-                }
-                for chunk in updates.chunks(ARRAY_MAX) {
-                    self.update(svc, halo, chunk.to_vec()).await;
-                }
-            }
-            Err(f) => {
-                for i in live {
-                    self.results[i] = Some(Err(f.clone()));
-                }
-            }
-        }
-        // What the arrays left open goes the one-event way.
-        let mut out = Vec::with_capacity(events.len());
-        for (i, r) in self.results.into_iter().enumerate() {
-            out.push(match r {
-                Some(r) => r,
-                None => handler.apply_one(svc, halo, &events[i]).await,
-            });
-        }
-        out
-    }
-
-    /// The `/Currency` id of every event's currency: one look-up for the
-    /// batch (Redis; HaloPSA once when a code is new to the cache). A code
-    /// HaloPSA lacks fails its event `unmapped`.
-    async fn currencies(&mut self, svc: &Services, halo: &HaloClient) {
-        let codes: Vec<(usize, String)> = self
-            .live()
-            .filter_map(|(i, w)| w.data.currency.clone().map(|c| (i, c)))
-            .collect();
-        if codes.is_empty() {
             return;
         }
-        let wanted: Vec<&str> = codes.iter().map(|(_, c)| c.as_str()).collect();
-        let ask_again = self.live().any(|(_, w)| w.ask_again);
-        let found = currency::ids(halo, &svc.store, &wanted, ask_again).await;
-        for (i, code) in codes {
-            let id = match &found {
-                Ok(map) => map.get(&currency::normalise(&code)).copied().flatten(),
-                Err(f) => {
-                    self.results[i] = Some(Err(f.clone()));
-                    continue;
-                }
-            };
-            match (id, self.work.get_mut(i).and_then(Option::as_mut)) {
-                (Some(id), Some(w)) => w.currency = Some(id),
-                (None, _) => {
-                    self.results[i] = Some(Err(currency::not_set_up(&currency::normalise(&code))))
-                }
-                (Some(_), None) => {}
+    };
+    let (mut creates, mut updates) = (Vec::new(), Vec::new());
+    for (w, k) in open.into_iter().zip(known) {
+        match k {
+            Known::Absent => creates.push(w),
+            Known::Mapped(m)
+                if m.version()
+                    .is_some_and(|applied| w.event.version.is_superseded_by(&applied)) =>
+            {
+                w.settle(Ok(Outcome::Superseded));
             }
+            Known::Mapped(m) => updates.push((w, m)),
+            // Asked one by one.
+            Known::Unsure | Known::Creating => {}
         }
     }
-
-    /// After an update or version array failed (resending a merge is
-    /// harmless): refused, each event goes on its own, which isolates the
-    /// refused one; anything else fails the events together, retried
-    /// later (not at once into an outage).
-    fn array_failed(
-        &mut self,
-        e: HaloError,
-        events: impl Iterator<Item = usize>,
-        what: &str,
-    ) -> bool {
-        lines::settle_array_failure(e, what, events, &mut self.results)
+    // Arrays of at most 100 (HaloPSA's largest array is not documented:
+    // UNCONFIRMED; 100 is the page size it serves).
+    while !creates.is_empty() {
+        let chunk = creates.drain(..creates.len().min(ARRAY_MAX)).collect();
+        create(svc, halo, chunk).await;
     }
+    while !updates.is_empty() {
+        let chunk = updates.drain(..updates.len().min(ARRAY_MAX)).collect();
+        update_known(svc, halo, chunk).await;
+    }
+}
 
-    /// Events not decided yet.
-    fn live(&self) -> impl Iterator<Item = (usize, &Work)> {
-        self.work
+/// The `/Currency` id of every event's currency: one look-up for the batch
+/// (Redis; HaloPSA once when a code is new to the cache). A code HaloPSA
+/// lacks fails its event `unmapped`.
+async fn currencies(svc: &Services, halo: &HaloClient, batch: &mut Batch<Work>) {
+    // A replayed or repair event: a currency HaloPSA lacked is asked again.
+    let ask_again = batch.open().any(|w| w.event.repair || w.event.replayed);
+    let with_code: Vec<(Open<'_, Work>, String)> = batch
+        .open()
+        .filter_map(|w| {
+            let code = currency::normalise(w.event.data.currency.as_deref()?);
+            Some((w, code))
+        })
+        .collect();
+    if with_code.is_empty() {
+        return;
+    }
+    let wanted: Vec<&str> = with_code.iter().map(|(_, c)| c.as_str()).collect();
+    let found = currency::ids(halo, &svc.store, &wanted, ask_again).await;
+    for (mut w, code) in with_code {
+        match &found {
+            Ok(ids) => match ids.get(&code).copied().flatten() {
+                Some(id) => w.currency = Some(id),
+                None => w.settle(Err(currency::not_set_up(&code))),
+            },
+            Err(f) => w.settle(Err(f.clone())),
+        }
+    }
+}
+
+/// After an update or version array failed (resending a merge is
+/// harmless): refused, each event goes on its own, which isolates the
+/// refused one; anything else fails the events together, retried later
+/// (not at once into an outage). Returns whether HaloPSA saved nothing.
+fn array_failed<'a>(
+    e: HaloError,
+    events: impl IntoIterator<Item = Open<'a, Work>>,
+    what: &str,
+) -> bool {
+    lines::settle_array_failure(e, what, events, |w, f| w.settle(Err(f)))
+}
+
+/// New customers in one array, each with its link and version. Their ids
+/// are marked unsure first; a customer is remembered (which clears the
+/// mark) once the answer names it and its link. Known to be absent and
+/// written under a lock held throughout, it needs no read-back. Anything
+/// else (refused in part, answer lost, an answer without the link) stays
+/// unsure and open, for the one-event way, which asks HaloPSA.
+async fn create(svc: &Services, halo: &HaloClient, creates: Vec<Open<'_, Work>>) {
+    let conn = halo.connection();
+    let ids: Vec<String> = creates
+        .iter()
+        .map(|w| w.event.data.account_id.clone())
+        .collect();
+    let window = svc.config().worker.http_timeout;
+    if let Err(e) = svc
+        .store
+        .creating(&conn.name, CUSTOMER.name, &ids, window)
+        .await
+    {
+        let f: Failure = e.into();
+        for w in creates {
+            w.settle(Err(f.clone()));
+        }
+        return;
+    }
+    let bodies: Result<Vec<Value>, Failure> = creates
+        .iter()
+        .map(|w| {
+            body(&Area {
+                new_external_link: Some(links::new_link(
+                    &CUSTOMER,
+                    &w.event.data.account_id,
+                    &w.event.version,
+                )),
+                ..client_record(&w.event.data, w.currency, None, conn)
+            })
+        })
+        .collect();
+    // A value out of the model's range: each event on its own, which
+    // fails the one it is.
+    let Ok(bodies) = bodies else {
+        let _ = svc.store.not_created(&conn.name, CUSTOMER.name, &ids).await;
+        return;
+    };
+    // Saved records by position, when the answer came and lines up
+    // (response shape UNCONFIRMED: one object for one element).
+    let saved: Vec<Value> = match halo.post_each("/Client", bodies).await {
+        Ok(rows) => rows,
+        Err(None) => return,
+        // Refused in part: each on its own, which finds what was saved
+        // and isolates the refused one. One policy for a failed array
+        // (`lines::after_array_failure`); if nothing was saved, the
+        // "creating" marks are taken back.
+        Err(Some(e)) => {
+            if array_failed(e, creates, "customer") {
+                let _ = svc.store.not_created(&conn.name, CUSTOMER.name, &ids).await;
+            }
+            return;
+        }
+    };
+    let mut remembered: Vec<(Open<'_, Work>, Mapping)> = Vec::new();
+    for (w, row) in creates.into_iter().zip(&saved) {
+        let Some(halo_id) = record_id(row) else {
+            continue;
+        };
+        let Some(link_id) = links::own_link(row, &CUSTOMER, &w.event.data.account_id) else {
+            continue;
+        };
+        let mapping = Mapping {
+            halo_id,
+            link_id: Some(link_id),
+            version: Some(w.event.version.encode()),
+        };
+        remembered.push((w, mapping));
+    }
+    let pairs: Vec<(&str, &Mapping)> = remembered
+        .iter()
+        .map(|(w, m)| (w.event.data.account_id.as_str(), m))
+        .collect();
+    let r = svc
+        .store
+        .set_mappings(&conn.name, CUSTOMER.name, &pairs)
+        .await
+        .map_err(Failure::from);
+    for (w, m) in remembered {
+        tracing::info!(halo_id = m.halo_id, "created the customer");
+        w.settle(r.clone().map(|_| Outcome::Applied));
+    }
+}
+
+/// Known customers in one array, then their versions in one array. A
+/// failed array leaves its events to the one-event path (each write sets
+/// absolute values, so sending one again is harmless).
+async fn update_known(svc: &Services, halo: &HaloClient, updates: Vec<(Open<'_, Work>, Mapping)>) {
+    let conn = halo.connection();
+    let bodies: Result<Vec<Value>, Failure> = updates
+        .iter()
+        .map(|(w, m)| {
+            body(&client_record(
+                &w.event.data,
+                w.currency,
+                Some(m.halo_id),
+                conn,
+            ))
+        })
+        .collect();
+    // A value out of the model's range: each event on its own.
+    let Ok(bodies) = bodies else { return };
+    if let Err(e) = halo.post("/Client", bodies).await {
+        array_failed(e, updates.into_iter().map(|(w, _)| w), "customer update");
+        return;
+    }
+    let versions: Result<Vec<Value>, Failure> = updates
+        .iter()
+        .map(|(w, m)| {
+            body(&links::link_record(
+                &CUSTOMER,
+                &w.event.data.account_id,
+                m.halo_id,
+                m.link_id,
+                Some(&w.event.version),
+            ))
+        })
+        .collect();
+    let Ok(versions) = versions else { return };
+    let saved = match halo.post("/ExternalLink", versions).await {
+        Ok(s) => s,
+        Err(e) => {
+            array_failed(e, updates.into_iter().map(|(w, _)| w), "version");
+            return;
+        }
+    };
+    // The links created by the array, by position (response shape
+    // UNCONFIRMED: trusted only when it lines up).
+    let new_links: HashMap<usize, i64> = match &saved {
+        Value::Array(rows) if rows.len() == updates.len() => rows
             .iter()
             .enumerate()
-            .filter(|(i, _)| self.results[*i].is_none())
-            .filter_map(|(i, w)| w.as_ref().map(|w| (i, w)))
-    }
-
-    fn work(&self, i: usize) -> Option<&Work> {
-        self.work.get(i).and_then(Option::as_ref)
-    }
-
-    /// New customers in one array, each with its link and version. Their
-    /// ids are marked unsure first; a customer is remembered (which clears
-    /// the mark) once the answer names it and its link. Known to be absent
-    /// and written under a lock held throughout, it needs no read-back.
-    /// Anything else (refused in part, answer lost, an answer without the
-    /// link) stays unsure and goes the one-event way, which asks HaloPSA.
-    async fn create(&mut self, svc: &Services, halo: &HaloClient, creates: &[usize]) {
-        let conn = halo.connection();
-        let creates: Vec<usize> = creates
-            .iter()
-            .copied()
-            .filter(|&i| self.work(i).is_some())
-            .collect();
-        if creates.is_empty() {
-            return;
-        }
-        let ids: Vec<String> = creates
-            .iter()
-            .filter_map(|&i| self.work(i))
-            .map(|w| w.data.account_id.clone())
-            .collect();
-        let window = svc.config().worker.http_timeout;
-        if let Err(e) = svc
-            .store
-            .creating(&conn.name, CUSTOMER.name, &ids, window)
-            .await
-        {
-            let f: Failure = e.into();
-            for &i in &creates {
-                self.results[i] = Some(Err(f.clone()));
+            .filter_map(|(k, r)| record_id(r).map(|id| (k, id)))
+            .collect(),
+        one if updates.len() == 1 => record_id(one).map(|id| (0, id)).into_iter().collect(),
+        _ => HashMap::new(),
+    };
+    for (k, (w, mut m)) in updates.into_iter().enumerate() {
+        if m.link_id.is_none() {
+            match new_links.get(&k) {
+                Some(id) => m.link_id = Some(*id),
+                // Which link is ours is unknown: the one-event path.
+                None => continue,
             }
-            return;
         }
-        let bodies: Result<Vec<Value>, Failure> = creates
-            .iter()
-            .filter_map(|&i| self.work(i))
-            .map(|w| {
-                body(&Area {
-                    new_external_link: Some(links::new_link(
-                        &CUSTOMER,
-                        &w.data.account_id,
-                        &w.version,
-                    )),
-                    ..client_record(&w.data, w.currency, None, conn)
-                })
-            })
-            .collect();
-        // A value out of the model's range: each event on its own, which
-        // fails the one it is.
-        let Ok(bodies) = bodies else {
-            let _ = svc.store.not_created(&conn.name, CUSTOMER.name, &ids).await;
-            return;
-        };
-        // Saved records by position, when the answer came and lines up
-        // (response shape UNCONFIRMED: one object for one element).
-        let saved: Vec<Value> = match halo.post_each("/Client", bodies).await {
-            Ok(rows) => rows,
-            Err(None) => return,
-            // Refused in part: each on its own, which finds what was saved
-            // and isolates the refused one.
-            // One policy for a failed array (`lines::after_array_failure`);
-            // if nothing was saved, the "creating" marks are taken back.
-            Err(Some(e)) => {
-                if self.array_failed(e, creates.iter().copied(), "customer") {
-                    let _ = svc.store.not_created(&conn.name, CUSTOMER.name, &ids).await;
-                }
-                return;
-            }
-        };
-        let mut remembered: Vec<(usize, String, Mapping)> = Vec::new();
-        for (&i, row) in creates.iter().zip(&saved) {
-            let Some(w) = self.work(i) else { continue };
-            let Some(halo_id) = record_id(row) else {
-                continue;
-            };
-            let Some(link_id) = links::own_link(row, &CUSTOMER, &w.data.account_id) else {
-                continue;
-            };
-            remembered.push((
-                i,
-                w.data.account_id.clone(),
-                Mapping {
-                    halo_id,
-                    link_id: Some(link_id),
-                    version: Some(w.version.encode()),
-                },
-            ));
-        }
-        let pairs: Vec<(&str, &Mapping)> = remembered
-            .iter()
-            .map(|(_, id, m)| (id.as_str(), m))
-            .collect();
+        m.version = Some(w.event.version.encode());
         let r = svc
             .store
-            .set_mappings(&conn.name, CUSTOMER.name, &pairs)
-            .await
-            .map_err(Failure::from);
-        for (i, _, m) in &remembered {
-            tracing::info!(halo_id = m.halo_id, "created the customer");
-            self.results[*i] = Some(r.clone().map(|_| Outcome::Applied));
-        }
-    }
-
-    /// Known customers in one array, then their versions in one array. A
-    /// failed array leaves its events to the one-event path (each write
-    /// sets absolute values, so sending one again is harmless).
-    async fn update(&mut self, svc: &Services, halo: &HaloClient, updates: Vec<(usize, Mapping)>) {
-        if updates.is_empty() {
-            return;
-        }
-        let conn = halo.connection();
-        let updates: Vec<(usize, Mapping)> = updates
-            .into_iter()
-            .filter(|(i, _)| self.work(*i).is_some())
-            .collect();
-        let bodies: Result<Vec<Value>, Failure> = updates
-            .iter()
-            .filter_map(|(i, m)| {
-                self.work(*i)
-                    .map(|w| body(&client_record(&w.data, w.currency, Some(m.halo_id), conn)))
-            })
-            .collect();
-        // A value out of the model's range: each event on its own.
-        let Ok(bodies) = bodies else { return };
-        if let Err(e) = halo.post("/Client", bodies).await {
-            self.array_failed(e, updates.iter().map(|(i, _)| *i), "customer update");
-            return;
-        }
-        let versions: Result<Vec<Value>, Failure> = updates
-            .iter()
-            .filter_map(|(i, m)| self.work(*i).map(|w| (w, m)))
-            .map(|(w, m)| {
-                body(&links::link_record(
-                    &CUSTOMER,
-                    &w.data.account_id,
-                    m.halo_id,
-                    m.link_id,
-                    Some(&w.version),
-                ))
-            })
-            .collect();
-        let Ok(versions) = versions else { return };
-        let saved = match halo.post("/ExternalLink", versions).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.array_failed(e, updates.iter().map(|(i, _)| *i), "version");
-                return;
-            }
-        };
-        let new_links: HashMap<usize, i64> = match &saved {
-            Value::Array(rows) if rows.len() == updates.len() => rows
-                .iter()
-                .enumerate()
-                .filter_map(|(k, r)| record_id(r).map(|id| (k, id)))
-                .collect(),
-            one if updates.len() == 1 => record_id(one).map(|id| (0, id)).into_iter().collect(),
-            _ => HashMap::new(),
-        };
-        for (k, (i, mut m)) in updates.into_iter().enumerate() {
-            let Some(w) = self.work(i) else { continue };
-            if m.link_id.is_none() {
-                match new_links.get(&k) {
-                    Some(id) => m.link_id = Some(*id),
-                    // Which link is ours is unknown: the one-event path.
-                    None => continue,
-                }
-            }
-            m.version = Some(w.version.encode());
-            let r = svc
-                .store
-                .set_mapping(&conn.name, CUSTOMER.name, &w.data.account_id, &m)
-                .await;
-            self.results[i] = Some(r.map(|_| Outcome::Applied).map_err(Failure::from));
-        }
+            .set_mapping(&conn.name, CUSTOMER.name, &w.event.data.account_id, &m)
+            .await;
+        w.settle(r.map(|_| Outcome::Applied).map_err(Failure::from));
     }
 }
 

@@ -1,10 +1,10 @@
 //! The overage worker's [`Handler`]: one charge per (subscription, metric,
 //! period), as a line on the customer's one-off invoice of that period.
 //!
-//! The runtime hands over batches: it validates, dedupes, keeps
-//! the newest event per aggregate `"{subscription_id}:{metric}:{period_start}"`,
-//! holds those aggregates' locks and settles every message from the result
-//! returned here for it. A batch of one connection is applied as:
+//! The runtime hands over batches: it validates, parses each event's data
+//! once, dedupes, keeps the newest event per aggregate
+//! `"{subscription_id}:{metric}:{period_start}"`, holds those aggregates'
+//! locks and settles every message from the result given here for it. A batch of one connection is applied as:
 //!
 //! 1. Per event, without HaloPSA requests in steady state: the item
 //!    ([`item_for`]), the price, the customer (`links::require_customer`,
@@ -40,22 +40,21 @@
 //! Steady state (Redis warm, lines known): one `updatelines` request per
 //! invoice per batch, i.e. 1/N requests per event for a batch of N.
 //!
-//! Not handled: two lines carrying the same marker (only possible when two
-//! workers added one each without the aggregate lock, after Redis was
-//! lost): the lowest id is updated, the other is logged, not retired.
+//! Two lines carrying the same marker (added by hand, or by workers that
+//! raced) are retired when the header is read: the lowest id is kept.
 
 use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
-use halosync_shared::contract::{Envelope, Family, OverageData, Product, Version};
+use halosync_shared::contract::{Event, Family, OverageData, Product, Version};
 use halosync_shared::halo::items;
 use halosync_shared::halo::lines::{self, HeaderSpec, Invoice};
 use halosync_shared::halo::links::{self, OVERAGE_INVOICE, SUBSCRIPTION};
 use halosync_shared::halo::models::{body, InvoiceDetail, InvoiceHeader};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
-use halosync_shared::runtime::{Handler, Outcome, Services};
+use halosync_shared::runtime::{Batch, Handler, Open, Outcome, Results, Services};
 use halosync_shared::store::OverageLine as Cached;
-use halosync_shared::Failure;
+use halosync_shared::{Failure, FailureClass};
 use serde_json::Value;
 
 use crate::mapping;
@@ -64,12 +63,11 @@ pub struct OverageHandler;
 
 #[async_trait]
 impl Handler for OverageHandler {
-    fn family(&self) -> Family {
-        Family::Overage
-    }
+    const FAMILY: Family = Family::Overage;
+    type Data = OverageData;
 
-    fn aggregate(&self, event: &Envelope) -> Result<String, Failure> {
-        Ok(mapping::aggregate(&event.data_as::<OverageData>()?))
+    fn aggregate(data: &OverageData) -> String {
+        mapping::aggregate(data)
     }
 
     /// A repair reads the one-off invoice again: the cached line goes.
@@ -77,73 +75,62 @@ impl Handler for OverageHandler {
         &self,
         svc: &Services,
         halo: &HaloClient,
-        event: &Envelope,
+        event: &Event<OverageData>,
     ) -> Result<(), Failure> {
-        let d: OverageData = event.data_as()?;
-        forget(svc, halo, &d).await
+        forget(svc, halo, &event.data).await
     }
 
     async fn apply_batch(
         &self,
         svc: &Services,
         halo: &HaloClient,
-        events: &[Envelope],
-    ) -> Vec<Result<Outcome, Failure>> {
-        let mut results: Vec<Option<Result<Outcome, Failure>>> = vec![None; events.len()];
+        mut batch: Batch<Event<OverageData>>,
+    ) -> Results {
         let mut invoices: HashMap<String, i64> = HashMap::new();
-        let mut by_invoice: BTreeMap<i64, Vec<Plan>> = BTreeMap::new();
+        let mut by_invoice: BTreeMap<i64, Vec<Plan<'_>>> = BTreeMap::new();
         // Events whose period has no invoice yet, by invoice billing id:
         // the invoice is created with their lines inline.
-        let mut new_invoices: BTreeMap<String, Vec<Plan>> = BTreeMap::new();
-        for (idx, e) in events.iter().enumerate() {
-            match prepare(svc, halo, e, idx, &mut invoices).await {
-                Ok(Prepared::Done(o)) => results[idx] = Some(Ok(o)),
-                Ok(Prepared::Plan(p)) if p.ihid == NO_INVOICE => new_invoices
-                    .entry(mapping::invoice_billing_id(&p.data))
+        let mut new_invoices: BTreeMap<String, Vec<Plan<'_>>> = BTreeMap::new();
+        for open in batch.open() {
+            let to = match target(svc, halo, &open, &mut invoices).await {
+                Ok(Some(to)) => to,
+                Ok(None) => {
+                    open.settle(Ok(Outcome::Superseded));
+                    continue;
+                }
+                Err(f) => {
+                    open.settle(Err(f));
+                    continue;
+                }
+            };
+            let plan = Plan { open, to };
+            if plan.to.ihid == NO_INVOICE {
+                new_invoices
+                    .entry(plan.to.invoice.clone())
                     .or_default()
-                    .push(*p),
-                Ok(Prepared::Plan(p)) => by_invoice.entry(p.ihid).or_default().push(*p),
-                Err(f) => results[idx] = Some(Err(f)),
+                    .push(plan);
+            } else {
+                by_invoice.entry(plan.to.ihid).or_default().push(plan);
             }
         }
         for (_, plans) in new_invoices {
-            match create_invoice(svc, halo, plans, &mut invoices).await {
-                Ok((done, rest)) => {
-                    for (idx, r) in done {
-                        results[idx] = Some(r);
-                    }
-                    for p in rest {
-                        by_invoice.entry(p.ihid).or_default().push(p);
-                    }
-                }
-                Err((idxs, f)) => {
-                    for idx in idxs {
-                        results[idx] = Some(Err(f.clone()));
-                    }
-                }
+            for plan in create_invoice(svc, halo, plans, &mut invoices).await {
+                by_invoice.entry(plan.to.ihid).or_default().push(plan);
             }
         }
         for (ihid, plans) in by_invoice {
-            for (idx, r) in apply_invoice(svc, halo, ihid, plans).await {
-                results[idx] = Some(r);
-            }
+            apply_invoice(svc, halo, ihid, plans).await;
         }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Failure::transient("event not decided (bug)"))))
-            .collect()
+        batch.finish()
     }
 }
 
-/// `Plan::ihid` of an event whose period has no invoice yet (HaloPSA's
+/// `Target::ihid` of an event whose period has no invoice yet (HaloPSA's
 /// invoice ids are positive).
 const NO_INVOICE: i64 = 0;
 
-/// One event ready to be written.
-struct Plan {
-    idx: usize,
-    data: OverageData,
-    version: Version,
+/// Where and at what an event's charge is written.
+struct Target {
     price: f64,
     item_id: i64,
     /// The invoice, or [`NO_INVOICE`] while the period has none.
@@ -155,51 +142,49 @@ struct Plan {
     cached: Option<Cached>,
 }
 
-enum Prepared {
-    Done(Outcome),
-    Plan(Box<Plan>),
+/// One event ready to be written.
+struct Plan<'a> {
+    open: Open<'a, Event<OverageData>>,
+    to: Target,
 }
 
-async fn prepare(
+/// Step 1 of an event, without HaloPSA requests in steady state; `None`
+/// when the cache shows it superseded.
+async fn target(
     svc: &Services,
     halo: &HaloClient,
-    event: &Envelope,
-    idx: usize,
+    event: &Event<OverageData>,
     invoices: &mut HashMap<String, i64>,
-) -> Result<Prepared, Failure> {
-    let data: OverageData = event.data_as()?;
-    let version = event.version()?;
+) -> Result<Option<Target>, Failure> {
+    let (data, version) = (&event.data, &event.version);
     // The cache holds only applied versions (whatever invoice they went
     // to): an event not newer changes nothing, without any request.
-    let cached = cached(svc, halo, &data).await?;
+    let cached = cached(svc, halo, data).await?;
     if let Some(c) = &cached {
         if Version::decode(&c.version).is_some_and(|applied| version.is_superseded_by(&applied)) {
-            return Ok(Prepared::Done(Outcome::Superseded));
+            return Ok(None);
         }
     }
-    let price = mapping::unit_price(&data)?;
-    let item_id = item_for(svc, halo, &data).await?;
+    let price = mapping::unit_price(data)?;
+    let item_id = item_for(svc, halo, data).await?;
     let recheck = svc.config().retry.dependency_recheck;
     let customer = links::require_customer(&svc.store, halo, &data.account_id, recheck).await?;
     // A zero overage is written too (an inactive line of quantity 0
     // carrying its version, on an invoice created if need be): its version
     // must live in HaloPSA, or an older non-zero event arriving after Redis
     // was lost would put the withdrawn charge back.
-    let ihid = invoice_of(svc, halo, &data, invoices)
+    let ihid = invoice_of(svc, halo, data, invoices)
         .await?
         .unwrap_or(NO_INVOICE);
     let cached = cached.filter(|c| c.ihid == ihid);
-    Ok(Prepared::Plan(Box::new(Plan {
-        idx,
-        invoice: mapping::invoice_billing_id(&data),
-        data,
-        version,
+    Ok(Some(Target {
+        invoice: mapping::invoice_billing_id(data),
         price,
         item_id,
         ihid,
         customer: customer.halo_id,
         cached,
-    })))
+    }))
 }
 
 /// The period's invoice when HaloPSA has one (Redis, else its link).
@@ -220,46 +205,58 @@ async fn invoice_of(
     Ok(found.map(|m| m.halo_id))
 }
 
-/// Events answered, and the plans still to write (on an invoice now known).
-type Created = (Vec<(usize, Result<Outcome, Failure>)>, Vec<Plan>);
-
 /// Creates the one-off invoice of a period that has none, with the first
 /// [`lines::LINES_PER_REQUEST`] lines of `plans` inline: one
 /// `POST /Invoice` for the header, its link and its lines. The events whose
-/// line went inline are answered; the others (more lines, or the invoice
+/// line went inline are settled; the others (more lines, or the invoice
 /// another worker created first) come back as plans on the invoice.
-async fn create_invoice(
+async fn create_invoice<'a>(
     svc: &Services,
     halo: &HaloClient,
-    mut plans: Vec<Plan>,
+    mut plans: Vec<Plan<'a>>,
     memo: &mut HashMap<String, i64>,
-) -> Result<Created, (Vec<usize>, Failure)> {
-    let idxs: Vec<usize> = plans.iter().map(|p| p.idx).collect();
+) -> Vec<Plan<'a>> {
     let Some(first) = plans.first() else {
-        return Ok((Vec::new(), Vec::new()));
+        return plans;
     };
-    let d = first.data.clone();
-    let client_id = first.customer;
+    let d = first.open.data.clone();
+    let client_id = first.to.customer;
     let inline: Vec<InvoiceDetail> = plans
         .iter()
         .take(lines::LINES_PER_REQUEST)
-        .map(|p| mapping::line(&p.data, p.price, None, None, p.item_id, &p.version))
+        .map(|p| {
+            let event: &Event<OverageData> = &p.open;
+            mapping::line(
+                &event.data,
+                p.to.price,
+                None,
+                None,
+                p.to.item_id,
+                &event.version,
+            )
+        })
         .collect();
     let answer: std::sync::Mutex<Option<(i64, Value)>> = std::sync::Mutex::new(None);
     let mut inlined = inline.len();
-    let ihid = match invoice_for(svc, halo, client_id, &d, memo, inline, &answer).await {
-        Ok(id) => id,
+    let created = match invoice_for(svc, halo, client_id, &d, memo, inline, &answer).await {
         // Refused: one line may be what HaloPSA refuses (an element is
         // saved whole or not at all). The header alone, then the lines
         // the usual way, which isolates a refused line.
-        Err(f) if f.class == halosync_shared::FailureClass::Rejected => {
+        Err(f) if f.class == FailureClass::Rejected => {
             tracing::info!(error = %f, "the invoice with its first lines was refused; creating it without lines");
             inlined = 0;
-            invoice_for(svc, halo, client_id, &d, memo, Vec::new(), &answer)
-                .await
-                .map_err(|f| (idxs, f))?
+            invoice_for(svc, halo, client_id, &d, memo, Vec::new(), &answer).await
         }
-        Err(f) => return Err((idxs, f)),
+        created => created,
+    };
+    let ihid = match created {
+        Ok(id) => id,
+        Err(f) => {
+            for p in plans {
+                p.open.settle(Err(f.clone()));
+            }
+            return Vec::new();
+        }
     };
     let saved = answer
         .lock()
@@ -267,29 +264,28 @@ async fn create_invoice(
         .take()
         .filter(|(id, _)| *id == ihid);
     for p in &mut plans {
-        p.ihid = ihid;
-        p.cached = None;
+        p.to.ihid = ihid;
+        p.to.cached = None;
     }
     let Some((_, header)) = saved else {
         // Found (or another worker's won): the lines go the usual way.
-        return Ok((Vec::new(), plans));
+        return plans;
     };
     let rest = plans.split_off(plans.len().min(inlined));
-    let mut done = Vec::with_capacity(plans.len());
     for p in plans {
         // Saved with the header (one element is saved whole). The line's
         // id from the answer is cached; without it the next event reads
         // the header.
-        let line = mapping::lines_carrying(&header, &mapping::marker(&p.data))
+        let line = mapping::lines_carrying(&header, &mapping::marker(&p.open.data))
             .first()
             .map(|f| f.0);
         let r = match line {
             Some(l) => remember(svc, halo, &p, Some(l)).await,
-            None => forget(svc, halo, &p.data).await,
+            None => forget(svc, halo, &p.open.data).await,
         };
-        done.push((p.idx, r.map(|_| Outcome::Applied)));
+        p.open.settle(r.map(|_| Outcome::Applied));
     }
-    Ok((done, rest))
+    rest
 }
 
 /// The HaloPSA item of the charge, from the connection's `[items]` map
@@ -426,10 +422,11 @@ async fn cached(
 async fn remember(
     svc: &Services,
     halo: &HaloClient,
-    p: &Plan,
+    p: &Plan<'_>,
     line: Option<i64>,
 ) -> Result<(), Failure> {
-    write_cache(svc, halo, &p.data, p.ihid, line, &p.version).await
+    let event: &Event<OverageData> = &p.open;
+    write_cache(svc, halo, &event.data, p.to.ihid, line, &event.version).await
 }
 
 async fn write_cache(
@@ -460,216 +457,169 @@ async fn forget(svc: &Services, halo: &HaloClient, d: &OverageData) -> Result<()
     Ok(())
 }
 
-/// What to write for one event.
-enum Op {
-    Add,
-    Update { line: i64, from_cache: bool },
+/// An update of a line: its id, and whether that id came from the cache.
+struct Update<'a> {
+    plan: Plan<'a>,
+    line: i64,
+    from_cache: bool,
 }
 
-/// Applies the plans of one invoice; returns `(event index, result)`.
-async fn apply_invoice(
-    svc: &Services,
-    halo: &HaloClient,
-    mut ihid: i64,
-    mut plans: Vec<Plan>,
-) -> Vec<(usize, Result<Outcome, Failure>)> {
-    let mut out = Vec::new();
+/// Applies and settles the plans of one invoice.
+async fn apply_invoice(svc: &Services, halo: &HaloClient, mut ihid: i64, mut plans: Vec<Plan<'_>>) {
     // Events the cache cannot place need the header's lines.
-    let header = if plans.iter().any(|p| p.cached.is_none()) {
-        match header_of(svc, halo, ihid, &plans[0]).await {
+    let mut header = None;
+    if let Some(first) = plans.iter().find(|p| p.to.cached.is_none()) {
+        match header_of(svc, halo, ihid, first).await {
             Ok(h) => {
                 if h.again {
                     // Deleted by the MSP, found or created again: the
                     // lines go onto it, whatever was cached of the old one.
                     ihid = h.ihid;
                     for p in &mut plans {
-                        p.ihid = h.ihid;
-                        p.cached = None;
+                        p.to.ihid = h.ihid;
+                        p.to.cached = None;
                     }
                 }
-                Some(h.body)
+                header = Some(h.body);
             }
             Err(f) => {
-                return plans.into_iter().map(|p| (p.idx, Err(f.clone()))).collect();
+                for p in plans {
+                    p.open.settle(Err(f.clone()));
+                }
+                return;
             }
         }
-    } else {
-        None
-    };
-    let mut work: Vec<(Plan, Op)> = Vec::new();
+    }
+    let mut adds: Vec<(Plan<'_>, Value)> = Vec::new();
+    let mut updates: Vec<(Update<'_>, Value)> = Vec::new();
     for p in plans {
-        let op = match (&p.cached, &header) {
-            (Some(Cached { line: Some(l), .. }), _) => Op::Update {
-                line: *l,
-                from_cache: true,
-            },
-            (Some(Cached { line: None, .. }), _) => Op::Add,
-            (None, Some(h)) => {
-                let marker = mapping::marker(&p.data);
-                let found = mapping::lines_carrying(h, &marker);
+        let update = match &p.to.cached {
+            Some(Cached { line: Some(l), .. }) => Some((*l, true)),
+            Some(Cached { line: None, .. }) => None,
+            None => {
+                let marker = mapping::marker(&p.open.data);
+                // The lines on the header (read above for these events).
+                let found = header
+                    .as_ref()
+                    .map(|h| mapping::lines_carrying(h, &marker))
+                    .unwrap_or_default();
                 // Lines beside the lowest (added by hand, or by workers
                 // that raced) are retired: the customer is charged once.
                 if let Some(((kept, _), others)) = found.split_first() {
                     let others: Vec<i64> = others.iter().map(|o| o.0).collect();
-                    if let Err(f) = lines::retire_duplicates(
+                    let retired = lines::retire_duplicates(
                         halo,
                         Invoice::OneOff,
                         ihid,
                         *kept,
                         &others,
                         &marker,
-                    )
-                    .await
-                    {
-                        out.push((p.idx, Err(f)));
+                    );
+                    if let Err(f) = retired.await {
+                        p.open.settle(Err(f));
                         continue;
                     }
                 }
                 match found.first() {
-                    Some((line, Some(applied))) if p.version.is_superseded_by(applied) => {
-                        let r = write_cache(svc, halo, &p.data, p.ihid, Some(*line), applied).await;
-                        out.push((p.idx, r.map(|_| Outcome::Superseded)));
+                    Some((line, Some(applied))) if p.open.version.is_superseded_by(applied) => {
+                        let data = &p.open.data;
+                        let r = write_cache(svc, halo, data, p.to.ihid, Some(*line), applied).await;
+                        p.open.settle(r.map(|_| Outcome::Superseded));
                         continue;
                     }
-                    Some((line, _)) => Op::Update {
-                        line: *line,
-                        from_cache: false,
-                    },
-                    None => Op::Add,
+                    Some((line, _)) => Some((*line, false)),
+                    None => None,
                 }
             }
-            (None, None) => Op::Add, // not reached: header read above
         };
-        work.push((p, op));
-    }
-
-    let mut adds: Vec<(usize, Result<Value, Failure>)> = Vec::new();
-    let mut updates: Vec<(usize, Result<Value, Failure>)> = Vec::new();
-    for (k, (p, op)) in work.iter().enumerate() {
-        match op {
-            Op::Add => adds.push((
-                k,
-                body(&mapping::line(
-                    &p.data,
-                    p.price,
-                    Some(ihid),
-                    None,
-                    p.item_id,
-                    &p.version,
+        let event: &Event<OverageData> = &p.open;
+        let line = update.map(|(line, _)| line);
+        match body(&mapping::line(
+            &event.data,
+            p.to.price,
+            Some(ihid),
+            line,
+            p.to.item_id,
+            &event.version,
+        )) {
+            Ok(b) => match update {
+                Some((line, from_cache)) => updates.push((
+                    Update {
+                        plan: p,
+                        line,
+                        from_cache,
+                    },
+                    b,
                 )),
-            )),
-            Op::Update { line, .. } => updates.push((
-                k,
-                body(&mapping::line(
-                    &p.data,
-                    p.price,
-                    Some(ihid),
-                    Some(*line),
-                    p.item_id,
-                    &p.version,
-                )),
-            )),
+                None => adds.push((p, b)),
+            },
+            Err(f) => p.open.settle(Err(f)),
         }
     }
-    let mut written: HashMap<usize, Result<Option<i64>, Failure>> = HashMap::new();
-    let adds: Vec<(usize, Value)> = adds
-        .into_iter()
-        .filter_map(|(k, b)| match b {
-            Ok(b) => Some((k, b)),
-            Err(f) => {
-                written.insert(k, Err(f));
-                None
-            }
-        })
-        .collect();
-    let updates: Vec<(usize, Value)> = updates
-        .into_iter()
-        .filter_map(|(k, b)| match b {
-            Ok(b) => Some((k, b)),
-            Err(f) => {
-                written.insert(k, Err(f));
-                None
-            }
-        })
-        .collect();
-    for (k, r) in lines::add(halo, Invoice::OneOff, adds).await {
-        written.insert(k, r.map(|saved| saved.as_ref().and_then(record_id)));
-    }
-    for (k, r) in lines::update(halo, Invoice::OneOff, updates).await {
-        written.insert(k, r.map(|_| None));
-    }
+    let added = lines::add(halo, Invoice::OneOff, adds).await;
+    let updated = lines::update(halo, Invoice::OneOff, updates).await;
     // Adds whose id the answer did not give are found on the header.
-    let missing_ids = work
-        .iter()
-        .enumerate()
-        .any(|(k, (_, op))| matches!(op, Op::Add) && matches!(written.get(&k), Some(Ok(None))));
+    let missing_ids = added.iter().any(|(_, r)| matches!(r, Ok(None)));
     let reread = if missing_ids {
         lines::read_header(halo, Invoice::OneOff, ihid).await.ok()
     } else {
         None
     };
-
-    for (k, (p, op)) in work.into_iter().enumerate() {
-        let r = match op {
-            Op::Add => match written.remove(&k) {
-                Some(Ok(id)) => {
-                    let id = id.or_else(|| {
-                        reread.as_ref().and_then(|h| {
-                            mapping::lines_carrying(h, &mapping::marker(&p.data))
-                                .first()
-                                .map(|f| f.0)
-                        })
-                    });
-                    // Without the id, no cache: the next event reads the header.
-                    match id {
-                        Some(id) => remember(svc, halo, &p, Some(id)).await,
-                        None => forget(svc, halo, &p.data).await,
-                    }
-                    .map(|_| Outcome::Applied)
+    for (p, r) in added {
+        let r = match r {
+            Ok(saved) => {
+                let id = saved.as_ref().and_then(record_id).or_else(|| {
+                    reread.as_ref().and_then(|h| {
+                        mapping::lines_carrying(h, &mapping::marker(&p.open.data))
+                            .first()
+                            .map(|f| f.0)
+                    })
+                });
+                // Without the id, no cache: the next event reads the header.
+                match id {
+                    Some(id) => remember(svc, halo, &p, Some(id)).await,
+                    None => forget(svc, halo, &p.open.data).await,
                 }
-                Some(Err(f)) if f.class != halosync_shared::FailureClass::Rejected => {
-                    // The line may still have been saved (an answer lost in a
-                    // way the read-back could not see): the retry reads the
-                    // header instead of trusting a cached "no line".
-                    match forget(svc, halo, &p.data).await {
-                        Ok(()) => Err(f),
-                        Err(e) => Err(e),
-                    }
+                .map(|_| Outcome::Applied)
+            }
+            Err(f) if f.class != FailureClass::Rejected => {
+                // The line may still have been saved (an answer lost in a
+                // way the read-back could not see): the retry reads the
+                // header instead of trusting a cached "no line".
+                match forget(svc, halo, &p.open.data).await {
+                    Ok(()) => Err(f),
+                    Err(e) => Err(e),
                 }
-                // Refused: because the MSP deleted the invoice (found or
-                // created again, the event retried onto it), else final.
-                Some(Err(f)) => Err(lines::refusal_unless_header_gone(
-                    &svc.store,
-                    halo,
-                    &spec_of(svc, &p),
-                    ihid,
-                    f,
+            }
+            // Refused: because the MSP deleted the invoice (found or
+            // created again, the event retried onto it), else final.
+            Err(f) => {
+                Err(
+                    lines::refusal_unless_header_gone(&svc.store, halo, &spec_of(svc, &p), ihid, f)
+                        .await,
                 )
-                .await),
-                None => Err(Failure::transient("line not written (bug)")),
-            },
-            Op::Update { line, from_cache } => match written.remove(&k) {
-                Some(Ok(_)) => remember(svc, halo, &p, Some(line))
-                    .await
-                    .map(|_| Outcome::Applied),
-                Some(Err(f))
-                    if from_cache && f.class == halosync_shared::FailureClass::Rejected =>
-                {
-                    // The cached line may be gone (deleted in HaloPSA, or
-                    // Redis holding another instance's ids): retry afresh
-                    // from the header; a genuine refusal is then final.
-                    match forget(svc, halo, &p.data).await {
-                        Ok(()) => Err(lines::cached_line_refused(line, ihid, &f)),
-                        Err(e) => Err(e),
-                    }
-                }
-                Some(Err(f)) => Err(f),
-                None => Err(Failure::transient("line not written (bug)")),
-            },
+            }
         };
-        out.push((p.idx, r));
+        p.open.settle(r);
     }
-    out
+    for (u, r) in updated {
+        let r = match r {
+            Ok(_) => remember(svc, halo, &u.plan, Some(u.line))
+                .await
+                .map(|_| Outcome::Applied),
+            Err(f) if u.from_cache && f.class == FailureClass::Rejected => {
+                // The cached line may be gone (deleted in HaloPSA, or
+                // Redis holding another instance's ids): retry afresh
+                // from the header; a genuine refusal is then final.
+                match forget(svc, halo, &u.plan.open.data).await {
+                    Ok(()) => Err(lines::cached_line_refused(u.line, ihid, &f)),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(f) => Err(f),
+        };
+        u.plan.open.settle(r);
+    }
 }
 
 /// The invoice `ihid` of `p`'s period with its lines, and its id: `ihid`,
@@ -679,19 +629,19 @@ async fn header_of(
     svc: &Services,
     halo: &HaloClient,
     ihid: i64,
-    p: &Plan,
+    p: &Plan<'_>,
 ) -> Result<lines::Header, Failure> {
     lines::header(&svc.store, halo, &spec_of(svc, p), ihid).await
 }
 
 /// The one-off invoice of `p`'s period, as the lines engine needs it.
-fn spec_of<'a>(svc: &Services, p: &'a Plan) -> HeaderSpec<'a> {
+fn spec_of<'a>(svc: &Services, p: &'a Plan<'_>) -> HeaderSpec<'a> {
     let config = svc.config();
     HeaderSpec {
         invoice: Invoice::OneOff,
         kind: &OVERAGE_INVOICE,
-        billing_id: &p.invoice,
-        record: mapping::invoice_record(p.customer, &p.data),
+        billing_id: &p.to.invoice,
+        record: mapping::invoice_record(p.to.customer, &p.open.data),
         lock_ttl: config.worker.lock_ttl,
         lock_wait: config.worker.lock_wait,
     }

@@ -9,7 +9,8 @@
 //! of that is three Redis round trips (`MGET`s) for the whole batch and no
 //! HaloPSA request.
 //!
-//! Everything else goes the one-event way ([`crate::handler`]), which
+//! Everything else is left open and goes the one-event way
+//! ([`crate::handler`]), which
 //! handles each case on its own and was tested for it: a customer not there
 //! yet (a throttled dependency wait), a licence or line Redis does not know
 //! (found again from HaloPSA, or created), a subscription that moved to
@@ -19,31 +20,30 @@
 //! *added* here, so a partly saved or unanswered array can never leave a
 //! duplicate.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
-use halosync_shared::contract::{Envelope, Product, SubscriptionData, Version};
+use halosync_shared::contract::Product;
 use halosync_shared::halo::lines::{self, Invoice};
 use halosync_shared::halo::links::{self, Known, CUSTOMER, RECURRING_INVOICE, SUBSCRIPTION};
 use halosync_shared::halo::models::{body, InvoiceHeader};
-use halosync_shared::halo::{record_id, HaloClient};
-use halosync_shared::runtime::{Outcome, Services};
+use halosync_shared::halo::{record_id, HaloClient, HaloError};
+use halosync_shared::runtime::{Batch, Open, Outcome, Services};
 use halosync_shared::store::{Mapping, SubscriptionLine};
 use halosync_shared::{Failure, FailureClass};
 use serde_json::Value;
 
+use crate::handler::Work;
 use crate::invoice;
-use crate::mapping::{licence_record, line_update, new_line, Terms};
+use crate::mapping::{licence_record, line_update, new_line};
 
 /// The most records one array POST carries (HaloPSA documents no limit,
 /// UNCONFIRMED; 100 is the page size it serves and keeps a refused array
 /// cheap).
 const ARRAY_MAX: usize = 100;
 
-/// One event the batch may apply itself.
-struct Warm {
-    data: SubscriptionData,
-    version: Version,
-    terms: Terms,
+/// One event the batch may apply itself: all of it known.
+struct Warm<'a> {
+    open: Open<'a, Work>,
     item_id: i64,
     customer_id: i64,
     licence: Mapping,
@@ -54,10 +54,8 @@ struct Warm {
 
 /// A subscription HaloPSA does not have yet (known absent, its customer
 /// known): created in arrays by [`create`].
-struct New {
-    data: SubscriptionData,
-    version: Version,
-    terms: Terms,
+struct New<'a> {
+    open: Open<'a, Work>,
     item_id: i64,
     customer_id: i64,
     /// The customer's invoice, or `None` when it has none yet: then it is
@@ -66,63 +64,67 @@ struct New {
     marker: String,
 }
 
-/// Applies what it can of `events` (one connection, one event per
-/// subscription, all locks held by the runtime). `None` where the event is
-/// left to the one-event path.
-pub(crate) async fn apply(
-    svc: &Services,
-    halo: &HaloClient,
-    events: &[Envelope],
-) -> Vec<Option<Result<Outcome, Failure>>> {
-    let mut results: Vec<Option<Result<Outcome, Failure>>> = vec![None; events.len()];
-    let conn = halo.connection().name.clone();
+/// A new subscription whose licence HaloPSA saved.
+struct Licensed<'a> {
+    new: New<'a>,
+    licence: i64,
+}
 
-    // 1. What each event says, checked before any request.
-    let mut parsed: Vec<(usize, SubscriptionData, Version, Terms)> = Vec::new();
-    for (i, e) in events.iter().enumerate() {
-        let p = e.data_as::<SubscriptionData>().and_then(|d| {
-            let v = e.version()?;
-            let t = Terms::of(&d, &v)?;
-            Ok((d, v, t))
-        });
-        match p {
-            Ok((d, v, t)) => parsed.push((i, d, v, t)),
-            Err(f) => results[i] = Some(Err(f)),
-        }
-    }
-    // 1a. The products, before any licence or link is written: a usage or
-    //     overage event that finds a subscription's link finds its product
-    //     too, and never lists the customer's licences for it.
-    let products: Vec<(&str, &Product)> = parsed
+/// A new subscription whose line HaloPSA saved too, on invoice `ihid`
+/// (the line's id when the answer gave it).
+struct Lined<'a> {
+    licensed: Licensed<'a>,
+    ihid: i64,
+    line: Option<i64>,
+}
+
+/// Applies what it can of the batch (one connection, one event per
+/// subscription, all locks held by the runtime); what it leaves open goes
+/// the one-event path.
+pub(crate) async fn apply(svc: &Services, halo: &HaloClient, batch: &mut Batch<Work>) {
+    let conn = halo.connection().name.clone();
+    let open: Vec<Open<'_, Work>> = batch.open().collect();
+    let size = open.len();
+
+    // 1. The products, before any licence or link is written: a usage or
+    //    overage event that finds a subscription's link finds its product
+    //    too, and never lists the customer's licences for it.
+    let products: Vec<(&str, &Product)> = open
         .iter()
-        .map(|(_, d, _, _)| (d.subscription_id.as_str(), &d.product))
+        .map(|w| {
+            let d = &w.event.data;
+            (d.subscription_id.as_str(), &d.product)
+        })
         .collect();
     invoice::seed_products(svc, &conn, &products).await;
     // 1b. Item mappings, once per sku (the config's, else HaloPSA's,
     //     cached), before anything else: an unmapped sku is dead-lettered
     //     at once, whatever else is missing, as on the one-event path.
-    let skus: BTreeSet<String> = parsed.iter().map(|p| p.1.product.sku.clone()).collect();
-    let mut item_ids: HashMap<String, i64> = HashMap::new();
-    let mut unmapped: HashMap<String, Failure> = HashMap::new();
-    for sku in skus {
-        match crate::handler::item_for(svc, halo, &sku).await {
-            Ok(item) => {
-                item_ids.insert(sku, item);
+    let mut items: HashMap<String, Result<i64, Failure>> = HashMap::new();
+    let mut mapped: Vec<(Open<'_, Work>, i64)> = Vec::with_capacity(open.len());
+    for w in open {
+        let sku = &w.event.data.product.sku;
+        let item = match items.get(sku) {
+            Some(item) => item.clone(),
+            None => {
+                let item = crate::handler::item_for(svc, halo, sku).await;
+                items.insert(sku.clone(), item.clone());
+                item
             }
-            Err(f) => {
-                unmapped.insert(sku, f);
-            }
+        };
+        match item {
+            Ok(item_id) => mapped.push((w, item_id)),
+            Err(f) => w.settle(Err(f)),
         }
     }
-    parsed.retain(|(i, d, _, _)| match unmapped.get(&d.product.sku) {
-        Some(f) => {
-            results[*i] = Some(Err(f.clone()));
-            false
-        }
-        None => true,
-    });
-    let subs: Vec<String> = parsed.iter().map(|p| p.1.subscription_id.clone()).collect();
-    let accounts: Vec<String> = parsed.iter().map(|p| p.1.account_id.clone()).collect();
+    let subs: Vec<String> = mapped
+        .iter()
+        .map(|(w, _)| w.event.data.subscription_id.clone())
+        .collect();
+    let accounts: Vec<String> = mapped
+        .iter()
+        .map(|(w, _)| w.event.data.account_id.clone())
+        .collect();
 
     // 2. Identity for the whole batch: Redis in a few round trips, plus one
     //    bulk import per kind once per Redis lifetime (`links::known_many`).
@@ -141,18 +143,24 @@ pub(crate) async fn apply(
         // Redis or HaloPSA cannot answer: the one-event path meets the
         // same error and settles each event with it.
         Err(f) => {
-            tracing::info!(error = %f, size = events.len(), "the batch's identities could not be resolved; each event goes on its own");
-            return results;
+            tracing::info!(error = %f, size, "the batch's identities could not be resolved; each event goes on its own");
+            return;
         }
     };
 
     // 3. Warm (known throughout) and new (known absent); superseded ones
     //    are done at once; the rest goes the one-event way.
-    let mut warm: Vec<(usize, Warm)> = Vec::new();
-    let mut new: Vec<(usize, New)> = Vec::new();
-    for (n, (i, data, version, terms)) in parsed.into_iter().enumerate() {
-        let customer = match &customers[n] {
-            Known::Mapped(c) => c.clone(),
+    let mut warm: Vec<Warm<'_>> = Vec::new();
+    let mut new: Vec<New<'_>> = Vec::new();
+    let known = customers
+        .into_iter()
+        .zip(licences)
+        .zip(invoices)
+        .zip(cached);
+    for ((w, item_id), (((customer, licence), inv), line)) in mapped.into_iter().zip(known) {
+        let data = &w.event.data;
+        let customer = match customer {
+            Known::Mapped(c) => c,
             // Not there yet: wait for the account worker, without a
             // request (and in the shortest tier, so that the events come
             // back together and are created in one batch).
@@ -165,7 +173,7 @@ pub(crate) async fn apply(
                 let f =
                     links::still_absent(store, halo, &CUSTOMER, &data.account_id, recheck, missing)
                         .await;
-                results[i] = Some(Err(f));
+                w.settle(Err(f));
                 continue;
             }
             // The account worker is creating it right now: wait for it
@@ -176,26 +184,26 @@ pub(crate) async fn apply(
                     data.account_id
                 ));
                 f.throttled = true;
-                results[i] = Some(Err(f));
+                w.settle(Err(f));
                 continue;
             }
             // Redis is unsure: the one-event path asks HaloPSA.
             Known::Unsure => continue,
         };
         let marker = links::marker(&SUBSCRIPTION, &data.subscription_id);
-        match (&licences[n], &invoices[n]) {
+        match (licence, inv) {
             (Known::Mapped(licence), inv) => {
                 if licence
                     .version()
-                    .is_some_and(|applied| version.is_superseded_by(&applied))
+                    .is_some_and(|applied| w.event.version.is_superseded_by(&applied))
                 {
-                    results[i] = Some(Ok(Outcome::Superseded));
+                    w.settle(Ok(Outcome::Superseded));
                     continue;
                 }
                 // A licence whose link or version was never written, a line
                 // not cached, or cached on another invoice (the
                 // subscription moved account): the one-event path knows.
-                let (Known::Mapped(inv), Some(line)) = (inv, &cached[n]) else {
+                let (Known::Mapped(inv), Some(line)) = (inv, line) else {
                     continue;
                 };
                 if licence.link_id.is_none()
@@ -204,65 +212,53 @@ pub(crate) async fn apply(
                 {
                     continue;
                 }
-                warm.push((
-                    i,
-                    Warm {
-                        data,
-                        version,
-                        terms,
-                        item_id: 0,
-                        customer_id: customer.halo_id,
-                        licence: licence.clone(),
-                        ihid: inv.halo_id,
-                        line: line.line,
-                        marker,
-                    },
-                ));
+                warm.push(Warm {
+                    open: w,
+                    item_id,
+                    customer_id: customer.halo_id,
+                    licence,
+                    ihid: inv.halo_id,
+                    line: line.line,
+                    marker,
+                });
             }
             // New; its invoice known, or known absent (created with it).
-            (Known::Absent, inv @ (Known::Mapped(_) | Known::Absent)) => new.push((
-                i,
-                New {
-                    data,
-                    version,
-                    terms,
-                    item_id: 0,
-                    customer_id: customer.halo_id,
-                    ihid: match inv {
-                        Known::Mapped(m) => Some(m.halo_id),
-                        _ => None,
-                    },
-                    marker,
+            (Known::Absent, inv @ (Known::Mapped(_) | Known::Absent)) => new.push(New {
+                open: w,
+                item_id,
+                customer_id: customer.halo_id,
+                ihid: match inv {
+                    Known::Mapped(m) => Some(m.halo_id),
+                    _ => None,
                 },
-            )),
+                marker,
+            }),
             _ => {}
         }
     }
     tracing::debug!(
-        size = events.len(),
+        size,
         known = warm.len(),
         new = new.len(),
         "the batch takes these itself; the rest goes one by one"
     );
-    if warm.is_empty() && new.is_empty() {
-        return results;
-    }
-
-    // Items were resolved first (step 1b).
-    for (_, w) in warm.iter_mut() {
-        w.item_id = item_ids.get(&w.data.product.sku).copied().unwrap_or(0);
-    }
-    for (_, w) in new.iter_mut() {
-        w.item_id = item_ids.get(&w.data.product.sku).copied().unwrap_or(0);
-    }
-
-    for chunk in warm.chunks(ARRAY_MAX) {
-        apply_chunk(svc, halo, chunk, &mut results).await;
+    while !warm.is_empty() {
+        let chunk = warm.drain(..warm.len().min(ARRAY_MAX)).collect();
+        apply_chunk(svc, halo, chunk).await;
     }
     if !new.is_empty() {
-        create(svc, halo, new, &mut results).await;
+        create(svc, halo, new).await;
     }
-    results
+}
+
+/// Settles the events of a failed array ([`lines::settle_array_failure`]);
+/// returns whether HaloPSA saved nothing.
+fn array_failed<'a>(
+    e: HaloError,
+    what: &str,
+    events: impl IntoIterator<Item = Open<'a, Work>>,
+) -> bool {
+    lines::settle_array_failure(e, what, events, |w, f| w.settle(Err(f)))
 }
 
 /// New subscriptions: licences in arrays, then their lines (added in
@@ -271,22 +267,17 @@ pub(crate) async fn apply(
 /// the applied version, last, so that a version never claims more than
 /// HaloPSA holds. Every id is marked unsure before its create is sent; an
 /// event whose step did not finish cleanly (refused in part, answer lost)
-/// stops there and goes the one-event way, which asks HaloPSA what was
-/// saved (a licence by its marker, a line by its marker on the header),
-/// so nothing is created twice. Adds go through `halo::lines::add`, which
-/// reads back what a failed array saved.
-async fn create(
-    svc: &Services,
-    halo: &HaloClient,
-    new: Vec<(usize, New)>,
-    results: &mut [Option<Result<Outcome, Failure>>],
-) {
+/// stops there, open, and goes the one-event way, which asks HaloPSA what
+/// was saved (a licence by its marker, a line by its marker on the
+/// header), so nothing is created twice. Adds go through
+/// `halo::lines::add`, which reads back what a failed array saved.
+async fn create(svc: &Services, halo: &HaloClient, new: Vec<New<'_>>) {
     let conn = halo.connection().name.clone();
     let store = &svc.store;
     let mut new_headers: Vec<String> = new
         .iter()
-        .filter(|(_, w)| w.ihid.is_none())
-        .map(|(_, w)| w.data.account_id.clone())
+        .filter(|w| w.ihid.is_none())
+        .map(|w| w.open.event.data.account_id.clone())
         .collect();
     new_headers.sort();
     new_headers.dedup();
@@ -325,12 +316,12 @@ async fn create(
         }
         Err(_) => blocked.extend(new_headers.iter().cloned()),
     }
-    let new: Vec<(usize, New)> = new
+    let new: Vec<New<'_>> = new
         .into_iter()
-        .filter(|(_, w)| w.ihid.is_some() || !blocked.contains(&w.data.account_id))
+        .filter(|w| w.ihid.is_some() || !blocked.contains(&w.open.event.data.account_id))
         .collect();
     new_headers.retain(|a| !blocked.contains(a));
-    create_under_locks(svc, halo, new, new_headers, results).await;
+    create_under_locks(svc, halo, new, new_headers).await;
     for l in header_locks {
         if let Err(e) = l.release().await {
             tracing::warn!(error = %e, "could not release an invoice lock; it expires on its own");
@@ -341,15 +332,14 @@ async fn create(
 async fn create_under_locks(
     svc: &Services,
     halo: &HaloClient,
-    new: Vec<(usize, New)>,
+    mut new: Vec<New<'_>>,
     new_headers: Vec<String>,
-    results: &mut [Option<Result<Outcome, Failure>>],
 ) {
     let conn = halo.connection().name.clone();
     let store = &svc.store;
     let subs: Vec<String> = new
         .iter()
-        .map(|(_, w)| w.data.subscription_id.clone())
+        .map(|w| w.open.event.data.subscription_id.clone())
         .collect();
     let marked = async {
         let window = svc.config().worker.http_timeout;
@@ -363,19 +353,23 @@ async fn create_under_locks(
     .await;
     if let Err(e) = marked {
         let f: Failure = e.into();
-        for (i, _) in &new {
-            results[*i] = Some(Err(f.clone()));
+        for w in new {
+            w.open.settle(Err(f.clone()));
         }
         return;
     }
     let policy = halo.connection();
 
     // Licences.
-    let mut licence: HashMap<usize, i64> = HashMap::new();
-    for (c, chunk) in new.chunks(ARRAY_MAX).enumerate() {
+    let mut licensed: Vec<Licensed<'_>> = Vec::with_capacity(new.len());
+    while !new.is_empty() {
+        let chunk: Vec<New<'_>> = new.drain(..new.len().min(ARRAY_MAX)).collect();
         let bodies: Result<Vec<Value>, Failure> = chunk
             .iter()
-            .map(|(_, w)| licence_record(&w.data, &w.terms, w.customer_id, None, &w.marker, policy))
+            .map(|w| {
+                let (data, terms) = (&w.open.event.data, &w.open.terms);
+                licence_record(data, terms, w.customer_id, None, &w.marker, policy)
+            })
             .collect();
         // A value the model cannot hold: the one-event path fails the one
         // event it is.
@@ -384,136 +378,110 @@ async fn create_under_locks(
             Ok(rows) => rows,
             Err(None) => continue,
             Err(Some(e)) => {
-                if lines::settle_array_failure(e, "licence", chunk.iter().map(|(i, _)| *i), results)
-                {
-                    let ids: Vec<String> = chunk
-                        .iter()
-                        .map(|(_, w)| w.data.subscription_id.clone())
-                        .collect();
+                let ids: Vec<String> = chunk
+                    .iter()
+                    .map(|w| w.open.event.data.subscription_id.clone())
+                    .collect();
+                if array_failed(e, "licence", chunk.into_iter().map(|w| w.open)) {
                     let _ = store.not_created(&conn, SUBSCRIPTION.name, &ids).await;
                 }
                 continue;
             }
         };
-        for (k, row) in saved.iter().enumerate() {
-            if let Some(id) = record_id(row) {
-                licence.insert(c * ARRAY_MAX + k, id);
+        for (w, row) in chunk.into_iter().zip(&saved) {
+            if let Some(licence) = record_id(row) {
+                licensed.push(Licensed { new: w, licence });
             }
         }
     }
     // Remembered at once (no version: it claims nothing applied), so that
     // a retry after a later step finds them without asking HaloPSA.
-    let remembered: Vec<(String, Mapping)> = new
+    let remembered: Vec<(&str, Mapping)> = licensed
         .iter()
-        .enumerate()
-        .filter_map(|(k, (_, w))| {
-            licence.get(&k).map(|&id| {
-                (
-                    w.data.subscription_id.clone(),
-                    Mapping {
-                        halo_id: id,
-                        link_id: None,
-                        version: None,
-                    },
-                )
-            })
+        .map(|l| {
+            let mapping = Mapping {
+                halo_id: l.licence,
+                link_id: None,
+                version: None,
+            };
+            (l.new.open.event.data.subscription_id.as_str(), mapping)
         })
         .collect();
-    let pairs: Vec<(&str, &Mapping)> = remembered.iter().map(|(s, m)| (s.as_str(), m)).collect();
+    let pairs: Vec<(&str, &Mapping)> = remembered.iter().map(|(s, m)| (*s, m)).collect();
     if let Err(e) = store.set_mappings(&conn, SUBSCRIPTION.name, &pairs).await {
         let f: Failure = e.into();
-        for (i, _) in &new {
-            results[*i] = Some(Err(f.clone()));
+        for l in licensed {
+            l.new.open.settle(Err(f.clone()));
         }
         return;
     }
 
-    // Lines on invoices HaloPSA has: one add array, invoices mixed.
-    let mut line: HashMap<usize, (i64, Option<i64>)> = HashMap::new();
-    let adds: Vec<(usize, Value)> = new
-        .iter()
-        .enumerate()
-        .filter(|(k, _)| licence.contains_key(k))
-        .filter_map(|(k, (_, w))| {
-            w.ihid.and_then(|ihid| {
-                new_line(&w.data, &w.terms, Some(ihid), w.item_id, &w.marker)
-                    .ok()
-                    .map(|l| (k, l))
-            })
-        })
-        .collect();
-    let ihid_of: HashMap<usize, i64> = adds
-        .iter()
-        .filter_map(|(k, b)| b.get("ihid").and_then(Value::as_i64).map(|h| (*k, h)))
-        .collect();
-    for (k, r) in lines::add(halo, Invoice::Recurring, adds).await {
-        match r {
-            Ok(saved) => {
-                if let Some(&ihid) = ihid_of.get(&k) {
-                    line.insert(k, (ihid, saved.as_ref().and_then(record_id)));
+    // Lines on invoices HaloPSA has: one add array, invoices mixed; the
+    // others go into the invoices created below.
+    let mut lined: Vec<Lined<'_>> = Vec::with_capacity(licensed.len());
+    let mut adds: Vec<((Licensed<'_>, i64), Value)> = Vec::new();
+    // account -> (its customer, its new subscriptions)
+    let mut by_account: BTreeMap<String, (i64, Vec<Licensed<'_>>)> = BTreeMap::new();
+    for l in licensed {
+        let w = &l.new;
+        let (data, terms) = (&w.open.event.data, &w.open.terms);
+        match w.ihid {
+            Some(ihid) => {
+                if let Ok(line) = new_line(data, terms, Some(ihid), w.item_id, &w.marker) {
+                    adds.push(((l, ihid), line));
                 }
             }
+            None => by_account
+                .entry(data.account_id.clone())
+                .or_insert_with(|| (w.customer_id, Vec::new()))
+                .1
+                .push(l),
+        }
+    }
+    for ((l, ihid), r) in lines::add(halo, Invoice::Recurring, adds).await {
+        match r {
+            Ok(saved) => lined.push(Lined {
+                line: saved.as_ref().and_then(record_id),
+                licensed: l,
+                ihid,
+            }),
             // A line HaloPSA refuses: the one-event path meets it again and
             // dead-letters it with HaloPSA's message.
             Err(f) if f.class == FailureClass::Rejected => {}
-            Err(f) => results[new[k].0] = Some(Err(f)),
+            Err(f) => l.new.open.settle(Err(f)),
         }
     }
 
     // Invoices for customers that have none, each with its first lines.
-    let mut by_account: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (k, (_, w)) in new.iter().enumerate() {
-        if w.ihid.is_none() && licence.contains_key(&k) {
-            by_account
-                .entry(w.data.account_id.as_str())
-                .or_default()
-                .push(k);
-        }
-    }
-    let headers: Vec<(&str, Vec<usize>)> = by_account.into_iter().collect();
+    let mut headers: Vec<(String, (i64, Vec<Licensed<'_>>))> = by_account.into_iter().collect();
     let mut invoices: Vec<(String, Mapping)> = Vec::new();
     let mut scanned: Vec<i64> = Vec::new();
-    for chunk in headers.chunks(ARRAY_MAX) {
+    while !headers.is_empty() {
+        let chunk: Vec<(String, (i64, Vec<Licensed<'_>>))> =
+            headers.drain(..headers.len().min(ARRAY_MAX)).collect();
         let bodies: Result<Vec<Value>, Failure> = chunk
             .iter()
-            .map(|(account, ks)| {
-                let w = &new[ks[0]].1;
-                let mut header = body(&InvoiceHeader {
-                    new_external_link: Some(links::new_plain_link(&RECURRING_INVOICE, account)),
-                    ..lines::recurring_invoice_record(w.customer_id, account)
-                })?;
-                let first_lines = ks
-                    .iter()
-                    .map(|&k| {
-                        let w = &new[k].1;
-                        new_line(&w.data, &w.terms, None, w.item_id, &w.marker)
-                    })
-                    .collect::<Result<Vec<Value>, Failure>>()?;
-                if let Some(h) = header.as_object_mut() {
-                    h.insert("lines".into(), Value::Array(first_lines));
-                }
-                Ok(header)
-            })
+            .map(|(account, (customer_id, group))| invoice_with_lines(account, *customer_id, group))
             .collect();
         let Ok(bodies) = bodies else { continue };
         let saved = match halo.post_each("/RecurringInvoice", bodies).await {
             Ok(rows) => rows,
             Err(None) => continue,
             Err(Some(e)) => {
+                let ids: Vec<String> = chunk.iter().map(|(a, _)| a.clone()).collect();
                 let events = chunk
-                    .iter()
-                    .flat_map(|(_, ks)| ks.iter().map(|&k| new[k].0));
-                if lines::settle_array_failure(e, "invoice", events, results) {
-                    let ids: Vec<String> = chunk.iter().map(|(a, _)| a.to_string()).collect();
+                    .into_iter()
+                    .flat_map(|(_, (_, group))| group.into_iter().map(|l| l.new.open));
+                if array_failed(e, "invoice", events) {
                     let _ = store.not_created(&conn, RECURRING_INVOICE.name, &ids).await;
                 }
                 continue;
             }
         };
-        for ((account, ks), row) in chunk.iter().zip(&saved) {
+        for ((account, (_, group)), row) in chunk.into_iter().zip(&saved) {
             let (Some(ihid), Some(link)) = (
                 record_id(row),
-                links::own_link(row, &RECURRING_INVOICE, account),
+                links::own_link(row, &RECURRING_INVOICE, &account),
             ) else {
                 continue;
             };
@@ -522,22 +490,24 @@ async fn create_under_locks(
                 account,
                 "created the customer's halosync recurring invoice with its first lines"
             );
-            invoices.push((
-                account.to_string(),
-                Mapping {
-                    halo_id: ihid,
-                    link_id: Some(link),
-                    version: None,
-                },
-            ));
+            let mapping = Mapping {
+                halo_id: ihid,
+                link_id: Some(link),
+                version: None,
+            };
+            invoices.push((account, mapping));
             scanned.push(ihid);
-            for &k in ks {
+            for l in group {
                 // Only a line the answer shows is taken as saved.
-                if let Some(id) = lines::carrying(row, &new[k].1.marker)
+                if let Some(line) = lines::carrying(row, &l.new.marker)
                     .first()
-                    .and_then(|l| record_id(l))
+                    .and_then(|line| record_id(line))
                 {
-                    line.insert(k, (ihid, Some(id)));
+                    lined.push(Lined {
+                        licensed: l,
+                        ihid,
+                        line: Some(line),
+                    });
                 }
             }
         }
@@ -553,91 +523,116 @@ async fn create_under_locks(
     invoice::seed_usage_scanned(svc, &conn, &scanned).await;
 
     // Versions last, in link arrays.
-    let done: Vec<usize> = {
-        let mut d: Vec<usize> = line.keys().copied().collect();
-        d.sort_unstable();
-        d
+    while !lined.is_empty() {
+        let chunk: Vec<Lined<'_>> = lined.drain(..lined.len().min(ARRAY_MAX)).collect();
+        write_versions(svc, halo, chunk).await;
+    }
+}
+
+/// The recurring invoice of `account` (none yet) for its customer, with
+/// the first lines of its new subscriptions inside and its link.
+fn invoice_with_lines(
+    account: &str,
+    customer_id: i64,
+    group: &[Licensed<'_>],
+) -> Result<Value, Failure> {
+    let mut header = body(&InvoiceHeader {
+        new_external_link: Some(links::new_plain_link(&RECURRING_INVOICE, account)),
+        ..lines::recurring_invoice_record(customer_id, account)
+    })?;
+    let first_lines = group
+        .iter()
+        .map(|l| {
+            let w = &l.new;
+            new_line(
+                &w.open.event.data,
+                &w.open.terms,
+                None,
+                w.item_id,
+                &w.marker,
+            )
+        })
+        .collect::<Result<Vec<Value>, Failure>>()?;
+    if let Some(h) = header.as_object_mut() {
+        h.insert("lines".into(), Value::Array(first_lines));
+    }
+    Ok(header)
+}
+
+/// The links of new subscriptions whose licence and line are saved, with
+/// the applied version, in one array; then Redis.
+async fn write_versions(svc: &Services, halo: &HaloClient, chunk: Vec<Lined<'_>>) {
+    let conn = &halo.connection().name;
+    let store = &svc.store;
+    let bodies = chunk
+        .iter()
+        .map(|l| {
+            let event = &l.licensed.new.open.event;
+            body(&links::link_record(
+                &SUBSCRIPTION,
+                &event.data.subscription_id,
+                l.licensed.licence,
+                None,
+                Some(&event.version),
+            ))
+        })
+        .collect::<Result<Vec<Value>, Failure>>();
+    let Ok(bodies) = bodies else { return };
+    let saved = match halo.post_each("/ExternalLink", bodies).await {
+        Ok(rows) => rows,
+        Err(None) => return,
+        Err(Some(e)) => {
+            array_failed(e, "version", chunk.into_iter().map(|l| l.licensed.new.open));
+            return;
+        }
     };
-    for chunk in done.chunks(ARRAY_MAX) {
-        let bodies = chunk
-            .iter()
-            .map(|&k| {
-                let w = &new[k].1;
-                body(&links::link_record(
-                    &SUBSCRIPTION,
-                    &w.data.subscription_id,
-                    licence[&k],
-                    None,
-                    Some(&w.version),
-                ))
-            })
-            .collect::<Result<Vec<Value>, Failure>>();
-        let Ok(bodies) = bodies else { continue };
-        let saved = match halo.post_each("/ExternalLink", bodies).await {
-            Ok(rows) => rows,
-            Err(None) => continue,
-            Err(Some(e)) => {
-                lines::settle_array_failure(e, "version", chunk.iter().map(|&k| new[k].0), results);
-                continue;
-            }
-        };
-        let mut maps: Vec<(String, Mapping)> = Vec::new();
-        let mut cache: Vec<(String, SubscriptionLine)> = Vec::new();
-        let mut applied: Vec<usize> = Vec::new();
-        for (&k, row) in chunk.iter().zip(&saved) {
-            let Some(link) = record_id(row) else { continue };
-            let w = &new[k].1;
-            maps.push((
-                w.data.subscription_id.clone(),
-                Mapping {
-                    halo_id: licence[&k],
-                    link_id: Some(link),
-                    version: Some(w.version.encode()),
-                },
-            ));
-            if let Some((ihid, Some(l))) = line.get(&k) {
-                cache.push((
-                    w.data.subscription_id.clone(),
-                    SubscriptionLine {
-                        ihid: *ihid,
-                        line: *l,
-                    },
-                ));
-            }
-            applied.push(k);
+    let mut maps: Vec<(String, Mapping)> = Vec::new();
+    let mut cache: Vec<(String, SubscriptionLine)> = Vec::new();
+    let mut applied: Vec<Lined<'_>> = Vec::new();
+    for (l, row) in chunk.into_iter().zip(&saved) {
+        let Some(link) = record_id(row) else { continue };
+        let event = &l.licensed.new.open.event;
+        let sub = &event.data.subscription_id;
+        maps.push((
+            sub.clone(),
+            Mapping {
+                halo_id: l.licensed.licence,
+                link_id: Some(link),
+                version: Some(event.version.encode()),
+            },
+        ));
+        if let Some(line) = l.line {
+            cache.push((sub.clone(), SubscriptionLine { ihid: l.ihid, line }));
         }
-        let pairs: Vec<(&str, &Mapping)> = maps.iter().map(|(s, m)| (s.as_str(), m)).collect();
-        let r = async {
-            store.set_mappings(&conn, SUBSCRIPTION.name, &pairs).await?;
-            store.subscription_lines(&conn).set_many(&cache).await
-        }
-        .await
-        .map_err(Failure::from);
-        for k in applied {
-            tracing::info!(halo_id = licence[&k], subscription = %new[k].1.data.subscription_id, "created the licence and its line");
-            results[new[k].0] = Some(r.clone().map(|_| Outcome::Applied));
-        }
+        applied.push(l);
+    }
+    let pairs: Vec<(&str, &Mapping)> = maps.iter().map(|(s, m)| (s.as_str(), m)).collect();
+    let r = async {
+        store.set_mappings(conn, SUBSCRIPTION.name, &pairs).await?;
+        store.subscription_lines(conn).set_many(&cache).await
+    }
+    .await
+    .map_err(Failure::from);
+    for l in applied {
+        let open = l.licensed.new.open;
+        tracing::info!(halo_id = l.licensed.licence, subscription = %open.event.data.subscription_id, "created the licence and its line");
+        open.settle(r.clone().map(|_| Outcome::Applied));
     }
 }
 
 /// One array of at most [`ARRAY_MAX`] of each: licences, then lines
 /// carrying the version.
-async fn apply_chunk(
-    svc: &Services,
-    halo: &HaloClient,
-    chunk: &[(usize, Warm)],
-    results: &mut [Option<Result<Outcome, Failure>>],
-) {
+async fn apply_chunk(svc: &Services, halo: &HaloClient, chunk: Vec<Warm<'_>>) {
     let policy = halo.connection();
     // Licences. A failed array (refused in part, lost answer) leaves all
     // its events to the one-event path: updates merge, resending is
     // harmless, and that path tells a stale mapping from a real refusal.
     let bodies: Result<Vec<Value>, Failure> = chunk
         .iter()
-        .map(|(_, w)| {
+        .map(|w| {
             licence_record(
-                &w.data,
-                &w.terms,
+                &w.open.event.data,
+                &w.open.terms,
                 w.customer_id,
                 Some(w.licence.halo_id),
                 &w.marker,
@@ -649,65 +644,61 @@ async fn apply_chunk(
     // event it is.
     let Ok(bodies) = bodies else { return };
     if let Err(e) = halo.post("/SoftwareLicence", bodies).await {
-        lines::settle_array_failure(e, "licence", chunk.iter().map(|(i, _)| *i), results);
+        array_failed(e, "licence", chunk.into_iter().map(|w| w.open));
         return;
     }
 
     // Lines: merged by id, split to isolate a refused one.
-    let bodies: Vec<(usize, Value)> = chunk
-        .iter()
-        .enumerate()
-        .filter_map(|(k, (_, w))| {
-            line_update(
-                &w.data, &w.terms, w.ihid, w.line, w.item_id, &w.marker, policy,
-            )
-            .ok()
-            .map(|l| (k, l))
+    let bodies: Vec<(Warm<'_>, Value)> = chunk
+        .into_iter()
+        .filter_map(|w| {
+            let (data, terms) = (&w.open.event.data, &w.open.terms);
+            let line = line_update(data, terms, w.ihid, w.line, w.item_id, &w.marker, policy);
+            line.ok().map(|l| (w, l))
         })
         .collect();
-    let mut written: Vec<usize> = Vec::new();
-    for (k, r) in lines::update(halo, Invoice::Recurring, bodies).await {
+    let mut written: Vec<Warm<'_>> = Vec::new();
+    for (w, r) in lines::update(halo, Invoice::Recurring, bodies).await {
         match r {
-            Ok(_) => written.push(k),
+            Ok(_) => written.push(w),
             // A cached line HaloPSA refuses (the MSP deleted it): the one
             // policy of every family, the cache dropped and the event
             // retried from the invoice's lines, on the one-event path.
             Err(f) if f.class == FailureClass::Rejected => {
-                let w = &chunk[k].1;
                 let forgot = svc
                     .store
                     .subscription_lines(&policy.name)
-                    .forget(&w.data.subscription_id)
+                    .forget(&w.open.event.data.subscription_id)
                     .await;
                 if let Err(e) = forgot {
-                    results[chunk[k].0] = Some(Err(e.into()));
+                    w.open.settle(Err(e.into()));
                 }
             }
-            Err(f) => results[chunk[k].0] = Some(Err(f)),
+            Err(f) => w.open.settle(Err(f)),
         }
     }
-    written.sort_unstable();
     if written.is_empty() {
         return;
     }
 
     // The version rode on the line (`mapping` module doc): Redis records
     // it, no further request.
-    let mut pipe_mappings: Vec<(String, Mapping)> = Vec::with_capacity(written.len());
-    for &k in &written {
-        let w = &chunk[k].1;
-        let mut m = w.licence.clone();
-        m.version = Some(w.version.encode());
-        pipe_mappings.push((w.data.subscription_id.clone(), m));
-    }
-    let refs: Vec<(&str, &Mapping)> = pipe_mappings.iter().map(|(s, m)| (s.as_str(), m)).collect();
+    let mappings: Vec<(&str, Mapping)> = written
+        .iter()
+        .map(|w| {
+            let mut m = w.licence.clone();
+            m.version = Some(w.open.event.version.encode());
+            (w.open.event.data.subscription_id.as_str(), m)
+        })
+        .collect();
+    let refs: Vec<(&str, &Mapping)> = mappings.iter().map(|(s, m)| (*s, m)).collect();
     let r = svc
         .store
         .set_mappings(&policy.name, SUBSCRIPTION.name, &refs)
         .await
         .map(|_| Outcome::Applied)
         .map_err(Failure::from);
-    for k in written {
-        results[chunk[k].0] = Some(r.clone());
+    for w in written {
+        w.open.settle(r.clone());
     }
 }

@@ -34,11 +34,11 @@
 //! carries the version.
 
 use async_trait::async_trait;
-use halosync_shared::contract::{Envelope, Family, SubscriptionData, Version};
+use halosync_shared::contract::{Event, Family, SubscriptionData, Version};
 use halosync_shared::halo::items;
 use halosync_shared::halo::links::{self, CUSTOMER, SUBSCRIPTION};
 use halosync_shared::halo::{record_id, HaloClient};
-use halosync_shared::runtime::{Handler, Outcome, Services};
+use halosync_shared::runtime::{Batch, Handler, Outcome, Results, Services};
 use halosync_shared::store::Mapping;
 use halosync_shared::Failure;
 
@@ -48,89 +48,86 @@ use halosync_shared::halo::links::LICENCE_MARKER_FIELD as LICENCE_ID_FIELD;
 
 pub struct SubscriptionHandler;
 
-impl SubscriptionHandler {
-    /// One event on its own: a new subscription, and whatever a batch's
-    /// arrays did not finish.
-    async fn apply_one(
-        &self,
-        svc: &Services,
-        halo: &HaloClient,
-        event: &Envelope,
-    ) -> Result<Outcome, Failure> {
-        let data: SubscriptionData = event.data_as()?;
-        let version = event.version()?;
-        let item_id = item_for(svc, halo, &data.product.sku).await?;
-        let terms = Terms::of(&data, &version)?;
-        let recheck = svc.config().retry.dependency_recheck;
-        let customer = links::require_customer(&svc.store, halo, &data.account_id, recheck).await?;
-        let marker = links::marker(&SUBSCRIPTION, &data.subscription_id);
-        let cx = Ctx {
-            svc,
-            halo,
-            data: &data,
-            terms: &terms,
-            customer_id: customer.halo_id,
-            item_id,
-            marker: &marker,
-        };
-        let (mut mapping, new_licence, header) = match cx.find_licence().await? {
-            Some(mut m) => {
-                if m.version()
-                    .is_some_and(|applied| version.is_superseded_by(&applied))
-                {
-                    return Ok(Outcome::Superseded);
-                }
-                // Redis does not know the line (lost, or never cached): the
-                // version on the line, which may be newer than the link's,
-                // is read before anything is written (`mapping` module doc).
-                let header = invoice::header_unless_cached(&cx).await?;
-                if let Some(on_line) = header
-                    .as_ref()
-                    .and_then(|h| line_version(h, &marker))
-                    .filter(|v| version.is_superseded_by(v))
-                {
-                    m.version = Some(on_line.encode());
-                    svc.store
-                        .set_mapping(
-                            &halo.connection().name,
-                            SUBSCRIPTION.name,
-                            &data.subscription_id,
-                            &m,
-                        )
-                        .await?;
-                    return Ok(Outcome::Superseded);
-                }
-                // A move to another account: the old invoice's line is
-                // retired before the licence follows the new customer.
-                if let Some(before) = invoice::before(&cx, m.halo_id).await? {
-                    invoice::leave_previous_invoice(&cx, before).await?;
-                }
-                cx.update_licence(&m).await?;
-                (m, false, header)
+/// One event of a batch: the event and its money and quantity, checked
+/// before any request.
+pub(crate) struct Work {
+    pub event: Event<SubscriptionData>,
+    pub terms: Terms,
+}
+
+/// One event on its own: a new subscription, and whatever a batch's
+/// arrays did not finish.
+async fn apply_one(svc: &Services, halo: &HaloClient, work: &Work) -> Result<Outcome, Failure> {
+    let (data, version) = (&work.event.data, &work.event.version);
+    let item_id = item_for(svc, halo, &data.product.sku).await?;
+    let recheck = svc.config().retry.dependency_recheck;
+    let customer = links::require_customer(&svc.store, halo, &data.account_id, recheck).await?;
+    let marker = links::marker(&SUBSCRIPTION, &data.subscription_id);
+    let cx = Ctx {
+        svc,
+        halo,
+        data,
+        terms: &work.terms,
+        customer_id: customer.halo_id,
+        item_id,
+        marker: &marker,
+    };
+    let (mut mapping, new_licence, header) = match cx.find_licence().await? {
+        Some(mut m) => {
+            if m.version()
+                .is_some_and(|applied| version.is_superseded_by(&applied))
+            {
+                return Ok(Outcome::Superseded);
             }
-            None => {
-                // The customer's invoice before the licence: while another
-                // event is creating it, this one waits (or is retried)
-                // before it has written anything, so a retry repeats no
-                // write and no look-up of a licence it created.
-                invoice::recurring_invoice(&cx).await?;
-                (cx.create_licence().await?, true, None)
+            // Redis does not know the line (lost, or never cached): the
+            // version on the line, which may be newer than the link's, is
+            // read before anything is written (`mapping` module doc).
+            let header = invoice::header_unless_cached(&cx).await?;
+            if let Some(on_line) = header
+                .as_ref()
+                .and_then(|h| line_version(h, &marker))
+                .filter(|v| version.is_superseded_by(v))
+            {
+                m.version = Some(on_line.encode());
+                svc.store
+                    .set_mapping(
+                        &halo.connection().name,
+                        SUBSCRIPTION.name,
+                        &data.subscription_id,
+                        &m,
+                    )
+                    .await?;
+                return Ok(Outcome::Superseded);
             }
-        };
-        invoice::sync_line(&cx, new_licence, header).await?;
-        cx.record_version(&mut mapping, &version).await?;
-        Ok(Outcome::Applied)
-    }
+            // A move to another account: the old invoice's line is
+            // retired before the licence follows the new customer.
+            if let Some(before) = invoice::before(&cx, m.halo_id).await? {
+                invoice::leave_previous_invoice(&cx, before).await?;
+            }
+            cx.update_licence(&m).await?;
+            (m, false, header)
+        }
+        None => {
+            // The customer's invoice before the licence: while another
+            // event is creating it, this one waits (or is retried) before
+            // it has written anything, so a retry repeats no write and no
+            // look-up of a licence it created.
+            invoice::recurring_invoice(&cx).await?;
+            (cx.create_licence().await?, true, None)
+        }
+    };
+    invoice::sync_line(&cx, new_licence, header).await?;
+    cx.record_version(&mut mapping, version).await?;
+    Ok(Outcome::Applied)
 }
 
 #[async_trait]
 impl Handler for SubscriptionHandler {
-    fn family(&self) -> Family {
-        Family::Subscription
-    }
+    const FAMILY: Family = Family::Subscription;
+    type Data = SubscriptionData;
 
-    fn aggregate(&self, event: &Envelope) -> Result<String, Failure> {
-        Ok(event.data_as::<SubscriptionData>()?.subscription_id)
+    fn aggregate(data: &SubscriptionData) -> String {
+        data.subscription_id.clone()
     }
 
     /// A repair reads the customer's recurring invoice again: the cached
@@ -139,35 +136,35 @@ impl Handler for SubscriptionHandler {
         &self,
         svc: &Services,
         halo: &HaloClient,
-        event: &Envelope,
+        event: &Event<SubscriptionData>,
     ) -> Result<(), Failure> {
-        let data: SubscriptionData = event.data_as()?;
         svc.store
             .subscription_lines(&halo.connection().name)
-            .forget(&data.subscription_id)
+            .forget(&event.data.subscription_id)
             .await?;
         Ok(())
     }
 
-    /// Known subscriptions in arrays ([`crate::batch`]); the rest, and
-    /// whatever an array did not finish, one event at a time.
+    /// Known and new subscriptions in arrays ([`crate::batch`], a batch of
+    /// one too: a known subscription costs the same there, a new one half
+    /// of what the one-event path spends); the rest, and whatever an array
+    /// did not finish, one event at a time.
     async fn apply_batch(
         &self,
         svc: &Services,
         halo: &HaloClient,
-        events: &[Envelope],
-    ) -> Vec<Result<Outcome, Failure>> {
-        // A batch of one too: a known subscription costs the same there,
-        // a new one half of what the one-event path spends.
-        let done = crate::batch::apply(svc, halo, events).await;
-        let mut out = Vec::with_capacity(events.len());
-        for (e, r) in events.iter().zip(done) {
-            out.push(match r {
-                Some(r) => r,
-                None => self.apply_one(svc, halo, e).await,
-            });
+        events: Batch<Event<SubscriptionData>>,
+    ) -> Results {
+        let mut batch = events.map(|event| {
+            let terms = Terms::of(&event.data, &event.version)?;
+            Ok(Work { event, terms })
+        });
+        crate::batch::apply(svc, halo, &mut batch).await;
+        for open in batch.open() {
+            let result = apply_one(svc, halo, &open).await;
+            open.settle(result);
         }
-        out
+        batch.finish()
     }
 }
 

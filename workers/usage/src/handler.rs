@@ -3,8 +3,10 @@
 //! §3.4, §4.5).
 //!
 //! The runtime hands over what the broker had ready for one connection,
-//! with only the newest event per aggregate (`<subscription_id>:<metric>`)
-//! and those aggregates' locks held. Per batch:
+//! with only the newest event per aggregate (`<subscription_id>:<metric>`),
+//! each parsed once into [`UsageData`], and those aggregates' locks held;
+//! each step works on the events still open ([`Batch::open`]) and settles
+//! what it decides. Per batch:
 //!
 //! 1. **Customer and invoice**, once per account: `links::require_customer`
 //!    (`dependency` while the account is not in HaloPSA), then the
@@ -50,26 +52,23 @@
 //! New lines are matched to HaloPSA's answer by position (HaloPSA answers
 //! an array with the saved lines in order; UNCONFIRMED for real HaloPSA).
 //!
-//! Not handled (documented limits): duplicate usage lines added by two
-//! workers that lost their Redis locks at the same time (the lowest line id
-//! is used from then on; the other stays); no fencing of the aggregate lock
-//! during the write (a Redis loss mid-batch could let an older write land
-//! after a newer one until the next event of that aggregate).
+//! Duplicate usage lines (added by hand, or by two workers that raced) are
+//! retired when the header is read: the lowest line id is kept.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use async_trait::async_trait;
-use halosync_shared::contract::{Envelope, Family, Product, UsageData};
+use halosync_shared::contract::{Event, Family, Product, UsageData};
 use halosync_shared::halo::items;
 use halosync_shared::halo::lines::{self, Header, HeaderSpec, Invoice};
 use halosync_shared::halo::links::{self, Known, RECURRING_INVOICE, SUBSCRIPTION, USAGE};
 use halosync_shared::halo::{record_id, HaloClient};
-use halosync_shared::runtime::{Handler, Outcome, Services};
+use halosync_shared::runtime::{Batch, Handler, Open, Outcome, Results, Services};
 use halosync_shared::store::{Cache, UsageLine as CachedLine};
 use halosync_shared::{Failure, FailureClass};
 use serde_json::Value;
 
-use crate::mapping::{item_keys, line_update, new_line, usage_lines, Applied};
+use crate::mapping::{item_keys, line_key, line_update, marker, new_line, usage_lines, Applied};
 
 // The licence field the subscription worker writes its marker into.
 use halosync_shared::halo::links::LICENCE_MARKER_FIELD as LICENCE_ID_FIELD;
@@ -85,15 +84,13 @@ pub struct UsageHandler {
 
 #[async_trait]
 impl Handler for UsageHandler {
-    fn family(&self) -> Family {
-        Family::Usage
-    }
+    const FAMILY: Family = Family::Usage;
+    type Data = UsageData;
 
     /// `<subscription_id>:<metric>`: one line per subscription and metric,
     /// whatever the period (a newer period replaces the older one).
-    fn aggregate(&self, event: &Envelope) -> Result<String, Failure> {
-        let d: UsageData = event.data_as()?;
-        Ok(format!("{}:{}", d.subscription_id, d.metric))
+    fn aggregate(data: &UsageData) -> String {
+        line_key(data)
     }
 
     /// A repair reads the customer's recurring invoice again: its cached
@@ -102,17 +99,16 @@ impl Handler for UsageHandler {
         &self,
         svc: &Services,
         halo: &HaloClient,
-        event: &Envelope,
+        event: &Event<UsageData>,
     ) -> Result<(), Failure> {
-        let d: UsageData = event.data_as()?;
         let conn = &halo.connection().name;
         let invoice = svc
             .store
-            .mapping(conn, RECURRING_INVOICE.name, &d.account_id)
+            .mapping(conn, RECURRING_INVOICE.name, &event.data.account_id)
             .await?;
         svc.store
             .usage_lines(conn)
-            .forget_with_scan(&self.aggregate(event)?, invoice.map(|m| m.halo_id))
+            .forget_with_scan(&line_key(&event.data), invoice.map(|m| m.halo_id))
             .await?;
         Ok(())
     }
@@ -121,9 +117,11 @@ impl Handler for UsageHandler {
         &self,
         svc: &Services,
         halo: &HaloClient,
-        events: &[Envelope],
-    ) -> Vec<Result<Outcome, Failure>> {
-        Batch::new(svc, halo, events).run(&self.cold).await
+        events: Batch<Event<UsageData>>,
+    ) -> Results {
+        let mut batch = events.map(Work::of);
+        Run { svc, halo }.apply(&mut batch, &self.cold).await;
+        batch.finish()
     }
 }
 
@@ -137,130 +135,109 @@ struct Work {
     ihid: i64,
     customer: i64,
     product: String,
+    /// The HaloPSA item; 0 until the product is known.
     item: i64,
     line: Option<i64>,
     /// `line` came from the Redis cache, not from reading the header.
     from_cache: bool,
 }
 
-struct Batch<'a> {
-    svc: &'a Services,
-    halo: &'a HaloClient,
-    results: Vec<Option<Result<Outcome, Failure>>>,
-    work: Vec<Option<Work>>,
+impl Work {
+    fn of(event: Event<UsageData>) -> Result<Work, Failure> {
+        let data = event.data;
+        if !data.quantity.is_finite() || data.quantity < 0.0 {
+            return Err(Failure::invalid(format!(
+                "quantity {} is not a number >= 0",
+                data.quantity
+            )));
+        }
+        Ok(Work {
+            aggregate: line_key(&data),
+            marker: marker(&data),
+            state: Applied {
+                period_start: data.period_start.clone(),
+                version: event.version,
+            },
+            data,
+            ihid: 0,
+            customer: 0,
+            product: String::new(),
+            item: 0,
+            line: None,
+            from_cache: false,
+        })
+    }
 }
 
-impl<'a> Batch<'a> {
-    fn new(svc: &'a Services, halo: &'a HaloClient, events: &[Envelope]) -> Batch<'a> {
-        let mut results = Vec::with_capacity(events.len());
-        let mut work = Vec::with_capacity(events.len());
-        for e in events {
-            let parsed = e.data_as::<UsageData>().and_then(|data| {
-                let version = e.version()?;
-                if !data.quantity.is_finite() || data.quantity < 0.0 {
-                    return Err(Failure::invalid(format!(
-                        "quantity {} is not a number >= 0",
-                        data.quantity
-                    )));
-                }
-                Ok((data, version))
-            });
-            match parsed {
-                Ok((data, version)) => {
-                    results.push(None);
-                    let aggregate = crate::mapping::line_key(&data);
-                    let marker = crate::mapping::marker(&data);
-                    work.push(Some(Work {
-                        aggregate,
-                        state: Applied {
-                            period_start: data.period_start.clone(),
-                            version,
-                        },
-                        data,
-                        marker,
-                        ihid: 0,
-                        customer: 0,
-                        product: String::new(),
-                        item: 0,
-                        line: None,
-                        from_cache: false,
-                    }));
-                }
-                Err(f) => {
-                    results.push(Some(Err(f)));
-                    work.push(None);
-                }
-            }
-        }
-        Batch {
-            svc,
-            halo,
-            results,
-            work,
-        }
+/// The line HaloPSA (or the cache) holds for the event: a newer or equal
+/// applied state settles it as superseded; else it is updated.
+fn settle_line(mut w: Open<'_, Work>, line: i64, applied: Option<Applied>) {
+    w.line = Some(line);
+    if applied.is_some_and(|a| w.state.is_superseded_by(&a)) {
+        w.settle(Ok(Outcome::Superseded));
     }
+}
 
-    fn fail(&mut self, i: usize, f: Failure) {
-        self.results[i] = Some(Err(f));
-        self.work[i] = None;
-    }
+/// A subscription whose product Redis does not have: found on its licence
+/// in its customer's listing.
+struct Unlisted<'a> {
+    sub: String,
+    licence: i64,
+    /// Its events.
+    members: Vec<Open<'a, Work>>,
+}
 
-    fn live(&self) -> Vec<usize> {
-        (0..self.work.len())
-            .filter(|i| self.work[*i].is_some())
-            .collect()
-    }
+/// One batch's run: what every step needs.
+struct Run<'a> {
+    svc: &'a Services,
+    halo: &'a HaloClient,
+}
 
+impl<'a> Run<'a> {
     /// The cached usage lines (`store::UsageLine`), by aggregate.
     fn cached_lines(&self) -> Cache<'a, CachedLine> {
         self.svc.store.usage_lines(&self.halo.connection().name)
     }
 
-    async fn run(mut self, cold: &tokio::sync::Mutex<()>) -> Vec<Result<Outcome, Failure>> {
-        self.invoices().await;
+    async fn apply(&self, batch: &mut Batch<Work>, cold: &tokio::sync::Mutex<()>) {
+        self.invoices(batch).await;
         // Each lookup runs first from Redis only; HaloPSA is read (under
         // `cold`) only for what Redis did not have.
         let mut guard = None;
-        if self.products(false).await {
+        if self.products(batch, false).await {
             guard = Some(cold.lock().await);
-            self.products(true).await;
+            self.products(batch, true).await;
         }
-        if self.lines(false).await {
+        if self.lines(batch, false).await {
             if guard.is_none() {
                 guard = Some(cold.lock().await);
             }
-            self.lines(true).await;
+            self.lines(batch, true).await;
         }
         drop(guard);
-        self.write().await;
-        self.results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Failure::transient("event not decided (bug)"))))
-            .collect()
+        self.write(batch).await;
     }
 
     /// Step 1: customer and recurring invoice, once per account.
-    async fn invoices(&mut self) {
-        let mut by_account: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for i in self.live() {
-            let w = self.work[i].as_ref().expect("live");
+    async fn invoices(&self, batch: &mut Batch<Work>) {
+        let mut by_account: BTreeMap<String, Vec<Open<'_, Work>>> = BTreeMap::new();
+        for w in batch.open() {
             by_account
                 .entry(w.data.account_id.clone())
                 .or_default()
-                .push(i);
+                .push(w);
         }
         for (account, members) in by_account {
             match self.invoice_of(&account).await {
                 Ok((customer, ihid)) => {
-                    for i in members {
-                        let w = self.work[i].as_mut().expect("live");
+                    for mut w in members {
                         w.customer = customer;
                         w.ihid = ihid;
                     }
                 }
                 Err(f) => {
-                    for i in members {
-                        self.fail(i, f.clone());
+                    for w in members {
+                        w.settle(Err(f.clone()));
                     }
                 }
             }
@@ -317,33 +294,20 @@ impl<'a> Batch<'a> {
     /// Steps 2 and 3: sku and product name of each subscription, and the
     /// item of each event (which needs the sku).
     /// Returns whether HaloPSA must be read (only when `read` is false).
-    async fn products(&mut self, read: bool) -> bool {
-        let live: Vec<usize> = self
-            .live()
-            .into_iter()
-            .filter(|i| self.work[*i].as_ref().is_some_and(|w| w.item == 0))
-            .collect();
-        let mut need = false;
-        let subs: Vec<String> = {
-            let mut s: Vec<String> = live
-                .iter()
-                .map(|i| {
-                    self.work[*i]
-                        .as_ref()
-                        .expect("live")
-                        .data
-                        .subscription_id
-                        .clone()
-                })
-                .collect();
-            s.sort();
-            s.dedup();
-            s
-        };
-        if subs.is_empty() {
+    async fn products(&self, batch: &mut Batch<Work>, read: bool) -> bool {
+        // subscription -> (its customer, its events)
+        let mut by_sub: BTreeMap<String, (i64, Vec<Open<'_, Work>>)> = BTreeMap::new();
+        for w in batch.open().filter(|w| w.item == 0) {
+            by_sub
+                .entry(w.data.subscription_id.clone())
+                .or_insert_with(|| (w.customer, Vec::new()))
+                .1
+                .push(w);
+        }
+        if by_sub.is_empty() {
             return false;
         }
-        let mut known: HashMap<String, Result<Product, Failure>> = HashMap::new();
+        let subs: Vec<String> = by_sub.keys().cloned().collect();
         let cached = self
             .svc
             .store
@@ -354,26 +318,21 @@ impl<'a> Batch<'a> {
             Ok(c) => c,
             Err(e) => {
                 let f: Failure = e.into();
-                for i in live {
-                    self.fail(i, f.clone());
+                for w in by_sub.into_values().flat_map(|(_, members)| members) {
+                    w.settle(Err(f.clone()));
                 }
                 return false;
             }
         };
-        // Misses, by customer: subscription -> licence id.
-        let mut missing: BTreeMap<i64, Vec<(String, i64)>> = BTreeMap::new();
-        let customer_of: HashMap<String, i64> = live
-            .iter()
-            .map(|i| {
-                let w = self.work[*i].as_ref().expect("live");
-                (w.data.subscription_id.clone(), w.customer)
-            })
-            .collect();
-        for (sub, hit) in subs.iter().zip(cached) {
+        let mut need = false;
+        // Misses, by customer.
+        let mut missing: BTreeMap<i64, Vec<Unlisted<'_>>> = BTreeMap::new();
+        for ((sub, (customer, members)), hit) in by_sub.into_iter().zip(cached) {
             if let Some(p) = hit {
-                known.insert(sub.clone(), Ok(p));
+                self.with_product(members, &p).await;
                 continue;
             }
+            // Left open for the read.
             if !read {
                 need = true;
                 continue;
@@ -382,7 +341,7 @@ impl<'a> Batch<'a> {
                 &self.svc.store,
                 self.halo,
                 &SUBSCRIPTION,
-                sub,
+                &sub,
                 self.svc.config().retry.dependency_recheck,
                 || {
                     format!(
@@ -391,12 +350,15 @@ impl<'a> Batch<'a> {
                 },
             );
             match needed.await {
-                Ok(m) => missing
-                    .entry(customer_of[sub])
-                    .or_default()
-                    .push((sub.clone(), m.halo_id)),
+                Ok(m) => missing.entry(customer).or_default().push(Unlisted {
+                    sub,
+                    licence: m.halo_id,
+                    members,
+                }),
                 Err(f) => {
-                    known.insert(sub.clone(), Err(f));
+                    for w in members {
+                        w.settle(Err(f.clone()));
+                    }
                 }
             }
         }
@@ -412,120 +374,112 @@ impl<'a> Batch<'a> {
                     ],
                 )
                 .await;
-            match rows {
-                Ok(rows) => {
-                    self.cache_products(&rows).await;
-                    for (sub, licence) in wanted {
-                        let found = rows.iter().find(|r| record_id(r) == Some(licence));
-                        let product = found.and_then(|r| {
-                            let sku = r.get("product_sku")?.as_str()?.trim().to_string();
-                            let name = r
-                                .get("name")
-                                .and_then(Value::as_str)
-                                .unwrap_or(&sku)
-                                .to_string();
-                            (!sku.is_empty()).then_some(Product { sku, name })
-                        });
-                        let v = match product {
-                            Some(p) => Ok(p),
-                            None => Err(Failure::dependency(format!(
-                                "licence {licence} of subscription {sub} is not listed for customer {customer} with a product_sku; retried"
-                            ))),
-                        };
-                        known.insert(sub, v);
-                    }
-                }
+            let rows = match rows {
+                Ok(rows) => rows,
                 Err(e) => {
                     let f = Failure::from(e);
-                    for (sub, _) in wanted {
-                        known.insert(sub, Err(f.clone()));
+                    for w in wanted.into_iter().flat_map(|u| u.members) {
+                        w.settle(Err(f.clone()));
                     }
+                    continue;
                 }
-            }
-        }
-        for i in live {
-            let sub = self.work[i]
-                .as_ref()
-                .expect("live")
-                .data
-                .subscription_id
-                .clone();
-            match known.get(&sub) {
-                Some(Ok(p)) => {
-                    let w = self.work[i].as_mut().expect("live");
-                    w.product = p.name.clone();
-                    // The sku is only needed for the item.
-                    let (sku, metric) = (p.sku.clone(), w.data.metric.clone());
-                    let conn = self.halo.connection();
-                    let keys = item_keys(&sku, &metric);
-                    let found = items::resolve_chain(self.halo, &self.svc.store, conn, &keys).await;
-                    match found {
-                        Ok(Some((_, item))) => {
-                            if let Some(w) = self.work[i].as_mut() {
-                                w.item = item;
-                            }
+            };
+            self.cache_products(&rows).await;
+            for Unlisted {
+                sub,
+                licence,
+                members,
+            } in wanted
+            {
+                let found = rows.iter().find(|r| record_id(r) == Some(licence));
+                let product = found.and_then(|r| {
+                    let sku = r.get("product_sku")?.as_str()?.trim().to_string();
+                    let name = r
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or(&sku)
+                        .to_string();
+                    (!sku.is_empty()).then_some(Product { sku, name })
+                });
+                match product {
+                    Some(p) => self.with_product(members, &p).await,
+                    None => {
+                        let f = Failure::dependency(format!(
+                            "licence {licence} of subscription {sub} is not listed for customer {customer} with a product_sku; retried"
+                        ));
+                        for w in members {
+                            w.settle(Err(f.clone()));
                         }
-                        Ok(None) => self.fail(i, crate::mapping::unmapped(conn, &sku, &metric)),
-                        Err(f) => self.fail(i, f),
                     }
                 }
-                Some(Err(f)) => {
-                    let f = f.clone();
-                    self.fail(i, f);
-                }
-                None if read => self.fail(i, Failure::transient("no product (bug)")),
-                None => {}
             }
         }
         need
     }
 
+    /// The product of `members`, the events of one subscription: its name
+    /// on their lines, and each one's item (`<sku>:<metric>`, else the sku).
+    async fn with_product(&self, members: Vec<Open<'_, Work>>, p: &Product) {
+        let conn = self.halo.connection();
+        for mut w in members {
+            w.product = p.name.clone();
+            let keys = item_keys(&p.sku, &w.data.metric);
+            match items::resolve_chain(self.halo, &self.svc.store, conn, &keys).await {
+                Ok(Some((_, item))) => w.item = item,
+                Ok(None) => {
+                    let f = crate::mapping::unmapped(conn, &p.sku, &w.data.metric);
+                    w.settle(Err(f));
+                }
+                Err(f) => w.settle(Err(f)),
+            }
+        }
+    }
+
     /// Step 4: the line and its applied state; superseded events stop here.
     /// Returns whether HaloPSA must be read (only when `read` is false).
-    async fn lines(&mut self, read: bool) -> bool {
-        let live: Vec<usize> = self
-            .live()
-            .into_iter()
-            .filter(|i| self.work[*i].as_ref().is_some_and(|w| w.line.is_none()))
-            .collect();
-        if live.is_empty() {
+    async fn lines(&self, batch: &mut Batch<Work>, read: bool) -> bool {
+        let open: Vec<Open<'_, Work>> = batch.open().filter(|w| w.line.is_none()).collect();
+        if open.is_empty() {
             return false;
         }
-        let aggregates: Vec<&str> = live
-            .iter()
-            .map(|i| self.work[*i].as_ref().expect("live").aggregate.as_str())
-            .collect();
-        let cached = match self.cached_lines().get_many(&aggregates).await {
+        let aggregates: Vec<&str> = open.iter().map(|w| w.aggregate.as_str()).collect();
+        let cached = self.cached_lines().get_many(&aggregates).await;
+        drop(aggregates);
+        let cached = match cached {
             Ok(c) => c,
             Err(e) => {
                 let f: Failure = e.into();
-                for i in live {
-                    self.fail(i, f.clone());
+                for w in open {
+                    w.settle(Err(f.clone()));
                 }
                 return false;
             }
         };
-        let mut by_header: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+        // header -> (its account, its customer, its events)
+        let mut by_header: BTreeMap<i64, (String, i64, Vec<Open<'_, Work>>)> = BTreeMap::new();
         let mut pending_ihids: HashSet<i64> = HashSet::new();
-        for (&i, hit) in live.iter().zip(cached) {
-            let ihid = self.work[i].as_ref().expect("live").ihid;
+        for (mut w, hit) in open.into_iter().zip(cached) {
+            let ihid = w.ihid;
             match hit.filter(|c| c.ihid == ihid) {
                 Some(c) if !c.pending => {
-                    let applied = Applied::decode(&c.applied);
-                    self.settle_line(i, c.line, applied);
-                    if let Some(w) = self.work[i].as_mut() {
-                        w.from_cache = true;
-                    }
+                    w.from_cache = true;
+                    settle_line(w, c.line, Applied::decode(&c.applied));
+                    continue;
                 }
                 Some(_) => {
                     pending_ihids.insert(ihid);
-                    by_header.entry(ihid).or_default().push(i);
                 }
-                None => by_header.entry(ihid).or_default().push(i),
+                None => {}
             }
+            by_header
+                .entry(ihid)
+                .or_insert_with(|| (w.data.account_id.clone(), w.customer, Vec::new()))
+                .2
+                .push(w);
         }
         // A header scanned before has every usage line of it in the cache
-        // (or a pending entry): an aggregate missing there has no line yet.
+        // (or a pending entry): an aggregate missing there has no line yet,
+        // and stays open to be added.
         let ihids: Vec<i64> = by_header
             .keys()
             .copied()
@@ -554,55 +508,52 @@ impl<'a> Batch<'a> {
         if !read {
             return !by_header.is_empty();
         }
-        for (ihid, members) in by_header {
-            match self.read_header(ihid, &members).await {
+        for (ihid, (account, customer, members)) in by_header {
+            let spec = self.spec(&account, customer);
+            match lines::header(&self.svc.store, self.halo, &spec, ihid).await {
                 Ok(Header {
                     ihid, body: header, ..
                 }) => {
                     let found = usage_lines(&header);
                     self.remember_header(ihid, &found).await;
-                    // Lines beside the lowest carrying one of our markers
-                    // (added by hand, or by workers that raced) are
-                    // retired: the customer is billed once.
-                    for &i in &members {
-                        let marker = self.work[i].as_ref().expect("live").marker.clone();
+                    for mut w in members {
+                        // The invoice read, or the one found or created
+                        // again when the MSP deleted it.
+                        w.ihid = ihid;
+                        // Lines beside the lowest carrying the marker
+                        // (added by hand, or by workers that raced) are
+                        // retired: the customer is billed once.
                         let mut ids: Vec<i64> = found
                             .iter()
-                            .filter(|(m, _, _)| *m == marker)
+                            .filter(|(m, _, _)| *m == w.marker)
                             .map(|(_, l, _)| *l)
                             .collect();
                         ids.sort_unstable();
                         if let Some((&kept, others)) = ids.split_first() {
-                            if let Err(f) = lines::retire_duplicates(
+                            let retired = lines::retire_duplicates(
                                 self.halo,
                                 Invoice::Recurring,
                                 ihid,
                                 kept,
                                 others,
-                                &marker,
-                            )
-                            .await
-                            {
-                                self.fail(i, f);
+                                &w.marker,
+                            );
+                            if let Err(f) = retired.await {
+                                w.settle(Err(f));
+                                continue;
                             }
                         }
-                    }
-                    for i in members {
-                        if self.work[i].is_none() {
-                            continue;
-                        }
-                        let marker = self.work[i].as_ref().expect("live").marker.clone();
-                        // No line yet: a new one is added.
+                        // No line yet: it stays open, to be added.
                         if let Some((_, line, applied)) =
-                            found.iter().find(|(m, _, _)| *m == marker)
+                            found.iter().find(|(m, _, _)| *m == w.marker)
                         {
-                            self.settle_line(i, *line, applied.clone());
+                            settle_line(w, *line, applied.clone());
                         }
                     }
                 }
                 Err(f) => {
-                    for i in members {
-                        self.fail(i, f.clone());
+                    for w in members {
+                        w.settle(Err(f.clone()));
                     }
                 }
             }
@@ -637,17 +588,6 @@ impl<'a> Batch<'a> {
         }
         if let Err(e) = self.cached_lines().remember_scanned(ihid, &lines).await {
             tracing::warn!(error = %e, "could not cache the header's usage lines");
-        }
-    }
-
-    fn settle_line(&mut self, i: usize, line: i64, applied: Option<Applied>) {
-        let w = self.work[i].as_mut().expect("live");
-        w.line = Some(line);
-        if let Some(a) = applied {
-            if w.state.is_superseded_by(&a) {
-                self.results[i] = Some(Ok(Outcome::Superseded));
-                self.work[i] = None;
-            }
         }
     }
 
@@ -692,80 +632,52 @@ impl<'a> Batch<'a> {
         }
     }
 
-    /// The invoice of `members` (`ihid`, read with its lines), and its id:
-    /// `ihid`, or the invoice found or created again when the MSP deleted
-    /// it ([`lines::header`]), which the members then go onto.
-    async fn read_header(&mut self, ihid: i64, members: &[usize]) -> Result<Header, Failure> {
-        let Some(spec) = self.spec_of(members.first().copied()) else {
-            return Err(Failure::transient("no event for the invoice (bug)"));
-        };
-        let header = lines::header(&self.svc.store, self.halo, &spec, ihid).await?;
-        for &i in members {
-            if let Some(w) = self.work[i].as_mut() {
-                w.ihid = header.ihid;
-            }
-        }
-        Ok(header)
-    }
-
-    /// The recurring invoice of event `i`, as the lines engine needs it.
-    fn spec_of(&self, i: Option<usize>) -> Option<HeaderSpec<'_>> {
-        let w = self.work[i?].as_ref()?;
+    /// The recurring invoice of `account`'s `customer`, as the lines
+    /// engine needs it.
+    fn spec<'s>(&self, account: &'s str, customer: i64) -> HeaderSpec<'s> {
         let config = self.svc.config();
-        Some(HeaderSpec::recurring(
-            &w.data.account_id,
-            w.customer,
+        HeaderSpec::recurring(
+            account,
+            customer,
             config.worker.lock_ttl,
             config.worker.lock_wait,
-        ))
+        )
     }
 
     /// Step 5: the writes, in arrays, split on a refusal.
-    async fn write(&mut self) {
-        let mut updates = Vec::new();
-        let mut adds: Vec<(usize, Value)> = Vec::new();
-        let mut unbuildable: Vec<(usize, Failure)> = Vec::new();
-        for i in self.live() {
-            let w = self.work[i].as_ref().expect("live");
-            let built = match w.line {
-                Some(line) => line_update(
-                    &w.data, &w.product, &w.state, w.ihid, line, w.item, &w.marker,
-                )
-                .map(|b| (true, b)),
-                None => new_line(&w.data, &w.product, &w.state, w.ihid, w.item, &w.marker)
-                    .map(|b| (false, b)),
-            };
-            match built {
-                Ok((true, b)) => updates.push((i, b)),
-                Ok((false, b)) => adds.push((i, b)),
-                Err(f) => unbuildable.push((i, f)),
+    async fn write(&self, batch: &mut Batch<Work>) {
+        // Updates carry their line's id.
+        let mut updates: Vec<((Open<'_, Work>, i64), Value)> = Vec::new();
+        let mut adds: Vec<(Open<'_, Work>, Value)> = Vec::new();
+        for w in batch.open() {
+            match w.line {
+                Some(line) => {
+                    match line_update(
+                        &w.data, &w.product, &w.state, w.ihid, line, w.item, &w.marker,
+                    ) {
+                        Ok(b) => updates.push(((w, line), b)),
+                        Err(f) => w.settle(Err(f)),
+                    }
+                }
+                None => match new_line(&w.data, &w.product, &w.state, w.ihid, w.item, &w.marker) {
+                    Ok(b) => adds.push((w, b)),
+                    Err(f) => w.settle(Err(f)),
+                },
             }
         }
-        for (i, f) in unbuildable {
-            self.fail(i, f);
-        }
-        let mut done: Vec<(usize, i64)> = Vec::new();
-        for (i, result) in lines::update(self.halo, Invoice::Recurring, updates).await {
+        let mut done: Vec<(Open<'_, Work>, i64)> = Vec::new();
+        for ((w, line), result) in lines::update(self.halo, Invoice::Recurring, updates).await {
             match result {
-                Ok(_) => {
-                    let line = self.work[i].as_ref().and_then(|w| w.line).unwrap_or(0);
-                    done.push((i, line));
-                }
-                Err(f)
-                    if f.class == FailureClass::Rejected
-                        && self.work[i].as_ref().is_some_and(|w| w.from_cache) =>
-                {
+                Ok(_) => done.push((w, line)),
+                Err(f) if f.class == FailureClass::Rejected && w.from_cache => {
                     // A refused cached line (deleted by the MSP, or a stale
                     // id) is found again, or put back, on the retry, which
                     // reads the header; a refusal after that is final.
-                    self.forget(i).await;
-                    let (line, ihid) = self.work[i]
-                        .as_ref()
-                        .map(|w| (w.line.unwrap_or(0), w.ihid))
-                        .unwrap_or_default();
-                    self.fail(i, lines::cached_line_refused(line, ihid, &f));
+                    self.forget(&w).await;
+                    let f = lines::cached_line_refused(line, w.ihid, &f);
+                    w.settle(Err(f));
                 }
-                Err(f) => self.fail(i, f),
+                Err(f) => w.settle(Err(f)),
             }
         }
         if !adds.is_empty() {
@@ -774,8 +686,7 @@ impl<'a> Batch<'a> {
             // (and finds the line by its marker) instead of adding again.
             let pending: Vec<(&str, CachedLine)> = adds
                 .iter()
-                .filter_map(|(i, _)| self.work[*i].as_ref())
-                .map(|w| {
+                .map(|(w, _)| {
                     let value = CachedLine {
                         ihid: w.ihid,
                         line: 0,
@@ -785,79 +696,73 @@ impl<'a> Batch<'a> {
                     (w.aggregate.as_str(), value)
                 })
                 .collect();
-            if let Err(e) = self.cached_lines().set_many(&pending).await {
+            let noted = self.cached_lines().set_many(&pending).await;
+            drop(pending);
+            if let Err(e) = noted {
                 let f: Failure = e.into();
-                for (i, _) in std::mem::take(&mut adds) {
-                    self.fail(i, f.clone());
+                for (w, _) in adds.drain(..) {
+                    w.settle(Err(f.clone()));
                 }
             }
         }
-        for (i, result) in lines::add(self.halo, Invoice::Recurring, adds).await {
+        for (w, result) in lines::add(self.halo, Invoice::Recurring, adds).await {
             match result {
                 Ok(saved) => match saved.as_ref().and_then(record_id) {
                     Some(line) => {
-                        tracing::info!(line, marker = %self.work[i].as_ref().map(|w| w.marker.as_str()).unwrap_or(""), "added a usage line");
-                        done.push((i, line));
+                        tracing::info!(line, marker = %w.marker, "added a usage line");
+                        done.push((w, line));
                     }
-                    None => self.fail(
-                        i,
-                        Failure::transient("HaloPSA saved the line but returned no id"),
-                    ),
+                    None => w.settle(Err(Failure::transient(
+                        "HaloPSA saved the line but returned no id",
+                    ))),
                 },
                 Err(f) => {
                     // A refusal because the MSP deleted the invoice: found
                     // or created again, the event retried onto it.
-                    let ihid = self.work[i].as_ref().map(|w| w.ihid).unwrap_or_default();
-                    let f = match self.spec_of(Some(i)) {
-                        Some(spec) => {
-                            lines::refusal_unless_header_gone(
-                                &self.svc.store,
-                                self.halo,
-                                &spec,
-                                ihid,
-                                f,
-                            )
-                            .await
-                        }
-                        None => f,
-                    };
-                    self.fail(i, f)
+                    let spec = self.spec(&w.data.account_id, w.customer);
+                    let f = lines::refusal_unless_header_gone(
+                        &self.svc.store,
+                        self.halo,
+                        &spec,
+                        w.ihid,
+                        f,
+                    )
+                    .await;
+                    w.settle(Err(f));
                 }
             }
         }
         // Cache what is now on the lines, in one round trip.
         let lines: Vec<(&str, CachedLine)> = done
             .iter()
-            .filter_map(|(i, line)| Some((self.work[*i].as_ref()?, *line)))
             .map(|(w, line)| {
                 let value = CachedLine {
                     ihid: w.ihid,
-                    line,
+                    line: *line,
                     applied: w.state.encode(),
                     pending: false,
                 };
                 (w.aggregate.as_str(), value)
             })
             .collect();
-        if let Err(e) = self.cached_lines().set_many(&lines).await {
+        let cached = self.cached_lines().set_many(&lines).await;
+        drop(lines);
+        if let Err(e) = cached {
             // HaloPSA has the truth; the next event reads the header.
             tracing::warn!(error = %e, "could not cache the usage lines");
         }
-        for (i, _) in done {
-            self.results[i] = Some(Ok(Outcome::Applied));
-            self.work[i] = None;
+        for (w, _) in done {
+            w.settle(Ok(Outcome::Applied));
         }
     }
 
-    async fn forget(&self, i: usize) {
-        if let Some(w) = self.work[i].as_ref() {
-            let res = self
-                .cached_lines()
-                .forget_with_scan(&w.aggregate, Some(w.ihid))
-                .await;
-            if let Err(e) = res {
-                tracing::warn!(error = %e, "could not drop a cached usage line");
-            }
+    async fn forget(&self, w: &Work) {
+        let res = self
+            .cached_lines()
+            .forget_with_scan(&w.aggregate, Some(w.ihid))
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "could not drop a cached usage line");
         }
     }
 }
