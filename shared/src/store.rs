@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::contract::Version;
 use crate::error::Failure;
+use crate::outcome::Settled;
 
 pub mod caches;
 pub use caches::{Cache, Marks, One, OverageLine, SubscriptionLine, UsageLine};
@@ -310,37 +311,6 @@ impl Store {
         &self.keys
     }
 
-    /// The outcome recorded for an event id, if it was processed before.
-    #[tracing::instrument(name = "redis.processed", skip_all, level = "info")]
-    pub async fn processed(
-        &self,
-        conn: &str,
-        event_id: &str,
-    ) -> Result<Option<String>, StateError> {
-        let mut r = self.redis.clone();
-        Ok(r.get(self.keys.key(conn, KeyKind::Event, &[event_id]))
-            .await?)
-    }
-
-    /// Records that an event id was processed, with its outcome.
-    #[tracing::instrument(name = "redis.mark_processed", skip_all, level = "info")]
-    pub async fn mark_processed(
-        &self,
-        conn: &str,
-        event_id: &str,
-        outcome: &str,
-    ) -> Result<(), StateError> {
-        let mut r = self.redis.clone();
-        let _: () = r
-            .set_ex(
-                self.keys.key(conn, KeyKind::Event, &[event_id]),
-                outcome,
-                self.ledger_ttl.as_secs().max(1),
-            )
-            .await?;
-        Ok(())
-    }
-
     /// Which of `event_ids` were processed before (one round trip).
     #[tracing::instrument(name = "redis.processed_many", skip_all, level = "info")]
     pub async fn processed_many(
@@ -365,7 +335,7 @@ impl Store {
     pub async fn mark_processed_many(
         &self,
         conn: &str,
-        done: &[(String, &str)],
+        done: &[(String, Settled)],
     ) -> Result<(), StateError> {
         if done.is_empty() {
             return Ok(());
@@ -374,7 +344,7 @@ impl Store {
         for (id, outcome) in done {
             pipe.set_ex(
                 self.keys.key(conn, KeyKind::Event, &[id]),
-                *outcome,
+                outcome.as_str(),
                 self.ledger_ttl.as_secs().max(1),
             )
             .ignore();

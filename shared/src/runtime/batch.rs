@@ -32,6 +32,7 @@ use crate::contract::{Envelope, Event, Family};
 use crate::error::Failure;
 use crate::halo::ratelimit::Priority;
 use crate::halo::HaloClient;
+use crate::outcome::Settled;
 use crate::store::LockFence;
 
 /// One delivery, from its arrival until it is settled.
@@ -393,11 +394,11 @@ async fn apply<H: Handler>(
         Ok(results) => {
             let decided: Vec<(Item, Decision)> =
                 items.into_iter().zip(results.decisions()).collect();
-            let done: Vec<(String, &str)> = decided
+            let done: Vec<(String, Settled)> = decided
                 .iter()
                 .filter_map(|(item, decision)| match decision {
                     Decision::Ack(outcome) => {
-                        Some((item.envelope.as_ref()?.id.clone(), outcome.as_str()))
+                        Some((item.envelope.as_ref()?.id.clone(), Settled::from(*outcome)))
                     }
                     _ => None,
                 })
