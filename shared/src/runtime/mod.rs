@@ -509,6 +509,7 @@ async fn session<H: Handler>(
         // newest first (the oldest go next when the lane moves again).
         lanes.report(now, stall);
         let share = lanes.fair_share();
+        let mut parked = 0;
         for lane in lanes.map.values_mut() {
             let Some(stalled_for) = lane.stalled_for(now, stall).filter(|d| *d >= stall) else {
                 continue;
@@ -517,10 +518,14 @@ async fn session<H: Handler>(
             while lane.pending.len() > keep {
                 if let Some(r) = lane.pending.pop() {
                     lane.parked();
+                    // A backlog coming back from a delay queue is not
+                    // counted (see `Lanes::batch_wait`).
+                    parked += usize::from(from_publisher(&r.delivery));
                     spawn_park(r.delivery, lanes::park_delay(&tiers, stalled_for));
                 }
             }
         }
+        lanes.note_parked(now, parked);
         lanes.drop_idle(now);
         // The next moment something is due without a delivery or a task
         // finishing: an idle lane's batch deadline (while a turn is free),
@@ -553,6 +558,7 @@ async fn session<H: Handler>(
                     let received = lanes::Received::new(delivery, max_bytes);
                     let name = received.lane();
                     let share = lanes.fair_share();
+                    let wait = lanes.batch_wait(now, batch_wait);
                     let lane = lanes.map.entry(name.clone()).or_insert_with(|| {
                         lanes::Lane::new(now, services.halo(&name).map(|c| c.pulse().clone()))
                     });
@@ -561,11 +567,13 @@ async fn session<H: Handler>(
                     match stalled {
                         Some(d) if lane.pending.len() >= share.min(batch_max) => {
                             lane.parked();
+                            let fresh = from_publisher(&received.delivery);
                             spawn_park(received.delivery, lanes::park_delay(&tiers, d));
+                            lanes.note_parked(now, usize::from(fresh));
                         }
                         _ => {
                             if lane.pending.is_empty() {
-                                lane.deadline = now + batch_wait;
+                                lane.deadline = now + wait;
                             }
                             lane.pending.push(received);
                         }
