@@ -131,6 +131,22 @@ pub struct LicenceList {
     pub thirdparty_client_id: Option<String>,
 }
 
+impl LicenceList {
+    /// The product a licence read from HaloPSA stands for: its
+    /// `product_sku` (trimmed; none when empty), named by its `name`, else
+    /// by the sku. The one reading of it, for every family that needs a
+    /// subscription's product from its licence.
+    pub fn product_of(row: &Value) -> Option<crate::contract::Product> {
+        let sku = row.get("product_sku")?.as_str()?.trim().to_string();
+        let name = row
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or(&sku)
+            .to_string();
+        (!sku.is_empty()).then_some(crate::contract::Product { sku, name })
+    }
+}
+
 /// `POST /RecurringInvoice` and `POST /Invoice`: an invoice header
 /// (`InvoiceHeader`), with its first lines inline (`lines`) on create, or
 /// lines added to an existing one (`add_lines`, `/Invoice` only).
@@ -491,5 +507,34 @@ mod conformance {
             ..Area::default()
         })
         .is_err());
+    }
+}
+
+#[cfg(test)]
+mod licence_product {
+    use super::LicenceList;
+    use crate::contract::Product;
+    use serde_json::json;
+
+    #[test]
+    fn a_licence_stands_for_its_trimmed_sku_named_by_its_name_or_the_sku() {
+        let product = |row| LicenceList::product_of(&row);
+        assert_eq!(
+            product(json!({"product_sku": " MS-365-BP ", "name": "M365 BP"})),
+            Some(Product {
+                sku: "MS-365-BP".into(),
+                name: "M365 BP".into()
+            })
+        );
+        assert_eq!(
+            product(json!({"product_sku": "MS-TEAMS"})),
+            Some(Product {
+                sku: "MS-TEAMS".into(),
+                name: "MS-TEAMS".into()
+            })
+        );
+        assert_eq!(product(json!({"product_sku": "  ", "name": "x"})), None);
+        assert_eq!(product(json!({"name": "x"})), None);
+        assert_eq!(product(json!({"product_sku": 7})), None);
     }
 }

@@ -46,11 +46,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
-use halosync_shared::contract::{Event, Family, OverageData, Product, Version};
+use halosync_shared::contract::{Event, Family, OverageData, Version};
 use halosync_shared::halo::items;
 use halosync_shared::halo::lines::{self, HeaderSpec, Invoice};
 use halosync_shared::halo::links::{self, OVERAGE_INVOICE, SUBSCRIPTION};
-use halosync_shared::halo::models::{body, InvoiceDetail, InvoiceHeader};
+use halosync_shared::halo::models::{body, InvoiceDetail, InvoiceHeader, LicenceList};
 use halosync_shared::halo::{first_record, record_id, HaloClient};
 use halosync_shared::runtime::{Batch, Handler, Open, Outcome, Results, Services};
 use halosync_shared::store::OverageLine as Cached;
@@ -351,19 +351,7 @@ async fn subscription_sku(
         .get(&format!("/SoftwareLicence/{}", m.halo_id), &[])
         .await?;
     let product = first_record(licence)
-        .and_then(|l| {
-            let sku = l
-                .get("product_sku")
-                .and_then(Value::as_str)?
-                .trim()
-                .to_string();
-            let name = l
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or(&sku)
-                .to_string();
-            (!sku.is_empty()).then_some(Product { sku, name })
-        })
+        .and_then(|l| LicenceList::product_of(&l))
         .ok_or_else(|| Failure::dependency(not_yet()))?;
     products.set(&d.subscription_id, &product).await?;
     Ok(product.sku)

@@ -62,6 +62,7 @@ use halosync_shared::contract::{Event, Family, Product, UsageData};
 use halosync_shared::halo::items;
 use halosync_shared::halo::lines::{self, Header, HeaderSpec, Invoice};
 use halosync_shared::halo::links::{self, Known, RECURRING_INVOICE, SUBSCRIPTION, USAGE};
+use halosync_shared::halo::models::LicenceList;
 use halosync_shared::halo::{record_id, HaloClient};
 use halosync_shared::runtime::{Batch, Handler, Open, Outcome, Results, Services};
 use halosync_shared::store::{Cache, UsageLine as CachedLine};
@@ -392,15 +393,7 @@ impl<'a> Run<'a> {
             } in wanted
             {
                 let found = rows.iter().find(|r| record_id(r) == Some(licence));
-                let product = found.and_then(|r| {
-                    let sku = r.get("product_sku")?.as_str()?.trim().to_string();
-                    let name = r
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .unwrap_or(&sku)
-                        .to_string();
-                    (!sku.is_empty()).then_some(Product { sku, name })
-                });
+                let product = found.and_then(LicenceList::product_of);
                 match product {
                     Some(p) => self.with_product(members, &p).await,
                     None => {
