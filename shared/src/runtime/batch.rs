@@ -28,9 +28,8 @@ use super::settle::{Acked, Decision};
 use super::{attempts_of, finish, message_span, record_event, Handler, Services};
 use crate::amqp::headers as h;
 use crate::amqp::Publisher;
-use crate::contract::{Envelope, Event, Family};
+use crate::contract::{Envelope, Event};
 use crate::error::Failure;
-use crate::halo::ratelimit::Priority;
 use crate::halo::HaloClient;
 use crate::outcome::Settled;
 use crate::store::LockFence;
@@ -331,15 +330,8 @@ async fn run_connection<H: Handler>(
     }
     // The handler's client, fenced with the batch's locks: every write
     // checks, just before it goes out, that all of them are still ours.
-    // The account worker's writes come first in the budget
-    // (`halo::ratelimit::Priority`): every other family waits for its
-    // customers.
-    let writes = if H::FAMILY == Family::Account {
-        Priority::Accounts
-    } else {
-        Priority::Writes
-    };
-    let halo = halo.fenced(LockFence::of(&locks), writes);
+    // Its writes take the family's budget class (`Handler::WRITES`).
+    let halo = halo.fenced(LockFence::of(&locks), H::WRITES);
     // A repair reads HaloPSA's state instead of trusting what Redis
     // cached of it (line ids, "no line yet"): the caches are what drifted.
     let mut ready = Vec::with_capacity(live.len());

@@ -45,6 +45,7 @@ use serde::de::DeserializeOwned;
 use crate::config::{Config, ConnectionConfig};
 use crate::contract::{Contract, Envelope, Event, Family};
 use crate::error::{excerpt, ErrorClass, Failure};
+use crate::halo::ratelimit::Priority;
 use crate::halo::{self, HaloClient};
 use crate::outage::{Backoff, Health, Report};
 use crate::outcome::Settled;
@@ -85,6 +86,10 @@ impl Outcome {
 pub trait Handler: Send + Sync + 'static {
     /// The family whose events this handler applies.
     const FAMILY: Family;
+    /// The budget class of the family's writes (`halo::ratelimit`): the
+    /// account worker's come first, since every other family waits for its
+    /// customers.
+    const WRITES: Priority = Priority::Writes;
     /// The family's event data (`AccountData`, ...): what the runtime
     /// parses each event's `data` into, once, after schema validation (a
     /// `data` that does not fit is dead-lettered `invalid`).

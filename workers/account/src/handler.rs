@@ -23,6 +23,7 @@ use halosync_shared::halo::currency;
 use halosync_shared::halo::lines;
 use halosync_shared::halo::links::{self, Known, CUSTOMER};
 use halosync_shared::halo::models::{body, Area};
+use halosync_shared::halo::ratelimit::Priority;
 use halosync_shared::halo::{record_id, HaloClient, HaloError};
 use halosync_shared::runtime::{Batch, Handler, Open, Outcome, Results, Services};
 use halosync_shared::store::Mapping;
@@ -36,6 +37,7 @@ pub struct AccountHandler;
 #[async_trait]
 impl Handler for AccountHandler {
     const FAMILY: Family = Family::Account;
+    const WRITES: Priority = Priority::Accounts;
     type Data = AccountData;
 
     fn aggregate(data: &AccountData) -> String {
