@@ -18,6 +18,10 @@ pub const FAMILY: &str = "x-halosync-family";
 pub const REPLAY_COUNT: &str = "x-halosync-replay-count";
 /// `true` on an event `halosync reconcile --repair` published (DESIGN §8).
 pub const REPAIR: &str = "x-halosync-repair";
+/// On a parked copy (`runtime::lanes::park`): when it leaves its delay
+/// queue, in milliseconds since the Unix epoch. How late it is read after
+/// that is how far the consumer is behind its queue (`Lanes::batch_wait`).
+pub const PARKED_UNTIL: &str = "x-halosync-parked-until";
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 
@@ -39,7 +43,7 @@ pub const FAILURE_HEADERS: [&str; 9] = [
 /// from a publisher they are not halosync's, so the worker ignores them
 /// (a publisher cannot fake attempts or redirect a later replay), and a
 /// replay removes them.
-pub const OWN_HEADERS: [&str; 12] = [
+pub const OWN_HEADERS: [&str; 13] = [
     ERROR_CLASS,
     ERROR_MESSAGE,
     HALO_STATUS,
@@ -52,6 +56,7 @@ pub const OWN_HEADERS: [&str; 12] = [
     ORIGINAL_ROUTING_KEY,
     CONNECTION,
     EVENT_ID,
+    PARKED_UNTIL,
 ];
 
 pub fn get_str(table: Option<&FieldTable>, key: &str) -> Option<String> {

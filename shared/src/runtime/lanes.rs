@@ -38,6 +38,7 @@ use tokio::time::Instant;
 
 use serde_json::Value;
 
+use crate::amqp::headers as h;
 use crate::amqp::Publisher;
 use crate::contract::{self, ContractError, Family};
 use crate::halo::pulse::Pulse;
@@ -63,6 +64,25 @@ impl Received {
     pub fn lane(&self) -> String {
         lane_of(&self.body)
     }
+
+    /// A parked copy back from its delay queue: how long after it left
+    /// that queue (`x-halosync-parked-until`) it is read, i.e. how far the
+    /// consumer is behind the work queue. None for anything else (a
+    /// publisher's header is not trusted: [`super::from_publisher`]).
+    pub fn queue_lag(&self, now_ms: i64) -> Option<Duration> {
+        if super::from_publisher(&self.delivery) {
+            return None;
+        }
+        let until = h::get_i64(self.delivery.properties.headers().as_ref(), h::PARKED_UNTIL)?;
+        Some(Duration::from_millis(
+            u64::try_from(now_ms.saturating_sub(until)).unwrap_or(0),
+        ))
+    }
+}
+
+/// Milliseconds since the Unix epoch, the unit of `x-halosync-parked-until`.
+pub(super) fn epoch_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 /// The lane of a parsed body: its envelope's `connection`, read without
@@ -243,6 +263,8 @@ pub(super) struct Lanes {
     /// When the last [`BACKLOG_RUN`] deliveries fresh from a publisher
     /// were parked (see [`Lanes::batch_wait`]).
     recent_parks: VecDeque<Instant>,
+    /// The newest [`Received::queue_lag`], and when it was read.
+    lag: Option<(Instant, Duration)>,
 }
 
 impl Lanes {
@@ -251,7 +273,14 @@ impl Lanes {
             map: HashMap::new(),
             prefetch,
             recent_parks: VecDeque::with_capacity(BACKLOG_RUN),
+            lag: None,
         }
+    }
+
+    /// A parked copy came back and was read `lag` after it left its delay
+    /// queue ([`Received::queue_lag`]).
+    pub fn note_lag(&mut self, now: Instant, lag: Duration) {
+        self.lag = Some((now, lag));
     }
 
     /// `n` deliveries fresh from a publisher (not back from a delay queue)
@@ -267,26 +296,33 @@ impl Lanes {
 
     /// How long a lane whose first delivery arrives now waits for more
     /// before its batch goes: `worker.batch_wait`, to gather what its
-    /// publisher sends close together (fewer HaloPSA requests per event);
-    /// nothing while the consumer is reading past a stalled connection's
-    /// backlog as it first arrives (the last [`BACKLOG_RUN`] deliveries
-    /// fresh from a publisher were parked within [`CATCHING_UP`]): a
-    /// delivery found there has already waited behind that backlog, and
-    /// whatever was published with it is in the queue right behind it, not
-    /// still to come. Not while a parked backlog comes back from its delay
-    /// queue and is parked again (that goes on for as long as the
-    /// connection is stalled: measured, the others' events then lost their
-    /// batching), nor for a trickle of live events parked as they arrive.
+    /// publisher sends close together (fewer HaloPSA requests per event),
+    /// less however long the consumer is behind its queue, since whatever
+    /// was published that long after the delivery is already in the queue
+    /// right behind it, not still to come:
+    ///
+    /// * nothing while the consumer is reading past a stalled connection's
+    ///   backlog as it first arrives (the last [`BACKLOG_RUN`] deliveries
+    ///   fresh from a publisher were parked within [`CATCHING_UP`]);
+    /// * `batch_wait` less the lag of a parked backlog coming back from
+    ///   its delay queue (the [`Received::queue_lag`] read within
+    ///   [`CATCHING_UP`]): measured on the backlog itself, so a short
+    ///   return wave costs the others' batching nothing (tried without:
+    ///   skipping the wait whenever a returning backlog was parked again
+    ///   made every other connection lose its batching for as long as
+    ///   one stayed stalled).
+    ///
+    /// A trickle of live events parked as they arrive changes nothing.
     pub fn batch_wait(&self, now: Instant, batch_wait: Duration) -> Duration {
-        let catching_up = self.recent_parks.len() == BACKLOG_RUN
-            && self
-                .recent_parks
-                .front()
-                .is_some_and(|t| now.saturating_duration_since(*t) < CATCHING_UP);
+        let recent = |t: &Instant| now.saturating_duration_since(*t) < CATCHING_UP;
+        let catching_up =
+            self.recent_parks.len() == BACKLOG_RUN && self.recent_parks.front().is_some_and(recent);
         if catching_up {
-            Duration::ZERO
-        } else {
-            batch_wait
+            return Duration::ZERO;
+        }
+        match self.lag {
+            Some((seen, lag)) if recent(&seen) => batch_wait.saturating_sub(lag),
+            _ => batch_wait,
         }
     }
 
@@ -400,8 +436,9 @@ pub(super) fn park_delay(tiers: &[u64], stalled_for: Duration) -> u64 {
         .unwrap_or(0)
 }
 
-/// Parks one delivery: a copy, attempts and headers unchanged, to the
-/// delay queue of `delay_ms`; the original is acked once the broker
+/// Parks one delivery: a copy, attempts and headers unchanged (but for
+/// `x-halosync-parked-until`, when it leaves), to the delay queue of
+/// `delay_ms`; the original is acked once the broker
 /// confirmed the copy, else nacked with requeue.
 pub(super) async fn park(
     services: &Services,
@@ -411,7 +448,16 @@ pub(super) async fn park(
     delay_ms: u64,
 ) {
     let queue = services.topology.retry_queue(family, delay_ms);
-    let properties = delivery.properties.clone().with_delivery_mode(2);
+    // Only halosync's own headers that it may trust travel on (a publisher
+    // could otherwise have its own made trusted by a park).
+    let mut headers = super::trusted_headers(&delivery).unwrap_or_default();
+    let until = epoch_ms().saturating_add(i64::try_from(delay_ms).unwrap_or(i64::MAX));
+    h::set_i64(&mut headers, h::PARKED_UNTIL, until);
+    let properties = delivery
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
     metrics::counter!("halosync_parked_total", "family" => family.as_str()).increment(1);
     let settled = match publisher
         .publish_to("", &queue, &delivery.data, properties)
@@ -605,6 +651,54 @@ mod tests {
             lanes.batch_wait(now + CATCHING_UP, wait),
             wait,
             "the run is over"
+        );
+    }
+
+    #[test]
+    fn a_backlog_coming_back_late_shortens_the_wait_by_how_late_it_is_read() {
+        let now = Instant::now();
+        let wait = Duration::from_millis(200);
+        let mut lanes = Lanes::new(400);
+        lanes.note_lag(now, Duration::from_millis(120));
+        assert_eq!(lanes.batch_wait(now, wait), Duration::from_millis(80));
+        lanes.note_lag(now, Duration::from_millis(350));
+        assert_eq!(lanes.batch_wait(now, wait), Duration::ZERO);
+        assert_eq!(
+            lanes.batch_wait(now + CATCHING_UP, wait),
+            wait,
+            "no parked copy read lately: the queue may have caught up"
+        );
+        lanes.note_lag(now, Duration::ZERO);
+        assert_eq!(lanes.batch_wait(now, wait), wait, "read on time");
+    }
+
+    #[test]
+    fn only_a_parked_copy_back_from_its_delay_queue_tells_the_queue_lag() {
+        let parked_until = |exchange: &str, until: Option<i64>| {
+            let mut delivery =
+                Delivery::mock(1, exchange.into(), "q".into(), false, b"{}".to_vec());
+            if let Some(until) = until {
+                let mut t = lapin::types::FieldTable::default();
+                h::set_i64(&mut t, h::PARKED_UNTIL, until);
+                delivery.properties = delivery.properties.with_headers(t);
+            }
+            Received::new(delivery, 1 << 10)
+        };
+        let now = 1_000_000;
+        assert_eq!(
+            parked_until("", Some(now - 250)).queue_lag(now),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            parked_until("", Some(now + 50)).queue_lag(now),
+            Some(Duration::ZERO),
+            "a clock a little ahead is on time, not negative"
+        );
+        assert_eq!(parked_until("", None).queue_lag(now), None, "a retry");
+        assert_eq!(
+            parked_until("halosync.events", Some(now - 250)).queue_lag(now),
+            None,
+            "a publisher's header is not ours"
         );
     }
 

@@ -561,6 +561,9 @@ async fn session<H: Handler>(
                 Some(Ok(delivery)) => {
                     let now = tokio::time::Instant::now();
                     let received = lanes::Received::new(delivery, max_bytes);
+                    if let Some(lag) = received.queue_lag(lanes::epoch_ms()) {
+                        lanes.note_lag(now, lag);
+                    }
                     let name = received.lane();
                     let share = lanes.fair_share();
                     let wait = lanes.batch_wait(now, batch_wait);
@@ -915,6 +918,8 @@ fn failure_headers(
         }
     }
     h::set_i64(&mut t, h::ATTEMPTS, attempts as i64);
+    // A retry copy is not a parked one (its delay is not the lane's).
+    t = h::without(Some(&t), &[h::PARKED_UNTIL]);
     if h::get_str(old, h::FIRST_FAILURE).is_none() {
         h::set_str(&mut t, h::FIRST_FAILURE, &now);
     }

@@ -616,6 +616,8 @@ pub fn replay_headers(old: Option<&FieldTable>) -> FieldTable {
     // A replay routes by the envelope's type; a later failure writes the
     // routing key afresh.
     strip.push(h::ORIGINAL_ROUTING_KEY);
+    // Where it was last parked says nothing about the replay.
+    strip.push(h::PARKED_UNTIL);
     strip.extend([
         "x-death",
         "x-first-death-reason",
