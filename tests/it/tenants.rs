@@ -11,14 +11,18 @@
 use std::time::Duration;
 
 use halo_sim::{Faults, SimConfig, SimHandle};
+use halosync_shared::amqp::headers;
 use halosync_shared::contract::Family;
 use halosync_tests::{
     account_event, connection_toml, linked_customers, recurring_lines, subscription_event,
     usage_event, EnvOptions, TestEnv, CONNECTION, GENEROUS_BUDGET,
 };
+use lapin::types::FieldTable;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
+/// `EnvOptions`' default `max_attempts`.
+const MAX_ATTEMPTS: i64 = 4;
 const QUIET: &str = "quiet";
 const ITEM: i64 = 1001;
 /// `worker.batch_max` of the two-MSP tests.
@@ -54,6 +58,17 @@ async fn two_msps(
     (TestEnv::with(name, opts).await, quiet)
 }
 
+/// Headers only halosync may write, forged by the publisher: ignored on
+/// the way in, and never made halosync's own by a park (which once
+/// forwarded them to its delay queue, whence they came back trusted).
+fn forged_attempts() -> FieldTable {
+    let mut t = FieldTable::default();
+    headers::set_i64(&mut t, headers::ATTEMPTS, FORGED_ATTEMPTS);
+    t
+}
+
+const FORGED_ATTEMPTS: i64 = 1_000;
+
 fn on(connection: &str, mut event: Value) -> Value {
     event["connection"] = connection.into();
     event
@@ -80,13 +95,10 @@ async fn quiet_goes_past_the_noisy_backlog(
 ) {
     for i in 0..noisy {
         let acc = format!("noisy_{i}");
-        env.publish(&account_event(
-            &format!("n{i}"),
-            &acc,
-            &format!("Noisy {i}"),
-            true,
-            1,
-        ))
+        env.publish_with_headers(
+            &account_event(&format!("n{i}"), &acc, &format!("Noisy {i}"), true, 1),
+            forged_attempts(),
+        )
         .await;
     }
     // The noisy batch is in flight (and, with the lane stalled, its
@@ -224,6 +236,22 @@ async fn an_msp_down_past_the_retry_horizon_loses_nothing_and_holds_up_nobody() 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(applied(&env.sim, "noisy_", noisy), 0);
+    // Each went through every attempt, parked or not: the publisher's
+    // forged attempt count counted for none of them.
+    let (ok, out) = env.run_halosync(&["dlq", "list", "--family", "account", "--json"]);
+    assert!(ok, "dlq list: {out}");
+    let letters: Value = serde_json::from_str(&out).expect("dlq list --json is JSON");
+    let attempts: Vec<i64> = letters
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|d| d["attempts"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(attempts, vec![MAX_ATTEMPTS; noisy], "{out}");
+    assert!(
+        env.logs().contains("connection stalled"),
+        "the noisy lane never stalled, so nothing was parked"
+    );
     env.sim.set_faults(Faults::default());
     let (ok, out) = env.run_halosync(&["dlq", "replay", "--family", "account"]);
     assert!(ok, "replay: {out}");

@@ -346,11 +346,18 @@ client_secret_env = "{SECRET_ENV}"
 
     /// Publishes one event (as a publisher would, confirmed).
     pub async fn publish(&self, event: &Value) {
+        self.publish_with_headers(event, FieldTable::default())
+            .await;
+    }
+
+    /// Publishes one event with AMQP headers of the publisher's choosing
+    /// (a publisher forging halosync's own, say).
+    pub async fn publish_with_headers(&self, event: &Value, headers: FieldTable) {
         let body = serde_json::to_vec(event).expect("json");
         let id = event["id"].as_str().unwrap_or("none");
         let ty = event["type"].as_str().unwrap_or("none");
         self.publisher
-            .publish_raw(id, ty, &body, FieldTable::default())
+            .publish_raw(id, ty, &body, headers)
             .await
             .expect("publish confirmed");
     }
