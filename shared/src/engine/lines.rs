@@ -964,3 +964,7 @@ async fn send_adds<'a, F: LineFamily>(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "lines_tests.rs"]
+mod tests;

@@ -204,3 +204,18 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+impl Results {
+    /// Each event's result, in order (`None`: left open): what the
+    /// engines' tests assert on.
+    pub(crate) fn settled(self) -> Vec<Option<Result<Outcome, Failure>>> {
+        self.ended
+            .into_iter()
+            .map(|ended| match ended {
+                Ended::Settled(result) => Some(result),
+                Ended::Open => None,
+            })
+            .collect()
+    }
+}
