@@ -641,10 +641,10 @@ async fn find_lines<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Line<F>>, re
     }
     // The second pass looks in Redis again: a batch that held `cold`
     // before may just have cached these lines.
-    let fresh = if read {
+    let hits: Vec<Option<Cached>> = if read {
         let keys: Vec<&str> = open.iter().map(|w| w.key.as_str()).collect();
         match cache.get_many(&keys).await {
-            Ok(c) => Some(c),
+            Ok(c) => c,
             Err(e) => {
                 let f: Failure = e.into();
                 for w in open {
@@ -654,21 +654,13 @@ async fn find_lines<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Line<F>>, re
             }
         }
     } else {
-        None
+        open.iter().map(|w| w.cached.clone()).collect()
     };
-    let fresh = fresh.map_or_else(
-        || vec![None; open.len()].into_iter(),
-        |f| f.into_iter().map(Some).collect::<Vec<_>>().into_iter(),
-    );
     let mut by_header: BTreeMap<i64, Vec<Open<'_, Line<F>>>> = BTreeMap::new();
     let mut pending: HashSet<i64> = HashSet::new();
-    for (mut w, hit) in open.into_iter().zip(fresh) {
+    for (mut w, hit) in open.into_iter().zip(hits) {
         let Some(ihid) = w.ihid else {
             continue;
-        };
-        let hit = match hit {
-            Some(h) => h,
-            None => w.cached.clone(),
         };
         match hit.filter(|c| c.ihid == ihid) {
             Some(Cached {
@@ -692,27 +684,7 @@ async fn find_lines<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Line<F>>, re
         }
         by_header.entry(ihid).or_default().push(w);
     }
-    // A scanned header has every line of the family in the cache (or a
-    // pending entry): a key missing there has no line yet.
-    let ihids: Vec<i64> = by_header
-        .keys()
-        .copied()
-        .filter(|h| !pending.contains(h))
-        .collect();
-    if !ihids.is_empty() && F::CACHE.scans() {
-        match cache.scanned(&ihids).await {
-            Ok(scanned) => {
-                for (h, seen) in ihids.iter().zip(scanned) {
-                    if seen {
-                        by_header.remove(h);
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the scanned headers; reading them")
-            }
-        }
-    }
+    drop_scanned::<F, _>(&cache, &mut by_header, &pending).await;
     if !read {
         return !by_header.is_empty();
     }
@@ -720,6 +692,37 @@ async fn find_lines<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Line<F>>, re
         read_lines(ctx, ihid, members).await;
     }
     false
+}
+
+/// A scanned header has every line of the family in the cache (or a
+/// pending entry): a key missing there has no line yet, so its events
+/// (left open, to be added) need no read.
+async fn drop_scanned<F: LineFamily, V>(
+    cache: &CacheOf<'_>,
+    by_header: &mut BTreeMap<i64, V>,
+    pending: &HashSet<i64>,
+) {
+    if !F::CACHE.scans() {
+        return;
+    }
+    let ihids: Vec<i64> = by_header
+        .keys()
+        .copied()
+        .filter(|h| !pending.contains(h))
+        .collect();
+    if ihids.is_empty() {
+        return;
+    }
+    match cache.scanned(&ihids).await {
+        Ok(scanned) => {
+            for (h, seen) in ihids.iter().zip(scanned) {
+                if seen {
+                    by_header.remove(h);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read the scanned headers; reading them"),
+    }
 }
 
 /// Reads header `ihid` (or the one found or created again in its place)
