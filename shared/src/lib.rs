@@ -6,6 +6,7 @@
 //! | [`contract`] | the event envelope, families, versions, schema validation |
 //! | [`config`] | the TOML configuration and its checks |
 //! | [`error`] | failure classes (DESIGN §3) |
+//! | [`engine`] | the write engines: invoice lines ([`engine::lines`]) |
 //! | [`label`] | the labelled enums: one spelling per failure class and outcome |
 //! | [`outcome`] | how a message was settled |
 //! | [`amqp`] | RabbitMQ topology, headers, the confirmed publisher |
@@ -24,6 +25,7 @@ pub mod amqp;
 pub mod boot;
 pub mod config;
 pub mod contract;
+pub mod engine;
 pub mod error;
 pub mod halo;
 pub mod health;

@@ -130,6 +130,21 @@ impl Results {
 }
 
 #[cfg(test)]
+impl Results {
+    /// Each event's result, in order (`None`: left open): what the
+    /// engines' tests assert on.
+    pub(crate) fn settled(self) -> Vec<Option<Result<Outcome, Failure>>> {
+        self.ended
+            .into_iter()
+            .map(|ended| match ended {
+                Ended::Settled(result) => Some(result),
+                Ended::Open => None,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -8,4 +8,4 @@
 mod handler;
 pub mod mapping;
 
-pub use handler::OverageHandler;
+pub use handler::{Overage, OverageHandler};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 async fn main() -> ExitCode {
     halosync_shared::boot::worker_main(
         "halosync-overage",
-        Arc::new(halosync_overage::OverageHandler),
+        Arc::new(halosync_overage::OverageHandler::default()),
     )
     .await
 }

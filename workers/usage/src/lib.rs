@@ -8,4 +8,4 @@
 mod handler;
 pub mod mapping;
 
-pub use handler::UsageHandler;
+pub use handler::{Usage, UsageHandler};

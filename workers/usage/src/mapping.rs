@@ -31,6 +31,7 @@ use std::cmp::Ordering;
 
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{UsageData, Version};
+use halosync_shared::engine::lines::LineState;
 use halosync_shared::halo::lines;
 use halosync_shared::halo::links::{self, USAGE};
 use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail};
@@ -68,6 +69,20 @@ impl Applied {
             Ordering::Equal => self.version.is_superseded_by(&applied.version),
             other => other == Ordering::Less,
         }
+    }
+}
+
+/// The engine's view of the applied state ([`Applied::encode`],
+/// [`Applied::decode`], [`Applied::is_superseded_by`]).
+impl LineState for Applied {
+    fn encode(&self) -> String {
+        Applied::encode(self)
+    }
+    fn decode(text: &str) -> Option<Applied> {
+        Applied::decode(text)
+    }
+    fn is_superseded_by(&self, applied: &Applied) -> bool {
+        Applied::is_superseded_by(self, applied)
     }
 }
 
@@ -130,6 +145,29 @@ fn common(
         item_internal_reference: Some(marker.to_string()),
         item_external_reference: Some(applied.encode()),
         ..InvoiceDetail::default()
+    }
+}
+
+/// The line as the lines engine writes it (`halosync_shared::engine::lines`):
+/// an update of `line_id`, else a new line.
+pub fn detail(
+    data: &UsageData,
+    product: &str,
+    applied: &Applied,
+    ihid: i64,
+    line_id: Option<i64>,
+    item_id: i64,
+) -> InvoiceDetail {
+    let common = common(data, product, applied, ihid, item_id, &marker(data));
+    match line_id {
+        Some(id) => InvoiceDetail {
+            id: Some(Int32(id)),
+            ..common
+        },
+        None => InvoiceDetail {
+            isinactive: Some(false),
+            ..common
+        },
     }
 }
 
