@@ -10,6 +10,7 @@
 //! | [`outcome`] | how a message was settled |
 //! | [`amqp`] | RabbitMQ topology, headers, the confirmed publisher |
 //! | [`runtime`] | the consume loop: validate, dedupe, lock, apply, settle |
+//! | [`engine`] | the write engines: records with an identity (customers, licences) |
 //! | [`halo`] | the HaloPSA client: tokens, rate budget, requests, links |
 //! | [`store`] | Redis: ledger, id map, versions, locks |
 //! | [`telemetry`] | JSON logs and OTLP traces |
@@ -24,6 +25,7 @@ pub mod amqp;
 pub mod boot;
 pub mod config;
 pub mod contract;
+pub mod engine;
 pub mod error;
 pub mod halo;
 pub mod health;
