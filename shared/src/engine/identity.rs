@@ -188,18 +188,26 @@ impl<'a, F: Identity> Engine<'a, F> {
         lines::settle_array_failure(e, what, items, |i, f| i.settle(Err(f)))
     }
 
-    /// What to do with each of `items` (step 1 of the module doc): Redis,
-    /// plus one bulk import of the kind once per Redis lifetime.
-    pub async fn steps<I: Pending<State = F::State>>(
+    /// What to do with the event of each of `states` (step 1 of the module
+    /// doc): Redis, plus one bulk import of the kind once per Redis
+    /// lifetime.
+    pub async fn steps<'s>(
         &self,
-        items: &[I],
-    ) -> Result<Vec<Step>, Failure> {
-        let ids = Self::ids(items);
+        states: impl IntoIterator<Item = &'s F::State>,
+    ) -> Result<Vec<Step>, Failure>
+    where
+        F::State: 's,
+    {
+        let events: Vec<&Event<F::Data>> = states.into_iter().map(F::event).collect();
+        let ids: Vec<String> = events
+            .iter()
+            .map(|e| F::billing_id(&e.data).to_string())
+            .collect();
         let known = links::known_many(self.store, self.halo, &F::KIND, &ids).await?;
-        Ok(items
+        Ok(events
             .iter()
             .zip(known)
-            .map(|(i, k)| Step::of(k, &F::event(i.state()).version))
+            .map(|(e, k)| Step::of(k, &e.version))
             .collect())
     }
 
@@ -530,8 +538,15 @@ impl<'a, F: Identity> Engine<'a, F> {
         .await?;
         if won && mapping.version.is_none() {
             // HaloPSA did not keep the version on the link: written now.
-            self.record_version(billing_id, &mut mapping, version)
-                .await?;
+            links::record_version(
+                self.store,
+                halo,
+                &F::KIND,
+                billing_id,
+                &mut mapping,
+                version,
+            )
+            .await?;
         }
         Ok((mapping, won))
     }

@@ -125,7 +125,7 @@ async fn batch<const L: bool>(kit: &Kit, events: &[Event<Data>]) -> Results {
             settled: tx.clone(),
         })
         .collect();
-    match engine.steps(&items).await {
+    match engine.steps(items.iter().map(Pending::state)).await {
         Ok(steps) => {
             let (mut creates, mut updates) = (Vec::new(), Vec::new());
             for (item, step) in items.into_iter().zip(steps) {
