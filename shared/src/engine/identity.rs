@@ -88,6 +88,29 @@ pub trait Identity: Sync {
         halo_id: Option<i64>,
         conn: &ConnectionConfig,
     ) -> Result<Value, Failure>;
+
+    /// Where the records that may carry this event's marker in a field of
+    /// their own are listed: how a family whose create does not carry its
+    /// link ([`Self::LINK_ON_CREATE`] false) finds a record whose link was
+    /// never written (a crash between the two requests, a lost answer).
+    /// `None` (the default): the link is the only way.
+    fn listing(&self, _state: &Self::State) -> Option<Listing> {
+        None
+    }
+
+    /// Among the rows [`Self::listing`] gave, the ids of those carrying
+    /// this event's marker, lowest first (pure).
+    fn carrying(&self, _state: &Self::State, _rows: &[Value]) -> Vec<i64> {
+        Vec::new()
+    }
+}
+
+/// A list request (`GET path`, rows under `key`, with `query`, paged) of
+/// the records that may carry an event's marker: [`Identity::listing`].
+pub struct Listing {
+    pub path: &'static str,
+    pub key: &'static str,
+    pub query: Vec<(&'static str, String)>,
 }
 
 /// One open event as the engine carries it: its state, and the handle that
@@ -508,6 +531,92 @@ impl<'a, F: Identity> Engine<'a, F> {
             Failure::transient(format!("HaloPSA saved the {} but returned no id", F::WHAT))
         })?;
         Ok(Ok(id))
+    }
+
+    /// The records of this event's marker in HaloPSA ([`Identity::listing`]),
+    /// lowest id first; none when the family lists none.
+    pub async fn carrying(&self, state: &F::State) -> Result<Vec<i64>, Failure> {
+        let Some(l) = self.family.listing(state) else {
+            return Ok(Vec::new());
+        };
+        let rows = self.halo.list(l.path, l.key, &l.query).await?;
+        Ok(self.family.carrying(state, &rows))
+    }
+
+    /// The one-event resolve: Redis or the ExternalLink (with the applied
+    /// version), else the records carrying the event's marker (no version:
+    /// a record whose link was never written; [`Engine::record_version`]
+    /// writes it). `None`: HaloPSA has no record of the billing id.
+    pub async fn find_one(&self, state: &F::State) -> Result<Option<Mapping>, Failure> {
+        let billing_id = Self::id_of(state);
+        if let Some(m) = links::resolve(self.store, self.halo, &F::KIND, billing_id).await? {
+            return Ok(Some(m));
+        }
+        let found = self.carrying(state).await?;
+        Ok(found.first().map(|&id| {
+            tracing::info!(
+                halo_id = id,
+                what = F::WHAT,
+                "found the record by its own field; its link is missing and will be written"
+            );
+            Mapping {
+                halo_id: id,
+                link_id: None,
+                version: None,
+            }
+        }))
+    }
+
+    /// After a one-event create of a family whose create does not carry
+    /// its link: makes sure `created` is the only record carrying the
+    /// event's marker. Two workers can both create one when the aggregate
+    /// lock was lost (Redis flushed); the lowest id wins and the loser
+    /// deletes the record it created moments before (it holds no MSP data
+    /// yet), and its event is retried against the winner (`transient`,
+    /// throttled: like waiting for a lock, not a failed attempt). Ours,
+    /// it is remembered at once without a version (claiming nothing
+    /// applied), so that a retry after a later step finds it without
+    /// asking HaloPSA.
+    pub async fn keep_lowest_carrying(
+        &self,
+        state: &F::State,
+        created: i64,
+    ) -> Result<Mapping, Failure> {
+        let billing_id = Self::id_of(state);
+        match self.carrying(state).await?.first() {
+            None => tracing::warn!(
+                halo_id = created,
+                what = F::WHAT,
+                "the new record is not listed with its marker: HaloPSA did not keep the field, so only the ExternalLink can find it again"
+            ),
+            Some(&kept) if kept != created => {
+                tracing::warn!(
+                    duplicate = created,
+                    kept,
+                    what = F::WHAT,
+                    "two workers created a record for the same aggregate; removing ours"
+                );
+                self.halo.delete(&format!("{}/{created}", F::PATH)).await?;
+                let mut f = Failure::transient(format!(
+                    "another worker created {} {kept} for {} {billing_id} at the same time; ours ({created}) was removed and the event is retried against theirs",
+                    F::WHAT,
+                    F::KIND.name,
+                ));
+                f.throttled = true;
+                return Err(f);
+            }
+            Some(_) => {}
+        }
+        tracing::info!(halo_id = created, what = F::WHAT, "created the record");
+        let m = Mapping {
+            halo_id: created,
+            link_id: None,
+            version: None,
+        };
+        self.store
+            .set_mapping(self.conn(), F::KIND.name, billing_id, &m)
+            .await?;
+        Ok(m)
     }
 
     /// After a one-event create of a family whose create carries its link:

@@ -12,7 +12,7 @@
 //!    delay tiers; applied as soon as the account worker created it).
 //! 3. The licence: Redis, else the `halosync.subscription` ExternalLink,
 //!    else the customer's licences matched on the marker in
-//!    [`LICENCE_ID_FIELD`]. An event not newer than the version on the
+//!    `thirdparty_client_id` (`links::LICENCE_MARKER_FIELD`). An event not newer than the version on the
 //!    link changes nothing. Update, or create.
 //!    A licence that belonged to another customer (the subscription moved
 //!    account) first has its line on the old customer's invoice retired
@@ -44,8 +44,7 @@ use halosync_shared::store::Mapping;
 use halosync_shared::Failure;
 
 use crate::invoice;
-use crate::mapping::{licences_carrying, line_version, Licences, Terms, Work};
-use halosync_shared::halo::links::LICENCE_MARKER_FIELD as LICENCE_ID_FIELD;
+use crate::mapping::{line_version, Licences, Terms, Work};
 
 pub struct SubscriptionHandler;
 
@@ -195,51 +194,12 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn sub_id(&self) -> &str {
-        &self.data.subscription_id
-    }
-
     /// The licence of this subscription: Redis or the ExternalLink (with the
     /// applied version), else the customer's licences carrying the marker
     /// (no version: a licence whose link was never written, after a crash
-    /// between the two requests).
+    /// between the two requests): [`Engine::find_one`].
     async fn find_licence(&self) -> Result<Option<Mapping>, Failure> {
-        if let Some(m) =
-            links::resolve(&self.svc.store, self.halo, &SUBSCRIPTION, self.sub_id()).await?
-        {
-            return Ok(Some(m));
-        }
-        let found = self.licences_with_marker().await?;
-        Ok(found.first().map(|&id| {
-            tracing::info!(
-                halo_id = id,
-                field = LICENCE_ID_FIELD,
-                "found the licence by its own field; its link is missing and will be written"
-            );
-            Mapping {
-                halo_id: id,
-                link_id: None,
-                version: None,
-            }
-        }))
-    }
-
-    /// The customer's licences (inactive ones too) carrying the marker,
-    /// lowest id first. `thirdparty_client_id` has no GET filter, so the
-    /// match is made here.
-    async fn licences_with_marker(&self) -> Result<Vec<i64>, Failure> {
-        let rows = self
-            .halo
-            .list(
-                "/SoftwareLicence",
-                "licences",
-                &[
-                    ("client_id", self.customer_id.to_string()),
-                    ("includeinactive", "true".into()),
-                ],
-            )
-            .await?;
-        Ok(licences_carrying(&rows, self.marker))
+        engine(self.svc, self.halo).find_one(self.work).await
     }
 
     async fn update_licence(&self, m: &Mapping) -> Result<(), Failure> {
@@ -279,50 +239,9 @@ impl Ctx<'_> {
             }
             Err(e) => return Err(e.into()),
         };
-        let found = self.licences_with_marker().await?;
-        match found.first() {
-            None => tracing::warn!(
-                halo_id = created,
-                field = LICENCE_ID_FIELD,
-                "the new licence is not listed with its subscription marker: HaloPSA did not keep the field, so only the ExternalLink can find it again"
-            ),
-            Some(&kept) if kept != created => {
-                tracing::warn!(
-                    duplicate = created,
-                    kept,
-                    "two workers created a licence for the same subscription; removing ours"
-                );
-                self.halo
-                    .delete(&format!("/SoftwareLicence/{created}"))
-                    .await?;
-                let mut f = Failure::transient(format!(
-                    "another worker created licence {kept} for subscription {} at the same time; ours ({created}) was removed and the event is retried against theirs",
-                    self.sub_id()
-                ));
-                // Like waiting for a lock: not a failed attempt.
-                f.throttled = true;
-                return Err(f);
-            }
-            Some(_) => {}
-        }
-        tracing::info!(halo_id = created, "created the licence");
-        let m = Mapping {
-            halo_id: created,
-            link_id: None,
-            version: None,
-        };
-        // Known at once (without a version, so it claims nothing applied):
-        // a retry of this event after a later step waited too long for the
-        // budget finds the licence without asking HaloPSA again.
-        self.svc
-            .store
-            .set_mapping(
-                &self.halo.connection().name,
-                SUBSCRIPTION.name,
-                self.sub_id(),
-                &m,
-            )
-            .await?;
-        Ok(m)
+        // The only DELETE of a licence halosync ever makes is in there.
+        engine(self.svc, self.halo)
+            .keep_lowest_carrying(self.work, created)
+            .await
     }
 }

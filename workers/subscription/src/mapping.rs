@@ -51,7 +51,7 @@
 
 use halosync_shared::config::{ConnectionConfig, Policy};
 use halosync_shared::contract::{Event, SubscriptionData, Version};
-use halosync_shared::engine::identity::Identity;
+use halosync_shared::engine::identity::{Identity, Listing};
 use halosync_shared::halo::lines;
 use halosync_shared::halo::links::{self, Kind, LICENCE_MARKER_FIELD, SUBSCRIPTION};
 use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail, LicenceList};
@@ -120,6 +120,25 @@ impl Identity for Licences {
             ))
         })?;
         licence_record(&w.event.data, &w.terms, customer, halo_id, &w.marker, conn)
+    }
+
+    /// The customer's licences, inactive ones too: `thirdparty_client_id`
+    /// has no GET filter, so the marker is matched here
+    /// ([`licences_carrying`]).
+    fn listing(&self, w: &Work) -> Option<Listing> {
+        let customer = w.customer_id?;
+        Some(Listing {
+            path: "/SoftwareLicence",
+            key: "licences",
+            query: vec![
+                ("client_id", customer.to_string()),
+                ("includeinactive", "true".into()),
+            ],
+        })
+    }
+
+    fn carrying(&self, w: &Work, rows: &[Value]) -> Vec<i64> {
+        licences_carrying(rows, &w.marker)
     }
 }
 

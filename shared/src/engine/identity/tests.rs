@@ -52,10 +52,35 @@ impl<const LINKED: bool> Identity for Clients<LINKED> {
         body(&Area {
             id: halo_id.map(Int32),
             name: Some(event.data.name.clone()),
+            // The marker, in a field of the record's own.
+            notes: Some(marker(&event.data)),
             new_external_link: link,
             ..Area::default()
         })
     }
+
+    fn listing(&self, _event: &Event<Data>) -> Option<Listing> {
+        (!LINKED).then(|| Listing {
+            path: "/Client",
+            key: "clients",
+            query: vec![("includeinactive", "true".into())],
+        })
+    }
+
+    fn carrying(&self, event: &Event<Data>, rows: &[Value]) -> Vec<i64> {
+        let wanted = marker(&event.data);
+        let mut ids: Vec<i64> = rows
+            .iter()
+            .filter(|r| links::marker_in(r, "notes") == Some(wanted.as_str()))
+            .filter_map(record_id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+}
+
+fn marker(data: &Data) -> String {
+    links::marker(&CUSTOMER, &data.id)
 }
 
 type Results = BTreeMap<String, Result<Outcome, Failure>>;
@@ -164,7 +189,7 @@ async fn one<const L: bool>(kit: &Kit, event: &Event<Data>) -> Result<Outcome, F
     let family = Clients::<L>;
     let engine = engine(kit, &family);
     let id = &event.data.id;
-    if let Some(mut m) = links::resolve(&kit.store, &kit.halo, &CUSTOMER, id).await? {
+    if let Some(mut m) = engine.find_one(event).await? {
         if superseded(&m, &event.version) {
             return Ok(Outcome::Superseded);
         }
@@ -176,11 +201,7 @@ async fn one<const L: bool>(kit: &Kit, event: &Event<Data>) -> Result<Outcome, F
     if L {
         engine.keep_lowest(id, created, &event.version).await?;
     } else {
-        let mut m = Mapping {
-            halo_id: created,
-            link_id: None,
-            version: None,
-        };
+        let mut m = engine.keep_lowest_carrying(event, created).await?;
         engine.record_version(id, &mut m, &event.version).await?;
     }
     Ok(Outcome::Applied)
@@ -197,6 +218,17 @@ async fn apply<const L: bool>(kit: &Kit, events: &[Event<Data>]) -> Results {
         }
     }
     results
+}
+
+/// The batch way alone (`whole`: then the one-event way), for either
+/// kind of family.
+async fn run(kit: &Kit, linked: bool, events: &[Event<Data>], whole: bool) -> Results {
+    match (linked, whole) {
+        (true, false) => batch::<true>(kit, events).await,
+        (false, false) => batch::<false>(kit, events).await,
+        (true, true) => apply::<true>(kit, events).await,
+        (false, true) => apply::<false>(kit, events).await,
+    }
 }
 
 fn outcomes(results: &Results) -> Vec<String> {
@@ -266,11 +298,7 @@ fn one_each() -> BTreeMap<String, usize> {
 async fn create_costs_one_array() {
     for linked in [true, false] {
         let kit = Kit::start().await;
-        let results = if linked {
-            apply::<true>(&kit, &events(&THREE, 1)).await
-        } else {
-            apply::<false>(&kit, &events(&THREE, 1)).await
-        };
+        let results = run(&kit, linked, &events(&THREE, 1), true).await;
         assert_eq!(outcomes(&results), applied(3), "linked: {linked}");
         assert_eq!(customers(&kit), one_each());
         assert_eq!(kit.count("POST /api/Client"), 1, "one create array");
@@ -312,56 +340,68 @@ async fn update_and_superseded() {
     kit.cleanup().await;
 }
 
-/// A partly saved array (the second element refused, the first saved
-/// with its link and version): nothing is settled by the batch, and the
-/// one-event way finds the saved one (its version applied: superseded)
-/// and creates the others, each once.
+/// A partly saved array (the second element refused, the first saved):
+/// nothing is settled by the batch, and the one-event way finds the saved
+/// one and creates the others, each once. Linked, the saved one holds its
+/// version (superseded); otherwise it is found by its marker and its link
+/// and version written.
 #[tokio::test]
 async fn a_partly_saved_array_creates_nothing_twice() {
-    let kit = Kit::start().await;
-    kit.sim.set_faults(Faults {
-        save_then_refuse: vec![1],
-        ..Faults::default()
-    });
-    let open = batch::<true>(&kit, &events(&THREE, 1)).await;
-    assert!(open.is_empty(), "refused: each goes on its own");
-    assert_eq!(kit.sim.partial_saves(), 1);
-    assert_eq!(kit.sim.clients().len(), 1, "the first was saved");
-    let results = apply::<true>(&kit, &events(&THREE, 1)).await;
-    assert_eq!(outcomes(&results), ["superseded", "applied", "applied"]);
-    assert_eq!(customers(&kit), one_each());
-    for (id, _) in THREE {
-        assert_eq!(versions_of(&kit, id).await, (Some(1), vec![Some(1)]));
+    for linked in [true, false] {
+        let kit = Kit::start().await;
+        kit.sim.set_faults(Faults {
+            save_then_refuse: vec![1],
+            ..Faults::default()
+        });
+        let open = run(&kit, linked, &events(&THREE, 1), false).await;
+        assert!(open.is_empty(), "refused: each goes on its own");
+        assert_eq!(kit.sim.partial_saves(), 1);
+        assert_eq!(kit.sim.clients().len(), 1, "the first was saved");
+        let results = run(&kit, linked, &events(&THREE, 1), true).await;
+        let first = if linked { "superseded" } else { "applied" };
+        assert_eq!(outcomes(&results), [first, "applied", "applied"]);
+        assert_eq!(customers(&kit), one_each(), "linked: {linked}");
+        for (id, _) in THREE {
+            assert_eq!(versions_of(&kit, id).await, (Some(1), vec![Some(1)]));
+        }
+        kit.cleanup().await;
     }
-    kit.cleanup().await;
 }
 
 /// A lost answer (the array saved, its answer a 500): the events fail
 /// together, their ids stay unsure, and the retry asks HaloPSA instead of
-/// creating them again.
+/// creating them again (linked: by the link, whose version it holds;
+/// otherwise by the marker).
 #[tokio::test]
 async fn a_lost_answer_creates_nothing_twice() {
-    let kit = Kit::start().await;
-    kit.sim.set_faults(Faults {
-        lose_next: 1,
-        ..Faults::default()
-    });
-    let results = batch::<true>(&kit, &events(&THREE, 1)).await;
-    assert_eq!(results.len(), 3, "failed together");
-    assert!(results.values().all(|r| r.is_err()));
-    assert_eq!(kit.sim.lost_responses(), 1);
-    assert_eq!(kit.sim.clients().len(), 3, "saved all the same");
+    for linked in [true, false] {
+        let kit = Kit::start().await;
+        kit.sim.set_faults(Faults {
+            lose_next: 1,
+            ..Faults::default()
+        });
+        let results = run(&kit, linked, &events(&THREE, 1), false).await;
+        assert_eq!(results.len(), 3, "failed together");
+        assert!(results.values().all(|r| r.is_err()));
+        assert_eq!(kit.sim.lost_responses(), 1);
+        assert_eq!(kit.sim.clients().len(), 3, "saved all the same");
 
-    // The retry asks HaloPSA: saved with their versions, nothing to do.
-    let results = apply::<true>(&kit, &events(&THREE, 1)).await;
-    assert_eq!(outcomes(&results), ["superseded"; 3]);
-    assert_eq!(customers(&kit), one_each(), "created once each");
-    assert_eq!(kit.count("POST /api/Client"), 1, "nothing sent again");
-    // A newer event updates them.
-    let results = apply::<true>(&kit, &events(&THREE, 2)).await;
-    assert_eq!(outcomes(&results), applied(3));
-    assert_eq!(customers(&kit), one_each());
-    kit.cleanup().await;
+        let results = run(&kit, linked, &events(&THREE, 1), true).await;
+        if linked {
+            assert_eq!(outcomes(&results), ["superseded"; 3]);
+            assert_eq!(kit.count("POST /api/Client"), 1, "nothing sent again");
+        } else {
+            assert_eq!(outcomes(&results), applied(3));
+            assert_eq!(kit.count("POST /api/Client"), 1 + 3, "updated, not created");
+        }
+        assert_eq!(customers(&kit), one_each(), "created once each");
+        // A newer event updates them.
+        let results = run(&kit, linked, &events(&THREE, 2), true).await;
+        assert_eq!(outcomes(&results), applied(3));
+        assert_eq!(customers(&kit), one_each());
+        assert_eq!(versions_of(&kit, "a1").await, (Some(2), vec![Some(2)]));
+        kit.cleanup().await;
+    }
 }
 
 /// A record the MSP deleted while Redis maps it: the update is refused,
