@@ -6,7 +6,7 @@
 //! | [`contract`] | the event envelope, families, versions, schema validation |
 //! | [`config`] | the TOML configuration and its checks |
 //! | [`error`] | failure classes (DESIGN §3) |
-//! | [`engine`] | the write engines: invoice lines ([`engine::lines`]) |
+//! | [`engine`] | the write engines: records with an identity ([`engine::identity`]) and invoice lines ([`engine::lines`]) |
 //! | [`label`] | the labelled enums: one spelling per failure class and outcome |
 //! | [`outcome`] | how a message was settled |
 //! | [`amqp`] | RabbitMQ topology, headers, the confirmed publisher |

@@ -1,10 +1,58 @@
 //! Billing account → HaloPSA `Client` record (reference §4.1). Pure, so
 //! that the field mapping and the MSP-data policy are tested on their own.
 
-use halosync_shared::config::Policy;
-use halosync_shared::contract::AccountData;
-use halosync_shared::halo::models::{Area, Int32};
+use halosync_shared::config::{ConnectionConfig, Policy};
+use halosync_shared::contract::{AccountData, Event};
+use halosync_shared::engine::identity::Identity;
+use halosync_shared::halo::links::{self, Kind, CUSTOMER};
+use halosync_shared::halo::models::{body, Area, Int32};
+use halosync_shared::Failure;
 use serde_json::Value;
+
+/// One account event on its way through the worker: the event and the
+/// `/Currency` id of its `currency` (looked up once for the batch).
+pub struct Work {
+    pub event: Event<AccountData>,
+    pub currency: Option<i64>,
+}
+
+/// The account family for the identity engine
+/// ([`halosync_shared::engine::identity`]): one `/Client` per billing
+/// account, created with its link and version inside
+/// (`new_external_link`), so a new customer costs its share of one array.
+pub struct Customers;
+
+impl Identity for Customers {
+    type State = Work;
+    type Data = AccountData;
+    const KIND: Kind = CUSTOMER;
+    const PATH: &'static str = "/Client";
+    const WHAT: &'static str = "customer";
+    const LINK_ON_CREATE: bool = true;
+
+    fn event(w: &Work) -> &Event<AccountData> {
+        &w.event
+    }
+
+    fn billing_id(data: &AccountData) -> &str {
+        &data.account_id
+    }
+
+    fn record(
+        &self,
+        w: &Work,
+        halo_id: Option<i64>,
+        conn: &ConnectionConfig,
+    ) -> Result<Value, Failure> {
+        let (data, version) = (&w.event.data, &w.event.version);
+        body(&Area {
+            new_external_link: halo_id
+                .is_none()
+                .then(|| links::new_link(&CUSTOMER, &data.account_id, version)),
+            ..client_record(data, w.currency, halo_id, conn)
+        })
+    }
+}
 
 /// The `/Client` record (`Area`) for this account's state.
 ///

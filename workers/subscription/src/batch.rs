@@ -20,36 +20,31 @@
 //! *added* here, so a partly saved or unanswered array can never leave a
 //! duplicate.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use halosync_shared::contract::Product;
+use halosync_shared::engine::identity::{Pending, Step, ARRAY_MAX};
 use halosync_shared::halo::lines::{self, Invoice};
-use halosync_shared::halo::links::{self, Known, CUSTOMER, RECURRING_INVOICE, SUBSCRIPTION};
+use halosync_shared::halo::links::{self, Known, CUSTOMER, RECURRING_INVOICE};
 use halosync_shared::halo::models::{body, InvoiceHeader};
-use halosync_shared::halo::{record_id, HaloClient, HaloError};
-use halosync_shared::runtime::{Batch, Open, Outcome, Services};
+use halosync_shared::halo::{record_id, HaloClient};
+use halosync_shared::runtime::{Open, Outcome, Services};
 use halosync_shared::store::{Mapping, SubscriptionLine};
 use halosync_shared::{Failure, FailureClass};
 use serde_json::Value;
 
-use crate::handler::Work;
+use crate::handler::engine;
 use crate::invoice;
-use crate::mapping::{licence_record, line_update, new_line};
+use crate::mapping::{line_update, new_line, Work};
 
-/// The most records one array POST carries (HaloPSA documents no limit,
-/// UNCONFIRMED; 100 is the page size it serves and keeps a refused array
-/// cheap).
-const ARRAY_MAX: usize = 100;
-
-/// One event the batch may apply itself: all of it known.
+/// One event the batch may apply itself: all of it known (its licence's
+/// mapping goes beside it through the identity engine).
 struct Warm<'a> {
     open: Open<'a, Work>,
     item_id: i64,
-    customer_id: i64,
-    licence: Mapping,
     ihid: i64,
     line: i64,
-    marker: String,
 }
 
 /// A subscription HaloPSA does not have yet (known absent, its customer
@@ -57,11 +52,9 @@ struct Warm<'a> {
 struct New<'a> {
     open: Open<'a, Work>,
     item_id: i64,
-    customer_id: i64,
     /// The customer's invoice, or `None` when it has none yet: then it is
     /// created in the same array as its first lines.
     ihid: Option<i64>,
-    marker: String,
 }
 
 /// A new subscription whose licence HaloPSA saved.
@@ -78,14 +71,43 @@ struct Lined<'a> {
     line: Option<i64>,
 }
 
+/// The identity engine carries each of these as its event.
+macro_rules! pending {
+    ($t:ident, $($open:ident).+) => {
+        impl Pending for $t<'_> {
+            type State = Work;
+            fn state(&self) -> &Work {
+                &self.$($open).+
+            }
+            fn settle(self, result: Result<Outcome, Failure>) {
+                self.$($open).+.settle(result)
+            }
+        }
+    };
+}
+pending!(Warm, open);
+pending!(New, open);
+pending!(Lined, licensed.new.open);
+
+/// What Redis knows of a batch: customers, licences (as the identity
+/// engine's steps), invoices, cached lines, by position.
+type Identities = (
+    Vec<Known>,
+    Vec<Step>,
+    Vec<Known>,
+    Vec<Option<SubscriptionLine>>,
+);
+
 /// Applies what it can of the batch (one connection, one event per
 /// subscription, all locks held by the runtime); what it leaves open goes
 /// the one-event path.
-pub(crate) async fn apply(svc: &Services, halo: &HaloClient, batch: &mut Batch<Work>) {
-    let conn = halo.connection().name.clone();
+pub(crate) async fn apply(
+    svc: &Services,
+    halo: &HaloClient,
+    batch: &mut halosync_shared::runtime::Batch<Work>,
+) {
     let open: Vec<Open<'_, Work>> = batch.open().collect();
     let size = open.len();
-
     // 1. The products, before any licence or link is written: a usage or
     //    overage event that finds a subscription's link finds its product
     //    too, and never lists the customer's licences for it.
@@ -96,12 +118,46 @@ pub(crate) async fn apply(svc: &Services, halo: &HaloClient, batch: &mut Batch<W
             (d.subscription_id.as_str(), &d.product)
         })
         .collect();
-    invoice::seed_products(svc, &conn, &products).await;
-    // 1b. Item mappings, once per sku (the config's, else HaloPSA's,
-    //     cached), before anything else: an unmapped sku is dead-lettered
-    //     at once, whatever else is missing, as on the one-event path.
+    invoice::seed_products(svc, &halo.connection().name, &products).await;
+    let mapped = items(svc, halo, open).await;
+    // 2. Identity for the whole batch: Redis in a few round trips, plus one
+    //    bulk import per kind once per Redis lifetime (`links::known_many`).
+    let known = match identities(svc, halo, &mapped).await {
+        Ok(k) => k,
+        // Redis or HaloPSA cannot answer: the one-event path meets the
+        // same error and settles each event with it.
+        Err(f) => {
+            tracing::info!(error = %f, size, "the batch's identities could not be resolved; each event goes on its own");
+            return;
+        }
+    };
+    // 3. Warm (known throughout) and new (known absent); superseded ones
+    //    are done at once; the rest goes the one-event way.
+    let (warm, new) = sort(svc, halo, mapped, known).await;
+    tracing::debug!(
+        size,
+        known = warm.len(),
+        new = new.len(),
+        "the batch takes these itself; the rest goes one by one"
+    );
+    if !warm.is_empty() {
+        apply_warm(svc, halo, warm).await;
+    }
+    if !new.is_empty() {
+        create(svc, halo, new).await;
+    }
+}
+
+/// Item mappings, once per sku (the config's, else HaloPSA's, cached),
+/// before anything else: an unmapped sku is dead-lettered at once,
+/// whatever else is missing, as on the one-event path.
+async fn items<'a>(
+    svc: &Services,
+    halo: &HaloClient,
+    open: Vec<Open<'a, Work>>,
+) -> Vec<(Open<'a, Work>, i64)> {
     let mut items: HashMap<String, Result<i64, Failure>> = HashMap::new();
-    let mut mapped: Vec<(Open<'_, Work>, i64)> = Vec::with_capacity(open.len());
+    let mut mapped = Vec::with_capacity(open.len());
     for w in open {
         let sku = &w.event.data.product.sku;
         let item = match items.get(sku) {
@@ -117,148 +173,127 @@ pub(crate) async fn apply(svc: &Services, halo: &HaloClient, batch: &mut Batch<W
             Err(f) => w.settle(Err(f)),
         }
     }
-    let subs: Vec<String> = mapped
-        .iter()
-        .map(|(w, _)| w.event.data.subscription_id.clone())
-        .collect();
-    let accounts: Vec<String> = mapped
-        .iter()
-        .map(|(w, _)| w.event.data.account_id.clone())
-        .collect();
+    mapped
+}
 
-    // 2. Identity for the whole batch: Redis in a few round trips, plus one
-    //    bulk import per kind once per Redis lifetime (`links::known_many`).
+/// What Redis knows of the batch's customers, licences, invoices and
+/// lines (see [`Identities`]).
+async fn identities(
+    svc: &Services,
+    halo: &HaloClient,
+    mapped: &[(Open<'_, Work>, i64)],
+) -> Result<Identities, Failure> {
     let store = &svc.store;
-    let known = async {
-        Ok::<_, Failure>((
-            links::known_many(store, halo, &CUSTOMER, &accounts).await?,
-            links::known_many(store, halo, &SUBSCRIPTION, &subs).await?,
-            links::known_many(store, halo, &RECURRING_INVOICE, &accounts).await?,
-            store.subscription_lines(&conn).get_many(&subs).await?,
-        ))
-    }
-    .await;
-    let (customers, licences, invoices, cached) = match known {
-        Ok(k) => k,
-        // Redis or HaloPSA cannot answer: the one-event path meets the
-        // same error and settles each event with it.
-        Err(f) => {
-            tracing::info!(error = %f, size, "the batch's identities could not be resolved; each event goes on its own");
-            return;
-        }
-    };
+    let data = || mapped.iter().map(|(w, _)| &w.event.data);
+    let subs: Vec<String> = data().map(|d| d.subscription_id.clone()).collect();
+    let accounts: Vec<String> = data().map(|d| d.account_id.clone()).collect();
+    Ok((
+        links::known_many(store, halo, &CUSTOMER, &accounts).await?,
+        engine(svc, halo)
+            .steps(mapped.iter().map(|(w, _)| &**w))
+            .await?,
+        links::known_many(store, halo, &RECURRING_INVOICE, &accounts).await?,
+        store
+            .subscription_lines(&halo.connection().name)
+            .get_many(&subs)
+            .await?,
+    ))
+}
 
-    // 3. Warm (known throughout) and new (known absent); superseded ones
-    //    are done at once; the rest goes the one-event way.
-    let mut warm: Vec<Warm<'_>> = Vec::new();
-    let mut new: Vec<New<'_>> = Vec::new();
+/// Warm and new events, by what is known of them; a superseded one is
+/// settled, an event whose customer is missing waits for it, the rest is
+/// left open.
+async fn sort<'a>(
+    svc: &Services,
+    halo: &HaloClient,
+    mapped: Vec<(Open<'a, Work>, i64)>,
+    (customers, licences, invoices, cached): Identities,
+) -> (Vec<(Warm<'a>, Mapping)>, Vec<New<'a>>) {
+    let (mut warm, mut new) = (Vec::new(), Vec::new());
     let known = customers
         .into_iter()
         .zip(licences)
         .zip(invoices)
         .zip(cached);
-    for ((w, item_id), (((customer, licence), inv), line)) in mapped.into_iter().zip(known) {
-        let data = &w.event.data;
-        let customer = match customer {
-            Known::Mapped(c) => c,
-            // Not there yet: wait for the account worker, without a
-            // request (and in the shortest tier, so that the events come
-            // back together and are created in one batch).
-            Known::Absent => {
-                let recheck = svc.config().retry.dependency_recheck;
-                let missing = format!(
-                    "account {} is not in HaloPSA yet (no customer linked to it); retried until the account event has been applied",
-                    data.account_id
-                );
-                let f =
-                    links::still_absent(store, halo, &CUSTOMER, &data.account_id, recheck, missing)
-                        .await;
-                w.settle(Err(f));
-                continue;
-            }
-            // The account worker is creating it right now: wait for it
-            // (no request, no attempt).
-            Known::Creating => {
-                let mut f = Failure::dependency(format!(
-                    "account {} is being created in HaloPSA right now; retried once it is",
-                    data.account_id
-                ));
-                f.throttled = true;
-                w.settle(Err(f));
-                continue;
-            }
-            // Redis is unsure: the one-event path asks HaloPSA.
-            Known::Unsure => continue,
+    for ((w, item_id), (((customer, step), inv), line)) in mapped.into_iter().zip(known) {
+        let Some(w) = with_customer(svc, halo, w, customer).await else {
+            continue;
         };
-        let marker = links::marker(&SUBSCRIPTION, &data.subscription_id);
-        match (licence, inv) {
-            (Known::Mapped(licence), inv) => {
-                if licence
-                    .version()
-                    .is_some_and(|applied| w.event.version.is_superseded_by(&applied))
-                {
-                    w.settle(Ok(Outcome::Superseded));
-                    continue;
-                }
-                // A licence whose link or version was never written, a line
-                // not cached, or cached on another invoice (the
-                // subscription moved account): the one-event path knows.
-                let (Known::Mapped(inv), Some(line)) = (inv, line) else {
-                    continue;
-                };
-                if licence.link_id.is_none()
-                    || licence.version.is_none()
-                    || line.ihid != inv.halo_id
-                {
-                    continue;
-                }
-                warm.push(Warm {
+        match (step, inv, line) {
+            (Step::Superseded, _, _) => w.settle(Ok(Outcome::Superseded)),
+            // Warm: a licence with its link and version, its line cached
+            // on the customer's very invoice. Anything less (a link or
+            // version never written, a line not cached, or cached on
+            // another invoice: the subscription moved account): the
+            // one-event path knows.
+            (Step::Update(licence), Known::Mapped(inv), Some(line))
+                if licence.link_id.is_some()
+                    && licence.version.is_some()
+                    && line.ihid == inv.halo_id =>
+            {
+                let warm_one = Warm {
                     open: w,
                     item_id,
-                    customer_id: customer.halo_id,
-                    licence,
                     ihid: inv.halo_id,
                     line: line.line,
-                    marker,
-                });
+                };
+                warm.push((warm_one, licence));
             }
             // New; its invoice known, or known absent (created with it).
-            (Known::Absent, inv @ (Known::Mapped(_) | Known::Absent)) => new.push(New {
+            (Step::Create, inv @ (Known::Mapped(_) | Known::Absent), _) => new.push(New {
                 open: w,
                 item_id,
-                customer_id: customer.halo_id,
                 ihid: match inv {
                     Known::Mapped(m) => Some(m.halo_id),
                     _ => None,
                 },
-                marker,
             }),
             _ => {}
         }
     }
-    tracing::debug!(
-        size,
-        known = warm.len(),
-        new = new.len(),
-        "the batch takes these itself; the rest goes one by one"
-    );
-    while !warm.is_empty() {
-        let chunk = warm.drain(..warm.len().min(ARRAY_MAX)).collect();
-        apply_chunk(svc, halo, chunk).await;
-    }
-    if !new.is_empty() {
-        create(svc, halo, new).await;
-    }
+    (warm, new)
 }
 
-/// Settles the events of a failed array ([`lines::settle_array_failure`]);
-/// returns whether HaloPSA saved nothing.
-fn array_failed<'a>(
-    e: HaloError,
-    what: &str,
-    events: impl IntoIterator<Item = Open<'a, Work>>,
-) -> bool {
-    lines::settle_array_failure(e, what, events, |w, f| w.settle(Err(f)))
+/// The event with its customer set, when Redis knows the customer; else
+/// settled (waiting for the account worker) or left open (`None`).
+async fn with_customer<'a>(
+    svc: &Services,
+    halo: &HaloClient,
+    mut w: Open<'a, Work>,
+    customer: Known,
+) -> Option<Open<'a, Work>> {
+    let account = &w.event.data.account_id;
+    match customer {
+        Known::Mapped(c) => {
+            w.customer_id = Some(c.halo_id);
+            Some(w)
+        }
+        // Not there yet: wait for the account worker, without a request
+        // (and in the shortest tier, so that the events come back together
+        // and are created in one batch).
+        Known::Absent => {
+            let recheck = svc.config().retry.dependency_recheck;
+            let missing = format!(
+                "account {account} is not in HaloPSA yet (no customer linked to it); retried until the account event has been applied"
+            );
+            let f =
+                links::still_absent(&svc.store, halo, &CUSTOMER, account, recheck, missing).await;
+            w.settle(Err(f));
+            None
+        }
+        // The account worker is creating it right now: wait for it (no
+        // request, no attempt).
+        Known::Creating => {
+            let mut f = Failure::dependency(format!(
+                "account {account} is being created in HaloPSA right now; retried once it is"
+            ));
+            f.throttled = true;
+            w.settle(Err(f));
+            None
+        }
+        // Redis is unsure: the one-event path asks HaloPSA.
+        Known::Unsure => None,
+    }
 }
 
 /// New subscriptions: licences in arrays, then their lines (added in
@@ -332,25 +367,15 @@ async fn create(svc: &Services, halo: &HaloClient, new: Vec<New<'_>>) {
 async fn create_under_locks(
     svc: &Services,
     halo: &HaloClient,
-    mut new: Vec<New<'_>>,
+    new: Vec<New<'_>>,
     new_headers: Vec<String>,
 ) {
     let conn = halo.connection().name.clone();
-    let store = &svc.store;
-    let subs: Vec<String> = new
-        .iter()
-        .map(|w| w.open.event.data.subscription_id.clone())
-        .collect();
-    let marked = async {
-        let window = svc.config().worker.http_timeout;
-        store
-            .creating(&conn, SUBSCRIPTION.name, &subs, window)
-            .await?;
-        store
-            .creating(&conn, RECURRING_INVOICE.name, &new_headers, window)
-            .await
-    }
-    .await;
+    let window = svc.config().worker.http_timeout;
+    let marked = svc
+        .store
+        .creating(&conn, RECURRING_INVOICE.name, &new_headers, window)
+        .await;
     if let Err(e) = marked {
         let f: Failure = e.into();
         for w in new {
@@ -358,84 +383,54 @@ async fn create_under_locks(
         }
         return;
     }
-    let policy = halo.connection();
-
-    // Licences.
-    let mut licensed: Vec<Licensed<'_>> = Vec::with_capacity(new.len());
-    while !new.is_empty() {
-        let chunk: Vec<New<'_>> = new.drain(..new.len().min(ARRAY_MAX)).collect();
-        let bodies: Result<Vec<Value>, Failure> = chunk
-            .iter()
-            .map(|w| {
-                let (data, terms) = (&w.open.event.data, &w.open.terms);
-                licence_record(data, terms, w.customer_id, None, &w.marker, policy)
-            })
-            .collect();
-        // A value the model cannot hold: the one-event path fails the one
-        // event it is.
-        let Ok(bodies) = bodies else { continue };
-        let saved = match halo.post_each("/SoftwareLicence", bodies).await {
-            Ok(rows) => rows,
-            Err(None) => continue,
-            Err(Some(e)) => {
-                let ids: Vec<String> = chunk
-                    .iter()
-                    .map(|w| w.open.event.data.subscription_id.clone())
-                    .collect();
-                if array_failed(e, "licence", chunk.into_iter().map(|w| w.open)) {
-                    let _ = store.not_created(&conn, SUBSCRIPTION.name, &ids).await;
-                }
-                continue;
-            }
-        };
-        for (w, row) in chunk.into_iter().zip(&saved) {
-            if let Some(licence) = record_id(row) {
-                licensed.push(Licensed { new: w, licence });
-            }
-        }
-    }
-    // Remembered at once (no version: it claims nothing applied), so that
-    // a retry after a later step finds them without asking HaloPSA.
-    let remembered: Vec<(&str, Mapping)> = licensed
-        .iter()
-        .map(|l| {
-            let mapping = Mapping {
-                halo_id: l.licence,
-                link_id: None,
-                version: None,
-            };
-            (l.new.open.event.data.subscription_id.as_str(), mapping)
+    // Licences, through the identity engine: remembered at once without a
+    // version (it claims nothing applied), so that a retry after a later
+    // step finds them without asking HaloPSA.
+    let licensed: Vec<Licensed<'_>> = engine(svc, halo)
+        .create(new)
+        .await
+        .into_iter()
+        .map(|(new, m)| Licensed {
+            new,
+            licence: m.halo_id,
         })
         .collect();
-    let pairs: Vec<(&str, &Mapping)> = remembered.iter().map(|(s, m)| (*s, m)).collect();
-    if let Err(e) = store.set_mappings(&conn, SUBSCRIPTION.name, &pairs).await {
-        let f: Failure = e.into();
-        for l in licensed {
-            l.new.open.settle(Err(f.clone()));
-        }
-        return;
-    }
+    let (mut lined, by_account) = add_lines(halo, licensed).await;
+    lined.extend(create_invoices(svc, halo, by_account).await);
+    // Versions last, in link arrays.
+    write_versions(svc, halo, lined).await;
+}
 
-    // Lines on invoices HaloPSA has: one add array, invoices mixed; the
-    // others go into the invoices created below.
+/// New subscriptions without a customer invoice yet, by account: the
+/// account's customer and its subscriptions.
+type ByAccount<'a> = BTreeMap<String, (i64, Vec<Licensed<'a>>)>;
+
+/// Lines on invoices HaloPSA has: one add array, invoices mixed. Returns
+/// those saved, and the subscriptions whose customer has no invoice yet
+/// (their lines go into the invoices [`create_invoices`] creates).
+async fn add_lines<'a>(
+    halo: &HaloClient,
+    licensed: Vec<Licensed<'a>>,
+) -> (Vec<Lined<'a>>, ByAccount<'a>) {
     let mut lined: Vec<Lined<'_>> = Vec::with_capacity(licensed.len());
     let mut adds: Vec<((Licensed<'_>, i64), Value)> = Vec::new();
-    // account -> (its customer, its new subscriptions)
-    let mut by_account: BTreeMap<String, (i64, Vec<Licensed<'_>>)> = BTreeMap::new();
+    let mut by_account: ByAccount<'_> = BTreeMap::new();
     for l in licensed {
         let w = &l.new;
         let (data, terms) = (&w.open.event.data, &w.open.terms);
-        match w.ihid {
-            Some(ihid) => {
-                if let Ok(line) = new_line(data, terms, Some(ihid), w.item_id, &w.marker) {
+        match (w.ihid, w.open.customer_id) {
+            (Some(ihid), _) => {
+                if let Ok(line) = new_line(data, terms, Some(ihid), w.item_id, &w.open.marker) {
                     adds.push(((l, ihid), line));
                 }
             }
-            None => by_account
+            (None, Some(customer)) => by_account
                 .entry(data.account_id.clone())
-                .or_insert_with(|| (w.customer_id, Vec::new()))
+                .or_insert_with(|| (customer, Vec::new()))
                 .1
                 .push(l),
+            // Never: a new subscription's customer is known.
+            (None, None) => {}
         }
     }
     for ((l, ihid), r) in lines::add(halo, Invoice::Recurring, adds).await {
@@ -451,82 +446,109 @@ async fn create_under_locks(
             Err(f) => l.new.open.settle(Err(f)),
         }
     }
+    (lined, by_account)
+}
 
-    // Invoices for customers that have none, each with its first lines.
-    let mut headers: Vec<(String, (i64, Vec<Licensed<'_>>))> = by_account.into_iter().collect();
-    let mut invoices: Vec<(String, Mapping)> = Vec::new();
-    let mut scanned: Vec<i64> = Vec::new();
+/// Invoices for customers that have none, each with its first lines, in
+/// arrays; remembered, and seeded for the usage worker ("no usage line
+/// yet"). Returns the subscriptions whose line the answer shows.
+async fn create_invoices<'a>(
+    svc: &Services,
+    halo: &HaloClient,
+    by_account: ByAccount<'a>,
+) -> Vec<Lined<'a>> {
+    let conn = &halo.connection().name;
+    let mut headers: Vec<(String, (i64, Vec<Licensed<'a>>))> = by_account.into_iter().collect();
+    let (mut lined, mut invoices) = (Vec::new(), Vec::new());
     while !headers.is_empty() {
-        let chunk: Vec<(String, (i64, Vec<Licensed<'_>>))> =
-            headers.drain(..headers.len().min(ARRAY_MAX)).collect();
-        let bodies: Result<Vec<Value>, Failure> = chunk
-            .iter()
-            .map(|(account, (customer_id, group))| invoice_with_lines(account, *customer_id, group))
-            .collect();
-        let Ok(bodies) = bodies else { continue };
-        let saved = match halo.post_each("/RecurringInvoice", bodies).await {
-            Ok(rows) => rows,
-            Err(None) => continue,
-            Err(Some(e)) => {
-                let ids: Vec<String> = chunk.iter().map(|(a, _)| a.clone()).collect();
-                let events = chunk
-                    .into_iter()
-                    .flat_map(|(_, (_, group))| group.into_iter().map(|l| l.new.open));
-                if array_failed(e, "invoice", events) {
-                    let _ = store.not_created(&conn, RECURRING_INVOICE.name, &ids).await;
-                }
-                continue;
-            }
-        };
-        for ((account, (_, group)), row) in chunk.into_iter().zip(&saved) {
-            let (Some(ihid), Some(link)) = (
-                record_id(row),
-                links::own_link(row, &RECURRING_INVOICE, &account),
-            ) else {
-                continue;
-            };
-            tracing::info!(
-                halo_id = ihid,
-                account,
-                "created the customer's halosync recurring invoice with its first lines"
-            );
-            let mapping = Mapping {
-                halo_id: ihid,
-                link_id: Some(link),
-                version: None,
-            };
+        let chunk: Vec<_> = headers.drain(..headers.len().min(ARRAY_MAX)).collect();
+        for (account, mapping, saved) in post_invoices(svc, halo, chunk).await {
             invoices.push((account, mapping));
-            scanned.push(ihid);
-            for l in group {
-                // Only a line the answer shows is taken as saved.
-                if let Some(line) = lines::carrying(row, &l.new.marker)
-                    .first()
-                    .and_then(|line| record_id(line))
-                {
-                    lined.push(Lined {
-                        licensed: l,
-                        ihid,
-                        line: Some(line),
-                    });
-                }
-            }
+            lined.extend(saved);
         }
     }
     let pairs: Vec<(&str, &Mapping)> = invoices.iter().map(|(a, m)| (a.as_str(), m)).collect();
-    if let Err(e) = store
-        .set_mappings(&conn, RECURRING_INVOICE.name, &pairs)
+    if let Err(e) = svc
+        .store
+        .set_mappings(conn, RECURRING_INVOICE.name, &pairs)
         .await
     {
         tracing::warn!(error = %e, "could not remember the new invoices; they are looked up again");
     }
     // A new invoice has no usage line: the usage worker need not read it.
-    invoice::seed_usage_scanned(svc, &conn, &scanned).await;
+    let scanned: Vec<i64> = invoices.iter().map(|(_, m)| m.halo_id).collect();
+    invoice::seed_usage_scanned(svc, conn, &scanned).await;
+    lined
+}
 
-    // Versions last, in link arrays.
-    while !lined.is_empty() {
-        let chunk: Vec<Lined<'_>> = lined.drain(..lined.len().min(ARRAY_MAX)).collect();
-        write_versions(svc, halo, chunk).await;
+/// One array of new invoices with their first lines: each saved one's
+/// account, mapping, and the subscriptions whose line the answer shows. A
+/// failed array settles its events (or leaves them to the one-event way).
+async fn post_invoices<'a>(
+    svc: &Services,
+    halo: &HaloClient,
+    chunk: Vec<(String, (i64, Vec<Licensed<'a>>))>,
+) -> Vec<(String, Mapping, Vec<Lined<'a>>)> {
+    let bodies: Result<Vec<Value>, Failure> = chunk
+        .iter()
+        .map(|(account, (customer_id, group))| invoice_with_lines(account, *customer_id, group))
+        .collect();
+    let Ok(bodies) = bodies else {
+        return Vec::new();
+    };
+    let saved = match halo.post_each("/RecurringInvoice", bodies).await {
+        Ok(rows) => rows,
+        Err(None) => return Vec::new(),
+        Err(Some(e)) => {
+            let ids: Vec<String> = chunk.iter().map(|(a, _)| a.clone()).collect();
+            let events = chunk
+                .into_iter()
+                .flat_map(|(_, (_, group))| group.into_iter().map(|l| l.new.open));
+            if lines::settle_array_failure(e, "invoice", events, |w, f| w.settle(Err(f))) {
+                let conn = &halo.connection().name;
+                let _ = svc
+                    .store
+                    .not_created(conn, RECURRING_INVOICE.name, &ids)
+                    .await;
+            }
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for ((account, (_, group)), row) in chunk.into_iter().zip(&saved) {
+        let (Some(ihid), Some(link)) = (
+            record_id(row),
+            links::own_link(row, &RECURRING_INVOICE, &account),
+        ) else {
+            continue;
+        };
+        tracing::info!(
+            halo_id = ihid,
+            account,
+            "created the customer's halosync recurring invoice with its first lines"
+        );
+        let mapping = Mapping {
+            halo_id: ihid,
+            link_id: Some(link),
+            version: None,
+        };
+        // Only a line the answer shows is taken as saved.
+        let saved_lines = group
+            .into_iter()
+            .filter_map(|l| {
+                let line = lines::carrying(row, &l.new.open.marker)
+                    .first()
+                    .and_then(|line| record_id(line))?;
+                Some(Lined {
+                    licensed: l,
+                    ihid,
+                    line: Some(line),
+                })
+            })
+            .collect();
+        out.push((account, mapping, saved_lines));
     }
+    out
 }
 
 /// The recurring invoice of `account` (none yet) for its customer, with
@@ -544,13 +566,8 @@ fn invoice_with_lines(
         .iter()
         .map(|l| {
             let w = &l.new;
-            new_line(
-                &w.open.event.data,
-                &w.open.terms,
-                None,
-                w.item_id,
-                &w.marker,
-            )
+            let marker = &w.open.marker;
+            new_line(&w.open.event.data, &w.open.terms, None, w.item_id, marker)
         })
         .collect::<Result<Vec<Value>, Failure>>()?;
     if let Some(h) = header.as_object_mut() {
@@ -560,107 +577,74 @@ fn invoice_with_lines(
 }
 
 /// The links of new subscriptions whose licence and line are saved, with
-/// the applied version, in one array; then Redis.
-async fn write_versions(svc: &Services, halo: &HaloClient, chunk: Vec<Lined<'_>>) {
-    let conn = &halo.connection().name;
-    let store = &svc.store;
-    let bodies = chunk
-        .iter()
+/// the applied version, in arrays (the identity engine); then their lines
+/// cached and their mappings in Redis.
+async fn write_versions(svc: &Services, halo: &HaloClient, lined: Vec<Lined<'_>>) {
+    let engine = engine(svc, halo);
+    let items: Vec<(Lined<'_>, Mapping)> = lined
+        .into_iter()
         .map(|l| {
-            let event = &l.licensed.new.open.event;
-            body(&links::link_record(
-                &SUBSCRIPTION,
-                &event.data.subscription_id,
-                l.licensed.licence,
-                None,
-                Some(&event.version),
+            let m = Mapping {
+                halo_id: l.licensed.licence,
+                link_id: None,
+                version: None,
+            };
+            (l, m)
+        })
+        .collect();
+    let versioned = engine.versions(items).await;
+    let cache: Vec<(String, SubscriptionLine)> = versioned
+        .iter()
+        .filter_map(|(l, _)| {
+            let sub = l.state().event.data.subscription_id.clone();
+            Some((
+                sub,
+                SubscriptionLine {
+                    ihid: l.ihid,
+                    line: l.line?,
+                },
             ))
         })
-        .collect::<Result<Vec<Value>, Failure>>();
-    let Ok(bodies) = bodies else { return };
-    let saved = match halo.post_each("/ExternalLink", bodies).await {
-        Ok(rows) => rows,
-        Err(None) => return,
-        Err(Some(e)) => {
-            array_failed(e, "version", chunk.into_iter().map(|l| l.licensed.new.open));
-            return;
-        }
-    };
-    let mut maps: Vec<(String, Mapping)> = Vec::new();
-    let mut cache: Vec<(String, SubscriptionLine)> = Vec::new();
-    let mut applied: Vec<Lined<'_>> = Vec::new();
-    for (l, row) in chunk.into_iter().zip(&saved) {
-        let Some(link) = record_id(row) else { continue };
-        let event = &l.licensed.new.open.event;
-        let sub = &event.data.subscription_id;
-        maps.push((
-            sub.clone(),
-            Mapping {
-                halo_id: l.licensed.licence,
-                link_id: Some(link),
-                version: Some(event.version.encode()),
-            },
-        ));
-        if let Some(line) = l.line {
-            cache.push((sub.clone(), SubscriptionLine { ihid: l.ihid, line }));
-        }
-        applied.push(l);
-    }
-    let pairs: Vec<(&str, &Mapping)> = maps.iter().map(|(s, m)| (s.as_str(), m)).collect();
-    let r = async {
-        store.set_mappings(conn, SUBSCRIPTION.name, &pairs).await?;
-        store.subscription_lines(conn).set_many(&cache).await
-    }
-    .await
-    .map_err(Failure::from);
-    for l in applied {
-        let open = l.licensed.new.open;
-        tracing::info!(halo_id = l.licensed.licence, subscription = %open.event.data.subscription_id, "created the licence and its line");
-        open.settle(r.clone().map(|_| Outcome::Applied));
-    }
-}
-
-/// One array of at most [`ARRAY_MAX`] of each: licences, then lines
-/// carrying the version.
-async fn apply_chunk(svc: &Services, halo: &HaloClient, chunk: Vec<Warm<'_>>) {
-    let policy = halo.connection();
-    // Licences. A failed array (refused in part, lost answer) leaves all
-    // its events to the one-event path: updates merge, resending is
-    // harmless, and that path tells a stale mapping from a real refusal.
-    let bodies: Result<Vec<Value>, Failure> = chunk
-        .iter()
-        .map(|w| {
-            licence_record(
-                &w.open.event.data,
-                &w.open.terms,
-                w.customer_id,
-                Some(w.licence.halo_id),
-                &w.marker,
-                policy,
-            )
-        })
         .collect();
-    // A value the model cannot hold: the one-event path fails the one
-    // event it is.
-    let Ok(bodies) = bodies else { return };
-    if let Err(e) = halo.post("/SoftwareLicence", bodies).await {
-        array_failed(e, "licence", chunk.into_iter().map(|w| w.open));
+    let conn = &halo.connection().name;
+    if let Err(e) = svc.store.subscription_lines(conn).set_many(&cache).await {
+        let f: Failure = e.into();
+        for (l, _) in versioned {
+            l.settle(Err(f.clone()));
+        }
         return;
     }
+    for (l, m) in &versioned {
+        let subscription = &l.state().event.data.subscription_id;
+        tracing::info!(halo_id = m.halo_id, %subscription, "created the licence and its line");
+    }
+    engine.applied(versioned).await;
+}
 
+/// Known subscriptions: their licences in arrays (the identity engine),
+/// then their lines, carrying the version, in `updatelines` arrays; the
+/// version, riding on the line (`mapping` module doc), is then remembered
+/// in Redis, with no further request.
+async fn apply_warm(svc: &Services, halo: &HaloClient, warm: Vec<(Warm<'_>, Mapping)>) {
+    let policy = halo.connection();
+    let engine = engine(svc, halo);
+    // A failed licence array (refused in part, lost answer) leaves its
+    // events to the one-event path: updates merge, resending is harmless,
+    // and that path tells a stale mapping from a real refusal.
+    let written = engine.update(warm).await;
     // Lines: merged by id, split to isolate a refused one.
-    let bodies: Vec<(Warm<'_>, Value)> = chunk
+    let bodies: Vec<((Warm<'_>, Mapping), Value)> = written
         .into_iter()
-        .filter_map(|w| {
-            let (data, terms) = (&w.open.event.data, &w.open.terms);
-            let line = line_update(data, terms, w.ihid, w.line, w.item_id, &w.marker, policy);
-            line.ok().map(|l| (w, l))
+        .filter_map(|(w, m)| {
+            let (data, terms, marker) = (&w.open.event.data, &w.open.terms, &w.open.marker);
+            let line = line_update(data, terms, w.ihid, w.line, w.item_id, marker, policy);
+            line.ok().map(|l| ((w, m), l))
         })
         .collect();
-    let mut written: Vec<Warm<'_>> = Vec::new();
-    for (w, r) in lines::update(halo, Invoice::Recurring, bodies).await {
+    let mut done = Vec::new();
+    for ((w, m), r) in lines::update(halo, Invoice::Recurring, bodies).await {
         match r {
-            Ok(_) => written.push(w),
+            Ok(_) => done.push((w, m)),
             // A cached line HaloPSA refuses (the MSP deleted it): the one
             // policy of every family, the cache dropped and the event
             // retried from the invoice's lines, on the one-event path.
@@ -677,28 +661,5 @@ async fn apply_chunk(svc: &Services, halo: &HaloClient, chunk: Vec<Warm<'_>>) {
             Err(f) => w.open.settle(Err(f)),
         }
     }
-    if written.is_empty() {
-        return;
-    }
-
-    // The version rode on the line (`mapping` module doc): Redis records
-    // it, no further request.
-    let mappings: Vec<(&str, Mapping)> = written
-        .iter()
-        .map(|w| {
-            let mut m = w.licence.clone();
-            m.version = Some(w.open.event.version.encode());
-            (w.open.event.data.subscription_id.as_str(), m)
-        })
-        .collect();
-    let refs: Vec<(&str, &Mapping)> = mappings.iter().map(|(s, m)| (*s, m)).collect();
-    let r = svc
-        .store
-        .set_mappings(&policy.name, SUBSCRIPTION.name, &refs)
-        .await
-        .map(|_| Outcome::Applied)
-        .map_err(Failure::from);
-    for w in written {
-        w.open.settle(r.clone());
-    }
+    engine.applied(done).await;
 }

@@ -12,7 +12,7 @@
 //!    delay tiers; applied as soon as the account worker created it).
 //! 3. The licence: Redis, else the `halosync.subscription` ExternalLink,
 //!    else the customer's licences matched on the marker in
-//!    [`LICENCE_ID_FIELD`]. An event not newer than the version on the
+//!    `thirdparty_client_id` (`links::LICENCE_MARKER_FIELD`). An event not newer than the version on the
 //!    link changes nothing. Update, or create.
 //!    A licence that belonged to another customer (the subscription moved
 //!    account) first has its line on the old customer's invoice retired
@@ -34,49 +34,49 @@
 //! carries the version.
 
 use async_trait::async_trait;
-use halosync_shared::contract::{Event, Family, SubscriptionData, Version};
+use halosync_shared::contract::{Event, Family, SubscriptionData};
+use halosync_shared::engine::identity::{superseded, Engine};
 use halosync_shared::halo::items;
 use halosync_shared::halo::links::{self, CUSTOMER, SUBSCRIPTION};
-use halosync_shared::halo::{record_id, HaloClient};
+use halosync_shared::halo::HaloClient;
 use halosync_shared::runtime::{Batch, Handler, Outcome, Results, Services};
 use halosync_shared::store::Mapping;
 use halosync_shared::Failure;
 
 use crate::invoice;
-use crate::mapping::{licence_record, licences_carrying, line_version, Terms};
-use halosync_shared::halo::links::LICENCE_MARKER_FIELD as LICENCE_ID_FIELD;
+use crate::mapping::{line_version, Licences, Terms, Work};
 
 pub struct SubscriptionHandler;
 
-/// One event of a batch: the event and its money and quantity, checked
-/// before any request.
-pub(crate) struct Work {
-    pub event: Event<SubscriptionData>,
-    pub terms: Terms,
+/// The identity engine of the licences on this connection.
+pub(crate) fn engine<'a>(svc: &'a Services, halo: &'a HaloClient) -> Engine<'a, Licences> {
+    let window = svc.config().worker.http_timeout;
+    Engine::new(&Licences, &svc.store, halo, window)
 }
 
 /// One event on its own: a new subscription, and whatever a batch's
 /// arrays did not finish.
-async fn apply_one(svc: &Services, halo: &HaloClient, work: &Work) -> Result<Outcome, Failure> {
-    let (data, version) = (&work.event.data, &work.event.version);
-    let item_id = item_for(svc, halo, &data.product.sku).await?;
+async fn apply_one(svc: &Services, halo: &HaloClient, work: &mut Work) -> Result<Outcome, Failure> {
+    let item_id = item_for(svc, halo, &work.event.data.product.sku).await?;
     let recheck = svc.config().retry.dependency_recheck;
-    let customer = links::require_customer(&svc.store, halo, &data.account_id, recheck).await?;
-    let marker = links::marker(&SUBSCRIPTION, &data.subscription_id);
+    let account = &work.event.data.account_id;
+    let customer = links::require_customer(&svc.store, halo, account, recheck).await?;
+    work.customer_id = Some(customer.halo_id);
+    let work: &Work = work;
+    let (data, version, marker) = (&work.event.data, &work.event.version, &work.marker);
     let cx = Ctx {
         svc,
         halo,
+        work,
         data,
         terms: &work.terms,
         customer_id: customer.halo_id,
         item_id,
-        marker: &marker,
+        marker,
     };
     let (mut mapping, new_licence, header) = match cx.find_licence().await? {
         Some(mut m) => {
-            if m.version()
-                .is_some_and(|applied| version.is_superseded_by(&applied))
-            {
+            if superseded(&m, version) {
                 return Ok(Outcome::Superseded);
             }
             // Redis does not know the line (lost, or never cached): the
@@ -85,7 +85,7 @@ async fn apply_one(svc: &Services, halo: &HaloClient, work: &Work) -> Result<Out
             let header = invoice::header_unless_cached(&cx).await?;
             if let Some(on_line) = header
                 .as_ref()
-                .and_then(|h| line_version(h, &marker))
+                .and_then(|h| line_version(h, marker))
                 .filter(|v| version.is_superseded_by(v))
             {
                 m.version = Some(on_line.encode());
@@ -117,7 +117,10 @@ async fn apply_one(svc: &Services, halo: &HaloClient, work: &Work) -> Result<Out
         }
     };
     invoice::sync_line(&cx, new_licence, header).await?;
-    cx.record_version(&mut mapping, version).await?;
+    let engine = engine(svc, halo);
+    engine
+        .record_version(&data.subscription_id, &mut mapping, version)
+        .await?;
     Ok(Outcome::Applied)
 }
 
@@ -155,13 +158,10 @@ impl Handler for SubscriptionHandler {
         halo: &HaloClient,
         events: Batch<Event<SubscriptionData>>,
     ) -> Results {
-        let mut batch = events.map(|event| {
-            let terms = Terms::of(&event.data, &event.version)?;
-            Ok(Work { event, terms })
-        });
+        let mut batch = events.map(Work::of);
         crate::batch::apply(svc, halo, &mut batch).await;
-        for open in batch.open() {
-            let result = apply_one(svc, halo, &open).await;
+        for mut open in batch.open() {
+            let result = apply_one(svc, halo, &mut open).await;
             open.settle(result);
         }
         batch.finish()
@@ -181,6 +181,8 @@ pub(crate) async fn item_for(svc: &Services, halo: &HaloClient, sku: &str) -> Re
 pub(crate) struct Ctx<'a> {
     pub svc: &'a Services,
     pub halo: &'a HaloClient,
+    /// The event, its customer resolved.
+    pub work: &'a Work,
     pub data: &'a SubscriptionData,
     pub terms: &'a Terms,
     /// The HaloPSA customer of the subscription's account.
@@ -192,83 +194,16 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn sub_id(&self) -> &str {
-        &self.data.subscription_id
-    }
-
     /// The licence of this subscription: Redis or the ExternalLink (with the
     /// applied version), else the customer's licences carrying the marker
     /// (no version: a licence whose link was never written, after a crash
-    /// between the two requests).
+    /// between the two requests): [`Engine::find_one`].
     async fn find_licence(&self) -> Result<Option<Mapping>, Failure> {
-        if let Some(m) =
-            links::resolve(&self.svc.store, self.halo, &SUBSCRIPTION, self.sub_id()).await?
-        {
-            return Ok(Some(m));
-        }
-        let found = self.licences_with_marker().await?;
-        Ok(found.first().map(|&id| {
-            tracing::info!(
-                halo_id = id,
-                field = LICENCE_ID_FIELD,
-                "found the licence by its own field; its link is missing and will be written"
-            );
-            Mapping {
-                halo_id: id,
-                link_id: None,
-                version: None,
-            }
-        }))
-    }
-
-    /// The customer's licences (inactive ones too) carrying the marker,
-    /// lowest id first. `thirdparty_client_id` has no GET filter, so the
-    /// match is made here.
-    async fn licences_with_marker(&self) -> Result<Vec<i64>, Failure> {
-        let rows = self
-            .halo
-            .list(
-                "/SoftwareLicence",
-                "licences",
-                &[
-                    ("client_id", self.customer_id.to_string()),
-                    ("includeinactive", "true".into()),
-                ],
-            )
-            .await?;
-        Ok(licences_carrying(&rows, self.marker))
+        engine(self.svc, self.halo).find_one(self.work).await
     }
 
     async fn update_licence(&self, m: &Mapping) -> Result<(), Failure> {
-        let body = licence_record(
-            self.data,
-            self.terms,
-            self.customer_id,
-            Some(m.halo_id),
-            self.marker,
-            self.halo.connection(),
-        )?;
-        let Err(e) = self.halo.save("/SoftwareLicence", body).await else {
-            return Ok(());
-        };
-        if matches!(e.status(), Some(400 | 404))
-            && m.link_id.is_some()
-            && links::drop_if_stale(
-                &self.svc.store,
-                self.halo,
-                &SUBSCRIPTION,
-                self.sub_id(),
-                m.halo_id,
-            )
-            .await?
-        {
-            return Err(Failure::transient(format!(
-                "licence {} mapped to subscription {} is gone from HaloPSA; the stale mapping was dropped and the event is retried afresh",
-                m.halo_id,
-                self.sub_id()
-            )));
-        }
-        Err(e.into())
+        engine(self.svc, self.halo).update_one(self.work, m).await
     }
 
     /// Creates the licence, then makes sure it is the only one carrying the
@@ -279,25 +214,8 @@ impl Ctx<'_> {
     /// otherwise made inactive, never deleted. The loser's event is then
     /// retried against the winner.
     async fn create_licence(&self) -> Result<Mapping, Failure> {
-        let body = licence_record(
-            self.data,
-            self.terms,
-            self.customer_id,
-            None,
-            self.marker,
-            self.halo.connection(),
-        )?;
-        self.svc
-            .store
-            .creating(
-                &self.halo.connection().name,
-                SUBSCRIPTION.name,
-                &[self.sub_id().to_string()],
-                self.svc.config().worker.http_timeout,
-            )
-            .await?;
-        let saved = match self.halo.save("/SoftwareLicence", body).await {
-            Ok(saved) => saved,
+        let created = match engine(self.svc, self.halo).create_one(self.work).await? {
+            Ok(created) => created,
             Err(e) if matches!(e.status(), Some(400 | 404)) => {
                 // A customer that is gone from HaloPSA (while Redis still
                 // maps the account to it) is a missing dependency, not a
@@ -321,125 +239,9 @@ impl Ctx<'_> {
             }
             Err(e) => return Err(e.into()),
         };
-        let created = record_id(&saved)
-            .ok_or_else(|| Failure::transient("HaloPSA saved the licence but returned no id"))?;
-        let found = self.licences_with_marker().await?;
-        match found.first() {
-            None => tracing::warn!(
-                halo_id = created,
-                field = LICENCE_ID_FIELD,
-                "the new licence is not listed with its subscription marker: HaloPSA did not keep the field, so only the ExternalLink can find it again"
-            ),
-            Some(&kept) if kept != created => {
-                tracing::warn!(
-                    duplicate = created,
-                    kept,
-                    "two workers created a licence for the same subscription; removing ours"
-                );
-                self.halo
-                    .delete(&format!("/SoftwareLicence/{created}"))
-                    .await?;
-                let mut f = Failure::transient(format!(
-                    "another worker created licence {kept} for subscription {} at the same time; ours ({created}) was removed and the event is retried against theirs",
-                    self.sub_id()
-                ));
-                // Like waiting for a lock: not a failed attempt.
-                f.throttled = true;
-                return Err(f);
-            }
-            Some(_) => {}
-        }
-        tracing::info!(halo_id = created, "created the licence");
-        let m = Mapping {
-            halo_id: created,
-            link_id: None,
-            version: None,
-        };
-        // Known at once (without a version, so it claims nothing applied):
-        // a retry of this event after a later step waited too long for the
-        // budget finds the licence without asking HaloPSA again.
-        self.svc
-            .store
-            .set_mapping(
-                &self.halo.connection().name,
-                SUBSCRIPTION.name,
-                self.sub_id(),
-                &m,
-            )
-            .await?;
-        Ok(m)
-    }
-
-    /// Writes `version` on the link (creating the link if the licence has
-    /// none yet), then in Redis. A link created here is not atomic with the
-    /// licence, so two workers without the aggregate lock could each write
-    /// one: the earliest is kept, ours removed, so that the version lives in
-    /// one place.
-    async fn record_version(
-        &self,
-        mapping: &mut Mapping,
-        version: &Version,
-    ) -> Result<(), Failure> {
-        let store = &self.svc.store;
-        let wrote_link = mapping.link_id.is_none();
-        links::record_version(
-            store,
-            self.halo,
-            &SUBSCRIPTION,
-            self.sub_id(),
-            mapping,
-            version,
-        )
-        .await?;
-        if !wrote_link {
-            return Ok(());
-        }
-        let Some(ours) = mapping.link_id else {
-            return Ok(());
-        };
-        let found = links::find(self.halo, &SUBSCRIPTION, self.sub_id()).await?;
-        let Some(earliest) = found
-            .iter()
-            .filter(|l| l.halo_id == mapping.halo_id)
-            .min_by_key(|l| l.id)
-            .cloned()
-        else {
-            return Ok(());
-        };
-        if earliest.id == ours {
-            return Ok(());
-        }
-        tracing::warn!(
-            duplicate = ours,
-            kept = earliest.id,
-            "two workers linked the same licence; removing our link"
-        );
-        self.halo.delete(&format!("/ExternalLink/{ours}")).await?;
-        mapping.link_id = Some(earliest.id);
-        match earliest.version {
-            Some(theirs) if version.is_superseded_by(&theirs) => {
-                mapping.version = Some(theirs.encode());
-                store
-                    .set_mapping(
-                        &self.halo.connection().name,
-                        SUBSCRIPTION.name,
-                        self.sub_id(),
-                        mapping,
-                    )
-                    .await?;
-                Ok(())
-            }
-            _ => {
-                links::record_version(
-                    store,
-                    self.halo,
-                    &SUBSCRIPTION,
-                    self.sub_id(),
-                    mapping,
-                    version,
-                )
-                .await
-            }
-        }
+        // The only DELETE of a licence halosync ever makes is in there.
+        engine(self.svc, self.halo)
+            .keep_lowest_carrying(self.work, created)
+            .await
     }
 }

@@ -49,14 +49,98 @@
 //! [`lines::VERSION_FIELD`]: halosync_shared::halo::lines::VERSION_FIELD
 //! [`lines::carrying`]: halosync_shared::halo::lines::carrying
 
-use halosync_shared::config::Policy;
-use halosync_shared::contract::{SubscriptionData, Version};
+use halosync_shared::config::{ConnectionConfig, Policy};
+use halosync_shared::contract::{Event, SubscriptionData, Version};
+use halosync_shared::engine::identity::{Identity, Listing};
 use halosync_shared::halo::lines;
-use halosync_shared::halo::links::{self, LICENCE_MARKER_FIELD};
+use halosync_shared::halo::links::{self, Kind, LICENCE_MARKER_FIELD, SUBSCRIPTION};
 use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail, LicenceList};
 use halosync_shared::halo::record_id;
 use halosync_shared::Failure;
 use serde_json::Value;
+
+/// One subscription event on its way through the worker: the event, its
+/// money and quantity (checked before any request), its marker, and its
+/// account's customer once resolved.
+pub struct Work {
+    pub event: Event<SubscriptionData>,
+    pub terms: Terms,
+    /// `halosync.subscription:<subscription_id>` ([`links::marker`]).
+    pub marker: String,
+    /// The HaloPSA customer of the subscription's account.
+    pub customer_id: Option<i64>,
+}
+
+impl Work {
+    pub fn of(event: Event<SubscriptionData>) -> Result<Work, Failure> {
+        let terms = Terms::of(&event.data, &event.version)?;
+        let marker = links::marker(&SUBSCRIPTION, &event.data.subscription_id);
+        Ok(Work {
+            event,
+            terms,
+            marker,
+            customer_id: None,
+        })
+    }
+}
+
+/// The subscription family's licences for the identity engine
+/// ([`halosync_shared::engine::identity`]): one `/SoftwareLicence` per
+/// subscription, under its account's customer, carrying its marker. The
+/// reference lists no `new_external_link` for licences, so the link (with
+/// the version) is written after the licence and its line.
+pub struct Licences;
+
+impl Identity for Licences {
+    type State = Work;
+    type Data = SubscriptionData;
+    const KIND: Kind = SUBSCRIPTION;
+    const PATH: &'static str = "/SoftwareLicence";
+    const WHAT: &'static str = "licence";
+    const LINK_ON_CREATE: bool = false;
+
+    fn event(w: &Work) -> &Event<SubscriptionData> {
+        &w.event
+    }
+
+    fn billing_id(data: &SubscriptionData) -> &str {
+        &data.subscription_id
+    }
+
+    fn record(
+        &self,
+        w: &Work,
+        halo_id: Option<i64>,
+        conn: &ConnectionConfig,
+    ) -> Result<Value, Failure> {
+        let customer = w.customer_id.ok_or_else(|| {
+            Failure::transient(format!(
+                "the customer of account {} was not resolved before its licence was written",
+                w.event.data.account_id
+            ))
+        })?;
+        licence_record(&w.event.data, &w.terms, customer, halo_id, &w.marker, conn)
+    }
+
+    /// The customer's licences, inactive ones too: `thirdparty_client_id`
+    /// has no GET filter, so the marker is matched here
+    /// ([`licences_carrying`]).
+    fn listing(&self, w: &Work) -> Option<Listing> {
+        let customer = w.customer_id?;
+        Some(Listing {
+            path: "/SoftwareLicence",
+            key: "licences",
+            query: vec![
+                ("client_id", customer.to_string()),
+                ("includeinactive", "true".into()),
+            ],
+        })
+    }
+
+    fn carrying(&self, w: &Work, rows: &[Value]) -> Vec<i64> {
+        licences_carrying(rows, &w.marker)
+    }
+}
 
 /// What the event's data becomes, checked before any HaloPSA request so
 /// that a bad value never leaves a half-applied event.
