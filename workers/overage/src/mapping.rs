@@ -20,12 +20,9 @@
 
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{OverageData, Version};
-use halosync_shared::halo::lines;
 use halosync_shared::halo::links::{self, OVERAGE};
 use halosync_shared::halo::models::{DateTime, Int32, InvoiceDetail, InvoiceHeader};
-use halosync_shared::halo::record_id;
 use halosync_shared::Failure;
-use serde_json::Value;
 
 /// `"{subscription_id}:{metric}:{period_start}"` (DESIGN §1).
 pub fn aggregate(d: &OverageData) -> String {
@@ -145,27 +142,11 @@ pub fn line(
     }
 }
 
-/// The lines of a header (`GET /Invoice/{id}?includedetails=true`)
-/// carrying `marker`: `(line id, applied version)`, lowest id first.
-///
-/// Found by [`lines::carrying`], the one rule of every family: the marker
-/// compared trimmed and exactly otherwise, in the header's `lines` (the
-/// one property HaloPSA's document gives them). This worker used to
-/// compare untrimmed and to look in `invoice_lines` and `details` too,
-/// keys the document does not have; the shared, robust reading replaced
-/// that (a padded marker HaloPSA hands back is still ours).
-pub fn lines_carrying(header: &Value, marker: &str) -> Vec<(i64, Option<Version>)> {
-    lines::carrying(header, marker)
-        .into_iter()
-        .filter_map(|l| Some((record_id(l)?, lines::version_of(l))))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use halosync_shared::halo::lines;
     use halosync_shared::halo::models::body;
-    use serde_json::json;
 
     fn data(q: f64) -> OverageData {
         OverageData {
@@ -203,25 +184,6 @@ mod tests {
         let z = body(&line(&data(0.0), 0.25, Some(7), Some(9), 1001, &v)).unwrap();
         assert_eq!(z["qty_order"], 0.0);
         assert_eq!(z["isinactive"], true);
-    }
-
-    #[test]
-    fn finds_lines_by_exact_marker() {
-        let h = json!({"lines": [
-            {"id": 5, lines::MARKER_FIELD: "halosync.overage:sub_1:storage_gb:2026-11-01", lines::VERSION_FIELD: "s=2;t=2026-11-23T10:00:00Z"},
-            {"id": 3, lines::MARKER_FIELD: "halosync.overage:sub_1:storage_gb:2026-11-01x"},
-        ]});
-        let found = lines_carrying(&h, "halosync.overage:sub_1:storage_gb:2026-11-01");
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].0, 5);
-        assert_eq!(found[0].1.as_ref().unwrap().sequence, Some(2));
-        // Compared trimmed (the rule of every family), in `lines` only.
-        let padded = json!({"lines": [
-            {"id": 4, lines::MARKER_FIELD: " halosync.overage:sub_1:storage_gb:2026-11-01 "},
-        ]});
-        let m = marker(&data(1.0));
-        assert_eq!(lines_carrying(&padded, &m), vec![(4, None)]);
-        assert!(lines_carrying(&json!({"details": padded["lines"]}), &m).is_empty());
     }
 
     #[test]

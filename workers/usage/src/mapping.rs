@@ -32,7 +32,6 @@ use std::cmp::Ordering;
 use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{UsageData, Version};
 use halosync_shared::engine::lines::LineState;
-use halosync_shared::halo::lines;
 use halosync_shared::halo::links::{self, USAGE};
 use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail};
 use halosync_shared::Failure;
@@ -202,22 +201,9 @@ pub fn line_update(
     })
 }
 
-/// The marked lines of a header ([`lines::marked`]), lowest id first:
-/// (marker, line id, applied state).
-pub fn usage_lines(header: &Value) -> Vec<(String, i64, Option<Applied>)> {
-    lines::marked(header)
-        .into_iter()
-        .map(|(marker, id, line)| {
-            let applied = lines::version_text(line).and_then(Applied::decode);
-            (marker.to_string(), id, applied)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn v(seq: u64) -> Version {
         Version::decode(&format!("s={seq};t=2026-11-22T10:00:00Z")).unwrap()
@@ -251,19 +237,5 @@ mod tests {
         };
         assert!(!same_newer.is_superseded_by(&new));
         assert!(new.is_superseded_by(&new));
-    }
-
-    #[test]
-    fn usage_lines_are_found_by_marker() {
-        let h = json!({"lines": [
-            {"id": 9, lines::MARKER_FIELD: "halosync.usage:s1:gb", lines::VERSION_FIELD: "p=2026-11-01;s=3;t=2026-11-22T10:00:00Z"},
-            {"id": 4, lines::MARKER_FIELD: "halosync.subscription:s1"},
-            {"id": 5}
-        ]});
-        let found = usage_lines(&h);
-        assert_eq!(found.len(), 2);
-        assert_eq!(found[0].1, 4);
-        assert_eq!(found[1].0, "halosync.usage:s1:gb");
-        assert_eq!(found[1].2.as_ref().unwrap().version.sequence, Some(3));
     }
 }
