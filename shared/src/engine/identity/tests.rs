@@ -404,38 +404,41 @@ async fn a_lost_answer_creates_nothing_twice() {
     }
 }
 
-/// A record the MSP deleted while Redis maps it: the update is refused,
-/// the dead link removed and the mapping dropped; the retry creates it
-/// again, linked once.
+/// A record the MSP deleted while Redis maps it, both kinds of family:
+/// the update is refused, the dead link removed and the mapping dropped;
+/// the retry creates it again, linked once (unlinked: found by no marker,
+/// since the record carrying it is gone, so created).
 #[tokio::test]
 async fn a_record_the_msp_deleted_is_created_again() {
-    let kit = Kit::start().await;
-    apply::<true>(&kit, &events(&THREE, 1)).await;
-    let gone = kit
-        .store
-        .mapping(CONNECTION, CUSTOMER.name, "a2")
-        .await
-        .ok()
-        .flatten()
-        .map(|m| m.halo_id)
-        .expect("mapped");
-    assert!(kit.sim.delete_record("Client", gone));
+    for linked in [true, false] {
+        let kit = Kit::start().await;
+        run(&kit, linked, &events(&THREE, 1), true).await;
+        let gone = kit
+            .store
+            .mapping(CONNECTION, CUSTOMER.name, "a2")
+            .await
+            .ok()
+            .flatten()
+            .map(|m| m.halo_id)
+            .expect("mapped");
+        assert!(kit.sim.delete_record("Client", gone));
 
-    let renamed = [("a1", "Alpha"), ("a2", "Beta 2"), ("a3", "Gamma")];
-    let first = apply::<true>(&kit, &events(&renamed, 2)).await;
-    let classes: Vec<String> = outcomes(&first);
-    assert_eq!(classes[0], "applied");
-    assert!(
-        classes[1].starts_with("transient: customer") && classes[1].contains("is gone"),
-        "{classes:?}"
-    );
-    assert_eq!(classes[2], "applied");
+        let renamed = [("a1", "Alpha"), ("a2", "Beta 2"), ("a3", "Gamma")];
+        let first = run(&kit, linked, &events(&renamed, 2), true).await;
+        let classes: Vec<String> = outcomes(&first);
+        assert_eq!(classes[0], "applied", "linked: {linked}");
+        assert!(
+            classes[1].starts_with("transient: customer") && classes[1].contains("is gone"),
+            "linked: {linked}: {classes:?}"
+        );
+        assert_eq!(classes[2], "applied");
 
-    let again = apply::<true>(&kit, &events(&[("a2", "Beta 2")], 2)).await;
-    assert_eq!(outcomes(&again), applied(1));
-    let now = customers(&kit);
-    assert_eq!(now.get("Beta 2"), Some(&1), "created again, linked once");
-    assert_eq!(now.len(), 3);
-    assert_eq!(versions_of(&kit, "a2").await, (Some(2), vec![Some(2)]));
-    kit.cleanup().await;
+        let again = run(&kit, linked, &events(&[("a2", "Beta 2")], 2), true).await;
+        assert_eq!(outcomes(&again), applied(1), "linked: {linked}");
+        let now = customers(&kit);
+        assert_eq!(now.get("Beta 2"), Some(&1), "created again, linked once");
+        assert_eq!(now.len(), 3);
+        assert_eq!(versions_of(&kit, "a2").await, (Some(2), vec![Some(2)]));
+        kit.cleanup().await;
+    }
 }
