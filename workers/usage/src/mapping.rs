@@ -33,9 +33,8 @@ use halosync_shared::config::ConnectionConfig;
 use halosync_shared::contract::{UsageData, Version};
 use halosync_shared::engine::lines::LineState;
 use halosync_shared::halo::links::{self, USAGE};
-use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail};
+use halosync_shared::halo::models::{DateTime, Int32, InvoiceDetail};
 use halosync_shared::Failure;
-use serde_json::Value;
 
 /// The applied state of a usage line: its period and event version.
 #[derive(Clone, Debug, PartialEq)]
@@ -168,37 +167,6 @@ pub fn detail(
             ..common
         },
     }
-}
-
-/// A new line for `POST /RecurringInvoice/Lines`.
-pub fn new_line(
-    data: &UsageData,
-    product: &str,
-    applied: &Applied,
-    ihid: i64,
-    item_id: i64,
-    marker: &str,
-) -> Result<Value, Failure> {
-    body(&InvoiceDetail {
-        isinactive: Some(false),
-        ..common(data, product, applied, ihid, item_id, marker)
-    })
-}
-
-/// An update of line `line_id` for `POST /RecurringInvoice/updatelines`.
-pub fn line_update(
-    data: &UsageData,
-    product: &str,
-    applied: &Applied,
-    ihid: i64,
-    line_id: i64,
-    item_id: i64,
-    marker: &str,
-) -> Result<Value, Failure> {
-    body(&InvoiceDetail {
-        id: Some(Int32(line_id)),
-        ..common(data, product, applied, ihid, item_id, marker)
-    })
 }
 
 #[cfg(test)]

@@ -714,7 +714,7 @@ impl Ctx<'_> {
     }
 
     fn usage(&mut self, entries: &[&Entry]) {
-        use halosync_usage::mapping::{line_key, line_update, marker};
+        use halosync_usage::mapping::{detail, line_key, marker};
         let state = self.state;
         // The newest period per (subscription, metric): the state the
         // worker's line shows.
@@ -757,8 +757,9 @@ impl Ctx<'_> {
                 "no line of the account's recurring invoice carries this usage",
                 |f| {
                     let (line, item) = (f.own_id("id"), f.own_id("_itemid"));
-                    // The product only names the line (not compared).
-                    let want = line_update(d, "", applied_state, ihid, line, item, &marker)?;
+                    // The line as the lines engine writes it; the product
+                    // only names the line (not compared).
+                    let want = body(&detail(d, "", applied_state, ihid, Some(line), item))?;
                     f.qty("quantity", &want, "qty_order");
                     f.date("period_start", &want, "startdate");
                     f.date("period_end", &want, "enddate");
@@ -962,15 +963,7 @@ mod tests {
             period_start: use_new.period_start.clone(),
             version: e.version().unwrap(),
         };
-        let usage_line = usage::new_line(
-            &use_new,
-            "M365",
-            &applied,
-            -1,
-            1002,
-            &usage::marker(&use_new),
-        )
-        .unwrap();
+        let usage_line = body(&usage::detail(&use_new, "M365", &applied, -1, None, 1002)).unwrap();
         // A duplicate a worker retired: not halosync's any more.
         let retired = body(&lines::retired_line(-1, 12, 10, &mark)).unwrap();
         s.recurring.insert(
