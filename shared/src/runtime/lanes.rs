@@ -69,6 +69,10 @@ impl Received {
     /// that queue (`x-halosync-parked-until`) it is read, i.e. how far the
     /// consumer is behind the work queue. None for anything else (a
     /// publisher's header is not trusted: [`super::from_publisher`]).
+    /// Another worker process may have parked it: the deployment's clocks
+    /// are trusted to agree roughly. One behind the parker's makes the lag
+    /// look larger (a batch goes without its wait: a request, never a
+    /// guarantee); one ahead reads as on time (clamped to zero).
     pub fn queue_lag(&self, now_ms: i64) -> Option<Duration> {
         if super::from_publisher(&self.delivery) {
             return None;
