@@ -383,7 +383,15 @@ impl<F: LineFamily> Line<F> {
         Cached {
             ihid,
             line,
-            applied: self.state.encode(),
+            // A pending entry (no line id) records an intent, not a state:
+            // the add may never have been sent (a lost lock, a failure
+            // before the POST), so it must never make its own retry look
+            // superseded. Only a known line carries the applied state.
+            applied: if line.is_some() {
+                self.state.encode()
+            } else {
+                String::new()
+            },
         }
     }
 }
@@ -534,7 +542,11 @@ async fn superseded_in_cache<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Lin
         }
     };
     for (mut w, hit) in open.into_iter().zip(cached) {
-        let applied = hit.as_ref().and_then(|c| F::State::decode(&c.applied));
+        // A pending entry's state was never confirmed (see `cache_entry`).
+        let applied = hit
+            .as_ref()
+            .filter(|c| c.line.is_some())
+            .and_then(|c| F::State::decode(&c.applied));
         if applied.is_some_and(|a| w.state.is_superseded_by(&a)) {
             w.settle(Ok(Outcome::Superseded));
             continue;
