@@ -353,29 +353,14 @@ async fn with_product(run: &Run<'_>, members: Vec<Open<'_, Work>>, p: &Product) 
 /// carries a subscription marker, so that the customer's other
 /// subscriptions need no listing in later batches.
 async fn cache_products(run: &Run<'_>, rows: &[Value]) {
-    let prefix = format!("{}:", SUBSCRIPTION.third_party_type);
-    let mut products: Vec<(&str, Product)> = Vec::new();
-    for row in rows {
-        let Some(sub) = row
-            .get(LICENCE_ID_FIELD)
-            .and_then(Value::as_str)
-            .and_then(|m| m.trim().strip_prefix(&prefix))
-        else {
-            continue;
-        };
-        let Some(sku) = row.get("product_sku").and_then(Value::as_str) else {
-            continue;
-        };
-        if sku.trim().is_empty() {
-            continue;
-        }
-        let name = row.get("name").and_then(Value::as_str).unwrap_or(sku);
-        let p = Product {
-            sku: sku.trim().to_string(),
-            name: name.to_string(),
-        };
-        products.push((sub, p));
-    }
+    let products: Vec<(&str, Product)> = rows
+        .iter()
+        .filter_map(|row| {
+            let marker = links::marker_in(row, LICENCE_ID_FIELD)?;
+            let sub = links::billing_id_of(&SUBSCRIPTION, marker)?;
+            Some((sub, LicenceList::product_of(row)?))
+        })
+        .collect();
     let conn = &run.ctx.halo.connection().name;
     let cached = run
         .ctx
