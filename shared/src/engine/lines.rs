@@ -1,11 +1,13 @@
 //! **The invoice-lines engine**: one line per aggregate on an invoice
 //! header, written idempotently in arrays, for every family that bills
-//! lines (usage lines on the recurring invoice, overage charges on one-off
-//! invoices). A family is a [`LineFamily`]: its typed data, its line key,
-//! which invoice, pure functions event → [`InvoiceDetail`] /
-//! [`InvoiceHeader`], and its policy ([`LineFamily::prepare`]: customer,
-//! item, price, whether the invoice may be created). [`Lines`] is the
-//! runtime's [`Handler`] for any family.
+//! lines (subscription and usage lines on the recurring invoice, overage
+//! charges on one-off invoices). A family is a [`LineFamily`]: its typed
+//! data, its line key, which invoice, pure functions event →
+//! [`InvoiceDetail`] / [`InvoiceHeader`], and its policy
+//! ([`LineFamily::prepare`]: customer, item, price, whether the invoice
+//! may be created; the subscription's licence in
+//! [`LineFamily::before_write`] and [`LineFamily::written`]). [`Lines`]
+//! is the runtime's [`Handler`] for any family.
 //!
 //! # One batch (the events of one connection, newest per aggregate, locked)
 //!
@@ -15,21 +17,30 @@
 //! 2. **Family policy** ([`LineFamily::prepare`]): each event's customer,
 //!    its [`LineFamily::Target`] (item, price, ...) and its invoice: an id,
 //!    or none yet (`Line::ihid` = `None`).
-//! 3. **New invoices**: one per invoice billing id, created once
-//!    (`halo::lines::find_or_create_answered`) with its first
-//!    [`LINES_PER_REQUEST`] lines inline (one `POST`); refused, the header
-//!    alone, and the lines the usual way (which isolates a refused line).
-//! 4. **Lines by marker**: a cached line id of the same invoice is used
-//!    as it is; else the header is read once per invoice per batch
-//!    (`halo::lines::header`: found or created again when the MSP deleted
-//!    it), the line found by its marker, an event not newer than the state
-//!    on the line `Superseded`, lines beside the lowest one carrying the
-//!    marker retired. A family whose cache [`LineCache::scans`] caches
-//!    every line of a header read and marks it scanned: a miss on a
-//!    scanned header means "no line yet", with no read. Header reads run
-//!    under the engine's `cold` mutex, so a process's next batch finds the
-//!    previous one's reads in Redis instead of reading again.
-//! 5. **Writes**: updates in `updatelines` arrays, adds in add arrays
+//! 3. **Lines by marker**, for the events whose invoice is known: a cached
+//!    line id of the same invoice is used as it is; else the header is
+//!    read once per invoice per batch (`halo::lines::header`: found or
+//!    created again when the MSP deleted it), the line found by its
+//!    marker, an event not newer than the state on the line `Superseded`,
+//!    lines beside the lowest one carrying the marker retired. A family
+//!    whose cache [`LineCache::scans`] caches every line of a header read
+//!    and marks it scanned: a miss on a scanned header means "no line
+//!    yet", with no read. Header reads run under the engine's `cold`
+//!    mutex, so a process's next batch finds the previous one's reads in
+//!    Redis instead of reading again.
+//! 4. **The family's records** ([`LineFamily::before_write`]): what the
+//!    line stands for, written before it (a subscription's licence).
+//! 5. **New invoices**: in arrays of at most [`ARRAY_MAX`] headers, each
+//!    with its link and its first [`LINES_PER_REQUEST`] lines inline,
+//!    under its create lock and known absent, marked `creating` before
+//!    the POST; an invoice another worker is busy with, unsure, or in an
+//!    array HaloPSA refused goes one by one
+//!    (`halo::lines::find_or_create_answered`; a refused header with lines
+//!    is created alone, and its lines go the usual way, which isolates a
+//!    refused line). An invoice found rather than created has its lines
+//!    looked for as in step 3. [`LineFamily::created`] hears of the new
+//!    invoices.
+//! 6. **Writes**: updates in `updatelines` arrays, adds in add arrays
 //!    (`halo::lines::update` / `add`: ≤ 100 lines per request, a refused
 //!    array split until the refused line is alone, a failed add read back
 //!    before anything is sent again). A *pending* cache entry is written
@@ -39,21 +50,11 @@
 //!    another instance's id) drops the cache and is retried from the
 //!    header; a refused add on an invoice the MSP deleted is retried onto
 //!    the invoice found or created again; any other refusal is `rejected`.
-//! 6. **Cache** of what is now on the lines, one round trip; each written
-//!    event `Applied`.
+//! 7. **Cache** of what is now on the lines, one round trip; the written
+//!    events settled by [`LineFamily::written`] (`Applied`, once the
+//!    family's own state is written).
 //!
 //! Steady state (Redis warm): no GET, one request per 100 changed lines.
-//!
-//! # A third family
-//!
-//! The subscription worker's recurring line could be one: `Data` =
-//! `SubscriptionData`, [`LineFamily::LINE`] = `links::SUBSCRIPTION` (the
-//! marker `halosync.subscription:<id>`), [`LineFamily::INVOICE`] =
-//! `Invoice::Recurring` of `links::RECURRING_INVOICE` by account (the
-//! header the usage family waits for: its `prepare` would create it, i.e.
-//! leave `ihid` `None`), `State` = `Version`, a [`LineCache`] variant over
-//! `Store::subscription_lines`, and `line` its `mapping` body; its licence
-//! (an identity record) stays with the identity engine.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -70,7 +71,9 @@ use crate::halo::links::{self, Kind};
 use crate::halo::models::{body, InvoiceDetail, InvoiceHeader};
 use crate::halo::{record_id, HaloClient};
 use crate::runtime::{Batch, Handler, Open, Outcome, Results, Services};
-use crate::store::{OverageLine, StateError, Store, UsageLine};
+use crate::store::{OverageLine, StateError, Store, SubscriptionLine, UsageLine};
+
+use super::identity::ARRAY_MAX;
 
 /// The applied state a line carries in `halo::lines::VERSION_FIELD`
 /// (written in the same request as the line), and the ordering rule of
@@ -104,6 +107,8 @@ pub enum LineCache {
     Usage,
     /// `Store::overage_lines`.
     Overage,
+    /// `Store::subscription_lines`.
+    Subscription,
 }
 
 impl LineCache {
@@ -139,6 +144,27 @@ impl From<OverageLine> for Cached {
             ihid: o.ihid,
             line: o.line,
             applied: o.version,
+        }
+    }
+}
+
+impl From<SubscriptionLine> for Cached {
+    fn from(s: SubscriptionLine) -> Cached {
+        Cached {
+            ihid: s.ihid,
+            line: (!s.pending).then_some(s.line),
+            applied: s.applied,
+        }
+    }
+}
+
+impl From<&Cached> for SubscriptionLine {
+    fn from(c: &Cached) -> SubscriptionLine {
+        SubscriptionLine {
+            ihid: c.ihid,
+            line: c.line.unwrap_or_default(),
+            applied: c.applied.clone(),
+            pending: c.line.is_none(),
         }
     }
 }
@@ -190,6 +216,14 @@ impl CacheOf<'_> {
                 .into_iter()
                 .map(|c| c.map(Cached::from))
                 .collect(),
+            LineCache::Subscription => self
+                .store
+                .subscription_lines(self.conn)
+                .get_many(keys)
+                .await?
+                .into_iter()
+                .map(|c| c.map(Cached::from))
+                .collect(),
         })
     }
 
@@ -205,6 +239,11 @@ impl CacheOf<'_> {
                     entries.iter().map(|(k, c)| (*k, c.into())).collect();
                 self.store.overage_lines(self.conn).set_many(&e).await
             }
+            LineCache::Subscription => {
+                let e: Vec<(&str, SubscriptionLine)> =
+                    entries.iter().map(|(k, c)| (*k, c.into())).collect();
+                self.store.subscription_lines(self.conn).set_many(&e).await
+            }
         }
     }
 
@@ -217,6 +256,7 @@ impl CacheOf<'_> {
                 lines.forget_with_scan(key, ihid).await
             }
             LineCache::Overage => self.store.overage_lines(self.conn).forget(key).await,
+            LineCache::Subscription => self.store.subscription_lines(self.conn).forget(key).await,
         }
     }
 
@@ -242,7 +282,7 @@ impl CacheOf<'_> {
     async fn scanned(&self, ihids: &[i64]) -> Result<Vec<bool>, StateError> {
         match self.kind {
             LineCache::Usage => self.store.usage_scanned(self.conn).marked(ihids).await,
-            LineCache::Overage => Ok(vec![false; ihids.len()]),
+            LineCache::Overage | LineCache::Subscription => Ok(vec![false; ihids.len()]),
         }
     }
 }
@@ -322,6 +362,26 @@ pub trait LineFamily: Send + Sync + Sized + 'static {
     /// the line inline), or its settlement (a dependency, unmapped, ...).
     async fn prepare(&self, run: &mut Run<'_>, batch: &mut Batch<Line<Self>>);
 
+    /// Once the lines of the events whose invoice is known are found (an
+    /// event superseded by the state on its line is settled by then) and
+    /// before any line or invoice is written: the family's own records the
+    /// line stands for (a subscription's licence). What it leaves open is
+    /// written.
+    async fn before_write(&self, _run: &mut Run<'_>, _batch: &mut Batch<Line<Self>>) {}
+
+    /// The invoices this batch created (a family whose invoice another
+    /// family's lines share tells that family it holds none of them yet).
+    async fn created(&self, _ctx: &Ctx<'_>, _ihids: &[i64]) {}
+
+    /// Settles the events whose line is written (and cached): the open
+    /// ones, [`Line::is_written`]. The default settles them applied; a
+    /// family that keeps more state (a licence's link) writes it first.
+    async fn written(&self, _ctx: &Ctx<'_>, batch: &mut Batch<Line<Self>>) {
+        for w in batch.open().filter(|w| w.written) {
+            w.settle(Ok(Outcome::Applied));
+        }
+    }
+
     /// The line's marker.
     fn marker(data: &Self::Data) -> String {
         links::marker(Self::LINE, &Self::key(data))
@@ -351,6 +411,12 @@ pub struct Line<F: LineFamily> {
     line: Option<i64>,
     /// `line` came from the cache, not from reading the header.
     from_cache: bool,
+    /// Where the line is, or that there is none yet, is settled: the cache
+    /// or the header told, or the header is new.
+    looked: bool,
+    /// The line is written (and cached): only the family's
+    /// [`LineFamily::written`] is left.
+    written: bool,
 }
 
 impl<F: LineFamily> Line<F> {
@@ -367,12 +433,38 @@ impl<F: LineFamily> Line<F> {
             cached: None,
             line: None,
             from_cache: false,
+            looked: false,
+            written: false,
         })
     }
 
     /// The line's key (the aggregate).
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// Whether the line is written: only [`LineFamily::written`] is left.
+    pub fn is_written(&self) -> bool {
+        self.written
+    }
+
+    /// The line's marker ([`LineFamily::marker`]).
+    pub fn marker(&self) -> &str {
+        &self.marker
+    }
+
+    /// The event's state, as the line carries it once written.
+    pub fn state(&self) -> &F::State {
+        &self.state
+    }
+
+    /// The invoice holds no line of this event's key yet, whatever the
+    /// cache says (its record was created by this very attempt, and lines
+    /// are written after it): the line is added without reading the header.
+    pub fn no_line_yet(&mut self) {
+        self.line = None;
+        self.cached = None;
+        self.looked = true;
     }
 
     fn body(&self, at: At) -> Result<Value, Failure> {
@@ -440,13 +532,18 @@ impl<F: LineFamily> Lines<F> {
         };
         superseded_in_cache(ctx, &mut batch).await;
         self.family.prepare(&mut run, &mut batch).await;
-        create_invoices(ctx, &mut batch).await;
-        if find_lines(ctx, &mut batch, false).await {
-            run.cold().await;
-            find_lines(ctx, &mut batch, true).await;
+        locate(&mut run, &mut batch).await;
+        self.family.before_write(&mut run, &mut batch).await;
+        let created = create_invoices(ctx, &mut batch).await;
+        if !created.is_empty() {
+            self.family.created(ctx, &created).await;
         }
+        // Invoices found rather than created (another worker's): their
+        // lines are looked for like the others'.
+        locate(&mut run, &mut batch).await;
         drop(run);
         write(ctx, &mut batch).await;
+        self.family.written(ctx, &mut batch).await;
         batch.finish()
     }
 
@@ -555,19 +652,247 @@ async fn superseded_in_cache<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Lin
     }
 }
 
-/// Step 3: the invoices `prepare` found none of, each created once with
-/// its first lines inline; those events are settled, the others go on
-/// with the invoice's id.
-async fn create_invoices<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Line<F>>) {
+/// The open events whose line is still to be written.
+fn unwritten<'b, F: LineFamily>(
+    batch: &'b mut Batch<Line<F>>,
+) -> impl Iterator<Item = Open<'b, Line<F>>> {
+    batch.open().filter(|w| !w.written)
+}
+
+/// Step 4 for the events whose invoice is known and whose line is not
+/// located yet: the cache, then (under `cold`) the headers.
+async fn locate<F: LineFamily>(run: &mut Run<'_>, batch: &mut Batch<Line<F>>) {
+    if find_lines(run.ctx, batch, false).await {
+        run.cold().await;
+        find_lines(run.ctx, batch, true).await;
+    }
+}
+
+/// Step 3: the invoices `prepare` found none of, created with their first
+/// lines inline: in arrays of at most [`ARRAY_MAX`] headers (each under its
+/// create lock, known absent, marked `creating` before the POST), else
+/// one by one ([`create_invoice`]: an invoice another worker is busy
+/// with, or unsure, or whose array HaloPSA refused). The inline lines'
+/// events are written; the others go on with the invoice's id. Returns the
+/// ids of the invoices created.
+async fn create_invoices<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Line<F>>) -> Vec<i64> {
     let mut by_invoice: BTreeMap<String, Vec<Open<'_, Line<F>>>> = BTreeMap::new();
-    for w in batch.open().filter(|w| w.ihid.is_none()) {
+    for w in unwritten(batch).filter(|w| w.ihid.is_none()) {
         by_invoice
             .entry(F::invoice_id(&w.event.data))
             .or_default()
             .push(w);
     }
+    if by_invoice.is_empty() {
+        return Vec::new();
+    }
+    let (_, kind) = F::INVOICE;
+    let ids: Vec<String> = by_invoice.keys().cloned().collect();
+    let locks = lock_absent(ctx, kind, &ids).await;
+    let mut created = Vec::new();
+    let mut arrays: Vec<(String, Vec<Open<'_, Line<F>>>)> = Vec::new();
+    let mut single: Vec<(String, Vec<Open<'_, Line<F>>>)> = Vec::new();
     for (billing_id, members) in by_invoice {
-        create_invoice(ctx, &billing_id, members).await;
+        if locks.iter().any(|(id, _)| *id == billing_id) {
+            arrays.push((billing_id, members));
+        } else {
+            single.push((billing_id, members));
+        }
+    }
+    while !arrays.is_empty() {
+        let chunk: Vec<_> = arrays.drain(..arrays.len().min(ARRAY_MAX)).collect();
+        let (saved, left) = post_invoices(ctx, chunk).await;
+        created.extend(saved);
+        single.extend(left);
+    }
+    for (_, lock) in locks {
+        if let Err(e) = lock.release().await {
+            tracing::warn!(error = %e, "could not release an invoice lock; it expires on its own");
+        }
+    }
+    for (billing_id, members) in single {
+        if let Some(ihid) = create_invoice(ctx, &billing_id, members).await {
+            created.push(ihid);
+        }
+    }
+    created
+}
+
+/// The create locks of those of `ids` that are known absent (Redis holds
+/// no mapping, no unsure or creating mark, and the kind was imported
+/// since Redis started): taken without waiting long (another worker busy
+/// with one leaves it to the one-by-one way, which waits), each with its
+/// id.
+async fn lock_absent(
+    ctx: &Ctx<'_>,
+    kind: &Kind,
+    ids: &[String],
+) -> Vec<(String, crate::store::AggregateLock)> {
+    let conn = &ctx.halo.connection().name;
+    let ttl = ctx.config.worker.lock_ttl;
+    let mut locks = Vec::new();
+    for id in ids {
+        let wait = std::time::Duration::from_millis(50);
+        if let Ok(l) = ctx.store.lock(conn, &kind.create_lock(id), ttl, wait).await {
+            locks.push((id.clone(), l));
+        }
+    }
+    let held: Vec<String> = locks.iter().map(|(id, _)| id.clone()).collect();
+    let absent: Vec<bool> = match ctx.store.known(conn, kind.name, &held).await {
+        Ok(k) if k.imported => (0..held.len())
+            .map(|n| k.mappings[n].is_none() && !k.unsure[n] && !k.creating[n])
+            .collect(),
+        _ => vec![false; held.len()],
+    };
+    let mut kept = Vec::new();
+    for ((id, lock), absent) in locks.into_iter().zip(absent) {
+        if absent {
+            kept.push((id, lock));
+        } else if let Err(e) = lock.release().await {
+            tracing::warn!(error = %e, "could not release an invoice lock; it expires on its own");
+        }
+    }
+    kept
+}
+
+/// One array of new invoices, each with its first lines inline and its
+/// link. Returns the ids of those saved (their events placed: the inline
+/// ones written, the others to be added), and the invoices left to the
+/// one-by-one way (HaloPSA refused the array, or its answer does not line
+/// up). A failed array otherwise fails its events together.
+async fn post_invoices<'b, F: LineFamily>(
+    ctx: &Ctx<'_>,
+    chunk: Vec<(String, Vec<Open<'b, Line<F>>>)>,
+) -> (Vec<i64>, Vec<(String, Vec<Open<'b, Line<F>>>)>) {
+    let (invoice, kind) = F::INVOICE;
+    let conn = &ctx.halo.connection().name;
+    let ids: Vec<String> = chunk.iter().map(|(id, _)| id.clone()).collect();
+    let window = ctx.config.worker.http_timeout;
+    if let Err(e) = ctx.store.creating(conn, kind.name, &ids, window).await {
+        let f: Failure = e.into();
+        for w in chunk.into_iter().flat_map(|(_, m)| m) {
+            w.settle(Err(f.clone()));
+        }
+        return (Vec::new(), Vec::new());
+    }
+    let bodies: Result<Vec<Value>, Failure> = chunk
+        .iter()
+        .map(|(billing_id, members)| body(&new_header::<F>(billing_id, members)))
+        .collect();
+    let saved = match bodies {
+        Ok(bodies) => ctx.halo.post_each(invoice.base(), bodies).await,
+        Err(_) => Err(None),
+    };
+    let rows = match saved {
+        Ok(rows) => rows,
+        // Not lined up (or a body the model cannot hold): the one-by-one
+        // way finds what was saved through the links.
+        Err(None) => return (Vec::new(), chunk),
+        Err(Some(e)) => {
+            let mut left = Vec::new();
+            let mut failed = Vec::new();
+            match halo_lines::after_array_failure(e, "invoice") {
+                halo_lines::AfterArray::OneByOne => left = chunk,
+                halo_lines::AfterArray::RetryTogether {
+                    failure,
+                    saved_nothing,
+                } => {
+                    for w in chunk.into_iter().flat_map(|(_, m)| m) {
+                        w.settle(Err(failure.clone()));
+                    }
+                    if saved_nothing {
+                        failed = ids;
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                let _ = ctx.store.not_created(conn, kind.name, &failed).await;
+            }
+            return (Vec::new(), left);
+        }
+    };
+    let mut created = Vec::new();
+    let mut mappings: Vec<(String, crate::store::Mapping)> = Vec::new();
+    let mut left = Vec::new();
+    for ((billing_id, members), row) in chunk.into_iter().zip(&rows) {
+        let (Some(ihid), Some(link)) = (record_id(row), links::own_link(row, kind, &billing_id))
+        else {
+            // Saved without telling its id or link: found through the
+            // link one by one.
+            left.push((billing_id, members));
+            continue;
+        };
+        tracing::info!(
+            halo_id = ihid,
+            billing_id,
+            kind = kind.name,
+            "created an invoice header with its first lines"
+        );
+        created.push(ihid);
+        mappings.push((
+            billing_id,
+            crate::store::Mapping {
+                halo_id: ihid,
+                link_id: Some(link),
+                version: None,
+            },
+        ));
+        place_on_new_header(members, ihid, row, LINES_PER_REQUEST);
+    }
+    let pairs: Vec<(&str, &crate::store::Mapping)> =
+        mappings.iter().map(|(a, m)| (a.as_str(), m)).collect();
+    if let Err(e) = ctx.store.set_mappings(conn, kind.name, &pairs).await {
+        tracing::warn!(error = %e, "could not remember the new invoices; they are looked up again");
+    }
+    (created, left)
+}
+
+/// The header of a new invoice of `billing_id` with the lines of its first
+/// [`LINES_PER_REQUEST`] `members` inline and its link.
+fn new_header<F: LineFamily>(billing_id: &str, members: &[Open<'_, Line<F>>]) -> InvoiceHeader {
+    let (_, kind) = F::INVOICE;
+    let no_line = At {
+        ihid: None,
+        line: None,
+    };
+    let customer = members.first().map_or(0, |w| w.customer);
+    let data = members.first().map(|w| &w.event.data);
+    let record = match data {
+        Some(d) => F::invoice_record(d, customer),
+        None => InvoiceHeader::default(),
+    };
+    InvoiceHeader {
+        new_external_link: Some(links::new_plain_link(kind, billing_id)),
+        lines: Some(
+            members
+                .iter()
+                .take(LINES_PER_REQUEST)
+                .map(|w| F::line(&w.event, &w.target, no_line))
+                .collect(),
+        ),
+        ..record
+    }
+}
+
+/// The events of a header this worker just created (`header` the answer,
+/// the first `inlined` events' lines sent inside it): a line the answer
+/// shows is written; one sent but not shown may be saved (its header is
+/// read); the others have no line yet, to be added.
+fn place_on_new_header<F: LineFamily>(
+    members: Vec<Open<'_, Line<F>>>,
+    ihid: i64,
+    header: &Value,
+    inlined: usize,
+) {
+    for (k, mut w) in members.into_iter().enumerate() {
+        w.ihid = Some(ihid);
+        w.no_line_yet();
+        if let Some(&line) = halo_lines::ids_carrying(header, &w.marker).first() {
+            w.line = Some(line);
+            w.written = true;
+        } else if k < inlined {
+            w.looked = false;
+        }
     }
 }
 
@@ -575,10 +900,8 @@ async fn create_invoice<F: LineFamily>(
     ctx: &Ctx<'_>,
     billing_id: &str,
     mut members: Vec<Open<'_, Line<F>>>,
-) {
-    let Some(first) = members.first() else {
-        return;
-    };
+) -> Option<i64> {
+    let first = members.first()?;
     let mut spec = spec_of::<F>(ctx, &first.event.data, billing_id, first.customer);
     let no_line = At {
         ihid: None,
@@ -609,7 +932,7 @@ async fn create_invoice<F: LineFamily>(
             for w in members {
                 w.settle(Err(f.clone()));
             }
-            return;
+            return None;
         }
     };
     for w in &mut members {
@@ -617,29 +940,9 @@ async fn create_invoice<F: LineFamily>(
         w.cached = None;
     }
     // Found, or another worker's create won: the lines go the usual way.
-    let Some(header) = answer else {
-        return;
-    };
-    let rest = members.split_off(members.len().min(inlined));
-    drop(rest);
-    let cache = ctx.cache(F::CACHE);
-    for w in members {
-        // Saved with the header (one element is saved whole). Without the
-        // line's id in the answer, no entry: the next event reads the
-        // header.
-        let line = halo_lines::ids_carrying(&header, &w.marker)
-            .first()
-            .copied();
-        let r = match line {
-            Some(l) => {
-                cache
-                    .set_many(&[(w.key.as_str(), w.cache_entry(ihid, Some(l)))])
-                    .await
-            }
-            None => cache.forget(&w.key, Some(ihid)).await,
-        };
-        w.settle(r.map(|_| Outcome::Applied).map_err(Failure::from));
-    }
+    let header = answer?;
+    place_on_new_header(members, ihid, &header, inlined);
+    Some(ihid)
 }
 
 /// Step 4: each open event's line on its invoice, from the cache, else
@@ -647,7 +950,9 @@ async fn create_invoice<F: LineFamily>(
 /// when `read` is false).
 async fn find_lines<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Line<F>>, read: bool) -> bool {
     let cache = ctx.cache(F::CACHE);
-    let open: Vec<Open<'_, Line<F>>> = batch.open().filter(|w| w.line.is_none()).collect();
+    let open: Vec<Open<'_, Line<F>>> = unwritten(batch)
+        .filter(|w| w.line.is_none() && !w.looked && w.ihid.is_some())
+        .collect();
     if open.is_empty() {
         return false;
     }
@@ -687,6 +992,7 @@ async fn find_lines<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Line<F>>, re
                 }
                 w.line = Some(l);
                 w.from_cache = true;
+                w.looked = true;
                 continue;
             }
             Some(_) => {
@@ -696,7 +1002,7 @@ async fn find_lines<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Line<F>>, re
         }
         by_header.entry(ihid).or_default().push(w);
     }
-    drop_scanned::<F, _>(&cache, &mut by_header, &pending).await;
+    drop_scanned(&cache, &mut by_header, &pending).await;
     if !read {
         return !by_header.is_empty();
     }
@@ -709,9 +1015,9 @@ async fn find_lines<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Line<F>>, re
 /// A scanned header has every line of the family in the cache (or a
 /// pending entry): a key missing there has no line yet, so its events
 /// (left open, to be added) need no read.
-async fn drop_scanned<F: LineFamily, V>(
+async fn drop_scanned<F: LineFamily>(
     cache: &CacheOf<'_>,
-    by_header: &mut BTreeMap<i64, V>,
+    by_header: &mut BTreeMap<i64, Vec<Open<'_, Line<F>>>>,
     pending: &HashSet<i64>,
 ) {
     if !F::CACHE.scans() {
@@ -728,8 +1034,11 @@ async fn drop_scanned<F: LineFamily, V>(
     match cache.scanned(&ihids).await {
         Ok(scanned) => {
             for (h, seen) in ihids.iter().zip(scanned) {
-                if seen {
-                    by_header.remove(h);
+                if !seen {
+                    continue;
+                }
+                for mut w in by_header.remove(h).unwrap_or_default() {
+                    w.looked = true;
                 }
             }
         }
@@ -762,6 +1071,7 @@ async fn read_lines<F: LineFamily>(ctx: &Ctx<'_>, ihid: i64, members: Vec<Open<'
         // MSP deleted it.
         w.ihid = Some(h.ihid);
         w.cached = None;
+        w.looked = true;
         let found = halo_lines::carrying(&h.body, &w.marker);
         let ids: Vec<i64> = found.iter().filter_map(|l| record_id(l)).collect();
         // Lines beside the lowest (added by hand, or by workers that
@@ -829,15 +1139,16 @@ async fn remember_header<F: LineFamily>(cache: &CacheOf<'_>, ihid: i64, header: 
 /// An open event and what it is written with.
 type Bodies<'a, F, K> = Vec<((Open<'a, Line<F>>, K), Value)>;
 
-/// A written event: its invoice and its line.
-type Done<'a, F> = Vec<(Open<'a, Line<F>>, i64, i64)>;
+/// A written event: its invoice and its line (`None`: saved, its id not
+/// known).
+type Done<'a, F> = Vec<(Open<'a, Line<F>>, i64, Option<i64>)>;
 
 /// Step 5 and 6: the writes, in arrays, then the cache, then the events
 /// settled.
 async fn write<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Line<F>>) {
     let mut updates: Bodies<'_, F, i64> = Vec::new();
     let mut adds: Bodies<'_, F, ()> = Vec::new();
-    for w in batch.open() {
+    for w in unwritten(batch) {
         let Some(ihid) = w.ihid else {
             let f = Failure::transient("the line's invoice is not known (bug); retried");
             w.settle(Err(f));
@@ -857,19 +1168,26 @@ async fn write<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Line<F>>) {
     send_updates(ctx, updates, &mut done).await;
     let adds = note_pending(ctx, adds).await;
     send_adds(ctx, adds, &mut done).await;
-    // What is now on the lines, in one round trip.
-    let lines: Vec<(&str, Cached)> = done
+    for (mut w, ihid, line) in done {
+        w.ihid = Some(ihid);
+        w.line = line;
+        w.written = true;
+    }
+    // What is now on the lines (these, and those saved inside their new
+    // invoice), in one round trip. A line saved without its id known keeps
+    // its pending entry: the next event reads the header.
+    let written: Vec<Open<'_, Line<F>>> = batch.open().filter(|w| w.written).collect();
+    let lines: Vec<(&str, Cached)> = written
         .iter()
-        .map(|(w, ihid, line)| (w.key.as_str(), w.cache_entry(*ihid, Some(*line))))
+        .filter_map(|w| {
+            let entry = w.cache_entry(w.ihid?, Some(w.line?));
+            Some((w.key.as_str(), entry))
+        })
         .collect();
     let cached = ctx.cache(F::CACHE).set_many(&lines).await;
-    drop(lines);
     if let Err(e) = cached {
         // HaloPSA has the truth; the next event reads the header.
         tracing::warn!(error = %e, "could not cache the lines written");
-    }
-    for (w, _, _) in done {
-        w.settle(Ok(Outcome::Applied));
     }
 }
 
@@ -885,7 +1203,7 @@ async fn send_updates<'a, F: LineFamily>(
     for ((w, line), result) in halo_lines::update(ctx.halo, invoice, updates).await {
         let ihid = w.ihid.unwrap_or_default();
         match result {
-            Ok(_) => done.push((w, ihid, line)),
+            Ok(_) => done.push((w, ihid, Some(line))),
             Err(f) if f.class == FailureClass::Rejected && w.from_cache => {
                 // A refused cached line (deleted by the MSP, or a stale
                 // id) is found again, or put back, on the retry, which
@@ -968,15 +1286,12 @@ async fn send_adds<'a, F: LineFamily>(
             let header = reread.get(&ihid).and_then(Option::as_ref);
             id = header.and_then(|h| halo_lines::ids_carrying(h, &w.marker).first().copied());
         }
-        match id {
-            Some(line) => {
-                tracing::info!(line, marker = %w.marker, "added a line");
-                done.push((w, ihid, line));
-            }
-            // Saved, its id unknown: the pending entry stays, so the next
-            // event reads the header.
-            None => w.settle(Ok(Outcome::Applied)),
+        if let Some(line) = id {
+            tracing::info!(line, marker = %w.marker, "added a line");
         }
+        // Saved, its id unknown: the pending entry stays, so the next
+        // event reads the header.
+        done.push((w, ihid, id));
     }
 }
 

@@ -67,7 +67,8 @@ pub enum Invoice {
 }
 
 impl Invoice {
-    fn base(self) -> &'static str {
+    /// The path its headers are created on (`POST`, arrays).
+    pub fn base(self) -> &'static str {
         match self {
             Invoice::Recurring => "/RecurringInvoice",
             Invoice::OneOff => "/Invoice",

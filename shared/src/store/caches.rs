@@ -22,11 +22,19 @@ use super::{KeyKind, StateError, Store};
 use crate::contract::Product;
 
 /// A subscription's line on its customer's recurring invoice
-/// ([`KeyKind::SubscriptionLine`], by subscription id).
+/// ([`KeyKind::SubscriptionLine`], by subscription id) and the version
+/// applied to it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SubscriptionLine {
     pub ihid: i64,
     pub line: i64,
+    /// The applied version ([`crate::contract::Version::encode`]); empty
+    /// in an entry written before versions were cached with the line.
+    #[serde(default)]
+    pub applied: String,
+    /// Written just before the line is added: see [`UsageLine::pending`].
+    #[serde(default)]
+    pub pending: bool,
 }
 
 /// A usage line ([`KeyKind::UsageLine`], by aggregate
@@ -354,8 +362,24 @@ mod tests {
     /// (a cache written before an upgrade must still read).
     #[test]
     fn the_cached_values_keep_their_json() {
-        let s = SubscriptionLine { ihid: -3, line: 7 };
-        assert_eq!(encode(&s), r#"{"ihid":-3,"line":7}"#);
+        let s = SubscriptionLine {
+            ihid: -3,
+            line: 7,
+            applied: "v".into(),
+            pending: false,
+        };
+        assert_eq!(
+            encode(&s),
+            r#"{"ihid":-3,"line":7,"applied":"v","pending":false}"#
+        );
+        // An entry of an earlier version (no applied version) still reads.
+        assert_eq!(
+            decode::<SubscriptionLine>(Some(r#"{"ihid":-3,"line":7}"#.into())),
+            Some(SubscriptionLine {
+                applied: String::new(),
+                ..s
+            })
+        );
         let u = UsageLine {
             ihid: -3,
             line: 9,

@@ -1,247 +1,428 @@
-//! The subscription worker's [`Handler`]: one Software Licence per
-//! subscription under the account's customer, and one line per
-//! subscription on the customer's halosync recurring invoice
-//! ([`crate::invoice`]).
+//! The subscription family: one Software Licence per subscription under
+//! its account's customer (an identity record: the identity engine,
+//! `halosync_shared::engine::identity`), and one line per subscription on
+//! the customer's halosync recurring invoice (a [`LineFamily`] of the
+//! invoice-lines engine, `halosync_shared::engine::lines`, which owns the
+//! whole line protocol: cache, header found or created again, lines by
+//! marker, arrays, duplicates, refusals). What is left here is the
+//! family's data and policy:
 //!
-//! Order of work for one event (the runtime holds the aggregate lock
-//! `subscription:<subscription_id>` throughout):
+//! * **Key**: the subscription id; marker `halosync.subscription:<id>` on
+//!   both the licence ([`links::LICENCE_MARKER_FIELD`]) and the line;
+//!   applied state the event's [`Version`], carried by the line (written
+//!   in the same request as the quantity) and cached with it in
+//!   `Store::subscription_lines` (`LineCache::Subscription`).
+//! * **Invoice**: the customer's halosync recurring invoice, by account;
+//!   the engine creates it (in arrays, with its first lines inline) when
+//!   Redis knows it absent, and tells the usage worker it holds no usage
+//!   line yet ([`LineFamily::created`]).
+//! * **Policy, before any line is read** ([`LineFamily::prepare`]): the
+//!   money and quantity (`invalid`), the sku's item (`unmapped`, before any
+//!   other request), the account's customer (`dependency` while it is not
+//!   in HaloPSA, without a request), the licence's identity step (an event
+//!   not newer than the version Redis or the link holds is `superseded`).
+//! * **Once the lines are found, before any line is written**
+//!   ([`LineFamily::before_write`]): a subscription that moved account
+//!   leaves its old customer's invoice ([`crate::moves`]), then the
+//!   licences are updated and created in arrays (what an array does not
+//!   finish, one by one), so that a line never claims a licence HaloPSA
+//!   does not hold.
+//! * **Once the lines are written** ([`LineFamily::written`]): the version
+//!   is remembered with the licence's mapping; a new licence's link (and
+//!   one never written) carries it, in arrays.
 //!
-//! 1. The sku's item mapping: missing → `unmapped` at once, before any
-//!    HaloPSA request. Then the money and quantity (`invalid` if unusable).
-//! 2. The account's customer: missing → `dependency` (retried through the
-//!    delay tiers; applied as soon as the account worker created it).
-//! 3. The licence: Redis, else the `halosync.subscription` ExternalLink,
-//!    else the customer's licences matched on the marker in
-//!    `thirdparty_client_id` (`links::LICENCE_MARKER_FIELD`). An event not newer than the version on the
-//!    link changes nothing. Update, or create.
-//!    A licence that belonged to another customer (the subscription moved
-//!    account) first has its line on the old customer's invoice retired
-//!    ([`crate::invoice::leave_previous_invoice`]); how the move is seen,
-//!    warm or cold, is in [`crate::invoice::before`].
-//!    When Redis does not know the line, the customer's invoice is read
-//!    first: the line's version (newer than the link's after a batch
-//!    update) decides whether the event is superseded.
-//! 4. The line ([`crate::invoice::sync_line`]), carrying the version.
-//! 5. The version on the link (created here, after the licence: the
-//!    reference does not list `new_external_link` for licences), then Redis.
-//!
-//! Each write sets absolute values, so a crash anywhere before step 5 is
-//! repaired by the redelivery; the version is written last so that it never
-//! claims more than HaloPSA holds.
-//!
-//! Steady state (Redis warm) goes the batch way ([`crate::batch`]): two
-//! requests, the licence POST and the `updatelines` POST, whose line
-//! carries the version.
+//! Steady state (Redis warm): two requests per batch of up to 100 known
+//! subscriptions (the licence array, the `updatelines` array); new ones:
+//! the licence array, one invoice array (or add array), one link array.
+
+use std::collections::HashMap;
 
 use async_trait::async_trait;
-use halosync_shared::contract::{Event, Family, SubscriptionData};
-use halosync_shared::engine::identity::{superseded, Engine};
+use halosync_shared::config::Policy;
+use halosync_shared::contract::{Event, Family, Product, SubscriptionData, Version};
+use halosync_shared::engine::identity::{superseded, Engine, Step};
+use halosync_shared::engine::lines::{At, Ctx, Line, LineCache, LineFamily, Lines, Run};
 use halosync_shared::halo::items;
-use halosync_shared::halo::links::{self, CUSTOMER, SUBSCRIPTION};
-use halosync_shared::halo::HaloClient;
-use halosync_shared::runtime::{Batch, Handler, Outcome, Results, Services};
+use halosync_shared::halo::lines::{self, Invoice};
+use halosync_shared::halo::links::{self, Kind, Known, CUSTOMER, RECURRING_INVOICE, SUBSCRIPTION};
+use halosync_shared::halo::models::{InvoiceDetail, InvoiceHeader};
+use halosync_shared::runtime::{Batch, Open, Outcome};
 use halosync_shared::store::Mapping;
 use halosync_shared::Failure;
 
-use crate::invoice;
-use crate::mapping::{line_version, Licences, Terms, Work};
+use crate::mapping::{line_update, new_line, Licences, Terms};
 
-pub struct SubscriptionHandler;
+/// The subscription worker's handler: the lines engine over
+/// [`Subscriptions`].
+pub type SubscriptionHandler = Lines<Subscriptions>;
 
-/// The identity engine of the licences on this connection.
-pub(crate) fn engine<'a>(svc: &'a Services, halo: &'a HaloClient) -> Engine<'a, Licences> {
-    let window = svc.config().worker.http_timeout;
-    Engine::new(&Licences, &svc.store, halo, window)
+/// The subscription family.
+#[derive(Default)]
+pub struct Subscriptions;
+
+/// What the family resolves for an event before its line is written.
+#[derive(Default)]
+pub struct Target {
+    /// Money, quantity, status, version (checked before any request).
+    pub terms: Terms,
+    /// The sku's HaloPSA item.
+    pub item: i64,
+    /// What the connection lets halosync overwrite.
+    pub policy: Policy,
+    /// The licence (`None`: to be created).
+    pub licence: Option<Mapping>,
+    /// The licence was created by this attempt.
+    pub created: bool,
+    /// The licence holds the event's state (written by this attempt).
+    pub licensed: bool,
 }
 
-/// One event on its own: a new subscription, and whatever a batch's
-/// arrays did not finish.
-async fn apply_one(svc: &Services, halo: &HaloClient, work: &mut Work) -> Result<Outcome, Failure> {
-    let item_id = item_for(svc, halo, &work.event.data.product.sku).await?;
-    let recheck = svc.config().retry.dependency_recheck;
-    let account = &work.event.data.account_id;
-    let customer = links::require_customer(&svc.store, halo, account, recheck).await?;
-    work.customer_id = Some(customer.halo_id);
-    let work: &Work = work;
-    let (data, version, marker) = (&work.event.data, &work.event.version, &work.marker);
-    let cx = Ctx {
-        svc,
-        halo,
-        work,
-        data,
-        terms: &work.terms,
-        customer_id: customer.halo_id,
-        item_id,
-        marker,
-    };
-    let (mut mapping, new_licence, header) = match cx.find_licence().await? {
-        Some(mut m) => {
-            if superseded(&m, version) {
-                return Ok(Outcome::Superseded);
-            }
-            // Redis does not know the line (lost, or never cached): the
-            // version on the line, which may be newer than the link's, is
-            // read before anything is written (`mapping` module doc).
-            let header = invoice::header_unless_cached(&cx).await?;
-            if let Some(on_line) = header
-                .as_ref()
-                .and_then(|h| line_version(h, marker))
-                .filter(|v| version.is_superseded_by(v))
-            {
-                m.version = Some(on_line.encode());
-                svc.store
-                    .set_mapping(
-                        &halo.connection().name,
-                        SUBSCRIPTION.name,
-                        &data.subscription_id,
-                        &m,
-                    )
-                    .await?;
-                return Ok(Outcome::Superseded);
-            }
-            // A move to another account: the old invoice's line is
-            // retired before the licence follows the new customer.
-            if let Some(before) = invoice::before(&cx, m.halo_id).await? {
-                invoice::leave_previous_invoice(&cx, before).await?;
-            }
-            cx.update_licence(&m).await?;
-            (m, false, header)
-        }
-        None => {
-            // The customer's invoice before the licence: while another
-            // event is creating it, this one waits (or is retried) before
-            // it has written anything, so a retry repeats no write and no
-            // look-up of a licence it created.
-            invoice::recurring_invoice(&cx).await?;
-            (cx.create_licence().await?, true, None)
-        }
-    };
-    invoice::sync_line(&cx, new_licence, header).await?;
-    let engine = engine(svc, halo);
-    engine
-        .record_version(&data.subscription_id, &mut mapping, version)
-        .await?;
-    Ok(Outcome::Applied)
+/// One subscription event on its way through the engine.
+pub type Work = Line<Subscriptions>;
+
+/// The identity engine of the licences on the context's connection.
+fn licences<'a>(ctx: &Ctx<'a>) -> Engine<'a, Licences> {
+    let window = ctx.config.worker.http_timeout;
+    Engine::new(&Licences, ctx.store, ctx.halo, window)
 }
 
 #[async_trait]
-impl Handler for SubscriptionHandler {
+impl LineFamily for Subscriptions {
     const FAMILY: Family = Family::Subscription;
     type Data = SubscriptionData;
+    type Target = Target;
+    type State = Version;
+    const LINE: &'static Kind = &SUBSCRIPTION;
+    const INVOICE: (Invoice, &'static Kind) = (Invoice::Recurring, &RECURRING_INVOICE);
+    const CACHE: LineCache = LineCache::Subscription;
 
-    fn aggregate(data: &SubscriptionData) -> String {
+    fn key(data: &SubscriptionData) -> String {
         data.subscription_id.clone()
     }
 
-    /// A repair reads the customer's recurring invoice again: the cached
-    /// line may be gone, or have a duplicate beside it.
-    async fn forget_cached(
-        &self,
-        svc: &Services,
-        halo: &HaloClient,
-        event: &Event<SubscriptionData>,
-    ) -> Result<(), Failure> {
-        svc.store
-            .subscription_lines(&halo.connection().name)
-            .forget(&event.data.subscription_id)
-            .await?;
-        Ok(())
+    fn state(event: &Event<SubscriptionData>) -> Version {
+        event.version.clone()
     }
 
-    /// Known and new subscriptions in arrays ([`crate::batch`], a batch of
-    /// one too: a known subscription costs the same there, a new one half
-    /// of what the one-event path spends); the rest, and whatever an array
-    /// did not finish, one event at a time.
-    async fn apply_batch(
-        &self,
-        svc: &Services,
-        halo: &HaloClient,
-        events: Batch<Event<SubscriptionData>>,
-    ) -> Results {
-        let mut batch = events.map(Work::of);
-        crate::batch::apply(svc, halo, &mut batch).await;
-        for mut open in batch.open() {
-            let result = apply_one(svc, halo, &mut open).await;
-            open.settle(result);
-        }
-        batch.finish()
-    }
-}
-
-/// The HaloPSA item of a sku: the connection's `[items]` map, else the
-/// mapping stored in HaloPSA (`halo::items`).
-pub(crate) async fn item_for(svc: &Services, halo: &HaloClient, sku: &str) -> Result<i64, Failure> {
-    let conn = halo.connection();
-    items::resolve(halo, &svc.store, conn, sku)
-        .await?
-        .ok_or_else(|| items::unmapped(conn, &format!("sku {sku:?}"), &[sku.to_string()]))
-}
-
-/// One event being applied: what every step needs.
-pub(crate) struct Ctx<'a> {
-    pub svc: &'a Services,
-    pub halo: &'a HaloClient,
-    /// The event, its customer resolved.
-    pub work: &'a Work,
-    pub data: &'a SubscriptionData,
-    pub terms: &'a Terms,
-    /// The HaloPSA customer of the subscription's account.
-    pub customer_id: i64,
-    /// The HaloPSA item of the subscription's sku.
-    pub item_id: i64,
-    /// `halosync.subscription:<subscription_id>`, in the records' own fields.
-    pub marker: &'a str,
-}
-
-impl Ctx<'_> {
-    /// The licence of this subscription: Redis or the ExternalLink (with the
-    /// applied version), else the customer's licences carrying the marker
-    /// (no version: a licence whose link was never written, after a crash
-    /// between the two requests): [`Engine::find_one`].
-    async fn find_licence(&self) -> Result<Option<Mapping>, Failure> {
-        engine(self.svc, self.halo).find_one(self.work).await
+    fn invoice_id(data: &SubscriptionData) -> String {
+        data.account_id.clone()
     }
 
-    async fn update_licence(&self, m: &Mapping) -> Result<(), Failure> {
-        engine(self.svc, self.halo).update_one(self.work, m).await
+    fn invoice_record(data: &SubscriptionData, customer: i64) -> InvoiceHeader {
+        lines::recurring_invoice_record(customer, &data.account_id)
     }
 
-    /// Creates the licence, then makes sure it is the only one carrying the
-    /// marker. Two workers can both create one when the aggregate lock was
-    /// lost (Redis flushed); the lowest id wins and the loser deletes the
-    /// licence it created moments before: the only DELETE of a licence
-    /// halosync ever makes (it holds no MSP data yet). Licences are
-    /// otherwise made inactive, never deleted. The loser's event is then
-    /// retried against the winner.
-    async fn create_licence(&self) -> Result<Mapping, Failure> {
-        let created = match engine(self.svc, self.halo).create_one(self.work).await? {
-            Ok(created) => created,
-            Err(e) if matches!(e.status(), Some(400 | 404)) => {
-                // A customer that is gone from HaloPSA (while Redis still
-                // maps the account to it) is a missing dependency, not a
-                // refusal of the licence.
-                let account = &self.data.account_id;
-                if links::drop_if_stale(
-                    &self.svc.store,
-                    self.halo,
-                    &CUSTOMER,
-                    account,
-                    self.customer_id,
-                )
-                .await?
-                {
-                    return Err(Failure::dependency(format!(
-                        "customer {} of account {account} is gone from HaloPSA; retried until the account is applied again",
-                        self.customer_id
-                    )));
-                }
-                return Err(e.into());
+    fn line(event: &Event<SubscriptionData>, target: &Target, at: At) -> InvoiceDetail {
+        let (data, terms, item) = (&event.data, &target.terms, target.item);
+        let marker = Self::marker(data);
+        match (at.ihid, at.line) {
+            (Some(ihid), Some(line)) => {
+                line_update(data, terms, ihid, line, item, &marker, target.policy)
             }
-            Err(e) => return Err(e.into()),
-        };
-        // The only DELETE of a licence halosync ever makes is in there.
-        engine(self.svc, self.halo)
-            .keep_lowest_carrying(self.work, created)
-            .await
+            (ihid, _) => new_line(data, terms, ihid, item, &marker),
+        }
     }
+
+    async fn prepare(&self, run: &mut Run<'_>, batch: &mut Batch<Work>) {
+        let ctx = run.ctx;
+        let policy = Policy::from(ctx.halo.connection());
+        for mut w in batch.open() {
+            match Terms::of(&w.event.data, &w.event.version) {
+                Ok(terms) => {
+                    w.target.terms = terms;
+                    w.target.policy = policy;
+                }
+                Err(f) => w.settle(Err(f)),
+            }
+        }
+        seed_products(ctx, batch).await;
+        items_of(ctx, batch).await;
+        customers(ctx, batch).await;
+        invoices(ctx, batch).await;
+        licence_steps(ctx, batch).await;
+    }
+
+    async fn before_write(&self, run: &mut Run<'_>, batch: &mut Batch<Work>) {
+        crate::moves::leave_previous_invoices(run.ctx, batch).await;
+        write_licences(run.ctx, batch).await;
+    }
+
+    /// A new invoice has no usage line: the usage worker need not read it
+    /// (its `usage_scanned` mark). Only a shortcut: a failure is logged.
+    async fn created(&self, ctx: &Ctx<'_>, ihids: &[i64]) {
+        let conn = &ctx.halo.connection().name;
+        if let Err(e) = ctx.store.usage_scanned(conn).mark(ihids, None).await {
+            tracing::warn!(error = %e, "could not tell the usage worker that the new invoices hold no usage line");
+        }
+    }
+
+    async fn written(&self, ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
+        let engine = licences(ctx);
+        let (mut known, mut to_link) = (Vec::new(), Vec::new());
+        for w in batch.open().filter(|w| w.is_written()) {
+            match w.target.licence.clone() {
+                None => {
+                    let f = Failure::transient("a line was written without its licence (bug)");
+                    w.settle(Err(f));
+                }
+                Some(m) if w.target.created || m.link_id.is_none() || m.version.is_none() => {
+                    if w.target.created {
+                        let subscription = &w.event.data.subscription_id;
+                        tracing::info!(halo_id = m.halo_id, %subscription, "created the licence and its line");
+                    }
+                    to_link.push((w, m));
+                }
+                Some(m) => known.push((w, m)),
+            }
+        }
+        // Versions on links in arrays; the version of a known licence
+        // rides on its line (`mapping` module doc): Redis only.
+        known.extend(engine.versions(to_link).await);
+        engine.applied(known).await;
+        // A new link the array's answer did not tell: one by one, which
+        // keeps one link per licence.
+        for w in batch.open().filter(|w| w.is_written()) {
+            let Some(mut m) = w.target.licence.clone() else {
+                continue;
+            };
+            let (id, version) = (&w.event.data.subscription_id, &w.event.version);
+            let r = engine.record_version(id, &mut m, version).await;
+            w.settle(r.map(|()| Outcome::Applied));
+        }
+    }
+}
+
+/// Seeds the cache the usage and overage workers read for a subscription's
+/// product (`Store::subscription_products`), before any licence or link is
+/// written: a usage event that finds a subscription's link finds its
+/// product too. Only a shortcut: a failure is logged.
+async fn seed_products(ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
+    let open: Vec<Open<'_, Work>> = batch.open().collect();
+    let products: Vec<(&str, &Product)> = open
+        .iter()
+        .map(|w| (w.event.data.subscription_id.as_str(), &w.event.data.product))
+        .collect();
+    if products.is_empty() {
+        return;
+    }
+    let conn = &ctx.halo.connection().name;
+    let cache = ctx.store.subscription_products(conn);
+    if let Err(e) = cache.set_many(&products).await {
+        tracing::warn!(error = %e, "could not seed the subscriptions' products for the usage and overage workers");
+    }
+}
+
+/// The HaloPSA item of each event's sku, once per sku: the connection's
+/// `[items]`, else the mapping stored in HaloPSA (`halo::items`); an
+/// unmapped sku is dead-lettered at once.
+async fn items_of(ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
+    let conn = ctx.halo.connection();
+    let mut known: HashMap<String, Result<i64, Failure>> = HashMap::new();
+    for mut w in batch.open() {
+        let sku = w.event.data.product.sku.clone();
+        let item = match known.get(&sku) {
+            Some(item) => item.clone(),
+            None => {
+                let item = match items::resolve(ctx.halo, ctx.store, conn, &sku).await {
+                    Ok(Some(item)) => Ok(item),
+                    Ok(None) => Err(items::unmapped(
+                        conn,
+                        &format!("sku {sku:?}"),
+                        std::slice::from_ref(&sku),
+                    )),
+                    Err(f) => Err(f),
+                };
+                known.insert(sku, item.clone());
+                item
+            }
+        };
+        match item {
+            Ok(item) => w.target.item = item,
+            Err(f) => w.settle(Err(f)),
+        }
+    }
+}
+
+/// Settles every open event with `f`.
+fn fail_all(batch: &mut Batch<Work>, f: &Failure) {
+    for w in batch.open() {
+        w.settle(Err(f.clone()));
+    }
+}
+
+/// Each event's customer: Redis (one round trip, plus one bulk import per
+/// Redis lifetime); not there yet, a `dependency` without a request
+/// (retried until the account worker created it); unsure, asked of
+/// HaloPSA.
+async fn customers(ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
+    let accounts: Vec<String> = batch
+        .open()
+        .map(|w| w.event.data.account_id.clone())
+        .collect();
+    let known = match links::known_many(ctx.store, ctx.halo, &CUSTOMER, &accounts).await {
+        Ok(k) => k,
+        Err(f) => return fail_all(batch, &f),
+    };
+    let recheck = ctx.config.retry.dependency_recheck;
+    for (mut w, known) in batch.open().zip(known) {
+        let account = w.event.data.account_id.clone();
+        let customer = match known {
+            Known::Mapped(c) => Ok(c),
+            Known::Absent => {
+                let missing = format!(
+                    "account {account} is not in HaloPSA yet (no customer linked to it); retried until the account event has been applied"
+                );
+                let (store, halo) = (ctx.store, ctx.halo);
+                Err(links::still_absent(store, halo, &CUSTOMER, &account, recheck, missing).await)
+            }
+            // The account worker is creating it right now: wait for it (no
+            // request, no attempt).
+            Known::Creating => {
+                let mut f = Failure::dependency(format!(
+                    "account {account} is being created in HaloPSA right now; retried once it is"
+                ));
+                f.throttled = true;
+                Err(f)
+            }
+            Known::Unsure => links::require_customer(ctx.store, ctx.halo, &account, recheck).await,
+        };
+        match customer {
+            Ok(c) => w.customer = c.halo_id,
+            Err(f) => w.settle(Err(f)),
+        }
+    }
+}
+
+/// Each event's recurring invoice, when Redis knows it; otherwise the
+/// engine creates it (or finds it, when Redis is unsure).
+async fn invoices(ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
+    let accounts: Vec<String> = batch
+        .open()
+        .map(|w| w.event.data.account_id.clone())
+        .collect();
+    let kind = &RECURRING_INVOICE;
+    let known = match links::known_many(ctx.store, ctx.halo, kind, &accounts).await {
+        Ok(k) => k,
+        Err(f) => return fail_all(batch, &f),
+    };
+    for (mut w, known) in batch.open().zip(known) {
+        if let Known::Mapped(m) = known {
+            w.ihid = Some(m.halo_id);
+        }
+    }
+}
+
+/// Each event's licence step (the identity engine): superseded ones are
+/// settled, known ones carry their mapping, new ones (known absent) have
+/// no line yet; what Redis is unsure of is asked of HaloPSA one by one.
+async fn licence_steps(ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
+    let engine = licences(ctx);
+    let open: Vec<Open<'_, Work>> = batch.open().collect();
+    let steps = engine.steps(open.iter().map(|w| &**w)).await;
+    let steps = match steps {
+        Ok(s) => s,
+        Err(f) => {
+            for w in open {
+                w.settle(Err(f.clone()));
+            }
+            return;
+        }
+    };
+    for (mut w, step) in open.into_iter().zip(steps) {
+        let found = match step {
+            Step::Superseded => {
+                w.settle(Ok(Outcome::Superseded));
+                continue;
+            }
+            Step::Update(m) => Some(m),
+            Step::Create => None,
+            // Redis lost it, or another worker is creating it: its link,
+            // else the customer's licences carrying the marker.
+            Step::Ask | Step::Creating => match engine.find_one(&w).await {
+                Ok(Some(m)) if superseded(&m, &w.event.version) => {
+                    w.settle(Ok(Outcome::Superseded));
+                    continue;
+                }
+                Ok(found) => found,
+                Err(f) => {
+                    w.settle(Err(f));
+                    continue;
+                }
+            },
+        };
+        // A licence created by this attempt has no line yet (lines are
+        // written after their licence): added without reading the header.
+        if found.is_none() {
+            w.no_line_yet();
+        }
+        w.target.licence = found;
+    }
+}
+
+/// The licences of the events still open: known ones updated and new
+/// ones created, in arrays; what an array did not finish (refused in
+/// part, a value out of range, a create whose answer does not line up),
+/// one by one.
+async fn write_licences(ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
+    let engine = licences(ctx);
+    let updates: Vec<(Open<'_, Work>, Mapping)> = batch
+        .open()
+        .filter_map(|w| w.target.licence.clone().map(|m| (w, m)))
+        .collect();
+    for (mut w, _) in engine.update(updates).await {
+        w.target.licensed = true;
+    }
+    let creates: Vec<Open<'_, Work>> = batch
+        .open()
+        .filter(|w| w.target.licence.is_none())
+        .collect();
+    for (mut w, m) in engine.create(creates).await {
+        w.target.licence = Some(m);
+        w.target.created = true;
+        w.target.licensed = true;
+    }
+    for mut w in batch.open().filter(|w| !w.target.licensed) {
+        let written = match w.target.licence.clone() {
+            Some(m) => engine.update_one(&w, &m).await,
+            None => create_one(ctx, &engine, &mut w).await,
+        };
+        match written {
+            Ok(()) => w.target.licensed = true,
+            Err(f) => w.settle(Err(f)),
+        }
+    }
+}
+
+/// Creates one licence, then makes sure it is the only one carrying the
+/// marker ([`Engine::keep_lowest_carrying`]: two workers can both create
+/// one when the aggregate lock was lost; the lowest id wins and the loser
+/// deletes the licence it created moments before, the only DELETE of a
+/// licence halosync ever makes; licences are otherwise made inactive).
+async fn create_one(
+    ctx: &Ctx<'_>,
+    engine: &Engine<'_, Licences>,
+    w: &mut Open<'_, Work>,
+) -> Result<(), Failure> {
+    let created = match engine.create_one(w).await? {
+        Ok(created) => created,
+        Err(e) if lines::gone(&e) => {
+            // A customer that is gone from HaloPSA (while Redis still maps
+            // the account to it) is a missing dependency, not a refusal of
+            // the licence.
+            let account = &w.event.data.account_id;
+            let (store, halo) = (ctx.store, ctx.halo);
+            if links::drop_if_stale(store, halo, &CUSTOMER, account, w.customer).await? {
+                return Err(Failure::dependency(format!(
+                    "customer {} of account {account} is gone from HaloPSA; retried until the account is applied again",
+                    w.customer
+                )));
+            }
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let m = engine.keep_lowest_carrying(w, created).await?;
+    w.target.licence = Some(m);
+    w.target.created = true;
+    Ok(())
 }

@@ -6,9 +6,8 @@
 //! reconcile` compares HaloPSA's licences and lines through the very
 //! functions the worker writes them with.
 
-mod batch;
 mod handler;
-mod invoice;
 pub mod mapping;
+mod moves;
 
-pub use handler::SubscriptionHandler;
+pub use handler::{SubscriptionHandler, Subscriptions};

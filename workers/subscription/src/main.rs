@@ -10,7 +10,7 @@ use std::sync::Arc;
 async fn main() -> ExitCode {
     halosync_shared::boot::worker_main(
         "halosync-subscription",
-        Arc::new(halosync_subscription::SubscriptionHandler),
+        Arc::new(halosync_subscription::SubscriptionHandler::default()),
     )
     .await
 }

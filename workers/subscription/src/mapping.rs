@@ -59,30 +59,7 @@ use halosync_shared::halo::record_id;
 use halosync_shared::Failure;
 use serde_json::Value;
 
-/// One subscription event on its way through the worker: the event, its
-/// money and quantity (checked before any request), its marker, and its
-/// account's customer once resolved.
-pub struct Work {
-    pub event: Event<SubscriptionData>,
-    pub terms: Terms,
-    /// `halosync.subscription:<subscription_id>` ([`links::marker`]).
-    pub marker: String,
-    /// The HaloPSA customer of the subscription's account.
-    pub customer_id: Option<i64>,
-}
-
-impl Work {
-    pub fn of(event: Event<SubscriptionData>) -> Result<Work, Failure> {
-        let terms = Terms::of(&event.data, &event.version)?;
-        let marker = links::marker(&SUBSCRIPTION, &event.data.subscription_id);
-        Ok(Work {
-            event,
-            terms,
-            marker,
-            customer_id: None,
-        })
-    }
-}
+use crate::handler::Work;
 
 /// The subscription family's licences for the identity engine
 /// ([`halosync_shared::engine::identity`]): one `/SoftwareLicence` per
@@ -113,20 +90,28 @@ impl Identity for Licences {
         halo_id: Option<i64>,
         conn: &ConnectionConfig,
     ) -> Result<Value, Failure> {
-        let customer = w.customer_id.ok_or_else(|| {
-            Failure::transient(format!(
+        if w.customer == 0 {
+            return Err(Failure::transient(format!(
                 "the customer of account {} was not resolved before its licence was written",
                 w.event.data.account_id
-            ))
-        })?;
-        licence_record(&w.event.data, &w.terms, customer, halo_id, &w.marker, conn)
+            )));
+        }
+        let t = &w.target;
+        licence_record(
+            &w.event.data,
+            &t.terms,
+            w.customer,
+            halo_id,
+            w.marker(),
+            conn,
+        )
     }
 
     /// The customer's licences, inactive ones too: `thirdparty_client_id`
     /// has no GET filter, so the marker is matched here
     /// ([`licences_carrying`]).
     fn listing(&self, w: &Work) -> Option<Listing> {
-        let customer = w.customer_id?;
+        let customer = Some(w.customer).filter(|c| *c != 0)?;
         Some(Listing {
             path: "/SoftwareLicence",
             key: "licences",
@@ -138,13 +123,13 @@ impl Identity for Licences {
     }
 
     fn carrying(&self, w: &Work, rows: &[Value]) -> Vec<i64> {
-        licences_carrying(rows, &w.marker)
+        licences_carrying(rows, w.marker())
     }
 }
 
 /// What the event's data becomes, checked before any HaloPSA request so
 /// that a bad value never leaves a half-applied event.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Terms {
     /// `count` (an integer in HaloPSA) and `qty_order`.
     pub quantity: i64,
@@ -242,13 +227,13 @@ pub fn new_line(
     ihid: Option<i64>,
     item_id: i64,
     marker: &str,
-) -> Result<Value, Failure> {
-    body(&InvoiceDetail {
+) -> InvoiceDetail {
+    InvoiceDetail {
         item_shortdescription: Some(data.product.name.trim().to_string()),
         unit_price: Some(terms.unit_price),
         unit_cost: terms.unit_cost,
         ..line_common(data, terms, ihid, item_id, marker)
-    })
+    }
 }
 
 /// An existing line's update for `POST /RecurringInvoice/updatelines`:
@@ -262,10 +247,10 @@ pub fn line_update(
     item_id: i64,
     marker: &str,
     policy: impl Into<Policy>,
-) -> Result<Value, Failure> {
+) -> InvoiceDetail {
     let policy = policy.into();
     let common = line_common(data, terms, Some(ihid), item_id, marker);
-    body(&InvoiceDetail {
+    InvoiceDetail {
         id: Some(Int32(line_id)),
         // No end (see `licence_record`): clear one an earlier event set.
         enddate: Some(common.enddate.clone().flatten()),
@@ -275,7 +260,7 @@ pub fn line_update(
         unit_price: policy.overwrite_prices.then_some(terms.unit_price),
         unit_cost: terms.unit_cost.filter(|_| policy.overwrite_prices),
         ..common
-    })
+    }
 }
 
 fn line_common(
@@ -459,9 +444,18 @@ mod tests {
         d.end_date = None;
         let cleared = licence_record(&d, &t, 7, Some(3), MARK, &policy(false, false)).unwrap();
         assert_eq!(cleared.get("end_date"), Some(&Value::Null));
-        let line = line_update(&d, &t, -4, 9, 1001, MARK, &policy(false, false)).unwrap();
+        let line = body(&line_update(
+            &d,
+            &t,
+            -4,
+            9,
+            1001,
+            MARK,
+            &policy(false, false),
+        ))
+        .unwrap();
         assert_eq!(line.get("enddate"), Some(&Value::Null));
-        assert!(new_line(&d, &t, Some(-4), 1001, MARK)
+        assert!(body(&new_line(&d, &t, Some(-4), 1001, MARK))
             .unwrap()
             .get("enddate")
             .is_none());
@@ -471,7 +465,7 @@ mod tests {
     fn lines_follow_the_policies() {
         let d = sub("cancelled");
         let t = Terms::of(&d, &v1()).unwrap();
-        let new = new_line(&d, &t, Some(-4), 1001, MARK).unwrap();
+        let new = body(&new_line(&d, &t, Some(-4), 1001, MARK)).unwrap();
         assert_eq!(new["ihid"], -4);
         assert_eq!(new["_itemid"], 1001);
         assert_eq!(new["qty_order"], 25.0);
@@ -484,12 +478,30 @@ mod tests {
         );
         assert_eq!(new[lines::MARKER_FIELD], MARK);
         assert_eq!(new[lines::VERSION_FIELD], "s=1;t=2026-11-22T10:15:00Z");
-        let upd = line_update(&d, &t, -4, 9, 1001, MARK, &policy(false, false)).unwrap();
+        let upd = body(&line_update(
+            &d,
+            &t,
+            -4,
+            9,
+            1001,
+            MARK,
+            &policy(false, false),
+        ))
+        .unwrap();
         assert_eq!(upd["id"], 9);
         assert_eq!(upd["ihid"], -4);
         assert!(upd.get("unit_price").is_none());
         assert!(upd.get("item_shortdescription").is_none());
-        let upd = line_update(&d, &t, -4, 9, 1001, MARK, &policy(true, false)).unwrap();
+        let upd = body(&line_update(
+            &d,
+            &t,
+            -4,
+            9,
+            1001,
+            MARK,
+            &policy(true, false),
+        ))
+        .unwrap();
         assert_eq!(upd["unit_price"], 22.0);
     }
 

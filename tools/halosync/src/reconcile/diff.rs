@@ -672,7 +672,7 @@ impl Ctx<'_> {
                 |f| {
                     let terms = terms.clone()?;
                     let (line, item) = (f.own_id("id"), f.own_id("_itemid"));
-                    let want = line_update(&d, &terms, ihid, line, item, &marker, policy)?;
+                    let want = body(&line_update(&d, &terms, ihid, line, item, &marker, policy))?;
                     f.qty("quantity", &want, "qty_order");
                     f.active(&want, "isinactive", true);
                     f.date("start_date", &want, "startdate");
@@ -957,7 +957,7 @@ mod tests {
         // HaloPSA answers "no end date" with its empty-date sentinel.
         licence["end_date"] = json!("1899-12-30T00:00:00");
         s.licences.insert(3, saved(licence, 3));
-        let line = subscription::new_line(&sub, &terms, Some(-1), 1001, &mark).unwrap();
+        let line = body(&subscription::new_line(&sub, &terms, Some(-1), 1001, &mark)).unwrap();
         let (e, use_new) = event::<UsageData>(USAGE_NEW);
         let applied = Applied {
             period_start: use_new.period_start.clone(),
