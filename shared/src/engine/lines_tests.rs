@@ -68,16 +68,25 @@ impl LineFamily for Charges {
         }
     }
 
+    /// The invoices Redis knows (one round trip, one import per Redis
+    /// lifetime); the others are the engine's to find or create.
     async fn prepare(&self, run: &mut Run<'_>, batch: &mut Batch<Line<Charges>>) {
-        for mut w in batch.open() {
-            let (store, halo) = (run.ctx.store, run.ctx.halo);
-            let account = w.event.data.account.clone();
-            match links::resolve(store, halo, &RECURRING_INVOICE, &account).await {
-                Ok(m) => {
-                    w.customer = w.event.data.customer;
-                    w.ihid = m.map(|m| m.halo_id);
+        let (store, halo) = (run.ctx.store, run.ctx.halo);
+        let accounts: Vec<String> = batch.open().map(|w| w.event.data.account.clone()).collect();
+        let known = links::known_many(store, halo, &RECURRING_INVOICE, &accounts).await;
+        let known = match known {
+            Ok(k) => k,
+            Err(f) => {
+                for w in batch.open() {
+                    w.settle(Err(f.clone()));
                 }
-                Err(f) => w.settle(Err(f)),
+                return;
+            }
+        };
+        for (mut w, known) in batch.open().zip(known) {
+            w.customer = w.event.data.customer;
+            if let links::Known::Mapped(m) = known {
+                w.ihid = Some(m.halo_id);
             }
         }
     }
@@ -106,6 +115,11 @@ impl T {
     }
 
     fn event(&self, key: &str, qty: f64, seq: u64) -> Event<Charge> {
+        self.event_of(ACCOUNT, key, qty, seq)
+    }
+
+    /// An event of another account (another invoice).
+    fn event_of(&self, account: &str, key: &str, qty: f64, seq: u64) -> Event<Charge> {
         Event {
             id: format!("ev-{key}-{seq}"),
             event_type: "charge.reported".into(),
@@ -115,7 +129,7 @@ impl T {
             repair: false,
             replayed: false,
             data: Charge {
-                account: ACCOUNT.into(),
+                account: account.into(),
                 key: key.into(),
                 qty,
                 customer: self.customer,
@@ -213,6 +227,75 @@ async fn create_puts_the_lines_inline_on_a_new_invoice() {
     let r = t.apply(vec![t.event("a", 5.0, 2)]).await;
     assert_eq!(r, ["applied"]);
     assert_eq!(t.count(READ), 0);
+    t.kit.cleanup().await;
+}
+
+/// New invoices of several accounts: one array, each header with its
+/// link and its lines inline; the next events need no read.
+#[tokio::test]
+async fn new_invoices_are_created_in_one_array() {
+    let t = T::start().await;
+    let accounts = ["acc_1", "acc_2", "acc_3"];
+    let events = accounts.map(|a| t.event_of(a, &format!("k-{a}"), 2.0, 1));
+    let r = t.apply(events.to_vec()).await;
+    assert_eq!(r, ["applied"; 3]);
+    assert_eq!(t.count(CREATE), 1, "one array for the three invoices");
+    assert_eq!(t.headers().len(), 3);
+    for a in accounts {
+        assert_eq!(t.lines(&format!("k-{a}")).len(), 1, "{a}: one line");
+    }
+    let events = accounts.map(|a| t.event_of(a, &format!("k-{a}"), 3.0, 2));
+    let r = t.apply(events.to_vec()).await;
+    assert_eq!(r, ["applied"; 3]);
+    assert_eq!(
+        (t.count(READ), t.count(UPDATE)),
+        (0, 1),
+        "cached: one update array"
+    );
+    t.kit.cleanup().await;
+}
+
+/// An invoice array saved in part (the second header refused) goes one
+/// by one: the saved header is found through its link with its line, the
+/// others created; an array whose answer is lost fails its events
+/// together, and their retry finds what it saved. One header and one line
+/// per account either way.
+#[tokio::test]
+async fn an_invoice_array_saved_in_part_or_unanswered_doubles_nothing() {
+    let t = T::start().await;
+    t.kit.sim.set_faults(halo_sim::Faults {
+        save_then_refuse: vec![1],
+        ..Default::default()
+    });
+    let accounts = ["acc_1", "acc_2", "acc_3"];
+    let events = accounts.map(|a| t.event_of(a, &format!("k-{a}"), 2.0, 1));
+    let r = t.apply(events.to_vec()).await;
+    // The first header was saved with its line, which carries the event's
+    // version: found so, the event is superseded (its state is there).
+    assert_eq!(r, ["superseded", "applied", "applied"]);
+    assert_eq!(t.kit.sim.partial_saves(), 1);
+    assert_eq!(t.headers().len(), 3);
+    for a in accounts {
+        let lines = t.lines(&format!("k-{a}"));
+        assert_eq!(lines.len(), 1, "{a}: one line");
+        assert_eq!(qty(&lines[0]), 2.0);
+    }
+    t.kit.sim.set_faults(halo_sim::Faults {
+        lose_next: 1,
+        ..Default::default()
+    });
+    let others = ["acc_4", "acc_5"];
+    let events = others.map(|a| t.event_of(a, &format!("k-{a}"), 4.0, 1));
+    let r = t.apply(events.to_vec()).await;
+    assert!(r.iter().all(|r| r != "applied"), "failed together: {r:?}");
+    let r = t.apply(events.to_vec()).await;
+    assert_eq!(r, ["superseded"; 2], "found with their lines");
+    assert_eq!(t.headers().len(), 5, "no second header");
+    for a in others {
+        let lines = t.lines(&format!("k-{a}"));
+        assert_eq!(lines.len(), 1, "{a}: one line");
+        assert_eq!(qty(&lines[0]), 4.0);
+    }
     t.kit.cleanup().await;
 }
 
