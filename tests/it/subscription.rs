@@ -1239,3 +1239,59 @@ async fn new_subscriptions_are_created_in_arrays_and_a_partly_saved_or_lost_arra
         );
     }
 }
+
+/// The ExternalLinks of a subscription's licence.
+fn licence_links(env: &TestEnv, sub: &str) -> Vec<Value> {
+    env.sim
+        .external_links()
+        .into_iter()
+        .filter(|l| l["third_party_type"] == "halosync.subscription" && l["third_party_id"] == sub)
+        .collect()
+}
+
+/// A worker killed after a new subscription's licence and line were
+/// written but before the licence's link (halo-sim holds that write
+/// unanswered): the redelivery writes the link (the line cached in Redis
+/// does not make it superseded), so once Redis is lost the licence is
+/// found through its link, and a newer event updates the one licence and
+/// the one line instead of creating a second of each.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_before_the_licence_link_leaves_it_found_after_redis_is_lost() {
+    let mut env = env_with("sub-kill-link", "", 0).await;
+    env.spawn_worker(ACCOUNTS);
+    seed_accounts(&env, &["acc_1"]).await;
+    // The licence, then the invoice with its line inline; the third
+    // write, the licence's link, is held.
+    let done = env.sim.writes_applied();
+    env.sim.set_faults(Faults {
+        hold_writes_after: Some(done + 2),
+        ..Default::default()
+    });
+    env.publish(&subscription_event("s1", "sub_1", "acc_1", 4, "active", 1))
+        .await;
+    let first = env.spawn_worker(WORKER);
+    env.wait_for("the link's write held", T, || env.sim.held_writes() > 0)
+        .await;
+    env.kill_worker(first);
+    assert!(records(&env, "sub_1").is_some(), "licence and line written");
+    assert!(licence_links(&env, "sub_1").is_empty(), "no link yet");
+    env.sim.set_faults(Faults::default());
+    env.spawn_worker(WORKER);
+    env.wait_for("the licence linked", T, || {
+        licence_links(&env, "sub_1").len() == 1
+    })
+    .await;
+    env.wait_drained(Family::Subscription, T).await;
+    env.flush_redis().await;
+    env.publish(&subscription_event("s2", "sub_1", "acc_1", 7, "active", 2))
+        .await;
+    env.wait_for("the newer quantity", T, || {
+        records(&env, "sub_1").is_some_and(|(l, n)| holds(&l, &n, 7, "active"))
+    })
+    .await;
+    env.wait_drained(Family::Subscription, T).await;
+    let (licence, line) = one_each(&env, "sub_1");
+    assert!(holds(&licence, &line, 7, "active"));
+    assert_eq!(licence_links(&env, "sub_1").len(), 1);
+    env.assert_no_dead(Family::Subscription).await;
+}

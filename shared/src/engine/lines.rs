@@ -362,11 +362,11 @@ pub trait LineFamily: Send + Sync + Sized + 'static {
     /// the line inline), or its settlement (a dependency, unmapped, ...).
     async fn prepare(&self, run: &mut Run<'_>, batch: &mut Batch<Line<Self>>);
 
-    /// Once the lines of the events whose invoice is known are found (an
-    /// event superseded by the state on its line is settled by then) and
+    /// Once the lines of the events whose invoice is known are found and
     /// before any line or invoice is written: the family's own records the
-    /// line stands for (a subscription's licence). What it leaves open is
-    /// written.
+    /// line stands for (a subscription's licence). The events to be
+    /// written are the open ones not [`Line::is_written`] (an event found
+    /// superseded on its line is, already); what it leaves open is written.
     async fn before_write(&self, _run: &mut Run<'_>, _batch: &mut Batch<Line<Self>>) {}
 
     /// The invoices this batch created (a family whose invoice another
@@ -374,12 +374,26 @@ pub trait LineFamily: Send + Sync + Sized + 'static {
     async fn created(&self, _ctx: &Ctx<'_>, _ihids: &[i64]) {}
 
     /// Settles the events whose line is written (and cached): the open
-    /// ones, [`Line::is_written`]. The default settles them applied; a
+    /// ones, [`Line::is_written`]; those [`Line::is_superseded`] wrote
+    /// nothing. The default settles them `Applied` or `Superseded`; a
     /// family that keeps more state (a licence's link) writes it first.
     async fn written(&self, _ctx: &Ctx<'_>, batch: &mut Batch<Line<Self>>) {
         for w in batch.open().filter(|w| w.written) {
-            w.settle(Ok(Outcome::Applied));
+            let outcome = if w.superseded {
+                Outcome::Superseded
+            } else {
+                Outcome::Applied
+            };
+            w.settle(Ok(outcome));
         }
+    }
+
+    /// Whether the line's cache entry may carry the event's state once
+    /// written (the default): a family whose own state is written after
+    /// the line ([`LineFamily::written`]) says no until it is, so that a
+    /// retry after a crash in between is not superseded by the cache.
+    fn caches_state(_line: &Line<Self>) -> bool {
+        true
     }
 
     /// The line's marker.
@@ -417,6 +431,9 @@ pub struct Line<F: LineFamily> {
     /// The line is written (and cached): only the family's
     /// [`LineFamily::written`] is left.
     written: bool,
+    /// The line was found carrying this event's state or a newer one:
+    /// nothing to write; [`LineFamily::written`] settles it `Superseded`.
+    superseded: bool,
 }
 
 impl<F: LineFamily> Line<F> {
@@ -435,6 +452,7 @@ impl<F: LineFamily> Line<F> {
             from_cache: false,
             looked: false,
             written: false,
+            superseded: false,
         })
     }
 
@@ -443,9 +461,16 @@ impl<F: LineFamily> Line<F> {
         &self.key
     }
 
-    /// Whether the line is written: only [`LineFamily::written`] is left.
+    /// Whether the line is written (or found holding this event's state
+    /// or a newer one): only [`LineFamily::written`] is left.
     pub fn is_written(&self) -> bool {
         self.written
+    }
+
+    /// Whether the line was found holding this event's state or a newer
+    /// one (nothing was written): the event is `Superseded`.
+    pub fn is_superseded(&self) -> bool {
+        self.superseded
     }
 
     /// The line's marker ([`LineFamily::marker`]).
@@ -479,7 +504,7 @@ impl<F: LineFamily> Line<F> {
             // the add may never have been sent (a lost lock, a failure
             // before the POST), so it must never make its own retry look
             // superseded. Only a known line carries the applied state.
-            applied: if line.is_some() {
+            applied: if line.is_some() && F::caches_state(self) {
                 self.state.encode()
             } else {
                 String::new()
@@ -1097,8 +1122,13 @@ async fn read_lines<F: LineFamily>(ctx: &Ctx<'_>, ihid: i64, members: Vec<Open<'
                 line: Some(line),
                 applied: text.to_string(),
             };
-            let r = cache.set_many(&[(w.key.as_str(), entry)]).await;
-            w.settle(r.map(|_| Outcome::Superseded).map_err(Failure::from));
+            match cache.set_many(&[(w.key.as_str(), entry)]).await {
+                Ok(()) => {
+                    w.written = true;
+                    w.superseded = true;
+                }
+                Err(e) => w.settle(Err(e.into())),
+            }
         }
     }
 }
@@ -1176,7 +1206,10 @@ async fn write<F: LineFamily>(ctx: &Ctx<'_>, batch: &mut Batch<Line<F>>) {
     // What is now on the lines (these, and those saved inside their new
     // invoice), in one round trip. A line saved without its id known keeps
     // its pending entry: the next event reads the header.
-    let written: Vec<Open<'_, Line<F>>> = batch.open().filter(|w| w.written).collect();
+    let written: Vec<Open<'_, Line<F>>> = batch
+        .open()
+        .filter(|w| w.written && !w.superseded)
+        .collect();
     let lines: Vec<(&str, Cached)> = written
         .iter()
         .filter_map(|w| {

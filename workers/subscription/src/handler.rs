@@ -156,10 +156,24 @@ impl LineFamily for Subscriptions {
         }
     }
 
+    /// A licence created by this attempt has no link yet: its line's
+    /// cache entry carries no state until the link is written.
+    fn caches_state(w: &Work) -> bool {
+        let linked = w
+            .target
+            .licence
+            .as_ref()
+            .is_some_and(|m| m.link_id.is_some());
+        linked && !w.target.created
+    }
+
     async fn written(&self, ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
         let engine = licences(ctx);
         let (mut known, mut to_link) = (Vec::new(), Vec::new());
         for w in batch.open().filter(|w| w.is_written()) {
+            if w.is_superseded() {
+                continue;
+            }
             match w.target.licence.clone() {
                 None => {
                     let f = Failure::transient("a line was written without its licence (bug)");
@@ -179,15 +193,27 @@ impl LineFamily for Subscriptions {
         // rides on its line (`mapping` module doc): Redis only.
         known.extend(engine.versions(to_link).await);
         engine.applied(known).await;
-        // A new link the array's answer did not tell: one by one, which
-        // keeps one link per licence.
+        // A new link the array's answer did not tell, and a licence found
+        // without a link whose line holds this event's state already (a
+        // retry after the line was written): one by one, which keeps one
+        // link per licence, so that the licence is found again once Redis
+        // is lost.
         for w in batch.open().filter(|w| w.is_written()) {
-            let Some(mut m) = w.target.licence.clone() else {
-                continue;
+            let outcome = if w.is_superseded() {
+                Outcome::Superseded
+            } else {
+                Outcome::Applied
+            };
+            let mut m = match w.target.licence.clone() {
+                Some(m) if outcome == Outcome::Applied || m.link_id.is_none() => m,
+                _ => {
+                    w.settle(Ok(outcome));
+                    continue;
+                }
             };
             let (id, version) = (&w.event.data.subscription_id, &w.event.version);
             let r = engine.record_version(id, &mut m, version).await;
-            w.settle(r.map(|()| Outcome::Applied));
+            w.settle(r.map(|()| outcome));
         }
     }
 }
@@ -367,6 +393,7 @@ async fn write_licences(ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
     let engine = licences(ctx);
     let updates: Vec<(Open<'_, Work>, Mapping)> = batch
         .open()
+        .filter(|w| !w.is_written())
         .filter_map(|w| w.target.licence.clone().map(|m| (w, m)))
         .collect();
     for (mut w, _) in engine.update(updates).await {
@@ -374,14 +401,17 @@ async fn write_licences(ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
     }
     let creates: Vec<Open<'_, Work>> = batch
         .open()
-        .filter(|w| w.target.licence.is_none())
+        .filter(|w| !w.is_written() && w.target.licence.is_none())
         .collect();
     for (mut w, m) in engine.create(creates).await {
         w.target.licence = Some(m);
         w.target.created = true;
         w.target.licensed = true;
     }
-    for mut w in batch.open().filter(|w| !w.target.licensed) {
+    for mut w in batch
+        .open()
+        .filter(|w| !w.is_written() && !w.target.licensed)
+    {
         let written = match w.target.licence.clone() {
             Some(m) => engine.update_one(&w, &m).await,
             None => create_one(ctx, &engine, &mut w).await,

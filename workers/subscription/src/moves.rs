@@ -36,7 +36,7 @@ enum Before {
 pub(crate) async fn leave_previous_invoices(ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
     let open: Vec<Open<'_, Work>> = batch
         .open()
-        .filter(|w| w.target.licence.is_some())
+        .filter(|w| !w.is_written() && w.target.licence.is_some())
         .collect();
     if open.is_empty() {
         return;
