@@ -10,6 +10,7 @@
 //! | [`crate::error::ErrorClass`] | what a retry or dead-letter copy is filed under (`x-halosync-error-class`) |
 //! | [`crate::outcome::Settled`] | how a message was settled (activity, `halosync_messages_total`) |
 //! | [`crate::reload::Reloaded`] | how a config reload ended (`halosync_config_reloads_total`) |
+//! | [`crate::matching::Why`] | why an existing customer is a candidate for an account (the cut-over plan) |
 //!
 //! Other crates declare theirs with `halosync_shared::labelled!` (the
 //! operator's tool: what happened to a dead letter, `dlq::Handled`; how an

@@ -30,6 +30,7 @@ pub mod error;
 pub mod halo;
 pub mod health;
 pub mod label;
+pub mod matching;
 pub mod outage;
 pub mod outcome;
 pub mod reload;
