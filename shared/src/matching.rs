@@ -52,6 +52,35 @@ const LEGAL_SUFFIXES: &[&str] = &[
     "kg",
 ];
 
+/// Domains many unrelated customers share (free mail, hosted sites): no
+/// evidence that two parties are one.
+const SHARED_DOMAINS: &[&str] = &[
+    "gmail.com",
+    "googlemail.com",
+    "outlook.com",
+    "hotmail.com",
+    "hotmail.co.uk",
+    "live.com",
+    "msn.com",
+    "yahoo.com",
+    "yahoo.co.uk",
+    "icloud.com",
+    "me.com",
+    "aol.com",
+    "proton.me",
+    "protonmail.com",
+    "gmx.com",
+    "gmx.de",
+    "web.de",
+    "mail.com",
+    "zoho.com",
+    "wixsite.com",
+    "wordpress.com",
+    "squarespace.com",
+    "facebook.com",
+    "linkedin.com",
+];
+
 /// A similar name at or above this [`similarity`] is a candidate (for a
 /// person to confirm; similarity alone is never proposed).
 pub const SIMILAR: f64 = 0.88;
@@ -169,7 +198,11 @@ pub fn similarity(a: &str, b: &str) -> f64 {
 /// then the lower id).
 pub fn candidates(account_id: &str, account: &Party, customers: &[Customer]) -> Vec<Candidate> {
     let name = normalise(&account.name);
-    let site = account.website.as_deref().and_then(domain);
+    let site = account
+        .website
+        .as_deref()
+        .and_then(domain)
+        .filter(|d| !SHARED_DOMAINS.contains(&d.as_str()));
     let mut found: Vec<Candidate> = customers
         .iter()
         .filter_map(|c| {
@@ -325,6 +358,11 @@ mod tests {
         assert_eq!(c[0].customer_id, 2);
         assert!(c[0].why.contains(&Why::Domain));
         assert_eq!(propose(&c), Proposal::Match { customer_id: 2 });
+        // A free-mail domain is no evidence.
+        let mut gmail = customers.to_vec();
+        gmail.push(customer(4, "Adatum", Some("gmail.com")));
+        let c = candidates("acc_4", &party("Woodgrove", Some("www.gmail.com")), &gmail);
+        assert!(c.is_empty(), "{c:?}");
         // Nothing alike: a new customer.
         let c = candidates("acc_3", &party("Wide World Importers", None), &customers);
         assert!(c.is_empty());
