@@ -842,6 +842,7 @@ enum Moved {
 
 /// Settles the delivery. Returns the failure that was retried or
 /// dead-lettered and where the message went, for the log line.
+#[allow(clippy::too_many_arguments)]
 async fn apply_decision(
     services: &Services,
     family: Family,
