@@ -773,9 +773,10 @@ impl Store {
             .iter()
             .map(|a| self.keys.key(conn, KeyKind::Lock, &[a]))
             .collect();
-        let tokens: Vec<String> = (0..keys.len())
-            .map(|_| uuid::Uuid::new_v4().to_string())
-            .collect();
+        // One random id per batch, each lock's token that and its place:
+        // unique all the same, without a getrandom call per lock.
+        let batch = uuid::Uuid::new_v4().simple();
+        let tokens: Vec<String> = (0..keys.len()).map(|i| format!("{batch}-{i}")).collect();
         let mut pipe = redis::pipe();
         for (key, token) in keys.iter().zip(&tokens) {
             pipe.cmd("SET")

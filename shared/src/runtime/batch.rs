@@ -22,10 +22,11 @@ use std::time::Instant;
 use lapin::message::Delivery;
 use tracing::Instrument;
 
+use super::acks::AckWindow;
 use super::lanes::Received;
 use super::results::Batch;
 use super::settle::{Acked, Decision};
-use super::{attempts_of, finish, message_span, record_event, Handler, Services};
+use super::{attempts_of, finish, message_span, record, Handler, Services};
 use crate::amqp::headers as h;
 use crate::amqp::Publisher;
 use crate::contract::{Envelope, Event};
@@ -79,6 +80,7 @@ pub(super) async fn settle_batch<H: Handler>(
     services: Arc<Services>,
     handler: Arc<H>,
     publisher: Publisher,
+    acks: Arc<AckWindow>,
     deliveries: Vec<Received>,
 ) {
     let started = Instant::now();
@@ -131,17 +133,23 @@ pub(super) async fn settle_batch<H: Handler>(
         decided.extend(run_connection(&services, &handler, &conn, members).await);
     }
 
-    // 3. Settle every message in its own span, all at once: each one's
-    //    ack (or retry or dead-letter copy, then ack) is independent of the
-    //    others', and waiting for 200 acks one after another was most of a
-    //    batch's time.
-    let settles = decided.into_iter().map(|(item, decision)| {
-        let (services, publisher) = (&services, &publisher);
+    // 3. Settle. First the messages settled on their own (a retry or
+    //    dead-letter copy confirmed before the ack, a requeue), each in its
+    //    own span, all at once: each one's settle is independent of the
+    //    others', and once done their tags no longer stand in the way of a
+    //    `multiple` ack. Then the plain acks, together (`acks.rs`).
+    let total = decided.len();
+    let (plain, alone): (Vec<_>, Vec<_>) = decided
+        .into_iter()
+        .partition(|(_, decision)| matches!(decision, Decision::Ack(_)));
+    let settles = alone.into_iter().map(|(item, decision)| {
+        let (services, publisher, acks) = (&services, &publisher, &*acks);
         async move {
             finish(
                 services,
                 family,
                 publisher,
+                acks,
                 &item.delivery,
                 item.attempts_before,
                 item.envelope.as_ref(),
@@ -153,7 +161,45 @@ pub(super) async fn settle_batch<H: Handler>(
         }
         .instrument(item.span)
     });
-    futures::future::join_all(settles).await;
+    let mut outcomes: Vec<Settled> = Vec::with_capacity(total);
+    outcomes.extend(futures::future::join_all(settles).await);
+    let deliveries: Vec<&Delivery> = plain.iter().map(|(item, _)| &item.delivery).collect();
+    let acked = acks.ack_all(&deliveries).await;
+    for ((item, decision), result) in plain.iter().zip(acked) {
+        let Decision::Ack(how) = decision else {
+            continue;
+        };
+        outcomes.push(item.span.in_scope(|| {
+            record(
+                &services,
+                family,
+                &item.delivery,
+                item.attempts_before,
+                item.envelope.as_ref(),
+                item.aggregate.as_deref(),
+                Settled::from(*how),
+                None,
+                result.map(|()| None),
+                started,
+            )
+        }));
+    }
+    // One info line per batch, with the count of each outcome (a plain
+    // ack's own line is at debug; a retry's, a dead letter's, a requeue's
+    // and a repair's stay at their level).
+    let count = |o: Settled| outcomes.iter().filter(|x| **x == o).count();
+    tracing::info!(
+        family = family.as_str(),
+        size = total,
+        applied = count(Settled::Applied),
+        superseded = count(Settled::Superseded),
+        duplicate = count(Settled::Duplicate),
+        retried = count(Settled::Retried),
+        dead_lettered = count(Settled::DeadLettered),
+        requeued = count(Settled::Requeued),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "batch settled"
+    );
 }
 
 /// The checks every event passes before its handler: a valid body, the
@@ -165,41 +211,97 @@ fn validate<H: Handler>(
     Received { delivery, body }: Received,
 ) -> Checked<H::Data> {
     let attempts_before = attempts_of(&delivery);
-    let span = message_span(H::FAMILY, &delivery, attempts_before);
-    let _in_span = span.enter();
-    let mut item = Item {
+    let found = check::<H>(services, &delivery, body);
+    // The message span is made once everything it names is known, with all
+    // its fields at once: the JSON log layer parses and re-serialises a
+    // span's fields at every `record`, four times per message before.
+    let (envelope, aggregate) = match &found {
+        Found::Valid {
+            envelope,
+            aggregate,
+            ..
+        } => (Some(envelope), Some(aggregate.as_str())),
+        Found::Invalid {
+            envelope,
+            aggregate,
+            ..
+        } => (envelope.as_ref(), aggregate.as_deref()),
+    };
+    let span = message_span(H::FAMILY, &delivery, attempts_before, envelope, aggregate);
+    let item = |envelope: Option<Envelope>, aggregate: Option<String>| Item {
         delivery,
         attempts_before,
-        span: span.clone(),
-        envelope: None,
-        aggregate: None,
+        span,
+        envelope,
+        aggregate,
+    };
+    match found {
+        Found::Valid {
+            envelope,
+            event,
+            aggregate,
+            halo,
+        } => Checked::Valid(Valid {
+            item: item(Some(envelope), None),
+            event,
+            aggregate,
+            halo,
+        }),
+        Found::Invalid {
+            envelope,
+            aggregate,
+            failure,
+        } => Checked::Invalid(item(envelope, aggregate), failure),
+    }
+}
+
+/// What [`check`] found of one delivery.
+enum Found<D> {
+    Valid {
+        envelope: Envelope,
+        event: Event<D>,
+        aggregate: String,
+        halo: Arc<HaloClient>,
+    },
+    /// Dead-lettered as `invalid`, with what could be read of it.
+    Invalid {
+        envelope: Option<Envelope>,
+        aggregate: Option<String>,
+        failure: Failure,
+    },
+}
+
+/// The checks of [`validate`], before the message has its span.
+fn check<H: Handler>(
+    services: &Services,
+    delivery: &Delivery,
+    body: Result<serde_json::Value, crate::contract::ContractError>,
+) -> Found<H::Data> {
+    let invalid = |envelope, aggregate, failure| Found::Invalid {
+        envelope,
+        aggregate,
+        failure,
     };
     let mut envelope = match body.and_then(|v| services.contract.validate_value(v)) {
         Ok(e) => e,
-        Err(e) => return Checked::Invalid(item, e.into()),
+        Err(e) => return invalid(None, None, e.into()),
     };
-    let headers = item.delivery.properties.headers().as_ref();
+    let headers = delivery.properties.headers().as_ref();
     envelope.repair = h::get_bool(headers, h::REPAIR);
     envelope.replayed = h::get_i64(headers, h::REPLAY_COUNT).is_some_and(|n| n > 0);
-    if envelope.repair {
-        span.record("repair", true);
-    }
-    record_event(&envelope);
-    let envelope = &*item.envelope.insert(envelope);
     if envelope.family() != Some(H::FAMILY) {
         let f = Failure::invalid(format!(
             "type {} is not handled by the {} worker (it was published to the wrong queue)",
             envelope.event_type,
             H::FAMILY
         ));
-        return Checked::Invalid(item, f);
+        return invalid(Some(envelope), None, f);
     }
-    let event = match Event::<H::Data>::of(envelope) {
+    let event = match Event::<H::Data>::of(&envelope) {
         Ok(event) => event,
-        Err(f) => return Checked::Invalid(item, f),
+        Err(f) => return invalid(Some(envelope), None, f),
     };
     let aggregate = H::aggregate(&event.data);
-    span.record("aggregate", aggregate.as_str());
     let Some(halo) = services.halo(&envelope.connection) else {
         let known = services.connection_names();
         let f = Failure::invalid(format!(
@@ -211,15 +313,14 @@ fn validate<H: Handler>(
                 known.join(", ")
             }
         ));
-        item.aggregate = Some(aggregate);
-        return Checked::Invalid(item, f);
+        return invalid(Some(envelope), Some(aggregate), f);
     };
-    Checked::Valid(Valid {
-        item,
+    Found::Valid {
+        envelope,
         event,
         aggregate,
         halo,
-    })
+    }
 }
 
 /// One connection's events of the batch, each of its own aggregate, in

@@ -448,6 +448,7 @@ pub(super) async fn park(
     services: &Services,
     family: Family,
     publisher: &Publisher,
+    acks: &super::acks::AckWindow,
     delivery: Delivery,
     delay_ms: u64,
 ) {
@@ -463,20 +464,22 @@ pub(super) async fn park(
         .with_headers(headers)
         .with_delivery_mode(2);
     metrics::counter!("halosync_parked_total", "family" => family.as_str()).increment(1);
-    let settled = match publisher
+    let published = publisher
         .publish_to("", &queue, &delivery.data, properties)
-        .await
-    {
-        Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
+        .await;
+    let tag = delivery.delivery_tag;
+    let settled = match published {
+        Ok(()) => {
+            acks.settle_one(tag, delivery.acker.ack(BasicAckOptions::default()))
+                .await
+        }
         Err(e) => {
             tracing::warn!(error = %e, queue = %queue, "could not park the message; requeueing it");
-            delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
+            let nack = delivery.acker.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            });
+            acks.settle_one(tag, nack).await
         }
     };
     if let Err(e) = settled {

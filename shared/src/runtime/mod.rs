@@ -51,6 +51,7 @@ use crate::outage::{Backoff, Health, Report};
 use crate::outcome::Settled;
 use crate::store::{self, Keys, Store};
 
+mod acks;
 mod batch;
 mod lanes;
 mod results;
@@ -474,20 +475,22 @@ async fn session<H: Handler>(
     // a lane that makes no progress for `lane_stall` parks what it holds
     // beyond its fair share of the window, so the others keep flowing.
     let mut lanes = lanes::Lanes::new(usize::from(prefetch));
+    // The channel's outstanding delivery tags (`acks.rs`).
+    let acks = Arc::new(acks::AckWindow::default());
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(String, usize)>();
     let spawn_task = |lane_name: String, taken: Vec<lanes::Received>| {
         let (services, handler, publisher) = (services.clone(), handler.clone(), publisher.clone());
-        let done_tx = done_tx.clone();
+        let (done_tx, acks) = (done_tx.clone(), acks.clone());
         tracker.spawn(async move {
             let n = taken.len();
-            batch::settle_batch(services, handler, publisher, taken).await;
+            batch::settle_batch(services, handler, publisher, acks, taken).await;
             let _ = done_tx.send((lane_name, n));
         });
     };
     let spawn_park = |delivery: Delivery, delay_ms: u64| {
-        let (services, publisher) = (services.clone(), publisher.clone());
+        let (services, publisher, acks) = (services.clone(), publisher.clone(), acks.clone());
         tracker.spawn(async move {
-            lanes::park(&services, family, &publisher, delivery, delay_ms).await;
+            lanes::park(&services, family, &publisher, &acks, delivery, delay_ms).await;
         });
     };
     let lost = loop {
@@ -559,6 +562,7 @@ async fn session<H: Handler>(
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
+                    acks.received(delivery.delivery_tag);
                     let now = tokio::time::Instant::now();
                     let received = lanes::Received::new(delivery, max_bytes);
                     if let Some(lag) = received.queue_lag(lanes::epoch_ms()) {
@@ -632,18 +636,25 @@ async fn session<H: Handler>(
     Ok(())
 }
 
-/// The `message` span of one delivery, continuing the publisher's trace.
-fn message_span(family: Family, delivery: &Delivery, attempts_before: u32) -> tracing::Span {
+/// The `message` span of one delivery, continuing the publisher's trace,
+/// with what is known of its event (nothing of a body that is not one).
+fn message_span(
+    family: Family,
+    delivery: &Delivery,
+    attempts_before: u32,
+    event: Option<&Envelope>,
+    aggregate: Option<&str>,
+) -> tracing::Span {
     let headers = delivery.properties.headers().as_ref();
     let span = tracing::info_span!(
         "message",
-        event_id = tracing::field::Empty,
-        event_type = tracing::field::Empty,
-        connection = tracing::field::Empty,
-        aggregate = tracing::field::Empty,
+        event_id = event.map(|e| e.id.as_str()),
+        event_type = event.map(|e| e.event_type.as_str()),
+        connection = event.map(|e| e.connection.as_str()),
+        aggregate,
         attempt = attempts_before + 1,
         family = %family,
-        repair = tracing::field::Empty,
+        repair = event.filter(|e| e.repair).map(|_| true),
     );
     crate::telemetry::continue_trace(
         &span,
@@ -678,20 +689,21 @@ fn attempts_of(delivery: &Delivery) -> u32 {
         .clamp(0, u32::MAX as i64) as u32
 }
 
-/// Settles one delivery and records its outcome: one log line (in the
-/// message's span), the metrics, and one activity record.
+/// Settles one delivery on its own (a batch's plain acks go together:
+/// [`acks::AckWindow::ack_all`]) and records its outcome ([`record`]).
 #[allow(clippy::too_many_arguments)]
 async fn finish(
     services: &Services,
     family: Family,
     publisher: &Publisher,
+    acks: &acks::AckWindow,
     delivery: &Delivery,
     attempts_before: u32,
     event: Option<&Envelope>,
     aggregate: Option<&str>,
     decision: Decision,
     started: Instant,
-) {
+) -> Settled {
     let decided = match &decision {
         Decision::Ack(o) => Settled::from(*o),
         Decision::Retry(_) => Settled::Retried,
@@ -706,12 +718,46 @@ async fn finish(
         services,
         family,
         publisher,
+        acks,
         delivery,
         attempts_before,
         event,
         decision,
     )
     .await;
+    record(
+        services,
+        family,
+        delivery,
+        attempts_before,
+        event,
+        aggregate,
+        decided,
+        requeue_reason,
+        settled,
+        started,
+    )
+}
+
+/// Records how one delivery was settled (`decided`, then what `settled`
+/// says really happened): the metrics, one activity record and one log
+/// line in the message's span: a warning for a retry or dead letter, an
+/// error for a message that could not be settled, info for a requeue or a
+/// repair, debug for a plain ack (the batch's info line counts those:
+/// [`batch`]). Returns the outcome.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    services: &Services,
+    family: Family,
+    delivery: &Delivery,
+    attempts_before: u32,
+    event: Option<&Envelope>,
+    aggregate: Option<&str>,
+    decided: Settled,
+    requeue_reason: Option<String>,
+    settled: Result<Option<(Failure, Moved)>, lapin::Error>,
+    started: Instant,
+) -> Settled {
     // What really happened: a retry past its last attempt is dead-lettered
     // (as `exhausted` or `dependency`), a copy that could not be published
     // leaves the message requeued.
@@ -773,11 +819,15 @@ async fn finish(
             let class = class.unwrap_or(f.class.into()).as_str();
             tracing::warn!(outcome = outcome_label, duration_ms, class, error = %f.message, halo_status = f.halo_status, "message settled")
         }
-        Ok(None) => tracing::info!(outcome = outcome_label, duration_ms, "message settled"),
+        Ok(None) if event.is_some_and(|e| e.repair) || outcome == Settled::Requeued => {
+            tracing::info!(outcome = outcome_label, duration_ms, "message settled")
+        }
+        Ok(None) => tracing::debug!(outcome = outcome_label, duration_ms, "message settled"),
         Err(e) => {
             tracing::error!(outcome = outcome_label, duration_ms, error = %e, "could not settle the message; the broker will redeliver it")
         }
     }
+    outcome
 }
 
 /// Where a failed message went.
@@ -790,42 +840,39 @@ enum Moved {
     Requeued,
 }
 
-/// Puts the event's fields on the current (message) span.
-fn record_event(event: &Envelope) {
-    let span = tracing::Span::current();
-    span.record("event_id", event.id.as_str());
-    span.record("event_type", event.event_type.as_str());
-    span.record("connection", event.connection.as_str());
-}
-
 /// Settles the delivery. Returns the failure that was retried or
 /// dead-lettered and where the message went, for the log line.
+#[allow(clippy::too_many_arguments)]
 async fn apply_decision(
     services: &Services,
     family: Family,
     publisher: &Publisher,
+    acks: &acks::AckWindow,
     delivery: &Delivery,
     attempts_before: u32,
     event: Option<&Envelope>,
     decision: Decision,
 ) -> Result<Option<(Failure, Moved)>, lapin::Error> {
+    let tag = delivery.delivery_tag;
+    let requeue = || {
+        let nack = delivery.acker.nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        });
+        acks.settle_one(tag, nack)
+    };
     let config = services.config();
     // Where it goes is decided by `settle::plan` alone; this carries it out.
     let (failure, target, dead_class, attempts) =
         match settle::plan(decision, attempts_before, &config.retry) {
             Plan::Ack(_) => {
-                delivery.acker.ack(BasicAckOptions::default()).await?;
+                acks.settle_one(tag, delivery.acker.ack(BasicAckOptions::default()))
+                    .await?;
                 return Ok(None);
             }
             Plan::Requeue(reason) => {
                 tracing::error!(reason, "requeueing the message");
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await?;
+                requeue().await?;
                 return Ok(None);
             }
             Plan::Retry {
@@ -868,7 +915,8 @@ async fn apply_decision(
         .await
     {
         Ok(()) => {
-            delivery.acker.ack(BasicAckOptions::default()).await?;
+            acks.settle_one(tag, delivery.acker.ack(BasicAckOptions::default()))
+                .await?;
             let moved = match dead_class {
                 None => Moved::Retried,
                 Some(class) => Moved::Dead(class),
@@ -877,13 +925,7 @@ async fn apply_decision(
         }
         Err(e) => {
             tracing::error!(error = %e, queue = %target, "could not move the message; requeueing it");
-            delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await?;
+            requeue().await?;
             Ok(Some((failure, Moved::Requeued)))
         }
     }
