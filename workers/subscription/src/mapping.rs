@@ -41,7 +41,8 @@
 //! written when the link is (a create, or the cold path after Redis was
 //! lost), so it may lag behind the line's: the applied version is the
 //! newer of the two, and the line's is read before anything is written
-//! whenever Redis does not know the line ([`line_version`]).
+//! whenever Redis does not know the line (the lines engine's superseded
+//! check, `halosync_shared::engine::lines`).
 //!
 //! [`links::marker`]: halosync_shared::halo::links::marker
 //! [`LICENCE_MARKER_FIELD`]: halosync_shared::halo::links::LICENCE_MARKER_FIELD
@@ -320,13 +321,6 @@ pub fn licences_carrying(rows: &[Value], marker: &str) -> Vec<i64> {
     ids
 }
 
-/// The newest version carried by the header's lines that carry `marker`
-/// (`None` when no such line carries one: written before versions moved
-/// onto the line, or the line is gone).
-pub fn line_version(header: &Value, marker: &str) -> Option<Version> {
-    lines::newest_version(lines::carrying(header, marker))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,11 +520,9 @@ mod tests {
             {"id": 7, lines::MARKER_FIELD: MARK, lines::VERSION_FIELD: "s=5;t=2026-11-22T10:15:00Z"},
             {"id": 6, lines::MARKER_FIELD: "other", lines::VERSION_FIELD: "s=9;t=2026-11-22T10:15:00Z"},
         ]});
-        assert_eq!(
-            line_version(&versioned, MARK).and_then(|v| v.sequence),
-            Some(5)
-        );
-        assert_eq!(line_version(&header, MARK), None);
+        let line_version = |h| lines::newest_version(lines::carrying(h, MARK));
+        assert_eq!(line_version(&versioned).and_then(|v| v.sequence), Some(5));
+        assert_eq!(line_version(&header), None);
         let retired = body(&halosync_shared::halo::lines::retired_line(-1, 8, 7, MARK)).unwrap();
         assert_eq!(retired["isinactive"], true);
         assert_eq!(retired["qty_order"], 0.0);
