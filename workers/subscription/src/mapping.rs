@@ -53,7 +53,6 @@
 use halosync_shared::config::{ConnectionConfig, Policy};
 use halosync_shared::contract::{Event, SubscriptionData, Version};
 use halosync_shared::engine::identity::{Identity, Listing};
-use halosync_shared::halo::lines;
 use halosync_shared::halo::links::{self, Kind, LICENCE_MARKER_FIELD, SUBSCRIPTION};
 use halosync_shared::halo::models::{body, DateTime, Int32, InvoiceDetail, LicenceList};
 use halosync_shared::halo::record_id;
@@ -326,6 +325,7 @@ mod tests {
     use super::*;
     use halosync_shared::config::{ConnectionConfig, Secret};
     use halosync_shared::contract::Product;
+    use halosync_shared::halo::lines;
     use serde_json::json;
     use std::collections::BTreeMap;
     use std::time::Duration;
