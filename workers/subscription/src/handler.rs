@@ -43,7 +43,7 @@ use halosync_shared::contract::{Event, Family, Product, SubscriptionData, Versio
 use halosync_shared::engine::identity::{superseded, Engine, Step};
 use halosync_shared::engine::lines::{At, Ctx, Line, LineCache, LineFamily, Lines, Run};
 use halosync_shared::halo::items;
-use halosync_shared::halo::lines::{self, Invoice};
+use halosync_shared::halo::lines::{self, HeaderSpec, Invoice};
 use halosync_shared::halo::links::{self, Kind, Known, CUSTOMER, RECURRING_INVOICE, SUBSCRIPTION};
 use halosync_shared::halo::models::{InvoiceDetail, InvoiceHeader};
 use halosync_shared::runtime::{Batch, Open, Outcome};
@@ -140,6 +140,7 @@ impl LineFamily for Subscriptions {
         customers(ctx, batch).await;
         invoices(ctx, batch).await;
         licence_steps(ctx, batch).await;
+        invoices_of_known_licences(ctx, batch).await;
     }
 
     async fn before_write(&self, run: &mut Run<'_>, batch: &mut Batch<Work>) {
@@ -334,6 +335,38 @@ async fn invoices(ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
     for (mut w, known) in batch.open().zip(known) {
         if let Known::Mapped(m) = known {
             w.ihid = Some(m.halo_id);
+        }
+    }
+}
+
+/// A known licence whose invoice Redis does not know (lost, or being
+/// created right now): the invoice is found (or created) here, once per
+/// account, so that its line's version is read before the licence is
+/// written. Otherwise an older event would write its licence first and
+/// only then be found superseded on the line, leaving the licence behind
+/// the line. New licences have no line to be superseded by: the engine
+/// creates their invoices in arrays.
+async fn invoices_of_known_licences(ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
+    let worker = &ctx.config.worker;
+    let mut found: HashMap<String, Result<i64, Failure>> = HashMap::new();
+    for mut w in batch.open() {
+        if w.ihid.is_some() || w.target.licence.is_none() {
+            continue;
+        }
+        let account = w.event.data.account_id.clone();
+        let ihid = match found.get(&account) {
+            Some(ihid) => ihid.clone(),
+            None => {
+                let (ttl, wait) = (worker.lock_ttl, worker.lock_wait);
+                let spec = HeaderSpec::recurring(&account, w.customer, ttl, wait);
+                let ihid = lines::find_or_create(ctx.store, ctx.halo, &spec).await;
+                found.insert(account, ihid.clone());
+                ihid
+            }
+        };
+        match ihid {
+            Ok(ihid) => w.ihid = Some(ihid),
+            Err(f) => w.settle(Err(f)),
         }
     }
 }
