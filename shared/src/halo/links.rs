@@ -725,11 +725,45 @@ pub async fn require_customer(
     recheck: Duration,
 ) -> Result<Mapping, Failure> {
     require(store, halo, &CUSTOMER, account_id, recheck, || {
-        format!(
-            "account {account_id} is not in HaloPSA yet (no customer linked to it); retried until the account event has been applied"
-        )
+        customer_missing(account_id)
     })
     .await
+}
+
+/// The customer of `account_id` from what a batch's [`known_many`] said of
+/// it: mapped, it is; known absent, a `dependency` without a request (the
+/// one message of [`require_customer`]); being created by the account
+/// worker, a throttled `dependency` (no request, no attempt); unsure,
+/// asked of HaloPSA ([`require_customer`]).
+pub async fn customer_from(
+    store: &Store,
+    halo: &HaloClient,
+    account_id: &str,
+    known: Known,
+    recheck: Duration,
+) -> Result<Mapping, Failure> {
+    match known {
+        Known::Mapped(c) => Ok(c),
+        Known::Absent => {
+            let missing = customer_missing(account_id);
+            Err(still_absent(store, halo, &CUSTOMER, account_id, recheck, missing).await)
+        }
+        Known::Creating => {
+            let mut f = Failure::dependency(format!(
+                "account {account_id} is being created in HaloPSA right now; retried once it is"
+            ));
+            f.throttled = true;
+            Err(f)
+        }
+        Known::Unsure => require_customer(store, halo, account_id, recheck).await,
+    }
+}
+
+/// Why an event waits for its account's customer.
+fn customer_missing(account_id: &str) -> String {
+    format!(
+        "account {account_id} is not in HaloPSA yet (no customer linked to it); retried until the account event has been applied"
+    )
 }
 
 /// Like [`find`], but earliest-created link first (by the link's own id).

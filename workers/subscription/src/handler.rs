@@ -293,26 +293,8 @@ async fn customers(ctx: &Ctx<'_>, batch: &mut Batch<Work>) {
     let recheck = ctx.config.retry.dependency_recheck;
     for (mut w, known) in batch.open().zip(known) {
         let account = w.event.data.account_id.clone();
-        let customer = match known {
-            Known::Mapped(c) => Ok(c),
-            Known::Absent => {
-                let missing = format!(
-                    "account {account} is not in HaloPSA yet (no customer linked to it); retried until the account event has been applied"
-                );
-                let (store, halo) = (ctx.store, ctx.halo);
-                Err(links::still_absent(store, halo, &CUSTOMER, &account, recheck, missing).await)
-            }
-            // The account worker is creating it right now: wait for it (no
-            // request, no attempt).
-            Known::Creating => {
-                let mut f = Failure::dependency(format!(
-                    "account {account} is being created in HaloPSA right now; retried once it is"
-                ));
-                f.throttled = true;
-                Err(f)
-            }
-            Known::Unsure => links::require_customer(ctx.store, ctx.halo, &account, recheck).await,
-        };
+        let (store, halo) = (ctx.store, ctx.halo);
+        let customer = links::customer_from(store, halo, &account, known, recheck).await;
         match customer {
             Ok(c) => w.customer = c.halo_id,
             Err(f) => w.settle(Err(f)),
